@@ -1,0 +1,7 @@
+"""Model key layouts: SDXL single file (SGM) <-> diffusers, built from block structure."""
+
+from lora_tools.layouts.sdxl import FULL, SIZES, TINY, LayoutTable, SDXLConfig, config_from_shapes
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
+
+__all__ = ["FULL", "TINY", "SIZES", "SDXLConfig", "LayoutTable", "KeyMap", "Component", "SGM_PREFIXES",
+           "DIFFUSERS_FOLDERS", "config_from_shapes"]

@@ -1,0 +1,73 @@
+"""The entry type shared by every layout table, and the component prefixes of an SDXL single file.
+
+A layout table is a list of :class:`KeyMap` rows. Each row names one tensor in the SDXL
+single-file (SGM) key space and the diffusers tensor it becomes, with the transform between
+them. Most rows are renames; a few are not (OpenCLIP's fused q/k/v, the transposed
+``text_projection``, the VAE's 1x1-conv attention). Rows are built by walking the model's block
+structure, so the same code serves tiny test models and the full-size SDXL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Component = Literal["unet", "vae", "te1", "te2"]
+Transform = Literal["rename", "conv1x1_to_linear", "transpose", "slice"]
+
+#: Single-file prefix of each component, as in community SDXL checkpoints.
+SGM_PREFIXES: dict[Component, str] = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "te1": "conditioner.embedders.0.transformer.",
+    "te2": "conditioner.embedders.1.model.",
+}
+#: diffusers folder name of each component.
+DIFFUSERS_FOLDERS: dict[Component, str] = {
+    "unet": "unet", "vae": "vae", "te1": "text_encoder", "te2": "text_encoder_2",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMap:
+    """One tensor of a component in both layouts.
+
+    Attributes:
+        component: ``unet``, ``vae``, ``te1`` (CLIP-L) or ``te2`` (OpenCLIP-bigG).
+        sgm: key inside the component (without the single-file prefix).
+        diffusers: key inside the diffusers component, or ``None`` when the tensor has no
+            diffusers counterpart (``logit_scale``, ``position_ids``).
+        shape: shape in the single file.
+        transform: how the SGM tensor becomes the diffusers tensor.
+        part: for ``slice`` rows, ``(index, count)`` of the row block of the SGM tensor.
+        optional: the tensor may be absent from real files (``position_ids``).
+    """
+
+    component: Component
+    sgm: str
+    diffusers: str | None
+    shape: tuple[int, ...]
+    transform: Transform = "rename"
+    part: tuple[int, int] | None = None
+    optional: bool = False
+
+    @property
+    def sgm_key(self) -> str:
+        """Full key in a single-file checkpoint."""
+        return SGM_PREFIXES[self.component] + self.sgm
+
+    @property
+    def diffusers_shape(self) -> tuple[int, ...]:
+        if self.transform == "conv1x1_to_linear":
+            return self.shape[:2]
+        if self.transform == "transpose":
+            return (self.shape[1], self.shape[0])
+        if self.transform == "slice":
+            assert self.part is not None
+            return (self.shape[0] // self.part[1],) + self.shape[1:]
+        return self.shape
+
+
+def module_of(key: str) -> str:
+    """The module path of a parameter key (drops ``.weight``/``.bias``)."""
+    return key.rsplit(".", 1)[0]

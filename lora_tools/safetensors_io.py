@@ -1,0 +1,411 @@
+"""Safetensors files read and written one tensor at a time.
+
+The header is parsed in pure Python (no torch import), so ``inspect`` starts fast. Tensors are
+read with plain positional file reads (``os.pread``), never through a memory map, so the
+resident memory of a process stays at the tensors it holds. :class:`StreamingWriter` writes the
+header first and then each tensor's bytes in order into a temporary file next to the output,
+and only an explicit :meth:`StreamingWriter.finalize` (fsync + atomic rename) makes the output
+appear under its name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from lora_tools.errors import InvalidFileError, KeyMismatchError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bytes per element of each safetensors dtype name.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+#: Largest header we accept (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+#: Friendly dtype names used on the command line and in reports.
+DTYPE_ALIASES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32",
+                 "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file.
+
+    Attributes:
+        name: the tensor's key.
+        dtype: safetensors dtype name (``"F16"``, ``"F32"``, ...).
+        shape: the tensor's shape.
+        begin: start offset of its bytes, relative to the start of the data section.
+        end: end offset (exclusive), relative to the start of the data section.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class SafetensorsHeader:
+    """The parsed header of a safetensors file: tensor table and ``__metadata__``."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file without loading any tensor.
+
+    Raises:
+        InvalidFileError: the file is missing, a directory, empty, truncated or not safetensors.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                what = "empty" if size == 0 else f"only {size} bytes long"
+                raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                hint = _sniff_container(head)
+                raise InvalidFileError(
+                    f"'{path}' is not a valid safetensors file: header length {n} does not fit "
+                    f"in a {size}-byte file{hint}."
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise InvalidFileError(f"'{path}' does not exist.") from None
+    except PermissionError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from e
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+        if not isinstance(parsed, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidFileError(f"'{path}' has a corrupt safetensors header ({e}).") from e
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (__metadata__ must map strings to strings).")
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        tensors[name] = _parse_entry(path, name, entry, data_size)
+    if tensors:
+        last_end = max(t.end for t in tensors.values())
+        if last_end > data_size:
+            raise InvalidFileError(f"'{path}' is truncated: tensor data needs {last_end} bytes, the file holds {data_size}.")
+    return SafetensorsHeader(path, tensors, dict(metadata), data_start, size)
+
+
+def _sniff_container(head: bytes) -> str:
+    if head.startswith(b"PK"):
+        return " (it looks like a zip archive: a PyTorch .ckpt/.pt saved with a .safetensors name?)"
+    if head[:1] == b"\x80":
+        return " (it looks like a pickle)"
+    return ""
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError) as e:
+        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (entry '{name}': {e!r}).") from e
+    if dtype not in DTYPE_SIZES:
+        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (entry '{name}': unknown dtype {dtype!r}).")
+    info = TensorInfo(name, dtype, shape, begin, end)
+    if begin < 0 or end < begin or info.nbytes != info.numel * DTYPE_SIZES[dtype]:
+        raise InvalidFileError(
+            f"'{path}' has a corrupt safetensors header (entry '{name}': offsets {begin}..{end} do not "
+            f"match shape {list(shape)} in {dtype})."
+        )
+    return info
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """Map a safetensors dtype name to a torch dtype."""
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }
+    return table[name]
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """Map a torch dtype to its safetensors dtype name."""
+    import torch
+
+    table = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint8: "U8", torch.bool: "BOOL",
+        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    }
+    return table[dtype]
+
+
+def is_float_dtype(name: str) -> bool:
+    return name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+class TensorFile:
+    """A safetensors file opened for reading single tensors by name.
+
+    Reads use ``os.pread`` into a fresh buffer, so no page of the file is mapped into the
+    process and nothing is cached between calls.
+
+    Example:
+        >>> with TensorFile("model.safetensors") as f:
+        ...     w = f.tensor("model.diffusion_model.out.2.weight")
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: SafetensorsHeader | None = None):
+        self.header = header or read_header(path)
+        self.path = self.header.path
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def keys(self) -> list[str]:
+        return self.header.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise KeyMismatchError(f"'{self.path}' has no tensor '{name}'.") from None
+
+    def read_bytes(self, name: str) -> bytearray:
+        """Read the raw bytes of one tensor."""
+        info = self.info(name)
+        assert self._fd is not None, "file is closed"
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        pos, offset = 0, self.header.data_start + info.begin
+        while pos < info.nbytes:
+            chunk = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if chunk <= 0:
+                raise InvalidFileError(f"'{self.path}' is truncated while reading '{name}'.")
+            pos += chunk
+        return buf
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        """Read one tensor (a fresh CPU tensor that owns its memory)."""
+        return bytes_to_tensor(self.read_bytes(name), self.info(name))
+
+
+def bytes_to_tensor(buf: bytearray, info: TensorInfo) -> "torch.Tensor":
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def tensor_to_bytes(t: "torch.Tensor") -> memoryview:
+    """The raw little-endian bytes of a tensor (no copy when already contiguous)."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.dtype != torch.uint8 else memoryview(t.numpy())
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlan:
+    """One tensor an output file will hold: name, dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def build_header(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None) -> tuple[bytes, list[TensorPlan]]:
+    """Encode a safetensors header for tensors written in the given order (8-byte aligned)."""
+    entries: dict[str, object] = {}
+    if metadata:
+        entries["__metadata__"] = dict(metadata)
+    ordered = list(plans)
+    offset = 0
+    for p in ordered:
+        entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((8 - (len(raw) + 8) % 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw, ordered
+
+
+@dataclass
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor, in the planned order, atomically.
+
+    The header is written first from the plan; each :meth:`write` appends one tensor's bytes.
+    Nothing appears under ``path`` until :meth:`finalize`; leaving the ``with`` block any other
+    way (error, Ctrl-C) removes the temporary file.
+
+    Example:
+        >>> plan = [TensorPlan("w", "F16", (2, 2))]
+        >>> with StreamingWriter("out.safetensors", plan, {"format": "pt"}) as w:
+        ...     w.write("w", torch.zeros(2, 2, dtype=torch.float16))
+        ...     w.finalize()
+    """
+
+    path: Path
+    plans: list[TensorPlan]
+    metadata: Mapping[str, str] | None = None
+    _fh: object = field(default=None, init=False, repr=False)
+    _tmp: Path | None = field(default=None, init=False, repr=False)
+    _index: int = field(default=0, init=False, repr=False)
+    _done: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        header, self.plans = build_header(self.plans, self.metadata)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._fh = os.fdopen(fd, "wb", buffering=0)
+        self._fh.write(header)  # type: ignore[attr-defined]
+        self.total_bytes = len(header) + sum(p.nbytes for p in self.plans)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+    @property
+    def next_name(self) -> str | None:
+        return self.plans[self._index].name if self._index < len(self.plans) else None
+
+    def write(self, name: str, data: "torch.Tensor | bytes | bytearray | memoryview") -> None:
+        """Append the next tensor; ``name`` must be the next one in the plan."""
+        if self._index >= len(self.plans) or self.plans[self._index].name != name:
+            raise KeyMismatchError(f"writing '{name}' out of order into '{self.path}' (expected {self.next_name!r}).")
+        plan = self.plans[self._index]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            if dtype_name(data.dtype) != plan.dtype or tuple(data.shape) != plan.shape:
+                raise ValueError(
+                    f"tensor '{name}' is {dtype_name(data.dtype)} {list(data.shape)}, the plan says {plan.dtype} {list(plan.shape)}"
+                )
+            data = tensor_to_bytes(data)
+        view = memoryview(data).cast("B")
+        if view.nbytes != plan.nbytes:
+            raise ValueError(f"tensor '{name}' has {view.nbytes} bytes, the plan says {plan.nbytes}")
+        written = 0
+        while written < view.nbytes:
+            written += self._fh.write(view[written:])  # type: ignore[attr-defined]
+        self._index += 1
+
+    def finalize(self) -> Path:
+        """Flush, fsync and atomically move the finished file to its name."""
+        if self._index != len(self.plans):
+            raise KeyMismatchError(f"'{self.path}' is incomplete: {len(self.plans) - self._index} tensors not written (next: {self.next_name}).")
+        self._fh.flush()  # type: ignore[attr-defined]
+        os.fsync(self._fh.fileno())  # type: ignore[attr-defined]
+        self._fh.close()  # type: ignore[attr-defined]
+        assert self._tmp is not None
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; the output name is never touched."""
+        try:
+            if self._fh is not None and not self._fh.closed:  # type: ignore[attr-defined]
+                self._fh.close()  # type: ignore[attr-defined]
+        finally:
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+            self._done = True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a small dict of tensors atomically (for LoRAs and test fixtures)."""
+    plans = [TensorPlan(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingWriter(Path(path), plans, metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        return w.finalize()
+
+
+def load_tensors(path: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
+    """Read every tensor of a (small) safetensors file."""
+    with TensorFile(path) as f:
+        return {k: f.tensor(k) for k in f.keys()}
