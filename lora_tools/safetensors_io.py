@@ -259,10 +259,10 @@ def tensor_to_bytes(t: "torch.Tensor") -> memoryview:
     """The raw little-endian bytes of a tensor (no copy when already contiguous)."""
     import torch
 
-    t = t.detach().contiguous().cpu()
+    t = t.detach().contiguous().cpu().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.dtype != torch.uint8 else memoryview(t.numpy())
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 @dataclass(frozen=True, slots=True)

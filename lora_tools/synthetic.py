@@ -1,0 +1,238 @@
+"""SDXL-topology models with random weights, tiny or full size, in every layout we read.
+
+The demo, the tests and the benchmarks share these builders. Values are a pure function of
+``(seed, key)``, so a single file, a diffusers folder and a standalone UNet built with the same
+seed hold the same model, and files are written one tensor at a time (a full-size checkpoint
+never sits in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Mapping
+
+import torch
+
+from lora_tools.layouts.sdxl import SIZES, SDXLConfig, to_diffusers
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
+from lora_tools.safetensors_io import DTYPE_ALIASES, StreamingWriter, TensorPlan, torch_dtype
+
+Size = Literal["tiny", "full"]
+ALL_COMPONENTS: tuple[Component, ...] = ("unet", "te1", "te2", "vae")
+#: Marker tensors that change how loaders treat a checkpoint (domain.md 2.6).
+MARKERS: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {
+    "v_pred": ("v_pred", torch.int64, (0,)),
+    "ztsnr": ("ztsnr", torch.int64, (0,)),
+    "edm_vpred": ("edm_vpred.sigma_max", torch.float32, ()),
+}
+
+Progress = Callable[[Iterable[KeyMap]], Iterable[KeyMap]]
+
+
+def config_for(size: Size | SDXLConfig) -> SDXLConfig:
+    return size if isinstance(size, SDXLConfig) else SIZES[size]
+
+
+def random_tensor(key: str, shape: tuple[int, ...], *, seed: int = 0) -> torch.Tensor:
+    """A float32 tensor for ``key`` that depends only on ``(seed, key)``.
+
+    Norm weights sit around 1, biases around 0, matrices are scaled by ``1/sqrt(fan_in)`` so a
+    denoising step on a synthetic model stays finite.
+    """
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+    if key.endswith("logit_scale"):
+        return torch.tensor(math.log(100.0))
+    gen = torch.Generator().manual_seed((zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF)
+    t = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if len(shape) >= 2:
+        return t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
+    if key.endswith(".weight") and _is_norm(key):
+        return t.mul_(0.02).add_(1.0)
+    return t.mul_(0.02)
+
+
+def _is_norm(key: str) -> bool:
+    module = key.rsplit(".", 2)[-2]
+    return "norm" in module or module in ("ln_1", "ln_2", "ln_final", "in_layers.0", "0") or module.startswith("layer_norm")
+
+
+def _cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    return t if not t.is_floating_point() else t.to(torch_dtype(dtype))
+
+
+def checkpoint_plan(cfg: SDXLConfig, components: Iterable[Component], dtype: str) -> list[tuple[str, tuple[int, ...], str]]:
+    comps = set(components)
+    out: dict[str, tuple[int, ...]] = {}
+    for r in cfg.table.rows:
+        if r.component in comps:
+            out.setdefault(r.sgm_key, r.shape)
+    return [(k, s, "I64" if k.endswith("position_ids") else dtype) for k, s in out.items()]
+
+
+def write_checkpoint(
+    path: str | Path,
+    size: Size | SDXLConfig = "tiny",
+    *,
+    seed: int = 0,
+    dtype: str = "fp16",
+    components: Iterable[Component] = ALL_COMPONENTS,
+    markers: Iterable[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Path:
+    """Write a single-file SGM checkpoint (``model.diffusion_model.`` ...), streaming.
+
+    Args:
+        size: ``"tiny"``, ``"full"`` or an explicit :class:`SDXLConfig`.
+        dtype: storage dtype of float tensors (``fp16``, ``bf16``, ``fp32``).
+        components: which components to include (``("unet",)`` gives a UNet-only file).
+        markers: marker keys to add (``v_pred``, ``ztsnr``, ``edm_vpred``).
+        transform: optional ``(key, float32 tensor) -> tensor`` hook, e.g. to perturb a model.
+    """
+    cfg = config_for(size)
+    st_dtype = DTYPE_ALIASES.get(dtype, dtype)
+    entries = checkpoint_plan(cfg, components, st_dtype)
+    marker_rows = [MARKERS[m] for m in markers]
+    plans = [TensorPlan(k, dt, s) for k, s, dt in entries]
+    plans += [TensorPlan(k, "I64" if dt == torch.int64 else "F32", s) for k, dt, s in marker_rows]
+    it: Iterable = entries if progress is None else progress(entries)
+    with StreamingWriter(Path(path), plans, dict(metadata or {})) as w:
+        for key, shape, dt in it:
+            t = random_tensor(key, shape, seed=seed)
+            if transform is not None:
+                t = transform(key, t)
+            w.write(key, _cast(t, dt))
+        for key, dt, shape in marker_rows:
+            w.write(key, torch.zeros(shape, dtype=dt) if dt == torch.int64 else torch.tensor(80.0))
+        return w.finalize()
+
+
+def _diffusers_tensors(cfg: SDXLConfig, component: Component, seed: int,
+                       transform: Callable[[str, torch.Tensor], torch.Tensor] | None) -> Iterable[tuple[str, torch.Tensor]]:
+    cache: tuple[str, torch.Tensor] | None = None
+    for r in cfg.table.component_rows(component):
+        if r.diffusers is None:
+            continue
+        if cache is None or cache[0] != r.sgm_key:
+            t = random_tensor(r.sgm_key, r.shape, seed=seed)
+            cache = (r.sgm_key, transform(r.sgm_key, t) if transform else t)
+        yield r.diffusers, to_diffusers(r, cache[1])
+
+
+def write_component(
+    path: str | Path, cfg: SDXLConfig, component: Component, *, seed: int = 0, dtype: str = "fp16",
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    key_prefix: str = "", metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write one component in diffusers layout (e.g. a standalone diffusers UNet file)."""
+    st_dtype = DTYPE_ALIASES.get(dtype, dtype)
+    rows = [r for r in cfg.table.component_rows(component) if r.diffusers is not None]
+    plans = [TensorPlan(key_prefix + r.diffusers, st_dtype, r.diffusers_shape) for r in rows]  # type: ignore[operator]
+    with StreamingWriter(Path(path), plans, dict(metadata or {"format": "pt"})) as w:
+        for name, t in _diffusers_tensors(cfg, component, seed, transform):
+            w.write(key_prefix + name, _cast(t, st_dtype).contiguous())
+        return w.finalize()
+
+
+def write_unet_file(path: str | Path, size: Size | SDXLConfig = "tiny", *, seed: int = 0, dtype: str = "fp16",
+                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Write a standalone UNet in diffusers layout, like ``sdxl_lightning_4step_unet.safetensors``."""
+    return write_component(path, config_for(size), "unet", seed=seed, dtype=dtype, transform=transform)
+
+
+def write_diffusers_folder(path: str | Path, size: Size | SDXLConfig = "tiny", *, seed: int = 0, dtype: str = "fp16",
+                           variant: str | None = None,
+                           transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Write a diffusers ``StableDiffusionXLPipeline`` folder holding the same model as
+    :func:`write_checkpoint` with the same seed."""
+    cfg = config_for(size)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = f".{variant}" if variant else ""
+    for comp in ALL_COMPONENTS:
+        folder = root / DIFFUSERS_FOLDERS[comp]
+        folder.mkdir(exist_ok=True)
+        if comp in ("unet", "vae"):
+            (folder / "config.json").write_text(json.dumps(component_config(cfg, comp), indent=2))
+            write_component(folder / f"diffusion_pytorch_model{suffix}.safetensors", cfg, comp, seed=seed, dtype=dtype, transform=transform)
+        else:
+            (folder / "config.json").write_text(json.dumps(component_config(cfg, comp), indent=2))
+            write_component(folder / f"model{suffix}.safetensors", cfg, comp, seed=seed, dtype=dtype, transform=transform)
+    write_pipeline_files(root, cfg)
+    return root
+
+
+def component_config(cfg: SDXLConfig, comp: Component) -> dict[str, object]:
+    if comp == "unet":
+        return cfg.unet.diffusers_config()
+    if comp == "vae":
+        return cfg.vae.diffusers_config()
+    return (cfg.te1 if comp == "te1" else cfg.te2).transformers_config()
+
+
+SCHEDULER_CONFIG: dict[str, object] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False,
+}
+
+
+def write_pipeline_files(root: Path, cfg: SDXLConfig) -> None:
+    """model_index.json, scheduler config and tokenizers of an SDXL diffusers folder."""
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.30.0",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    for name, te in (("tokenizer", cfg.te1), ("tokenizer_2", cfg.te2)):
+        write_byte_tokenizer(root / name, te.vocab, te.positions)
+
+
+def write_byte_tokenizer(folder: Path, vocab_size: int, max_length: int = 77) -> Path:
+    """A tiny CLIP BPE tokenizer with byte-level tokens and no merges.
+
+    It tokenises any text, so tiny pipelines run end to end offline. Token ids stay below
+    ``vocab_size`` (at least 514 needed). Full-size models need the real CLIP vocabulary, which
+    comes from the hub, not from here.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) > vocab_size:
+        tokens = tokens[: vocab_size - 2] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return folder
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
