@@ -66,8 +66,8 @@ class SamplerSettings:
 
     Example:
         ```py
-        >>> lightning_preset(4).sampler.describe()
-        'EulerDiscreteScheduler, timestep_spacing=trailing, 4 steps, guidance_scale=0 (ComfyUI: euler + sgm_uniform, CFG 1.0)'
+        >>> print(lightning_preset(4).sampler.describe())
+        EulerDiscreteScheduler, timestep_spacing=trailing, 4 steps, guidance_scale=0 (ComfyUI: euler + ...)
         ```
     """
 

@@ -1,0 +1,299 @@
+"""The Hugging Face hub: the only module of lora_tools that touches the network.
+
+Everything goes through ``huggingface_hub`` (its cache, ``HF_TOKEN``, ``HF_ENDPOINT``...). Two
+settings are re-read from the environment at call time, because ``huggingface_hub`` reads them once
+at import: ``HF_HUB_OFFLINE`` (and ``TRANSFORMERS_OFFLINE``), and the cache location
+(``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``).
+
+Every hub failure becomes a one-line :class:`~lora_tools.errors.HubError` that names the repository
+and the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from lora_tools.errors import HubError, UsageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["autov2_hash", "parse_source", "resolve_file", "resolve_source", "sha256_file"]
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+# --------------------------------------------------------------------------------------------
+# environment, read at call time
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in _TRUE
+
+
+def _offline_from_env() -> bool:
+    """Whether the hub is offline: ``huggingface_hub``'s import-time flag or the variables now."""
+    return bool(getattr(hf_constants, "HF_HUB_OFFLINE", False)) or _env_true("HF_HUB_OFFLINE") or _env_true(
+        "TRANSFORMERS_OFFLINE"
+    )
+
+
+def _expand(path: str) -> str:
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def _cache_dir_from_env() -> str | None:
+    """The hub cache the environment names now, with ``huggingface_hub``'s precedence; None: its default."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        value = os.environ.get(var)
+        if value:
+            return _expand(value)
+    home = os.environ.get("HF_HOME")
+    if home:
+        return os.path.join(_expand(home), "hub")
+    return None
+
+
+def _hub_version() -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in huggingface_hub.__version__.split(".")[:2])
+    except ValueError:
+        return (1, 0)
+    return (major, minor)
+
+
+def _cli(*args: str) -> str:
+    """Spell a hub CLI command for the installed huggingface_hub (``hf`` since 0.34)."""
+    exe = "hf" if _hub_version() >= (0, 34) else "huggingface-cli"
+    return " ".join((exe, *args))
+
+
+def _login_hint() -> str:
+    cmd = _cli("auth", "login") if _hub_version() >= (0, 34) else _cli("login")
+    return f"log in with '{cmd}' or set HF_TOKEN"
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def resolve_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: Path | None = None,
+    pass_with: str = "--lora PATH",
+    tqdm_class: Any | None = None,
+) -> Path:
+    """Return the local path of a hub file, downloading it into the Hugging Face cache if needed.
+
+    Args:
+        repo_id (`str`): the model repository, e.g. ``"ByteDance/SDXL-Lightning"``.
+        filename (`str`): the file inside it, e.g. ``"sdxl_lightning_4step_lora.safetensors"``.
+        revision (`str`, *optional*): branch, tag or commit; defaults to ``main``.
+        local_files_only (`bool`, *optional*): only look in the cache. Defaults to whether
+            ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now.
+        cache_dir (`Path`, *optional*): the hub cache; defaults to ``HF_HUB_CACHE`` / ``HF_HOME``
+            as set now, else ``huggingface_hub``'s default.
+        pass_with (`str`, *optional*, defaults to ``"--lora PATH"``): the CLI option the error
+            message suggests for passing the file locally.
+        tqdm_class (*optional*): progress bar class handed to ``hf_hub_download``.
+
+    Returns:
+        `Path`: the cached file (a path inside ``snapshots/<commit>/``).
+
+    Raises:
+        [`HubError`]: offline and not cached, network failure, repository/revision/file not found,
+            gated or denied access.
+        [`UsageError`]: the repository id or file name is malformed.
+
+    Example:
+        ```py
+        >>> resolve_file("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_lora.safetensors")
+        PosixPath('/home/me/.cache/huggingface/hub/models--ByteDance--SDXL-Lightning/snapshots/...')
+        ```
+    """
+    env_offline = _offline_from_env()
+    offline = env_offline if local_files_only is None else bool(local_files_only)
+    if cache_dir is None:
+        cache_env = _cache_dir_from_env()
+        cache_dir = Path(cache_env) if cache_env else None
+
+    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": offline}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    if tqdm_class is not None:
+        kwargs["tqdm_class"] = tqdm_class
+
+    what = f"Cannot get '{filename}' from {repo_id}" + (f" (revision {revision})" if revision else "")
+    download = _cli("download", repo_id, filename, *(("--revision", revision) if revision else ()))
+    elsewhere = f"on a machine with network ({download}) and pass it with {pass_with}."
+    tree = f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
+
+    logger.debug("hf_hub_download(%r, %r, %s)", repo_id, filename, kwargs)
+    try:
+        path = hf_hub_download(repo_id, filename, **kwargs)
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
+        if offline:
+            why = "the hub is offline (HF_HUB_OFFLINE=1)" if env_offline else "only local files were allowed"
+            raise HubError(f"{what}: not in the Hugging Face cache and {why}. Download it {elsewhere}") from e
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise HubError(
+            f"{what}: the hub could not be reached and the file is not in the Hugging Face cache "
+            f"({type(cause).__name__}: {_one_line(cause, 120)}). Check the network, or download it {elsewhere}"
+        ) from e
+    except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
+        raise HubError(
+            f"{what}: the repository is gated; accept its terms at https://huggingface.co/{repo_id} "
+            f"and {_login_hint()}."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"{what}: repository not found on the hub (if it is private, {_login_hint()})."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise HubError(f"{what}: revision '{revision or 'main'}' not found in the repository.") from e
+    except EntryNotFoundError as e:
+        raise HubError(f"{what}: no such file in the repository; see {tree} for its files.") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise HubError(f"{what}: access denied (HTTP {status}); {_login_hint()}.") from e
+        raise HubError(f"{what}: the hub answered {_one_line(e)}. Try again later, or download it {elsewhere}") from e
+    except ValueError as e:  # HFValidationError and friends: a malformed repo id or file name
+        raise UsageError(f"{what}: {_one_line(e)}") from e
+    except OSError as e:  # disk full, permissions, proxy, SSL, missing ETag...
+        raise HubError(f"{what}: {type(e).__name__}: {_one_line(e)}") from e
+    logger.info("Resolved %s/%s -> %s", repo_id, filename, path)
+    return Path(path)
+
+
+def parse_source(text: str) -> tuple[str, float]:
+    """Split a ``--lora SRC[:STRENGTH]`` value into the source and its strength.
+
+    The strength is the part after the last ``:`` when that part is a number; otherwise the whole
+    text is the source and the strength is 1.0. A Windows drive (``C:\\loras\\x.safetensors``) is
+    therefore never mistaken for a strength, and neither is a text that names an existing file.
+
+    Raises:
+        [`UsageError`]: empty source, empty or non-finite strength.
+
+    Example:
+        ```py
+        >>> parse_source("path/to/x.safetensors:0.6")
+        ('path/to/x.safetensors', 0.6)
+        >>> parse_source("ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors")
+        ('ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors', 1.0)
+        ```
+    """
+    text = text.strip()
+    if not text:
+        raise UsageError("Empty LoRA source: expected PATH or owner/repo/file.safetensors, optionally with :STRENGTH.")
+    if ":" in text and not os.path.exists(text):
+        head, tail = text.rsplit(":", 1)
+        tail = tail.strip()
+        if not tail:
+            raise UsageError(f"'{text}' ends with ':' but gives no strength: write SRC or SRC:STRENGTH (e.g. :0.8).")
+        if _NUMBER.fullmatch(tail):
+            strength = float(tail)
+            if not math.isfinite(strength):
+                raise UsageError(f"Strength in '{text}' must be a finite number.")
+            head = head.strip()
+            if not head:
+                raise UsageError(f"'{text}' gives a strength but no source: write SRC:STRENGTH.")
+            return head, strength
+        if tail.lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+            raise UsageError(f"Strength in '{text}' must be a finite number.")
+    return text, 1.0
+
+
+def _looks_like_hub_ref(src: str) -> bool:
+    if "\\" in src or src.startswith(("/", ".", "~")) or "://" in src:
+        return False
+    parts = src.split("/")
+    if len(parts) < 3 or any(not p or p in (".", "..") for p in parts):
+        return False
+    return ":" not in parts[0] and ":" not in parts[1]
+
+
+def resolve_source(src: str, *, revision: str | None = None, pass_with: str = "--lora PATH") -> Path:
+    """Turn a LoRA/model source into a local path: a local file, or a hub file ``owner/repo/path``.
+
+    Args:
+        src (`str`): a local path, or ``"owner/repo/path/in/repo.safetensors"``.
+        revision (`str`, *optional*): hub revision for a hub reference.
+        pass_with (`str`, *optional*): see :func:`resolve_file`.
+
+    Raises:
+        [`UsageError`]: ``src`` is a directory, or neither a file nor a hub reference.
+        [`HubError`]: the hub reference cannot be resolved (see :func:`resolve_file`).
+
+    Example:
+        ```py
+        >>> resolve_source("ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors")
+        PosixPath('.../snapshots/.../sdxl_lightning_4step_lora.safetensors')
+        ```
+    """
+    if not src or not src.strip():
+        raise UsageError("Empty source: expected a file path or owner/repo/file.safetensors.")
+    local = Path(src).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        raise UsageError(f"'{src}' is a directory, not a file: name a .safetensors file inside it.")
+    if not _looks_like_hub_ref(src):
+        raise UsageError(f"'{src}' is not a file and not a hub reference (owner/repo/file.safetensors).")
+    owner, repo, *rest = src.split("/")
+    try:
+        return resolve_file(f"{owner}/{repo}", "/".join(rest), revision=revision, pass_with=pass_with)
+    except HubError as e:
+        msg = str(e)
+        raise HubError(f"No local file '{src}', and {msg[:1].lower()}{msg[1:]}") from e
+
+
+def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
+    """Return the sha256 of a file as lower-case hex, reading it in ``chunk``-byte pieces."""
+    digest = hashlib.sha256()
+    buf = bytearray(max(1, chunk))
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def autov2_hash(sha256: str) -> str:
+    """Return the A1111/Civitai "AutoV2" short hash: the first 10 hex characters of the sha256 (lower case).
+
+    Raises:
+        [`UsageError`]: ``sha256`` is not 64 hex characters.
+    """
+    if not _SHA256.fullmatch(sha256.strip()):
+        raise UsageError(f"Not a sha256 hex digest: {sha256!r}.")
+    return sha256.strip().lower()[:10]

@@ -1,0 +1,136 @@
+"""Match the modules of a LoRA to the base tensors they change, and compute their deltas."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from lora_tools.errors import KeyMismatchError, ShapeMismatchError
+from lora_tools.layouts.targets import ModuleTarget, TargetIndex
+from lora_tools.lora.model import AdapterModule, LoraAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+Naming = Literal["sgm", "diffusers", "mixed", "text-encoder", "none"]
+_SD1_HINT = re.compile(r"(down_blocks_0_attentions|down_blocks\.0\.attentions|input_blocks[._][12][._]1|up_blocks[._]3|output_blocks[._](9|10|11))")
+
+
+@dataclass(frozen=True, slots=True)
+class MatchedModule:
+    """One LoRA module and the base weight it changes."""
+
+    module: AdapterModule
+    target: ModuleTarget
+
+
+@dataclass
+class LoraMatch:
+    """The result of matching a LoRA against a model layout."""
+
+    adapter: LoraAdapter
+    matched: list[MatchedModule]
+    unmatched: list[AdapterModule]
+
+    @property
+    def naming(self) -> Naming:
+        """Which block names the UNet modules use: SGM (``input_blocks``) or diffusers (``down_blocks``)."""
+        kinds = set()
+        for m in self.matched:
+            if m.module.component != "unet":
+                continue
+            flat = m.module.name.replace("_", ".")
+            kinds.add("diffusers" if flat.replace(".", "_") == m.target.diffusers_module.replace(".", "_") else "sgm")
+        if not kinds:
+            return "text-encoder" if self.matched else "none"
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def describe_unmatched(self, base: str, limit: int = 3) -> str:
+        names = [f"{m.component}:{m.name}" for m in self.unmatched[:limit]]
+        hint = ""
+        if any(_SD1_HINT.search(m.name) for m in self.unmatched):
+            hint = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL."
+        return (f"{len(self.unmatched)} of {len(self.adapter.modules)} modules of '{self.adapter.path}' have no target in "
+                f"'{base}' (first: {', '.join(names)}).{hint} Run 'loratool inspect {self.adapter.path}'.")
+
+
+def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
+    """Resolve every module of ``adapter`` to a base weight by dictionary look-up; check shapes.
+
+    Raises:
+        ShapeMismatchError: a module resolves but its delta cannot have the target's shape.
+    """
+    matched, unmatched = [], []
+    for m in adapter.modules:
+        target = index.lookup(m.component, m.name)
+        if target is None:
+            unmatched.append(m)
+            continue
+        _check_shape(adapter, m, target, base)
+        matched.append(MatchedModule(m, target))
+    return LoraMatch(adapter, matched, unmatched)
+
+
+def require_all_matched(match: LoraMatch, base: str) -> None:
+    if match.unmatched:
+        raise KeyMismatchError(f"Cannot apply: {match.describe_unmatched(base)}")
+
+
+def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:
+    src = adapter.source
+    want = target.shape
+    if m.kind == "lora":
+        up = src.meta(m.keys["up"]).shape
+        down = src.meta(m.keys["down"]).shape
+        inner = math.prod(down[1:])
+        if "mid" in m.keys:
+            inner = down[1] * math.prod(src.meta(m.keys["mid"]).shape[2:])
+        ok = up[0] == want[0] and inner == math.prod(want[1:])
+    elif m.kind == "full":
+        ok = math.prod(src.meta(m.keys["diff"]).shape) == math.prod(want)
+    else:
+        return  # LoHa/LoKr shapes are checked when their delta is built
+    if not ok:
+        sd1 = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL." if _SD1_HINT.search(m.name) or want[-1] == 2048 else ""
+        raise ShapeMismatchError(
+            f"'{adapter.path}': module '{m.name}' does not fit '{target.sgm_key}' of '{base}' "
+            f"(LoRA gives {_delta_shape(adapter, m)}, the weight is {list(want)}).{sd1}"
+        )
+
+
+def _delta_shape(adapter: LoraAdapter, m: AdapterModule) -> str:
+    src = adapter.source
+    if m.kind == "lora":
+        up, down = src.meta(m.keys["up"]).shape, src.meta(m.keys["down"]).shape
+        return f"{up[0]}x{math.prod(down[1:])}"
+    return str(list(src.meta(m.keys["diff"]).shape))
+
+
+def module_delta(adapter: LoraAdapter, mm: MatchedModule) -> "torch.Tensor":
+    """The module's dense delta in float32, scaled by alpha/rank (not by strength)."""
+    from lora_tools.lora import delta as d
+
+    m, src, shape = mm.module, adapter.source, mm.target.shape
+
+    def t(role: str) -> "torch.Tensor | None":
+        key = m.keys.get(role)
+        return src.tensor(key) if key is not None else None
+
+    if m.kind == "lora":
+        raw = d.lora_delta(t("up"), t("down"), mid=t("mid"), target_shape=shape)  # type: ignore[arg-type]
+        scale = d.module_scale(m.alpha, m.rank)
+    elif m.kind == "loha":
+        raw = d.loha_delta(t("w1a"), t("w1b"), t("w2a"), t("w2b"), t1=t("t1"), t2=t("t2"), target_shape=shape)  # type: ignore[arg-type]
+        scale = d.module_scale(m.alpha, m.rank)
+    elif m.kind == "lokr":
+        w1, w2 = t("w1"), t("w2")
+        raw = d.lokr_delta(w1=w1, w1a=t("w1a"), w1b=t("w1b"), w2=w2, w2a=t("w2a"), w2b=t("w2b"), t2=t("t2"), target_shape=shape)
+        scale = d.module_scale(m.alpha, m.rank) if d.lokr_scale_applies(w1=w1, w2=w2) else 1.0
+    else:
+        raw = t("diff").float().reshape(shape)  # type: ignore[union-attr]
+        scale = 1.0
+    if scale != 1.0:
+        raw.mul_(scale)
+    return raw
