@@ -1,0 +1,68 @@
+"""The ``loratool`` command: one click group, one module per command.
+
+Library errors (:class:`~lora_tools.errors.LoraToolsError`) become one ``Error: ...`` line on
+stderr and exit code 1, here and only here. ``--debug`` (or ``LORATOOL_DEBUG=1``) shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from lora_tools import __version__
+from lora_tools.errors import LoraToolsError
+
+
+class LoratoolGroup(click.Group):
+    """Turns library errors into clean messages; lists commands in the order they were added."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except LoraToolsError as e:
+            if ctx.meta.get("loratool.debug"):
+                raise
+            raise click.ClickException(_one_line(str(e))) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing was written under the output names.", err=True)
+            sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+@click.group(cls=LoratoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratool")
+@click.option("--debug", is_flag=True, envvar="LORATOOL_DEBUG", help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug logs).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """Turn SDXL checkpoints into few-step Lightning models; inspect and fuse LoRAs.
+
+    \b
+    Quick start (offline, on synthetic models):
+        loratool demo
+    Fuse the 4-step Lightning LoRA into a community checkpoint:
+        loratool fuse juggernaut.safetensors --lightning 4
+    See what a LoRA or checkpoint holds:
+        loratool inspect sdxl_lightning_4step_lora.safetensors
+    """
+    ctx.meta["loratool.debug"] = debug or os.environ.get("LORATOOL_DEBUG") == "1"
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    cli(prog_name="loratool")
+
+
+# Commands register themselves on import; their heavy imports (torch, diffusers) stay lazy.
+from lora_tools.cli import demo, fuse, inspect  # noqa: E402,F401
