@@ -10,6 +10,7 @@ appear under its name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -314,6 +315,7 @@ class StreamingWriter:
     path: Path
     plans: list[TensorPlan]
     metadata: Mapping[str, str] | None = None
+    hash: bool = False
     _fh: object = field(default=None, init=False, repr=False)
     _tmp: Path | None = field(default=None, init=False, repr=False)
     _index: int = field(default=0, init=False, repr=False)
@@ -326,7 +328,8 @@ class StreamingWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb", buffering=0)
-        self._fh.write(header)  # type: ignore[attr-defined]
+        self._hasher = hashlib.sha256() if self.hash else None
+        self._put(memoryview(header))
         self.total_bytes = len(header) + sum(p.nbytes for p in self.plans)
 
     def __enter__(self) -> "StreamingWriter":
@@ -354,10 +357,20 @@ class StreamingWriter:
         view = memoryview(data).cast("B")
         if view.nbytes != plan.nbytes:
             raise ValueError(f"tensor '{name}' has {view.nbytes} bytes, the plan says {plan.nbytes}")
+        self._put(view)
+        self._index += 1
+
+    def _put(self, view: memoryview) -> None:
+        if self._hasher is not None:
+            self._hasher.update(view)
         written = 0
         while written < view.nbytes:
             written += self._fh.write(view[written:])  # type: ignore[attr-defined]
-        self._index += 1
+
+    @property
+    def sha256(self) -> str | None:
+        """sha256 of the whole file (when created with ``hash=True``), once finalized."""
+        return self._hasher.hexdigest() if self._hasher is not None and self._done else None
 
     def finalize(self) -> Path:
         """Flush, fsync and atomically move the finished file to its name."""

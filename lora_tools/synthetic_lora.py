@@ -138,7 +138,8 @@ def make_lora(
     cfg = config_for(size)
     st_dtype = torch_dtype(DTYPE_ALIASES.get(dtype, dtype))
     tensors: dict[str, torch.Tensor] = {}
-    for t in select_targets(cfg, targets, components):
+    chosen = select_targets(cfg, targets, components)
+    for t in chosen:
         factors = module_factors(t, algorithm, rank, seed=seed)
         keys, alpha_key = module_keys(t, fmt, algorithm)
         for role, value in factors.items():
@@ -150,13 +151,21 @@ def make_lora(
     metadata: dict[str, str] = {}
     if fmt in ("peft", "peft-raw") and alpha is not None:
         comps = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-        meta = {}
-        for c in components:
+        meta: dict[str, object] = {}
+        for c in components:  # a PEFT LoraConfig per component, as diffusers' save_lora_weights writes it
             meta[f"{comps[c]}.lora_alpha"] = alpha
             meta[f"{comps[c]}.r"] = rank
+            meta[f"{comps[c]}.target_modules"] = sorted({_leaf(t.diffusers_module) for t in chosen if t.component == c})
+            meta[f"{comps[c]}.use_dora"] = algorithm == "dora"
         metadata["lora_adapter_metadata"] = json.dumps(meta)
     metadata["format"] = "pt"
     return tensors, metadata
+
+
+def _leaf(module: str) -> str:
+    """PEFT target name: the last part of a module path (``to_out.0`` keeps its index)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def write_lora(path: str | Path, size: Size | SDXLConfig = "tiny", **kwargs: object) -> Path:

@@ -1,0 +1,185 @@
+"""``loratool inspect``: a thin command over :func:`lora_tools.ops.inspect.inspect_path`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from lora_tools.cli import cli
+from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, component_label
+
+_BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable fields, see the docs).")
+@click.option("--keys", "show_keys", is_flag=True, help="Also list every tensor with its dtype and shape.")
+@click.option("--hash/--no-hash", "with_hash", default=None,
+              help="Compute sha256 and AutoV2 (default: only for files under 2 GiB).")
+def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool | None) -> None:
+    """Show what a LoRA, checkpoint or diffusers folder holds, from its headers alone.
+
+    \b
+    Example:
+        loratool inspect sdxl_lightning_4step_lora.safetensors
+        loratool inspect juggernaut.safetensors --no-hash
+        loratool inspect my_lora.safetensors --json | jq .lora.ranks
+    """
+    from lora_tools.ops.inspect import inspect_path
+
+    report = inspect_path(path, with_hash=with_hash)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(include_keys=show_keys), indent=2))
+        return
+    for line in render(report, show_keys=show_keys):
+        click.echo(line)
+
+
+cli.add_command(inspect_command)  # the root group also finds it by name; adding twice is harmless
+
+
+def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
+    """The human form of a report: aligned ``label  value`` rows, then sections."""
+    f = report.file
+    rows: list[tuple[str, str]] = []
+    if report.lora is not None:
+        rows.append(("kind", f"LoRA ({report.lora.format})"))
+    else:
+        assert report.checkpoint is not None
+        rows.append(("kind", f"checkpoint ({_layout_text(report.checkpoint)})"))
+    rows.append(("size", f"{_bytes(f.size_bytes)}, {report.tensors:,} tensors, {report.parameters:,} parameters"))
+    rows.append(("dtypes", _counts(report.dtypes)))
+    if f.sha256:
+        rows.append(("sha256", f"{f.sha256}  (AutoV2 {f.autov2})"))
+    elif f.container != "diffusers-folder":
+        rows.append(("sha256", "not computed (pass --hash)"))
+    lines = [f.path]
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+    if report.lora is not None:
+        rows += _lora_rows(report.lora)
+        blocks = [(f"{c} {b}", str(n)) for c, bs in report.lora.modules_per_block.items()
+                  for b, n in bs.items()]
+        sections.append(("modules per block", blocks))
+    else:
+        assert report.checkpoint is not None
+        rows += _checkpoint_rows(report.checkpoint)
+        comps = [(component_label(c), f"{s.parameters:>15,} parameters  {s.tensors:>5} tensors  {_counts(s.dtypes)}")
+                 for c, s in report.checkpoint.components.items()]
+        sections.append(("components", comps))
+    meta = report.metadata
+    meta_rows = list(meta.kohya.items()) + list(meta.modelspec.items()) + list(meta.other.items())
+    if meta.kohya_other_keys:
+        meta_rows.append(("other ss_* keys", ", ".join(meta.kohya_other_keys)))
+    sections.append(("metadata", meta_rows))
+    lines += _aligned(rows, indent=2)
+    for title, section_rows in sections:
+        lines.append(f"  {title}:" + ("" if section_rows else " none"))
+        lines += _aligned(section_rows, indent=4)
+    if show_keys:
+        lines.append(f"  tensors ({len(report.keys)}):")
+        width = max((len(k.key) for k in report.keys), default=0)
+        for k in report.keys:
+            lines.append(f"    {k.key:<{width}}  {k.dtype:<5} {list(k.shape)}")
+    return lines
+
+
+def _lora_rows(lora: LoraSummary) -> list[tuple[str, str]]:
+    per_comp = ", ".join(f"{c} {n}" for c, n in lora.modules_per_component.items())
+    rows = [
+        ("format", lora.format_description),
+        ("layout", f"{'SDXL' if lora.layout == 'sdxl' else 'tiny SDXL test model'}; UNet names: {lora.unet_naming}"),
+        ("modules", f"{lora.modules} ({per_comp})"),
+        ("algorithms", _counts(lora.algorithms)),
+        ("ranks", _counts({str(r): n for r, n in lora.ranks.items()})),
+        ("alphas", _counts(lora.alphas) + ("  (none: alpha = rank, scale 1)" if "none" in lora.alphas else "")),
+        ("scale alpha/rank", _counts(lora.scales)),
+    ]
+    u = lora.unmatched
+    if u.count:
+        text = f"{u.count} (first: {', '.join(u.first)})"
+        rows.append(("unmatched", text + (f". {u.hint}" if u.hint else "")))
+    else:
+        rows.append(("unmatched", "none"))
+    rows += _acceleration_rows(lora.acceleration)
+    rows.append(("applies to", lora.applies_to))
+    return rows
+
+
+def _checkpoint_rows(c: CheckpointSummary) -> list[tuple[str, str]]:
+    support = "supported" if c.supported else f"not supported: {c.why_unsupported}"
+    rows = []
+    if c.pipeline:
+        rows.append(("pipeline", c.pipeline))
+    rows += [
+        ("architecture", f"{c.architecture} ({support})"),
+        ("prediction", c.prediction + ("" if c.prediction_source == "default" else f" (from {c.prediction_source.replace('_', ' ')})")),
+        ("markers", ", ".join(c.markers) or "none"),
+    ]
+    if c.extra_keys:
+        shown = ", ".join(c.extra_keys[:6]) + (", ..." if len(c.extra_keys) > 6 else "")
+        rows.append(("extra keys", f"{len(c.extra_keys)}: {shown}"))
+    rows += _acceleration_rows(c.acceleration)
+    p = c.provenance
+    if p is not None:
+        fused = ", ".join(f"{s.get('name')} x{s.get('strength')}" + (f" ({s['preset']})" if s.get("preset") else "")
+                          for s in p.fused) or "nothing recorded"
+        rows.append(("fused by loratool", f"{p.operation or 'unknown operation'}: {fused}"))
+        if p.lightning_steps:
+            rows.append(("lightning steps", str(p.lightning_steps)))
+        if p.sampler:
+            rows.append(("sampler", _sampler_text(p.sampler)))
+    for w in c.warnings:
+        rows.append(("warning", w))
+    return rows
+
+
+def _acceleration_rows(a: Acceleration | None) -> list[tuple[str, str]]:
+    if a is None:
+        return [("acceleration", "none detected")]
+    how = {"sha256": "sha256", "filename": "file name", "metadata": "metadata", "keys": "key signature"}[a.identified_by]
+    text = f"{a.label} (by {how}" + (", keys match" if a.key_signature and a.identified_by != "keys" else "") + ")"
+    if a.steps is None:
+        text += "; step count unknown"
+    rows = [("acceleration", text)]
+    if a.sampler_summary:
+        rows.append(("sample with", a.sampler_summary))
+    rows.append(("", a.note))
+    return rows
+
+
+def _sampler_text(sampler: dict[str, object]) -> str:
+    from lora_tools.errors import UsageError
+    from lora_tools.presets import SamplerSettings
+
+    try:
+        return SamplerSettings.from_dict(sampler).describe()
+    except UsageError:
+        return json.dumps(sampler)
+
+
+def _layout_text(c: CheckpointSummary) -> str:
+    return {"sgm": "single file, SGM layout", "diffusers-unet": "diffusers UNet file",
+            "diffusers-folder": "diffusers folder"}.get(c.layout, c.layout)
+
+
+def _aligned(rows: list[tuple[str, str]], *, indent: int) -> list[str]:
+    if not rows:
+        return []
+    width = max(len(label) for label, _ in rows)
+    return [f"{' ' * indent}{label:<{width}}  {value}".rstrip() for label, value in rows]
+
+
+def _counts(counts: dict[str, int]) -> str:
+    if not counts:
+        return "none"
+    return ", ".join(f"{k} x{n}" for k, n in counts.items())
+
+
+def _bytes(n: int) -> str:
+    for factor, unit in _BYTE_UNITS:
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} bytes"

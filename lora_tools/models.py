@@ -1,0 +1,276 @@
+"""Read a base model in any layout we accept, addressed in the single-file (SGM) key space.
+
+A base can be a single-file SGM checkpoint (full or UNet only), a standalone diffusers UNet
+file, or a diffusers pipeline folder (sharded and variant files too). Whatever the layout,
+:class:`ModelSource` offers the same view: SGM keys in reading order, their dtype and shape,
+and one tensor at a time (raw bytes where the layouts agree byte for byte).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from lora_tools.errors import InvalidFileError, KeyMismatchError, UnsupportedModelError
+from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
+from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
+from lora_tools.safetensors_io import SafetensorsHeader, TensorFile, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """Where one SGM-keyed tensor of the base lives."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    rows: tuple[KeyMap, ...]  # layout rows for this key ((): a key outside the layout table)
+    raw_ok: bool  # bytes in the file are exactly the SGM tensor's bytes
+
+
+class ModelSource:
+    """A base model, read one tensor at a time in SGM key space."""
+
+    def __init__(self, path: Path, layout: str, kind: CheckpointKind, cfg: SDXLConfig, metadata: dict[str, str],
+                 refs: list[TensorRef], files: dict[str, SafetensorsHeader], where: dict[str, tuple[str, str]]):
+        self.path = path
+        self.layout = layout
+        self.kind = kind
+        self.cfg = cfg
+        self.metadata = metadata
+        self.refs = refs
+        self._by_key = {r.key: r for r in refs}
+        self._headers = files
+        self._where = where  # diffusers key (component-qualified) -> (file, key in file)
+        self._files: dict[str, TensorFile] = {}
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        return self.kind.components
+
+    def ref(self, key: str) -> TensorRef:
+        return self._by_key[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.refs)
+
+    def _file(self, name: str) -> TensorFile:
+        f = self._files.get(name)
+        if f is None:
+            f = self._files[name] = TensorFile(name, self._headers[name])
+        return f
+
+    def read_raw(self, ref: TensorRef) -> bytearray:
+        """The SGM tensor's bytes (only where ``ref.raw_ok``)."""
+        if self.layout == "sgm":
+            return self._file(str(self.path)).read_bytes(ref.key)
+        row = ref.rows[0]
+        fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
+        return self._file(fname).read_bytes(fkey)
+
+    def read(self, ref: TensorRef) -> "torch.Tensor":
+        """The SGM tensor (a fresh tensor owning its memory)."""
+        from lora_tools.safetensors_io import bytes_to_tensor
+
+        if self.layout == "sgm":
+            f = self._file(str(self.path))
+            return bytes_to_tensor(f.read_bytes(ref.key), f.info(ref.key))
+
+        def get(row: KeyMap) -> "torch.Tensor":
+            fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
+            f = self._file(fname)
+            return bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
+
+        return to_sgm(list(ref.rows), get)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "ModelSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
+    """Open a base model: SGM single file, diffusers UNet file or diffusers folder.
+
+    Raises:
+        InvalidFileError: not a readable model file.
+        UnsupportedModelError: a model we understand but do not support (SD1.x, refiner, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").exists() or (path / "unet").is_dir():
+            return _open_diffusers_folder(path, variant)
+        raise InvalidFileError(f"'{path}' is a directory but not a diffusers model folder (no model_index.json or unet/).")
+    header = read_header(path)
+    shapes = {k: t.shape for k, t in header.tensors.items()}
+    kind = detect_checkpoint(shapes)
+    if kind.layout == "unknown" and kind.architecture == "unknown":
+        raise UnsupportedModelError(
+            f"'{path}' is not an SDXL checkpoint: its keys match no known layout (first key: {next(iter(shapes), '-')})."
+            + (" It looks like a LoRA: pass it with --lora." if _looks_like_lora(shapes) else "")
+        )
+    if kind.layout == "diffusers-unet":
+        return _from_diffusers_files(path, kind, {"unet": [header]}, header.metadata)
+    cfg = config_from_shapes(shapes, kind.components) if kind.architecture == "sdxl-base" else SDXLConfig()
+    table = cfg.table
+    refs = []
+    # Read in file order: sequential I/O, and the output can keep the base's order.
+    for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+        rows = tuple(table.by_sgm_key.get(info.name, ()))
+        refs.append(TensorRef(info.name, info.dtype, info.shape, info.nbytes, rows, True))
+    return ModelSource(path, "sgm", kind, cfg, dict(header.metadata), refs, {str(path): header}, {})
+
+
+def _looks_like_lora(shapes: dict[str, tuple[int, ...]]) -> bool:
+    return any(k.endswith(("lora_down.weight", "lora_A.weight", ".alpha", "hada_w1_a")) for k in shapes)
+
+
+_COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "te1": "model", "te2": "model"}
+
+
+def _open_diffusers_folder(path: Path, variant: str | None) -> ModelSource:
+    headers: dict[Component, list[SafetensorsHeader]] = {}
+    for comp, folder in DIFFUSERS_FOLDERS.items():
+        files = _component_files(path / folder, _COMPONENT_FILES[comp], variant)
+        if files:
+            headers[comp] = [read_header(f) for f in files]
+    if "unet" not in headers:
+        raise InvalidFileError(f"'{path}' has no unet/*.safetensors weights (pickled .bin weights are not read).")
+    shapes = {k: t.shape for h in headers["unet"] for k, t in h.tensors.items()}
+    kind = detect_checkpoint(shapes)
+    kind = CheckpointKind("sgm", kind.architecture, tuple(c for c in ("unet", "te1", "te2", "vae") if c in headers),
+                          kind.prediction, kind.markers)
+    return _from_diffusers_files(path, kind, headers, {}, layout="diffusers-folder")
+
+
+def _component_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    names = [f"{stem}.{variant}" if variant else stem] + ([] if variant else [f"{stem}.fp16"])
+    for name in names:
+        single = folder / f"{name}.safetensors"
+        if single.exists():
+            return [single]
+        index = folder / f"{name}.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise InvalidFileError(f"'{index}' is not a valid sharded-weights index ({e!r}).") from e
+            return [folder / s for s in dict.fromkeys(weight_map.values())]
+    return []
+
+
+def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Component, list[SafetensorsHeader]],
+                          metadata: dict[str, str], layout: str = "diffusers-unet") -> ModelSource:
+    if kind.architecture != "sdxl-base" and kind.architecture != "sdxl-inpaint":
+        raise UnsupportedModelError(f"'{path}' is not supported: {kind.why_unsupported()}.")
+    where: dict[str, tuple[str, str]] = {}
+    shapes_by_comp: dict[Component, dict[str, tuple[int, ...]]] = {}
+    files: dict[str, SafetensorsHeader] = {}
+    for comp, hs in headers.items():
+        shapes_by_comp[comp] = {}
+        for h in hs:
+            files[str(h.path)] = h
+            for k, t in h.tensors.items():
+                name = k
+                if comp == "te1" and not k.startswith("text_model."):
+                    name = "text_model." + k  # transformers >= 5 saves CLIPTextModel without the prefix
+                where[f"{comp}:{name}"] = (str(h.path), k)
+                shapes_by_comp[comp][name] = t.shape
+    cfg = _config_from_diffusers(path, shapes_by_comp)
+    table = cfg.table
+    refs: list[TensorRef] = []
+    for comp in ("unet", "te1", "te2", "vae"):
+        if comp not in headers:
+            continue
+        rows = table.component_rows(comp)  # type: ignore[arg-type]
+        want = {r.diffusers for r in rows if r.diffusers}
+        have = set(shapes_by_comp[comp]) - {"text_model.embeddings.position_ids"}
+        if want != have:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise KeyMismatchError(
+                f"'{path}' {DIFFUSERS_FOLDERS[comp]} does not match the SDXL layout: {len(missing)} missing, {len(extra)} "
+                f"unknown (first: {(missing or extra)[0]})."
+            )
+        groups: dict[str, list[KeyMap]] = {}
+        for r in rows:
+            if r.diffusers is not None:
+                groups.setdefault(r.sgm_key, []).append(r)
+        for sgm_key, group in groups.items():
+            first = group[0]
+            fname, fkey = where[f"{comp}:{first.diffusers}"]
+            info = files[fname].tensors[fkey]
+            nbytes = info.nbytes * len(group)
+            raw_ok = first.transform in ("rename", "conv1x1_to_linear")
+            refs.append(TensorRef(sgm_key, info.dtype, first.shape, nbytes, tuple(group), raw_ok))
+    md = dict(metadata) if layout == "diffusers-unet" else {}
+    if layout == "diffusers-unet":
+        md = dict(headers["unet"][0].metadata)
+    return ModelSource(path, layout, kind, cfg, md, refs, files, where)
+
+
+def _config_from_diffusers(path: Path, shapes_by_comp: dict[Component, dict[str, tuple[int, ...]]]) -> SDXLConfig:
+    """Rebuild the SGM shapes of each component from its diffusers shapes, then read the config."""
+    from lora_tools.layouts.sdxl import FULL, TINY
+
+    sgm_shapes: dict[str, tuple[int, ...]] = {}
+    for candidate in (FULL, TINY):
+        for comp, shapes in shapes_by_comp.items():
+            for r in candidate.table.component_rows(comp):
+                if r.diffusers in shapes and shapes[r.diffusers] == r.diffusers_shape:
+                    sgm_shapes.setdefault(r.sgm_key, r.shape)
+    unet_shapes = _unet_sgm_shapes(shapes_by_comp.get("unet", {}))
+    sgm_shapes.update(unet_shapes)
+    try:
+        return config_from_shapes(sgm_shapes, tuple(shapes_by_comp))
+    except KeyError as e:
+        raise UnsupportedModelError(f"'{path}' does not have the SDXL block structure (missing {e}).") from e
+
+
+def _unet_sgm_shapes(diffusers_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """SGM keys with shapes for the few UNet tensors the config reader needs."""
+    p = SGM_PREFIXES["unet"]
+    out: dict[str, tuple[int, ...]] = {}
+    simple = {"conv_in.weight": "input_blocks.0.0.weight", "conv_out.weight": "out.2.weight",
+              "add_embedding.linear_1.weight": "label_emb.0.0.weight"}
+    for d, s in simple.items():
+        if d in diffusers_shapes:
+            out[p + s] = diffusers_shapes[d]
+    level = 0
+    while f"down_blocks.{level}.resnets.0.conv1.weight" in diffusers_shapes:
+        idx = level * 3 + 1
+        out[f"{p}input_blocks.{idx}.0.in_layers.2.weight"] = diffusers_shapes[f"down_blocks.{level}.resnets.0.conv1.weight"]
+        for k, s in diffusers_shapes.items():
+            stem = f"down_blocks.{level}.attentions.0.transformer_blocks."
+            if k.startswith(stem):
+                out[f"{p}input_blocks.{idx}.1.transformer_blocks.{k[len(stem):]}"] = s
+        level += 1
+    for k, s in diffusers_shapes.items():
+        stem = "mid_block.attentions.0.transformer_blocks."
+        if k.startswith(stem):
+            out[f"{p}middle_block.1.transformer_blocks.{k[len(stem):]}"] = s
+    return out
+
+
+def iter_refs(model: ModelSource) -> Iterator[TensorRef]:
+    return iter(model.refs)

@@ -1,0 +1,218 @@
+"""Run a planned fuse: stream the base once, patch in fp32, write every output in one pass."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lora_tools import __version__
+from lora_tools.errors import ShapeMismatchError
+from lora_tools.models import TensorRef
+from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
+from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
+                                    tokenizer_provider)
+from lora_tools.ops.streaming import run_pipeline
+from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.synthetic import SCHEDULER_CONFIG
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class FuseResult:
+    """What a fuse wrote, and how long it took."""
+
+    files: list[WrittenFile]
+    modules_fused: int
+    tensors_patched: int
+    seconds: float
+    record: dict[str, object] = field(default_factory=dict)
+
+
+def fuse(base: str | Path, **kwargs: object) -> FuseResult:
+    """Plan and run a fuse in one call (arguments as :func:`~lora_tools.ops.fuse_plan.plan_fuse`).
+
+    Example:
+        >>> from lora_tools import fuse
+        >>> fuse("juggernaut.safetensors", lightning=4)  # -> juggernaut-lightning-4step.safetensors
+    """
+    progress = kwargs.pop("progress", None)
+    plan = plan_fuse(base, **kwargs)  # type: ignore[arg-type]
+    try:
+        return run_fuse(plan, progress=progress)  # type: ignore[arg-type]
+    finally:
+        plan.close()
+
+
+def provenance_record(plan: FusePlan) -> dict[str, object]:
+    """The ``loratool`` metadata record of a fuse."""
+    from lora_tools.hub import sha256_file
+
+    sources: list[dict[str, object]] = [{"role": "base", "name": plan.base.path.name, "layout": plan.base.layout}]
+    for s in plan.loras:
+        entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
+                                    "format": s.adapter.format, "sha256": sha256_file(s.adapter.path)}
+        if s.preset is not None:
+            entry["preset"] = s.preset.name
+        sources.append(entry)
+    for d in plan.diffs:
+        sources.append({"role": "unet-difference", "tuned": d.tuned.path.name, "original": d.original.path.name,
+                        "strength": d.strength, "preset": d.preset.name if d.preset else None})
+    record: dict[str, object] = {
+        "version": __version__, "operation": "fuse", "method": plan.method, "lightning_steps": plan.lightning_steps,
+        "sources": sources, "output_dtype": plan.out_dtype or "keep",
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if plan.sampler is not None:
+        record["sampler"] = plan.sampler.to_dict()
+    return record
+
+
+def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
+    meta: dict[str, str] = dict(plan.base.metadata) if keep_base else {"format": "pt"}
+    stem = plan.base.path.name if plan.base.path.is_dir() else plan.base.path.stem
+    title = stem + (f" Lightning {plan.lightning_steps}-step" if plan.lightning_steps else " (fused)")
+    merged = [plan.base.path.name] + [s.adapter.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": "1024x1024",
+        "modelspec.date": str(record["created"])[:10],
+        "modelspec.merged_from": ", ".join(merged),
+    })
+    if plan.sampler is not None:
+        meta["modelspec.usage_hint"] = plan.sampler.describe()
+        meta["modelspec.prediction_type"] = plan.sampler.prediction_type
+    meta[LORATOOL_METADATA_KEY] = json.dumps(record, sort_keys=True)
+    return meta
+
+
+def scheduler_config(plan: FusePlan) -> dict[str, object]:
+    cfg = dict(SCHEDULER_CONFIG)
+    if plan.sampler is not None:
+        cfg.update({"_class_name": plan.sampler.scheduler, "timestep_spacing": plan.sampler.timestep_spacing,
+                    "prediction_type": plan.sampler.prediction_type})
+    return cfg
+
+
+def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
+    """Stream the base once and write every planned output."""
+    import torch
+
+    start = time.perf_counter()
+    record = provenance_record(plan)
+    sinks = _make_sinks(plan, record)
+    patched = plan.patched_keys()
+    stats = {"modules": 0, "tensors": 0}
+    base = plan.base
+
+    def read(ref: TensorRef) -> Payload:
+        if ref.raw_ok:
+            return Payload(base.read_raw(ref), None, False)
+        return Payload(None, base.read(ref), False)
+
+    def process(ref: TensorRef, payload: Payload) -> Payload:
+        if ref.key not in patched:
+            return payload
+        w = payload.as_tensor(ref).to(torch.float32, copy=True)
+        del payload
+        stats["modules"] += _apply(plan, ref, w)
+        stats["tensors"] += 1
+        if not torch.isfinite(w).all():
+            raise ShapeMismatchError(f"Fusing produced NaN/Inf in '{ref.key}': nothing was written. "
+                                     "Check the strengths and the LoRA (loratool inspect).")
+        return Payload(None, w, True)
+
+    def write(ref: TensorRef, payload: Payload) -> None:
+        for s in sinks:
+            s.add(ref, payload)
+
+    try:
+        run_pipeline(base.refs, read=read, process=process, write=write, size=lambda r: r.nbytes,
+                     on_done=(lambda r: progress(r.nbytes)) if progress else None)
+        files = [f for s in sinks for f in s.finalize()]
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
+
+
+def _make_sinks(plan: FusePlan, record: dict[str, object]) -> list:  # type: ignore[type-arg]
+    sinks: list = []  # type: ignore[type-arg]
+    tokenizers = tokenizer_provider(plan.base, None) if any(o.kind == "diffusers" for o in plan.outputs) else None
+    try:
+        for out in plan.outputs:
+            if out.kind == "checkpoint":
+                if plan.base.layout == "sgm":
+                    sinks.append(CheckpointSink(out.path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=True)))
+                else:
+                    sinks.append(_diffusers_to_checkpoint_sink(out.path, plan, record))
+            elif out.kind == "unet":
+                sinks.append(ComponentSink(out.path, plan.base, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False)))
+            else:
+                assert tokenizers is not None
+                sinks.append(DiffusersFolderSink(out.path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=False),
+                                                 scheduler_config(plan), tokenizers))
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    return sinks
+
+
+def _diffusers_to_checkpoint_sink(path: Path, plan: FusePlan, record: dict[str, object]) -> CheckpointSink:
+    """A diffusers base saved as a single file: the SGM keys of every component it holds."""
+    return CheckpointSink(path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=True))
+
+
+def _apply(plan: FusePlan, ref: TensorRef, w: "torch.Tensor") -> int:
+    """Add every contribution to ``w`` (fp32, SGM shape) in place; returns modules applied."""
+    import torch
+
+    from lora_tools.lora import delta as d
+    from lora_tools.lora.resolve import module_delta
+
+    count = 0
+    for source, mm in plan.patches.get(ref.key, ()):
+        target, module, src = mm.target, mm.module, source.adapter.source
+        view = w
+        if target.part is not None:
+            i, n = target.part
+            step = w.shape[0] // n
+            view = w[i * step:(i + 1) * step]
+        flat = view.view(view.shape[0], -1)
+        if module.kind == "lora" and "mid" not in module.keys and not module.is_dora:
+            up = src.tensor(module.keys["up"]).to(torch.float32).flatten(1)
+            down = src.tensor(module.keys["down"]).to(torch.float32).flatten(1)
+            flat.addmm_(up, down, alpha=source.strength * d.module_scale(module.alpha, module.rank))
+        elif module.is_dora:
+            delta = module_delta(source.adapter, mm)
+            scale = src.tensor(module.keys["dora_scale"]).to(torch.float32)
+            if scale.dim() == 4 and scale.shape[0] == 1:  # PEFT stores conv magnitudes as (1, out, 1, 1)
+                scale = scale.reshape(-1)
+            view.copy_(d.dora_apply(view, delta.reshape(view.shape), scale, strength=source.strength))
+        else:
+            flat.add_(module_delta(source.adapter, mm).reshape(flat.shape), alpha=source.strength)
+        count += 1
+    for diff in plan.diffs:
+        row = ref.rows[0]
+        if row.component != "unet" or row.diffusers is None:
+            continue
+        tuned = diff.tuned.tensor(row.diffusers).to(torch.float32)
+        tuned.sub_(diff.original.tensor(row.diffusers).to(torch.float32))
+        w.add_(tuned.reshape(w.shape), alpha=diff.strength)
+        count += 1
+    return count
