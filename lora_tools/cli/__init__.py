@@ -64,5 +64,10 @@ def main() -> None:
     cli(prog_name="loratool")
 
 
-# Commands register themselves on import; their heavy imports (torch, diffusers) stay lazy.
-from lora_tools.cli import demo, fuse, inspect  # noqa: E402,F401
+# One module per command; their heavy imports (torch, diffusers) stay inside the functions.
+from lora_tools.cli.demo import demo_command  # noqa: E402
+from lora_tools.cli.fuse import fuse_command  # noqa: E402
+from lora_tools.cli.inspect import inspect_command  # noqa: E402
+
+for _command in (inspect_command, fuse_command, demo_command):
+    cli.add_command(_command)

@@ -1,0 +1,18 @@
+"""Progress bars for the CLI: tqdm on stderr, silent when stderr is not a terminal or asked."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+@contextmanager
+def byte_progress(total: int, desc: str, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yield an ``advance(nbytes)`` callback driving a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    show = enabled and sys.stderr.isatty()
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+              file=sys.stderr, leave=False) as bar:
+        yield bar.update

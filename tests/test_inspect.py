@@ -1,0 +1,396 @@
+"""``loratool inspect`` end to end (CliRunner), on synthetic LoRAs and checkpoints of every layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lora_tools
+from lora_tools.layouts import FULL, TINY, SGM_PREFIXES
+from lora_tools.safetensors_io import read_header, save_tensors
+from lora_tools.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
+from lora_tools.synthetic_lora import make_lora, select_targets, write_lightning_lora, write_lora
+
+
+def _import_cli():
+    """``lora_tools.cli`` imports every command module; stand in for ones not written yet."""
+    cli_dir = Path(lora_tools.__file__).parent / "cli"
+    for name in ("demo", "fuse"):
+        if not (cli_dir / f"{name}.py").exists() and not (cli_dir / name).is_dir():
+            sys.modules.setdefault(f"lora_tools.cli.{name}", types.ModuleType(f"lora_tools.cli.{name}"))
+    from lora_tools.cli import cli
+
+    return cli
+
+
+cli = _import_cli()
+LIGHTNING_NAME = "sdxl_lightning_4step_lora.safetensors"
+
+
+def run_inspect(*args: str | Path) -> str:
+    result = CliRunner().invoke(cli, ["inspect", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    return result.stdout
+
+
+def inspect_json(path: Path, *args: str) -> dict:
+    return json.loads(run_inspect(path, "--json", *args))
+
+
+def n_targets(targets: str, components=("unet",), cfg=TINY) -> int:
+    return len(select_targets(cfg, targets, components))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture(scope="session")
+def lightning_tiny(lora_dir: Path) -> Path:
+    return write_lightning_lora(lora_dir / LIGHTNING_NAME, "tiny")
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_dir: Path) -> Path:
+    return write_checkpoint(ckpt_dir / "tiny.safetensors", "tiny")
+
+
+# ----------------------------------------------------------------------------- LoRA formats
+
+# (id, write_lora kwargs, detected format, algorithm histogram as {name: predicate on target}, rank, alpha label)
+FORMAT_CASES = [
+    ("kohya-diffusers", dict(fmt="kohya-diffusers", rank=4, alpha=2.0), "kohya", "diffusers", "2", "0.5"),
+    ("kohya-sgm", dict(fmt="kohya-sgm", rank=4, alpha=1.0, components=("unet", "te1", "te2")), "kohya", "sgm", "1", "0.25"),
+    ("comfy", dict(fmt="comfy", rank=8, alpha=4.0), "comfy", "sgm", "4", "0.5"),
+    ("peft", dict(fmt="peft", rank=4, alpha=8.0, components=("unet", "te1")), "peft", "diffusers", "8", "2"),
+    ("peft-raw", dict(fmt="peft-raw", rank=4), "peft-raw", "diffusers", "none", "1"),
+    ("diffusers-legacy", dict(fmt="diffusers-legacy", rank=4), "diffusers-legacy", "diffusers", "none", "1"),
+    ("loha", dict(fmt="kohya-diffusers", algorithm="loha", rank=4, alpha=4.0), "kohya", "diffusers", "4", "1"),
+    ("lokr", dict(fmt="kohya-diffusers", algorithm="lokr", rank=4, alpha=2.0), "kohya", "diffusers", "2", "0.5"),
+    ("dora", dict(fmt="kohya-diffusers", algorithm="dora", rank=4, alpha=4.0), "kohya", "diffusers", "4", "1"),
+]
+ALGORITHM = {"loha": "loha", "lokr": "lokr", "dora": "dora"}
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
+def test_inspect_json_per_format(lora_dir: Path, case: tuple) -> None:
+    name, kwargs, fmt, naming, alpha, scale = case
+    path = write_lora(lora_dir / f"{name}.safetensors", "tiny", **kwargs)
+    rank = kwargs["rank"]
+    components = kwargs.get("components", ("unet",))
+    n = n_targets("attn", components)
+
+    d = inspect_json(path)
+
+    assert d["schema"] == 1 and d["kind"] == "lora" and d["checkpoint"] is None
+    lora = d["lora"]
+    assert lora["format"] == fmt
+    assert lora["layout"] == "sdxl-tiny"
+    assert lora["modules"] == n
+    assert lora["modules_per_component"] == {c: n_targets("attn", (c,)) if c in components else 0
+                                             for c in ("unet", "te1", "te2")}
+    assert lora["unet_naming"] == naming
+    assert lora["algorithms"] == {ALGORITHM.get(name, "lora"): n}
+    assert lora["ranks"] == {str(rank): n}
+    assert lora["alphas"] == {alpha: n}
+    assert lora["scales"] == {scale: n}
+    assert lora["unmatched"] == {"count": 0, "first": [], "hint": None}
+    assert lora["acceleration"] is None
+    # 2 transformer blocks x (attn1 + attn2) x (q, k, v, out) in the first attention level
+    assert lora["modules_per_block"]["unet"]["input_blocks.4"] == 16
+    assert sum(sum(b.values()) for b in lora["modules_per_block"].values()) == n
+    header = read_header(path)
+    assert d["tensors"] == len(header.tensors)
+    assert d["dtypes"] == {"F32": len(header.tensors)}
+    alpha_numel = sum(1 for k in header.tensors if k.endswith(".alpha"))
+    assert d["parameters"] == sum(t.numel for t in header.tensors.values()) - alpha_numel
+    assert d["file"]["size_bytes"] == path.stat().st_size
+    if "te1" in components:
+        assert "CLIP-L text encoder" in lora["applies_to"]
+    else:
+        assert lora["applies_to"].endswith("(UNet); text encoders untouched")
+
+
+def test_inspect_locon_tucker(lora_dir: Path) -> None:
+    path = write_lora(lora_dir / "locon_tucker.safetensors", "tiny", fmt="kohya-diffusers", algorithm="lora-tucker",
+                      targets="lightning", rank=4, alpha=4.0)
+    targets = select_targets(TINY, "lightning")
+    tucker = sum(1 for t in targets if len(t.shape) == 4 and t.shape[2] > 1)
+    lora = inspect_json(path)["lora"]
+    assert lora["algorithms"] == {"lora": len(targets) - tucker, "lora-tucker": tucker}
+    assert tucker > 0
+    assert lora["ranks"] == {"4": len(targets)}
+    assert lora["acceleration"] is None  # a Tucker core is not the Lightning signature
+
+
+def test_pickled_lora_read_with_weights_only(lora_dir: Path) -> None:
+    tensors, _ = make_lora("tiny", fmt="kohya-diffusers", rank=2, alpha=1.0)
+    path = lora_dir / "legacy_lora.pt"
+    torch.save(tensors, path)
+    d = inspect_json(path)
+    assert d["file"]["container"] == "pickle"
+    assert d["lora"]["format"] == "kohya"
+    assert d["lora"]["ranks"] == {"2": n_targets("attn")}
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+
+def test_lightning_tiny_identified_by_file_name(lightning_tiny: Path) -> None:
+    targets = select_targets(TINY, "lightning")
+    # The tiny model has 32-wide layers: there the synthetic rank is capped at the layer width.
+    want_ranks = Counter(min(64, t.shape[0], math.prod(t.shape[1:])) for t in targets)
+    assert want_ranks[64] > len(targets) / 2
+
+    lora = inspect_json(lightning_tiny)["lora"]
+
+    assert lora["format"] == "kohya" and lora["unet_naming"] == "diffusers" and lora["layout"] == "sdxl-tiny"
+    assert lora["modules_per_component"] == {"unet": len(targets), "te1": 0, "te2": 0}
+    assert lora["ranks"] == {str(r): n for r, n in sorted(want_ranks.items())}
+    assert max(int(r) for r in lora["ranks"]) == 64
+    assert lora["alphas"] == {"8": len(targets)}
+    accel = lora["acceleration"]
+    assert accel["label"] == "Lightning 4-step"
+    assert accel["preset"] == "lightning-4step" and accel["steps"] == 4 and accel["family"] == "lightning"
+    assert accel["identified_by"] == "filename"
+    assert accel["key_signature"] is True
+    assert accel["sampler"]["steps"] == 4 and accel["sampler"]["guidance_scale"] == 0.0
+    assert accel["sampler"]["timestep_spacing"] == "trailing"
+    assert "eps-prediction" in lora["applies_to"]
+
+
+def test_lightning_shaped_without_name_has_unknown_steps(lora_dir: Path, lightning_tiny: Path) -> None:
+    anon = lora_dir / "some_accelerator.safetensors"
+    anon.write_bytes(lightning_tiny.read_bytes())
+    accel = inspect_json(anon)["lora"]["acceleration"]
+    assert accel["label"] == "lightning/lcm/dmd2-shaped"
+    assert accel["steps"] is None and accel["preset"] is None and accel["family"] is None
+    assert accel["identified_by"] == "keys" and accel["key_signature"] is True
+    assert "step count cannot be read from keys" in accel["note"]
+
+
+def test_lightning_signature_needs_alpha_everywhere(lora_dir: Path) -> None:
+    path = write_lora(lora_dir / "lightning_set_no_alpha.safetensors", "tiny", fmt="kohya-diffusers",
+                      targets="lightning", rank=64, alpha=None)
+    assert inspect_json(path)["lora"]["acceleration"] is None
+
+
+def test_lightning_signature_needs_the_whole_module_set(lora_dir: Path, lightning_tiny: Path) -> None:
+    tensors, meta = make_lora("tiny", fmt="kohya-diffusers", targets="lightning", rank=64, alpha=8.0, dtype="fp16")
+    dropped = "lora_unet_up_blocks_0_upsamplers_0_conv"
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(dropped + ".")}
+    path = save_tensors(lora_dir / "lightning_minus_one.safetensors", tensors, meta)
+    lora = inspect_json(path)["lora"]
+    assert lora["modules"] == n_targets("lightning") - 1
+    assert lora["acceleration"] is None
+
+
+def test_lightning_identified_by_metadata_and_metadata_summary(lora_dir: Path) -> None:
+    tensors, meta = make_lora("tiny", fmt="kohya-diffusers", rank=4, alpha=4.0)
+    meta.update({
+        "ss_output_name": "sdxl_lightning_8step_lora", "ss_network_module": "networks.lora",
+        "ss_network_dim": "4", "ss_network_alpha": "4.0", "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_tag_frequency": "{" + "x" * 500 + "}", "modelspec.title": "My LoRA", "long_key": "y" * 300,
+    })
+    path = save_tensors(lora_dir / "renamed.safetensors", tensors, meta)
+    d = inspect_json(path)
+    accel = d["lora"]["acceleration"]
+    assert accel["label"] == "Lightning 8-step" and accel["identified_by"] == "metadata"
+    assert accel["key_signature"] is False
+    md = d["metadata"]
+    assert md["kohya"] == {"ss_output_name": "sdxl_lightning_8step_lora", "ss_network_module": "networks.lora",
+                           "ss_network_dim": "4", "ss_network_alpha": "4.0",
+                           "ss_base_model_version": "sdxl_base_v1-0"}
+    assert md["kohya_other_keys"] == ["ss_tag_frequency"]
+    assert md["modelspec"] == {"modelspec.title": "My LoRA"}
+    assert md["other"]["format"] == "pt"
+    assert md["other"]["long_key"] == "y" * 200 + "... (300 chars)"
+
+
+def test_hashes_and_identification_by_sha256(lora_dir: Path, lightning_tiny: Path, monkeypatch) -> None:
+    d = inspect_json(lightning_tiny)
+    digest = hashlib.sha256(lightning_tiny.read_bytes()).hexdigest()
+    assert d["file"]["sha256"] == digest and d["file"]["autov2"] == digest[:10]
+    assert inspect_json(lightning_tiny, "--no-hash")["file"]["sha256"] is None
+
+    import lora_tools.hub
+    from lora_tools.presets import LIGHTNING
+
+    known = LIGHTNING[4].known_sha256["sdxl_lightning_4step_lora.safetensors"]
+    monkeypatch.setattr(lora_tools.hub, "sha256_file", lambda path, **_: known)
+    anon = lora_dir / "downloaded.safetensors"
+    anon.write_bytes(lightning_tiny.read_bytes())
+    accel = inspect_json(anon)["lora"]["acceleration"]
+    assert accel["identified_by"] == "sha256" and accel["steps"] == 4
+
+
+def test_full_size_lightning_shaped_lora(tmp_path: Path) -> None:
+    """The real file's shape (domain.md 1.2): 788 UNet modules, rank 64, alpha 8, ~393.9 MB fp16."""
+    path = write_lightning_lora(tmp_path / "lcm_lora_sdxl.safetensors", "full")
+    d = inspect_json(path, "--no-hash")
+    lora = d["lora"]
+    assert lora["layout"] == "sdxl"
+    assert lora["modules_per_component"] == {"unet": 788, "te1": 0, "te2": 0}
+    assert lora["modules"] == n_targets("lightning", cfg=FULL) == 788
+    assert lora["ranks"] == {"64": 788} and lora["alphas"] == {"8": 788} and lora["scales"] == {"0.125": 788}
+    assert d["tensors"] == 2364 and d["dtypes"] == {"F16": 2364}
+    assert d["parameters"] == 196_751_360
+    assert 393.5e6 < d["file"]["size_bytes"] < 394.5e6
+    assert lora["acceleration"]["label"] == "lightning/lcm/dmd2-shaped"
+    assert lora["applies_to"].startswith("SDXL 1.0 base and checkpoints derived from it (UNet); text encoders untouched")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_tiny_checkpoint(tiny_ckpt: Path) -> None:
+    d = inspect_json(tiny_ckpt)
+    header = read_header(tiny_ckpt)
+    c = d["checkpoint"]
+    assert d["kind"] == "checkpoint" and d["lora"] is None
+    assert c["layout"] == "sgm" and c["architecture"] == "sdxl-base"
+    assert c["supported"] is True and c["why_unsupported"] is None
+    assert set(c["components"]) == {"unet", "vae", "te1", "te2"}
+    for comp, summary in c["components"].items():
+        mine = [t for k, t in header.tensors.items() if k.startswith(SGM_PREFIXES[comp])]
+        assert summary["parameters"] == sum(t.numel for t in mine), comp
+        assert summary["tensors"] == len(mine)
+    assert d["parameters"] == sum(t.numel for t in header.tensors.values())
+    assert c["prediction"] == "epsilon" and c["prediction_source"] == "default"
+    assert c["markers"] == [] and c["extra_keys"] == [] and c["provenance"] is None
+    assert c["components"]["te1"]["dtypes"] == {"F16": 196, "I64": 1}  # position_ids
+
+
+def test_vpred_checkpoint(ckpt_dir: Path) -> None:
+    path = write_checkpoint(ckpt_dir / "vpred.safetensors", "tiny", components=("unet",), markers=("v_pred", "ztsnr"))
+    c = inspect_json(path)["checkpoint"]
+    assert c["prediction"] == "v_prediction" and c["prediction_source"] == "markers"
+    assert c["markers"] == ["v_pred", "ztsnr"] and c["extra_keys"] == ["v_pred", "ztsnr"]
+    assert list(c["components"]) == ["unet"]
+    assert any("eps-prediction" in w for w in c["warnings"])
+
+
+def test_fused_checkpoint_provenance(ckpt_dir: Path) -> None:
+    record = {
+        "version": "0.1.0", "operation": "fuse", "method": "lora", "lightning_steps": 4,
+        "sources": [{"role": "base", "name": "juggernaut.safetensors", "sha256": "0" * 64},
+                    {"role": "lora", "name": LIGHTNING_NAME, "sha256": "1" * 64, "strength": 1.0,
+                     "preset": "lightning-4step"}],
+        "sampler": {"scheduler": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "steps": 4,
+                    "guidance_scale": 0.0, "prediction_type": "epsilon", "comfy_sampler": "euler",
+                    "comfy_scheduler": "sgm_uniform", "comfy_cfg": 1.0},
+    }
+    path = write_checkpoint(ckpt_dir / "fused.safetensors", "tiny", components=("unet",),
+                            metadata={"loratool": json.dumps(record), "modelspec.title": "Juggernaut Lightning 4"})
+    d = inspect_json(path)
+    p = d["checkpoint"]["provenance"]
+    assert p["operation"] == "fuse" and p["lightning_steps"] == 4
+    assert p["fused"] == [{"name": LIGHTNING_NAME, "strength": 1.0, "preset": "lightning-4step"}]
+    assert p["sampler"]["steps"] == 4 and p["record"] == record
+    assert d["checkpoint"]["acceleration"]["steps"] == 4
+    assert d["metadata"]["modelspec"] == {"modelspec.title": "Juggernaut Lightning 4"}
+    assert "loratool" not in d["metadata"]["other"]
+    text = run_inspect(path)
+    assert "fuse: sdxl_lightning_4step_lora.safetensors x1.0 (lightning-4step)" in text
+    assert "EulerDiscreteScheduler, timestep_spacing=trailing, 4 steps" in text
+
+
+def test_diffusers_folder(ckpt_dir: Path) -> None:
+    root = write_diffusers_folder(ckpt_dir / "pipeline", "tiny")
+    d = inspect_json(root)
+    c = d["checkpoint"]
+    assert d["file"]["container"] == "diffusers-folder" and d["file"]["sha256"] is None
+    assert c["layout"] == "diffusers-folder" and c["pipeline"] == "StableDiffusionXLPipeline"
+    assert c["architecture"] == "sdxl-base" and c["supported"] is True
+    assert set(c["components"]) == {"unet", "vae", "te1", "te2"}
+    assert c["components"]["unet"]["files"] == ["unet/diffusion_pytorch_model.safetensors"]
+    unet = read_header(root / "unet" / "diffusion_pytorch_model.safetensors")
+    assert c["components"]["unet"]["parameters"] == sum(t.numel for t in unet.tensors.values())
+    assert c["prediction"] == "epsilon" and c["prediction_source"] == "scheduler_config"
+
+
+def test_diffusers_unet_file(ckpt_dir: Path) -> None:
+    path = write_unet_file(ckpt_dir / "unet.safetensors", "tiny")
+    c = inspect_json(path)["checkpoint"]
+    assert c["layout"] == "diffusers-unet" and c["architecture"] == "sdxl-base"
+    assert list(c["components"]) == ["unet"]
+    assert c["components"]["unet"]["tensors"] == len(read_header(path).tensors)
+
+
+# ----------------------------------------------------------------------------- human output, --keys, --help
+
+
+def test_human_output_lora(lightning_tiny: Path) -> None:
+    text = run_inspect(lightning_tiny, "--no-hash")
+    lines = text.splitlines()
+    assert lines[0] == str(lightning_tiny)
+    assert "  kind              LoRA (kohya)" in lines
+    assert any(line.startswith("  acceleration") and "Lightning 4-step (by file name, keys match)" in line
+               for line in lines)
+    assert "not computed (pass --hash)" in text
+    assert "unet input_blocks.4" in text
+    assert "{" not in text  # not JSON
+
+
+def test_human_output_checkpoint(tiny_ckpt: Path) -> None:
+    text = run_inspect(tiny_ckpt)
+    assert "sdxl-base (supported)" in text
+    assert "checkpoint (single file, SGM layout)" in text
+    assert "AutoV2" in text
+
+
+def test_keys_listing(tiny_ckpt: Path) -> None:
+    text = run_inspect(tiny_ckpt, "--keys")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith(key + " "))
+    assert line.split()[1:] == ["F16", "[32,", "4,", "3,", "3]"]
+    d = inspect_json(tiny_ckpt, "--keys")
+    assert len(d["keys"]) == d["tensors"]
+    assert {"key": key, "dtype": "F16", "shape": [32, 4, 3, 3]} in d["keys"]
+    assert "keys" not in inspect_json(tiny_ckpt)
+
+
+def test_help_shows_example() -> None:
+    result = CliRunner().invoke(cli, ["inspect", "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout
+    assert "\n    loratool inspect sdxl_lightning_4step_lora.safetensors\n" in result.stdout
+    assert "--json" in result.stdout and "--keys" in result.stdout and "--no-hash" in result.stdout
+
+
+def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, ckpt_dir: Path) -> None:
+    root = ckpt_dir / "pipeline_for_import_check"
+    write_diffusers_folder(root, "tiny")
+    code = (
+        "import sys\n"
+        "from lora_tools.ops.inspect import inspect_path\n"
+        "for p in sys.argv[1:]:\n"
+        "    r = inspect_path(p)\n"
+        "    print(r.kind)\n"
+        "bad = [m for m in ('torch', 'numpy', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(lightning_tiny), str(tiny_ckpt), str(root)],
+                         cwd=Path(lora_tools.__file__).parents[1], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["lora", "checkpoint", "checkpoint"]
