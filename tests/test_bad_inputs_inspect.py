@@ -5,31 +5,15 @@ from __future__ import annotations
 import json
 import random
 import struct
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-import lora_tools
+from lora_tools.cli import cli
 from lora_tools.safetensors_io import save_tensors
 from lora_tools.synthetic_lora import write_lora
-
-
-def _import_cli():
-    """``lora_tools.cli`` imports every command module; stand in for ones not written yet."""
-    cli_dir = Path(lora_tools.__file__).parent / "cli"
-    for name in ("demo", "fuse"):
-        if not (cli_dir / f"{name}.py").exists() and not (cli_dir / name).is_dir():
-            sys.modules.setdefault(f"lora_tools.cli.{name}", types.ModuleType(f"lora_tools.cli.{name}"))
-    from lora_tools.cli import cli
-
-    return cli
-
-
-cli = _import_cli()
 
 
 def inspect_fails(path: Path, *args: str) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli import cli
 from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, component_label
 
 _BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
@@ -36,9 +35,6 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
         return
     for line in render(report, show_keys=show_keys):
         click.echo(line)
-
-
-cli.add_command(inspect_command)  # the root group also finds it by name; adding twice is harmless
 
 
 def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:

@@ -68,7 +68,7 @@ def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignor
             save_tensors(folder / name, {k: v.float() for k, v in state[comp].items()}, {"format": "pt"})  # type: ignore[index]
         write_pipeline_files(root, cfg)
         torch_dtype = torch.float32 if dtype == "fp32" else torch.float16
-        return StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=torch_dtype, local_files_only=True), cfg
+        return StableDiffusionXLPipeline.from_pretrained(root, dtype=torch_dtype, local_files_only=True), cfg
 
 
 def compare_with_runtime_lora(base: str | Path, fused: str | Path, loras: Sequence[tuple[str | Path, float]],
@@ -113,7 +113,7 @@ def render_grid(diffusers_dir: str | Path, png: str | Path, *, prompts: Sequence
     folder = Path(diffusers_dir)
     record = read_provenance(read_header(folder / "unet" / "diffusion_pytorch_model.safetensors").metadata) or {}
     sampler = record.get("sampler") or {"steps": 4, "guidance_scale": 0.0, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=sampler["timestep_spacing"],
                                                         prediction_type=sampler["prediction_type"])
     pipe.set_progress_bar_config(disable=True)
