@@ -1,3 +1,37 @@
-"""lora_tools: turn SDXL checkpoints into few-step Lightning models; inspect, convert and fuse LoRAs."""
+"""lora_tools: turn SDXL checkpoints into few-step Lightning models; inspect, convert and fuse LoRAs.
+
+The public API is imported lazily, so ``import lora_tools`` (and ``loratool inspect``) does not
+import torch.
+
+Example:
+    >>> import lora_tools
+    >>> report = lora_tools.inspect_path("sdxl_lightning_4step_lora.safetensors")
+    >>> result = lora_tools.fuse("juggernaut.safetensors", lightning=4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "fuse": "lora_tools.ops.fuse",
+    "run_fuse": "lora_tools.ops.fuse",
+    "plan_fuse": "lora_tools.ops.fuse_plan",
+    "inspect_path": "lora_tools.ops.inspect",
+    "load_lora": "lora_tools.lora.formats",
+    "detect_format": "lora_tools.lora.formats",
+    "open_model": "lora_tools.models",
+    "compare_with_runtime_lora": "lora_tools.ops.verify_fused",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lora_tools' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -17,9 +18,9 @@ from click.testing import CliRunner
 import lora_tools
 from lora_tools.cli import cli
 from lora_tools.layouts import FULL, SGM_PREFIXES, TINY
-from lora_tools.safetensors_io import read_header, save_tensors
+from lora_tools.safetensors_io import TensorPlan, build_header, read_header, save_tensors
 from lora_tools.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
-from lora_tools.synthetic_lora import make_lora, select_targets, write_lightning_lora, write_lora
+from lora_tools.synthetic_lora import make_lora, module_keys, select_targets, write_lightning_lora, write_lora
 
 LIGHTNING_NAME = "sdxl_lightning_4step_lora.safetensors"
 
@@ -231,9 +232,42 @@ def test_hashes_and_identification_by_sha256(lora_dir: Path, lightning_tiny: Pat
     assert accel["identified_by"] == "sha256" and accel["steps"] == 4
 
 
+def write_lightning_header_only(path: Path, cfg, *, rank: int = 64, alpha: float = 8.0) -> Path:
+    """A Lightning-shaped LoRA whose factor tensors are a sparse hole of zeros: the header (keys,
+    dtypes, shapes, offsets) and the alpha values are real, writing takes milliseconds."""
+    plans = []
+    for t in select_targets(cfg, "lightning"):
+        out, fan_in = t.shape[0], math.prod(t.shape[1:])
+        r = min(rank, out, fan_in)
+        conv = len(t.shape) == 4
+        keys, alpha_key = module_keys(t, "kohya-diffusers", "lora")
+        plans.append(TensorPlan(keys["down"], "F16", (r, *t.shape[1:]) if conv else (r, fan_in)))
+        plans.append(TensorPlan(keys["up"], "F16", (out, r, 1, 1) if conv else (out, r)))
+        plans.append(TensorPlan(alpha_key, "F16", ()))
+    header, ordered = build_header(plans, {"format": "pt"})
+    offset = 0
+    with open(path, "wb") as f:
+        f.write(header)
+        for p in ordered:
+            if p.name.endswith(".alpha"):
+                f.seek(len(header) + offset)
+                f.write(struct.pack("<e", alpha))
+            offset += p.nbytes
+        f.truncate(len(header) + offset)
+    return path
+
+
+def test_header_only_builder_matches_the_synthetic_writer(lora_dir: Path, lightning_tiny: Path) -> None:
+    fake = read_header(write_lightning_header_only(lora_dir / "tiny_header_only.safetensors", TINY))
+    real = read_header(lightning_tiny)
+    assert {k: (t.dtype, t.shape) for k, t in fake.tensors.items()} == \
+        {k: (t.dtype, t.shape) for k, t in real.tensors.items()}
+    assert fake.file_size == real.file_size
+
+
 def test_full_size_lightning_shaped_lora(tmp_path: Path) -> None:
     """The real file's shape (domain.md 1.2): 788 UNet modules, rank 64, alpha 8, ~393.9 MB fp16."""
-    path = write_lightning_lora(tmp_path / "lcm_lora_sdxl.safetensors", "full")
+    path = write_lightning_header_only(tmp_path / "lcm_lora_sdxl.safetensors", FULL)
     d = inspect_json(path, "--no-hash")
     lora = d["lora"]
     assert lora["layout"] == "sdxl"
@@ -244,7 +278,21 @@ def test_full_size_lightning_shaped_lora(tmp_path: Path) -> None:
     assert d["parameters"] == 196_751_360
     assert 393.5e6 < d["file"]["size_bytes"] < 394.5e6
     assert lora["acceleration"]["label"] == "lightning/lcm/dmd2-shaped"
+    assert lora["acceleration"]["key_signature"] is True
     assert lora["applies_to"].startswith("SDXL 1.0 base and checkpoints derived from it (UNet); text encoders untouched")
+    blocks = lora["modules_per_block"]["unet"]
+    assert blocks["middle_block"] == 10 * 10 + 2 + 2 * 3  # 10 transformer blocks, proj_in/out, 2 resnets
+    assert sum(blocks.values()) == 788
+    assert "input_blocks.0" not in blocks and "out" not in blocks  # conv_in / conv_out are not targets
+
+
+@pytest.mark.slow
+def test_full_size_lightning_lora_written_for_real(tmp_path: Path) -> None:
+    """The same facts on a file written with real random factors (~394 MB, a few seconds)."""
+    path = write_lightning_lora(tmp_path / "lcm_lora_sdxl.safetensors", "full")
+    d = inspect_json(path, "--no-hash")
+    assert d["lora"]["modules"] == 788 and d["lora"]["ranks"] == {"64": 788} and d["lora"]["alphas"] == {"8": 788}
+    assert d["parameters"] == 196_751_360
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,542 @@
+#!/usr/bin/env python
+"""Benchmark: fuse the SDXL-Lightning LoRA into a full-size SDXL checkpoint (not a test).
+
+Builds (or reuses) a synthetic full-size SDXL single file (~6.9 GB fp16) and a LoRA shaped like
+``sdxl_lightning_4step_lora.safetensors`` (788 modules, rank 64, fp16, ~394 MB), then times in
+one run, each job in its own fresh subprocess so its peak RSS is its own:
+
+  cp+sync        ``cp base out && sync out``: a durable copy (the reference for the 1.3x target)
+  pycopy         the I/O floor in Python: tensor by tensor with lora_tools.safetensors_io
+                 (read_header + TensorFile + StreamingWriter, fsync + rename), no hashing
+  loratool       ``loratool fuse BASE --lightning 4 --lightning-dir DIR -o OUT --overwrite -q``
+  loratool-unet  the same with ``--save unet`` (a diffusers-layout UNet, like diffusers writes)
+  diffusers      UNet2DConditionModel.from_single_file + lora_state_dict + load_lora_adapter +
+                 fuse_lora + unload_lora + save_pretrained (+ fsync, so it is as durable as ours)
+
+Page cache: caches cannot be dropped reliably without root, so before every job the inputs
+are read once (outside the timing) and every job sees them warm. A ``sync`` and the removal of
+the previous job's output also happen outside the timing.
+
+Peak RSS is ``ru_maxrss`` from ``wait4`` on the job's process: the largest resident set of the
+job or any process it waited for. Pages touched through a memory map count there too.
+
+Usage:
+    python benchmarks/fuse_sdxl.py                       # full size, writes benchmarks/RESULTS.md
+    python benchmarks/fuse_sdxl.py --size tiny           # smoke run in seconds
+    python benchmarks/fuse_sdxl.py --repeat 3 --skip-diffusers
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+LORA_NAME = "sdxl_lightning_4step_lora.safetensors"
+MARK = "BENCH-JSON "
+GB = 1e9
+MIB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    root: Path
+    base: Path
+    lora_dir: Path
+    lora: Path
+    config_dir: Path  # holds unet/config.json for diffusers' from_single_file
+    out_dir: Path
+
+
+def ensure_inputs(cache: Path, size: str) -> Inputs:
+    """Build the synthetic checkpoint, LoRA and UNet config once; reuse them afterwards."""
+    root = cache / size
+    inp = Inputs(root, root / f"sdxl-{size}-fp16.safetensors", root / "lightning", root / "lightning" / LORA_NAME,
+                 root / "diffusers-config", root / "out")
+    inp.lora_dir.mkdir(parents=True, exist_ok=True)
+    inp.out_dir.mkdir(parents=True, exist_ok=True)
+    if not inp.base.exists():
+        from lora_tools.synthetic import write_checkpoint
+
+        print(f"building {inp.base} (synthetic SDXL, fp16, streamed) ...", flush=True)
+        t = time.perf_counter()
+        write_checkpoint(inp.base, size, dtype="fp16")  # type: ignore[arg-type]
+        print(f"  {inp.base.stat().st_size / GB:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    if not inp.lora.exists():
+        from lora_tools.synthetic_lora import write_lightning_lora
+
+        print(f"building {inp.lora} (Lightning-shaped LoRA) ...", flush=True)
+        write_lightning_lora(inp.lora, size)  # type: ignore[arg-type]
+    cfg_file = inp.config_dir / "unet" / "config.json"
+    if not cfg_file.exists():
+        from lora_tools.layouts.sdxl import SIZES
+
+        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(json.dumps(SIZES[size].unet.diffusers_config(), indent=2))
+    return inp
+
+
+def warm(paths: list[Path]) -> tuple[float, int]:
+    """Read files once with plain reads so they sit in the page cache; (seconds, bytes)."""
+    buf = bytearray(16 * MIB)
+    view = memoryview(buf)
+    total = 0
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+    return time.perf_counter() - t, total
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def mem_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs (each runs in a fresh process: `python fuse_sdxl.py --job NAME ...`)
+# --------------------------------------------------------------------------------------------
+
+def job_pycopy(base: Path, out: Path) -> dict[str, float]:
+    """The I/O floor: stream every tensor of ``base`` into a new file, fsync, rename."""
+    from lora_tools.safetensors_io import StreamingWriter, TensorFile, TensorPlan, read_header
+
+    t0 = time.perf_counter()
+    header = read_header(base)
+    infos = sorted(header.tensors.values(), key=lambda t: t.begin)
+    plans = [TensorPlan(i.name, i.dtype, i.shape) for i in infos]
+    read_s = write_s = 0.0
+    with TensorFile(base, header) as f, StreamingWriter(out, plans, header.metadata) as w:
+        for info in infos:
+            a = time.perf_counter()
+            data = f.read_bytes(info.name)
+            b = time.perf_counter()
+            w.write(info.name, data)
+            write_s += time.perf_counter() - b
+            read_s += b - a
+            del data
+        a = time.perf_counter()
+        w.finalize()
+        fsync_s = time.perf_counter() - a
+    return {"read_s": read_s, "write_s": write_s, "fsync_s": fsync_s, "total_s": time.perf_counter() - t0}
+
+
+def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[str, float]:
+    """diffusers' UNet-only path: load the UNet from the single file, fuse the LoRA, save it."""
+    t0 = time.perf_counter()
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    t_import = time.perf_counter()
+    unet = UNet2DConditionModel.from_single_file(str(base), config=str(config_dir), subfolder="unet",
+                                                 local_files_only=True, torch_dtype=torch.float16)
+    t_load = time.perf_counter()
+    state_dict, network_alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora))
+    unet.load_lora_adapter(state_dict, prefix="unet", network_alphas=network_alphas, adapter_name="lightning")
+    del state_dict
+    t_lora = time.perf_counter()
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    t_fuse = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(out), safe_serialization=True)
+    t_save = time.perf_counter()
+    for p in out.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    t_sync = time.perf_counter()
+    return {"import_s": t_import - t0, "from_single_file_s": t_load - t_import, "load_lora_s": t_lora - t_load,
+            "fuse_s": t_fuse - t_lora, "save_s": t_save - t_fuse, "fsync_s": t_sync - t_save, "total_s": t_sync - t0}
+
+
+def run_job(argv: list[str]) -> None:
+    name, *rest = argv
+    if name == "pycopy":
+        res = job_pycopy(Path(rest[0]), Path(rest[1]))
+    elif name == "diffusers":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        res = job_diffusers(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
+    else:
+        raise SystemExit(f"unknown job {name}")
+    print(MARK + json.dumps(res), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss: int  # bytes
+    phases: dict[str, float] = field(default_factory=dict)
+    warm_s: float = 0.0
+
+
+@dataclass
+class Job:
+    key: str
+    label: str
+    cmd: list[str]
+    output: Path
+    writes: str  # what the job writes, for the table
+    keep_output: bool = False
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def peak(self) -> int:
+        return max(r.peak_rss for r in self.runs)
+
+
+def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` in a fresh process; wall time and its own peak RSS (``wait4``'s ru_maxrss)."""
+    with open(log, "wb") as fh:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    if p.returncode != 0:
+        raise SystemExit(f"job failed (exit {p.returncode}): {' '.join(cmd)}\n--- {log} ---\n{text[-4000:]}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    phases: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(MARK):
+            phases.update(json.loads(line[len(MARK):]))
+        elif line.startswith("Fused ") and " in " in line and line.rstrip().endswith(" s."):
+            try:
+                phases["loratool_reported_s"] = float(line.rstrip()[:-3].rsplit(" in ", 1)[1])
+            except ValueError:
+                pass
+    return Run(wall, rss, phases)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def loratool_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "loratool"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "from lora_tools.cli import main; main()"]
+
+
+def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
+    out = inp.out_dir
+    me = [sys.executable, str(Path(__file__).resolve()), "--job"]
+    fuse = loratool_cmd() + ["fuse", str(inp.base), "--lightning", "4", "--lightning-dir", str(inp.lora_dir),
+                             "--overwrite", "-q"]
+    cp_out = out / "cp.safetensors"
+    jobs = [
+        Job("cp", "cp + sync (durable copy)", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(inp.base), str(cp_out)],
+            cp_out, "whole file"),
+        Job("pycopy", "I/O floor: Python tensor-by-tensor copy + fsync", me + ["pycopy", str(inp.base), str(out / "pycopy.safetensors")],
+            out / "pycopy.safetensors", "whole file"),
+        Job("fuse", "loratool fuse (whole checkpoint)", fuse + ["-o", str(out / "fused.safetensors")],
+            out / "fused.safetensors", "whole file"),
+        Job("fuse-unet", "loratool fuse --save unet", fuse + ["--save", "unet", "-o", str(out / "fused-unet.safetensors")],
+            out / "fused-unet.safetensors", "UNet only", keep_output=True),
+    ]
+    if not skip_diffusers:
+        jobs.append(Job("diffusers", "diffusers: from_single_file + load_lora_adapter + fuse_lora + save_pretrained",
+                        me + ["diffusers", str(inp.base), str(inp.lora), str(inp.config_dir), str(out / "diffusers-unet")],
+                        out / "diffusers-unet", "UNet only", keep_output=True))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness: loratool --save unet vs diffusers, on sampled keys
+# --------------------------------------------------------------------------------------------
+
+def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: int = 0) -> dict[str, object]:
+    import torch
+
+    from lora_tools.layouts.sdxl import to_diffusers
+    from lora_tools.models import open_model
+    from lora_tools.safetensors_io import TensorFile
+    from lora_tools.synthetic_lora import LCM_TARGETS
+
+    with TensorFile(ours_path) as ours, TensorFile(theirs_path) as theirs, open_model(inp.base) as base:
+        ok, kt = set(ours.keys()), set(theirs.keys())
+        shapes_ok = all(ours.info(k).shape == theirs.info(k).shape for k in ok & kt)
+        dtypes = sorted({ours.info(k).dtype for k in ok} | {theirs.info(k).dtype for k in kt})
+        rows = {row.diffusers: (ref, row) for ref in base.refs for row in ref.rows
+                if row.component == "unet" and row.diffusers is not None}
+        common = sorted(ok & kt)
+        targeted = [k for k in common if k.endswith(tuple(f"{t}.weight" for t in LCM_TARGETS))]
+        others = [k for k in common if k not in set(targeted)]
+        rng = random.Random(seed)
+        sample = rng.sample(targeted, min(len(targeted), n - 4)) + rng.sample(others, min(len(others), 4))
+        worst, worst_key, changed = 0.0, "", 0
+        for k in sample:
+            a, b = ours.tensor(k).float(), theirs.tensor(k).float()
+            ref, row = rows[k]
+            before = to_diffusers(row, base.read(ref)).float()
+            if not torch.equal(before, b):
+                changed += 1
+            err = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+            if err > worst:
+                worst, worst_key = err, k
+    tol = 2e-3
+    return {"keys_ours": len(ok), "keys_diffusers": len(kt), "same_keys": ok == kt, "same_shapes": shapes_ok,
+            "dtypes": dtypes, "sampled": len(sample), "changed_by_lora": changed, "max_rel_diff": worst,
+            "worst_key": worst_key, "tolerance": tol,
+            "ok": ok == kt and shapes_ok and worst <= tol and changed >= len(sample) - 4}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def machine() -> dict[str, str]:
+    import torch
+
+    info = {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpus": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "ram": f"{mem_total() / 2**30:.1f} GiB",
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+    }
+    for mod in ("diffusers", "peft", "transformers", "safetensors"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            info[mod] = "not installed"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt_rss(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def table(jobs: list[Job], base_bytes: int) -> str:
+    by = {j.key: j for j in jobs}
+    cp, floor = by["cp"].wall, by["pycopy"].wall
+    lines = ["| job | writes | wall s | x durable cp | x I/O floor | GB/s (base size / wall) | peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for j in jobs:
+        spread = ""
+        if len(j.runs) > 1:
+            spread = f" ({min(r.wall_s for r in j.runs):.1f}-{max(r.wall_s for r in j.runs):.1f})"
+        lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | "
+                     f"{base_bytes / GB / j.wall:.2f} | {fmt_rss(j.peak)} |")
+    return "\n".join(lines)
+
+
+def targets(jobs: list[Job]) -> list[tuple[str, bool, str]]:
+    by = {j.key: j for j in jobs}
+    out = []
+    fuse, cp = by["fuse"], by["cp"]
+    r = fuse.wall / cp.wall
+    out.append(("whole-checkpoint fuse <= 1.3x durable cp", r <= 1.3, f"{fuse.wall:.1f} s / {cp.wall:.1f} s = {r:.2f}x"))
+    if "diffusers" in by:
+        d = by["diffusers"]
+        s = d.wall / fuse.wall
+        out.append((">= 2.5x faster than diffusers' UNet-only path, writing the whole checkpoint", s >= 2.5,
+                    f"{d.wall:.1f} s / {fuse.wall:.1f} s = {s:.2f}x"))
+        s2 = d.wall / by["fuse-unet"].wall
+        out.append(("(same outputs) loratool --save unet vs diffusers", s2 >= 2.5, f"{d.wall:.1f} s / {by['fuse-unet'].wall:.1f} s = {s2:.2f}x"))
+    peak = max(fuse.peak, by["fuse-unet"].peak)
+    out.append(("loratool peak RSS < 1 GB", peak < 1e9, f"{fmt_rss(fuse.peak)} (checkpoint), {fmt_rss(by['fuse-unet'].peak)} (unet)"))
+    return out
+
+
+def phases_text(jobs: list[Job]) -> str:
+    lines = []
+    for j in jobs:
+        ph = j.runs[-1].phases if j.runs else {}
+        warm_s = statistics.median(r.warm_s for r in j.runs) if j.runs else 0.0
+        if ph:
+            lines.append(f"- {j.key}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items())
+                         + f" (inputs warm-up before it: {warm_s:.1f} s)")
+        else:
+            lines.append(f"- {j.key}: (inputs warm-up before it: {warm_s:.1f} s)")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[Job], check: dict[str, object] | None,
+                  info: dict[str, str], base_bytes: int, lora_bytes: int) -> None:
+    tg = targets(jobs)
+    md = [
+        "# fuse_sdxl benchmark results",
+        "",
+        f"Run on {info['date']} with `python benchmarks/fuse_sdxl.py --size {args.size} --repeat {args.repeat}"
+        + (" --skip-diffusers" if args.skip_diffusers else "") + "`.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {info['cpu']}, {info['cpus']} cores visible (torch threads: {info['torch_threads']})",
+        f"- RAM: {info['ram']}",
+        f"- OS: {info['os']}, Python {info['python']}",
+        f"- torch {info['torch']}, diffusers {info['diffusers']}, peft {info['peft']}, transformers {info['transformers']}, "
+        f"safetensors {info['safetensors']}",
+        f"- Inputs: synthetic SDXL single file {base_bytes / GB:.2f} GB fp16 (UNet + 2 text encoders + VAE, "
+        f"random weights, real SDXL shapes); Lightning-shaped LoRA {lora_bytes / 1e6:.0f} MB "
+        "(788 modules, rank 64, alpha 8, fp16, kohya keys, named `sdxl_lightning_4step_lora.safetensors`).",
+        "",
+        "## Results",
+        "",
+        table(jobs, base_bytes),
+        "",
+        f"Wall time is the median of {args.repeat} run(s) (range in brackets when more than one), from process start to "
+        "exit (interpreter start and imports included). Peak RSS is the job process's `ru_maxrss` (from `wait4`): pages "
+        "touched through a memory map count. Page cache: the inputs were read once before every job (outside the timing), "
+        "so every job read them warm; outputs were removed and `sync` run between jobs.",
+        "",
+        "## Targets",
+        "",
+        "| target | met | measured |",
+        "|---|---|---|",
+    ]
+    md += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in tg]
+    md += ["", "## Correctness (apples to apples)", ""]
+    if check is None:
+        md.append("Skipped (diffusers not run).")
+    else:
+        md.append(f"`loratool fuse --save unet` and diffusers' fused UNet: {check['keys_ours']} vs {check['keys_diffusers']} keys "
+                  f"(same keys: {check['same_keys']}, same shapes: {check['same_shapes']}, dtypes {', '.join(check['dtypes'])}); "  # type: ignore[arg-type]
+                  f"{check['sampled']} sampled tensors, {check['changed_by_lora']} of them changed by the LoRA, max relative "
+                  f"difference {check['max_rel_diff']:.2e} (`{check['worst_key']}`), tolerance {check['tolerance']:.0e}: "
+                  f"**{'OK' if check['ok'] else 'MISMATCH'}**.")
+    md += ["", "## Phases (last run of each job, seconds)", "", phases_text(jobs), ""]
+    path.write_text("\n".join(md))
+
+
+# --------------------------------------------------------------------------------------------
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--job":
+        run_job(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="where inputs and outputs go (default: benchmarks/.cache)")
+    ap.add_argument("--size", choices=["full", "tiny"], default="full", help="full (~6.9 GB) or tiny (smoke run)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each job (median reported)")
+    ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers job")
+    ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy fuse fuse-unet diffusers)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="markdown file for the results (default: benchmarks/RESULTS.md for --size full, none for tiny)")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep every job's output under CACHE/SIZE/out")
+    args = ap.parse_args()
+    results = args.results or (HERE / "RESULTS.md" if args.size == "full" else None)
+
+    inp = ensure_inputs(args.cache_dir, args.size)
+    base_bytes, lora_bytes = inp.base.stat().st_size, inp.lora.stat().st_size
+    need = 2 * base_bytes + lora_bytes
+    free_disk = shutil.disk_usage(inp.out_dir).free
+    if free_disk < need:
+        raise SystemExit(f"not enough free disk under {inp.out_dir}: {free_disk / GB:.1f} GB, need about {need / GB:.1f} GB")
+    avail = mem_available()
+    if avail and avail < base_bytes + lora_bytes + 2 * GB:
+        print(f"warning: only {avail / GB:.1f} GB of memory available: the base may not stay in the page cache, "
+              "so jobs may read it from disk", flush=True)
+    jobs = build_jobs(inp, args.skip_diffusers)
+    if args.only:
+        keep = set(args.only) | {"cp", "pycopy"}
+        jobs = [j for j in jobs if j.key in keep]
+    for j in jobs:
+        remove(j.output)
+    logs = inp.root / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    print(f"base {inp.base} ({base_bytes / GB:.2f} GB), LoRA {inp.lora} ({lora_bytes / 1e6:.0f} MB)")
+    print("page cache: the inputs are read once before every job (not timed), so every job sees them warm", flush=True)
+    check = None
+    for rep in range(args.repeat):
+        for j in jobs:
+            remove(j.output)
+            os.sync()
+            warm_s, nbytes = warm([inp.base, inp.lora])
+            run = measure(j.cmd, logs / f"{j.key}-{rep}.log", env)
+            run.warm_s = warm_s
+            j.runs.append(run)
+            print(f"[{rep + 1}/{args.repeat}] {j.key:<10} {run.wall_s:7.1f} s  peak RSS {fmt_rss(run.peak_rss):>9}  "
+                  f"(warm-up {warm_s:.1f} s, {nbytes / GB / max(warm_s, 1e-9):.1f} GB/s)"
+                  + (f"  phases: {json.dumps({k: round(v, 2) for k, v in run.phases.items()})}" if run.phases else ""),
+                  flush=True)
+            if not j.keep_output and not args.keep_outputs:
+                remove(j.output)
+        by = {j.key: j for j in jobs}
+        if rep == 0 and "diffusers" in by and "fuse-unet" in by:
+            theirs = next(by["diffusers"].output.glob("*.safetensors"))
+            check = verify(inp, by["fuse-unet"].output, theirs)
+            print(f"correctness: {json.dumps(check)}", flush=True)
+        if not args.keep_outputs:
+            for j in jobs:
+                remove(j.output)
+
+    print()
+    print(table(jobs, base_bytes))
+    print()
+    for name, ok, detail in targets(jobs):
+        print(f"{'MET ' if ok else 'MISS'}  {name}: {detail}")
+    if results is not None:
+        write_results(results, args, inp, jobs, check, machine(), base_bytes, lora_bytes)
+        print(f"\nwrote {results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Inspect a LoRA with the library API: format, modules, ranks, alphas, what it is.
+
+Run: python examples/inspect_lora.py [PATH]   (without PATH it builds a Lightning-shaped LoRA)
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import lora_tools
+from lora_tools.synthetic_lora import write_lightning_lora
+
+if len(sys.argv) > 1:
+    path = Path(sys.argv[1])
+else:
+    path = write_lightning_lora(Path(tempfile.mkdtemp()) / "sdxl_lightning_4step_lora.safetensors", "tiny")
+
+report = lora_tools.inspect_path(path).to_dict()
+print(json.dumps({k: report[k] for k in ("kind", "format", "acceleration") if k in report}, indent=2))
