@@ -672,7 +672,7 @@ def _checkpoint_summary(name: str, sha256: str | None, kind: CheckpointKind, ent
 
 
 def _component_summary(entries: list[TensorEntry], files: tuple[str, ...] = ()) -> ComponentSummary:
-    return ComponentSummary(len(entries), _numel_sum(entries[1:]), _count(e.dtype for e in entries), files)
+    return ComponentSummary(len(entries), _numel_sum(entries), _count(e.dtype for e in entries), files)
 
 
 def _provenance(metadata: Mapping[str, str]) -> Provenance | None:
