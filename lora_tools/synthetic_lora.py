@@ -58,7 +58,7 @@ def module_factors(target: ModuleTarget, algorithm: Algorithm, rank: int, *, see
     shape = target.shape
     out, fan_in = shape[0], math.prod(shape[1:])
     conv = len(shape) == 4
-    r = min(rank, out, fan_in)
+    r = rank if algorithm in ("lora", "dora") else min(rank, out, fan_in)
 
     def rnd(*s: int, scale: float = 0.1) -> torch.Tensor:
         return torch.randn(s, generator=g) * scale

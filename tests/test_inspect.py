@@ -63,6 +63,11 @@ def tiny_ckpt(ckpt_dir: Path) -> Path:
     return write_checkpoint(ckpt_dir / "tiny.safetensors", "tiny")
 
 
+@pytest.fixture(scope="session")
+def pipeline_folder(ckpt_dir: Path) -> Path:
+    return write_diffusers_folder(ckpt_dir / "pipeline", "tiny")
+
+
 # ----------------------------------------------------------------------------- LoRA formats
 
 # (id, write_lora kwargs, detected format, algorithm histogram as {name: predicate on target}, rank, alpha label)
@@ -350,8 +355,8 @@ def test_fused_checkpoint_provenance(ckpt_dir: Path) -> None:
     assert "EulerDiscreteScheduler, timestep_spacing=trailing, 4 steps" in text
 
 
-def test_diffusers_folder(ckpt_dir: Path) -> None:
-    root = write_diffusers_folder(ckpt_dir / "pipeline", "tiny")
+def test_diffusers_folder(pipeline_folder: Path) -> None:
+    root = pipeline_folder
     d = inspect_json(root)
     c = d["checkpoint"]
     assert d["file"]["container"] == "diffusers-folder" and d["file"]["sha256"] is None
@@ -414,9 +419,8 @@ def test_help_shows_example() -> None:
     assert "--json" in result.stdout and "--keys" in result.stdout and "--no-hash" in result.stdout
 
 
-def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, ckpt_dir: Path) -> None:
-    root = ckpt_dir / "pipeline_for_import_check"
-    write_diffusers_folder(root, "tiny")
+def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, pipeline_folder: Path) -> None:
+    root = pipeline_folder
     code = (
         "import sys\n"
         "from lora_tools.ops.inspect import inspect_path\n"

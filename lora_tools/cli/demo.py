@@ -41,9 +41,11 @@ def demo_command(folder: Path, no_render: bool) -> None:
     click.echo("2. Inspecting the Lightning LoRA")
     from lora_tools.ops.inspect import inspect_path
 
-    report = inspect_path(lora).to_dict()
-    click.echo(f"   format {report.get('format')}, {report.get('modules', {}).get('unet', '?')} UNet modules, "
-               f"ranks {report.get('ranks')}, alphas {report.get('alphas')}, acceleration {report.get('acceleration')}")
+    info = inspect_path(lora).to_dict()["lora"]
+    ranks = ", ".join(f"{r} x{n}" for r, n in info["ranks"].items())
+    alphas = ", ".join(f"{a} x{n}" for a, n in info["alphas"].items())
+    click.echo(f"   {info['format']} format, {info['modules']} UNet modules, rank {ranks}, alpha {alphas}: "
+               f"{info['acceleration']['label']} (identified by {info['acceleration']['identified_by']})")
 
     click.echo("3. Fusing: loratool fuse community-checkpoint.safetensors --lightning 4 --lora style-lora.safetensors:0.6 "
                "--save checkpoint --save unet --save diffusers")

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, component_label
+from lora_tools.errors import UsageError
+from lora_tools.ops.inspect import (
+    Acceleration,
+    CheckpointSummary,
+    InspectReport,
+    LoraSummary,
+    component_label,
+    inspect_path,
+)
+from lora_tools.presets import SamplerSettings
 
 _BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
 
@@ -27,8 +36,6 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
         loratool inspect juggernaut.safetensors --no-hash
         loratool inspect my_lora.safetensors --json | jq .lora.ranks
     """
-    from lora_tools.ops.inspect import inspect_path
-
     report = inspect_path(path, with_hash=with_hash)
     if as_json:
         click.echo(json.dumps(report.to_dict(include_keys=show_keys), indent=2))
@@ -147,9 +154,6 @@ def _acceleration_rows(a: Acceleration | None) -> list[tuple[str, str]]:
 
 
 def _sampler_text(sampler: dict[str, object]) -> str:
-    from lora_tools.errors import UsageError
-    from lora_tools.presets import SamplerSettings
-
     try:
         return SamplerSettings.from_dict(sampler).describe()
     except UsageError:

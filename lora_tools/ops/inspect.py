@@ -81,7 +81,7 @@ from typing import Any, Iterable, Literal, Mapping
 from lora_tools.errors import InvalidFileError, ShapeMismatchError, UnsupportedModelError
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
-from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import FORMATS, load_lora
 from lora_tools.lora.model import AdapterModule, LoraAdapter
