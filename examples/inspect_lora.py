@@ -17,4 +17,6 @@ else:
     path = write_lightning_lora(Path(tempfile.mkdtemp()) / "sdxl_lightning_4step_lora.safetensors", "tiny")
 
 report = lora_tools.inspect_path(path).to_dict()
-print(json.dumps({k: report[k] for k in ("kind", "format", "acceleration") if k in report}, indent=2))
+lora = report["lora"]
+print(json.dumps({"kind": report["kind"], "format": lora["format"], "modules": lora["modules"],
+                  "ranks": lora["ranks"], "alphas": lora["alphas"], "acceleration": lora["acceleration"]["label"]}, indent=2))

@@ -544,9 +544,6 @@ def _algorithm(m: AdapterModule) -> str:
 def _lightning_signature(adapter: LoraAdapter, match: LoraMatch, cfg: SDXLConfig) -> bool:
     """domain.md 1.6: kohya keys, UNet only, diffusers names, exactly the LCM target set,
     one rank, alpha on every module.
-
-    On a layout with layers narrower than the rank (the tiny test model) the rank of those
-    modules is capped at the layer width; on full-size SDXL (narrowest layer 320) it is one rank.
     """
     modules = adapter.modules
     if adapter.format != "kohya" or not modules or match.unmatched:
@@ -556,8 +553,7 @@ def _lightning_signature(adapter: LoraAdapter, match: LoraMatch, cfg: SDXLConfig
         return False
     if match.naming != "diffusers":
         return False
-    top = max(m.rank for m in modules)  # one rank, capped only where a layer is narrower than it
-    if any(mm.module.rank != min(top, mm.target.shape[0], math.prod(mm.target.shape[1:])) for mm in match.matched):
+    if len({m.rank for m in modules}) != 1:
         return False
     want = {t.diffusers_module for t in TargetIndex(cfg.table).targets
             if t.component == "unet" and t.diffusers_module.endswith(LIGHTNING_TARGETS)}
