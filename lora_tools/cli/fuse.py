@@ -111,7 +111,7 @@ def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
     if plan.sampler is not None:
         s = plan.sampler
         click.echo(f"Use it with: {s.describe()}")
-        click.echo(f"  diffusers: EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\""
+        click.echo("  diffusers: EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\""
                    + (f", prediction_type=\"{s.prediction_type}\"" if s.prediction_type != "epsilon" else "")
                    + f"); pipe(prompt, num_inference_steps={s.steps}, guidance_scale={s.guidance_scale:g})")
         click.echo(f"  ComfyUI:   KSampler sampler=euler scheduler=sgm_uniform steps={s.steps} cfg=1.0"
