@@ -212,6 +212,8 @@ class Run:
     peak_rss: int  # bytes
     phases: dict[str, float] = field(default_factory=dict)
     warm_s: float = 0.0
+    cpu_s: float = 0.0  # user + system CPU seconds of the job (and its children)
+    other_load: float = 0.0  # average busy cores *not* used by the job during it (other processes)
 
 
 @dataclass
@@ -234,16 +236,38 @@ class Job:
 
 
 GNU_TIME = Path(os.environ.get("BENCH_GNU_TIME", "/usr/bin/time"))
-#: Fallback launcher: a fresh, small interpreter forks the job and reports wait4's ru_maxrss.
+#: Fallback launcher: a fresh, small interpreter forks the job and reports wait4's rusage.
 _LAUNCHER = (
     "import os, sys\n"
     "pid = os.fork()\n"
     "if pid == 0:\n"
     "    os.execvp(sys.argv[2], sys.argv[2:])\n"
     "_, status, ru = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write('%d' % ru.ru_maxrss)\n"
+    "open(sys.argv[1], 'w').write('%d %.2f %.2f' % (ru.ru_maxrss, ru.ru_utime, ru.ru_stime))\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
+
+
+def cpu_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use less than ``threshold`` cores; returns the load seen."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        a = cpu_busy_seconds()
+        time.sleep(1.0)
+        load = cpu_busy_seconds() - a
+        if load < threshold or time.monotonic() >= deadline:
+            return load
 
 
 def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
@@ -255,18 +279,21 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
     """
     rss_file = log.with_suffix(".rss")
     if GNU_TIME.exists():
-        wrapped = [str(GNU_TIME), "-f", "%M", "-o", str(rss_file)] + cmd
+        wrapped = [str(GNU_TIME), "-f", "%M %U %S", "-o", str(rss_file)] + cmd
     else:
         wrapped = [sys.executable, "-S", "-c", _LAUNCHER, str(rss_file)] + cmd
     with open(log, "wb") as fh:
+        busy0 = cpu_busy_seconds()
         t = time.perf_counter()
         rc = subprocess.call(wrapped, stdout=fh, stderr=subprocess.STDOUT, env=env)
         wall = time.perf_counter() - t
+        busy = cpu_busy_seconds() - busy0
     text = log.read_text(errors="replace")
     if rc != 0:
         raise SystemExit(f"job failed (exit {rc}): {' '.join(cmd)}\n--- {log} ---\n{text[-4000:]}")
-    kb = int(rss_file.read_text().split()[-1])
-    rss = kb * (1 if sys.platform == "darwin" else 1024)
+    kb, user, system = rss_file.read_text().split()[-3:]
+    rss = int(kb) * (1 if sys.platform == "darwin" else 1024)
+    cpu = float(user) + float(system)
     phases: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(MARK):
@@ -276,7 +303,7 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
                 phases["loratool_reported_s"] = float(line.rstrip()[:-3].rsplit(" in ", 1)[1])
             except ValueError:
                 pass
-    return Run(wall, rss, phases)
+    return Run(wall, rss, phases, cpu_s=cpu, other_load=max(0.0, busy - cpu) / wall)
 
 
 def remove(path: Path) -> None:
@@ -398,14 +425,16 @@ def fmt_rss(n: int) -> str:
 def table(jobs: list[Job], base_bytes: int) -> str:
     by = {j.key: j for j in jobs}
     cp, floor = by["cp"].wall, by["pycopy"].wall
-    lines = ["| job | writes | wall s | x durable cp | x I/O floor | GB/s (base size / wall) | peak RSS |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| job | writes | wall s | x durable cp | x I/O floor | peak RSS | CPU s (job) | other busy cores |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for j in jobs:
         spread = ""
         if len(j.runs) > 1:
             spread = f" ({min(r.wall_s for r in j.runs):.1f}-{max(r.wall_s for r in j.runs):.1f})"
+        cpu = statistics.median(r.cpu_s for r in j.runs)
+        other = max(r.other_load for r in j.runs)
         lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | "
-                     f"{base_bytes / GB / j.wall:.2f} | {fmt_rss(j.peak)} |")
+                     f"{fmt_rss(j.peak)} | {cpu:.1f} | {other:.2f} |")
     return "\n".join(lines)
 
 
@@ -472,7 +501,10 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         f"Wall time is the median of {args.repeat} run(s) (range in brackets when more than one), from process start to "
         "exit (interpreter start and imports included). Peak RSS is the job process's `ru_maxrss` (GNU `time -f %M`): pages "
         "touched through a memory map count. Page cache: the inputs were read once before every job (outside the timing), "
-        "so every job read them warm; outputs were removed and `sync` run between jobs.",
+        "so every job read them warm; outputs were removed and `sync` run between jobs. CPU s is the job's user + "
+        "system time. Other busy cores is the machine's busy CPU time during the job minus the job's own, over the "
+        "wall time: other processes, plus kernel threads working for the job (page-cache writeback), so a few tenths "
+        "are normal for jobs that write; more means another process competed for the 2 cores.",
         "",
         "## Targets",
         "",
@@ -508,6 +540,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None,
                     help="markdown file for the results (default: benchmarks/RESULTS.md for --size full, none for tiny)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's output under CACHE/SIZE/out")
+    ap.add_argument("--wait-idle", type=float, default=60.0,
+                    help="before each job, wait up to this many seconds for other processes to go quiet (0: don't)")
     args = ap.parse_args()
     results = args.results or (HERE / "RESULTS.md" if args.size == "full" else None)
 
@@ -538,10 +572,15 @@ def main() -> None:
             remove(j.output)
             os.sync()
             warm_s, nbytes = warm([inp.base, inp.lora])
+            if args.wait_idle > 0:
+                load = wait_for_quiet(args.wait_idle)
+                if load >= 0.25:
+                    print(f"warning: other processes keep {load:.1f} cores busy; timings of {j.key} will suffer", flush=True)
             run = measure(j.cmd, logs / f"{j.key}-{rep}.log", env)
             run.warm_s = warm_s
             j.runs.append(run)
             print(f"[{rep + 1}/{args.repeat}] {j.key:<10} {run.wall_s:7.1f} s  peak RSS {fmt_rss(run.peak_rss):>9}  "
+                  f"cpu {run.cpu_s:5.1f} s  other busy cores {run.other_load:.2f}  "
                   f"(warm-up {warm_s:.1f} s, {nbytes / GB / max(warm_s, 1e-9):.1f} GB/s)"
                   + (f"  phases: {json.dumps({k: round(v, 2) for k, v in run.phases.items()})}" if run.phases else ""),
                   flush=True)

@@ -115,6 +115,18 @@ def snapshot(pipe, components: Sequence[str] = ("unet", "te1", "te2")) -> StateD
     return out
 
 
+_PIPELINES: dict[str, tuple[object, StateDicts]] = {}
+
+
+def clean_pipeline(folder: Path):  # type: ignore[no-untyped-def]
+    """One pipeline per folder and session, with a copy of its weights to restore after each use."""
+    key = str(folder)
+    if key not in _PIPELINES:
+        pipe = load_pipeline(folder)
+        _PIPELINES[key] = (pipe, snapshot(pipe, ("unet", "te1", "te2")))
+    return _PIPELINES[key]
+
+
 def diffusers_fuse(folder: Path, loras: Sequence[tuple[Path, float]], *, scales: Sequence[float] = (1.0,)) -> list[StateDicts]:
     """diffusers' fusion of ``loras`` (weights via ``set_adapters``) into the pipeline in ``folder``.
 
@@ -122,18 +134,22 @@ def diffusers_fuse(folder: Path, loras: Sequence[tuple[Path, float]], *, scales:
     turn (``unfuse_lora`` in between); one snapshot of unet/te1/te2 per scale.
     """
     with torch_threads(1):
-        pipe = load_pipeline(folder)
+        pipe, clean = clean_pipeline(folder)
         names = [f"l{i}" for i in range(len(loras))]
-        for name, (path, _) in zip(names, loras):
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-        out = []
-        for i, scale in enumerate(scales):
-            if i:
-                pipe.unfuse_lora()
-            pipe.fuse_lora(adapter_names=names, lora_scale=scale)
-            out.append(snapshot(pipe))
-        del pipe
+        try:
+            for name, (path, _) in zip(names, loras):
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+            out = []
+            for i, scale in enumerate(scales):
+                if i:
+                    pipe.unfuse_lora()
+                pipe.fuse_lora(adapter_names=names, lora_scale=scale)
+                out.append(snapshot(pipe))
+        finally:  # back to the exact base weights for the next oracle
+            pipe.unload_lora_weights()
+            for comp, sd in clean.items():
+                getattr(pipe, PIPE_ATTR[comp]).load_state_dict(sd, strict=True)
     return out
 
 
@@ -214,6 +230,31 @@ def _single_torch_thread() -> Iterator[None]:
 
 __all__ = [
     "BASE_METADATA", "LIGHTNING_LORA", "LIGHTNING_UNET_1", "LIGHTNING_UNET_4", "PIPE_ATTR", "REL_TOL", "FuseAssets",
-    "assets", "compare", "diffusers_fuse", "load_pipeline", "n_targets", "our_key", "sha256_of", "snapshot",
+    "assets", "compare", "diffusers_fuse", "fill_hub_cache", "listing", "load_pipeline", "n_targets", "our_key", "sha256_of", "snapshot",
     "target_keys", "to_diffusers", "torch_threads", "_single_torch_thread",
 ]
+
+
+def fill_hub_cache(cache: Path, repo_id: str, filename: str, content: bytes,
+                   commit: str = "c9a24f48e1c025556787b0c58dd67a091ece2e44") -> Path:
+    """Put one file into a huggingface_hub cache laid out as hf_hub_download leaves it."""
+    import os
+
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    blob = repo_dir / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(content)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    pointer = repo_dir / "snapshots" / commit / filename
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    except OSError:
+        pointer.write_bytes(content)
+    return pointer
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` (hidden temp files too) with size and mtime."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import ModuleTarget
 from lora_tools.ops.fuse import fuse
-from lora_tools.safetensors_io import TensorFile, load_tensors, read_header
+from lora_tools.safetensors_io import TensorFile, load_tensors
 from lora_tools.synthetic_lora import module_keys, select_targets, write_lora
 from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     REL_TOL,
@@ -29,7 +28,6 @@ from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     compare,
     diffusers_fuse,
     n_targets,
-    our_key,
     target_keys,
     to_diffusers,
 )

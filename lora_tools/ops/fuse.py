@@ -18,6 +18,7 @@ from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFold
                                     tokenizer_provider)
 from lora_tools.ops.streaming import run_pipeline
 from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.safetensors_io import torch_dtype
 from lora_tools.synthetic import SCHEDULER_CONFIG
 
 if TYPE_CHECKING:
@@ -130,9 +131,10 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         del payload
         stats["modules"] += _apply(plan, ref, w)
         stats["tensors"] += 1
-        if not torch.isfinite(w).all():
-            raise ShapeMismatchError(f"Fusing produced NaN/Inf in '{ref.key}': nothing was written. "
-                                     "Check the strengths and the LoRA (loratool inspect).")
+        out_max = torch.finfo(torch_dtype(plan.output_dtype(ref.dtype))).max
+        if not torch.isfinite(w).all() or w.abs().max().item() > out_max:
+            raise ShapeMismatchError(f"Fusing produced values that overflow {plan.output_dtype(ref.dtype)} (or NaN) in "
+                                     f"'{ref.key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
         return Payload(None, w, True)
 
     def write(ref: TensorRef, payload: Payload) -> None:

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 SaveKind = Literal["checkpoint", "unet", "diffusers"]
 Method = Literal["lora", "unet"]
 SAVE_KINDS: tuple[SaveKind, ...] = ("checkpoint", "unet", "diffusers")
+#: Strengths beyond this are typos, and overflow fp32 maths.
+MAX_STRENGTH = 1000.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class FusePlan:
 
         patched = self.patched_keys()
         largest = max((r.nbytes // DTYPE_SIZES[r.dtype] * 4 for r in self.base.refs if r.key in patched), default=0)
-        return 2 * MAX_INFLIGHT_BYTES + 3 * largest + 64 << 20
+        return 2 * MAX_INFLIGHT_BYTES + 3 * largest + (64 << 20)
 
     def close(self) -> None:
         self.base.close()
@@ -198,8 +200,14 @@ def plan_fuse(
         _check_patch_targets(model, patches)
         if model.kind.components == ("unet",) and any(mm.target.component != "unet" for c in patches.values() for _, mm in c):
             raise UnsupportedModelError(f"'{base}' holds only a UNet, but a LoRA also changes text encoders.")
+        if preset is None:
+            preset = _lightning_among(plan_loras)
+            if preset is not None:
+                lightning = preset.steps
+                _check_base(model, preset, force, [])
         out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
-        outputs = _outputs(model, saves, output, preset, plan_loras, method, overwrite)
+        protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
+        outputs = _outputs(model, saves, output, preset, plan_loras, method, overwrite, protected)
         sampler = preset.sampler if preset is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
         return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, lightning, method, patches,
@@ -209,6 +217,14 @@ def plan_fuse(
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def _lightning_among(loras: list[LoraSource]) -> AccelerationPreset | None:
+    """A Lightning LoRA passed with --lora (recognised by name or sha256) sets the sampler too."""
+    found = {s.preset.name: s.preset for s in loras if s.preset is not None and s.preset.family == "lightning"}
+    if len(found) > 1:
+        raise UsageError(f"Several Lightning LoRAs given ({', '.join(sorted(found))}): a model is distilled for one step count.")
+    return next(iter(found.values()), None)
 
 
 def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool, warnings: list[str]) -> None:
@@ -235,7 +251,7 @@ def _lightning_file(filename: str, folder: str | Path | None, revision: str | No
         if not path.exists():
             raise UsageError(f"'{path}' does not exist: --lightning-dir must hold the ByteDance/SDXL-Lightning file '{filename}'.")
         return path
-    return resolve_file(LIGHTNING_REPO, filename, revision=revision)
+    return resolve_file(LIGHTNING_REPO, filename, revision=revision, pass_with="--lora PATH (or --lightning-dir DIR)")
 
 
 def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
@@ -254,6 +270,9 @@ def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strengt
     except ShapeMismatchError:
         adapter.close()
         raise
+    if not m.matched:
+        adapter.close()
+        raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}")
     if m.unmatched:
         if not allow_unmatched:
             adapter.close()
@@ -264,8 +283,9 @@ def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strengt
         adapter.close()
         raise UnsupportedModelError(f"'{adapter.path}' changes {', '.join(sorted(absent))}, which '{model.path}' does not hold.")
     _check_finite(adapter)
-    if not math.isfinite(strength):
-        raise UsageError(f"strength of '{label}' must be a finite number.")
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        adapter.close()
+        raise UsageError(f"Strength {strength:g} of '{label}' is out of range: use a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}.")
     return LoraSource(adapter, m, strength, label, preset)
 
 
@@ -318,7 +338,7 @@ def default_stem(base: Path, preset: AccelerationPreset | None, loras: list[Lora
 
 
 def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path | None, preset: AccelerationPreset | None,
-             loras: list[LoraSource], method: Method, overwrite: bool) -> list[OutputSpec]:
+             loras: list[LoraSource], method: Method, overwrite: bool, protected: Sequence[Path] = ()) -> list[OutputSpec]:
     kinds = list(dict.fromkeys(saves or ("checkpoint",)))
     for k in kinds:
         if k not in SAVE_KINDS:
@@ -339,7 +359,7 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
         else:
             path = Path(output) if output and len(kinds) == 1 else folder / f"{stem}-diffusers"
         specs.append(OutputSpec(k, path))
-    inputs = {model.path.resolve()} | {s.adapter.path.resolve() for s in loras}
+    inputs = {model.path.resolve()} | {s.adapter.path.resolve() for s in loras} | {Path(p).resolve() for p in protected}
     for s in specs:
         if s.path.resolve() in inputs or any(_inside(p, s.path) for p in inputs):
             raise UsageError(f"Refusing to write '{s.path}': it is one of the inputs.")

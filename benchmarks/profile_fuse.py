@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Where does ``loratool fuse`` spend its time and memory?  (Diagnostic, not a test.)
+
+Runs the library's own ``plan_fuse`` + ``run_fuse`` in this process, with:
+
+- phase wall times: imports, planning (and ``_check_finite`` inside it), the streaming run;
+- per-stage busy time of the pipeline's three callbacks (read thread, compute thread, write
+  thread), in wall and thread-CPU seconds;
+- an RSS sampler (``/proc/self/statm`` every 10 ms): peak RSS per phase, and the in-flight bytes
+  of the pipeline at the moment of the peak.
+
+Optional experiments change the library *at runtime only* (monkeypatching, nothing on disk) to
+measure suggested fixes:
+
+  --finite-sum      NaN/Inf checks as ``isfinite(t.sum())`` instead of ``isfinite(t).all()``
+  --no-hash         outputs written without the streaming sha256
+  --compute fp16    patch each tensor in fp32 row blocks written straight back into the fp16
+                    read buffer (no whole fp32 copy, no fp32 payload for the writer, one cheap
+                    finite check per block)
+  --budget MB       the pipeline's read-ahead / write-behind budget (library default 192)
+
+Malloc behaviour can be tried with glibc's environment variables, e.g.
+``MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=0``.
+
+Example:
+    python benchmarks/profile_fuse.py benchmarks/.cache/full/sdxl-full-fp16.safetensors \\
+        --lightning-dir benchmarks/.cache/full/lightning -o benchmarks/.cache/full/out/prof.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self.peak = 0
+        self.peak_state: dict[str, object] = {}
+        self.state: dict[str, object] = {}
+        self._halt = threading.Event()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self) -> None:
+        r = self.rss()
+        if r > self.peaks.get(self.phase, 0):
+            self.peaks[self.phase] = r
+        if r > self.peak:
+            self.peak = r
+            self.peak_state = dict(self.state, phase=self.phase)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.sample()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("base")
+    ap.add_argument("--lightning-dir", required=True)
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--save", default="checkpoint", choices=["checkpoint", "unet"])
+    ap.add_argument("--finite-sum", action="store_true")
+    ap.add_argument("--no-hash", action="store_true")
+    ap.add_argument("--compute", choices=["library", "fp16"], default="library")
+    ap.add_argument("--block-bytes", type=int, default=2 << 20, help="fp32 bytes per row block for --compute fp16")
+    ap.add_argument("--budget", type=int, default=None, help="MB read-ahead / write-behind")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from fuse_sdxl import cpu_busy_seconds  # the benchmark's /proc/stat reader
+
+    busy0 = cpu_busy_seconds()
+    sampler = RssSampler()
+    sampler.start()
+    sampler.phase = "import"
+    import torch  # noqa: F401
+
+    import lora_tools.ops.fuse as F
+    import lora_tools.ops.fuse_plan as FP
+    import lora_tools.ops.outputs as O
+    import lora_tools.ops.streaming as S
+    t_import = time.perf_counter()
+    out: dict[str, object] = {"import_s": t_import - T0, "rss_after_import": sampler.rss()}
+
+    # ---- experiments (runtime patches only) ------------------------------------------------
+    if args.finite_sum:
+        real_isfinite = torch.isfinite
+
+        def isfinite(t):  # type: ignore[no-untyped-def]
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 1:
+                return real_isfinite(t.sum(dtype=torch.float32))
+            return real_isfinite(t)
+        torch.isfinite = isfinite  # type: ignore[assignment]
+    if args.no_hash:
+        real_writer = O.StreamingWriter
+
+        def writer(*a, **k):  # type: ignore[no-untyped-def]
+            k["hash"] = False
+            return real_writer(*a, **k)
+        O.StreamingWriter = writer  # type: ignore[assignment,misc]
+    if args.budget:
+        S.MAX_INFLIGHT_BYTES = args.budget << 20
+        real_rp = S.run_pipeline
+
+        def rp(*a, **k):  # type: ignore[no-untyped-def]
+            k["budget"] = args.budget << 20
+            return real_rp(*a, **k)
+        F.run_pipeline = rp
+
+    # ---- instrument the pipeline callbacks -----------------------------------------------
+    stages = {n: {"wall": 0.0, "cpu": 0.0, "calls": 0} for n in ("read", "process", "write")}
+    inflight = {"read_bytes": 0, "process_bytes": 0, "write_bytes": 0}
+    lock = threading.Lock()
+    real_run_pipeline = F.run_pipeline
+
+    def timed(name, fn, size):  # type: ignore[no-untyped-def]
+        key = f"{name}_bytes"
+
+        def wrapper(*a):  # type: ignore[no-untyped-def]
+            n = size(a[0])
+            with lock:
+                inflight[key] += n
+                sampler.state = dict(inflight)
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a)
+            finally:
+                st = stages[name]
+                st["wall"] += time.perf_counter() - w0
+                st["cpu"] += time.thread_time() - c0
+                st["calls"] += 1
+                with lock:
+                    inflight[key] -= n
+                    sampler.state = dict(inflight)
+        return wrapper
+
+    def run_pipeline(items, *, read, process, write, size, on_done=None, **k):  # type: ignore[no-untyped-def]
+        return real_run_pipeline(items, read=timed("read", read, size), process=timed("process", process, size),
+                                 write=timed("write", write, size), size=size, on_done=on_done, **k)
+    F.run_pipeline = run_pipeline
+
+    check_s = [0.0]
+    real_check = FP._check_finite
+
+    def check_finite(adapter):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real_check(adapter)
+        finally:
+            check_s[0] += time.perf_counter() - t
+    FP._check_finite = check_finite
+
+    if args.compute == "fp16":
+        install_fp16_compute(F, O, torch, args.block_bytes)
+
+    # ---- plan + run ---------------------------------------------------------------------
+    sampler.phase = "plan"
+    t = time.perf_counter()
+    plan = FP.plan_fuse(args.base, lightning=4, lightning_dir=args.lightning_dir, saves=(args.save,),
+                        output=args.output, overwrite=True)
+    out["plan_s"] = time.perf_counter() - t
+    out["check_finite_s"] = check_s[0]
+    out["rss_after_plan"] = sampler.rss()
+    sampler.phase = "run"
+    t = time.perf_counter()
+    try:
+        res = F.run_fuse(plan)
+    finally:
+        plan.close()
+    out["run_s"] = time.perf_counter() - t
+    out["total_s"] = time.perf_counter() - T0
+    sampler.stop()
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = ru.ru_utime + ru.ru_stime
+    out["other_busy_cores"] = max(0.0, cpu_busy_seconds() - busy0 - out["cpu_s"]) / out["total_s"]  # type: ignore[operator]
+    out["tensors_patched"] = res.tensors_patched
+    out["stages"] = {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in stages.items()}
+    out["peak_rss"] = sampler.peak
+    out["peak_rss_by_phase"] = sampler.peaks
+    out["inflight_at_peak"] = sampler.peak_state
+    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget")}
+    out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+        print(f"import {out['import_s']:.1f} s | plan {out['plan_s']:.1f} s (check_finite {out['check_finite_s']:.1f} s) | "
+              f"run {out['run_s']:.1f} s | total {out['total_s']:.1f} s | process CPU {out['cpu_s']:.1f} s | "
+              f"other busy cores {out['other_busy_cores']:.2f}")
+        for k, v in out["stages"].items():  # type: ignore[union-attr]
+            print(f"  {k:<8} wall {v['wall']:6.1f} s  thread-cpu {v['cpu']:6.1f} s  calls {v['calls']:.0f}")
+        print(f"RSS after import {mib(out['rss_after_import'])}, after plan {mib(out['rss_after_plan'])}, "  # type: ignore[arg-type]
+              f"peak {mib(sampler.peak)} ({', '.join(f'{k} {mib(v)}' for k, v in sampler.peaks.items())})")
+        print(f"in flight at the peak: {sampler.peak_state}")
+
+
+def install_fp16_compute(F, O, torch, block_bytes: int) -> None:  # type: ignore[no-untyped-def]
+    """Prototype of the suggested compute path: ``run_fuse`` with another ``process`` step.
+
+    For tensors whose every contribution is a plain LoRA (up @ down) and whose output dtype is
+    the input dtype, the bytes just read are patched in place, in fp32 row blocks of
+    ``block_bytes`` (convert, addmm, one finite check on the block's sum, cast back); the
+    writer then gets raw bytes and writes them as they are. Anything else takes the library's
+    path. Same threads, same pipeline, same sinks as the library's ``run_fuse``.
+    """
+    import time as _time
+
+    from lora_tools.lora import delta as d
+    from lora_tools.ops.outputs import Payload
+    from lora_tools.safetensors_io import TensorInfo, bytes_to_tensor
+
+    library_run_fuse = F.run_fuse
+
+    def simple(plan, ref) -> bool:  # type: ignore[no-untyped-def]
+        if plan.diffs or plan.output_dtype(ref.dtype) != ref.dtype or ref.dtype not in ("F16", "BF16", "F32"):
+            return False
+        return all(mm.module.kind == "lora" and "mid" not in mm.module.keys and not mm.module.is_dora
+                   for _, mm in plan.patches.get(ref.key, ()))
+
+    def patch_in_place(plan, ref, raw) -> int:  # type: ignore[no-untyped-def]
+        t = bytes_to_tensor(raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, len(raw)))
+        rows_total = t.shape[0]
+        flat = t.view(rows_total, -1)
+        facs = []
+        for source, mm in plan.patches[ref.key]:
+            target, module, src = mm.target, mm.module, source.adapter.source
+            r0, r1 = 0, rows_total
+            if target.part is not None:
+                i, n = target.part
+                step = rows_total // n
+                r0, r1 = i * step, (i + 1) * step
+            up = src.tensor(module.keys["up"]).to(torch.float32).flatten(1)
+            down = src.tensor(module.keys["down"]).to(torch.float32).flatten(1)
+            facs.append((r0, r1, up, down, source.strength * d.module_scale(module.alpha, module.rank)))
+        rows = max(1, block_bytes // (flat.shape[1] * 4))
+        for b0 in range(0, rows_total, rows):
+            b1 = min(rows_total, b0 + rows)
+            blk = flat[b0:b1].float()
+            for r0, r1, up, down, alpha in facs:
+                lo, hi = max(b0, r0), min(b1, r1)
+                if lo < hi:
+                    blk[lo - b0:hi - b0].addmm_(up[lo - r0:hi - r0], down, alpha=alpha)
+            if not bool(torch.isfinite(blk.sum())):
+                raise ValueError(f"Fusing produced NaN/Inf in '{ref.key}'")
+            flat[b0:b1].copy_(blk)
+        return len(facs)
+
+    def run_fuse(plan, *, progress=None):  # type: ignore[no-untyped-def]
+        fast = {r.key for r in plan.base.refs if r.key in plan.patched_keys() and simple(plan, r)}
+        if not fast:
+            return library_run_fuse(plan, progress=progress)
+        start = _time.perf_counter()
+        record = F.provenance_record(plan)
+        sinks = F._make_sinks(plan, record)
+        patched = plan.patched_keys()
+        stats = {"modules": 0, "tensors": 0}
+        base = plan.base
+
+        def read(ref):  # type: ignore[no-untyped-def]
+            if ref.raw_ok:
+                return Payload(base.read_raw(ref), None, False)
+            return Payload(None, base.read(ref), False)
+
+        def process(ref, payload):  # type: ignore[no-untyped-def]
+            if ref.key not in patched:
+                return payload
+            if ref.key in fast and payload.raw is not None:
+                stats["modules"] += patch_in_place(plan, ref, payload.raw)
+                stats["tensors"] += 1
+                return Payload(payload.raw, None, True)
+            w = payload.as_tensor(ref).to(torch.float32, copy=True)
+            del payload
+            stats["modules"] += F._apply(plan, ref, w)
+            stats["tensors"] += 1
+            if not torch.isfinite(w).all():
+                raise ValueError(f"Fusing produced NaN/Inf in '{ref.key}'")
+            return Payload(None, w, True)
+
+        def write(ref, payload):  # type: ignore[no-untyped-def]
+            for s in sinks:
+                s.add(ref, payload)
+
+        try:
+            F.run_pipeline(base.refs, read=read, process=process, write=write, size=lambda r: r.nbytes,
+                           on_done=(lambda r: progress(r.nbytes)) if progress else None)
+            files = [f for s in sinks for f in s.finalize()]
+        except BaseException:
+            for s in sinks:
+                s.abort()
+            raise
+        return F.FuseResult(files, stats["modules"], stats["tensors"], _time.perf_counter() - start, record)
+
+    F.run_fuse = run_fuse
+
+
+if __name__ == "__main__":
+    main()
