@@ -133,7 +133,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         stats["tensors"] += 1
         out_max = torch.finfo(torch_dtype(plan.output_dtype(ref.dtype))).max
         if not torch.isfinite(w).all() or w.abs().max().item() > out_max:
-            raise ShapeMismatchError(f"Fusing produced values that overflow {plan.output_dtype(ref.dtype)} (or NaN) in "
+            raise ShapeMismatchError(f"Fusing produced NaN/Inf or values beyond the range of {plan.output_dtype(ref.dtype)} in "
                                      f"'{ref.key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
         return Payload(None, w, True)
 

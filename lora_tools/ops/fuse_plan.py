@@ -285,7 +285,7 @@ def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strengt
     _check_finite(adapter)
     if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
         adapter.close()
-        raise UsageError(f"Strength {strength:g} of '{label}' is out of range: use a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}.")
+        raise UsageError(f"The strength {strength:g} of '{label}' is out of range: use a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}.")
     return LoraSource(adapter, m, strength, label, preset)
 
 
