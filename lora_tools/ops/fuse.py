@@ -8,21 +8,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from lora_tools import __version__
-from lora_tools.errors import ShapeMismatchError
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
+from lora_tools.ops.patching import patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
                                     tokenizer_provider)
 from lora_tools.ops.streaming import run_pipeline
 from lora_tools.provenance import LORATOOL_METADATA_KEY
 from lora_tools.safetensors_io import torch_dtype
 from lora_tools.synthetic import SCHEDULER_CONFIG
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +107,6 @@ def scheduler_config(plan: FusePlan) -> dict[str, object]:
 
 def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     """Stream the base once and write every planned output."""
-    import torch
-
     start = time.perf_counter()
     record = provenance_record(plan)
     sinks = _make_sinks(plan, record)
@@ -127,15 +122,10 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     def process(ref: TensorRef, payload: Payload) -> Payload:
         if ref.key not in patched:
             return payload
-        w = payload.as_tensor(ref).to(torch.float32, copy=True)
-        del payload
-        stats["modules"] += _apply(plan, ref, w)
+        out, applied = patch_tensor(plan, ref, payload.as_tensor(ref), torch_dtype(plan.output_dtype(ref.dtype)))
+        stats["modules"] += applied
         stats["tensors"] += 1
-        out_max = torch.finfo(torch_dtype(plan.output_dtype(ref.dtype))).max
-        if not torch.isfinite(w).all() or w.abs().max().item() > out_max:
-            raise ShapeMismatchError(f"Fusing produced NaN/Inf or values beyond the range of {plan.output_dtype(ref.dtype)} in "
-                                     f"'{ref.key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
-        return Payload(None, w, True)
+        return Payload(None, out, True)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:
@@ -178,43 +168,3 @@ def _make_sinks(plan: FusePlan, record: dict[str, object]) -> list:  # type: ign
 def _diffusers_to_checkpoint_sink(path: Path, plan: FusePlan, record: dict[str, object]) -> CheckpointSink:
     """A diffusers base saved as a single file: the SGM keys of every component it holds."""
     return CheckpointSink(path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=True))
-
-
-def _apply(plan: FusePlan, ref: TensorRef, w: "torch.Tensor") -> int:
-    """Add every contribution to ``w`` (fp32, SGM shape) in place; returns modules applied."""
-    import torch
-
-    from lora_tools.lora import delta as d
-    from lora_tools.lora.resolve import module_delta
-
-    count = 0
-    for source, mm in plan.patches.get(ref.key, ()):
-        target, module, src = mm.target, mm.module, source.adapter.source
-        view = w
-        if target.part is not None:
-            i, n = target.part
-            step = w.shape[0] // n
-            view = w[i * step:(i + 1) * step]
-        flat = view.view(view.shape[0], -1)
-        if module.kind == "lora" and "mid" not in module.keys and not module.is_dora:
-            up = src.tensor(module.keys["up"]).to(torch.float32).flatten(1)
-            down = src.tensor(module.keys["down"]).to(torch.float32).flatten(1)
-            flat.addmm_(up, down, alpha=source.strength * d.module_scale(module.alpha, module.rank))
-        elif module.is_dora:
-            delta = module_delta(source.adapter, mm)
-            scale = src.tensor(module.keys["dora_scale"]).to(torch.float32)
-            if scale.dim() == 4 and scale.shape[0] == 1:  # PEFT stores conv magnitudes as (1, out, 1, 1)
-                scale = scale.reshape(-1)
-            view.copy_(d.dora_apply(view, delta.reshape(view.shape), scale, strength=source.strength))
-        else:
-            flat.add_(module_delta(source.adapter, mm).reshape(flat.shape), alpha=source.strength)
-        count += 1
-    for diff in plan.diffs:
-        row = ref.rows[0]
-        if row.component != "unet" or row.diffusers is None:
-            continue
-        tuned = diff.tuned.tensor(row.diffusers).to(torch.float32)
-        tuned.sub_(diff.original.tensor(row.diffusers).to(torch.float32))
-        w.add_(tuned.reshape(w.shape), alpha=diff.strength)
-        count += 1
-    return count
