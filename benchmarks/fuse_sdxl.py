@@ -320,7 +320,10 @@ def loratool_cmd() -> list[str]:
     return [sys.executable, "-c", "from lora_tools.cli import main; main()"]
 
 
-def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
+PROTOTYPE_FLAGS = ["--compute", "fp16", "--finite-sum", "--no-hash", "--budget", "64"]
+
+
+def build_jobs(inp: Inputs, skip_diffusers: bool, prototype: bool = False) -> list[Job]:
     out = inp.out_dir
     me = [sys.executable, str(Path(__file__).resolve()), "--job"]
     fuse = loratool_cmd() + ["fuse", str(inp.base), "--lightning", "4", "--lightning-dir", str(inp.lora_dir),
@@ -336,6 +339,11 @@ def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
         Job("fuse-unet", "loratool fuse --save unet", fuse + ["--save", "unet", "-o", str(out / "fused-unet.safetensors")],
             out / "fused-unet.safetensors", "UNet only", keep_output=True),
     ]
+    if prototype:
+        proto = ["env", "OMP_NUM_THREADS=1", sys.executable, str(HERE / "profile_fuse.py"), str(inp.base),
+                 "--lightning-dir", str(inp.lora_dir), "-o", str(out / "proto.safetensors")] + PROTOTYPE_FLAGS
+        jobs.append(Job("proto", "prototype of the suggested fixes (profile_fuse.py, NOT the library)", proto,
+                        out / "proto.safetensors", "whole file"))
     if not skip_diffusers:
         jobs.append(Job("diffusers", "diffusers: from_single_file + load_lora_adapter + fuse_lora + save_pretrained",
                         me + ["diffusers", str(inp.base), str(inp.lora), str(inp.config_dir), str(out / "diffusers-unet")],
@@ -387,6 +395,17 @@ def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: i
 # Report
 # --------------------------------------------------------------------------------------------
 
+def library_fingerprint() -> str:
+    """sha256 (first 12 hex digits) of lora_tools/**/*.py, to tell which library state was measured."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted((REPO / "lora_tools").rglob("*.py")):
+        h.update(str(p.relative_to(REPO)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -399,6 +418,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "os": f"{platform.system()} {platform.release()}",
+        "library": library_fingerprint(),
     }
     for mod in ("diffusers", "peft", "transformers", "safetensors"):
         try:
@@ -490,6 +510,7 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         f"- OS: {info['os']}, Python {info['python']}",
         f"- torch {info['torch']}, diffusers {info['diffusers']}, peft {info['peft']}, transformers {info['transformers']}, "
         f"safetensors {info['safetensors']}",
+        f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py at the end of the run)",
         f"- Inputs: synthetic SDXL single file {base_bytes / GB:.2f} GB fp16 (UNet + 2 text encoders + VAE, "
         f"random weights, real SDXL shapes); Lightning-shaped LoRA {lora_bytes / 1e6:.0f} MB "
         "(788 modules, rank 64, alpha 8, fp16, kohya keys, named `sdxl_lightning_4step_lora.safetensors`).",
@@ -540,6 +561,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None,
                     help="markdown file for the results (default: benchmarks/RESULTS.md for --size full, none for tiny)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's output under CACHE/SIZE/out")
+    ap.add_argument("--prototype", action="store_true",
+                    help="also time benchmarks/profile_fuse.py with the suggested fixes patched in at runtime "
+                         "(OMP_NUM_THREADS=1 " + " ".join(PROTOTYPE_FLAGS) + "); reported, not counted in the targets")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before each job, wait up to this many seconds for other processes to go quiet (0: don't)")
     args = ap.parse_args()
@@ -555,7 +579,7 @@ def main() -> None:
     if avail and avail < base_bytes + lora_bytes + 2 * GB:
         print(f"warning: only {avail / GB:.1f} GB of memory available: the base may not stay in the page cache, "
               "so jobs may read it from disk", flush=True)
-    jobs = build_jobs(inp, args.skip_diffusers)
+    jobs = build_jobs(inp, args.skip_diffusers, args.prototype)
     if args.only:
         keep = set(args.only) | {"cp", "pycopy"}
         jobs = [j for j in jobs if j.key in keep]

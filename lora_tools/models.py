@@ -58,6 +58,10 @@ class ModelSource:
     def components(self) -> tuple[Component, ...]:
         return self.kind.components
 
+    def headers(self) -> list[SafetensorsHeader]:
+        """The headers of every file the model is read from."""
+        return list(self._headers.values())
+
     def ref(self, key: str) -> TensorRef:
         return self._by_key[key]
 

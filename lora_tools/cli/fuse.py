@@ -39,11 +39,13 @@ def _human(n: float) -> str:
 @click.option("--original-unet", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="The SDXL base UNet (diffusers layout) for --method unet (instead of the hub).")
 @click.option("--variant", help="Weights variant of a diffusers-folder BASE (e.g. fp16).")
+@click.option("--hash-base", is_flag=True,
+              help="Record the base's full sha256 even when it is over 2 GiB (one more pass over the file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
 def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str, ...], lightning_strength: float,
                  saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool, overwrite: bool,
                  allow_unmatched: bool, force: bool, revision: str | None, lightning_dir: str | None,
-                 original_unet: str | None, variant: str | None, quiet: bool) -> None:
+                 original_unet: str | None, variant: str | None, hash_base: bool, quiet: bool) -> None:
     """Fuse SDXL-Lightning and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -63,6 +65,7 @@ def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str
         loras=[parse_source(s) for s in loras], saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
         lightning_strength=lightning_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
         revision=revision, lightning_dir=lightning_dir, original_unet=original_unet, variant=variant,
+        hash_base=hash_base,
     )
     try:
         for w in plan.warnings:

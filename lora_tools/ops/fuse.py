@@ -52,11 +52,37 @@ def fuse(base: str | Path, **kwargs: object) -> FuseResult:
         plan.close()
 
 
+#: Bases up to this size get a full sha256 in the record by default (a separate pass over the file).
+HASH_BASE_LIMIT = 2 << 30
+
+
+def base_identity(plan: FusePlan) -> dict[str, object]:
+    """How the record names the base: file name, size, a sha256 of its header, and its full
+    sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU)."""
+    import hashlib
+
+    from lora_tools.hub import sha256_file
+
+    base = plan.base
+    entry: dict[str, object] = {"role": "base", "name": base.path.name, "layout": base.layout}
+    files = sorted({str(h.path) for h in base.headers()})
+    entry["size"] = sum(Path(f).stat().st_size for f in files)
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(n))
+    entry["header_sha256"] = digest.hexdigest()
+    if base.layout != "diffusers-folder" and (plan.hash_base or int(entry["size"]) <= HASH_BASE_LIMIT):  # type: ignore[call-overload]
+        entry["sha256"] = sha256_file(base.path)
+    return entry
+
+
 def provenance_record(plan: FusePlan) -> dict[str, object]:
     """The ``loratool`` metadata record of a fuse."""
     from lora_tools.hub import sha256_file
 
-    sources: list[dict[str, object]] = [{"role": "base", "name": plan.base.path.name, "layout": plan.base.layout}]
+    sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
         entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
                                     "format": s.adapter.format, "sha256": sha256_file(s.adapter.path)}
@@ -131,6 +157,12 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         for s in sinks:
             s.add(ref, payload)
 
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
     try:
         run_pipeline(base.refs, read=read, process=process, write=write, size=lambda r: r.nbytes,
                      on_done=(lambda r: progress(r.nbytes)) if progress else None)
@@ -139,6 +171,8 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         for s in sinks:
             s.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
 
 

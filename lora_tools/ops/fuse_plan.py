@@ -79,6 +79,7 @@ class FusePlan:
     warnings: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     overwrite: bool = False
+    hash_base: bool = False
 
     def output_dtype(self, dtype: str) -> str:
         from lora_tools.safetensors_io import is_float_dtype
@@ -142,6 +143,7 @@ def plan_fuse(
     lightning_dir: str | Path | None = None,
     original_unet: str | Path | None = None,
     variant: str | None = None,
+    hash_base: bool = False,
 ) -> FusePlan:
     """Resolve sources and check everything a fuse needs.
 
@@ -211,7 +213,7 @@ def plan_fuse(
         sampler = preset.sampler if preset is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
         return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, lightning, method, patches,
-                        warnings, unmatched, overwrite)
+                        warnings, unmatched, overwrite, hash_base)
     except BaseException:
         model.close()
         for s in plan_loras:
