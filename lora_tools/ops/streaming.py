@@ -16,7 +16,7 @@ R = TypeVar("R")
 W = TypeVar("W")
 
 #: Bytes read ahead, and bytes waiting to be written, at most (each).
-MAX_INFLIGHT_BYTES = 192 << 20
+MAX_INFLIGHT_BYTES = 96 << 20
 
 
 def run_pipeline(
