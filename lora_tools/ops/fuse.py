@@ -20,7 +20,7 @@ from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFold
 from lora_tools.ops.streaming import run_pipeline
 from lora_tools.provenance import LORATOOL_METADATA_KEY
 from lora_tools.safetensors_io import torch_dtype
-from lora_tools.synthetic import SCHEDULER_CONFIG
+from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ byte for byte; everything else is cast once to the output dtype.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from lora_tools.errors import InvalidFileError
-from lora_tools.layouts.sdxl import SDXLConfig, to_diffusers
+from lora_tools.layouts.sdxl import to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
 from lora_tools.models import ModelSource, TensorRef
-from lora_tools.safetensors_io import StreamingWriter, TensorPlan, bytes_to_tensor, TensorInfo, torch_dtype
+from lora_tools.safetensors_io import StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, torch_dtype
+from lora_tools.diffusers_folder import write_pipeline_configs
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +135,7 @@ class DiffusersFolderSink:
                 fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
                 self.sinks.append(ComponentSink(folder / fname, model, comp, dtype_for,  # type: ignore[arg-type]
                                                 metadata if comp == "unet" else {"format": "pt"}, kind="diffusers"))
-            _write_configs(self.tmp, model.cfg, scheduler_config, dtype_for)
+            write_pipeline_configs(self.tmp, model.cfg, scheduler_config)
             tokenizers(self.tmp)
         except BaseException:
             self.abort()
@@ -158,27 +158,10 @@ class DiffusersFolderSink:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _write_configs(root: Path, cfg: SDXLConfig, scheduler_config: Mapping[str, object], dtype_for: DtypeFor) -> None:
-    from lora_tools.synthetic import component_config
-
-    index = {
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": True,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    for comp in ("unet", "vae", "te1", "te2"):
-        (root / DIFFUSERS_FOLDERS[comp] / "config.json").write_text(json.dumps(component_config(cfg, comp), indent=2))  # type: ignore[index]
-    (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(scheduler_config), indent=2))
-
-
 def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Path], None]:
     """Where the diffusers folder's tokenizers come from: the base folder, the byte tokenizer
     for synthetic small-vocabulary models, or the SDXL base repo through the hub."""
-    from lora_tools.synthetic import write_byte_tokenizer
+    from lora_tools.diffusers_folder import write_byte_tokenizer
 
     base = model.path
     if model.layout == "diffusers-folder" and (base / "tokenizer").is_dir() and (base / "tokenizer_2").is_dir():
