@@ -77,13 +77,17 @@ class ModelSource:
             f = self._files[name] = TensorFile(name, self._headers[name])
         return f
 
-    def read_raw(self, ref: TensorRef) -> bytearray:
-        """The SGM tensor's bytes (only where ``ref.raw_ok``)."""
+    def read_raw(self, ref: TensorRef, into: bytearray | None = None) -> bytearray:
+        """The SGM tensor's bytes (only where ``ref.raw_ok``), optionally into a given buffer."""
         if self.layout == "sgm":
-            return self._file(str(self.path)).read_bytes(ref.key)
-        row = ref.rows[0]
-        fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
-        return self._file(fname).read_bytes(fkey)
+            f, key = self._file(str(self.path)), ref.key
+        else:
+            row = ref.rows[0]
+            fname, key = self._where[f"{row.component}:{row.diffusers}"]
+            f = self._file(fname)
+        buf = into if into is not None else bytearray(ref.nbytes)
+        f.read_into(key, buf)
+        return buf
 
     def read(self, ref: TensorRef) -> "torch.Tensor":
         """The SGM tensor (a fresh tensor owning its memory)."""

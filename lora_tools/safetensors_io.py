@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
@@ -230,17 +231,23 @@ class TensorFile:
 
     def read_bytes(self, name: str) -> bytearray:
         """Read the raw bytes of one tensor."""
+        buf = bytearray(self.info(name).nbytes)
+        self.read_into(name, buf)
+        return buf
+
+    def read_into(self, name: str, buf: "bytearray | memoryview") -> None:
+        """Read the raw bytes of one tensor into ``buf`` (exactly its size)."""
         info = self.info(name)
         assert self._fd is not None, "file is closed"
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        view = memoryview(buf).cast("B")
+        if view.nbytes != info.nbytes:
+            raise ValueError(f"buffer of {view.nbytes} bytes for '{name}' ({info.nbytes} bytes)")
         pos, offset = 0, self.header.data_start + info.begin
         while pos < info.nbytes:
             chunk = os.preadv(self._fd, [view[pos:]], offset + pos)
             if chunk <= 0:
                 raise InvalidFileError(f"'{self.path}' is truncated while reading '{name}'.")
             pos += chunk
-        return buf
 
     def tensor(self, name: str) -> "torch.Tensor":
         """Read one tensor (a fresh CPU tensor that owns its memory)."""
@@ -361,11 +368,20 @@ class StreamingWriter:
         self._index += 1
 
     def _put(self, view: memoryview) -> None:
+        # The sha256 of a chunk runs beside its write syscall (both release the GIL): each
+        # tensor costs max(hash, write) instead of their sum. Done before returning, so the
+        # caller may reuse the buffer.
+        pending = None
         if self._hasher is not None:
-            self._hasher.update(view)
+            if view.nbytes >= _HASH_ASIDE_BYTES:
+                pending = _hash_executor().submit(self._hasher.update, view)
+            else:
+                self._hasher.update(view)
         written = 0
         while written < view.nbytes:
             written += self._fh.write(view[written:])  # type: ignore[attr-defined]
+        if pending is not None:
+            pending.result()
 
     @property
     def sha256(self) -> str | None:
@@ -394,6 +410,17 @@ class StreamingWriter:
             if self._tmp is not None and self._tmp.exists():
                 self._tmp.unlink()
             self._done = True
+
+
+_HASH_ASIDE_BYTES = 1 << 20
+_HASH_EXECUTOR: "ThreadPoolExecutor | None" = None
+
+
+def _hash_executor() -> "ThreadPoolExecutor":
+    global _HASH_EXECUTOR
+    if _HASH_EXECUTOR is None:
+        _HASH_EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="loratool-hash")
+    return _HASH_EXECUTOR
 
 
 def _fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Callable
 from lora_tools import __version__
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
+from lora_tools.ops.buffers import BufferPool
 from lora_tools.ops.memory import return_freed_memory
 from lora_tools.ops.patching import patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
@@ -141,9 +142,11 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     stats = {"modules": 0, "tensors": 0}
     base = plan.base
 
+    pool = BufferPool()
+
     def read(ref: TensorRef) -> Payload:
         if ref.raw_ok:
-            return Payload(base.read_raw(ref), None, False)
+            return Payload(base.read_raw(ref, pool.take(ref.nbytes)), None, False)
         return Payload(None, base.read(ref), False)
 
     def process(ref: TensorRef, payload: Payload) -> Payload:
@@ -152,11 +155,15 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         out, applied = patch_tensor(plan, ref, payload.as_tensor(ref), torch_dtype(plan.output_dtype(ref.dtype)))
         stats["modules"] += applied
         stats["tensors"] += 1
+        if payload.raw is not None and out.data_ptr() == payload.as_tensor(ref).data_ptr():
+            return Payload(payload.raw, out, True)  # patched in place: the read buffer holds the result
         return Payload(None, out, True)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:
             s.add(ref, payload)
+        if payload.raw is not None:
+            pool.give(payload.raw)
 
     import os
 

@@ -296,7 +296,8 @@ def _check_finite(adapter: LoraAdapter) -> None:
 
     for mod in adapter.modules:
         for role, key in mod.keys.items():
-            if not torch.isfinite(adapter.source.tensor(key).float()).all():
+            t = adapter.source.tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ShapeMismatchError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
         if mod.alpha is not None and not math.isfinite(mod.alpha):
             raise ShapeMismatchError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")

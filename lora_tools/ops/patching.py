@@ -28,7 +28,11 @@ BlockOp = Callable[["torch.Tensor", int, int], None]  # (fp32 block, first row, 
 
 
 def patch_tensor(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dtype: "torch.dtype") -> tuple["torch.Tensor", int]:
-    """The patched tensor in ``out_dtype`` and the number of modules applied."""
+    """The patched tensor in ``out_dtype`` and the number of modules applied.
+
+    When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
+    block is read before it is overwritten), so no second buffer is needed.
+    """
     import torch
 
     contributions = plan.patches.get(ref.key, [])
@@ -37,7 +41,7 @@ def patch_tensor(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dty
     rows = base.shape[0]
     src = base.reshape(rows, -1)
     ops = [_lora_op(source, mm, src.shape) for source, mm in contributions] + _diff_ops(plan, ref, src.shape)
-    out = torch.empty(base.shape, dtype=out_dtype)
+    out = base if base.dtype == out_dtype and base.is_contiguous() else torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
     step = max(1, BLOCK_ELEMS // src.shape[1])
     buf = torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
