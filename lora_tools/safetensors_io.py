@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from lora_tools.errors import InvalidFileError, KeyMismatchError
+from lora_tools.file_out import BufferedOut, open_out
 
 if TYPE_CHECKING:
     import torch
@@ -323,7 +324,8 @@ class StreamingWriter:
     plans: list[TensorPlan]
     metadata: Mapping[str, str] | None = None
     hash: bool = False
-    _fh: object = field(default=None, init=False, repr=False)
+    direct: bool | None = None  # O_DIRECT: None = for big files where the filesystem allows it
+    _out: BufferedOut | None = field(default=None, init=False, repr=False)
     _tmp: Path | None = field(default=None, init=False, repr=False)
     _index: int = field(default=0, init=False, repr=False)
     _done: bool = field(default=False, init=False, repr=False)
@@ -333,11 +335,12 @@ class StreamingWriter:
         header, self.plans = build_header(self.plans, self.metadata)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.close(fd)
         self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb", buffering=0)
+        self.total_bytes = len(header) + sum(p.nbytes for p in self.plans)
+        self._out = open_out(self._tmp, self.total_bytes, direct=self.direct)
         self._hasher = hashlib.sha256() if self.hash else None
         self._put(memoryview(header))
-        self.total_bytes = len(header) + sum(p.nbytes for p in self.plans)
 
     def __enter__(self) -> "StreamingWriter":
         return self
@@ -377,11 +380,12 @@ class StreamingWriter:
                 pending = _hash_executor().submit(self._hasher.update, view)
             else:
                 self._hasher.update(view)
-        written = 0
-        while written < view.nbytes:
-            written += self._fh.write(view[written:])  # type: ignore[attr-defined]
-        if pending is not None:
-            pending.result()
+        assert self._out is not None
+        try:
+            self._out.write(view)
+        finally:
+            if pending is not None:
+                pending.result()
 
     @property
     def sha256(self) -> str | None:
@@ -392,10 +396,9 @@ class StreamingWriter:
         """Flush, fsync and atomically move the finished file to its name."""
         if self._index != len(self.plans):
             raise KeyMismatchError(f"'{self.path}' is incomplete: {len(self.plans) - self._index} tensors not written (next: {self.next_name}).")
-        self._fh.flush()  # type: ignore[attr-defined]
-        os.fsync(self._fh.fileno())  # type: ignore[attr-defined]
-        self._fh.close()  # type: ignore[attr-defined]
-        assert self._tmp is not None
+        assert self._out is not None and self._tmp is not None
+        self._out.finish()
+        self._out.close()
         os.replace(self._tmp, self.path)
         _fsync_dir(self.path.parent)
         self._done = True
@@ -404,8 +407,8 @@ class StreamingWriter:
     def abort(self) -> None:
         """Drop the temporary file; the output name is never touched."""
         try:
-            if self._fh is not None and not self._fh.closed:  # type: ignore[attr-defined]
-                self._fh.close()  # type: ignore[attr-defined]
+            if self._out is not None:
+                self._out.close()
         finally:
             if self._tmp is not None and self._tmp.exists():
                 self._tmp.unlink()

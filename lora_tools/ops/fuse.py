@@ -14,7 +14,6 @@ from lora_tools import __version__
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
 from lora_tools.ops.buffers import BufferPool
-from lora_tools.ops.memory import return_freed_memory
 from lora_tools.ops.patching import patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
                                     tokenizer_provider)
@@ -169,7 +168,6 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
 
     import torch
 
-    return_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
     try:
