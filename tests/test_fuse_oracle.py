@@ -164,7 +164,7 @@ def test_comfy_and_peft_raw_fuse_like_kohya_sgm(assets: FuseAssets, tmp_path: Pa
         assert result.modules_fused == n_targets("lightning")
     ref = _tensor_bytes(outputs["kohya-sgm"])
     base = _tensor_bytes(assets.base)
-    assert list(ref) == list(base)
+    assert sorted(ref) == sorted(base)  # same keys (the output order interleaves patched and copied tensors)
     assert {k for k in ref if ref[k] != base[k]} == target_keys("lightning")
     for fmt in ("comfy", "peft-raw"):
         assert _tensor_bytes(outputs[fmt]) == ref, fmt

@@ -14,7 +14,7 @@ from lora_tools import __version__
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
 from lora_tools.ops.buffers import BufferPool
-from lora_tools.ops.patching import patch_tensor
+from lora_tools.ops.patching import patch_ops, patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
                                     tokenizer_provider)
 from lora_tools.ops.streaming import run_pipeline
@@ -136,22 +136,26 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     """Stream the base once and write every planned output."""
     start = time.perf_counter()
     record = provenance_record(plan)
-    sinks = _make_sinks(plan, record)
     patched = plan.patched_keys()
+    order = interleave(plan.base.refs, patched)
+    sinks = _make_sinks(plan, record, order)
     stats = {"modules": 0, "tensors": 0}
     base = plan.base
 
     pool = BufferPool()
 
     def read(ref: TensorRef) -> Payload:
+        # The reader thread also reads this tensor's LoRA factors, off the compute thread.
+        ops = patch_ops(plan, ref) if ref.key in patched else None
         if ref.raw_ok:
-            return Payload(base.read_raw(ref, pool.take(ref.nbytes)), None, False)
-        return Payload(None, base.read(ref), False)
+            return Payload(base.read_raw(ref, pool.take(ref.nbytes)), None, False, ops)
+        return Payload(None, base.read(ref), False, ops)
 
     def process(ref: TensorRef, payload: Payload) -> Payload:
         if ref.key not in patched:
             return payload
-        out, applied = patch_tensor(plan, ref, payload.as_tensor(ref), torch_dtype(plan.output_dtype(ref.dtype)))
+        out, applied = patch_tensor(plan, ref, payload.as_tensor(ref), torch_dtype(plan.output_dtype(ref.dtype)),
+                                    payload.ops)
         stats["modules"] += applied
         stats["tensors"] += 1
         if payload.raw is not None and out.data_ptr() == payload.as_tensor(ref).data_ptr():
@@ -171,7 +175,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
     try:
-        run_pipeline(base.refs, read=read, process=process, write=write, size=lambda r: r.nbytes,
+        run_pipeline(order, read=read, process=process, write=write, size=lambda r: r.nbytes,
                      on_done=(lambda r: progress(r.nbytes)) if progress else None)
         files = [f for s in sinks for f in s.finalize()]
     except BaseException:
@@ -183,29 +187,43 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
 
 
-def _make_sinks(plan: FusePlan, record: dict[str, object]) -> list:  # type: ignore[type-arg]
+def interleave(refs: list[TensorRef], patched: set[str]) -> list[TensorRef]:
+    """Processing (and output) order: patched and untouched tensors mixed in proportion to
+    their bytes, so the maths and the copying overlap all the way through instead of taking
+    turns (a checkpoint stores its text encoders and VAE, all untouched, in one run)."""
+    hot = [r for r in refs if r.key in patched]
+    cold = [r for r in refs if r.key not in patched]
+    hot_total = sum(r.nbytes for r in hot) or 1
+    cold_total = sum(r.nbytes for r in cold) or 1
+    out: list[TensorRef] = []
+    i = j = hot_done = cold_done = 0
+    while i < len(hot) or j < len(cold):
+        if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
+            out.append(hot[i])
+            hot_done += hot[i].nbytes
+            i += 1
+        else:
+            out.append(cold[j])
+            cold_done += cold[j].nbytes
+            j += 1
+    return out
+
+
+def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:  # type: ignore[type-arg]
     sinks: list = []  # type: ignore[type-arg]
     tokenizers = tokenizer_provider(plan.base, None) if any(o.kind == "diffusers" for o in plan.outputs) else None
     try:
         for out in plan.outputs:
-            if out.kind == "checkpoint":
-                if plan.base.layout == "sgm":
-                    sinks.append(CheckpointSink(out.path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=True)))
-                else:
-                    sinks.append(_diffusers_to_checkpoint_sink(out.path, plan, record))
+            if out.kind == "checkpoint":  # a diffusers base becomes the SGM keys of every component it holds
+                sinks.append(CheckpointSink(out.path, order, plan.output_dtype, output_metadata(plan, record, keep_base=True)))
             elif out.kind == "unet":
-                sinks.append(ComponentSink(out.path, plan.base, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False)))
+                sinks.append(ComponentSink(out.path, order, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False)))
             else:
                 assert tokenizers is not None
-                sinks.append(DiffusersFolderSink(out.path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=False),
-                                                 scheduler_config(plan), tokenizers))
+                sinks.append(DiffusersFolderSink(out.path, plan.base, order, plan.output_dtype,
+                                                 output_metadata(plan, record, keep_base=False), scheduler_config(plan), tokenizers))
     except BaseException:
         for s in sinks:
             s.abort()
         raise
     return sinks
-
-
-def _diffusers_to_checkpoint_sink(path: Path, plan: FusePlan, record: dict[str, object]) -> CheckpointSink:
-    """A diffusers base saved as a single file: the SGM keys of every component it holds."""
-    return CheckpointSink(path, plan.base, plan.output_dtype, output_metadata(plan, record, keep_base=True))

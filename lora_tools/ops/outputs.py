@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.sdxl import to_diffusers
@@ -32,6 +32,7 @@ class Payload:
     raw: bytearray | None
     tensor: "torch.Tensor | None"
     patched: bool
+    ops: list | None = None  # type: ignore[type-arg]  # row-block patch operations, prepared by the reader
 
     def as_tensor(self, ref: TensorRef) -> "torch.Tensor":
         if self.tensor is not None:
@@ -67,12 +68,12 @@ def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, 
 
 
 class CheckpointSink:
-    """The whole single file, keys and order as in the base (SGM layout)."""
+    """The whole single file in SGM layout: the base's keys, in processing order."""
 
     kind = "checkpoint"
 
-    def __init__(self, path: Path, model: ModelSource, dtype_for: DtypeFor, metadata: Mapping[str, str]):
-        plans = [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in model.refs]
+    def __init__(self, path: Path, refs: Sequence[TensorRef], dtype_for: DtypeFor, metadata: Mapping[str, str]):
+        plans = [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in refs]
         self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
         self.dtype_for = dtype_for
 
@@ -90,12 +91,12 @@ class CheckpointSink:
 class ComponentSink:
     """One component in diffusers layout (a standalone UNet file, or one file of a folder)."""
 
-    def __init__(self, path: Path, model: ModelSource, component: Component, dtype_for: DtypeFor,
+    def __init__(self, path: Path, refs: Sequence[TensorRef], component: Component, dtype_for: DtypeFor,
                  metadata: Mapping[str, str], kind: str = "unet"):
         self.component = component
         self.kind = kind
         plans = [TensorPlan(row.diffusers, dtype_for(r.dtype), row.diffusers_shape)  # type: ignore[arg-type]
-                 for r in model.refs if self.wants(r) for row in r.rows]
+                 for r in refs if self.wants(r) for row in r.rows]
         self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
         self.dtype_for = dtype_for
 
@@ -121,8 +122,8 @@ class DiffusersFolderSink:
 
     kind = "diffusers"
 
-    def __init__(self, path: Path, model: ModelSource, dtype_for: DtypeFor, metadata: Mapping[str, str],
-                 scheduler_config: Mapping[str, object], tokenizers: Callable[[Path], None]):
+    def __init__(self, path: Path, model: ModelSource, refs: Sequence[TensorRef], dtype_for: DtypeFor,
+                 metadata: Mapping[str, str], scheduler_config: Mapping[str, object], tokenizers: Callable[[Path], None]):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
@@ -133,7 +134,7 @@ class DiffusersFolderSink:
                 folder = self.tmp / DIFFUSERS_FOLDERS[comp]  # type: ignore[index]
                 folder.mkdir()
                 fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
-                self.sinks.append(ComponentSink(folder / fname, model, comp, dtype_for,  # type: ignore[arg-type]
+                self.sinks.append(ComponentSink(folder / fname, refs, comp, dtype_for,  # type: ignore[arg-type]
                                                 metadata if comp == "unet" else {"format": "pt"}, kind="diffusers"))
             write_pipeline_configs(self.tmp, model.cfg, scheduler_config)
             tokenizers(self.tmp)

@@ -27,20 +27,35 @@ BLOCK_ELEMS = 256 * 1024
 BlockOp = Callable[["torch.Tensor", int, int], None]  # (fp32 block, first row, end row)
 
 
-def patch_tensor(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dtype: "torch.dtype") -> tuple["torch.Tensor", int]:
+def patch_ops(plan: "FusePlan", ref: TensorRef) -> list[BlockOp] | None:
+    """The row-block operations that patch ``ref`` (its LoRA factors read now, in fp32), or
+    ``None`` when the tensor needs the whole-tensor path (DoRA)."""
+    contributions = plan.patches.get(ref.key, [])
+    if any(mm.module.is_dora for _, mm in contributions):
+        return None
+    rows = ref.shape[0]
+    cols = 1
+    for dim in ref.shape[1:]:
+        cols *= dim
+    return [_lora_op(source, mm, (rows, cols)) for source, mm in contributions] + _diff_ops(plan, ref, (rows, cols))
+
+
+def patch_tensor(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dtype: "torch.dtype",
+                 ops: list[BlockOp] | None = None) -> tuple["torch.Tensor", int]:
     """The patched tensor in ``out_dtype`` and the number of modules applied.
 
-    When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
-    block is read before it is overwritten), so no second buffer is needed.
+    ``ops`` come from :func:`patch_ops` (computed here when not given). When ``out_dtype`` is
+    the base's dtype the result is written back into ``base`` (each row block is read before it
+    is overwritten), so no second buffer is needed.
     """
     import torch
 
-    contributions = plan.patches.get(ref.key, [])
-    if any(mm.module.is_dora for _, mm in contributions):
-        return _patch_whole(plan, ref, base, out_dtype)
+    if ops is None:
+        ops = patch_ops(plan, ref)
+        if ops is None:
+            return _patch_whole(plan, ref, base, out_dtype)
     rows = base.shape[0]
     src = base.reshape(rows, -1)
-    ops = [_lora_op(source, mm, src.shape) for source, mm in contributions] + _diff_ops(plan, ref, src.shape)
     out = base if base.dtype == out_dtype and base.is_contiguous() else torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
     step = max(1, BLOCK_ELEMS // src.shape[1])
@@ -67,7 +82,7 @@ def _check(block: "torch.Tensor", ref: TensorRef, limit: float, out_dtype: "torc
                                  f"in '{ref.key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
 
 
-def _lora_op(source: "LoraSource", mm: MatchedModule, shape: "torch.Size") -> BlockOp:
+def _lora_op(source: "LoraSource", mm: MatchedModule, shape: tuple[int, int]) -> BlockOp:
     """A row-block operation adding one module's scaled delta."""
     import torch
 
@@ -97,7 +112,7 @@ def _lora_op(source: "LoraSource", mm: MatchedModule, shape: "torch.Size") -> Bl
     return add_dense
 
 
-def _diff_ops(plan: "FusePlan", ref: TensorRef, shape: "torch.Size") -> list[BlockOp]:
+def _diff_ops(plan: "FusePlan", ref: TensorRef, shape: tuple[int, int]) -> list[BlockOp]:
     import torch
 
     ops: list[BlockOp] = []
@@ -137,7 +152,7 @@ def _patch_whole(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dty
             view.add_(delta, alpha=source.strength)
         count += 1
     flat = w.view(w.shape[0], -1)
-    for op in _diff_ops(plan, ref, flat.shape):
+    for op in _diff_ops(plan, ref, (flat.shape[0], flat.shape[1])):
         op(flat, 0, flat.shape[0])
         count += 1
     _check(w, ref, torch.finfo(out_dtype).max, out_dtype)
