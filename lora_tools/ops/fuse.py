@@ -81,12 +81,10 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
 
 def provenance_record(plan: FusePlan) -> dict[str, object]:
     """The ``loratool`` metadata record of a fuse."""
-    from lora_tools.hub import sha256_file
-
     sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
         entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
-                                    "format": s.adapter.format, "sha256": sha256_file(s.adapter.path)}
+                                    "format": s.adapter.format, "sha256": plan.sha256_of(s.adapter.path)}
         if s.preset is not None:
             entry["preset"] = s.preset.name
         sources.append(entry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,13 @@ class FusePlan:
     unmatched: list[str] = field(default_factory=list)
     overwrite: bool = False
     hash_base: bool = False
+    hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
+
+    def sha256_of(self, path: Path) -> str:
+        from lora_tools.hub import sha256_file
+
+        future = self.hashes.get(path)
+        return future.result() if future is not None else sha256_file(path)
 
     def output_dtype(self, dtype: str) -> str:
         from lora_tools.safetensors_io import is_float_dtype
@@ -183,6 +191,7 @@ def plan_fuse(
             path = resolve_source(src, revision=revision)
             sources.append((path, strength, Path(src).name, identify_file(Path(src).name)))
         seen: dict[str, str] = {}
+        hashes = _hash_in_background([path for path, *_ in sources])
         for path, strength, label, src_preset in sources:
             _refuse_input_as_output(path, output)
             adapter = load_lora(path)
@@ -213,12 +222,24 @@ def plan_fuse(
         sampler = preset.sampler if preset is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
         return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, lightning, method, patches,
-                        warnings, unmatched, overwrite, hash_base)
+                        warnings, unmatched, overwrite, hash_base, hashes)
     except BaseException:
         model.close()
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def _hash_in_background(paths: list[Path]) -> dict[Path, "Future[str]"]:
+    """sha256 of the LoRA files for the record, hashed beside the checks that read them anyway."""
+    from lora_tools.hub import sha256_file
+
+    if not paths:
+        return {}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="loratool-hash-sources")
+    futures = {p: pool.submit(sha256_file, p) for p in paths}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def _lightning_among(loras: list[LoraSource]) -> AccelerationPreset | None:
