@@ -5,13 +5,15 @@ Builds (or reuses) a synthetic full-size SDXL single file (~6.9 GB fp16) and a L
 ``sdxl_lightning_4step_lora.safetensors`` (788 modules, rank 64, fp16, ~394 MB), then times in
 one run, each job in its own fresh subprocess so its peak RSS is its own:
 
-  cp+sync        ``cp base out && sync out``: a durable copy (the reference for the 1.3x target)
-  pycopy         the I/O floor in Python: tensor by tensor with lora_tools.safetensors_io
-                 (read_header + TensorFile + StreamingWriter, fsync + rename), no hashing
-  loratool       ``loratool fuse BASE --lightning 4 --lightning-dir DIR -o OUT --overwrite -q``
-  loratool-unet  the same with ``--save unet`` (a diffusers-layout UNet, like diffusers writes)
-  diffusers      UNet2DConditionModel.from_single_file + lora_state_dict + load_lora_adapter +
-                 fuse_lora + unload_lora + save_pretrained (+ fsync, so it is as durable as ours)
+  cp               ``cp base out && sync out``: a durable copy (the reference for the 1.3x target)
+  pycopy           the I/O floor: tensor by tensor with lora_tools.safetensors_io (read_header +
+                   TensorFile + StreamingWriter with its defaults, fsync + rename), no hashing
+  pycopy-buffered  the same with StreamingWriter(direct=False): page-cache writes (only where the
+                   writer has a ``direct`` switch)
+  fuse             ``loratool fuse BASE --lightning 4 --lightning-dir DIR -o OUT --overwrite -q``
+  fuse-unet        the same with ``--save unet`` (a diffusers-layout UNet, like diffusers writes)
+  diffusers        UNet2DConditionModel.from_single_file + lora_state_dict + load_lora_adapter +
+                   fuse_lora + unload_lora + save_pretrained (+ fsync, so it is as durable as ours)
 
 Page cache: caches cannot be dropped reliably without root, so before every job the inputs
 are read once (outside the timing) and every job sees them warm. A ``sync`` and the removal of
@@ -45,7 +47,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+#: Where ``lora_tools`` is imported from: the repository, or the snapshot a run copied (see --no-snapshot).
+LIBRARY_ROOT = Path(os.environ.get("FUSE_SDXL_LIBRARY_ROOT", str(REPO)))
+sys.path.insert(0, str(LIBRARY_ROOT))
 
 LORA_NAME = "sdxl_lightning_4step_lora.safetensors"
 MARK = "BENCH-JSON "
@@ -121,6 +125,16 @@ def mem_available() -> int:
     return 0
 
 
+def mem_free() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemFree:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def mem_total() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -135,8 +149,11 @@ def mem_total() -> int:
 # Jobs (each runs in a fresh process: `python fuse_sdxl.py --job NAME ...`)
 # --------------------------------------------------------------------------------------------
 
-def job_pycopy(base: Path, out: Path) -> dict[str, float]:
-    """The I/O floor: stream every tensor of ``base`` into a new file, fsync, rename."""
+def job_pycopy(base: Path, out: Path, direct: bool | None = None) -> dict[str, object]:
+    """The I/O floor: stream every tensor of ``base`` into a new file with the library's own
+    reader and writer (its defaults, or ``direct`` forced on/off), fsync, rename. No hashing."""
+    import dataclasses
+
     from lora_tools.safetensors_io import StreamingWriter, TensorFile, TensorPlan, read_header
 
     t0 = time.perf_counter()
@@ -144,7 +161,11 @@ def job_pycopy(base: Path, out: Path) -> dict[str, float]:
     infos = sorted(header.tensors.values(), key=lambda t: t.begin)
     plans = [TensorPlan(i.name, i.dtype, i.shape) for i in infos]
     read_s = write_s = 0.0
-    with TensorFile(base, header) as f, StreamingWriter(out, plans, header.metadata) as w:
+    kwargs = {}
+    if direct is not None and "direct" in {f.name for f in dataclasses.fields(StreamingWriter)}:
+        kwargs["direct"] = direct
+    with TensorFile(base, header) as f, StreamingWriter(out, plans, header.metadata, **kwargs) as w:
+        mode = type(getattr(w, "_out", None) or getattr(w, "_fh", None)).__name__
         for info in infos:
             a = time.perf_counter()
             data = f.read_bytes(info.name)
@@ -156,7 +177,7 @@ def job_pycopy(base: Path, out: Path) -> dict[str, float]:
         a = time.perf_counter()
         w.finalize()
         fsync_s = time.perf_counter() - a
-    return {"read_s": read_s, "write_s": write_s, "fsync_s": fsync_s, "total_s": time.perf_counter() - t0}
+    return {"read_s": read_s, "write_s": write_s, "fsync_s": fsync_s, "total_s": time.perf_counter() - t0, "writer": mode}
 
 
 def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[str, float]:
@@ -190,10 +211,12 @@ def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[s
             "fuse_s": t_fuse - t_lora, "save_s": t_save - t_fuse, "fsync_s": t_sync - t_save, "total_s": t_sync - t0}
 
 
-def run_job(argv: list[str]) -> None:
+def run_job(argv: list[str]) -> None:  # noqa: C901
     name, *rest = argv
     if name == "pycopy":
         res = job_pycopy(Path(rest[0]), Path(rest[1]))
+    elif name == "pycopy-buffered":
+        res = job_pycopy(Path(rest[0]), Path(rest[1]), direct=False)
     elif name == "diffusers":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         res = job_diffusers(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
@@ -210,10 +233,11 @@ def run_job(argv: list[str]) -> None:
 class Run:
     wall_s: float
     peak_rss: int  # bytes
-    phases: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, object] = field(default_factory=dict)
     warm_s: float = 0.0
     cpu_s: float = 0.0  # user + system CPU seconds of the job (and its children)
     other_load: float = 0.0  # average busy cores *not* used by the job during it (other processes)
+    mem_free: int = 0  # MemFree (bytes) when the job started: buffered writes slow down once it runs out
 
 
 @dataclass
@@ -270,7 +294,7 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
             return load
 
 
-def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Run:
     """Run ``cmd`` in a fresh process; its wall time and its own peak RSS.
 
     The job is started by a small process (GNU ``/usr/bin/time``, else a bare ``python -S``
@@ -285,7 +309,7 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
     with open(log, "wb") as fh:
         busy0 = cpu_busy_seconds()
         t = time.perf_counter()
-        rc = subprocess.call(wrapped, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        rc = subprocess.call(wrapped, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         wall = time.perf_counter() - t
         busy = cpu_busy_seconds() - busy0
     text = log.read_text(errors="replace")
@@ -297,7 +321,7 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
     phases: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(MARK):
-            phases.update(json.loads(line[len(MARK):]))
+            phases.update({k: v for k, v in json.loads(line[len(MARK):]).items()})
         elif line.startswith("Fused ") and " in " in line and line.rstrip().endswith(" s."):
             try:
                 phases["loratool_reported_s"] = float(line.rstrip()[:-3].rsplit(" in ", 1)[1])
@@ -314,16 +338,20 @@ def remove(path: Path) -> None:
 
 
 def loratool_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "loratool"
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-c", "from lora_tools.cli import main; main()"]
+    """``loratool``: the console script's own two lines, run by this interpreter (so that
+    PYTHONPATH, i.e. the snapshot, decides which lora_tools is imported)."""
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'loratool'; from lora_tools.cli import main; sys.exit(main())"]
 
 
-PROTOTYPE_FLAGS = ["--compute", "fp16", "--finite-sum", "--no-hash", "--budget", "64"]
+def writer_has_direct() -> bool:
+    import dataclasses
+
+    from lora_tools.safetensors_io import StreamingWriter
+
+    return "direct" in {f.name for f in dataclasses.fields(StreamingWriter)}
 
 
-def build_jobs(inp: Inputs, skip_diffusers: bool, prototype: bool = False) -> list[Job]:
+def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
     out = inp.out_dir
     me = [sys.executable, str(Path(__file__).resolve()), "--job"]
     fuse = loratool_cmd() + ["fuse", str(inp.base), "--lightning", "4", "--lightning-dir", str(inp.lora_dir),
@@ -332,18 +360,18 @@ def build_jobs(inp: Inputs, skip_diffusers: bool, prototype: bool = False) -> li
     jobs = [
         Job("cp", "cp + sync (durable copy)", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(inp.base), str(cp_out)],
             cp_out, "whole file"),
-        Job("pycopy", "I/O floor: Python tensor-by-tensor copy + fsync", me + ["pycopy", str(inp.base), str(out / "pycopy.safetensors")],
+        Job("pycopy", "I/O floor: lora_tools tensor-by-tensor copy (writer defaults) + fsync",
+            me + ["pycopy", str(inp.base), str(out / "pycopy.safetensors")],
             out / "pycopy.safetensors", "whole file"),
         Job("fuse", "loratool fuse (whole checkpoint)", fuse + ["-o", str(out / "fused.safetensors")],
             out / "fused.safetensors", "whole file"),
         Job("fuse-unet", "loratool fuse --save unet", fuse + ["--save", "unet", "-o", str(out / "fused-unet.safetensors")],
             out / "fused-unet.safetensors", "UNet only", keep_output=True),
     ]
-    if prototype:
-        proto = ["env", "OMP_NUM_THREADS=1", sys.executable, str(HERE / "profile_fuse.py"), str(inp.base),
-                 "--lightning-dir", str(inp.lora_dir), "-o", str(out / "proto.safetensors")] + PROTOTYPE_FLAGS
-        jobs.append(Job("proto", "prototype of the suggested fixes (profile_fuse.py, NOT the library)", proto,
-                        out / "proto.safetensors", "whole file"))
+    if writer_has_direct():
+        jobs.insert(2, Job("pycopy-buffered", "I/O floor, page-cache writes (StreamingWriter direct=False)",
+                           me + ["pycopy-buffered", str(inp.base), str(out / "pycopy-buffered.safetensors")],
+                           out / "pycopy-buffered.safetensors", "whole file"))
     if not skip_diffusers:
         jobs.append(Job("diffusers", "diffusers: from_single_file + load_lora_adapter + fuse_lora + save_pretrained",
                         me + ["diffusers", str(inp.base), str(inp.lora), str(inp.config_dir), str(out / "diffusers-unet")],
@@ -395,15 +423,37 @@ def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: i
 # Report
 # --------------------------------------------------------------------------------------------
 
-def library_fingerprint() -> str:
+def library_fingerprint(root: Path = REPO) -> str:
     """sha256 (first 12 hex digits) of lora_tools/**/*.py, to tell which library state was measured."""
     import hashlib
 
     h = hashlib.sha256()
-    for p in sorted((REPO / "lora_tools").rglob("*.py")):
-        h.update(str(p.relative_to(REPO)).encode())
+    for p in sorted((root / "lora_tools").rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
+
+
+def snapshot_library(cache: Path) -> tuple[Path, str]:
+    """Copy lora_tools/ (sources only) so that every job of a run measures the same code, even
+    while the working tree changes; returns (folder to import from, fingerprint)."""
+    for _ in range(5):
+        fp = library_fingerprint()
+        root = cache / "snapshots" / fp
+        if not (root / "lora_tools").is_dir():
+            tmp = cache / "snapshots" / f".{fp}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(REPO / "lora_tools", tmp / "lora_tools", ignore=shutil.ignore_patterns("__pycache__"))
+            if library_fingerprint(tmp) != fp:  # changed while copying: try again
+                shutil.rmtree(tmp, ignore_errors=True)
+                time.sleep(2)
+                continue
+            tmp.rename(root)
+        import compileall
+
+        compileall.compile_dir(str(root / "lora_tools"), quiet=1)  # no first-import compile inside a timed job
+        return root, fp
+    raise SystemExit("lora_tools keeps changing: cannot take a consistent snapshot")
 
 
 def machine() -> dict[str, str]:
@@ -418,7 +468,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "os": f"{platform.system()} {platform.release()}",
-        "library": library_fingerprint(),
+        "library": library_fingerprint(LIBRARY_ROOT),
     }
     for mod in ("diffusers", "peft", "transformers", "safetensors"):
         try:
@@ -445,16 +495,18 @@ def fmt_rss(n: int) -> str:
 def table(jobs: list[Job], base_bytes: int) -> str:
     by = {j.key: j for j in jobs}
     cp, floor = by["cp"].wall, by["pycopy"].wall
-    lines = ["| job | writes | wall s | x durable cp | x I/O floor | peak RSS | CPU s (job) | other busy cores |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| job | writes | wall s | x durable cp | x I/O floor | peak RSS | CPU s (job) | other busy cores | free RAM at start, GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for j in jobs:
         spread = ""
         if len(j.runs) > 1:
             spread = f" ({min(r.wall_s for r in j.runs):.1f}-{max(r.wall_s for r in j.runs):.1f})"
         cpu = statistics.median(r.cpu_s for r in j.runs)
         other = max(r.other_load for r in j.runs)
+        frees = [r.mem_free / GB for r in j.runs]
+        free = f"{min(frees):.1f}" if len(frees) == 1 else f"{min(frees):.1f}-{max(frees):.1f}"
         lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | "
-                     f"{fmt_rss(j.peak)} | {cpu:.1f} | {other:.2f} |")
+                     f"{fmt_rss(j.peak)} | {cpu:.1f} | {other:.2f} | {free} |")
     return "\n".join(lines)
 
 
@@ -487,7 +539,7 @@ def phases_text(jobs: list[Job]) -> str:
         ph = j.runs[-1].phases if j.runs else {}
         warm_s = statistics.median(r.warm_s for r in j.runs) if j.runs else 0.0
         if ph:
-            lines.append(f"- {j.key}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items())
+            lines.append(f"- {j.key}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in ph.items())
                          + f" (inputs warm-up before it: {warm_s:.1f} s)")
         else:
             lines.append(f"- {j.key}: (inputs warm-up before it: {warm_s:.1f} s)")
@@ -510,7 +562,7 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         f"- OS: {info['os']}, Python {info['python']}",
         f"- torch {info['torch']}, diffusers {info['diffusers']}, peft {info['peft']}, transformers {info['transformers']}, "
         f"safetensors {info['safetensors']}",
-        f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py at the end of the run)",
+        f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py measured)",
         f"- Inputs: synthetic SDXL single file {base_bytes / GB:.2f} GB fp16 (UNet + 2 text encoders + VAE, "
         f"random weights, real SDXL shapes); Lightning-shaped LoRA {lora_bytes / 1e6:.0f} MB "
         "(788 modules, rank 64, alpha 8, fp16, kohya keys, named `sdxl_lightning_4step_lora.safetensors`).",
@@ -525,7 +577,10 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         "so every job read them warm; outputs were removed and `sync` run between jobs. CPU s is the job's user + "
         "system time. Other busy cores is the machine's busy CPU time during the job minus the job's own, over the "
         "wall time: other processes, plus kernel threads working for the job (page-cache writeback), so a few tenths "
-        "are normal for jobs that write; more means another process competed for the 2 cores.",
+        "are normal for jobs that write; more means another process competed for the 2 cores. Free RAM at start is "
+        "MemFree when the job began: on this VM buffered writes cost much more kernel CPU once free memory runs "
+        "out and every new page-cache page must be reclaimed first, which is why `cp` and the buffered I/O floor "
+        "vary so much from run to run (O_DIRECT writes, which bypass the page cache, do not).",
         "",
         "## Targets",
         "",
@@ -557,18 +612,28 @@ def main() -> None:
     ap.add_argument("--size", choices=["full", "tiny"], default="full", help="full (~6.9 GB) or tiny (smoke run)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each job (median reported)")
     ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers job")
-    ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy fuse fuse-unet diffusers)")
+    ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy pycopy-buffered fuse fuse-unet diffusers)")
     ap.add_argument("--results", type=Path, default=None,
                     help="markdown file for the results (default: benchmarks/RESULTS.md for --size full, none for tiny)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's output under CACHE/SIZE/out")
-    ap.add_argument("--prototype", action="store_true",
-                    help="also time benchmarks/profile_fuse.py with the suggested fixes patched in at runtime "
-                         "(OMP_NUM_THREADS=1 " + " ".join(PROTOTYPE_FLAGS) + "); reported, not counted in the targets")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="import lora_tools from the working tree (default: from a copy taken when the run starts, "
+                         "under CACHE/snapshots/, so concurrent edits cannot mix library versions within a run)")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before each job, wait up to this many seconds for other processes to go quiet (0: don't)")
     args = ap.parse_args()
+    args.cache_dir = args.cache_dir.resolve()  # jobs run with the cache folder as their working directory
     results = args.results or (HERE / "RESULTS.md" if args.size == "full" else None)
 
+    global LIBRARY_ROOT
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if not args.no_snapshot:
+        LIBRARY_ROOT, _ = snapshot_library(args.cache_dir)
+        sys.path.insert(0, str(LIBRARY_ROOT))
+        env["FUSE_SDXL_LIBRARY_ROOT"] = str(LIBRARY_ROOT)
+        env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        print(f"measuring a snapshot of lora_tools: {LIBRARY_ROOT}")
+    fingerprint = library_fingerprint(LIBRARY_ROOT)
     inp = ensure_inputs(args.cache_dir, args.size)
     base_bytes, lora_bytes = inp.base.stat().st_size, inp.lora.stat().st_size
     need = 2 * base_bytes + lora_bytes
@@ -579,7 +644,7 @@ def main() -> None:
     if avail and avail < base_bytes + lora_bytes + 2 * GB:
         print(f"warning: only {avail / GB:.1f} GB of memory available: the base may not stay in the page cache, "
               "so jobs may read it from disk", flush=True)
-    jobs = build_jobs(inp, args.skip_diffusers, args.prototype)
+    jobs = build_jobs(inp, args.skip_diffusers)
     if args.only:
         keep = set(args.only) | {"cp", "pycopy"}
         jobs = [j for j in jobs if j.key in keep]
@@ -587,7 +652,6 @@ def main() -> None:
         remove(j.output)
     logs = inp.root / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     print(f"base {inp.base} ({base_bytes / GB:.2f} GB), LoRA {inp.lora} ({lora_bytes / 1e6:.0f} MB)")
     print("page cache: the inputs are read once before every job (not timed), so every job sees them warm", flush=True)
     check = None
@@ -600,13 +664,17 @@ def main() -> None:
                 load = wait_for_quiet(args.wait_idle)
                 if load >= 0.25:
                     print(f"warning: other processes keep {load:.1f} cores busy; timings of {j.key} will suffer", flush=True)
-            run = measure(j.cmd, logs / f"{j.key}-{rep}.log", env)
+            free = mem_free()
+            # cwd: the cache folder, so no job imports lora_tools from the working tree by accident
+            run = measure(j.cmd, logs / f"{j.key}-{rep}.log", env, cwd=inp.root)
             run.warm_s = warm_s
+            run.mem_free = free
             j.runs.append(run)
             print(f"[{rep + 1}/{args.repeat}] {j.key:<10} {run.wall_s:7.1f} s  peak RSS {fmt_rss(run.peak_rss):>9}  "
-                  f"cpu {run.cpu_s:5.1f} s  other busy cores {run.other_load:.2f}  "
+                  f"cpu {run.cpu_s:5.1f} s  other busy cores {run.other_load:.2f}  free RAM {free / GB:.1f} GB  "
                   f"(warm-up {warm_s:.1f} s, {nbytes / GB / max(warm_s, 1e-9):.1f} GB/s)"
-                  + (f"  phases: {json.dumps({k: round(v, 2) for k, v in run.phases.items()})}" if run.phases else ""),
+                  + (f"  phases: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in run.phases.items()})}"
+                     if run.phases else ""),
                   flush=True)
             if not j.keep_output and not args.keep_outputs:
                 remove(j.output)
@@ -624,8 +692,14 @@ def main() -> None:
     print()
     for name, ok, detail in targets(jobs):
         print(f"{'MET ' if ok else 'MISS'}  {name}: {detail}")
+    info = machine()
+    if info["library"] != fingerprint:
+        info["library"] += f" (WARNING: was {fingerprint} when the run started: lora_tools changed during the run)"
+        print(f"warning: lora_tools changed during the run ({fingerprint} -> {info['library']})")
+    elif not args.no_snapshot and library_fingerprint() != fingerprint:
+        info["library"] += f" (snapshot; the working tree is now at {library_fingerprint()})"
     if results is not None:
-        write_results(results, args, inp, jobs, check, machine(), base_bytes, lora_bytes)
+        write_results(results, args, inp, jobs, check, info, base_bytes, lora_bytes)
         print(f"\nwrote {results}")
 
 

@@ -11,6 +11,11 @@ source warm in the page cache, in this process (wall and process CPU reported):
   pread-reuse+write    the same into one reused buffer (no allocation, no page faults)
   +sha256              pread-reuse+write, also hashing every byte (what hash=True adds)
   sha256 only          hashing the (cached) file, no write
+  pread->O_DIRECT      tensors read into a page-aligned staging buffer, written with O_DIRECT
+                       (no page-cache copy), tail padded then truncated, fsync
+  +sha256              the same, hashing the staging buffer
+  pread+write+fadvise-dontneed  buffered writes, each written 64 MiB flushed with
+                       sync_file_range and dropped with POSIX_FADV_DONTNEED as we go
 
 Usage: python benchmarks/io_floor.py [FILE] [--repeat N]
 """
@@ -93,6 +98,87 @@ def _pread_write(src: Path, dst: Path, *, reuse: bool, sha: bool) -> None:
         os.close(fd)
 
 
+def _odirect(src: Path, dst: Path, *, sha: bool) -> None:
+    """Staging-buffer writer with O_DIRECT: tensors are read straight into a page-aligned
+    buffer, full chunks go to disk bypassing the page cache, the tail is padded then truncated."""
+    import mmap
+
+    chunk = 16 << 20
+    stage = mmap.mmap(-1, 2 * chunk)  # page aligned, anonymous
+    view = memoryview(stage)
+    h = hashlib.sha256() if sha else None
+    fd = os.open(src, os.O_RDONLY)
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    fill = total = 0
+    try:
+        for off, n in spans(src):
+            done = 0
+            while done < n:
+                take = min(n - done, 2 * chunk - fill)
+                got = 0
+                while got < take:
+                    got += os.preadv(fd, [view[fill + got:fill + take]], off + done + got)
+                if h is not None:
+                    h.update(view[fill:fill + take])
+                fill += take
+                done += take
+                if fill >= chunk:
+                    os.write(out, view[:chunk])
+                    total += chunk
+                    view[:fill - chunk] = view[chunk:fill]
+                    fill -= chunk
+        if fill:
+            padded = (fill + 4095) // 4096 * 4096
+            view[fill:padded] = bytes(padded - fill)
+            os.write(out, view[:padded])
+            os.ftruncate(out, total + fill)
+        os.fsync(out)
+    finally:
+        os.close(fd)
+        os.close(out)
+        view.release()
+        stage.close()
+
+
+def _sync_file_range(fd: int, offset: int, nbytes: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    f = libc.sync_file_range
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if f(fd, offset, nbytes, 1 | 2 | 4) != 0:  # WAIT_BEFORE | WRITE | WAIT_AFTER
+        raise OSError(ctypes.get_errno(), "sync_file_range")
+
+
+def _buffered_dontneed(src: Path, dst: Path) -> None:
+    """Buffered writes, but written ranges are flushed and dropped from the page cache as we go."""
+    sp = spans(src)
+    big = bytearray(max(n for _, n in sp))
+    fd = os.open(src, os.O_RDONLY)
+    step = 64 << 20
+    try:
+        with open(dst, "wb", buffering=0) as fo:
+            pos = flushed = 0
+            for off, n in sp:
+                buf = memoryview(big)[:n]
+                got = 0
+                while got < n:
+                    got += os.preadv(fd, [buf[got:]], off + got)
+                w = 0
+                while w < n:
+                    w += fo.write(buf[w:])
+                pos += n
+                if pos - flushed >= 2 * step:
+                    _sync_file_range(fo.fileno(), flushed, step)
+                    os.posix_fadvise(fo.fileno(), flushed, step, os.POSIX_FADV_DONTNEED)
+                    flushed += step
+            os.fsync(fo.fileno())
+            os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def v_sha_only(src: Path, dst: Path) -> None:
     buf = bytearray(16 << 20)
     h = hashlib.sha256()
@@ -111,6 +197,9 @@ VARIANTS = {
     "pread-reuse+write": lambda s, d: _pread_write(s, d, reuse=True, sha=False),
     "pread-reuse+write+sha256": lambda s, d: _pread_write(s, d, reuse=True, sha=True),
     "sha256 only": v_sha_only,
+    "pread->O_DIRECT": lambda s, d: _odirect(s, d, sha=False),
+    "pread->O_DIRECT+sha256": lambda s, d: _odirect(s, d, sha=True),
+    "pread+write+fadvise-dontneed": _buffered_dontneed,
 }
 
 

@@ -17,7 +17,11 @@ measure suggested fixes:
   --compute fp16    patch each tensor in fp32 row blocks written straight back into the fp16
                     read buffer (no whole fp32 copy, no fp32 payload for the writer, one cheap
                     finite check per block)
-  --budget MB       the pipeline's read-ahead / write-behind budget (library default 192)
+  --budget MB       the pipeline's read-ahead / write-behind budget
+  --threads N       force torch's intra-op threads (the library uses cores - 1)
+  --no-mallopt      skip the library's return_freed_memory() (glibc's dynamic mmap threshold)
+  --direct on|off   outputs written with O_DIRECT forced on / off (the library's StreamingWriter
+                    switch; default: the library's own choice)
 
 Malloc behaviour can be tried with glibc's environment variables, e.g.
 ``MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=0``.
@@ -38,8 +42,8 @@ import time
 from pathlib import Path
 
 T0 = time.perf_counter()
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, os.environ.get("FUSE_SDXL_LIBRARY_ROOT", str(Path(__file__).resolve().parent.parent)))
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -89,6 +93,10 @@ def main() -> None:
     ap.add_argument("--compute", choices=["library", "fp16"], default="library")
     ap.add_argument("--block-bytes", type=int, default=2 << 20, help="fp32 bytes per row block for --compute fp16")
     ap.add_argument("--budget", type=int, default=None, help="MB read-ahead / write-behind")
+    ap.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
+                    help="StreamingWriter(direct=...) for the outputs: the library's default, O_DIRECT forced on, or off")
+    ap.add_argument("--threads", type=int, default=None, help="force torch's intra-op threads (ignores the library's choice)")
+    ap.add_argument("--no-mallopt", action="store_true", help="skip the library's mallopt (fixed 1 MiB mmap threshold)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -116,13 +124,26 @@ def main() -> None:
                 return real_isfinite(t.sum(dtype=torch.float32))
             return real_isfinite(t)
         torch.isfinite = isfinite  # type: ignore[assignment]
-    if args.no_hash:
+    if args.no_hash or args.direct != "auto":
+        import dataclasses
+
         real_writer = O.StreamingWriter
+        if args.direct != "auto" and "direct" not in {f.name for f in dataclasses.fields(real_writer)}:
+            raise SystemExit("this lora_tools has no StreamingWriter(direct=...) switch")
 
         def writer(*a, **k):  # type: ignore[no-untyped-def]
-            k["hash"] = False
+            if args.no_hash:
+                k["hash"] = False
+            if args.direct != "auto":
+                k["direct"] = args.direct == "on"
             return real_writer(*a, **k)
         O.StreamingWriter = writer  # type: ignore[assignment,misc]
+    if args.threads:
+        real_set = torch.set_num_threads
+        real_set(args.threads)
+        torch.set_num_threads = lambda n: None  # type: ignore[assignment]
+    if args.no_mallopt and hasattr(F, "return_freed_memory"):
+        F.return_freed_memory = lambda *a, **k: True  # type: ignore[attr-defined]
     if args.budget:
         S.MAX_INFLIGHT_BYTES = args.budget << 20
         real_rp = S.run_pipeline
@@ -205,7 +226,7 @@ def main() -> None:
     out["peak_rss"] = sampler.peak
     out["peak_rss_by_phase"] = sampler.peaks
     out["inflight_at_peak"] = sampler.peak_state
-    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget")}
+    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget", "direct", "no_mallopt", "threads")}
     out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if args.json:
         print(json.dumps(out))
