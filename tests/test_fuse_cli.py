@@ -556,8 +556,9 @@ def test_dry_run_predicted_peak_memory_is_plausible(assets: FuseAssets, tmp_path
     m = re.search(r"^Predicted peak memory: about ([\d.]+) (B|KB|MB|GB|TB)$", result.stdout, re.M)
     assert m is not None
     predicted = float(m.group(1)) * _UNITS[m.group(2)]
-    # the read-ahead and write-behind budgets at most, plus a few tensors of a ~100 MB model
-    assert MAX_INFLIGHT_BYTES <= predicted < 2 * MAX_INFLIGHT_BYTES + 4 * assets.base.stat().st_size
+    # runtime + read-ahead and write-behind budgets + buffer pool + a tensor of a ~100 MB model:
+    # well under 1 GB, and not growing with the model (the full-size benchmark measures ~850 MB)
+    assert 2 * MAX_INFLIGHT_BYTES <= predicted < (1 << 30)
 
 
 def test_same_lora_twice_needs_force(assets: FuseAssets, tmp_path: Path) -> None:

@@ -11,10 +11,14 @@ import threading
 from collections import defaultdict
 
 
+#: Bytes of free buffers a pool keeps for reuse.
+POOL_BYTES = 256 << 20
+
+
 class BufferPool:
     """A thread-safe free list of ``bytearray`` buffers by exact size, holding at most ``limit`` bytes."""
 
-    def __init__(self, limit: int = 256 << 20):
+    def __init__(self, limit: int = POOL_BYTES):
         self.limit = limit
         self._free: dict[int, list[bytearray]] = defaultdict(list)
         self._held = 0

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 SaveKind = Literal["checkpoint", "unet", "diffusers"]
 Method = Literal["lora", "unet"]
 SAVE_KINDS: tuple[SaveKind, ...] = ("checkpoint", "unet", "diffusers")
+#: Resident memory of the interpreter with torch imported, before any tensor.
+_RUNTIME_BYTES = 250 << 20
 #: Strengths beyond this are typos, and overflow fp32 maths.
 MAX_STRENGTH = 1000.0
 
@@ -118,12 +120,15 @@ class FusePlan:
         return total
 
     def predicted_peak_bytes(self) -> int:
-        """Reads in flight + the largest patched tensor in fp32 (twice) + LoRA factors of one module."""
+        """Interpreter and torch, reads and writes in flight, the buffer pool, the largest tensor
+        (whole, plus its output copy when the dtype changes), and the staging buffers."""
+        from lora_tools.ops.buffers import POOL_BYTES
         from lora_tools.ops.streaming import MAX_INFLIGHT_BYTES
 
-        patched = self.patched_keys()
-        largest = max((r.nbytes // DTYPE_SIZES[r.dtype] * 4 for r in self.base.refs if r.key in patched), default=0)
-        return 2 * MAX_INFLIGHT_BYTES + 3 * largest + (64 << 20)
+        largest = max((r.nbytes for r in self.base.refs), default=0)
+        if self.out_dtype is not None:
+            largest *= 3  # an output copy of up to twice the bytes (fp16 -> fp32)
+        return _RUNTIME_BYTES + 2 * MAX_INFLIGHT_BYTES + POOL_BYTES + largest + 16 * len(self.outputs) * (1 << 20)
 
     def close(self) -> None:
         self.base.close()
