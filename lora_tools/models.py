@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from lora_tools.errors import InvalidFileError, KeyMismatchError, UnsupportedModelError
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
@@ -278,7 +278,3 @@ def _unet_sgm_shapes(diffusers_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
         if k.startswith(stem):
             out[f"{p}middle_block.1.transformer_blocks.{k[len(stem):]}"] = s
     return out
-
-
-def iter_refs(model: ModelSource) -> Iterator[TensorRef]:
-    return iter(model.refs)

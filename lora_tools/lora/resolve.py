@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lora_tools.errors import KeyMismatchError, ShapeMismatchError
+from lora_tools.errors import ShapeMismatchError
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 
@@ -71,11 +71,6 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
         _check_shape(adapter, m, target, base)
         matched.append(MatchedModule(m, target))
     return LoraMatch(adapter, matched, unmatched)
-
-
-def require_all_matched(match: LoraMatch, base: str) -> None:
-    if match.unmatched:
-        raise KeyMismatchError(f"Cannot apply: {match.describe_unmatched(base)}")
 
 
 def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:

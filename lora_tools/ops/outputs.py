@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.sdxl import to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
 from lora_tools.models import ModelSource, TensorRef
@@ -189,8 +188,3 @@ def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Pa
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, root / rel)
     return hub
-
-
-def check_writable(path: Path) -> None:
-    if path.exists() and path.is_dir() and any(path.iterdir()) and not (path / "model_index.json").exists():
-        raise InvalidFileError(f"'{path}' is a non-empty folder that is not a diffusers model: refusing to replace it.")
