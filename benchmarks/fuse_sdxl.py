@@ -351,6 +351,21 @@ def writer_has_direct() -> bool:
     return "direct" in {f.name for f in dataclasses.fields(StreamingWriter)}
 
 
+def preflight(cache: Path, env: dict[str, str]) -> None:
+    """A tiny ``loratool fuse`` with the measured library, so a broken library state fails in
+    seconds instead of half-way through a full-size run."""
+    tiny = ensure_inputs(cache, "tiny")
+    out = tiny.out_dir / "preflight.safetensors"
+    remove(out)
+    cmd = loratool_cmd() + ["fuse", str(tiny.base), "--lightning", "4", "--lightning-dir", str(tiny.lora_dir),
+                            "--overwrite", "-q", "-o", str(out)]
+    p = subprocess.run(cmd, env=env, cwd=tiny.root, capture_output=True, text=True)
+    if p.returncode != 0 or not out.exists():
+        raise SystemExit(f"preflight failed: a tiny `loratool fuse` does not work with this lora_tools "
+                         f"({LIBRARY_ROOT}):\n{(p.stdout + p.stderr)[-3000:]}")
+    remove(out)
+
+
 def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
     out = inp.out_dir
     me = [sys.executable, str(Path(__file__).resolve()), "--job"]
@@ -634,6 +649,8 @@ def main() -> None:
         env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         print(f"measuring a snapshot of lora_tools: {LIBRARY_ROOT}")
     fingerprint = library_fingerprint(LIBRARY_ROOT)
+    if args.size != "tiny":
+        preflight(args.cache_dir, env)
     inp = ensure_inputs(args.cache_dir, args.size)
     base_bytes, lora_bytes = inp.base.stat().st_size, inp.lora.stat().st_size
     need = 2 * base_bytes + lora_bytes
