@@ -18,6 +18,7 @@ measure suggested fixes:
                     read buffer (no whole fp32 copy, no fp32 payload for the writer, one cheap
                     finite check per block)
   --budget MB       the pipeline's read-ahead / write-behind budget
+  --block-elems N   the library's row-block size for the patch maths (fp32 elements)
   --threads N       force torch's intra-op threads (the library uses cores - 1)
   --no-mallopt      skip the library's return_freed_memory() (glibc's dynamic mmap threshold)
   --direct on|off   outputs written with O_DIRECT forced on / off (the library's StreamingWriter
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="MB read-ahead / write-behind")
     ap.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
                     help="StreamingWriter(direct=...) for the outputs: the library's default, O_DIRECT forced on, or off")
+    ap.add_argument("--block-elems", type=int, default=None, help="lora_tools.ops.patching.BLOCK_ELEMS (fp32 elements per row block)")
     ap.add_argument("--threads", type=int, default=None, help="force torch's intra-op threads (ignores the library's choice)")
     ap.add_argument("--no-mallopt", action="store_true", help="skip the library's mallopt (fixed 1 MiB mmap threshold)")
     ap.add_argument("--json", action="store_true")
@@ -138,6 +140,10 @@ def main() -> None:
                 k["direct"] = args.direct == "on"
             return real_writer(*a, **k)
         O.StreamingWriter = writer  # type: ignore[assignment,misc]
+    if args.block_elems:
+        import lora_tools.ops.patching as PT
+
+        PT.BLOCK_ELEMS = args.block_elems
     if args.threads:
         real_set = torch.set_num_threads
         real_set(args.threads)
@@ -226,7 +232,7 @@ def main() -> None:
     out["peak_rss"] = sampler.peak
     out["peak_rss_by_phase"] = sampler.peaks
     out["inflight_at_peak"] = sampler.peak_state
-    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget", "direct", "no_mallopt", "threads")}
+    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget", "direct", "no_mallopt", "threads", "block_elems")}
     out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if args.json:
         print(json.dumps(out))
