@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,21 +153,18 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     def process(ref: TensorRef, payload: Payload) -> Payload:
         if ref.key not in patched:
             return payload
-        out, applied = patch_tensor(plan, ref, payload.as_tensor(ref), torch_dtype(plan.output_dtype(ref.dtype)),
-                                    payload.ops)
+        source = payload.as_tensor(ref)
+        out, applied = patch_tensor(plan, ref, source, torch_dtype(plan.output_dtype(ref.dtype)), payload.ops)
         stats["modules"] += applied
         stats["tensors"] += 1
-        if payload.raw is not None and out.data_ptr() == payload.as_tensor(ref).data_ptr():
-            return Payload(payload.raw, out, True)  # patched in place: the read buffer holds the result
-        return Payload(None, out, True)
+        in_place = out is source  # the read buffer now holds the result
+        return Payload(payload.raw if in_place else None, out, True)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:
             s.add(ref, payload)
         if payload.raw is not None:
             pool.give(payload.raw)
-
-    import os
 
     import torch
 
