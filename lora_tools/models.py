@@ -77,7 +77,7 @@ class ModelSource:
             f = self._files[name] = TensorFile(name, self._headers[name])
         return f
 
-    def read_raw(self, ref: TensorRef, into: bytearray | None = None) -> bytearray:
+    def read_raw(self, ref: TensorRef, into: "bytearray | memoryview | None" = None) -> "bytearray | memoryview":
         """The SGM tensor's bytes (only where ``ref.raw_ok``), optionally into a given buffer."""
         if self.layout == "sgm":
             f, key = self._file(str(self.path)), ref.key

@@ -255,12 +255,18 @@ class TensorFile:
         return bytes_to_tensor(self.read_bytes(name), self.info(name))
 
 
-def bytes_to_tensor(buf: bytearray, info: TensorInfo) -> "torch.Tensor":
+def bytes_to_tensor(buf: "bytearray | memoryview", info: TensorInfo) -> "torch.Tensor":
+    """A tensor over ``buf``'s memory (a copy only when the memory is misaligned for the dtype)."""
     import torch
 
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
+    if isinstance(buf, memoryview) and not buf.readonly:
+        from lora_tools.file_out import address
+
+        if address(buf) % DTYPE_SIZES[info.dtype]:
+            buf = bytearray(buf)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
@@ -337,7 +343,12 @@ class StreamingWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp)
-        self.total_bytes = len(header) + sum(p.nbytes for p in self.plans)
+        self._positions: dict[str, int] = {}
+        pos = len(header)
+        for p in self.plans:
+            self._positions[p.name] = pos
+            pos += p.nbytes
+        self.total_bytes = pos
         self._out = open_out(self._tmp, self.total_bytes, direct=self.direct)
         self._hasher = hashlib.sha256() if self.hash else None
         self._put(memoryview(header))
@@ -348,6 +359,10 @@ class StreamingWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if not self._done:
             self.abort()
+
+    def position(self, name: str) -> int:
+        """Byte offset in the file where tensor ``name``'s data will go."""
+        return self._positions[name]
 
     @property
     def next_name(self) -> str | None:

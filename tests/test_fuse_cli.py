@@ -597,3 +597,25 @@ def test_output_onto_the_original_unet_is_refused(assets: FuseAssets, tmp_path: 
     fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--method", "unet", "--lightning-dir",
                assets.unet_dir, "--original-unet", original, "--save", "unet", "-o", original, "--overwrite",
                names="original-unet.safetensors")
+
+
+def test_overflow_scan_is_skipped_only_where_the_factors_rule_it_out(assets: FuseAssets, tmp_path: Path) -> None:
+    """The patcher skips its NaN/Inf scan when ``rank * max|up| * max|down|`` bounds the delta far
+    below the output dtype's range; large strengths and dtype changes keep the scan."""
+    from lora_tools.ops.fuse_plan import plan_fuse
+    from lora_tools.ops.patching import needs_check
+
+    def scans(loras: list[tuple[str, float]], dtype: str) -> set[bool]:
+        plan = plan_fuse(assets.base, loras=loras, output=tmp_path / "o.safetensors", dtype=dtype)
+        try:
+            refs = [r for r in plan.base.refs if r.key in plan.patched_keys()]
+            return {needs_check(plan, r, torch_dtype(r.dtype), torch_dtype(plan.output_dtype(r.dtype))) for r in refs}
+        finally:
+            plan.close()
+
+    assert scans([(str(assets.lightning_lora), 1.0), (str(assets.style), 0.6)], "keep") == {False}
+    assert scans([(str(assets.style), 1000.0)], "keep") == {False}  # fp32 has room to spare
+    assert scans([(str(assets.style), 1.0)], "fp16") == {True}  # cast from the fp32 base: always scanned
+    tensors, meta = make_lora("tiny", fmt="kohya-sgm", targets="attn", rank=4, alpha=4.0, seed=8)
+    huge = save_tensors(tmp_path / "huge.safetensors", {k: v * 1e18 for k, v in tensors.items()}, meta)
+    assert scans([(str(huge), 1.0)], "keep") == {True}  # bound ~1e36: beyond what the rule vouches for

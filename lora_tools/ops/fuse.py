@@ -138,16 +138,20 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     patched = plan.patched_keys()
     order = interleave(plan.base.refs, patched)
     sinks = _make_sinks(plan, record, order)
+    order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. --save unet reads no VAE
     stats = {"modules": 0, "tensors": 0}
     base = plan.base
 
     pool = BufferPool()
+    first = sinks[0]
 
     def read(ref: TensorRef) -> Payload:
         # The reader thread also reads this tensor's LoRA factors, off the compute thread.
         ops = patch_ops(plan, ref) if ref.key in patched else None
         if ref.raw_ok:
-            return Payload(base.read_raw(ref, pool.take(ref.nbytes)), None, False, ops)
+            # Placed in phase with its place in the first output: written from this buffer, uncopied.
+            into = pool.take(ref.nbytes, first.position(ref) or 0)
+            return Payload(base.read_raw(ref, into), None, False, ops)
         return Payload(None, base.read(ref), False, ops)
 
     def process(ref: TensorRef, payload: Payload) -> Payload:
@@ -166,8 +170,11 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         if payload.raw is not None:
             pool.give(payload.raw)
 
+    import gc
+
     import torch
 
+    gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
     try:
@@ -180,6 +187,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         raise
     finally:
         torch.set_num_threads(threads)
+        gc.unfreeze()
     return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 from lora_tools.errors import (KeyMismatchError, OutputExistsError, ShapeMismatchError, UnsupportedModelError,
                                UsageError)
@@ -47,6 +47,7 @@ class LoraSource:
     strength: float
     label: str
     preset: AccelerationPreset | None = None
+    max_abs: Mapping[str, float] = field(default_factory=dict)  # largest |value| of each factor (by key)
 
 
 @dataclass(frozen=True)
@@ -310,23 +311,31 @@ def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strengt
     if absent:
         adapter.close()
         raise UnsupportedModelError(f"'{adapter.path}' changes {', '.join(sorted(absent))}, which '{model.path}' does not hold.")
-    _check_finite(adapter)
+    max_abs = _check_finite(adapter)
     if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
         adapter.close()
         raise UsageError(f"The strength {strength:g} of '{label}' is out of range: use a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}.")
-    return LoraSource(adapter, m, strength, label, preset)
+    return LoraSource(adapter, m, strength, label, preset, max_abs)
 
 
-def _check_finite(adapter: LoraAdapter) -> None:
+def _check_finite(adapter: LoraAdapter) -> dict[str, float]:
+    """Refuse NaN/Inf anywhere in the LoRA; return each float tensor's largest magnitude (one
+    ``aminmax`` pass each: NaN propagates into it), which bounds the deltas for the patcher."""
     import torch
 
+    max_abs: dict[str, float] = {}
     for mod in adapter.modules:
-        for role, key in mod.keys.items():
+        for key in mod.keys.values():
             t = adapter.source.tensor(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            lo, hi = (v.item() for v in torch.aminmax(t))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ShapeMismatchError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
+            max_abs[key] = max(-lo, hi)
         if mod.alpha is not None and not math.isfinite(mod.alpha):
             raise ShapeMismatchError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")
+    return max_abs
 
 
 def _check_patch_targets(model: ModelSource, patches: dict[str, list[tuple[LoraSource, MatchedModule]]]) -> None:

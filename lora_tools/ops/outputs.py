@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class Payload:
     """One base tensor on its way out: its original bytes, or a (patched) tensor."""
 
-    raw: bytearray | None
+    raw: memoryview | bytearray | None
     tensor: "torch.Tensor | None"
     patched: bool
     ops: list | None = None  # type: ignore[type-arg]  # row-block patch operations, prepared by the reader
@@ -37,7 +37,7 @@ class Payload:
         if self.tensor is not None:
             return self.tensor
         assert self.raw is not None
-        return bytes_to_tensor(self.raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, len(self.raw)))
+        return bytes_to_tensor(self.raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, ref.nbytes))
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,13 @@ class CheckpointSink:
         self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
         self.dtype_for = dtype_for
 
+    def wants(self, ref: TensorRef) -> bool:
+        return True
+
+    def position(self, ref: TensorRef) -> int | None:
+        """Where ``ref``'s bytes go in the file (``None`` when they are not written as read)."""
+        return self.writer.position(ref.key)
+
     def add(self, ref: TensorRef, payload: Payload) -> None:
         _emit(self.writer, ref.key, ref, payload, self.dtype_for(ref.dtype), None)
 
@@ -101,6 +108,11 @@ class ComponentSink:
 
     def wants(self, ref: TensorRef) -> bool:
         return bool(ref.rows) and ref.rows[0].component == self.component and ref.rows[0].diffusers is not None
+
+    def position(self, ref: TensorRef) -> int | None:
+        if not self.wants(ref) or len(ref.rows) != 1:
+            return None
+        return self.writer.position(ref.rows[0].diffusers)  # type: ignore[arg-type]
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         if not self.wants(ref):
@@ -140,6 +152,12 @@ class DiffusersFolderSink:
         except BaseException:
             self.abort()
             raise
+
+    def wants(self, ref: TensorRef) -> bool:
+        return any(s.wants(ref) for s in self.sinks)
+
+    def position(self, ref: TensorRef) -> int | None:
+        return next((s.position(ref) for s in self.sinks if s.wants(ref)), None)
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         for s in self.sinks:

@@ -1,0 +1,100 @@
+"""In-phase buffers and the O_DIRECT writer's zero-copy path; when the patcher may skip its scan.
+
+The fuse reads each tensor into a page-aligned buffer at the tensor's offset in the output modulo
+the page size, so the writer can send the tensor's whole pages to the disk from that buffer. The
+files must come out byte for byte the same as through the staging copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_tools import file_out
+from lora_tools.ops.buffers import PAGE, BufferPool, capacity_for
+from lora_tools.safetensors_io import StreamingWriter, TensorPlan
+from tests.fuse_fixtures import assets  # noqa: F401  (fixture)
+
+
+def _payloads() -> dict[str, bytes]:
+    g = torch.Generator().manual_seed(1)
+    sizes = {"small": 1001, "big.a": 700_001, "big.b": 1 << 20, "tiny": 3, "big.c": 3 * PAGE + 17, "big.d": 2_000_000}
+    return {k: torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes() for k, n in sizes.items()}
+
+
+def _write(path: Path, payloads: dict[str, bytes], *, in_phase: bool) -> StreamingWriter:
+    pool = BufferPool()
+    plans = [TensorPlan(k, "U8", (len(v),)) for k, v in payloads.items()]
+    with StreamingWriter(path, plans, {"format": "pt"}, hash=True, direct=True) as w:
+        for k, v in payloads.items():
+            view = pool.take(len(v), w.position(k) if in_phase else 1)
+            view[:] = v
+            w.write(k, view)
+            pool.give(view)
+        w.finalize()
+    return w
+
+
+def test_in_phase_buffers_skip_the_copy_and_write_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(file_out, "ZERO_COPY_MIN_BYTES", 4096)
+    zero_copy: list[int] = []
+    original = file_out.DirectOut._write_pages
+    monkeypatch.setattr(file_out.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
+    payloads = _payloads()
+    direct = _write(tmp_path / "direct.safetensors", payloads, in_phase=True)
+    if not isinstance(direct._out, file_out.DirectOut) and not zero_copy:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    copied = _write(tmp_path / "copied.safetensors", payloads, in_phase=False)
+    data = (tmp_path / "direct.safetensors").read_bytes()
+    assert data == (tmp_path / "copied.safetensors").read_bytes()
+    assert direct.sha256 == copied.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(zero_copy) == 4 and all(n % PAGE == 0 for n in zero_copy)  # the four tensors over a page went uncopied
+    assert sum(zero_copy) > 0.9 * sum(len(v) for k, v in payloads.items() if k.startswith("big"))
+
+
+def test_pool_places_views_in_phase_and_reuses_bigger_buffers():
+    pool = BufferPool(limit=64 << 20)
+    for phase in (0, 1, 2, 4095, 4096 + 7):
+        view = pool.take(10_000, phase)
+        assert view.nbytes == 10_000 and file_out.address(view) % PAGE == phase % PAGE
+        pool.give(view)
+    big = pool.take(5 << 20)
+    block = big.obj
+    pool.give(big)
+    again = pool.take(4 << 20, 123)  # fits the freed 5 MB buffer: no new mapping
+    assert again.obj is block
+    assert isinstance(block, mmap.mmap) and len(block) == capacity_for(5 << 20)
+
+
+def test_pool_keeps_at_most_its_limit():
+    pool = BufferPool(limit=8 << 20)
+    views = [pool.take(3 << 20) for _ in range(5)]
+    for v in views:
+        pool.give(v)
+    assert pool._held <= 8 << 20
+
+
+def test_fuse_through_the_zero_copy_path_writes_the_same_file(assets, tmp_path, monkeypatch):  # noqa: F811
+    from lora_tools.ops.fuse import fuse
+
+    loras = [(str(assets.lightning_lora), 1.0), (str(assets.style), 0.6)]
+    plain = fuse(assets.base, loras=loras, output=tmp_path / "plain.safetensors").files[0]
+    monkeypatch.setattr(file_out, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(file_out, "ZERO_COPY_MIN_BYTES", PAGE)
+    zero_copy: list[int] = []
+    original = file_out.DirectOut._write_pages
+    monkeypatch.setattr(file_out.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
+    direct = fuse(assets.base, loras=loras, output=tmp_path / "direct.safetensors").files[0]
+    if not zero_copy:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    a, b = plain.path.read_bytes(), direct.path.read_bytes()
+    start = 8 + int.from_bytes(a[:8], "little")
+    assert len(a) == len(b) and a[start:] == b[start:]  # every tensor byte
+    created = re.compile(rb'created\\": \\"[0-9TZ:-]+')  # the record's time may differ by a second
+    assert created.search(a[:start]) and created.sub(b"", a[:start]) == created.sub(b"", b[:start])
+    assert direct.sha256 == hashlib.sha256(b).hexdigest()
