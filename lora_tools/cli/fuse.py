@@ -57,8 +57,7 @@ def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str
         loratool fuse base.safetensors --lora ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors --dry-run
     """
     from lora_tools.hub import parse_source
-    from lora_tools.ops.fuse import run_fuse
-    from lora_tools.ops.fuse_plan import plan_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse  # torch-free: the LoRA hashing starts before torch loads
 
     plan = plan_fuse(
         base, lightning=int(lightning) if lightning else None, method=method,  # type: ignore[arg-type]
@@ -73,6 +72,8 @@ def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str
         if dry_run:
             _print_plan(plan)
             return
+        from lora_tools.ops.fuse import run_fuse
+
         with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet) as advance:
             result = run_fuse(plan, progress=advance)
         _print_summary(plan, result)
