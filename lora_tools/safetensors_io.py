@@ -256,17 +256,12 @@ class TensorFile:
 
 
 def bytes_to_tensor(buf: "bytearray | memoryview", info: TensorInfo) -> "torch.Tensor":
-    """A tensor over ``buf``'s memory (a copy only when the memory is misaligned for the dtype)."""
+    """A tensor over ``buf``'s memory (which must be aligned for the dtype)."""
     import torch
 
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    if isinstance(buf, memoryview) and not buf.readonly:
-        from lora_tools.file_out import address
-
-        if address(buf) % DTYPE_SIZES[info.dtype]:
-            buf = bytearray(buf)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 

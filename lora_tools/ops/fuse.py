@@ -149,8 +149,10 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         # The reader thread also reads this tensor's LoRA factors, off the compute thread.
         ops = patch_ops(plan, ref) if ref.key in patched else None
         if ref.raw_ok:
-            # Placed in phase with its place in the first output: written from this buffer, uncopied.
-            into = pool.take(ref.nbytes, first.position(ref) or 0)
+            # Placed in phase with its place in the first output, the writer sends it to the disk
+            # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
+            phase = first.position(ref) or 0
+            into = pool.take(ref.nbytes, phase if phase % 8 == 0 else 0)
             return Payload(base.read_raw(ref, into), None, False, ops)
         return Payload(None, base.read(ref), False, ops)
 
