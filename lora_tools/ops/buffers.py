@@ -1,33 +1,26 @@
-"""Reusable, page-aligned byte buffers for streaming: no zero-filling, no fresh page faults per tensor.
+"""Read buffers for streaming: one page-aligned ring, reused lap after lap.
 
-SDXL repeats a few hundred tensor sizes thousands of times; handing a finished tensor's buffer
-to the next tensor of the same size saves the kernel from mapping and zeroing new pages for
-every read, and keeps resident memory flat.
+Tensors are read, patched and written in order, so their buffers are taken and given back in
+(nearly) the same order: a ring allocator fits. After the first lap no page is faulted in or
+zeroed again, and resident memory stays at the ring's size whatever the model.
 
-A tensor is placed in its buffer at a *phase*: its byte offset in the output file modulo the page
-size. The bytes then sit exactly as the page-aligned O_DIRECT writer wants them, and it sends the
-tensor's whole pages to the disk from this buffer, without a staging copy
-(:class:`lora_tools.file_out.DirectOut`).
+A tensor is placed at a *phase*: its byte offset in the output file modulo the page size. Its
+bytes then sit exactly as the O_DIRECT writer wants them, and it sends the tensor's whole pages to
+the disk from this buffer, without a staging copy (:class:`lora_tools.file_out.DirectOut`).
 """
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import threading
+from collections import deque
 
-#: Bytes of free buffers a pool keeps for reuse.
-POOL_BYTES = 256 << 20
+from lora_tools.file_out import address
+
+#: Size of the ring: the pipeline's read-ahead and write-behind budgets, with room to spare.
+RING_BYTES = 320 << 20
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
-
-
-def capacity_for(nbytes: int) -> int:
-    """Buffer size that holds ``nbytes`` at any phase: one spare page, rounded up to a size class
-    (eighths of a power of two, so that tensors of similar sizes share buffers; at most 1/8 lost)."""
-    need = -(-nbytes // PAGE) * PAGE + PAGE
-    step = max(PAGE, (1 << (need - 1).bit_length()) // 8)
-    return -(-need // step) * step
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -42,38 +35,58 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return block
 
 
-class BufferPool:
-    """A thread-safe free list of page-aligned buffers (anonymous mappings), holding at most
-    ``limit`` bytes. A request takes the smallest free buffer that fits (up to twice its size),
-    so buffers move between tensors of different sizes instead of being unmapped and mapped again."""
+class BufferRing:
+    """Thread-safe ring of byte buffers. :meth:`take` never waits: when the ring has no room (a
+    tensor larger than the free span, or more in flight than the ring holds) the buffer is a
+    mapping of its own, released when dropped."""
 
-    def __init__(self, limit: int = POOL_BYTES):
-        self.limit = limit
-        self._free: list[mmap.mmap] = []  # by size
-        self._held = 0
+    def __init__(self, size: int = RING_BYTES):
+        self.size = size
+        self._block = aligned_buffer(size)
+        self._base = address(memoryview(self._block)[:1])
+        self._spans: deque[list[int]] = deque()  # [start, end, given back], in the order taken
+        self._head = 0
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, phase: int = 0) -> memoryview:
         """A writable view of ``nbytes`` that starts ``phase`` bytes (mod page size) past a page boundary."""
-        cap = capacity_for(nbytes)
-        block = None
+        if nbytes == 0:
+            return memoryview(bytearray())
         with self._lock:
-            i = bisect.bisect_left(self._free, cap, key=len)
-            if i < len(self._free) and len(self._free[i]) <= 2 * cap:
-                block = self._free.pop(i)
-                self._held -= len(block)
-        if block is None:
-            block = aligned_buffer(cap)
-        start = phase % PAGE
-        return memoryview(block)[start:start + nbytes]
+            start = self._fit(nbytes, phase % PAGE)
+            if start is not None:
+                self._spans.append([start, start + nbytes, 0])
+                self._head = start + nbytes
+                return memoryview(self._block)[start:start + nbytes]
+        own = aligned_buffer(-(-(nbytes + PAGE) // PAGE) * PAGE)
+        return memoryview(own)[phase % PAGE:phase % PAGE + nbytes]
 
     def give(self, view: memoryview) -> None:
-        """Return a view's buffer (anything not from :meth:`take` is ignored)."""
-        block = view.obj
-        if not isinstance(block, mmap.mmap):
+        """Hand a view back once nothing reads it any more (views not from the ring are ignored)."""
+        if view.obj is not self._block:
             return
+        start = address(view) - self._base
         with self._lock:
-            bisect.insort(self._free, block, key=len)
-            self._held += len(block)
-            while self._held > self.limit:  # drop the smallest: the big ones cost most to map again
-                self._held -= len(self._free.pop(0))
+            for span in self._spans:
+                if span[0] == start and not span[2]:
+                    span[2] = 1
+                    break
+            while self._spans and self._spans[0][2]:
+                self._spans.popleft()
+
+    def _fit(self, nbytes: int, phase: int) -> int | None:
+        def placed(at: int) -> int:
+            return at + (phase - at) % PAGE
+
+        if not self._spans:
+            start = placed(0)
+            return start if start + nbytes <= self.size else None
+        tail = self._spans[0][0]
+        if self._head > tail:  # in use: [tail, head); free: [head, size) then [0, tail)
+            start = placed(self._head)
+            if start + nbytes <= self.size:
+                return start
+            start = placed(0)
+            return start if start + nbytes < tail else None
+        start = placed(self._head)  # wrapped: free is [head, tail)
+        return start if start + nbytes < tail else None

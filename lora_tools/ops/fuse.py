@@ -14,13 +14,13 @@ from typing import Callable
 from lora_tools import __version__
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
-from lora_tools.ops.buffers import BufferPool
+from lora_tools.ops.buffers import BufferRing
 from lora_tools.ops.patching import patch_ops, patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
                                     tokenizer_provider)
 from lora_tools.ops.streaming import run_pipeline
 from lora_tools.provenance import LORATOOL_METADATA_KEY
-from lora_tools.safetensors_io import torch_dtype
+from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     stats = {"modules": 0, "tensors": 0}
     base = plan.base
 
-    pool = BufferPool()
+    buffers = BufferRing()
     first = sinks[0]
 
     def read(ref: TensorRef) -> Payload:
@@ -152,7 +152,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
             # Placed in phase with its place in the first output, the writer sends it to the disk
             # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
             phase = first.position(ref) or 0
-            into = pool.take(ref.nbytes, phase if phase % 8 == 0 else 0)
+            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0)
             return Payload(base.read_raw(ref, into), None, False, ops)
         return Payload(None, base.read(ref), False, ops)
 
@@ -163,14 +163,17 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
         out, applied = patch_tensor(plan, ref, source, torch_dtype(plan.output_dtype(ref.dtype)), payload.ops)
         stats["modules"] += applied
         stats["tensors"] += 1
-        in_place = out is source  # the read buffer now holds the result
-        return Payload(payload.raw if in_place else None, out, True)
+        if out is source:  # the read buffer now holds the result
+            return Payload(payload.raw, out, True)
+        if payload.raw is not None:
+            buffers.give(payload.raw)
+        return Payload(None, out, True)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:
             s.add(ref, payload)
         if payload.raw is not None:
-            pool.give(payload.raw)
+            buffers.give(payload.raw)
 
     import gc
 

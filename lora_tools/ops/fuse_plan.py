@@ -121,15 +121,15 @@ class FusePlan:
         return total
 
     def predicted_peak_bytes(self) -> int:
-        """Interpreter and torch, reads and writes in flight, the buffer pool, the largest tensor
-        (whole, plus its output copy when the dtype changes), and the staging buffers."""
-        from lora_tools.ops.buffers import POOL_BYTES
+        """Interpreter and torch, the read buffers' ring (reads and writes in flight), the largest
+        tensor (whole, plus its output copy when the dtype changes), and the staging buffers."""
+        from lora_tools.ops.buffers import RING_BYTES
         from lora_tools.ops.streaming import MAX_INFLIGHT_BYTES
 
         largest = max((r.nbytes for r in self.base.refs), default=0)
         if self.out_dtype is not None:
             largest *= 3  # an output copy of up to twice the bytes (fp16 -> fp32)
-        return _RUNTIME_BYTES + 2 * MAX_INFLIGHT_BYTES + POOL_BYTES + largest + 16 * len(self.outputs) * (1 << 20)
+        return _RUNTIME_BYTES + max(RING_BYTES, 2 * MAX_INFLIGHT_BYTES) + largest + 16 * len(self.outputs) * (1 << 20)
 
     def close(self) -> None:
         self.base.close()
