@@ -600,7 +600,7 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         "wall time: other processes, plus kernel threads working for the job (page-cache writeback), so a few tenths "
         "are normal for jobs that write; more means another process competed for the 2 cores. Free RAM at start is "
         "MemFree when the job began. On this VM buffered writes are bound by kernel CPU (CPU s close to wall s) and "
-        "that cost varies a lot from run to run for the same copy (`cp` + `sync` took 2.9 to 15.5 s of wall time "
+        "that cost varies a lot from run to run for the same copy (`cp` + `sync` took 2.9 to 16.4 s of wall time "
         "during this work; low free memory makes it worse, but not always), so the `cp` reference moves; O_DIRECT "
         "writes, which bypass the page cache, stay steady. When `cp` varied, the targets table also compares the "
         "fuse with the fastest `cp` run.",
