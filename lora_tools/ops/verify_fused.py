@@ -6,10 +6,12 @@ diffusers is the oracle: the base is loaded into diffusers models, the LoRAs are
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from lora_tools.errors import UnsupportedModelError
 from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
@@ -34,6 +36,32 @@ class FuseCheck:
         return self.max_rel_diff <= self.tolerance
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers', transformers' and PEFT's own chatter (info lines, loading bars,
+    "no LoRA keys for the text encoder" notes) while we drive them: the library never prints."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
 def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignore[no-untyped-def]
     """A diffusers ``StableDiffusionXLPipeline`` holding a single file's weights (converted by our tables).
 
@@ -43,7 +71,9 @@ def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignor
     import tempfile
 
     import torch
-    from diffusers import StableDiffusionXLPipeline
+
+    with quiet_diffusers():  # importing the pipeline makes transformers talk about torchvision
+        from diffusers import StableDiffusionXLPipeline
 
     from lora_tools.diffusers_folder import component_config
     from lora_tools.synthetic import write_pipeline_files
@@ -69,7 +99,8 @@ def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignor
             save_tensors(folder / name, {k: v.float() for k, v in state[comp].items()}, {"format": "pt"})  # type: ignore[index]
         write_pipeline_files(root, cfg)
         torch_dtype = torch.float32 if dtype == "fp32" else torch.float16
-        return StableDiffusionXLPipeline.from_pretrained(root, dtype=torch_dtype, local_files_only=True), cfg
+        with quiet_diffusers():
+            return StableDiffusionXLPipeline.from_pretrained(root, dtype=torch_dtype, local_files_only=True), cfg
 
 
 def compare_with_runtime_lora(base: str | Path, fused: str | Path, loras: Sequence[tuple[str | Path, float]],
@@ -88,11 +119,12 @@ def compare_with_runtime_lora(base: str | Path, fused: str | Path, loras: Sequen
 def _compare(base: str | Path, fused: str | Path, loras: Sequence[tuple[str | Path, float]],
              tolerance: float | None) -> FuseCheck:
     pipe, cfg = build_pipeline(base)
-    for i, (path, strength) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-    pipe.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=[s for _, s in loras])
-    pipe.fuse_lora(adapter_names=[f"l{i}" for i in range(len(loras))], lora_scale=1.0)
-    pipe.unload_lora_weights()
+    with quiet_diffusers():
+        for i, (path, strength) in enumerate(loras):
+            pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        pipe.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=[s for _, s in loras])
+        pipe.fuse_lora(adapter_names=[f"l{i}" for i in range(len(loras))], lora_scale=1.0)
+        pipe.unload_lora_weights()
     before = sgm_to_diffusers_state_dicts(load_tensors(base), cfg.table, ["unet", "te1", "te2"])
     header = read_header(fused)
     fused_sd = sgm_to_diffusers_state_dicts(load_tensors(fused), cfg.table, ["unet", "te1", "te2"])
@@ -120,13 +152,16 @@ def render_grid(diffusers_dir: str | Path, png: str | Path, *, prompts: Sequence
                 seed: int = 0, size: int = 64) -> Path:
     """Render ``prompts`` with the sampler settings recorded in the folder's UNet, as one PNG grid."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from PIL import Image
+
+    with quiet_diffusers():
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     folder = Path(diffusers_dir)
     record = read_provenance(read_header(folder / "unet" / "diffusion_pytorch_model.safetensors").metadata) or {}
     sampler = record.get("sampler") or {"steps": 4, "guidance_scale": 0.0, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    with quiet_diffusers():
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=sampler["timestep_spacing"],
                                                         prediction_type=sampler["prediction_type"])
     pipe.set_progress_bar_config(disable=True)
