@@ -27,8 +27,7 @@ def demo_command(folder: Path, no_render: bool) -> None:
     from lora_tools.ops.verify_fused import compare_with_runtime_lora
     from lora_tools.synthetic_lora import write_lightning_lora, write_lora
 
-    if folder.exists():
-        shutil.rmtree(folder)
+    _fresh_folder(folder)
     lightning_dir = folder / "SDXL-Lightning"
     click.echo(f"1. Building synthetic models in {folder}/ (tiny SDXL topology, random weights)")
     base = synthetic.write_checkpoint(folder / "community-checkpoint.safetensors", "tiny", dtype="fp16", seed=1,
@@ -71,3 +70,19 @@ def demo_command(folder: Path, no_render: bool) -> None:
         png = render_grid(diffusers_dir, folder / "fused-4step-grid.png")
         click.echo(f"5. Rendered with the recorded sampler settings (Euler, trailing, 4 steps, CFG 0): {png}")
     click.echo("Done. Open the files above, or run: loratool inspect " + str(ckpt))
+
+
+#: A file the demo leaves in its folder, so that a later run may clear that folder (and no other).
+DEMO_MARKER = ".loratool-demo"
+
+
+def _fresh_folder(folder: Path) -> None:
+    """Empty ``folder`` for a new run; refuse a folder the demo did not make."""
+    from lora_tools.errors import UsageError
+
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / DEMO_MARKER).is_file():
+            raise UsageError(f"'{folder}' exists and was not made by loratool demo: pass another --dir.")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("made by loratool demo; the next run empties this folder\n")
