@@ -66,15 +66,30 @@ def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, 
     writer.write(name, t.contiguous())
 
 
-class CheckpointSink:
+class _FileSink:
+    """One safetensors output file, hashed while written."""
+
+    kind: str
+
+    def __init__(self, path: Path, plans: list[TensorPlan], dtype_for: DtypeFor, metadata: Mapping[str, str]):
+        self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
+        self.dtype_for = dtype_for
+
+    def finalize(self) -> list[WrittenFile]:
+        p = self.writer.finalize()
+        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class CheckpointSink(_FileSink):
     """The whole single file in SGM layout: the base's keys, in processing order."""
 
     kind = "checkpoint"
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], dtype_for: DtypeFor, metadata: Mapping[str, str]):
-        plans = [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in refs]
-        self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
-        self.dtype_for = dtype_for
+        super().__init__(path, [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in refs], dtype_for, metadata)
 
     def wants(self, ref: TensorRef) -> bool:
         return True
@@ -86,15 +101,8 @@ class CheckpointSink:
     def add(self, ref: TensorRef, payload: Payload) -> None:
         _emit(self.writer, ref.key, ref, payload, self.dtype_for(ref.dtype), None)
 
-    def finalize(self) -> list[WrittenFile]:
-        p = self.writer.finalize()
-        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
 
-    def abort(self) -> None:
-        self.writer.abort()
-
-
-class ComponentSink:
+class ComponentSink(_FileSink):
     """One component in diffusers layout (a standalone UNet file, or one file of a folder)."""
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], component: Component, dtype_for: DtypeFor,
@@ -103,8 +111,7 @@ class ComponentSink:
         self.kind = kind
         plans = [TensorPlan(row.diffusers, dtype_for(r.dtype), row.diffusers_shape)  # type: ignore[arg-type]
                  for r in refs if self.wants(r) for row in r.rows]
-        self.writer = StreamingWriter(path, plans, dict(metadata), hash=True)
-        self.dtype_for = dtype_for
+        super().__init__(path, plans, dtype_for, metadata)
 
     def wants(self, ref: TensorRef) -> bool:
         return bool(ref.rows) and ref.rows[0].component == self.component and ref.rows[0].diffusers is not None
@@ -119,13 +126,6 @@ class ComponentSink:
             return
         for row in ref.rows:
             _emit(self.writer, row.diffusers, ref, payload, self.dtype_for(ref.dtype), row)  # type: ignore[arg-type]
-
-    def finalize(self) -> list[WrittenFile]:
-        p = self.writer.finalize()
-        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
-
-    def abort(self) -> None:
-        self.writer.abort()
 
 
 class DiffusersFolderSink:
