@@ -109,6 +109,7 @@ def resolve_file(
     local_files_only: bool | None = None,
     cache_dir: Path | None = None,
     pass_with: str = "--lora PATH",
+    instead: str | None = None,
     tqdm_class: Any | None = None,
 ) -> Path:
     """Return the local path of a hub file, downloading it into the Hugging Face cache if needed.
@@ -123,6 +124,8 @@ def resolve_file(
             as set now, else ``huggingface_hub``'s default.
         pass_with (`str`, *optional*, defaults to ``"--lora PATH"``): the CLI option the error
             message suggests for passing the file locally.
+        instead (`str`, *optional*): for files that cannot be passed locally, what the error
+            message suggests instead of ``pass_with`` (a sentence).
         tqdm_class (*optional*): progress bar class handed to ``hf_hub_download``.
 
     Returns:
@@ -153,7 +156,8 @@ def resolve_file(
 
     what = f"Cannot get '{filename}' from {repo_id}" + (f" (revision {revision})" if revision else "")
     download = _cli("download", repo_id, filename, *(("--revision", revision) if revision else ()))
-    elsewhere = f"on a machine with network ({download}) and pass it with {pass_with}."
+    elsewhere = f"on a machine with network ({download}) and pass it with {pass_with}." if instead is None else \
+        f"into the Hugging Face cache ({download}); {instead}"
     tree = f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
 
     logger.debug("hf_hub_download(%r, %r, %s)", repo_id, filename, kwargs)

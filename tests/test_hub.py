@@ -133,6 +133,13 @@ class TestResolveFile:
         msg = str(info.value)
         assert "(revision v1)" in msg and "--revision v1" in msg and msg.endswith("--base-unet PATH.")
 
+    def test_files_without_a_local_option_suggest_an_alternative(self, hf_home: Path) -> None:
+        with pytest.raises(HubError) as info:
+            resolve_file(SDXL_BASE_REPO, "tokenizer/vocab.json", instead="--save unet needs no tokenizer.")
+        msg = str(info.value)
+        assert "into the Hugging Face cache (" in msg and "tokenizer/vocab.json)" in msg
+        assert msg.endswith("; --save unet needs no tokenizer.") and "pass it with" not in msg
+
     def test_offline_env_read_at_call_time(self, hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         # huggingface_hub read HF_HUB_OFFLINE at import; our flag must follow the environment now.
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)

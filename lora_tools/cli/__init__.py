@@ -58,7 +58,16 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """
     ctx.meta["loratool.debug"] = debug or os.environ.get("LORATOOL_DEBUG") == "1"
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Our own logger only: huggingface_hub and diffusers print their warnings through their own
+    # handlers, and a root handler would print each of them a second time.
+    log = logging.getLogger("lora_tools")
+    for old in [h for h in log.handlers if getattr(h, "_loratool", False)]:
+        log.removeHandler(old)  # the stream of an earlier invocation (tests run several in one process)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._loratool = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(level)
 
 
 def main() -> None:

@@ -199,7 +199,7 @@ def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Pa
     for name in ("tokenizer", "tokenizer_2"):
         for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
             files[f"{name}/{f}"] = resolve_file(SDXL_BASE_REPO, f"{name}/{f}", revision=None,
-                                                pass_with="--save checkpoint or --save unet instead")
+                                                instead="--save checkpoint and --save unet need no tokenizer.")
 
     def hub(root: Path) -> None:
         for rel, src in files.items():
