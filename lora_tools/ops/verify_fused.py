@@ -154,16 +154,17 @@ def render_grid(diffusers_dir: str | Path, png: str | Path, *, prompts: Sequence
     import torch
     from PIL import Image
 
+    from lora_tools.ops.sampling import scheduler_for
+
     with quiet_diffusers():
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
 
     folder = Path(diffusers_dir)
     record = read_provenance(read_header(folder / "unet" / "diffusion_pytorch_model.safetensors").metadata) or {}
     sampler = record.get("sampler") or {"steps": 4, "guidance_scale": 0.0, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
     with quiet_diffusers():
         pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=sampler["timestep_spacing"],
-                                                        prediction_type=sampler["prediction_type"])
+    pipe.scheduler = scheduler_for(sampler)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(list(prompts), num_inference_steps=int(sampler["steps"]), guidance_scale=float(sampler["guidance_scale"]),
                   height=size, width=size, generator=torch.Generator().manual_seed(seed)).images
