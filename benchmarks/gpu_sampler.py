@@ -12,7 +12,8 @@ Lightning-shaped LoRA, in one process:
    not fused), and the base VAE;
 4. both through ``StableDiffusionXLPipeline`` with the settings the fuse recorded (Euler,
    trailing, 4 steps, CFG 0), the same prompt embeddings and starting noise: warm-up, then timed
-   runs (to the last kernel, VAE decode included), and the difference of the final latents;
+   runs (to the last kernel) with and without the VAE decode, and the difference of the final
+   latents;
 5. an image grid (fused | runtime LoRA) and a JSON + markdown report under ``--out``.
 
 Random weights make noise images; the point is the sampler settings, the agreement of the two
@@ -143,13 +144,17 @@ def main() -> None:
         with torch.inference_mode():
             run_sampler(pipe, sampler, cond, size=size, seed=0)  # warm-up
             runs = [run_sampler(pipe, sampler, cond, size=size, seed=0) for _ in range(args.runs)]
+            unet_only = [run_sampler(pipe, sampler, cond, size=size, seed=0, decode=False)[0].seconds
+                         for _ in range(args.runs)]
         results[name] = runs
+        report[f"{name}_unet_s"] = round(statistics.median(unet_only), 4)
         images.append(runs[-1][1][0])
         secs = [r.seconds for r, _ in runs]
         report[f"{name}_s_per_image"] = {"median": round(statistics.median(secs), 4), "min": round(min(secs), 4),
                                          "max": round(max(secs), 4)}
         print(f"{name}: {statistics.median(secs) * 1000:.1f} ms per {size}x{size} image "
-              f"({sampler['steps']} steps + VAE decode)", flush=True)
+              f"({sampler['steps']} steps + VAE decode; the steps alone {statistics.median(unet_only) * 1000:.1f} ms)",
+              flush=True)
     a = results["fused"][-1][0].latents
     b = results["runtime_lora"][-1][0].latents
     report["finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
