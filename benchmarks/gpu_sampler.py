@@ -73,7 +73,7 @@ def load_models(base: Path, lora: Path, fused_unet: Path, device: str, dtype):  
 
     from lora_tools.diffusers_folder import component_config
     from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
-    from lora_tools.ops.verify_fused import quiet_diffusers
+    from lora_tools.ops.sampling import quiet_diffusers
     from lora_tools.safetensors_io import load_tensors, read_header
 
     cfg = config_from_shapes({k: t.shape for k, t in read_header(base).tensors.items()})

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from lora_tools.errors import UsageError
+
 
 @click.command("demo")
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
@@ -78,8 +80,6 @@ DEMO_MARKER = ".loratool-demo"
 
 def _fresh_folder(folder: Path) -> None:
     """Empty ``folder`` for a new run; refuse a folder the demo did not make."""
-    from lora_tools.errors import UsageError
-
     if folder.exists() and any(folder.iterdir()):
         if not (folder / DEMO_MARKER).is_file():
             raise UsageError(f"'{folder}' exists and was not made by loratool demo: pass another --dir.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -174,8 +175,6 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
             s.add(ref, payload)
         if payload.raw is not None:
             buffers.give(payload.raw)
-
-    import gc
 
     import torch
 

@@ -11,14 +11,42 @@ Synthetic models have no real tokenizer, so the pipeline here takes prompt embed
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 if TYPE_CHECKING:
     import torch
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers', transformers' and PEFT's own chatter (info lines, loading bars,
+    "no LoRA keys for the text encoder" notes) while we drive them: the library never prints."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 def pick_device(device: str = "auto") -> str:
@@ -41,8 +69,6 @@ def scheduler_for(sampler: Mapping[str, Any]) -> Any:
 def sampler_pipeline(unet: Any, vae: Any, sampler: Mapping[str, Any]) -> Any:
     """A ``StableDiffusionXLPipeline`` without text encoders (prompts come as embeddings)."""
     from diffusers import StableDiffusionXLPipeline
-
-    from lora_tools.ops.verify_fused import quiet_diffusers
 
     with quiet_diffusers():
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,

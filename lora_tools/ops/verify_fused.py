@@ -6,15 +6,14 @@ diffusers is the oracle: the base is loaded into diffusers models, the LoRAs are
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from lora_tools.errors import UnsupportedModelError
 from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
+from lora_tools.ops.sampling import quiet_diffusers, scheduler_for
 from lora_tools.provenance import read_provenance
 from lora_tools.safetensors_io import load_tensors, read_header
 
@@ -34,32 +33,6 @@ class FuseCheck:
     @property
     def ok(self) -> bool:
         return self.max_rel_diff <= self.tolerance
-
-
-@contextlib.contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers', transformers' and PEFT's own chatter (info lines, loading bars,
-    "no LoRA keys for the text encoder" notes) while we drive them: the library never prints."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
 
 
 def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignore[no-untyped-def]
@@ -153,8 +126,6 @@ def render_grid(diffusers_dir: str | Path, png: str | Path, *, prompts: Sequence
     """Render ``prompts`` with the sampler settings recorded in the folder's UNet, as one PNG grid."""
     import torch
     from PIL import Image
-
-    from lora_tools.ops.sampling import scheduler_for
 
     with quiet_diffusers():
         from diffusers import StableDiffusionXLPipeline
