@@ -80,14 +80,14 @@ def ensure_inputs(cache: Path, size: str) -> Inputs:
     inp.lora_dir.mkdir(parents=True, exist_ok=True)
     inp.out_dir.mkdir(parents=True, exist_ok=True)
     if not inp.base.exists():
-        from lora_tools.synthetic import write_checkpoint
+        from lora_tools.testing.synthetic import write_checkpoint
 
         print(f"building {inp.base} (synthetic SDXL, fp16, streamed) ...", flush=True)
         t = time.perf_counter()
         write_checkpoint(inp.base, size, dtype="fp16")  # type: ignore[arg-type]
         print(f"  {inp.base.stat().st_size / GB:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
     if not inp.lora.exists():
-        from lora_tools.synthetic_lora import write_lightning_lora
+        from lora_tools.testing.synthetic_lora import write_lightning_lora
 
         print(f"building {inp.lora} (Lightning-shaped LoRA) ...", flush=True)
         write_lightning_lora(inp.lora, size)  # type: ignore[arg-type]
@@ -405,7 +405,7 @@ def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: i
     from lora_tools.layouts.sdxl import to_diffusers
     from lora_tools.models import open_model
     from lora_tools.safetensors_io import TensorFile
-    from lora_tools.synthetic_lora import LCM_TARGETS
+    from lora_tools.testing.synthetic_lora import LCM_TARGETS
 
     with TensorFile(ours_path) as ours, TensorFile(theirs_path) as theirs, open_model(inp.base) as base:
         ok, kt = set(ours.keys()), set(theirs.keys())

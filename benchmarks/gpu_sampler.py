@@ -41,8 +41,8 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def build_inputs(work: Path, size: str) -> tuple[Path, Path]:
-    from lora_tools.synthetic import write_checkpoint
-    from lora_tools.synthetic_lora import write_lightning_lora
+    from lora_tools.testing.synthetic import write_checkpoint
+    from lora_tools.testing.synthetic_lora import write_lightning_lora
 
     base = work / f"sdxl-{size}-fp16.safetensors"
     lora = work / "lightning" / "sdxl_lightning_4step_lora.safetensors"

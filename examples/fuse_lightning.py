@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import lora_tools
-from lora_tools import synthetic
-from lora_tools.synthetic_lora import write_lightning_lora
+from lora_tools.testing import synthetic
+from lora_tools.testing.synthetic_lora import write_lightning_lora
 
 work = Path(tempfile.mkdtemp())
 base = synthetic.write_checkpoint(work / "my-checkpoint.safetensors", "tiny")

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import lora_tools
-from lora_tools.synthetic_lora import write_lightning_lora
+from lora_tools.testing.synthetic_lora import write_lightning_lora
 
 if len(sys.argv) > 1:
     path = Path(sys.argv[1])

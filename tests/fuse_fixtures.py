@@ -25,8 +25,8 @@ import torch
 from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import sgm_to_diffusers_state_dicts
 from lora_tools.safetensors_io import load_tensors
-from lora_tools.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
-from lora_tools.synthetic_lora import select_targets, write_lora
+from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
+from lora_tools.testing.synthetic_lora import select_targets, write_lora
 
 LIGHTNING_LORA = "sdxl_lightning_4step_lora.safetensors"
 LIGHTNING_UNET_4 = "sdxl_lightning_4step_unet.safetensors"

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.safetensors_io import save_tensors
-from lora_tools.synthetic_lora import write_lora
+from lora_tools.testing.synthetic_lora import write_lora
 
 
 def inspect_fails(path: Path, *args: str) -> str:

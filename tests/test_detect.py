@@ -73,7 +73,7 @@ def test_sd15_single_file_is_refused_with_a_reason(tmp_path):
 
 
 def test_lora_passed_as_base_says_so(tmp_path):
-    from lora_tools.synthetic_lora import write_lora
+    from lora_tools.testing.synthetic_lora import write_lora
 
     lora = write_lora(tmp_path / "style.safetensors", "tiny")
     with pytest.raises(UnsupportedModelError, match="It looks like a LoRA: pass it with --lora"):

@@ -27,8 +27,8 @@ from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse
 from lora_tools.safetensors_io import (StreamingWriter, TensorFile, TensorPlan, load_tensors, read_header,
                                        save_tensors, torch_dtype)
-from lora_tools.synthetic import ALL_COMPONENTS, checkpoint_plan
-from lora_tools.synthetic_lora import make_lora, write_lora
+from lora_tools.testing.synthetic import ALL_COMPONENTS, checkpoint_plan
+from lora_tools.testing.synthetic_lora import make_lora, write_lora
 from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     BASE_METADATA,
     LIGHTNING_LORA,

@@ -19,8 +19,8 @@ import lora_tools
 from lora_tools.cli import cli
 from lora_tools.layouts import FULL, SGM_PREFIXES, TINY
 from lora_tools.safetensors_io import TensorPlan, build_header, read_header, save_tensors
-from lora_tools.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
-from lora_tools.synthetic_lora import make_lora, module_keys, select_targets, write_lightning_lora, write_lora
+from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
+from lora_tools.testing.synthetic_lora import make_lora, module_keys, select_targets, write_lightning_lora, write_lora
 
 LIGHTNING_NAME = "sdxl_lightning_4step_lora.safetensors"
 

@@ -9,19 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tools import synthetic
+from lora_tools.testing import synthetic
 from lora_tools.errors import KeyMismatchError
 from lora_tools.layouts import FULL, TINY, config_from_shapes
 from lora_tools.layouts.sdxl import diffusers_to_sgm_state_dict, sgm_to_diffusers_state_dicts
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.safetensors_io import load_tensors, read_header
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sdxl-sgm-keys.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "lora_tools" / "layouts" / "data" / "sdxl-sgm-keys.json"
 
 
 def _golden() -> dict[str, list]:
-    if not GOLDEN.exists():
-        pytest.skip(f"golden key list not found at {GOLDEN}")
     return json.loads(GOLDEN.read_text())["keys"]
 
 
@@ -49,7 +47,7 @@ def test_full_size_synthetic_header_covers_the_layout(tmp_path):
 
 
 def test_lightning_target_list_has_788_modules_on_full_sdxl():
-    from lora_tools.synthetic_lora import select_targets
+    from lora_tools.testing.synthetic_lora import select_targets
 
     targets = select_targets(FULL, "lightning")
     assert len(targets) == 788

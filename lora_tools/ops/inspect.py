@@ -111,7 +111,7 @@ HASH_LIMIT_BYTES = 2 << 30
 #: JSON schema version of :meth:`InspectReport.to_dict`.
 SCHEMA_VERSION = 1
 #: The LCM-LoRA SDXL training script's default targets (domain.md 1.2); the same list as
-#: ``lora_tools.synthetic_lora.LCM_TARGETS``, repeated here because that module imports torch.
+#: ``lora_tools.testing.synthetic_lora.LCM_TARGETS``, repeated here because that module imports torch.
 LIGHTNING_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 LIGHTNING_SHAPED = "lightning/lcm/dmd2-shaped"

@@ -49,7 +49,7 @@ def build_pipeline(sgm_path: str | Path, *, dtype: str = "fp32"):  # type: ignor
         from diffusers import StableDiffusionXLPipeline
 
     from lora_tools.diffusers_folder import component_config
-    from lora_tools.synthetic import write_pipeline_files
+    from lora_tools.testing.synthetic import write_pipeline_files
 
     header = read_header(sgm_path)
     shapes = {k: t.shape for k, t in header.tensors.items()}

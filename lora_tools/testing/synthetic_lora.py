@@ -19,7 +19,7 @@ from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.layouts.table import Component, module_of
 from lora_tools.safetensors_io import DTYPE_ALIASES, save_tensors, torch_dtype
-from lora_tools.synthetic import Size, config_for
+from lora_tools.testing.synthetic import Size, config_for
 
 LoraFormat = Literal["kohya-diffusers", "kohya-sgm", "comfy", "peft", "peft-raw", "diffusers-legacy"]
 Algorithm = Literal["lora", "lora-tucker", "loha", "lokr", "dora"]
