@@ -7,9 +7,58 @@ derive from the matching builtin, so callers can catch either. The CLI turns the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A way out that names a *parameter*, never a CLI flag.
+
+    The library renders it as ``pass overwrite=True to replace it``; the CLI's one translator
+    (``lora_tools.cli``) renders the same hint with the flag (``pass --overwrite to replace it``).
+
+    Attributes:
+        param: the keyword parameter of the library call (``overwrite``, ``force``, ``output``...).
+        purpose: what passing it does (``"to replace it"``).
+        value: how the value is spelled (``"PATH"``); ``None`` for a boolean switch (``True``).
+    """
+
+    param: str
+    purpose: str = ""
+    value: str | None = None
+
+    def render(self, spelling: str | None = None) -> str:
+        """``pass <spelling> <purpose>``; ``spelling`` defaults to the Python keyword form."""
+        if spelling is None:
+            spelling = f"{self.param}={self.value if self.value is not None else 'True'}"
+        elif self.value is not None:
+            spelling = f"{spelling} {self.value}"
+        return f"pass {spelling} {self.purpose}".rstrip()
+
 
 class LoraToolsError(Exception):
-    """Root of every error lora_tools raises on purpose."""
+    """Root of every error lora_tools raises on purpose.
+
+    Args:
+        message: one line that names the file or value and what is wrong with it.
+        hint: an optional way out naming a parameter (see :class:`Hint`); appended as ``"; pass ..."``.
+    """
+
+    def __init__(self, message: str = "", *args: object, hint: Hint | None = None) -> None:
+        super().__init__(message, *args)
+        self.message = message
+        self.hint = hint
+
+    def render(self, spell_param: "object | None" = None) -> str:
+        """The message with its hint; ``spell_param(name) -> str | None`` spells a parameter
+        (the CLI passes its flag table); the Python keyword form otherwise."""
+        if self.hint is None:
+            return self.message
+        spelling = spell_param(self.hint.param) if callable(spell_param) else None
+        return f"{self.message.rstrip('.')}; {self.hint.render(spelling)}."
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class InvalidFileError(LoraToolsError, ValueError):
@@ -28,11 +77,15 @@ class UnsupportedModelError(LoraToolsError, ValueError):
     """The file is understood, but lora_tools does not support this model family."""
 
 
+class NonFiniteError(InvalidFileError):
+    """A file holds NaN or Inf values (or its maths would overflow the output dtype)."""
+
+
 class KeyMismatchError(LoraToolsError, KeyError):
     """Keys are missing or left over in a conversion or a LoRA-to-model match."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+        return self.render()
 
 
 class ShapeMismatchError(LoraToolsError, ValueError):
@@ -49,3 +102,19 @@ class HubError(LoraToolsError, OSError):
 
 class UsageError(LoraToolsError, ValueError):
     """Arguments that make no sense together (reported like a bad input, exit 1)."""
+
+
+class OutputError(LoraToolsError, OSError):
+    """An output cannot be written (no space, read-only, a directory in the way...)."""
+
+
+class RecipeError(LoraToolsError, ValueError):
+    """A recipe file is invalid; ``location`` is ``file:line:column`` where known."""
+
+    def __init__(self, message: str = "", *args: object, location: str | None = None, hint: Hint | None = None) -> None:
+        super().__init__(message, *args, hint=hint)
+        self.location = location
+
+    def render(self, spell_param: "object | None" = None) -> str:
+        text = super().render(spell_param)
+        return f"{self.location}: {text}" if self.location else text

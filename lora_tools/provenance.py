@@ -16,10 +16,50 @@ Example of the ``loratool`` value::
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from typing import Any, Mapping
 
 LORATOOL_METADATA_KEY = "loratool"
+
+
+def utc_now() -> str:
+    """The record's timestamp format (UTC, seconds)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_record(operation: str, *, sources: list[dict[str, Any]], params: Mapping[str, Any] | None = None,
+                 sampler: Mapping[str, Any] | None = None, preset: str | None = None,
+                 created: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``loratool`` record of one operation: the one place every writer builds it.
+
+    Args:
+        operation: the verb (``fuse``, ``rescale``, ``merge``, ``convert``, ``save`` ...).
+        sources: one entry per input (``role``, ``name``, ``sha256`` where known, ``strength`` ...).
+        params: every option of the operation that shaped the output.
+        sampler: the sampler settings the output needs (``SamplerSettings.to_dict()``).
+        preset: the acceleration preset baked in (``lightning-4step``), if any.
+        extra: further top-level fields (kept for the fuse record's own fields).
+    """
+    from lora_tools import __version__
+
+    record: dict[str, Any] = {"version": __version__, "operation": operation, "sources": list(sources),
+                              "created": created or utc_now()}
+    if params:
+        record["params"] = dict(params)
+    if sampler is not None:
+        record["sampler"] = dict(sampler)
+    if preset is not None:
+        record["preset"] = preset
+    record.update(extra)
+    return record
+
+
+def with_record(metadata: Mapping[str, str], record: Mapping[str, Any]) -> dict[str, str]:
+    """A copy of ``metadata`` with ``record`` as its ``loratool`` entry (JSON, sorted keys)."""
+    out = dict(metadata)
+    out[LORATOOL_METADATA_KEY] = json.dumps(record, sort_keys=True)
+    return out
 
 
 def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
@@ -32,6 +72,24 @@ def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The parsed ``loratool`` record (the one reader every command uses)."""
+    return read_provenance(metadata)
+
+
+def fused_preset(metadata: Mapping[str, str]) -> str | None:
+    """Name of the acceleration preset lora_tools baked into a file (new ``preset`` field, or an
+    old record's ``lightning_steps``), or ``None``."""
+    record = read_provenance(metadata)
+    if not record:
+        return None
+    preset = record.get("preset")
+    if isinstance(preset, str) and preset:
+        return preset
+    steps = record.get("lightning_steps")
+    return f"lightning-{steps}step" if isinstance(steps, int) and steps else None
 
 
 def fused_lightning_steps(metadata: Mapping[str, str]) -> int | None:

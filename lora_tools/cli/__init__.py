@@ -17,6 +17,33 @@ import click
 from lora_tools import __version__
 from lora_tools.errors import LoraToolsError
 
+#: Library parameter -> the CLI flag that sets it: the one place library hints become flags.
+PARAM_FLAGS: dict[str, str] = {
+    "overwrite": "--overwrite",
+    "force": "--force",
+    "allow_unmatched": "--allow-unmatched",
+    "output": "-o",
+    "lora": "--lora",
+    "lightning_dir": "--lightning-dir",
+    "preset": "--preset",
+    "revision": "--revision",
+    "variant": "--variant",
+    "steps": "--steps",
+    "license": "--license",
+    "config": "--config",
+    "base": "--base",
+}
+
+
+def spell_param(name: str) -> str:
+    """The CLI flag for a library parameter (the parameter name as a flag where none is listed)."""
+    return PARAM_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def error_message(error: LoraToolsError) -> str:
+    """One line for a library error, its hint spelled with CLI flags."""
+    return _one_line(error.render(spell_param))
+
 
 class LoratoolGroup(click.Group):
     """Turns library errors into clean messages; lists commands in the order they were added."""
@@ -30,7 +57,7 @@ class LoratoolGroup(click.Group):
         except LoraToolsError as e:
             if ctx.meta.get("loratool.debug"):
                 raise
-            raise click.ClickException(_one_line(str(e))) from None
+            raise click.ClickException(error_message(e)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted: nothing was written under the output names.", err=True)
             sys.exit(130)
