@@ -98,7 +98,7 @@ _ALGORITHM_ROLES: dict[str, tuple[str, ...]] = {
 def _target_module(target: ModuleTarget) -> LoraModule:
     """A factor-less module naming ``target`` in diffusers names (to spell its keys)."""
     return LoraModule(target.component, target.diffusers_module, "lora", {}, None, 0, None,  # type: ignore[arg-type]
-                      naming="diffusers", spelling="peft", envelope="")
+                      naming="diffusers", spelling="peft", envelope=None)
 
 
 def module_keys(target: ModuleTarget, fmt: LoraFormat, algorithm: Algorithm) -> tuple[dict[str, str], str | None]:
