@@ -132,3 +132,56 @@ def test_not_a_lora_keeps_the_closest_format_message(tmp_path: Path) -> None:
         detect_format(keys)
     with pytest.raises(UnknownFormatError, match="full checkpoint"):
         detect_format(["model.diffusion_model.input_blocks.0.0.weight"])
+
+
+@pytest.mark.parametrize("layer", ["linear-square", "linear", "conv3x3-square", "conv3x3"])
+def test_dora_matches_peft_dora_layer(layer: str) -> None:
+    """issue 10.4: the magnitude axis comes from the format (PEFT: per output), square weights included."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_tools.lora.adapter import LoraAdapter
+    from lora_tools.lora.delta import dora_apply
+
+    torch.manual_seed(0)
+    out_ch, in_ch = (8, 8) if layer.endswith("square") else (8, 6)
+    model = torch.nn.Module()
+    model.add_module("m", torch.nn.Linear(in_ch, out_ch) if layer.startswith("linear")
+                     else torch.nn.Conv2d(in_ch, out_ch, 3, padding=1))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["m"], use_dora=True,
+                                       init_lora_weights=False), model)
+    peft_layer = model.m
+    base = peft_layer.base_layer.weight.detach().clone()
+    down = peft_layer.lora_A["default"].weight.detach().clone()
+    up = peft_layer.lora_B["default"].weight.detach().clone()
+    with torch.no_grad():
+        mag = peft_layer.lora_magnitude_vector["default"].weight
+        mag.mul_(torch.linspace(0.5, 1.5, mag.numel()).reshape(mag.shape))
+    magnitude = mag.detach().clone()
+    peft_layer.merge()
+    want = peft_layer.base_layer.weight.detach()
+
+    lora = LoraAdapter.from_tensors({("unet", "m"): {"down": down, "up": up, "dora_scale": magnitude}},
+                                    alphas={("unet", "m"): 4.0}, format="diffusers")
+    (m,) = lora.modules
+    assert m.dora_axis == "out"
+    got = dora_apply(base, m.delta(tuple(base.shape)), m.factor("dora_scale").reshape(-1), axis=m.dora_axis)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lycoris_input_axis_dora_on_a_square_conv() -> None:
+    """kohya/LyCORIS ``wd_on_out=False``: ``dora_scale`` (1, in, 1, 1), norm per input column."""
+    from lora_tools.lora.adapter import LoraAdapter
+    from lora_tools.lora.delta import dora_apply
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 8, 3, 3, generator=g, dtype=torch.float64)
+    up, down = torch.randn(8, 2, 1, 1, generator=g), torch.randn(2, 8, 3, 3, generator=g)
+    scale = torch.rand(1, 8, 1, 1, generator=g) + 0.5
+    lora = LoraAdapter.from_tensors({("unet", "c"): {"down": down, "up": up, "dora_scale": scale}}, format="kohya")
+    (m,) = lora.modules
+    assert m.dora_axis == "in"
+    combined = w + (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+    norm = torch.linalg.vector_norm(combined, dim=(0, 2, 3), keepdim=True)
+    ref = combined * scale.double() / norm
+    got = dora_apply(w.float(), m.delta(tuple(w.shape)), m.factor("dora_scale"), axis=m.dora_axis)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
