@@ -35,7 +35,7 @@ def demo_command(folder: Path, no_render: bool) -> None:
     base = synthetic.write_checkpoint(folder / "community-checkpoint.safetensors", "tiny", dtype="fp16", seed=1,
                                       metadata={"modelspec.title": "Synthetic community checkpoint"})
     lora = write_lightning_lora(lightning_dir / "sdxl_lightning_4step_lora.safetensors", "tiny")
-    style = write_lora(folder / "style-lora.safetensors", "tiny", fmt="kohya-sgm", components=("unet", "te1", "te2"),
+    style = write_lora(folder / "style-lora.safetensors", "tiny", fmt="kohya", components=("unet", "te1", "te2"),
                        rank=8, alpha=4.0, dtype="fp16", seed=7)
     click.echo(f"   base {base.name}, Lightning LoRA {lora.name}, style LoRA {style.name}")
 

@@ -112,7 +112,7 @@ class LoraModule:
         ``alpha / rank``; 1 when alpha is absent or 0 (kohya, ComfyUI, diffusers), for full diffs,
         and for LoKr modules whose two factors are both given in full (LyCORIS, ComfyUI).
         """
-        from lora_tools.lora.delta import module_scale
+        from lora_tools.lora.scale import module_scale
 
         if self.kind == "full":
             return 1.0

@@ -104,28 +104,6 @@ def _delta_shape(adapter: LoraAdapter, m: AdapterModule) -> str:
 
 
 def module_delta(adapter: LoraAdapter, mm: MatchedModule) -> "torch.Tensor":
-    """The module's dense delta in float32, scaled by alpha/rank (not by strength)."""
-    from lora_tools.lora import delta as d
-
-    m, src, shape = mm.module, adapter.source, mm.target.shape
-
-    def t(role: str) -> "torch.Tensor | None":
-        key = m.keys.get(role)
-        return src.tensor(key) if key is not None else None
-
-    if m.kind == "lora":
-        raw = d.lora_delta(t("up"), t("down"), mid=t("mid"), target_shape=shape)  # type: ignore[arg-type]
-        scale = d.module_scale(m.alpha, m.rank)
-    elif m.kind == "loha":
-        raw = d.loha_delta(t("w1a"), t("w1b"), t("w2a"), t("w2b"), t1=t("t1"), t2=t("t2"), target_shape=shape)  # type: ignore[arg-type]
-        scale = d.module_scale(m.alpha, m.rank)
-    elif m.kind == "lokr":
-        w1, w2 = t("w1"), t("w2")
-        raw = d.lokr_delta(w1=w1, w1a=t("w1a"), w1b=t("w1b"), w2=w2, w2a=t("w2a"), w2b=t("w2b"), t2=t("t2"), target_shape=shape)
-        scale = d.module_scale(m.alpha, m.rank) if d.lokr_scale_applies(w1=w1, w2=w2) else 1.0
-    else:
-        raw = t("diff").float().reshape(shape)  # type: ignore[union-attr]
-        scale = 1.0
-    if scale != 1.0:
-        raw.mul_(scale)
-    return raw
+    """The module's dense delta in float32, scaled by alpha/rank (not by strength): :meth:`LoraModule.delta`
+    in the target's shape (one rule for the fuse, inspect and every LoRA operation)."""
+    return mm.module.delta(mm.target.shape)

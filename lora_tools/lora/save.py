@@ -22,7 +22,7 @@ from lora_tools.errors import Hint, KeyMismatchError, OutputExistsError, UsageEr
 from lora_tools.layouts.table import SGM_PREFIXES, Component, module_of
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
-from lora_tools.lora.delta import module_scale
+from lora_tools.lora.scale import module_scale
 from lora_tools.lora.formats import FORMATS, Format, get_format
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, spell_key
 from lora_tools.safetensors_io import DTYPE_ALIASES, StreamingWriter, TensorPlan, is_float_dtype

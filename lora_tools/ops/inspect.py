@@ -23,8 +23,9 @@ is always present; ``null`` where it does not apply.
   shortened (``... (N chars)``). The ``loratool`` record is reported under ``checkpoint.provenance``.
 - ``lora`` (``null`` for checkpoints):
 
-  - ``format``: the :func:`~lora_tools.lora.formats.detect_format` name (``kohya``, ``peft``,
-    ``peft-raw``, ``diffusers-legacy``, ``comfy``); ``format_description``.
+  - ``format``: the :func:`~lora_tools.lora.formats.detect_format` name (``kohya``,
+    ``kohya-diffusers``, ``diffusers``, ``peft``, ``comfy``, ``diffusers-legacy``): the format
+    ``save_lora`` writes back; ``format_description``.
   - ``layout``: the SDXL layout the module shapes fit: ``sdxl`` (full size) or ``sdxl-tiny``
     (lora_tools' synthetic test model).
   - ``modules``: number of adapted modules; ``modules_per_component``: ``unet``/``te1``/``te2`` ->
