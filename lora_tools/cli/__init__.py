@@ -70,7 +70,7 @@ class LoratoolGroup(click.Group):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C would be: the same abort path (temp files removed,
+    """SIGINT, SIGTERM or SIGHUP, raised as Ctrl-C is: one abort path (temp files removed,
     nothing under the output names), exit status ``128 + signum``."""
 
     def __init__(self, signum: int) -> None:
@@ -78,13 +78,16 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-#: Signals that end a run the way Ctrl-C does (``timeout``, ``docker stop``, systemd, a closed SSH session).
+#: Signals that end a run the way Ctrl-C does (SIGINT itself is caught too) (``timeout``, ``docker stop``, systemd, a closed SSH session).
 ABORT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    from lora_tools.output.atomic import ABORTING
+
     for s in (*ABORT_SIGNALS, signal.SIGINT):  # a second signal must not cut the cleanup short
         signal.signal(s, signal.SIG_IGN)
+    ABORTING.set()
     raise Interrupted(signum)
 
 
@@ -92,10 +95,12 @@ def _catch_signals() -> dict[int, object]:
     """Route SIGTERM/SIGHUP into :class:`Interrupted` (main thread only); returns the old handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    from lora_tools.output.atomic import ABORTING
+
+    ABORTING.clear()
     previous: dict[int, object] = {}
-    for s in ABORT_SIGNALS:
+    for s in (*ABORT_SIGNALS, signal.SIGINT):
         previous[s] = signal.signal(s, _on_signal)
-    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     return previous
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,19 +214,24 @@ def fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------------------------- test hook
 PAUSE_ENV = "LORATOOL_TEST_PAUSE_AT"
 READY_ENV = "LORATOOL_TEST_READY"
+GO_ENV = "LORATOOL_TEST_GO"
 PAUSE_POINTS = ("planning", "mid-stream", "before-rename")
 _paused: set[str] = set()
+#: Set by the CLI's signal handler: a paused worker thread stops waiting, so the abort can finish.
+ABORTING = threading.Event()
 
 
 def test_pause(point: str) -> None:
     """Fault-test hook: when ``LORATOOL_TEST_PAUSE_AT`` names ``point``, write the file named by
-    ``LORATOOL_TEST_READY`` and wait (for the test's signal). Does nothing otherwise."""
+    ``LORATOOL_TEST_READY`` and wait: for the test's signal, or until the file named by
+    ``LORATOOL_TEST_GO`` exists. Does nothing otherwise."""
     if os.environ.get(PAUSE_ENV) != point or point in _paused:
         return
     _paused.add(point)
     ready = os.environ.get(READY_ENV)
     if ready:
         Path(ready).write_text(str(os.getpid()))
+    go = os.environ.get(GO_ENV)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not (go and os.path.exists(go)) and not ABORTING.is_set():
+        time.sleep(0.02)
