@@ -117,6 +117,8 @@ def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwri
     codes = sorted(p.returncode for p in procs)
     if overwrite:
         assert codes == [0, 0], results
+        said = [err for _, err in results if "appeared while this run was writing it (another run?): replaced it" in err]
+        assert len(said) == 1, results  # the last finisher says it replaced the other's file
     else:
         assert codes == [0, 1], results
         loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)

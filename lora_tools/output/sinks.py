@@ -94,12 +94,14 @@ class _FileSink:
         self.dtype_for = dtype_for
         self._old: Path | None = None
         self._committed = False
+        self._existed = path.exists()
 
     def complete(self) -> None:
         self.writer.complete()
 
     def commit(self) -> list[WrittenFile]:
         path = self.writer.path
+        atomic.test_pause("before-rename")
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
             old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
             try:
@@ -107,8 +109,11 @@ class _FileSink:
                 self._old = old
             except OSError:
                 self._old = None
+        appeared = not self._existed and self.writer.overwrite and path.exists()
         p = self.writer.commit()
         self._committed = True
+        if appeared:
+            _say_replaced(path)
         return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
 
     def finalize(self) -> list[WrittenFile]:
@@ -135,6 +140,11 @@ class _FileSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def _say_replaced(path: Path) -> None:
+    logger.warning("'%s' appeared while this run was writing it (another run?): replaced it with this run's output",
+                   path)
 
 
 class LoraFileSink(_FileSink):
@@ -280,6 +290,7 @@ class DiffusersFolderSink:
         self.tmp: Path | None = None
         self._old: Path | None = None
         self._committed = False
+        self._existed = path.exists()
         try:
             check_output(path, "folder", overwrite=True)  # its kind, and whether it is ours to replace
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +340,8 @@ class DiffusersFolderSink:
                                             "nothing was replaced, and this run's output was dropped.")
                 check_output(self.path, "folder", overwrite=True)  # still ours, right before replacing it
                 self._old = atomic.replace(self.tmp, self.path)
+                if not self._existed:
+                    _say_replaced(self.path)
             else:
                 atomic.claim(self.tmp, self.path)
         except OSError as e:
