@@ -11,7 +11,8 @@ import lora_tools
 from lora_tools.testing import synthetic
 from lora_tools.testing.synthetic_lora import write_lightning_lora
 
-work = Path(tempfile.mkdtemp())
+_tmp = tempfile.TemporaryDirectory(prefix="loratool-example-")  # removed when the script ends
+work = Path(_tmp.name)
 base = synthetic.write_checkpoint(work / "my-checkpoint.safetensors", "tiny")
 write_lightning_lora(work / "lightning" / "sdxl_lightning_4step_lora.safetensors", "tiny")
 

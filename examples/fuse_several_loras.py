@@ -11,7 +11,8 @@ import lora_tools
 from lora_tools.testing import synthetic
 from lora_tools.testing.synthetic_lora import write_lora
 
-work = Path(tempfile.mkdtemp())
+_tmp = tempfile.TemporaryDirectory(prefix="loratool-example-")  # removed when the script ends
+work = Path(_tmp.name)
 base = synthetic.write_checkpoint(work / "base.safetensors", "tiny", dtype="fp32")
 style = write_lora(work / "style.safetensors", "tiny", fmt="kohya", components=("unet", "te1", "te2"), alpha=2.0)
 detail = write_lora(work / "detail.safetensors", "tiny", fmt="diffusers", targets="all", alpha=4.0, seed=3)

@@ -14,7 +14,8 @@ from lora_tools.testing.synthetic_lora import write_lightning_lora
 if len(sys.argv) > 1:
     path = Path(sys.argv[1])
 else:
-    path = write_lightning_lora(Path(tempfile.mkdtemp()) / "sdxl_lightning_4step_lora.safetensors", "tiny")
+    _tmp = tempfile.TemporaryDirectory(prefix="loratool-example-")  # removed when the script ends
+    path = write_lightning_lora(Path(_tmp.name) / "sdxl_lightning_4step_lora.safetensors", "tiny")
 
 report = lora_tools.inspect_path(path).to_dict()
 lora = report["lora"]

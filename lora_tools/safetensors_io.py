@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from lora_tools.errors import InvalidFileError, KeyMismatchError
+from lora_tools.errors import InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError
 from lora_tools.file_out import BufferedOut, open_out
 
 if TYPE_CHECKING:
@@ -310,9 +309,22 @@ def build_header(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, in the planned order, atomically.
 
-    The header is written first from the plan; each :meth:`write` appends one tensor's bytes.
-    Nothing appears under ``path`` until :meth:`finalize`; leaving the ``with`` block any other
-    way (error, Ctrl-C) removes the temporary file.
+    The header is written first from the plan; each :meth:`write` appends one tensor's bytes to
+    a temporary file next to the output (``.<name>.<pid>-<n>.loratool.partial``, created with the
+    permissions a plain file creation gives under the umask). Nothing appears under ``path``
+    until :meth:`finalize` (:meth:`complete`: fsync and header re-check; then :meth:`commit`: the
+    rename); leaving the ``with`` block any other way (error, Ctrl-C) removes the temporary file.
+    Every OS failure becomes one :class:`~lora_tools.errors.OutputError` line naming the path.
+
+    Args:
+        path: the output file.
+        plans: the tensors, in writing order.
+        metadata: the header's ``__metadata__``.
+        hash: sha256 the file while it is written (:attr:`sha256`).
+        direct: O_DIRECT: ``None`` = for big files where the file system allows it.
+        overwrite: replace an existing ``path`` (last finisher wins); ``False`` claims the name
+            atomically and fails if another run took it meanwhile.
+        verify: after writing, read the data back and check its sha256 (one more pass).
 
     Example:
         >>> plan = [TensorPlan("w", "F16", (2, 2))]
@@ -326,27 +338,43 @@ class StreamingWriter:
     metadata: Mapping[str, str] | None = None
     hash: bool = False
     direct: bool | None = None  # O_DIRECT: None = for big files where the filesystem allows it
+    overwrite: bool = True
+    verify: bool = False
     _out: BufferedOut | None = field(default=None, init=False, repr=False)
     _tmp: Path | None = field(default=None, init=False, repr=False)
     _index: int = field(default=0, init=False, repr=False)
     _done: bool = field(default=False, init=False, repr=False)
+    _complete: bool = field(default=False, init=False, repr=False)
+    _dev: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from lora_tools.output import atomic
+        from lora_tools.output.plan import reserve_space
+
         self.path = Path(self.path)
-        header, self.plans = build_header(self.plans, self.metadata)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        if self.verify:
+            self.hash = True
+        self._header, self.plans = build_header(self.plans, self.metadata)
         self._positions: dict[str, int] = {}
-        pos = len(header)
+        pos = len(self._header)
         for p in self.plans:
             self._positions[p.name] = pos
             pos += p.nbytes
         self.total_bytes = pos
-        self._out = open_out(self._tmp, self.total_bytes, direct=self.direct)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temps(self.path)
+            self._dev = reserve_space(self.path, self.total_bytes)
+            self._tmp = atomic.create_temp_file(self.path)
+            self._out = open_out(self._tmp, self.total_bytes, direct=self.direct)
+        except OSError as e:
+            self.abort()
+            if isinstance(e, (OutputError, OutputExistsError)):
+                raise
+            raise atomic.output_error(self.path, e) from None
         self._hasher = hashlib.sha256() if self.hash else None
-        self._put(memoryview(header))
+        self._mid = len(self.plans) // 2
+        self._put(memoryview(self._header))
 
     def __enter__(self) -> "StreamingWriter":
         return self
@@ -370,13 +398,18 @@ class StreamingWriter:
         plan = self.plans[self._index]
         if not isinstance(data, (bytes, bytearray, memoryview)):
             if dtype_name(data.dtype) != plan.dtype or tuple(data.shape) != plan.shape:
-                raise ValueError(
-                    f"tensor '{name}' is {dtype_name(data.dtype)} {list(data.shape)}, the plan says {plan.dtype} {list(plan.shape)}"
+                raise ShapeMismatchError(
+                    f"tensor '{name}' is {dtype_name(data.dtype)} {list(data.shape)}, the plan for '{self.path}' "
+                    f"says {plan.dtype} {list(plan.shape)}."
                 )
             data = tensor_to_bytes(data)
         view = memoryview(data).cast("B")
         if view.nbytes != plan.nbytes:
-            raise ValueError(f"tensor '{name}' has {view.nbytes} bytes, the plan says {plan.nbytes}")
+            raise ShapeMismatchError(f"tensor '{name}' has {view.nbytes} bytes, the plan for '{self.path}' says {plan.nbytes}.")
+        if self._index == self._mid:
+            from lora_tools.output.atomic import test_pause
+
+            test_pause("mid-stream")
         self._put(view)
         self._index += 1
 
@@ -393,26 +426,87 @@ class StreamingWriter:
         assert self._out is not None
         try:
             self._out.write(view)
+        except OSError as e:
+            from lora_tools.output.atomic import output_error
+
+            raise output_error(self.path, e) from None
         finally:
             if pending is not None:
                 pending.result()
 
     @property
     def sha256(self) -> str | None:
-        """sha256 of the whole file (when created with ``hash=True``), once finalized."""
-        return self._hasher.hexdigest() if self._hasher is not None and self._done else None
+        """sha256 of the whole file (when created with ``hash=True``), once complete."""
+        return self._hasher.hexdigest() if self._hasher is not None and (self._done or self._complete) else None
 
-    def finalize(self) -> Path:
-        """Flush, fsync and atomically move the finished file to its name."""
+    def complete(self) -> None:
+        """Flush and fsync the temporary file, then read its header back and check it (and,
+        with ``verify``, re-hash the data); the output name is not touched yet."""
+        from lora_tools.output.atomic import output_error
+
+        if self._complete:
+            return
         if self._index != len(self.plans):
             raise KeyMismatchError(f"'{self.path}' is incomplete: {len(self.plans) - self._index} tensors not written (next: {self.next_name}).")
         assert self._out is not None and self._tmp is not None
-        self._out.finish()
-        self._out.close()
-        os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            self._out.finish()
+            self._out.close()
+            self._check_written()
+        except OSError as e:
+            if isinstance(e, (OutputError, OutputExistsError)):
+                raise
+            raise output_error(self.path, e) from None
+        self._complete = True
+
+    def _check_written(self) -> None:
+        assert self._tmp is not None
+        size = self._tmp.stat().st_size
+        with open(self._tmp, "rb") as f:
+            head = f.read(len(self._header))
+            if size != self.total_bytes or head != self._header:
+                raise OutputError(f"cannot write '{self.path}': the file read back is not what was written "
+                                  f"({size} bytes of {self.total_bytes}, header {'intact' if head == self._header else 'differs'}).")
+            read_header(self._tmp)  # the reader's own checks, on what is on disk
+            if self.verify and self._hasher is not None:
+                f.seek(0)
+                check = hashlib.sha256()
+                while chunk := f.read(16 << 20):
+                    check.update(chunk)
+                if check.hexdigest() != self._hasher.hexdigest():
+                    raise OutputError(f"cannot write '{self.path}': its data read back differs from what was written.")
+
+    def commit(self) -> Path:
+        """Move the completed file to its name (replacing, or claiming it: see ``overwrite``)."""
+        from lora_tools.output import atomic
+
+        self.complete()
+        assert self._tmp is not None
+        atomic.test_pause("before-rename")
+        try:
+            if self.overwrite:
+                atomic.replace(self._tmp, self.path)
+            else:
+                atomic.claim(self._tmp, self.path)
+        except OSError as e:
+            if isinstance(e, (OutputError, OutputExistsError)):
+                raise
+            raise atomic.output_error(self.path, e) from None
+        atomic.fsync_dir(self.path.parent)
+        self._release()
         self._done = True
         return self.path
+
+    def finalize(self) -> Path:
+        """Flush, fsync, check and atomically move the finished file to its name."""
+        self.complete()
+        return self.commit()
+
+    def _release(self) -> None:
+        from lora_tools.output.plan import release_space
+
+        release_space(self._dev, self.total_bytes)
+        self._dev = -1
 
     def abort(self) -> None:
         """Drop the temporary file; the output name is never touched."""
@@ -420,8 +514,12 @@ class StreamingWriter:
             if self._out is not None:
                 self._out.close()
         finally:
-            if self._tmp is not None and self._tmp.exists():
-                self._tmp.unlink()
+            if self._tmp is not None:
+                try:
+                    self._tmp.unlink()
+                except FileNotFoundError:
+                    pass
+            self._release()
             self._done = True
 
 
@@ -434,19 +532,6 @@ def _hash_executor() -> "ThreadPoolExecutor":
     if _HASH_EXECUTOR is None:
         _HASH_EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="loratool-hash")
     return _HASH_EXECUTOR
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None) -> Path:

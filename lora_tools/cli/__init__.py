@@ -1,7 +1,8 @@
 """The ``loratool`` command: one click group, one module per command.
 
 Library errors (:class:`~lora_tools.errors.LoraToolsError`) become one ``Error: ...`` line on
-stderr and exit code 1, here and only here. ``--debug`` (or ``LORATOOL_DEBUG=1``) shows the
+stderr and exit code 1, here and only here. Ctrl-C, SIGTERM and SIGHUP all take one abort path
+(exit 130, 143, 129). ``--debug`` (or ``LORATOOL_DEBUG=1``) shows the
 traceback instead.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -52,15 +55,58 @@ class LoratoolGroup(click.Group):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context) -> object:
+        previous = _catch_signals()
         try:
             return super().invoke(ctx)
         except LoraToolsError as e:
             if ctx.meta.get("loratool.debug"):
                 raise
             raise click.ClickException(error_message(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("Interrupted: nothing was written under the output names.", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+        finally:
+            _restore_signals(previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised as Ctrl-C is: one abort path (temp files removed,
+    nothing under the output names), exit status ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: Signals that end a run the way Ctrl-C does (SIGINT itself is caught too) (``timeout``, ``docker stop``, systemd, a closed SSH session).
+ABORT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    from lora_tools.output.atomic import ABORTING
+
+    for s in (*ABORT_SIGNALS, signal.SIGINT):  # a second signal must not cut the cleanup short
+        signal.signal(s, signal.SIG_IGN)
+    ABORTING.set()
+    raise Interrupted(signum)
+
+
+def _catch_signals() -> dict[int, object]:
+    """Route SIGTERM/SIGHUP into :class:`Interrupted` (main thread only); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    from lora_tools.output.atomic import ABORTING
+
+    ABORTING.clear()
+    previous: dict[int, object] = {}
+    for s in (*ABORT_SIGNALS, signal.SIGINT):
+        previous[s] = signal.signal(s, _on_signal)
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)  # type: ignore[arg-type]
 
 
 def _one_line(message: str) -> str:

@@ -79,7 +79,12 @@ DEMO_MARKER = ".loratool-demo"
 
 
 def _fresh_folder(folder: Path) -> None:
-    """Empty ``folder`` for a new run; refuse a folder the demo did not make."""
+    """Empty ``folder`` for a new run; refuse a folder the demo did not make (no marker file),
+    and a symbolic link (clearing it would delete what it points to)."""
+    if folder.is_symlink():
+        raise UsageError(f"'{folder}' is a symbolic link: pass a real folder as --dir.")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"'{folder}' is a file: pass a folder as --dir.")
     if folder.exists() and any(folder.iterdir()):
         if not (folder / DEMO_MARKER).is_file():
             raise UsageError(f"'{folder}' exists and was not made by loratool demo: pass another --dir.")

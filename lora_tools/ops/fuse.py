@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
 import logging
 import os
 import time
@@ -18,9 +17,9 @@ from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
 from lora_tools.ops.buffers import BufferRing
 from lora_tools.ops.patching import patch_ops, patch_tensor
 from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
-                                    tokenizer_provider)
+                                    finalize_all, tokenizer_provider)
 from lora_tools.ops.streaming import run_pipeline
-from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
@@ -104,24 +103,13 @@ def provenance_record(plan: FusePlan) -> dict[str, object]:
 
 
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
-    meta: dict[str, str] = dict(plan.base.metadata) if keep_base else {"format": "pt"}
     stem = plan.base.path.name if plan.base.path.is_dir() else plan.base.path.stem
     title = stem + (f" Lightning {plan.lightning_steps}-step" if plan.lightning_steps else " (fused)")
     merged = [plan.base.path.name] + [s.adapter.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
-    meta.update({
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": title,
-        "modelspec.resolution": "1024x1024",
-        "modelspec.date": str(record["created"])[:10],
-        "modelspec.merged_from": ", ".join(merged),
-    })
-    if plan.sampler is not None:
-        meta["modelspec.usage_hint"] = plan.sampler.describe()
-        meta["modelspec.prediction_type"] = plan.sampler.prediction_type
-    meta[LORATOOL_METADATA_KEY] = json.dumps(record, sort_keys=True)
-    return meta
+    return build_output_metadata(record, title=title, merged_from=merged, base_metadata=plan.base.metadata,
+                                 keep_base=keep_base,
+                                 usage_hint=plan.sampler.describe() if plan.sampler is not None else None,
+                                 prediction_type=plan.sampler.prediction_type if plan.sampler is not None else None)
 
 
 def scheduler_config(plan: FusePlan) -> dict[str, object]:
@@ -184,7 +172,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
     try:
         run_pipeline(order, read=read, process=process, write=write, size=lambda r: r.nbytes,
                      on_done=(lambda r: progress(r.nbytes)) if progress else None)
-        files = [f for s in sinks for f in s.finalize()]
+        files = finalize_all(sinks)
     except BaseException:
         for s in sinks:
             s.abort()
@@ -223,13 +211,16 @@ def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef
     try:
         for out in plan.outputs:
             if out.kind == "checkpoint":  # a diffusers base becomes the SGM keys of every component it holds
-                sinks.append(CheckpointSink(out.path, order, plan.output_dtype, output_metadata(plan, record, keep_base=True)))
+                sinks.append(CheckpointSink(out.path, order, plan.output_dtype, output_metadata(plan, record, keep_base=True),
+                                            overwrite=plan.overwrite))
             elif out.kind == "unet":
-                sinks.append(ComponentSink(out.path, order, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False)))
+                sinks.append(ComponentSink(out.path, order, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False),
+                                           overwrite=plan.overwrite))
             else:
                 assert tokenizers is not None
                 sinks.append(DiffusersFolderSink(out.path, plan.base, order, plan.output_dtype,
-                                                 output_metadata(plan, record, keep_base=False), scheduler_config(plan), tokenizers))
+                                                 output_metadata(plan, record, keep_base=False), scheduler_config(plan), tokenizers,
+                                                 overwrite=plan.overwrite))
     except BaseException:
         for s in sinks:
             s.abort()

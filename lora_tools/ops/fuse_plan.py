@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
-from lora_tools.errors import (KeyMismatchError, OutputExistsError, ShapeMismatchError, UnsupportedModelError,
+from lora_tools.errors import (KeyMismatchError, ShapeMismatchError, UnsupportedModelError,
                                UsageError)
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
 from lora_tools.models import ModelSource, open_model
+from lora_tools.output import plan as output_plan
 from lora_tools.presets import (LIGHTNING_REPO, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset,
                                 SamplerSettings, identify_file, lightning_preset)
 from lora_tools.provenance import fused_lightning_steps
@@ -362,17 +363,8 @@ def _diff_source(model: ModelSource, tuned: Path, original: Path, strength: floa
 
 
 def default_stem(base: Path, preset: AccelerationPreset | None, loras: list[LoraSource], method: Method) -> str:
-    stem = base.name if base.is_dir() else base.stem
-    if preset is not None:
-        stem += f"-lightning-{preset.steps}step"
-        if method == "unet" and preset.lora_file is not None:
-            stem += "-unetdiff"
-    extra = [s for s in loras if s.preset is None]
-    if extra:
-        stem += "-" + "-".join(Path(s.label).stem.replace(" ", "_") for s in extra[:2])
-        if len(extra) > 2:
-            stem += f"-and{len(extra) - 2}more"
-    return stem
+    """The default output name of a fuse (see :func:`lora_tools.output.plan.default_stem`)."""
+    return output_plan.default_stem(base, preset, [s.label for s in loras if s.preset is None], method)
 
 
 def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path | None, preset: AccelerationPreset | None,
@@ -397,26 +389,20 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
         else:
             path = Path(output) if output and len(kinds) == 1 else folder / f"{stem}-diffusers"
         specs.append(OutputSpec(k, path))
-    inputs = {model.path.resolve()} | {s.adapter.path.resolve() for s in loras} | {Path(p).resolve() for p in protected}
+    inputs = [model.path, *(s.adapter.path for s in loras), *(Path(p) for p in protected)]
     for s in specs:
-        if s.path.resolve() in inputs or any(_inside(p, s.path) for p in inputs):
-            raise UsageError(f"Refusing to write '{s.path}': it is one of the inputs.")
-        if s.path.exists() and not overwrite:
-            raise OutputExistsError(f"'{s.path}' already exists: pass --overwrite to replace it, or -o to choose another name.")
+        output_plan.refuse_input_as_output(s.path, inputs)
+        output_plan.check_output(s.path, "folder" if s.kind == "diffusers" else "file", overwrite=overwrite)
     return specs
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
+    return output_plan.inside(path, folder)
 
 
 def _refuse_input_as_output(path: Path, output: str | Path | None) -> None:
-    if output is not None and Path(output).resolve() == path.resolve():
-        raise UsageError(f"Refusing to write '{output}': it is one of the inputs.")
+    if output is not None:
+        output_plan.refuse_input_as_output(Path(output), [path])
 
 
 __all__ = ["plan_fuse", "FusePlan", "OutputSpec", "LoraSource", "DiffSource", "SAVE_KINDS", "default_stem"]

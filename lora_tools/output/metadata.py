@@ -1,0 +1,57 @@
+"""The ``__metadata__`` of every file lora_tools writes: built by one function.
+
+It holds the base's own metadata (for a single-file checkpoint) or just ``format: pt``, the SAI
+model-spec keys (``modelspec.*``, as kohya's sd-scripts and ComfyUI write them), and the
+``loratool`` record (:func:`lora_tools.provenance.with_record`; read back with
+:func:`lora_tools.provenance.read_record`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from lora_tools.provenance import utc_now, with_record
+
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+SDXL_LORA_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def output_metadata(record: Mapping[str, Any], *, title: str, merged_from: Sequence[str] = (),
+                    base_metadata: Mapping[str, str] | None = None, keep_base: bool = False,
+                    architecture: str = SDXL_ARCHITECTURE, resolution: str = "1024x1024",
+                    usage_hint: str | None = None, prediction_type: str | None = None,
+                    date: str | None = None) -> dict[str, str]:
+    """The ``__metadata__`` of one output file.
+
+    Args:
+        record: the ``loratool`` record (:func:`lora_tools.provenance.build_record`).
+        title: ``modelspec.title``.
+        merged_from: names of the inputs (``modelspec.merged_from``, comma-separated).
+        base_metadata: the base file's own metadata.
+        keep_base: start from ``base_metadata`` (single-file checkpoints) instead of ``format: pt``.
+        architecture: ``modelspec.architecture`` (``.../lora`` for LoRA files).
+        resolution: ``modelspec.resolution``.
+        usage_hint: how to sample the result (``modelspec.usage_hint``), if it needs something.
+        prediction_type: ``modelspec.prediction_type`` (``epsilon``, ``sample``...), if known.
+        date: ``modelspec.date`` (``YYYY-MM-DD``); the record's ``created`` day by default.
+
+    Returns:
+        String keys and values, ready for :class:`~lora_tools.safetensors_io.StreamingWriter`.
+    """
+    meta: dict[str, str] = dict(base_metadata or {}) if keep_base else {"format": "pt"}
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": SGM_IMPLEMENTATION,
+        "modelspec.title": title,
+        "modelspec.resolution": resolution,
+        "modelspec.date": date or str(record.get("created") or utc_now())[:10],
+    })
+    if merged_from:
+        meta["modelspec.merged_from"] = ", ".join(merged_from)
+    if usage_hint is not None:
+        meta["modelspec.usage_hint"] = usage_hint
+    if prediction_type is not None:
+        meta["modelspec.prediction_type"] = prediction_type
+    return with_record(meta, record)

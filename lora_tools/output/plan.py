@@ -1,0 +1,230 @@
+"""Planning outputs before anything is written: default names, inputs never outputs, the
+overwrite rule, the kind of every output path, free space, and the list of written files.
+
+Every command that writes model or LoRA files calls :func:`check_output` for each output at
+plan time; the writers (:mod:`lora_tools.output.sinks`) then reserve the exact byte counts with
+:func:`reserve_space` before computing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+from lora_tools.errors import Hint, OutputError, OutputExistsError, UsageError
+from lora_tools.output.atomic import TEMP_SUFFIX, test_pause
+from lora_tools.provenance import LORATOOL_METADATA_KEY
+
+OutputKind = Literal["file", "folder"]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One file a command wrote.
+
+    Attributes:
+        kind: what it is (``checkpoint``, ``unet``, ``diffusers``, ``lora``).
+        path: where it is, under its final name.
+        nbytes: its size.
+        sha256: the sha256 of the whole file (hex), hashed while it was written.
+    """
+
+    kind: str
+    path: Path
+    nbytes: int
+    sha256: str | None
+
+    @property
+    def autov2(self) -> str | None:
+        """The AutoV2 hash model sites show (the sha256's first 10 hex digits)."""
+        return self.sha256[:10] if self.sha256 else None
+
+
+def default_stem(base: Path, preset: object | None, labels: Sequence[str], method: str = "lora") -> str:
+    """The output name (without suffix) of a fuse of ``base``.
+
+    Args:
+        base: the base file or folder.
+        preset: the acceleration preset baked in (anything with ``steps`` and ``lora_file``).
+        labels: the labels of the extra LoRAs (the preset's own LoRA excluded).
+        method: ``lora`` or ``unet``.
+    """
+    stem = base.name if base.is_dir() else base.stem
+    if preset is not None:
+        stem += f"-lightning-{preset.steps}step"  # type: ignore[attr-defined]
+        if method == "unet" and getattr(preset, "lora_file", None) is not None:
+            stem += "-unetdiff"
+    if labels:
+        stem += "-" + "-".join(Path(lab).stem.replace(" ", "_") for lab in labels[:2])
+        if len(labels) > 2:
+            stem += f"-and{len(labels) - 2}more"
+    return stem
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (resolved) lies inside ``folder``."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def refuse_input_as_output(output: Path, inputs: Iterable[Path]) -> None:
+    """Raise :class:`UsageError` when ``output`` is one of ``inputs`` or holds one of them."""
+    for p in inputs:
+        if output.resolve() == Path(p).resolve() or inside(Path(p), output):
+            raise UsageError(f"Refusing to write '{output}': it is one of the inputs.")
+
+
+#: Every file a diffusers SDXL folder of ours holds (relative paths).
+_FOLDER_FILES = frozenset(
+    ["model_index.json", "scheduler/scheduler_config.json"]
+    + [f"{c}/{f}" for c in ("unet", "vae") for f in ("config.json", "diffusion_pytorch_model.safetensors")]
+    + [f"{c}/{f}" for c in ("text_encoder", "text_encoder_2") for f in ("config.json", "model.safetensors")]
+    + [f"{t}/{f}" for t in ("tokenizer", "tokenizer_2")
+       for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")]
+)
+
+
+def earlier_output_of_ours(folder: Path) -> str | None:
+    """Why ``folder`` may be replaced: ``None`` when it is recognisably an earlier output of
+    ours (our record in its UNet's metadata, or only files we would write), else the reason
+    it may not."""
+    if folder.is_symlink():
+        return "it is a symbolic link"
+    files: list[str] = []
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            if (Path(root) / d).is_symlink():
+                return f"it holds a symbolic link '{Path(root, d).relative_to(folder)}'"
+        files += [str(Path(root, n).relative_to(folder)) for n in names]
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if unet.is_file():
+        from lora_tools.safetensors_io import read_header
+
+        try:
+            if LORATOOL_METADATA_KEY in read_header(unet).metadata:
+                return None
+        except Exception:  # noqa: BLE001 - any unreadable header just means "not recognisably ours"
+            pass
+    foreign = sorted(f for f in files if f not in _FOLDER_FILES)
+    if not files:
+        return None
+    if foreign:
+        return f"it holds files loratool does not write (such as '{foreign[0]}')"
+    return None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+class ExistsError(OutputExistsError):
+    """An output exists: ``'X' already exists: pass overwrite=True to replace it, or output=PATH
+    to choose another name`` (the CLI spells both parameters as its flags)."""
+
+    def render(self, spell_param: "object | None" = None) -> str:
+        if self.hint is None:
+            return self.message
+        flag = spell_param if callable(spell_param) else None
+        other = Hint("output", "to choose another name", "PATH" if flag is None else None)
+        return (f"{self.message}: {self.hint.render(flag(self.hint.param) if flag else None)}, "
+                f"or {other.render(flag('output') if flag else None)[5:]}.")
+
+
+def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
+    """Check, at plan time, that ``path`` can become an output of ``kind``.
+
+    Raises:
+        OutputExistsError: it exists and ``overwrite`` is not set.
+        OutputError: its kind is wrong (a folder where a file goes, a file in the way of a
+            folder), its folder cannot be written, or it is a folder that is not ours to replace.
+    """
+    test_pause("planning")
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
+    if path.name.endswith(TEMP_SUFFIX):
+        raise UsageError(f"Refusing to write '{path}': that name is how loratool marks its temporary files.")
+    if path.exists() or path.is_symlink():
+        if kind == "file" and path.is_dir():
+            raise OutputError(f"cannot write '{path}': it is a directory (the output is a file).")
+        if kind == "folder" and not path.is_dir():
+            raise OutputError(f"cannot write '{path}': it is a file (the output is a folder).")
+        if kind == "folder":
+            why = earlier_output_of_ours(path)
+            if why is not None:
+                raise OutputError(f"'{path}' already exists and is not an earlier loratool output ({why}): "
+                                  "it will not be replaced; choose another output name.")
+        if not overwrite:
+            raise ExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
+    if not os.access(anc, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(anc) else "permission denied"
+        raise OutputError(f"cannot write in '{anc}': {why}.")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------- free space
+_reserved: dict[int, int] = {}
+_lock = threading.Lock()
+
+
+def reserve_space(path: Path, nbytes: int) -> int:
+    """Reserve ``nbytes`` on ``path``'s file system for a write about to start.
+
+    Outputs of one run that share a file system are counted together.
+
+    Returns:
+        The device id to hand back to :func:`release_space`.
+
+    Raises:
+        OutputError: ``"not enough space on X: need N, have M"``.
+    """
+    from lora_tools.cli._output import format_bytes
+
+    folder = _existing_ancestor(path) if not path.parent.is_dir() else path.parent
+    try:
+        dev = os.stat(folder).st_dev
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+    with _lock:
+        need = _reserved.get(dev, 0) + nbytes
+        if need > free:
+            raise OutputError(f"not enough space on '{_mount_point(folder)}' for '{path}': "
+                              f"need {format_bytes(need)}, have {format_bytes(free)}.")
+        _reserved[dev] = need
+    return dev
+
+
+def release_space(dev: int, nbytes: int) -> None:
+    """Give back a reservation of :func:`reserve_space`."""
+    if dev < 0:
+        return
+    with _lock:
+        left = _reserved.get(dev, 0) - nbytes
+        if left > 0:
+            _reserved[dev] = left
+        else:
+            _reserved.pop(dev, None)
+
+
+def _mount_point(folder: Path) -> Path:
+    p = folder.resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p

@@ -1,0 +1,418 @@
+"""Sinks: where streamed tensors go. A whole single file, a standalone diffusers component, a
+diffusers folder, or a LoRA file, all through one atomic write (:class:`StreamingWriter`) and
+one overwrite rule.
+
+Each sink plans its file(s) before anything is computed, then takes every tensor in the same
+order. Untouched tensors whose bytes are already right are copied byte for byte; everything
+else is cast once to the output dtype. Finalising is two-phase so that a multi-output run is
+all or nothing (:func:`finalize_all`): every sink :meth:`complete` s (fsync, header re-read),
+then every sink :meth:`commit` s (rename); on any failure the renamed ones are rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol, Sequence
+
+from lora_tools.diffusers_folder import write_pipeline_configs
+from lora_tools.errors import OutputError, OutputExistsError
+from lora_tools.layouts.sdxl import to_diffusers
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
+from lora_tools.models import ModelSource, TensorRef
+from lora_tools.output import atomic
+from lora_tools.output.plan import WrittenFile, check_output, refuse_input_as_output
+from lora_tools.safetensors_io import (StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name,
+                                       torch_dtype)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """What the streaming engine writes into (every output kind implements it)."""
+
+    kind: str
+
+    def wants(self, ref: TensorRef) -> bool: ...
+    def position(self, ref: TensorRef) -> int | None: ...
+    def add(self, ref: TensorRef, payload: "Payload") -> None: ...
+    def complete(self) -> None: ...
+    def commit(self) -> list[WrittenFile]: ...
+    def rollback(self) -> None: ...
+    def cleanup(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class Payload:
+    """One base tensor on its way out: its original bytes, or a (patched) tensor."""
+
+    raw: memoryview | bytearray | None
+    tensor: "torch.Tensor | None"
+    patched: bool
+    ops: list | None = None  # type: ignore[type-arg]  # row-block patch operations, prepared by the reader
+
+    def as_tensor(self, ref: TensorRef) -> "torch.Tensor":
+        if self.tensor is not None:
+            return self.tensor
+        assert self.raw is not None
+        return bytes_to_tensor(self.raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, ref.nbytes))
+
+
+DtypeFor = Callable[[str], str]
+
+
+def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, out_dtype: str,
+          row: KeyMap | None) -> None:
+    """Write one tensor: raw bytes when nothing changes, else one cast of the (converted) tensor."""
+    same_bytes = payload.raw is not None and out_dtype == ref.dtype and (row is None or row.transform in ("rename", "conv1x1_to_linear"))
+    if same_bytes:
+        writer.write(name, payload.raw)  # type: ignore[arg-type]
+        return
+    t = payload.as_tensor(ref)
+    if row is not None:
+        t = to_diffusers(row, t)
+    if t.is_floating_point():
+        t = t.to(torch_dtype(out_dtype))
+    writer.write(name, t.contiguous())
+
+
+class _FileSink:
+    """One safetensors output file, hashed while written, finalised in two phases."""
+
+    kind: str
+
+    def __init__(self, path: Path, plans: list[TensorPlan], dtype_for: DtypeFor, metadata: Mapping[str, str],
+                 *, overwrite: bool = True, verify: bool = False):
+        self.writer = StreamingWriter(path, plans, dict(metadata), hash=True, overwrite=overwrite, verify=verify)
+        self.dtype_for = dtype_for
+        self._old: Path | None = None
+        self._committed = False
+        self._existed = path.exists()
+
+    def complete(self) -> None:
+        self.writer.complete()
+
+    def commit(self) -> list[WrittenFile]:
+        path = self.writer.path
+        atomic.test_pause("before-rename")
+        if self.writer.overwrite and path.is_file() and not path.is_symlink():
+            old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
+            try:
+                os.link(path, old)
+                self._old = old
+            except OSError:
+                self._old = None
+        appeared = not self._existed and self.writer.overwrite and path.exists()
+        p = self.writer.commit()
+        self._committed = True
+        if appeared:
+            _say_replaced(path)
+        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
+
+    def finalize(self) -> list[WrittenFile]:
+        self.complete()
+        files = self.commit()
+        self.cleanup()
+        return files
+
+    def rollback(self) -> None:
+        """Undo :meth:`commit`: the earlier file comes back, or the name is free again."""
+        if not self._committed:
+            return
+        if self._old is not None:
+            os.replace(self._old, self.writer.path)
+            self._old = None
+        else:
+            atomic.remove(self.writer.path)
+        self._committed = False
+
+    def cleanup(self) -> None:
+        if self._old is not None:
+            atomic.remove(self._old)
+            self._old = None
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _say_replaced(path: Path) -> None:
+    logger.warning("'%s' appeared while this run was writing it (another run?): replaced it with this run's output",
+                   path)
+
+
+class LoraFileSink(_FileSink):
+    """A LoRA (or any small tensor dict) file: the same atomic write and overwrite rule."""
+
+    kind = "lora"
+
+    def __init__(self, path: Path, plans: list[TensorPlan], metadata: Mapping[str, str], *,
+                 overwrite: bool = False, verify: bool = False):
+        super().__init__(path, plans, lambda d: d, metadata, overwrite=overwrite, verify=verify)
+
+    def add_tensor(self, name: str, tensor: "torch.Tensor") -> None:
+        self.writer.write(name, tensor.contiguous())
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: "Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]",
+                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False, verify: bool = False,
+                      inputs: Sequence[Path] = (), kind: str = "lora") -> WrittenFile:
+    """Write tensors to one safetensors file through the one output path.
+
+    Args:
+        path: the output file.
+        tensors: name -> tensor (or ``(name, tensor)`` pairs), in file order.
+        metadata: the header's ``__metadata__`` (see :func:`lora_tools.output.metadata.output_metadata`).
+        overwrite: replace an existing file; without it an existing file is refused at once,
+            and a file that appears while writing (another run) makes this one fail.
+        verify: re-read the written data and check its sha256 before the rename.
+        inputs: files this operation reads (none may be the output).
+        kind: the :attr:`WrittenFile.kind` to report.
+
+    Returns:
+        The file written, with its sha256 (and :attr:`WrittenFile.autov2`).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is not set.
+        OutputError: the path cannot be written (its kind, permissions, space, disk full).
+    """
+    out = Path(path)
+    refuse_input_as_output(out, inputs)
+    check_output(out, "file", overwrite=overwrite)
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    plans = [TensorPlan(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in items]
+    sink = LoraFileSink(out, plans, dict(metadata or {"format": "pt"}), overwrite=overwrite, verify=verify)
+    sink.kind = kind
+    try:
+        for k, v in items:
+            sink.add_tensor(k, v)
+        return sink.finalize()[0]
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def finalize_all(sinks: Sequence[Sink]) -> list[WrittenFile]:
+    """Finalise every output of one run, or none: complete all (fsync, checks), then rename
+    all; if any step fails, the outputs renamed so far are rolled back and every temp removed."""
+    committed: list[Sink] = []
+    try:
+        for s in sinks:
+            s.complete()
+        files: list[WrittenFile] = []
+        for s in sinks:
+            files += s.commit()
+            committed.append(s)
+    except BaseException:
+        for s in reversed(committed):
+            try:
+                s.rollback()
+            except OSError as e:
+                logger.warning("could not roll back '%s': %s", getattr(s, "path", s), atomic.reason(e))
+        for s in sinks:
+            s.abort()
+        raise
+    for s in sinks:
+        s.cleanup()
+    return files
+
+
+class CheckpointSink(_FileSink):
+    """The whole single file in SGM layout: the base's keys, in processing order."""
+
+    kind = "checkpoint"
+
+    def __init__(self, path: Path, refs: Sequence[TensorRef], dtype_for: DtypeFor, metadata: Mapping[str, str],
+                 *, overwrite: bool = True, verify: bool = False):
+        super().__init__(path, [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in refs], dtype_for, metadata,
+                         overwrite=overwrite, verify=verify)
+
+    def wants(self, ref: TensorRef) -> bool:
+        return True
+
+    def position(self, ref: TensorRef) -> int | None:
+        """Where ``ref``'s bytes go in the file (``None`` when they are not written as read)."""
+        return self.writer.position(ref.key)
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        _emit(self.writer, ref.key, ref, payload, self.dtype_for(ref.dtype), None)
+
+
+class ComponentSink(_FileSink):
+    """One component in diffusers layout (a standalone UNet file, or one file of a folder)."""
+
+    def __init__(self, path: Path, refs: Sequence[TensorRef], component: Component, dtype_for: DtypeFor,
+                 metadata: Mapping[str, str], kind: str = "unet", *, overwrite: bool = True, verify: bool = False):
+        self.component = component
+        self.kind = kind
+        plans = [TensorPlan(row.diffusers, dtype_for(r.dtype), row.diffusers_shape)  # type: ignore[arg-type]
+                 for r in refs if self.wants(r) for row in r.rows]
+        super().__init__(path, plans, dtype_for, metadata, overwrite=overwrite, verify=verify)
+
+    def wants(self, ref: TensorRef) -> bool:
+        return bool(ref.rows) and ref.rows[0].component == self.component and ref.rows[0].diffusers is not None
+
+    def position(self, ref: TensorRef) -> int | None:
+        if not self.wants(ref) or len(ref.rows) != 1:
+            return None
+        return self.writer.position(ref.rows[0].diffusers)  # type: ignore[arg-type]
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        if not self.wants(ref):
+            return
+        for row in ref.rows:
+            _emit(self.writer, row.diffusers, ref, payload, self.dtype_for(ref.dtype), row)  # type: ignore[arg-type]
+
+
+class DiffusersFolderSink:
+    """A ``StableDiffusionXLPipeline`` folder, written in a temporary folder and renamed at the end.
+
+    With ``overwrite``, an existing folder is replaced only when it is recognisably an earlier
+    output of ours (checked at plan time by :func:`~lora_tools.output.plan.check_output`, and
+    again here); the replaced folder is kept until every output of the run is in place.
+    """
+
+    kind = "diffusers"
+
+    def __init__(self, path: Path, model: ModelSource, refs: Sequence[TensorRef], dtype_for: DtypeFor,
+                 metadata: Mapping[str, str], scheduler_config: Mapping[str, object], tokenizers: Callable[[Path], None],
+                 *, overwrite: bool = True, verify: bool = False):
+        self.path = path
+        self.overwrite = overwrite
+        self.model = model
+        self.sinks: list[ComponentSink] = []
+        self.tmp: Path | None = None
+        self._old: Path | None = None
+        self._committed = False
+        self._existed = path.exists()
+        try:
+            check_output(path, "folder", overwrite=True)  # its kind, and whether it is ours to replace
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temps(path)
+            self.tmp = atomic.create_temp_dir(path)
+            for comp in ("unet", "vae", "te1", "te2"):
+                folder = self.tmp / DIFFUSERS_FOLDERS[comp]  # type: ignore[index]
+                folder.mkdir()
+                fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
+                self.sinks.append(ComponentSink(folder / fname, refs, comp, dtype_for,  # type: ignore[arg-type]
+                                                metadata if comp == "unet" else {"format": "pt"}, kind="diffusers",
+                                                verify=verify))
+            write_pipeline_configs(self.tmp, model.cfg, scheduler_config)
+            tokenizers(self.tmp)
+        except OSError as e:
+            self.abort()
+            if isinstance(e, (OutputError, OutputExistsError)):
+                raise
+            raise atomic.output_error(path, e) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def wants(self, ref: TensorRef) -> bool:
+        return any(s.wants(ref) for s in self.sinks)
+
+    def position(self, ref: TensorRef) -> int | None:
+        return next((s.position(ref) for s in self.sinks if s.wants(ref)), None)
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        for s in self.sinks:
+            s.add(ref, payload)
+
+    def complete(self) -> None:
+        for s in self.sinks:
+            s.complete()
+            s.commit()  # inside the temporary folder
+        atomic.fsync_dir(self.tmp)  # type: ignore[arg-type]
+
+    def commit(self) -> list[WrittenFile]:
+        assert self.tmp is not None
+        atomic.test_pause("before-rename")
+        try:
+            if self.path.exists() or self.path.is_symlink():
+                if not self.overwrite:
+                    raise OutputExistsError(f"'{self.path}' appeared while this run was writing it (another run?): "
+                                            "nothing was replaced, and this run's output was dropped.")
+                check_output(self.path, "folder", overwrite=True)  # still ours, right before replacing it
+                self._old = atomic.replace(self.tmp, self.path)
+                if not self._existed:
+                    _say_replaced(self.path)
+            else:
+                atomic.claim(self.tmp, self.path)
+        except OSError as e:
+            if isinstance(e, (OutputError, OutputExistsError)):
+                raise
+            raise atomic.output_error(self.path, e) from None
+        atomic.fsync_dir(self.path.parent)
+        self._committed = True
+        files = []
+        for s in self.sinks:
+            p = self.path / s.writer.path.relative_to(self.tmp)
+            files.append(WrittenFile(self.kind, p, p.stat().st_size, s.writer.sha256))
+        return files
+
+    def finalize(self) -> list[WrittenFile]:
+        self.complete()
+        files = self.commit()
+        self.cleanup()
+        return files
+
+    def rollback(self) -> None:
+        if not self._committed:
+            return
+        if self._old is not None:
+            ours = atomic.replace(self._old, self.path)  # the earlier folder back, ours under a temp name
+            if ours is not None:
+                atomic.remove(ours)
+            self._old = None
+        else:
+            atomic.remove(self.path)
+        self._committed = False
+
+    def cleanup(self) -> None:
+        if self._old is not None:
+            atomic.remove(self._old)
+            self._old = None
+
+    def abort(self) -> None:
+        for s in self.sinks:
+            s.abort()
+        if self.tmp is not None and not self._committed:
+            atomic.remove(self.tmp)
+
+
+def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Path], None]:
+    """Where the diffusers folder's tokenizers come from: the base folder, the byte tokenizer
+    for synthetic small-vocabulary models, or the SDXL base repo through the hub."""
+    from lora_tools.diffusers_folder import write_byte_tokenizer
+
+    base = model.path
+    if model.layout == "diffusers-folder" and (base / "tokenizer").is_dir() and (base / "tokenizer_2").is_dir():
+        def copy(root: Path) -> None:
+            for name in ("tokenizer", "tokenizer_2"):
+                shutil.copytree(base / name, root / name)
+        return copy
+    if model.cfg.te1.vocab < 49408 and model.cfg.te2.vocab < 49408:
+        def byte(root: Path) -> None:
+            write_byte_tokenizer(root / "tokenizer", model.cfg.te1.vocab, model.cfg.te1.positions)
+            write_byte_tokenizer(root / "tokenizer_2", model.cfg.te2.vocab, model.cfg.te2.positions)
+        return byte
+    from lora_tools.hub import resolve_file
+    from lora_tools.presets import SDXL_BASE_REPO
+
+    files = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+            files[f"{name}/{f}"] = resolve_file(SDXL_BASE_REPO, f"{name}/{f}", revision=None,
+                                                instead="--save checkpoint and --save unet need no tokenizer.")
+
+    def hub(root: Path) -> None:
+        for rel, src in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, root / rel)
+    return hub

@@ -1,0 +1,132 @@
+"""Faults of a real fuse process: SIGINT, SIGTERM, SIGHUP and SIGKILL at three points (planning,
+mid-stream, just before the rename), and two processes writing one output.
+
+The process pauses at a point through the test hook ``LORATOOL_TEST_PAUSE_AT`` (it writes the
+file named by ``LORATOOL_TEST_READY`` and waits), so each signal lands exactly there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+from lora_tools.provenance import read_record
+from lora_tools.safetensors_io import read_header
+from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.slow
+
+FUSE = [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse"]
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGKILL: -signal.SIGKILL}
+
+
+def start(assets: FuseAssets, out: Path, point: str, ready: Path, *extra: str, go: Path | None = None) -> subprocess.Popen[str]:
+    env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
+    if go is not None:
+        env["LORATOOL_TEST_GO"] = str(go)
+    return subprocess.Popen([*FUSE, str(assets.base), "--lightning", "4", "--lightning-dir", str(assets.lightning_dir),
+                             "-o", str(out), "-q", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_ready(proc: subprocess.Popen[str], ready: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"ended before its pause point (exit {proc.returncode}): {proc.stderr.read()}")  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the pause point was never reached"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("point", ["planning", "mid-stream", "before-rename"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_signal_leaves_nothing(assets: FuseAssets, tmp_path: Path, sig: signal.Signals, point: str) -> None:
+    assets.base, assets.lightning_dir  # built here, not in the child
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "fused.safetensors"
+    ready = tmp_path / "ready"
+    proc = start(assets, out, point, ready)
+    try:
+        wait_ready(proc, ready)
+        if point != "planning":
+            assert any(p.name.endswith(".loratool.partial") for p in out_dir.iterdir())  # a temp is being written
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT[sig], stderr
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert stderr.strip().splitlines()[-1] == "Interrupted: nothing was written under the output names.", stderr
+        assert list(out_dir.iterdir()) == []  # the temp file went with it
+    # The next run writing there removes what a killed run left, and says so.
+    result = CliRunner().invoke(cli, ["fuse", str(assets.base), "--lightning", "4", "--lightning-dir",
+                                      str(assets.lightning_dir), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in out_dir.iterdir()] == ["fused.safetensors"]
+    if sig == signal.SIGKILL and point != "planning":
+        assert "removed '" in result.stderr and f"(process {proc.pid})" in result.stderr
+
+
+def test_sigterm_mid_stream_of_a_diffusers_folder(assets: FuseAssets, tmp_path: Path) -> None:
+    out = tmp_path / "pipe"
+    ready = tmp_path / "ready"
+    proc = start(assets, out, "mid-stream", ready, "--save", "diffusers")
+    try:
+        wait_ready(proc, ready)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ready"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["claim", "overwrite"])
+def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwrite: bool) -> None:
+    """Both pass planning, both finish writing, then both rename at once."""
+    out = tmp_path / "out" / "fused.safetensors"
+    out.parent.mkdir()
+    go = tmp_path / "go"
+    extra = ["--overwrite"] if overwrite else []
+    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", *extra, go=go) for i in range(2)]
+    try:
+        for i, p in enumerate(procs):
+            wait_ready(p, tmp_path / f"ready{i}")
+        go.write_text("go")
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    codes = sorted(p.returncode for p in procs)
+    if overwrite:
+        assert codes == [0, 0], results
+        said = [err for _, err in results if "appeared while this run was writing it (another run?): replaced it" in err]
+        assert len(said) == 1, results  # the last finisher says it replaced the other's file
+    else:
+        assert codes == [0, 1], results
+        loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)
+        assert loser.strip() == (f"Error: '{out}' appeared while this run was writing it (another run?): "
+                                 "nothing was replaced, and this run's output was dropped.")
+    header = read_header(out)  # one whole file, from one of the runs: the safetensors library reads it all
+    assert read_record(header.metadata)["operation"] == "fuse"
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(out)) == sorted(header.keys())
+    assert [p.name for p in out.parent.iterdir()] == ["fused.safetensors"]
