@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +13,9 @@ from typing import Callable
 from lora_tools import __version__
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
-from lora_tools.ops.buffers import BufferRing
-from lora_tools.ops.patching import patch_ops, patch_tensor
-from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
-                                    tokenizer_provider)
-from lora_tools.ops.streaming import run_pipeline
+from lora_tools.engine import Contribution, DenseDifference, LowRank, StageHook, stream, stream_order
+from lora_tools.ops.outputs import CheckpointSink, ComponentSink, DiffusersFolderSink, WrittenFile, tokenizer_provider
 from lora_tools.provenance import LORATOOL_METADATA_KEY
-from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -132,89 +126,50 @@ def scheduler_config(plan: FusePlan) -> dict[str, object]:
     return cfg
 
 
-def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
-    """Stream the base once and write every planned output."""
+def fuse_patches(plan: FusePlan) -> dict[str, list[Contribution]]:
+    """The plan as the engine's patch list: per patched key, its LoRA modules (in the order the
+    LoRAs were given) then the UNet differences."""
+    patches: dict[str, list[Contribution]] = {}
+    for key in plan.patched_keys():
+        ref = plan.base.ref(key)
+        contribs: list[Contribution] = []
+        for source, mm in plan.patches.get(key, []):
+            rows = None
+            if mm.target.part is not None:
+                i, n = mm.target.part
+                count = ref.shape[0] // n
+                rows = slice(i * count, (i + 1) * count)
+            keys = mm.module.keys
+            up, down = source.max_abs.get(keys.get("up", "")), source.max_abs.get(keys.get("down", ""))
+            bounds = (up, down) if up is not None and down is not None else None
+            contribs.append(LowRank(source.adapter, mm, source.strength, rows, bounds))
+        row = ref.rows[0] if ref.rows else None
+        if row is not None and row.component == "unet" and row.diffusers is not None:
+            contribs.extend(DenseDifference(d.tuned, d.original, row.diffusers, d.strength) for d in plan.diffs)
+        patches[key] = contribs
+    return patches
+
+
+def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: StageHook | None = None) -> FuseResult:
+    """Stream the base once and write every planned output.
+
+    Args:
+        plan: from :func:`~lora_tools.ops.fuse_plan.plan_fuse`.
+        progress: called with the bytes of each tensor once processed.
+        stage_hook: wraps the engine's read/process/write stages (see :func:`lora_tools.engine.stream`).
+    """
     start = time.perf_counter()
     record = provenance_record(plan)
-    patched = plan.patched_keys()
-    order = interleave(plan.base.refs, patched)
+    patches = fuse_patches(plan)
+    order = stream_order(plan.base.refs, patches)
     sinks = _make_sinks(plan, record, order)
-    order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. --save unet reads no VAE
-    stats = {"modules": 0, "tensors": 0}
-    base = plan.base
-
-    buffers = BufferRing()
-    first = sinks[0]
-
-    def read(ref: TensorRef) -> Payload:
-        # The reader thread also reads this tensor's LoRA factors, off the compute thread.
-        ops = patch_ops(plan, ref) if ref.key in patched else None
-        if ref.raw_ok:
-            # Placed in phase with its place in the first output, the writer sends it to the disk
-            # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
-            phase = first.position(ref) or 0
-            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0)
-            return Payload(base.read_raw(ref, into), None, False, ops)
-        return Payload(None, base.read(ref), False, ops)
-
-    def process(ref: TensorRef, payload: Payload) -> Payload:
-        if ref.key not in patched:
-            return payload
-        source = payload.as_tensor(ref)
-        out, applied = patch_tensor(plan, ref, source, torch_dtype(plan.output_dtype(ref.dtype)), payload.ops)
-        stats["modules"] += applied
-        stats["tensors"] += 1
-        if out is source:  # the read buffer now holds the result
-            return Payload(payload.raw, out, True)
-        if payload.raw is not None:
-            buffers.give(payload.raw)
-        return Payload(None, out, True)
-
-    def write(ref: TensorRef, payload: Payload) -> None:
-        for s in sinks:
-            s.add(ref, payload)
-        if payload.raw is not None:
-            buffers.give(payload.raw)
-
-    import torch
-
-    gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
-    try:
-        run_pipeline(order, read=read, process=process, write=write, size=lambda r: r.nbytes,
-                     on_done=(lambda r: progress(r.nbytes)) if progress else None)
-        files = [f for s in sinks for f in s.finalize()]
-    except BaseException:
-        for s in sinks:
-            s.abort()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        gc.unfreeze()
-    return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
+    stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
+                   stage_hook=stage_hook)
+    return FuseResult(stats.files, stats.contributions, stats.tensors_patched, time.perf_counter() - start, record)
 
 
-def interleave(refs: list[TensorRef], patched: set[str]) -> list[TensorRef]:
-    """Processing (and output) order: patched and untouched tensors mixed in proportion to
-    their bytes, so the maths and the copying overlap all the way through instead of taking
-    turns (a checkpoint stores its text encoders and VAE, all untouched, in one run)."""
-    hot = [r for r in refs if r.key in patched]
-    cold = [r for r in refs if r.key not in patched]
-    hot_total = sum(r.nbytes for r in hot) or 1
-    cold_total = sum(r.nbytes for r in cold) or 1
-    out: list[TensorRef] = []
-    i = j = hot_done = cold_done = 0
-    while i < len(hot) or j < len(cold):
-        if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
-            out.append(hot[i])
-            hot_done += hot[i].nbytes
-            i += 1
-        else:
-            out.append(cold[j])
-            cold_done += cold[j].nbytes
-            j += 1
-    return out
+#: The engine's stream order (kept under its old name).
+interleave = stream_order
 
 
 def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:  # type: ignore[type-arg]

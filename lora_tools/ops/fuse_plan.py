@@ -123,8 +123,8 @@ class FusePlan:
     def predicted_peak_bytes(self) -> int:
         """Interpreter and torch, the read buffers' ring (reads and writes in flight), the largest
         tensor (whole, plus its output copy when the dtype changes), and the staging buffers."""
-        from lora_tools.ops.buffers import RING_BYTES
-        from lora_tools.ops.streaming import MAX_INFLIGHT_BYTES
+        from lora_tools.engine.buffers import RING_BYTES
+        from lora_tools.engine.pipeline import MAX_INFLIGHT_BYTES
 
         largest = max((r.nbytes for r in self.base.refs), default=0)
         if self.out_dtype is not None:
