@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Pro
 from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import BufferRing
 from lora_tools.engine.contributions import Contribution
-from lora_tools.engine.patch import block_ops, needs_check, patch_tensor
+from lora_tools.engine.patch import block_ops, patch_tensor
 from lora_tools.models import ModelSource, TensorRef
 from lora_tools.ops.outputs import Payload, WrittenFile
 from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from lora_tools import __version__
 from lora_tools.models import TensorRef
-from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
+from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.engine import Contribution, DenseDifference, LowRank, StageHook, stream, stream_order
 from lora_tools.ops.outputs import CheckpointSink, ComponentSink, DiffusersFolderSink, WrittenFile, tokenizer_provider
-from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.presets import AccelerationPreset
+from lora_tools.provenance import build_record, with_record
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -34,17 +32,45 @@ class FuseResult:
     record: dict[str, object] = field(default_factory=dict)
 
 
-def fuse(base: str | Path, **kwargs: object) -> FuseResult:
-    """Plan and run a fuse in one call (arguments as :func:`~lora_tools.ops.fuse_plan.plan_fuse`).
+def fuse(
+    base: str | Path,
+    preset: str | AccelerationPreset | None = None,
+    *,
+    method: Method = "lora",
+    loras: Sequence[tuple[str, float]] = (),
+    saves: Sequence[SaveKind] = ("checkpoint",),
+    output: str | Path | None = None,
+    dtype: str = "keep",
+    preset_strength: float | None = None,
+    preset_dir: str | Path | None = None,
+    allow_unmatched: bool = False,
+    force: bool = False,
+    overwrite: bool = False,
+    revision: str | None = None,
+    original_unet: str | Path | None = None,
+    variant: str | None = None,
+    hash_base: bool = False,
+    progress: Progress | None = None,
+    lightning: int | None = None,
+    lightning_strength: float | None = None,
+    lightning_dir: str | Path | None = None,
+) -> FuseResult:
+    """Plan and run a fuse in one call.
+
+    Every argument but ``progress`` is :func:`~lora_tools.ops.fuse_plan.plan_fuse`'s (see there);
+    ``progress`` is called with the bytes of each tensor once processed.
 
     Example:
         >>> from lora_tools import fuse
-        >>> fuse("juggernaut.safetensors", lightning=4)  # -> juggernaut-lightning-4step.safetensors
+        >>> fuse("juggernaut.safetensors", "lightning-4step")  # -> juggernaut-lightning-4step.safetensors
     """
-    progress = kwargs.pop("progress", None)
-    plan = plan_fuse(base, **kwargs)  # type: ignore[arg-type]
+    plan = plan_fuse(base, preset, method=method, loras=loras, saves=saves, output=output, dtype=dtype,
+                     preset_strength=preset_strength, preset_dir=preset_dir, allow_unmatched=allow_unmatched,
+                     force=force, overwrite=overwrite, revision=revision, original_unet=original_unet,
+                     variant=variant, hash_base=hash_base, lightning=lightning,
+                     lightning_strength=lightning_strength, lightning_dir=lightning_dir)
     try:
-        return run_fuse(plan, progress=progress)  # type: ignore[arg-type]
+        return run_fuse(plan, progress=progress)
     finally:
         plan.close()
 
@@ -87,20 +113,16 @@ def provenance_record(plan: FusePlan) -> dict[str, object]:
     for d in plan.diffs:
         sources.append({"role": "unet-difference", "tuned": d.tuned.path.name, "original": d.original.path.name,
                         "strength": d.strength, "preset": d.preset.name if d.preset else None})
-    record: dict[str, object] = {
-        "version": __version__, "operation": "fuse", "method": plan.method, "lightning_steps": plan.lightning_steps,
-        "sources": sources, "output_dtype": plan.out_dtype or "keep",
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    if plan.sampler is not None:
-        record["sampler"] = plan.sampler.to_dict()
-    return record
+    preset = plan.preset.name if plan.preset is not None else None
+    return build_record("fuse", sources=sources, sampler=plan.sampler.to_dict() if plan.sampler is not None else None,
+                        preset=preset, method=plan.method, lightning_steps=plan.lightning_steps,
+                        output_dtype=plan.out_dtype or "keep")
 
 
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
     meta: dict[str, str] = dict(plan.base.metadata) if keep_base else {"format": "pt"}
     stem = plan.base.path.name if plan.base.path.is_dir() else plan.base.path.stem
-    title = stem + (f" Lightning {plan.lightning_steps}-step" if plan.lightning_steps else " (fused)")
+    title = stem + (f" {preset_title(plan.preset.name)}" if plan.preset is not None else " (fused)")
     merged = [plan.base.path.name] + [s.adapter.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
     meta.update({
         "modelspec.sai_model_spec": "1.0.0",
@@ -114,8 +136,7 @@ def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: boo
     if plan.sampler is not None:
         meta["modelspec.usage_hint"] = plan.sampler.describe()
         meta["modelspec.prediction_type"] = plan.sampler.prediction_type
-    meta[LORATOOL_METADATA_KEY] = json.dumps(record, sort_keys=True)
-    return meta
+    return with_record(meta, record)
 
 
 def scheduler_config(plan: FusePlan) -> dict[str, object]:
