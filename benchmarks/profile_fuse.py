@@ -187,7 +187,7 @@ def main() -> None:
     # ---- plan + run ---------------------------------------------------------------------
     sampler.phase = "plan"
     t = time.perf_counter()
-    plan = FP.plan_fuse(args.base, lightning=4, lightning_dir=args.lightning_dir, saves=(args.save,),
+    plan = FP.plan_fuse(args.base, "lightning-4step", preset_dir=args.lightning_dir, saves=(args.save,),
                         output=args.output, overwrite=True)
     out["plan_s"] = time.perf_counter() - t
     out["check_finite_s"] = check_s[0]

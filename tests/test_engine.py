@@ -19,7 +19,6 @@ from lora_tools.lora.model import AdapterModule
 from lora_tools.lora.resolve import MatchedModule
 from lora_tools.models import TensorRef, open_model
 from lora_tools.sources import StateDictSource
-from lora_tools.testing import synthetic
 
 
 class CollectSink:
@@ -50,8 +49,8 @@ class CollectSink:
 
 
 @pytest.fixture(scope="module")
-def fp16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.write_checkpoint(tmp_path_factory.mktemp("engine") / "tiny16.safetensors", "tiny", dtype="fp16")
+def model_file(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint  # the session's tiny SGM checkpoint (fp32)
 
 
 def _keys(path: Path) -> tuple[str, str, str]:
@@ -85,14 +84,14 @@ def _lora(name: str, shape: tuple[int, ...], rank: int, alpha: float, seed: int,
     return adapter, match, {role: t.float() for role, t in ((r, tensors[f"{name}.{r}"]) for r in f)}
 
 
-def test_stream_applies_low_rank_and_dense_differences_like_the_dense_reference(fp16_model: Path) -> None:
-    base = load_file(str(fp16_model))
-    linear, conv, other = _keys(fp16_model)
+def test_stream_applies_low_rank_and_dense_differences_like_the_dense_reference(model_file: Path) -> None:
+    base = load_file(str(model_file))
+    linear, conv, other = _keys(model_file)
     a_lin, m_lin, f_lin = _lora("lin", tuple(base[linear].shape), rank=4, alpha=2.0, seed=1)
     a_conv, m_conv, f_conv = _lora("conv", tuple(base[conv].shape), rank=2, alpha=1.0, seed=2)
     a_loha, m_loha, f_loha = _lora("loha", tuple(base[other].shape), rank=2, alpha=4.0, seed=3, kind="loha")
     g = torch.Generator().manual_seed(9)
-    tuned = StateDictSource(Path("tuned"), {"x": (base[linear].float() + torch.randn(base[linear].shape, generator=g) * 0.05).half()})
+    tuned = StateDictSource(Path("tuned"), {"x": (base[linear] + torch.randn(base[linear].shape, generator=g) * 0.05).half()})
     original = StateDictSource(Path("original"), {"x": base[linear].clone()})
     half = base[other].shape[0] // 2
     patches = {
@@ -106,7 +105,7 @@ def test_stream_applies_low_rank_and_dense_differences_like_the_dense_reference(
 
     sink = CollectSink()
     seen: list[int] = []
-    with open_model(fp16_model) as model:
+    with open_model(model_file) as model:
         stats = stream(model, patches, [sink], out_dtype=lambda dt: dt, progress=seen.append)
         total = model.total_bytes()
     assert sink.finalized and not sink.aborted
@@ -120,27 +119,27 @@ def test_stream_applies_low_rank_and_dense_differences_like_the_dense_reference(
     ref_other[half:] += f_part["up"] @ f_part["down"]
     for key, ref in ((linear, ref_lin), (conv, ref_conv), (other, ref_other)):
         got = sink.tensors[key]
-        assert got.dtype == torch.float16
+        assert got.dtype == torch.float32
         assert not torch.equal(got, base[key])
-        torch.testing.assert_close(got.float(), ref.half().float(), rtol=2e-3, atol=1e-4)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     for key in set(base) - set(patches):
         assert torch.equal(sink.tensors[key], base[key]), key  # untouched bytes pass through
 
 
-def test_stream_casts_patched_tensors_and_follows_the_given_order(fp16_model: Path) -> None:
-    base = load_file(str(fp16_model))
-    linear, _, _ = _keys(fp16_model)
+def test_stream_casts_patched_tensors_and_follows_the_given_order(model_file: Path) -> None:
+    base = load_file(str(model_file))
+    linear, _, _ = _keys(model_file)
     adapter, match, f = _lora("lin", tuple(base[linear].shape), rank=4, alpha=4.0, seed=5)
     sink = CollectSink(only="model.diffusion_model.")
-    with open_model(fp16_model) as model:
+    with open_model(model_file) as model:
         order = stream_order(model.refs, {linear})
         stats = stream(model, {linear: [LowRank(adapter, match, 2.0)]}, [sink],  # type: ignore[arg-type]
-                       out_dtype=lambda dt: "F32", order=order)
+                       out_dtype=lambda dt: "F16", order=order)
     assert sink.order == [r.key for r in order if r.key.startswith("model.diffusion_model.")]  # no VAE read
     assert stats.tensors == len(sink.order)
     got = sink.tensors[linear]
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, base[linear].float() + 2.0 * (f["up"] @ f["down"]), rtol=1e-5, atol=1e-6)
+    assert got.dtype == torch.float16  # rounded once, from the fp32 sum
+    assert torch.equal(got, (base[linear] + 2.0 * (f["up"] @ f["down"])).half())
 
 
 class WholeOnly:
@@ -159,35 +158,37 @@ class WholeOnly:
         return None
 
 
-def test_a_contribution_without_row_blocks_takes_the_whole_tensor_path(fp16_model: Path) -> None:
-    base = load_file(str(fp16_model))
-    _, conv, _ = _keys(fp16_model)
+def test_a_contribution_without_row_blocks_takes_the_whole_tensor_path(model_file: Path) -> None:
+    base = load_file(str(model_file))
+    _, conv, _ = _keys(model_file)
     add = torch.linspace(-1, 1, base[conv].numel()).reshape(base[conv].shape)
     sink = CollectSink()
-    with open_model(fp16_model) as model:
+    with open_model(model_file) as model:
         stream(model, {conv: [WholeOnly(add)]}, [sink], out_dtype=lambda dt: dt)
-    assert torch.equal(sink.tensors[conv], (base[conv].float() + add).half())
+    assert torch.equal(sink.tensors[conv], base[conv] + add)
 
 
-def test_overflow_raises_non_finite_and_aborts_every_sink(fp16_model: Path) -> None:
-    base = load_file(str(fp16_model))
-    linear, _, _ = _keys(fp16_model)
+def test_overflow_raises_non_finite_and_aborts_every_sink(model_file: Path) -> None:
+    base = load_file(str(model_file))
+    linear, _, _ = _keys(model_file)
     adapter, match, _ = _lora("lin", tuple(base[linear].shape), rank=4, alpha=4.0, seed=6)
     sinks = [CollectSink(), CollectSink()]
-    with open_model(fp16_model) as model, pytest.raises(NonFiniteError, match="NaN/Inf"):
-        stream(model, {linear: [LowRank(adapter, match, 1e9)]}, sinks, out_dtype=lambda dt: dt)  # type: ignore[arg-type]
+    with open_model(model_file) as model, pytest.raises(NonFiniteError, match="NaN/Inf"):
+        stream(model, {linear: [LowRank(adapter, match, 1e9)]}, sinks, out_dtype=lambda dt: "F16")  # type: ignore[arg-type]
     assert all(s.aborted and not s.finalized for s in sinks)
 
 
-def test_the_overflow_scan_is_skipped_only_when_the_bounds_rule_it_out(fp16_model: Path) -> None:
-    base = load_file(str(fp16_model))
-    linear, _, _ = _keys(fp16_model)
+def test_the_overflow_scan_is_skipped_only_when_the_bounds_rule_it_out(model_file: Path) -> None:
+    base = load_file(str(model_file))
+    linear, _, _ = _keys(model_file)
     adapter, match, f = _lora("lin", tuple(base[linear].shape), rank=4, alpha=4.0, seed=7)
     bounds = (float(f["up"].abs().max()), float(f["down"].abs().max()))
     f16, f32 = torch.float16, torch.float32
     small = LowRank(adapter, match, 1.0, max_abs=bounds)  # type: ignore[arg-type]
     assert small.delta_bound() == pytest.approx(4 * bounds[0] * bounds[1])
     assert needs_check([small], f16, f16) is False
+    assert needs_check([LowRank(adapter, match, 1e36, max_abs=bounds)], f32, f32) is True  # type: ignore[arg-type]
+    assert needs_check([LowRank(adapter, match, 1e6, max_abs=bounds)], f32, f32) is False  # type: ignore[arg-type]
     assert needs_check([small], f32, f16) is True  # a cast: always scanned
     assert needs_check([LowRank(adapter, match, 1.0)], f16, f16) is True  # no bounds measured  # type: ignore[arg-type]
     assert needs_check([LowRank(adapter, match, 1e6, max_abs=bounds)], f16, f16) is True  # type: ignore[arg-type]
@@ -195,23 +196,22 @@ def test_the_overflow_scan_is_skipped_only_when_the_bounds_rule_it_out(fp16_mode
     assert needs_check([small, diff], f16, f16) is True
 
 
-def test_stream_pairs_reads_two_models_side_by_side(fp16_model: Path, tmp_path: Path) -> None:
-    other_path = synthetic.write_checkpoint(tmp_path / "other.safetensors", "tiny", dtype="fp16", seed=3)
-    a_sd, b_sd = load_file(str(fp16_model)), load_file(str(other_path))
+def test_stream_pairs_reads_two_models_side_by_side(model_file: Path, tiny_diffusers_folder: Path) -> None:
+    a_sd = load_file(str(model_file))
     keys = sorted(k for k in a_sd if k.startswith("model.diffusion_model.output_blocks."))[:12]
+    # a tensor reader on the other side, holding other values under other names
+    tuned = StateDictSource(Path("tuned"), {f"w{i}": a_sd[k] * 2 + 1 for i, k in enumerate(keys)})
     diffs: dict[str, torch.Tensor] = {}
     seen: list[int] = []
-    with open_model(fp16_model) as a, open_model(other_path) as b:
-        n = stream_pairs(a, b, keys, lambda k, ta, tb: diffs.__setitem__(k, ta.float() - tb.float()),
-                         progress=seen.append, budget=1)
+    with open_model(model_file) as a:
+        n = stream_pairs(a, tuned, [(k, f"w{i}") for i, k in enumerate(keys)],
+                         lambda k, ta, tb: diffs.__setitem__(k, tb - ta), progress=seen.append, budget=1)
     assert n == len(keys) and list(diffs) == keys
     for k in keys:
-        assert torch.equal(diffs[k], a_sd[k].float() - b_sd[k].float())
-    assert sum(seen) == 2 * sum(a_sd[k].numel() * 2 for k in keys)
-    # a tensor reader on one side, keys spelled differently on each side
-    renamed = StateDictSource(Path("renamed"), {"w" + str(i): b_sd[k] for i, k in enumerate(keys)})
+        assert torch.equal(diffs[k], a_sd[k] * 2 + 1 - a_sd[k])
+    assert sum(seen) == 2 * sum(a_sd[k].numel() * 4 for k in keys)
+    # two layouts side by side: the checkpoint and the same model as a diffusers folder (SGM key space)
     got: list[tuple[str, bool]] = []
-    with open_model(fp16_model) as a:
-        stream_pairs(a, renamed, [(k, "w" + str(i)) for i, k in enumerate(keys)],
-                     lambda k, ta, tb: got.append((k, torch.equal(tb, b_sd[k]) and torch.equal(ta, a_sd[k]))))
+    with open_model(model_file) as a, open_model(tiny_diffusers_folder) as b:
+        stream_pairs(a, b, keys, lambda k, ta, tb: got.append((k, torch.equal(ta, a_sd[k]) and torch.equal(tb, a_sd[k]))))
     assert got == [(k, True) for k in keys]

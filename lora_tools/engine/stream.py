@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence, Union
 
 from lora_tools.engine import pipeline
@@ -53,14 +53,14 @@ class Sink(Protocol):
 
 @dataclass
 class StreamStats:
-    """What a :func:`stream` did."""
+    """What a :func:`stream` did: the files the sinks wrote, the contributions applied, the tensors
+    patched (and streamed), and the seconds it took."""
 
     files: list[WrittenFile]
     contributions: int  # contributions applied
     tensors_patched: int
     seconds: float
     tensors: int = 0  # tensors streamed
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def stream_order(refs: Sequence[TensorRef], patched: Iterable[str]) -> list[TensorRef]:
