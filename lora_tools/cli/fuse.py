@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from lora_tools.cli._output import format_bytes, safe_text
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
+
+if TYPE_CHECKING:
+    from lora_tools.presets import SamplerSettings
 
 
 @click.command("fuse")
@@ -122,7 +127,7 @@ def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
             click.echo(line)
 
 
-def usage_lines(s) -> list[str]:  # type: ignore[no-untyped-def]
+def usage_lines(s: "SamplerSettings") -> list[str]:
     """How to sample the result, from the preset's :class:`~lora_tools.presets.SamplerSettings` alone."""
     diffusers = (f"  diffusers: {s.scheduler}.from_config(pipe.scheduler.config, timestep_spacing=\"{s.timestep_spacing}\""
                  + (f", prediction_type=\"{s.prediction_type}\"" if s.prediction_type != "epsilon" else "")
