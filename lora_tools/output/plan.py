@@ -49,13 +49,13 @@ def default_stem(base: Path, preset: object | None, labels: Sequence[str], metho
 
     Args:
         base: the base file or folder.
-        preset: the acceleration preset baked in (anything with ``steps`` and ``lora_file``).
+        preset: the acceleration preset baked in (anything with ``name`` and ``lora_file``).
         labels: the labels of the extra LoRAs (the preset's own LoRA excluded).
         method: ``lora`` or ``unet``.
     """
     stem = base.name if base.is_dir() else base.stem
     if preset is not None:
-        stem += f"-lightning-{preset.steps}step"  # type: ignore[attr-defined]
+        stem += f"-{preset.name}"  # type: ignore[attr-defined]  # Lightning: -lightning-4step
         if method == "unet" and getattr(preset, "lora_file", None) is not None:
             stem += "-unetdiff"
     if labels:
