@@ -87,8 +87,10 @@ def _lora(name: str, shape: tuple[int, ...], rank: int, alpha: float, seed: int,
         f = {"w1a": torch.randn(out, rank, generator=g) * 0.3, "w1b": torch.randn(rank, rest[0], generator=g) * 0.3,
              "w2a": torch.randn(out, rank, generator=g) * 0.3, "w2b": torch.randn(rank, rest[0], generator=g) * 0.3}
     tensors = {f"{name}.{role}": t.to(torch.float16) for role, t in f.items()}
-    module = AdapterModule("unet", name, kind, {role: f"{name}.{role}" for role in f}, alpha, rank)  # type: ignore[arg-type]
-    adapter = SimpleNamespace(source=StateDictSource(Path(f"{name}.safetensors"), tensors))
+    source = StateDictSource(Path(f"{name}.safetensors"), tensors)
+    module = AdapterModule("unet", name, kind, {role: f"{name}.{role}" for role in f}, alpha, rank,  # type: ignore[arg-type]
+                           source=source)
+    adapter = SimpleNamespace(source=source)
     match = MatchedModule(module, SimpleNamespace(shape=shape, part=None))  # type: ignore[arg-type]
     return adapter, match, {role: t.float() for role, t in ((r, tensors[f"{name}.{r}"]) for r in f)}
 

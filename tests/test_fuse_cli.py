@@ -461,7 +461,7 @@ def test_existing_output_needs_overwrite(assets: FuseAssets, tmp_path: Path) -> 
     out.write_bytes(b"an older file")
     line = fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir,
                       "-o", out, names="exists.safetensors")
-    assert line == f"Error: '{out}' already exists; pass --overwrite to replace it, or choose another output name."
+    assert line == f"Error: '{out}' already exists: pass --overwrite to replace it, or -o to choose another name."
     assert out.read_bytes() == b"an older file"
     fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "-o", out, "--overwrite", "-q")
     assert record_of(out)["lightning_steps"] == 4
@@ -527,7 +527,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(assets: FuseAssets, tmp_path
     result = fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "--lora",
                      f"{assets.style}:0.6", "--save", "checkpoint", "--save", "unet", "-o", out, "--dry-run")
     text = result.stdout
-    assert f"LoRA:    {assets.lightning_lora} (kohya, {n_targets('lightning')} modules matched, 0 unmatched, strength 1)" in text
+    assert f"LoRA:    {assets.lightning_lora} (kohya-diffusers, {n_targets('lightning')} modules matched, 0 unmatched, strength 1)" in text
     assert f"LoRA:    {assets.style} (kohya, {n_targets('attn', ALL_TE)} modules matched, 0 unmatched, strength 0.6)" in text
     blocks = text.split("Modules per block:\n", 1)[1]
     counts = [int(m.group(2)) for m in re.finditer(r"^  (\S+:\S+)\s+(\d+)$", blocks, re.M)]
