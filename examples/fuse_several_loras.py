@@ -14,7 +14,7 @@ from lora_tools.testing.synthetic_lora import write_lora
 work = Path(tempfile.mkdtemp())
 base = synthetic.write_checkpoint(work / "base.safetensors", "tiny", dtype="fp32")
 style = write_lora(work / "style.safetensors", "tiny", fmt="kohya-sgm", components=("unet", "te1", "te2"), alpha=2.0)
-detail = write_lora(work / "detail.safetensors", "tiny", fmt="peft", targets="all", alpha=4.0, seed=3)
+detail = write_lora(work / "detail.safetensors", "tiny", fmt="diffusers", targets="all", alpha=4.0, seed=3)
 
 out = work / "base-style-detail.safetensors"
 lora_tools.fuse(base, loras=[(str(style), 0.8), (str(detail), 0.5)], output=out)

@@ -22,6 +22,9 @@ _EXPORTS = {
     "inspect_path": "lora_tools.ops.inspect",
     "load_lora": "lora_tools.lora.formats",
     "detect_format": "lora_tools.lora.formats",
+    "save_lora": "lora_tools.lora.save",
+    "LoraAdapter": "lora_tools.lora.adapter",
+    "LoraModule": "lora_tools.lora.adapter",
     "open_model": "lora_tools.models",
     "compare_with_runtime_lora": "lora_tools.ops.verify_fused",
 }

@@ -40,7 +40,7 @@ DIFFUSERS_FORMATS = {
     "kohya-diffusers-lightning": dict(fmt="kohya-diffusers", targets="lightning", rank=4, alpha=2.0, dtype="fp16", seed=11),
     "kohya-sgm": dict(fmt="kohya-sgm", targets="attn", rank=4, alpha=1.0, seed=12),
     # alpha only in the lora_adapter_metadata header (scale 8/4 = 2: ignoring it would show)
-    "peft": dict(fmt="peft", targets="attn", rank=4, alpha=8.0, seed=13),
+    "diffusers": dict(fmt="diffusers", targets="attn", rank=4, alpha=8.0, seed=13),
     "diffusers-legacy": dict(fmt="diffusers-legacy", targets="attn", rank=4, alpha=None, seed=14),
 }
 

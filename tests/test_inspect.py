@@ -72,15 +72,15 @@ def pipeline_folder(ckpt_dir: Path) -> Path:
 
 # (id, write_lora kwargs, detected format, algorithm histogram as {name: predicate on target}, rank, alpha label)
 FORMAT_CASES = [
-    ("kohya-diffusers", dict(fmt="kohya-diffusers", rank=4, alpha=2.0), "kohya", "diffusers", "2", "0.5"),
+    ("kohya-diffusers", dict(fmt="kohya-diffusers", rank=4, alpha=2.0), "kohya-diffusers", "diffusers", "2", "0.5"),
     ("kohya-sgm", dict(fmt="kohya-sgm", rank=4, alpha=1.0, components=("unet", "te1", "te2")), "kohya", "sgm", "1", "0.25"),
     ("comfy", dict(fmt="comfy", rank=8, alpha=4.0), "comfy", "sgm", "4", "0.5"),
-    ("peft", dict(fmt="peft", rank=4, alpha=8.0, components=("unet", "te1")), "peft", "diffusers", "8", "2"),
-    ("peft-raw", dict(fmt="peft-raw", rank=4), "peft-raw", "diffusers", "none", "1"),
+    ("diffusers", dict(fmt="diffusers", rank=4, alpha=8.0, components=("unet", "te1")), "diffusers", "diffusers", "8", "2"),
+    ("peft", dict(fmt="peft", rank=4), "peft", "diffusers", "none", "1"),
     ("diffusers-legacy", dict(fmt="diffusers-legacy", rank=4), "diffusers-legacy", "diffusers", "none", "1"),
-    ("loha", dict(fmt="kohya-diffusers", algorithm="loha", rank=4, alpha=4.0), "kohya", "diffusers", "4", "1"),
-    ("lokr", dict(fmt="kohya-diffusers", algorithm="lokr", rank=4, alpha=2.0), "kohya", "diffusers", "2", "0.5"),
-    ("dora", dict(fmt="kohya-diffusers", algorithm="dora", rank=4, alpha=4.0), "kohya", "diffusers", "4", "1"),
+    ("loha", dict(fmt="kohya-diffusers", algorithm="loha", rank=4, alpha=4.0), "kohya-diffusers", "diffusers", "4", "1"),
+    ("lokr", dict(fmt="kohya-diffusers", algorithm="lokr", rank=4, alpha=2.0), "kohya-diffusers", "diffusers", "2", "0.5"),
+    ("dora", dict(fmt="kohya-diffusers", algorithm="dora", rank=4, alpha=4.0), "kohya-diffusers", "diffusers", "4", "1"),
 ]
 ALGORITHM = {"loha": "loha", "lokr": "lokr", "dora": "dora"}
 
@@ -142,7 +142,7 @@ def test_pickled_lora_read_with_weights_only(lora_dir: Path) -> None:
     torch.save(tensors, path)
     d = inspect_json(path)
     assert d["file"]["container"] == "pickle"
-    assert d["lora"]["format"] == "kohya"
+    assert d["lora"]["format"] == "kohya-diffusers"
     assert d["lora"]["ranks"] == {"2": n_targets("attn")}
 
 
@@ -155,7 +155,7 @@ def test_lightning_tiny_identified_by_file_name(lightning_tiny: Path) -> None:
 
     lora = inspect_json(lightning_tiny)["lora"]
 
-    assert lora["format"] == "kohya" and lora["unet_naming"] == "diffusers" and lora["layout"] == "sdxl-tiny"
+    assert lora["format"] == "kohya-diffusers" and lora["unet_naming"] == "diffusers" and lora["layout"] == "sdxl-tiny"
     assert lora["modules_per_component"] == {"unet": len(targets), "te1": 0, "te2": 0}
     assert lora["ranks"] == {str(r): n for r, n in sorted(want_ranks.items())}
     assert max(int(r) for r in lora["ranks"]) == 64

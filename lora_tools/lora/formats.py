@@ -1,173 +1,189 @@
-"""LoRA file formats: one key grammar per format, one named detection function per format.
+"""LoRA file formats: one :class:`Format` per format (name, description, detect, parse, spell).
 
-A grammar says which prefixes name which component and which suffixes name which tensor
-role. A file is in a format when *every* key parses under that format's grammar; parsing is
-total, so an unknown key is an error that names the key, never a silently dropped tensor.
+A format is a naming family (envelopes, separator, module vocabulary: :mod:`.spelling`) with the
+factor spelling it writes and where it keeps alphas. Parsing is two independent parts, so a key
+in any factor spelling parses under any naming family; a file is in the format of its naming
+family. Parsing is total: a key that fits nothing is an error naming the key, never a silently
+dropped tensor. ``load_lora(f).format`` is the format :func:`~lora_tools.lora.save.save_lora`
+writes back.
+
+Names: ``kohya`` (sd-scripts SDXL names ``lora_unet_input_blocks_4_1_...``), ``kohya-diffusers``
+(the kohya envelope around diffusers module names, as SDXL-Lightning/LCM/DMD2 ship),
+``diffusers`` (``unet.``/``text_encoder.`` + ``lora_A``/``lora_B``, alphas in
+``lora_adapter_metadata``), ``peft`` (raw ``base_model.model.``), ``comfy``
+(``diffusion_model.``), ``diffusers-legacy`` (attention-processor and ``lora.up`` keys). The old
+names ``kohya-sgm``, ``peft-raw`` are accepted as aliases (:data:`ALIASES`).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Literal
 
-from lora_tools.errors import InvalidFileError, UnknownFormatError
+from lora_tools.errors import Hint, InvalidFileError, UnknownFormatError
 from lora_tools.layouts.table import Component
-from lora_tools.lora.model import AdapterKind, AdapterModule, LoraAdapter
-from lora_tools.sources import SafetensorsSource, StateDictSource, TensorSource, open_source
+from lora_tools.lora import peft_meta
+from lora_tools.lora.adapter import AdapterModule, LoraAdapter, LoraModule, kind_of, rank_of
+from lora_tools.lora.spelling import NAMINGS, PROCESSOR, Naming, ParsedKey, parse_key
+from lora_tools.sources import SafetensorsSource, StateDictSource, TensorMeta, TensorSource, open_source
 
-_LYCORIS_SUFFIXES = {
-    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
-    "dora_scale": "dora_scale",
-    "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2",
-    "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b",
-    "lokr_t2": "t2", "diff": "diff", "diff_b": "diff_b",
-}
-_PEFT_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "dora_scale", "alpha": "alpha"}
-_LEGACY_SUFFIXES = {
-    "lora.down.weight": "down", "lora.up.weight": "up",
-    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up", "alpha": "alpha",
-}
-_LEGACY_PROCESSOR = re.compile(r"^(?P<stem>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
-_DIFFUSERS_PREFIXES: tuple[tuple[str, Component], ...] = (
-    ("text_encoder_2.", "te2"), ("text_encoder.", "te1"), ("unet.", "unet"),
-)
+AlphaStore = Literal["tensor", "metadata", "metadata-flat"]
 
 
 @dataclass(frozen=True)
-class KeyGrammar:
-    """How one format spells keys: ``<prefix><module><sep><suffix>``."""
+class Format:
+    """One LoRA format.
+
+    Attributes:
+        name: the one name used everywhere (inspect's ``format``, ``save_lora(format=...)``).
+        description: one line for people.
+        naming: the naming family (envelopes, separator, vocabulary).
+        spelling: the factor spelling this format writes.
+        alphas: where alphas go: ``tensor`` (``<module>.alpha``), ``metadata`` (diffusers'
+            per-component ``lora_adapter_metadata``) or ``metadata-flat`` (PEFT's own).
+    """
 
     name: str
     description: str
-    prefixes: tuple[tuple[str, Component], ...]
-    suffixes: Mapping[str, str]
-    underscored: bool  # module names use "_" (kohya) rather than "."
+    naming: Naming
+    spelling: str
+    alphas: AlphaStore
 
-    def split(self, key: str) -> tuple[Component, str, str] | None:
-        """``(component, module, role)`` of a key, or ``None`` if this grammar can't parse it."""
-        for prefix, component in self.prefixes:
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            if self.underscored:
-                module, _, suffix = rest.partition(".")
-                role = self.suffixes.get(suffix)
-                return (component, module, role) if role and module else None
-            for suffix, role in self.suffixes.items():
-                if rest.endswith("." + suffix) and len(rest) > len(suffix) + 1:
-                    return component, rest[: -len(suffix) - 1], role
+    def detect(self, keys: list[str]) -> bool:
+        """Whether every key parses and names a module of this format's family."""
+        if not keys:
+            return False
+        parsed = [parse_key(k) for k in keys]
+        if any(p is None for p in parsed):
+            return False
+        return format_of_keys([p for p in parsed if p is not None]) == self.name
+
+    def parse(self, key: str) -> tuple[Component, str, str] | None:
+        """``(component, module, role)`` of a key of this format, or ``None``."""
+        p = parse_key(key)
+        if p is None or _format_family(p) not in (self.name, _family_of(self.name)):
             return None
-        return None
+        return p.component, p.module, p.role
+
+    def envelope(self, component: Component) -> str | None:
+        return self.naming.write.get(component)
+
+    def __getitem__(self, i: int) -> object:  # the old (detector, splitter, grammar) tuple
+        return (self.detect, self.parse, self)[i]
 
 
-KOHYA = KeyGrammar(
-    "kohya", "kohya/LyCORIS: lora_unet_/lora_te1_/lora_te2_ + lora_down/lora_up/alpha (also LoCon, LoHa, LoKr, DoRA)",
-    (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"), ("lycoris_", "unet")),
-    _LYCORIS_SUFFIXES, underscored=True,
-)
-COMFY = KeyGrammar(
-    "comfy", "ComfyUI-saved: diffusion_model.<SGM path>.lora_down/lora_up/alpha",
-    (("diffusion_model.", "unet"), ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2")),
-    _LYCORIS_SUFFIXES, underscored=False,
-)
-PEFT = KeyGrammar(
-    "peft", "diffusers/PEFT: unet./text_encoder./text_encoder_2. + lora_A/lora_B (alpha from lora_adapter_metadata)",
-    _DIFFUSERS_PREFIXES, _PEFT_SUFFIXES, underscored=False,
-)
-PEFT_RAW = KeyGrammar(
-    "peft-raw", "raw PEFT: base_model.model.<module>.lora_A/lora_B",
-    (("unet.base_model.model.", "unet"), ("base_model.model.", "unet")), _PEFT_SUFFIXES, underscored=False,
-)
-DIFFUSERS_LEGACY = KeyGrammar(
-    "diffusers-legacy", "old diffusers attention processors: <module>.processor.to_q_lora.down.weight, .lora.down.weight",
-    _DIFFUSERS_PREFIXES, _LEGACY_SUFFIXES, underscored=False,
-)
+def _family_of(name: str) -> str:
+    return "diffusers" if name == "diffusers-legacy" else name
 
 
-def _legacy_split(key: str) -> tuple[Component, str, str] | None:
-    """diffusers-legacy keys, including the attention-processor spelling."""
-    for prefix, component in _DIFFUSERS_PREFIXES:
-        if key.startswith(prefix):
-            m = _LEGACY_PROCESSOR.match(key[len(prefix):])
-            if m:
-                proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-                return component, f"{m['stem']}.{proj}", m["role"]
-    return DIFFUSERS_LEGACY.split(key)
+def _format_family(p: ParsedKey) -> str:
+    if p.naming == "diffusers" and p.spelling.startswith("legacy"):
+        return "diffusers-legacy"
+    return p.naming
 
 
-def detect_kohya(keys: list[str]) -> bool:
-    """kohya/LyCORIS envelope (``lora_unet_...``), SGM or diffusers module names."""
-    return _all_parse(keys, KOHYA.split)
-
-
-def detect_comfy(keys: list[str]) -> bool:
-    """ComfyUI-saved keys (``diffusion_model.input_blocks...``)."""
-    return _all_parse(keys, COMFY.split)
-
-
-def detect_peft(keys: list[str]) -> bool:
-    """Current diffusers/PEFT keys (``unet....lora_A.weight``)."""
-    return _all_parse(keys, PEFT.split)
-
-
-def detect_peft_raw(keys: list[str]) -> bool:
-    """Raw PEFT keys (``base_model.model....lora_A.weight``)."""
-    return _all_parse(keys, PEFT_RAW.split)
-
-
-def detect_diffusers_legacy(keys: list[str]) -> bool:
-    """Old diffusers attention-processor keys (``...processor.to_q_lora.down.weight``)."""
-    return _all_parse(keys, _legacy_split)
-
-
-def _all_parse(keys: list[str], split: Callable[[str], object]) -> bool:
-    return bool(keys) and all(split(k) is not None for k in keys)
-
-
-#: name -> (detector, key splitter, grammar); detection tries them in this order.
-FORMATS: dict[str, tuple[Callable[[list[str]], bool], Callable[[str], tuple[Component, str, str] | None], KeyGrammar]] = {
-    "kohya": (detect_kohya, KOHYA.split, KOHYA),
-    "peft": (detect_peft, PEFT.split, PEFT),
-    "peft-raw": (detect_peft_raw, PEFT_RAW.split, PEFT_RAW),
-    "diffusers-legacy": (detect_diffusers_legacy, _legacy_split, DIFFUSERS_LEGACY),
-    "comfy": (detect_comfy, COMFY.split, COMFY),
-}
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("kohya", "kohya/LyCORIS with SGM module names: lora_unet_input_blocks_4_1_... + lora_down/lora_up/alpha "
+           "(also LoCon, LoHa, LoKr, DoRA, full diffs)", NAMINGS["kohya"], "kohya", "tensor"),
+    Format("kohya-diffusers", "kohya envelope around diffusers module names: lora_unet_down_blocks_1_... "
+           "(SDXL-Lightning, LCM, DMD2)", NAMINGS["kohya-diffusers"], "kohya", "tensor"),
+    Format("diffusers", "diffusers/PEFT: unet./text_encoder./text_encoder_2. + lora_A/lora_B "
+           "(alpha from lora_adapter_metadata)", NAMINGS["diffusers"], "peft", "metadata"),
+    Format("peft", "raw PEFT: base_model.model.<module>.lora_A/lora_B (alpha from lora_adapter_metadata)",
+           NAMINGS["peft"], "peft", "metadata-flat"),
+    Format("comfy", "ComfyUI-saved: diffusion_model.<SGM path>.lora_down/lora_up/alpha, text_encoders.clip_l/clip_g",
+           NAMINGS["comfy"], "kohya", "tensor"),
+    Format("diffusers-legacy", "old diffusers attention processors: <module>.processor.to_q_lora.down.weight, "
+           ".lora.down.weight, .lora_linear_layer.down.weight", NAMINGS["diffusers"], "legacy-lora", "tensor"),
+)}
+#: Old format names still accepted where a format is passed.
+ALIASES = {"kohya-sgm": "kohya", "peft-raw": "peft", "diffusers-peft": "diffusers"}
 
 
 def available_formats() -> list[str]:
     return list(FORMATS)
 
 
-def detect_format(keys: list[str], *, source: str = "file") -> str:
-    """Name of the LoRA format every key of the file follows.
+def get_format(name: str) -> Format:
+    """The :class:`Format` called ``name`` (or an old alias).
 
     Raises:
-        UnknownFormatError: no format parses every key (names the first key each family fails on).
+        UnknownFormatError: no such format.
+    """
+    fmt = FORMATS.get(ALIASES.get(name, name))
+    if fmt is None:
+        raise UnknownFormatError(f"unknown LoRA format '{name}' (known: {', '.join(FORMATS)}).",
+                                 hint=Hint("format", "with one of those names", "NAME"))
+    return fmt
+
+
+def format_description(name: str) -> str:
+    return get_format(name).description
+
+
+def format_of_keys(parsed: list[ParsedKey]) -> str:
+    """The format of a set of parsed keys: their naming family (kohya with SGM and diffusers
+    UNet names mixed is ``kohya``; text-encoder-only kohya files are ``kohya``)."""
+    families = {_format_family(p) for p in parsed if not (p.naming.startswith("kohya") and p.component != "unet")}
+    if not families:
+        families = {_format_family(p) for p in parsed}
+    if families <= {"kohya", "kohya-diffusers"}:
+        return families.pop() if len(families) == 1 else "kohya"
+    if families <= {"diffusers", "diffusers-legacy"}:
+        return "diffusers" if "diffusers" in families else "diffusers-legacy"
+    return sorted(families)[0] if len(families) == 1 else "mixed"
+
+
+# Detectors by name, kept for callers of the old API.
+def detect_kohya(keys: list[str]) -> bool:
+    return FORMATS["kohya"].detect(keys) or FORMATS["kohya-diffusers"].detect(keys)
+
+
+def detect_comfy(keys: list[str]) -> bool:
+    return FORMATS["comfy"].detect(keys)
+
+
+def detect_peft(keys: list[str]) -> bool:
+    return FORMATS["diffusers"].detect(keys)
+
+
+def detect_peft_raw(keys: list[str]) -> bool:
+    return FORMATS["peft"].detect(keys)
+
+
+def detect_diffusers_legacy(keys: list[str]) -> bool:
+    return FORMATS["diffusers-legacy"].detect(keys)
+
+
+def detect_format(keys: list[str], *, source: str = "file") -> str:
+    """Name of the LoRA format of a file whose every key parses.
+
+    Raises:
+        UnknownFormatError: some key fits no naming family and spelling (names the first), or
+            the keys mix naming families.
     """
     if not keys:
         raise UnknownFormatError(f"'{source}' holds no tensors.")
-    for name, (detect, _, _) in FORMATS.items():
-        if detect(keys):
-            return name
-    best, leftover = _closest_format(keys)
-    if best is None:
+    parsed = [parse_key(k) for k in keys]
+    left = [k for k, p in zip(keys, parsed) if p is None]
+    if not left:
+        fmt = format_of_keys([p for p in parsed if p is not None])
+        if fmt != "mixed":
+            return fmt
+        fams = sorted({_format_family(p) for p in parsed if p is not None})
+        raise UnknownFormatError(f"'{source}' mixes LoRA naming families ({', '.join(fams)}); "
+                                 "split it into one file per family.")
+    ok = [p for p in parsed if p is not None]
+    if not ok:
         hint = _checkpoint_hint(keys)
         raise UnknownFormatError(f"'{source}' is not a LoRA in any known format (first key: {keys[0]}){hint}.")
+    best = format_of_keys(ok)
+    if best == "mixed":
+        best = _format_family(ok[0])
     raise UnknownFormatError(
-        f"'{source}' looks like a {best} LoRA but {len(leftover)} keys do not fit that format (first: {leftover[0]})."
+        f"'{source}' looks like a {best} LoRA but {len(left)} keys do not fit that format (first: {left[0]})."
     )
-
-
-def _closest_format(keys: list[str]) -> tuple[str | None, list[str]]:
-    best, best_left = None, keys
-    for name, (_, split, _) in FORMATS.items():
-        left = [k for k in keys if split(k) is None]
-        if len(left) < len(best_left):
-            best, best_left = name, left
-    return best, best_left
 
 
 def _checkpoint_hint(keys: list[str]) -> str:
@@ -179,105 +195,64 @@ def _checkpoint_hint(keys: list[str]) -> str:
 
 
 def load_lora(path: str | Path, *, source: TensorSource | None = None) -> LoraAdapter:
-    """Read a LoRA file (headers only) into a :class:`LoraAdapter`.
+    """Read a LoRA file (headers and alphas only) into a :class:`LoraAdapter`.
+
+    Args:
+        path: a ``.safetensors`` LoRA (or a legacy pickle, read with ``weights_only=True``).
+        source: an already open source of ``path`` (inspect shares its own).
+
+    Raises:
+        UnknownFormatError: the keys fit no format.
+        InvalidFileError: a module's keys do not make a LoRA module.
 
     Example:
         >>> with load_lora("sdxl_lightning_4step_lora.safetensors") as lora:
         ...     print(lora.format, len(lora.modules))
+        kohya-diffusers 788
     """
     src = source or open_source(path)
     try:
         keys = src.keys()
         fmt = detect_format(keys, source=str(path))
-        _, split, _ = FORMATS[fmt]
-        groups: dict[tuple[Component, str], dict[str, str]] = {}
+        groups: dict[tuple[Component, str], dict[str, tuple[str, ParsedKey]]] = {}
         for k in keys:
-            parsed = split(k)
-            assert parsed is not None
-            component, module, role = parsed
-            roles = groups.setdefault((component, module), {})
-            if role in roles:
-                raise InvalidFileError(f"'{path}' has two '{role}' tensors for module '{module}' ({roles[role]}, {k}).")
-            roles[role] = k
-        peft_alphas = _peft_alphas(src.metadata) if fmt in ("peft", "peft-raw") else {}
-        modules = [_build_module(src, c, m, roles, peft_alphas, str(path)) for (c, m), roles in groups.items()]
+            p = parse_key(k)
+            assert p is not None
+            roles = groups.setdefault((p.component, p.module), {})
+            if p.role in roles:
+                raise InvalidFileError(
+                    f"'{path}' has two '{p.role}' tensors for module '{p.module}' ({roles[p.role][0]}, {k}).")
+            roles[p.role] = (k, p)
+        peft_data = peft_meta.parse(src.metadata) if FORMATS.get(fmt, FORMATS["kohya"]).alphas != "tensor" else {}
+        modules = [_build_module(src, c, m, roles, peft_data, str(path)) for (c, m), roles in groups.items()]
+        if fmt in ("kohya", "kohya-diffusers"):  # text-encoder names are the same in both families
+            modules = [replace(m, naming=fmt) if m.component != "unet" else m for m in modules]
     except BaseException:
         src.close()
         raise
     return LoraAdapter(Path(path), fmt, modules, dict(src.metadata), src)  # type: ignore[arg-type]
 
 
-def _build_module(src: TensorSource, component: Component, name: str, roles: dict[str, str],
-                  peft_alphas: dict[str, object], path: str) -> AdapterModule:
-    kind = _kind_of(roles, name, path)
-    tensor_roles = {r: k for r, k in roles.items() if r != "alpha"}
-    alpha: float | None = src.scalar(roles["alpha"]) if "alpha" in roles else None
-    if alpha is None and peft_alphas:
-        alpha = _peft_alpha_for(peft_alphas, component, name)
-    return AdapterModule(component, name, kind, tensor_roles, alpha, _rank_of(src, kind, tensor_roles))
+def _build_module(src: TensorSource, component: Component, name: str, roles: dict[str, tuple[str, ParsedKey]],
+                  peft_data: dict[str, object], path: str) -> LoraModule:
+    kind = kind_of(roles, name, path)
+    keys = {r: k for r, (k, _) in roles.items() if r != "alpha"}
+    factor_parts = [p for r, (_, p) in roles.items() if r != "alpha"] or [p for _, p in roles.values()]
+    first = factor_parts[0]
+    spellings = {p.spelling for p in factor_parts}
+    spelling = spellings.pop() if len(spellings) == 1 else "mixed"
+    rank = rank_of(src, kind, keys)  # type: ignore[arg-type]
+    alpha: float | None = None
+    alpha_meta: TensorMeta | None = None
+    if "alpha" in roles:
+        alpha_key = roles["alpha"][0]
+        alpha = src.scalar(alpha_key)
+        alpha_meta = src.meta(alpha_key)
+    elif peft_data:
+        alpha = peft_meta.alpha_for(peft_data, component, name, rank)
+    return LoraModule(component, name, kind, keys, alpha, rank, src, naming=first.naming,  # type: ignore[arg-type]
+                      spelling=spelling, envelope=first.envelope, alpha_meta=alpha_meta)
 
 
-def _kind_of(roles: dict[str, str], name: str, path: str) -> AdapterKind:
-    present = set(roles) - {"alpha", "dora_scale"}
-    if present & {"down", "up", "mid"}:
-        kind: AdapterKind = "lora"
-        need = {"down", "up"}
-    elif present & {"w1", "w2"} or ("w1a" in present and "t1" not in present and "w2a" not in present):
-        kind, need = "lokr", set()
-    elif present & {"w1a", "w1b", "w2a", "w2b", "t1", "t2"}:
-        kind, need = ("loha", {"w1a", "w1b", "w2a", "w2b"})
-    elif "diff" in present:
-        kind, need = "full", {"diff"}
-    else:
-        raise InvalidFileError(f"'{path}': module '{name}' has only {sorted(roles)}, no weights to apply.")
-    if kind == "lokr":
-        has1 = "w1" in present or {"w1a", "w1b"} <= present
-        has2 = "w2" in present or {"w2a", "w2b"} <= present
-        if not (has1 and has2):
-            raise InvalidFileError(f"'{path}': LoKr module '{name}' lacks a factor (has {sorted(present)}).")
-    missing = need - present
-    if missing:
-        raise InvalidFileError(f"'{path}': module '{name}' has {sorted(present)} but no {sorted(missing)[0]}.")
-    return kind
-
-
-def _rank_of(src: TensorSource, kind: AdapterKind, roles: dict[str, str]) -> int:
-    if kind == "lora":
-        return src.meta(roles["down"]).shape[0]
-    if kind == "loha":
-        return src.meta(roles["w1b"]).shape[0]
-    if kind == "lokr":
-        if "w1b" in roles:
-            return src.meta(roles["w1b"]).shape[0]
-        if "w2b" in roles:
-            return src.meta(roles["w2b"]).shape[0]
-    return 0
-
-
-def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, object]:
-    """The ``lora_adapter_metadata`` JSON diffusers writes (keys like ``unet.lora_alpha``)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-_PEFT_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
-def _peft_alpha_for(meta: dict[str, object], component: Component, module: str) -> float | None:
-    prefix = _PEFT_COMPONENT[component]
-    pattern = meta.get(f"{prefix}.alpha_pattern") or {}
-    if isinstance(pattern, dict):
-        for pat, value in pattern.items():  # PEFT's rule: the pattern matches a suffix of the module name
-            if re.match(rf"(.*\.)?({pat})$", module):
-                return float(value)
-    alpha = meta.get(f"{prefix}.lora_alpha")
-    return float(alpha) if isinstance(alpha, (int, float)) else None
-
-
-__all__ = ["available_formats", "detect_format", "load_lora", "FORMATS", "SafetensorsSource", "StateDictSource"]
+__all__ = ["ALIASES", "FORMATS", "AdapterModule", "Format", "SafetensorsSource", "StateDictSource",
+           "available_formats", "detect_format", "format_description", "get_format", "load_lora"]

@@ -83,7 +83,7 @@ from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES
 from lora_tools.layouts.targets import TargetIndex
-from lora_tools.lora.formats import FORMATS, load_lora
+from lora_tools.lora.formats import format_description, load_lora
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 from lora_tools.lora.resolve import _SD1_HINT, LoraMatch, match_lora
 from lora_tools.presets import LIGHTNING, AccelerationPreset, SamplerSettings, identify_file
@@ -441,7 +441,7 @@ def _lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
     parameters = sum(math.prod(entries[k].shape) for m in modules for k in m.keys.values())
     summary = LoraSummary(
         format=adapter.format,
-        format_description=FORMATS[adapter.format][2].description,
+        format_description=format_description(adapter.format),
         layout=layout,
         modules=len(modules),
         modules_per_component=per_component,
@@ -530,9 +530,7 @@ def _unmatched_summary(match: LoraMatch) -> UnmatchedSummary:
 
 
 def _scale(m: AdapterModule) -> float:
-    if m.alpha is None or m.rank == 0:
-        return 1.0
-    return m.alpha / m.rank
+    return m.scale  # the fuse's own rule (alpha = 0 or absent: 1)
 
 
 def _algorithm(m: AdapterModule) -> str:
@@ -546,7 +544,7 @@ def _lightning_signature(adapter: LoraAdapter, match: LoraMatch, cfg: SDXLConfig
     one rank, alpha on every module.
     """
     modules = adapter.modules
-    if adapter.format != "kohya" or not modules or match.unmatched:
+    if adapter.format not in ("kohya", "kohya-diffusers") or not modules or match.unmatched:
         return False
     if any(m.component != "unet" or m.kind != "lora" or m.alpha is None or m.is_dora or "mid" in m.keys
            for m in modules):

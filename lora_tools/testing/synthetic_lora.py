@@ -7,7 +7,6 @@ list, rank 64, alpha 8, fp16, UNet only.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from pathlib import Path
@@ -17,11 +16,16 @@ import torch
 
 from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
-from lora_tools.layouts.table import Component, module_of
-from lora_tools.safetensors_io import DTYPE_ALIASES, save_tensors, torch_dtype
+from lora_tools.layouts.table import Component
+from lora_tools.lora.adapter import LoraAdapter, LoraModule
+from lora_tools.lora.formats import get_format
+from lora_tools.lora.save import save_lora, spell_module, spelled_tensors
+from lora_tools.lora.spelling import spell_key
+from lora_tools.safetensors_io import DTYPE_ALIASES, torch_dtype
 from lora_tools.testing.synthetic import Size, config_for
 
-LoraFormat = Literal["kohya-diffusers", "kohya-sgm", "comfy", "peft", "peft-raw", "diffusers-legacy"]
+#: Format names (see :data:`lora_tools.lora.formats.FORMATS`; ``kohya-sgm``/``peft-raw`` are old aliases).
+LoraFormat = Literal["kohya", "kohya-diffusers", "diffusers", "peft", "comfy", "diffusers-legacy", "kohya-sgm", "peft-raw"]
 Algorithm = Literal["lora", "lora-tucker", "loha", "lokr", "dora"]
 TargetSet = Literal["lightning", "attn", "all"]
 
@@ -29,8 +33,6 @@ TargetSet = Literal["lightning", "attn", "all"]
 LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 _ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-_PEFT_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
-_KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 
 def select_targets(cfg: SDXLConfig, targets: TargetSet, components: Iterable[Component] = ("unet",)) -> list[ModuleTarget]:
@@ -83,43 +85,57 @@ def module_factors(target: ModuleTarget, algorithm: Algorithm, rank: int, *, see
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
-_KOHYA_ROLE_SUFFIX = {
-    "down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "dora_scale": "dora_scale",
-    "w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b",
+#: Roles each algorithm can hold (what :func:`module_keys` spells).
+_ALGORITHM_ROLES: dict[str, tuple[str, ...]] = {
+    "lora": ("down", "up", "mid", "dora_scale", "w1a", "w1b", "w2a", "w2b"),
+    "lora-tucker": ("down", "up", "mid", "dora_scale", "w1a", "w1b", "w2a", "w2b"),
+    "dora": ("down", "up", "mid", "dora_scale", "w1a", "w1b", "w2a", "w2b"),
+    "loha": ("down", "up", "mid", "dora_scale", "w1a", "w1b", "w2a", "w2b"),
+    "lokr": ("w1", "w1a", "w1b", "w2", "w2a", "w2b"),
 }
-_LOKR_ROLE_SUFFIX = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b"}
+
+
+def _target_module(target: ModuleTarget) -> LoraModule:
+    """A factor-less module naming ``target`` in diffusers names (to spell its keys)."""
+    return LoraModule(target.component, target.diffusers_module, "lora", {}, None, 0, None,  # type: ignore[arg-type]
+                      naming="diffusers", spelling="peft", envelope="")
 
 
 def module_keys(target: ModuleTarget, fmt: LoraFormat, algorithm: Algorithm) -> tuple[dict[str, str], str | None]:
-    """Tensor key of each role for one module in ``fmt``, and the alpha key (or ``None``)."""
-    comp, dmod = target.component, target.diffusers_module
-    sgm_mod = module_of(target.sgm_key).split(".", 2)[-1] if comp == "unet" else dmod
-    if comp == "unet":
-        sgm_mod = module_of(target.sgm_key)[len("model.diffusion_model."):]
-    suffixes = _LOKR_ROLE_SUFFIX if algorithm == "lokr" else _KOHYA_ROLE_SUFFIX
-    if fmt in ("kohya-diffusers", "kohya-sgm"):
-        name = (sgm_mod if fmt == "kohya-sgm" else dmod).replace(".", "_")
-        stem = _KOHYA_PREFIX[comp] + name
-        return {role: f"{stem}.{sfx}" for role, sfx in suffixes.items()}, f"{stem}.alpha"
-    if fmt == "comfy":
-        if comp != "unet":
-            raise ValueError("synthetic comfy LoRAs are UNet only")
-        stem = "diffusion_model." + sgm_mod
-        return {role: f"{stem}.{sfx}" for role, sfx in suffixes.items()}, f"{stem}.alpha"
-    if fmt in ("peft", "peft-raw"):
-        stem = ("base_model.model." if fmt == "peft-raw" else _PEFT_PREFIX[comp]) + dmod
-        return {"down": f"{stem}.lora_A.weight", "up": f"{stem}.lora_B.weight",
-                "dora_scale": f"{stem}.lora_magnitude_vector"}, None
-    if fmt == "diffusers-legacy":
-        prefix = _PEFT_PREFIX[comp]
-        if comp == "unet" and dmod.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or dmod.endswith("to_out.0"):
-            stem, proj = dmod.rsplit(".", 2)[0] if dmod.endswith("to_out.0") else dmod.rsplit(".", 1)[0], \
-                "to_out" if dmod.endswith("to_out.0") else dmod.rsplit(".", 1)[1]
-            base = f"{prefix}{stem}.processor.{proj}_lora"
-            return {"down": f"{base}.down.weight", "up": f"{base}.up.weight"}, None
-        inner = "lora_linear_layer" if comp != "unet" else "lora"
-        return {"down": f"{prefix}{dmod}.{inner}.down.weight", "up": f"{prefix}{dmod}.{inner}.up.weight"}, None
-    raise ValueError(f"unknown format {fmt!r}")
+    """Tensor key of each role for one module in ``fmt``, and the alpha key (or ``None``), as
+    :func:`~lora_tools.lora.save.save_lora` spells them."""
+    f = get_format(fmt)
+    envelope, name, spelling = spell_module(_target_module(target), f)
+    keys = {}
+    for role in _ALGORITHM_ROLES[algorithm]:
+        key = spell_key(envelope, name, role, spelling)
+        if key is not None:
+            keys[role] = key
+    alpha_key = spell_key(envelope, name, "alpha", spelling) if f.alphas == "tensor" else None
+    return keys, alpha_key
+
+
+def make_adapter(
+    size: Size | SDXLConfig = "tiny",
+    *,
+    algorithm: Algorithm = "lora",
+    targets: TargetSet = "attn",
+    components: Iterable[Component] = ("unet",),
+    rank: int = 4,
+    alpha: float | None = None,
+    dtype: str = "fp32",
+    seed: int = 0,
+) -> LoraAdapter:
+    """A synthetic LoRA in memory (diffusers module names; save it in any format)."""
+    cfg = config_for(size)
+    st_dtype = torch_dtype(DTYPE_ALIASES.get(dtype, dtype))
+    factors: dict[tuple[Component, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[Component, str], float | None] = {}
+    for t in select_targets(cfg, targets, components):
+        key = (t.component, t.diffusers_module)
+        factors[key] = {role: v.to(st_dtype) for role, v in module_factors(t, algorithm, rank, seed=seed).items()}
+        alphas[key] = alpha
+    return LoraAdapter.from_tensors(factors, alphas=alphas, format="diffusers")
 
 
 def make_lora(
@@ -134,44 +150,17 @@ def make_lora(
     dtype: str = "fp32",
     seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Build the tensors and metadata of a synthetic LoRA (not yet written)."""
-    cfg = config_for(size)
-    st_dtype = torch_dtype(DTYPE_ALIASES.get(dtype, dtype))
-    tensors: dict[str, torch.Tensor] = {}
-    chosen = select_targets(cfg, targets, components)
-    for t in chosen:
-        factors = module_factors(t, algorithm, rank, seed=seed)
-        keys, alpha_key = module_keys(t, fmt, algorithm)
-        for role, value in factors.items():
-            if role not in keys:
-                raise ValueError(f"format {fmt} cannot hold a '{role}' tensor ({algorithm})")
-            tensors[keys[role]] = value.to(st_dtype)
-        if alpha is not None and alpha_key is not None:
-            tensors[alpha_key] = torch.tensor(float(alpha), dtype=st_dtype)
-    metadata: dict[str, str] = {}
-    if fmt in ("peft", "peft-raw") and alpha is not None:
-        comps = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-        meta: dict[str, object] = {}
-        for c in components:  # a PEFT LoraConfig per component, as diffusers' save_lora_weights writes it
-            meta[f"{comps[c]}.lora_alpha"] = alpha
-            meta[f"{comps[c]}.r"] = rank
-            meta[f"{comps[c]}.target_modules"] = sorted({_leaf(t.diffusers_module) for t in chosen if t.component == c})
-            meta[f"{comps[c]}.use_dora"] = algorithm == "dora"
-        metadata["lora_adapter_metadata"] = json.dumps(meta)
-    metadata["format"] = "pt"
-    return tensors, metadata
+    """Build the tensors and metadata of a synthetic LoRA (not yet written), spelled by ``save_lora``'s rules."""
+    adapter = make_adapter(size, algorithm=algorithm, targets=targets, components=components, rank=rank,
+                           alpha=alpha, dtype=dtype, seed=seed)
+    return spelled_tensors(adapter, format=fmt, metadata={"format": "pt"})
 
 
-def _leaf(module: str) -> str:
-    """PEFT target name: the last part of a module path (``to_out.0`` keeps its index)."""
-    parts = module.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
-
-
-def write_lora(path: str | Path, size: Size | SDXLConfig = "tiny", **kwargs: object) -> Path:
-    """Write a synthetic LoRA; keyword arguments as in :func:`make_lora`."""
-    tensors, metadata = make_lora(size, **kwargs)  # type: ignore[arg-type]
-    return save_tensors(path, tensors, metadata)
+def write_lora(path: str | Path, size: Size | SDXLConfig = "tiny", *, fmt: LoraFormat = "kohya-diffusers",
+               overwrite: bool = True, **kwargs: object) -> Path:
+    """Write a synthetic LoRA with :func:`~lora_tools.lora.save.save_lora`; keyword arguments as in :func:`make_lora`."""
+    adapter = make_adapter(size, **kwargs)  # type: ignore[arg-type]
+    return save_lora(adapter, path, format=fmt, metadata={"format": "pt"}, overwrite=overwrite)
 
 
 def write_lightning_lora(path: str | Path, size: Size | SDXLConfig = "tiny", *, seed: int = 0,
