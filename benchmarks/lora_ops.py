@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -45,6 +46,10 @@ def _lora(seed: int, rank: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return mods
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _dense_sv(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(up @ down)
 
@@ -58,7 +63,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     every = 40 if args.quick else args.dense_every
+    t0 = time.perf_counter()
     a, b = _lora(0, 64), _lora(1, 64)
+    _say(f"built two LoRAs of {len(a)} modules in {time.perf_counter() - t0:.1f} s")
     scale = module_scale(8.0, 64)
     size_all = sum(u.shape[0] * d.shape[1] for _, u, d in a)
     sample = list(range(0, len(a), every))
@@ -68,6 +75,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = [truncate(u, d, RankRule(rank=args.rank), scale=scale) for _, u, d in a]
     t_resize = time.perf_counter() - t0
+    _say(f"resize: {t_resize:.2f} s")
 
     t0 = time.perf_counter()
     dense_sv = {}
@@ -75,6 +83,7 @@ def main() -> None:
         _, u, d = a[i]
         dense_sv[i] = _dense_sv(scale * u, d)
     t_resize_dense = (time.perf_counter() - t0) * factor
+    _say(f"resize dense (est.): {t_resize_dense:.1f} s")
     worst = max(float((res[i].singular_values - dense_sv[i][:64]).abs().max() / dense_sv[i][0]) for i in sample)
 
     t0 = time.perf_counter()
@@ -82,6 +91,7 @@ def main() -> None:
         up, down = stack_factors([(ua, da, scale), (ub, db, scale)])
         truncate(up, down, RankRule(rank=64))
     t_merge = time.perf_counter() - t0
+    _say(f"merge: {t_merge:.2f} s")
 
     t0 = time.perf_counter()
     for i in sample:

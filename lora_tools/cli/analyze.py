@@ -24,7 +24,7 @@ def analyze_command(model: str, base: str, loras: tuple[str, ...], as_json: bool
     from contextlib import ExitStack
     from pathlib import Path
 
-    from lora_tools.lora import load_lora
+    from lora_tools.lora.formats import load_lora
     from lora_tools.ops.analyze import analyze_model
 
     with ExitStack() as stack:

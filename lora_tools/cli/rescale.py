@@ -21,7 +21,7 @@ def rescale_command(lora: str, strength: float, components: str | None, output: 
     Example:
         loratool rescale style.safetensors --strength 0.6 -o style-0.6.safetensors
     """
-    from lora_tools.lora import load_lora
+    from lora_tools.lora.formats import load_lora
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.ops.rescale import rescale_lora
 

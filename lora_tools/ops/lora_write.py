@@ -54,7 +54,7 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
 
 def write_lora(adapter: "LoraAdapter", out: LoraOutput) -> Path:
     """Write `adapter` (its metadata carries the ``loratool`` record) to the planned output."""
-    from lora_tools.lora import save_lora
+    from lora_tools.lora.save import save_lora
 
     save_lora(adapter, out.path, format=out.format, metadata=adapter.metadata, dtype=out.dtype,
               overwrite=out.overwrite)
