@@ -382,7 +382,7 @@ def test_human_output_lora(lightning_tiny: Path) -> None:
     text = run_inspect(lightning_tiny, "--no-hash")
     lines = text.splitlines()
     assert lines[0] == str(lightning_tiny)
-    assert "  kind              LoRA (kohya)" in lines
+    assert "  kind              LoRA (kohya-diffusers)" in lines
     assert any(line.startswith("  acceleration") and "Lightning 4-step (by file name, keys match)" in line
                for line in lines)
     assert "not computed (pass --hash)" in text

@@ -80,6 +80,24 @@ class LoraModule:
         return "dora_scale" in self.keys
 
     @property
+    def dora_axis(self) -> str | None:
+        """The axis DoRA's magnitude runs along: ``"out"`` or ``"in"`` (``None`` without DoRA).
+
+        Decided by the format and the layer, never by comparing sizes (square weights make that
+        ambiguous): PEFT's ``lora_magnitude_vector`` is always per output channel (``(out,)`` for a
+        Linear, ``(1, out, 1, 1)`` for a conv); kohya/LyCORIS ``dora_scale`` is ``(out, 1[, 1, 1])``
+        with ``wd_on_out`` (the default) and ``(1, in[, 1, 1])`` without it.
+        """
+        if "dora_scale" not in self.keys:
+            return None
+        if self.spelling.startswith("peft"):
+            return "out"
+        shape = self.factor_shape("dora_scale")
+        if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1:
+            return "in"
+        return "out"
+
+    @property
     def algorithm(self) -> str:
         """Human name of the adapter algorithm (``lora``, ``lora-tucker``, ``loha``, ``+dora``...)."""
         if self.kind != "lora":

@@ -378,6 +378,7 @@ def dora_apply(
     dora_scale: Tensor,
     *,
     strength: float = 1.0,
+    axis: str | None = None,
 ) -> Tensor:
     """Apply a DoRA module to a base weight and return the fused weight.
 
@@ -400,6 +401,10 @@ def dora_apply(
             `wd_on_out`, PEFT `lora_magnitude_vector`), or `in` values (`(1, in)`, `(1, in, 1, 1)`).
         strength (`float`, *optional*, defaults to `1.0`):
             Interpolation from `W` (0) to the full DoRA weight (1).
+        axis (`str`, *optional*):
+            ``"out"`` (one magnitude per output channel) or ``"in"`` (per input column), as the
+            module's format defines it (:attr:`lora_tools.lora.adapter.LoraModule.dora_axis`). By
+            default it is read from the shape, which is ambiguous for square weights.
 
     Returns:
         `Tensor`: the fused float32 weight, shape of `weight`. The inputs are not modified.
@@ -413,7 +418,13 @@ def dora_apply(
     _require(w_shape == d_shape,
              f"dora: delta of shape {d_shape} does not match the weight of shape {w_shape}.")
     out, inp = w_shape[0], w_shape[1]
-    if dora_scale.dim() >= 1 and dora_scale.shape[0] == out and dora_scale.numel() == out:
+    if axis is not None:
+        want = out if axis == "out" else inp
+        _require(axis in ("out", "in") and dora_scale.numel() == want,
+                 f"dora: dora_scale of shape {_shape(dora_scale)} does not hold one value per "
+                 f"{'output channel' if axis == 'out' else 'input column'} of the weight of shape {w_shape}.")
+        dims = tuple(range(1, weight.dim())) if axis == "out" else (0, *range(2, weight.dim()))
+    elif dora_scale.dim() >= 1 and dora_scale.shape[0] == out and dora_scale.numel() == out:
         dims = tuple(range(1, weight.dim()))
     elif dora_scale.numel() == inp:
         dims = (0, *range(2, weight.dim()))

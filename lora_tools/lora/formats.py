@@ -124,14 +124,21 @@ def format_description(name: str) -> str:
 
 def format_of_keys(parsed: list[ParsedKey]) -> str:
     """The format of a set of parsed keys: their naming family (kohya with SGM and diffusers
-    UNet names mixed is ``kohya``; text-encoder-only kohya files are ``kohya``)."""
+    UNet names mixed is ``kohya``; text-encoder-only kohya files are ``kohya``). ``alpha`` keys,
+    spelled alike everywhere, do not vote."""
+    parsed = [p for p in parsed if p.role != "alpha"] or parsed
     families = {_format_family(p) for p in parsed if not (p.naming.startswith("kohya") and p.component != "unet")}
     if not families:
         families = {_format_family(p) for p in parsed}
     if families <= {"kohya", "kohya-diffusers"}:
         return families.pop() if len(families) == 1 else "kohya"
     if families <= {"diffusers", "diffusers-legacy"}:
-        return "diffusers" if "diffusers" in families else "diffusers-legacy"
+        # LyCORIS roles have no legacy suffix: a legacy file's LoCon/LoHa keys use kohya's. Only a
+        # PEFT-spelled key makes it a current diffusers file.
+        spellings = {p.spelling for p in parsed if p.naming == "diffusers"}
+        if "diffusers-legacy" in families and not spellings & {"peft", "peft-default"}:
+            return "diffusers-legacy"
+        return "diffusers"
     return sorted(families)[0] if len(families) == 1 else "mixed"
 
 

@@ -23,7 +23,7 @@ from lora_tools.layouts.table import SGM_PREFIXES, Component, module_of
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.delta import module_scale
-from lora_tools.lora.formats import Format, get_format
+from lora_tools.lora.formats import FORMATS, Format, get_format
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, spell_key
 from lora_tools.safetensors_io import DTYPE_ALIASES, StreamingWriter, TensorPlan, is_float_dtype
 
@@ -82,7 +82,9 @@ def plan_save(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapp
             key = spell_key(envelope, name, role, spelling) or spell_key(envelope, name, role, "kohya")
             assert key is not None
             out.append(PlannedTensor(key, _dtype(m.factor_dtype(role), cast), m.factor_shape(role), m, role))
-        if m.alpha is not None and (fmt.alphas == "tensor" or (m.alpha_meta is not None and _same_family(m, fmt))):
+        # Alphas of LyCORIS modules have no LoraConfig field: they stay tensors in every format.
+        if m.alpha is not None and (fmt.alphas == "tensor" or m.kind != "lora"
+                                    or (m.alpha_meta is not None and _same_family(m, fmt))):
             key = spell_key(envelope, name, "alpha", spelling) or spell_key(envelope, name, "alpha", "kohya")
             assert key is not None
             meta = m.alpha_meta
@@ -95,6 +97,8 @@ def plan_save(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapp
     md = dict(adapter.metadata if metadata is None else metadata)
     if fmt.alphas != "tensor":
         _put_peft_metadata(md, adapter.modules, fmt)
+    elif adapter.format in FORMATS and FORMATS[adapter.format].alphas != "tensor":
+        md.pop(peft_meta.METADATA_KEY, None)  # the alphas move into tensors; a stale copy would mislead
     return SavePlan(fmt, out, md)
 
 
@@ -121,17 +125,29 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str
         >>> with load_lora("lightning.safetensors") as lora:
         ...     save_lora(lora, "lightning-diffusers.safetensors", format="diffusers")
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
+    if Path(path).exists() and not overwrite:
         raise OutputExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
     plan = plan_save(adapter, format=format, metadata=metadata, dtype=dtype)
     source = {"role": "lora", "format": adapter.format}
     if adapter.path is not None:
         source["name"] = adapter.path.name
     record = provenance.build_record("save", sources=[source], params={"format": plan.format.name, "dtype": dtype})
-    md = provenance.with_record(plan.metadata, record)
+    return write_plan(plan, path, metadata=provenance.with_record(plan.metadata, record), overwrite=overwrite)
+
+
+def write_plan(plan: SavePlan, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """Run a :class:`SavePlan`: stream its tensors into ``path`` atomically, with ``metadata``
+    (default: the plan's, without a ``loratool`` record: :func:`save_lora` adds one).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is not set.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
     plans = [TensorPlan(t.key, t.dtype, t.shape) for t in plan.tensors]
-    with StreamingWriter(path, plans, md) as w:
+    with StreamingWriter(path, plans, plan.metadata if metadata is None else metadata) as w:
         for t in plan.tensors:
             w.write(t.key, _value(t))
         return w.finalize()
@@ -181,6 +197,9 @@ def spell_module(m: LoraModule, fmt: Format) -> tuple[str, str, str]:
         spelling = m.spelling if m.spelling != "mixed" else fmt.spelling
         return m.envelope, m.name, spelling
     envelope = fmt.envelope(m.component)
+    if fmt.name == "diffusers-legacy" and m.kind != "lora":
+        raise UsageError(f"a diffusers-legacy LoRA cannot hold {m.kind} modules ('{m.name}'): it has up/down factors only",
+                         hint=Hint("format", "naming a format that can (diffusers, kohya...)", "NAME"))
     if envelope is None:
         raise UsageError(f"a {fmt.name} LoRA cannot hold {m.component} modules ('{m.name}')",
                          hint=Hint("format", "naming a format that can", "NAME"))
@@ -243,4 +262,4 @@ def _put_peft_metadata(md: dict[str, str], modules: list[LoraModule], fmt: Forma
     md[peft_meta.METADATA_KEY] = json.dumps(built, sort_keys=True)
 
 
-__all__ = ["PlannedTensor", "SavePlan", "plan_save", "save_lora", "spell_module", "spelled_tensors"]
+__all__ = ["PlannedTensor", "SavePlan", "plan_save", "save_lora", "spell_module", "spelled_tensors", "write_plan"]

@@ -49,7 +49,7 @@ SPELLINGS: dict[str, Spelling] = {s.name: s for s in (
     Spelling("legacy-lora", {"lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha"}),
     Spelling("legacy-linear", {"lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
                                "alpha": "alpha"}),
-    Spelling("legacy-underscore", {"_lora.down.weight": "down", "_lora.up.weight": "up", "alpha": "alpha"}),
+    Spelling("legacy-underscore", {"_lora.down.weight": "down", "_lora.up.weight": "up", "_lora.alpha": "alpha"}),
 )}
 _INVERSE: dict[str, dict[str, str]] = {}
 for _s in SPELLINGS.values():

@@ -174,9 +174,7 @@ def _patch_whole(plan: "FusePlan", ref: TensorRef, base: "torch.Tensor", out_dty
         delta = module_delta(source.adapter, mm).reshape(view.shape)
         if mm.module.is_dora:
             scale = source.adapter.source.tensor(mm.module.keys["dora_scale"]).to(torch.float32)
-            if scale.dim() == 4 and scale.shape[0] == 1:  # PEFT stores conv magnitudes as (1, out, 1, 1)
-                scale = scale.reshape(-1)
-            view.copy_(d.dora_apply(view, delta, scale, strength=source.strength))
+            view.copy_(d.dora_apply(view, delta, scale.reshape(-1), strength=source.strength, axis=mm.module.dora_axis))
         else:
             view.add_(delta, alpha=source.strength)
         count += 1

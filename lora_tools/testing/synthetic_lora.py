@@ -19,7 +19,7 @@ from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.layouts.table import Component
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.formats import get_format
-from lora_tools.lora.save import save_lora, spell_module, spelled_tensors
+from lora_tools.lora.save import plan_save, spell_module, spelled_tensors, write_plan
 from lora_tools.lora.spelling import spell_key
 from lora_tools.safetensors_io import DTYPE_ALIASES, torch_dtype
 from lora_tools.testing.synthetic import Size, config_for
@@ -98,7 +98,7 @@ _ALGORITHM_ROLES: dict[str, tuple[str, ...]] = {
 def _target_module(target: ModuleTarget) -> LoraModule:
     """A factor-less module naming ``target`` in diffusers names (to spell its keys)."""
     return LoraModule(target.component, target.diffusers_module, "lora", {}, None, 0, None,  # type: ignore[arg-type]
-                      naming="diffusers", spelling="peft", envelope="")
+                      naming="diffusers", spelling="peft", envelope=None)
 
 
 def module_keys(target: ModuleTarget, fmt: LoraFormat, algorithm: Algorithm) -> tuple[dict[str, str], str | None]:
@@ -158,9 +158,10 @@ def make_lora(
 
 def write_lora(path: str | Path, size: Size | SDXLConfig = "tiny", *, fmt: LoraFormat = "kohya-diffusers",
                overwrite: bool = True, **kwargs: object) -> Path:
-    """Write a synthetic LoRA with :func:`~lora_tools.lora.save.save_lora`; keyword arguments as in :func:`make_lora`."""
+    """Write a synthetic LoRA through :func:`~lora_tools.lora.save.save_lora`'s plan and writer; keyword
+    arguments as in :func:`make_lora`. Like a trainer's file, it carries no ``loratool`` record."""
     adapter = make_adapter(size, **kwargs)  # type: ignore[arg-type]
-    return save_lora(adapter, path, format=fmt, metadata={"format": "pt"}, overwrite=overwrite)
+    return write_plan(plan_save(adapter, format=fmt, metadata={"format": "pt"}), path, overwrite=overwrite)
 
 
 def write_lightning_lora(path: str | Path, size: Size | SDXLConfig = "tiny", *, seed: int = 0,
