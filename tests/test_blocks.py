@@ -33,7 +33,7 @@ def test_every_key_of_the_golden_full_size_list_has_a_block():
     prefixes = tuple(SGM_PREFIXES.values())
     model = {k for k in golden if k.startswith(prefixes)}
     others = sorted(k for k in golden if not k.startswith(prefixes))
-    assert len(model) > 2500 and len(others) == 14  # 12 scheduler buffers, the v_pred/ztsnr markers
+    assert len(model) > 2500 and len(others) == 16  # 12 scheduler buffers, 4 v-pred/EDM/ztsnr markers
     blocks = Counter(block_of_key(k) for k in model)
     assert set(blocks) == set(BLOCKS)  # every block is used by the full-size model
     # the golden list (a real checkpoint's header) and our layout table agree block by block
