@@ -39,7 +39,8 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
     if report.lora is not None and report.lora.mismatched:
         bad = report.lora.mismatched
         names = ", ".join(safe_text(m.module, 80) for m in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise click.ClickException(f"'{safe_text(path)}': {len(bad)} module(s) do not fit the weights they name: {names}.")
+        raise click.ClickException(
+            f"'{safe_text(path)}': {len(bad)} module(s) do not fit the weights they name: {names}.")
 
 
 def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:

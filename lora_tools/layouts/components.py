@@ -52,7 +52,8 @@ COMPONENTS: Mapping[Component, ComponentSpec] = MappingProxyType({
     "te1": ComponentSpec("te1", "CLIP-L text encoder", "conditioner.embedders.0.transformer.", "text_encoder",
                          "model", "text_encoder", "text_encoder.", "lora_te1_", "text_encoders.clip_l.transformer."),
     "te2": ComponentSpec("te2", "OpenCLIP-bigG text encoder", "conditioner.embedders.1.model.", "text_encoder_2",
-                         "model", "text_encoder_2", "text_encoder_2.", "lora_te2_", "text_encoders.clip_g.transformer."),
+                         "model", "text_encoder_2", "text_encoder_2.", "lora_te2_",
+                         "text_encoders.clip_g.transformer."),
 })
 #: The components a LoRA can adapt.
 LORA_COMPONENTS: tuple[Component, ...] = tuple(c for c, s in COMPONENTS.items() if s.kohya_prefix is not None)

@@ -111,7 +111,9 @@ def _provenance(metadata: Mapping[str, str]) -> Provenance | None:
 def inspect_folder(root: Path, with_hash: bool | None) -> InspectReport:
     """The report of a diffusers pipeline folder (weights found by the one discovery rule)."""
     index = read_json(root / "model_index.json")
-    scheduler: dict[str, Any] = read_json(root / "scheduler" / "scheduler_config.json") if (root / "scheduler").is_dir() else {}
+    scheduler: dict[str, Any] = {}
+    if (root / "scheduler").is_dir():
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json")
     components: dict[str, tuple[tuple[str, ...], list[TensorEntry]]] = {}
     all_entries: list[TensorEntry] = []
     metadata: dict[str, str] = {}

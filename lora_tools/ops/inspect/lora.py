@@ -68,7 +68,8 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
     unmatched = _unmatched_summary(match)
     signature = lightning_signature(adapter, match, cfg) if not fit.mismatched else False
     accel = acceleration(path.name, sha256, adapter.metadata, signature)
-    mismatched = tuple(MismatchedModule(f"{m.component}:{m.name}", target, str(err)) for m, target, err in fit.mismatched)
+    mismatched = tuple(MismatchedModule(f"{m.component}:{m.name}", target, str(err))
+                       for m, target, err in fit.mismatched)
     warnings = []
     if mismatched:
         warnings.append(f"{len(mismatched)} module(s) do not fit the SDXL ({fit.layout}) weights they name: "
