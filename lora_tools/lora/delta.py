@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lora_tools.errors import ShapeMismatchError
+from lora_tools.lora.scale import module_scale  # torch-free home, so inspect can use it
 
 logger = logging.getLogger(__name__)
 
@@ -341,35 +342,6 @@ def lokr_scale_applies(*, w1: Tensor | None, w2: Tensor | None) -> bool:
         rank the `b` factor's `shape[0]` (that of `w2b` when both are decomposed, as in ComfyUI).
     """
     return w1 is None or w2 is None
-
-
-def module_scale(alpha: float | None, rank: int) -> float:
-    """Return the scale `alpha / rank` of an adapter module (kohya convention).
-
-    Args:
-        alpha (`float` or `None`):
-            The module's `alpha` value. `None` (no alpha key) or `0` mean alpha = rank, i.e. a
-            scale of 1, as in kohya sd-scripts, ComfyUI and diffusers.
-        rank (`int`):
-            The module's rank, e.g. `lora_down.shape[0]`.
-
-    Returns:
-        `float`: `alpha / rank`, or `1.0` when alpha is `None` or 0.
-
-    Raises:
-        [`ShapeMismatchError`]: `rank` is not positive while an alpha is given.
-    """
-    if alpha is None:
-        return 1.0
-    alpha = float(alpha)
-    if alpha == 0.0:
-        return 1.0
-    if rank <= 0:
-        raise ShapeMismatchError(
-            f"Cannot scale by alpha / rank: rank must be positive, got {rank} (alpha {alpha}). "
-            "The module's down factor has an empty rank dimension."
-        )
-    return alpha / rank
 
 
 def dora_apply(
