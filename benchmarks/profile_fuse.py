@@ -4,8 +4,8 @@
 Runs the library's own ``plan_fuse`` + ``run_fuse`` in this process, with:
 
 - phase wall times: imports, planning (and ``_check_finite`` inside it), the streaming run;
-- per-stage busy time of the pipeline's three callbacks (read thread, compute thread, write
-  thread), in wall and thread-CPU seconds;
+- per-stage busy time of the engine's three stages (read thread, compute thread, write
+  thread), in wall and thread-CPU seconds, through the engine's ``stage_hook`` (no copy of its loop);
 - an RSS sampler (``/proc/self/statm`` every 10 ms): peak RSS per phase, and the in-flight bytes
   of the pipeline at the moment of the peak.
 
@@ -14,9 +14,6 @@ measure suggested fixes:
 
   --finite-sum      NaN/Inf checks as ``isfinite(t.sum())`` instead of ``isfinite(t).all()``
   --no-hash         outputs written without the streaming sha256
-  --compute fp16    patch each tensor in fp32 row blocks written straight back into the fp16
-                    read buffer (no whole fp32 copy, no fp32 payload for the writer, one cheap
-                    finite check per block)
   --budget MB       the pipeline's read-ahead / write-behind budget
   --block-elems N   the library's row-block size for the patch maths (fp32 elements)
   --threads N       force torch's intra-op threads (the library uses cores - 1)
@@ -91,12 +88,10 @@ def main() -> None:
     ap.add_argument("--save", default="checkpoint", choices=["checkpoint", "unet"])
     ap.add_argument("--finite-sum", action="store_true")
     ap.add_argument("--no-hash", action="store_true")
-    ap.add_argument("--compute", choices=["library", "fp16"], default="library")
-    ap.add_argument("--block-bytes", type=int, default=2 << 20, help="fp32 bytes per row block for --compute fp16")
     ap.add_argument("--budget", type=int, default=None, help="MB read-ahead / write-behind")
     ap.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
                     help="StreamingWriter(direct=...) for the outputs: the library's default, O_DIRECT forced on, or off")
-    ap.add_argument("--block-elems", type=int, default=None, help="lora_tools.ops.patching.BLOCK_ELEMS (fp32 elements per row block)")
+    ap.add_argument("--block-elems", type=int, default=None, help="lora_tools.engine.patch.BLOCK_ELEMS (fp32 elements per row block)")
     ap.add_argument("--threads", type=int, default=None, help="force torch's intra-op threads (ignores the library's choice)")
     ap.add_argument("--no-mallopt", action="store_true", help="skip the library's mallopt (fixed 1 MiB mmap threshold)")
     ap.add_argument("--json", action="store_true")
@@ -113,7 +108,8 @@ def main() -> None:
     import lora_tools.ops.fuse as F
     import lora_tools.ops.fuse_plan as FP
     import lora_tools.ops.outputs as O
-    import lora_tools.ops.streaming as S
+    import lora_tools.engine.patch as PT
+    import lora_tools.engine.pipeline as S
     t_import = time.perf_counter()
     out: dict[str, object] = {"import_s": t_import - T0, "rss_after_import": sampler.rss()}
 
@@ -141,8 +137,6 @@ def main() -> None:
             return real_writer(*a, **k)
         O.StreamingWriter = writer  # type: ignore[assignment,misc]
     if args.block_elems:
-        import lora_tools.ops.patching as PT
-
         PT.BLOCK_ELEMS = args.block_elems
     if args.threads:
         real_set = torch.set_num_threads
@@ -151,25 +145,18 @@ def main() -> None:
     if args.no_mallopt and hasattr(F, "return_freed_memory"):
         F.return_freed_memory = lambda *a, **k: True  # type: ignore[attr-defined]
     if args.budget:
-        S.MAX_INFLIGHT_BYTES = args.budget << 20
-        real_rp = S.run_pipeline
+        S.MAX_INFLIGHT_BYTES = args.budget << 20  # the engine reads it at each stream
 
-        def rp(*a, **k):  # type: ignore[no-untyped-def]
-            k["budget"] = args.budget << 20
-            return real_rp(*a, **k)
-        F.run_pipeline = rp
-
-    # ---- instrument the pipeline callbacks -----------------------------------------------
+    # ---- instrument the engine's stages ----------------------------------------------------
     stages = {n: {"wall": 0.0, "cpu": 0.0, "calls": 0} for n in ("read", "process", "write")}
     inflight = {"read_bytes": 0, "process_bytes": 0, "write_bytes": 0}
     lock = threading.Lock()
-    real_run_pipeline = F.run_pipeline
 
-    def timed(name, fn, size):  # type: ignore[no-untyped-def]
+    def timed(name, fn):  # type: ignore[no-untyped-def]
         key = f"{name}_bytes"
 
         def wrapper(*a):  # type: ignore[no-untyped-def]
-            n = size(a[0])
+            n = a[0].nbytes
             with lock:
                 inflight[key] += n
                 sampler.state = dict(inflight)
@@ -186,11 +173,6 @@ def main() -> None:
                     sampler.state = dict(inflight)
         return wrapper
 
-    def run_pipeline(items, *, read, process, write, size, on_done=None, **k):  # type: ignore[no-untyped-def]
-        return real_run_pipeline(items, read=timed("read", read, size), process=timed("process", process, size),
-                                 write=timed("write", write, size), size=size, on_done=on_done, **k)
-    F.run_pipeline = run_pipeline
-
     check_s = [0.0]
     real_check = FP._check_finite
 
@@ -202,13 +184,10 @@ def main() -> None:
             check_s[0] += time.perf_counter() - t
     FP._check_finite = check_finite
 
-    if args.compute == "fp16":
-        install_fp16_compute(F, O, torch, args.block_bytes)
-
     # ---- plan + run ---------------------------------------------------------------------
     sampler.phase = "plan"
     t = time.perf_counter()
-    plan = FP.plan_fuse(args.base, lightning=4, lightning_dir=args.lightning_dir, saves=(args.save,),
+    plan = FP.plan_fuse(args.base, "lightning-4step", preset_dir=args.lightning_dir, saves=(args.save,),
                         output=args.output, overwrite=True)
     out["plan_s"] = time.perf_counter() - t
     out["check_finite_s"] = check_s[0]
@@ -216,7 +195,7 @@ def main() -> None:
     sampler.phase = "run"
     t = time.perf_counter()
     try:
-        res = F.run_fuse(plan)
+        res = F.run_fuse(plan, stage_hook=timed)
     finally:
         plan.close()
     out["run_s"] = time.perf_counter() - t
@@ -232,7 +211,7 @@ def main() -> None:
     out["peak_rss"] = sampler.peak
     out["peak_rss_by_phase"] = sampler.peaks
     out["inflight_at_peak"] = sampler.peak_state
-    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "compute", "budget", "direct", "no_mallopt", "threads", "block_elems")}
+    out["experiments"] = {k: getattr(args, k) for k in ("finite_sum", "no_hash", "budget", "direct", "no_mallopt", "threads", "block_elems")}
     out["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if args.json:
         print(json.dumps(out))
@@ -246,105 +225,6 @@ def main() -> None:
         print(f"RSS after import {mib(out['rss_after_import'])}, after plan {mib(out['rss_after_plan'])}, "  # type: ignore[arg-type]
               f"peak {mib(sampler.peak)} ({', '.join(f'{k} {mib(v)}' for k, v in sampler.peaks.items())})")
         print(f"in flight at the peak: {sampler.peak_state}")
-
-
-def install_fp16_compute(F, O, torch, block_bytes: int) -> None:  # type: ignore[no-untyped-def]
-    """Prototype of the suggested compute path: ``run_fuse`` with another ``process`` step.
-
-    For tensors whose every contribution is a plain LoRA (up @ down) and whose output dtype is
-    the input dtype, the bytes just read are patched in place, in fp32 row blocks of
-    ``block_bytes`` (convert, addmm, one finite check on the block's sum, cast back); the
-    writer then gets raw bytes and writes them as they are. Anything else takes the library's
-    path. Same threads, same pipeline, same sinks as the library's ``run_fuse``.
-    """
-    import time as _time
-
-    from lora_tools.lora import delta as d
-    from lora_tools.ops.outputs import Payload
-    from lora_tools.safetensors_io import TensorInfo, bytes_to_tensor
-
-    library_run_fuse = F.run_fuse
-
-    def simple(plan, ref) -> bool:  # type: ignore[no-untyped-def]
-        if plan.diffs or plan.output_dtype(ref.dtype) != ref.dtype or ref.dtype not in ("F16", "BF16", "F32"):
-            return False
-        return all(mm.module.kind == "lora" and "mid" not in mm.module.keys and not mm.module.is_dora
-                   for _, mm in plan.patches.get(ref.key, ()))
-
-    def patch_in_place(plan, ref, raw) -> int:  # type: ignore[no-untyped-def]
-        t = bytes_to_tensor(raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, len(raw)))
-        rows_total = t.shape[0]
-        flat = t.view(rows_total, -1)
-        facs = []
-        for source, mm in plan.patches[ref.key]:
-            target, module, src = mm.target, mm.module, source.adapter.source
-            r0, r1 = 0, rows_total
-            if target.part is not None:
-                i, n = target.part
-                step = rows_total // n
-                r0, r1 = i * step, (i + 1) * step
-            up = src.tensor(module.keys["up"]).to(torch.float32).flatten(1)
-            down = src.tensor(module.keys["down"]).to(torch.float32).flatten(1)
-            facs.append((r0, r1, up, down, source.strength * d.module_scale(module.alpha, module.rank)))
-        rows = max(1, block_bytes // (flat.shape[1] * 4))
-        for b0 in range(0, rows_total, rows):
-            b1 = min(rows_total, b0 + rows)
-            blk = flat[b0:b1].float()
-            for r0, r1, up, down, alpha in facs:
-                lo, hi = max(b0, r0), min(b1, r1)
-                if lo < hi:
-                    blk[lo - b0:hi - b0].addmm_(up[lo - r0:hi - r0], down, alpha=alpha)
-            if not bool(torch.isfinite(blk.sum())):
-                raise ValueError(f"Fusing produced NaN/Inf in '{ref.key}'")
-            flat[b0:b1].copy_(blk)
-        return len(facs)
-
-    def run_fuse(plan, *, progress=None):  # type: ignore[no-untyped-def]
-        fast = {r.key for r in plan.base.refs if r.key in plan.patched_keys() and simple(plan, r)}
-        if not fast:
-            return library_run_fuse(plan, progress=progress)
-        start = _time.perf_counter()
-        record = F.provenance_record(plan)
-        sinks = F._make_sinks(plan, record)
-        patched = plan.patched_keys()
-        stats = {"modules": 0, "tensors": 0}
-        base = plan.base
-
-        def read(ref):  # type: ignore[no-untyped-def]
-            if ref.raw_ok:
-                return Payload(base.read_raw(ref), None, False)
-            return Payload(None, base.read(ref), False)
-
-        def process(ref, payload):  # type: ignore[no-untyped-def]
-            if ref.key not in patched:
-                return payload
-            if ref.key in fast and payload.raw is not None:
-                stats["modules"] += patch_in_place(plan, ref, payload.raw)
-                stats["tensors"] += 1
-                return Payload(payload.raw, None, True)
-            w = payload.as_tensor(ref).to(torch.float32, copy=True)
-            del payload
-            stats["modules"] += F._apply(plan, ref, w)
-            stats["tensors"] += 1
-            if not torch.isfinite(w).all():
-                raise ValueError(f"Fusing produced NaN/Inf in '{ref.key}'")
-            return Payload(None, w, True)
-
-        def write(ref, payload):  # type: ignore[no-untyped-def]
-            for s in sinks:
-                s.add(ref, payload)
-
-        try:
-            F.run_pipeline(base.refs, read=read, process=process, write=write, size=lambda r: r.nbytes,
-                           on_done=(lambda r: progress(r.nbytes)) if progress else None)
-            files = [f for s in sinks for f in s.finalize()]
-        except BaseException:
-            for s in sinks:
-                s.abort()
-            raise
-        return F.FuseResult(files, stats["modules"], stats["tensors"], _time.perf_counter() - start, record)
-
-    F.run_fuse = run_fuse
 
 
 if __name__ == "__main__":

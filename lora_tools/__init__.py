@@ -6,7 +6,7 @@ import torch.
 Example:
     >>> import lora_tools
     >>> report = lora_tools.inspect_path("sdxl_lightning_4step_lora.safetensors")
-    >>> result = lora_tools.fuse("juggernaut.safetensors", lightning=4)
+    >>> result = lora_tools.fuse("juggernaut.safetensors", "lightning-4step")
 """
 
 from __future__ import annotations

@@ -31,7 +31,10 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
-from lora_tools.errors import HubError, UsageError
+from lora_tools.errors import Hint, HubError, UsageError
+
+#: What a missing hub file suggests by default: pass the file, once downloaded, as a LoRA.
+LORA_HINT = Hint("lora", "with the downloaded file", "PATH")
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def resolve_file(
     revision: str | None = None,
     local_files_only: bool | None = None,
     cache_dir: Path | None = None,
-    pass_with: str = "--lora PATH",
+    hint: Hint | None = LORA_HINT,
     instead: str | None = None,
     tqdm_class: Any | None = None,
 ) -> Path:
@@ -122,10 +125,10 @@ def resolve_file(
             ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now.
         cache_dir (`Path`, *optional*): the hub cache; defaults to ``HF_HUB_CACHE`` / ``HF_HOME``
             as set now, else ``huggingface_hub``'s default.
-        pass_with (`str`, *optional*, defaults to ``"--lora PATH"``): the CLI option the error
-            message suggests for passing the file locally.
+        hint (`Hint`, *optional*, defaults to :data:`LORA_HINT`): the parameter the error
+            suggests for passing the downloaded file (the CLI spells it as its flag).
         instead (`str`, *optional*): for files that cannot be passed locally, what the error
-            message suggests instead of ``pass_with`` (a sentence).
+            message suggests instead of ``hint`` (a sentence; no hint is then attached).
         tqdm_class (*optional*): progress bar class handed to ``hf_hub_download``.
 
     Returns:
@@ -156,8 +159,9 @@ def resolve_file(
 
     what = f"Cannot get '{filename}' from {repo_id}" + (f" (revision {revision})" if revision else "")
     download = _cli("download", repo_id, filename, *(("--revision", revision) if revision else ()))
-    elsewhere = f"on a machine with network ({download}) and pass it with {pass_with}." if instead is None else \
+    elsewhere = f"on a machine with network ({download})." if instead is None else \
         f"into the Hugging Face cache ({download}); {instead}"
+    way_out = hint if instead is None else None
     tree = f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
 
     logger.debug("hf_hub_download(%r, %r, %s)", repo_id, filename, kwargs)
@@ -166,11 +170,12 @@ def resolve_file(
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
         if offline:
             why = "the hub is offline (HF_HUB_OFFLINE=1)" if env_offline else "only local files were allowed"
-            raise HubError(f"{what}: not in the Hugging Face cache and {why}. Download it {elsewhere}") from e
+            raise HubError(f"{what}: not in the Hugging Face cache and {why}. Download it {elsewhere}", hint=way_out) from e
         cause = e.__cause__ if e.__cause__ is not None else e
         raise HubError(
             f"{what}: the hub could not be reached and the file is not in the Hugging Face cache "
-            f"({type(cause).__name__}: {_one_line(cause, 120)}). Check the network, or download it {elsewhere}"
+            f"({type(cause).__name__}: {_one_line(cause, 120)}). Check the network, or download it {elsewhere}",
+            hint=way_out,
         ) from e
     except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
         raise HubError(
@@ -189,7 +194,8 @@ def resolve_file(
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             raise HubError(f"{what}: access denied (HTTP {status}); {_login_hint()}.") from e
-        raise HubError(f"{what}: the hub answered {_one_line(e)}. Try again later, or download it {elsewhere}") from e
+        raise HubError(f"{what}: the hub answered {_one_line(e)}. Try again later, or download it {elsewhere}",
+                       hint=way_out) from e
     except ValueError as e:  # HFValidationError and friends: a malformed repo id or file name
         raise UsageError(f"{what}: {_one_line(e)}") from e
     except OSError as e:  # disk full, permissions, proxy, SSL, missing ETag...
@@ -246,13 +252,13 @@ def _looks_like_hub_ref(src: str) -> bool:
     return ":" not in parts[0] and ":" not in parts[1]
 
 
-def resolve_source(src: str, *, revision: str | None = None, pass_with: str = "--lora PATH") -> Path:
+def resolve_source(src: str, *, revision: str | None = None, hint: Hint | None = LORA_HINT) -> Path:
     """Turn a LoRA/model source into a local path: a local file, or a hub file ``owner/repo/path``.
 
     Args:
         src (`str`): a local path, or ``"owner/repo/path/in/repo.safetensors"``.
         revision (`str`, *optional*): hub revision for a hub reference.
-        pass_with (`str`, *optional*): see :func:`resolve_file`.
+        hint (`Hint`, *optional*): see :func:`resolve_file`.
 
     Raises:
         [`UsageError`]: ``src`` is a directory, or neither a file nor a hub reference.
@@ -275,10 +281,10 @@ def resolve_source(src: str, *, revision: str | None = None, pass_with: str = "-
         raise UsageError(f"'{src}' is not a file and not a hub reference (owner/repo/file.safetensors).")
     owner, repo, *rest = src.split("/")
     try:
-        return resolve_file(f"{owner}/{repo}", "/".join(rest), revision=revision, pass_with=pass_with)
+        return resolve_file(f"{owner}/{repo}", "/".join(rest), revision=revision, hint=hint)
     except HubError as e:
-        msg = str(e)
-        raise HubError(f"No local file '{src}', and {msg[:1].lower()}{msg[1:]}") from e
+        msg = e.message
+        raise HubError(f"No local file '{src}', and {msg[:1].lower()}{msg[1:]}", hint=e.hint) from e
 
 
 def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_tools.diffusers_folder import component_weight_files
-from lora_tools.errors import InvalidFileError, KeyMismatchError, UnsupportedModelError
+from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, UnsupportedModelError
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
@@ -132,9 +132,11 @@ def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
     shapes = {k: t.shape for k, t in header.tensors.items()}
     kind = detect_checkpoint(shapes)
     if kind.layout == "unknown" and kind.architecture == "unknown":
+        lora = _looks_like_lora(shapes)
         raise UnsupportedModelError(
             f"'{path}' is not an SDXL checkpoint: its keys match no known layout (first key: {next(iter(shapes), '-')})."
-            + (" It looks like a LoRA: pass it with --lora." if _looks_like_lora(shapes) else "")
+            + (" It looks like a LoRA." if lora else ""),
+            hint=Hint("lora", "to apply it as a LoRA", "PATH") if lora else None,
         )
     if kind.layout == "diffusers-unet":
         return _from_diffusers_files(path, kind, {"unet": [header]}, header.metadata)

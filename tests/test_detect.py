@@ -76,5 +76,9 @@ def test_lora_passed_as_base_says_so(tmp_path):
     from lora_tools.testing.synthetic_lora import write_lora
 
     lora = write_lora(tmp_path / "style.safetensors", "tiny")
-    with pytest.raises(UnsupportedModelError, match="It looks like a LoRA: pass it with --lora"):
+    from lora_tools.cli import error_message
+
+    with pytest.raises(UnsupportedModelError, match="It looks like a LoRA; pass lora=PATH") as err:
         open_model(lora)
+    assert "--lora" not in str(err.value)  # the library names the parameter, the CLI the flag
+    assert "It looks like a LoRA; pass --lora PATH" in error_message(err.value)

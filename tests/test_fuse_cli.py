@@ -461,7 +461,7 @@ def test_existing_output_needs_overwrite(assets: FuseAssets, tmp_path: Path) -> 
     out.write_bytes(b"an older file")
     line = fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir,
                       "-o", out, names="exists.safetensors")
-    assert line == f"Error: '{out}' already exists: pass --overwrite to replace it, or -o to choose another name."
+    assert line == f"Error: '{out}' already exists; pass --overwrite to replace it, or choose another output name."
     assert out.read_bytes() == b"an older file"
     fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "-o", out, "--overwrite", "-q")
     assert record_of(out)["lightning_steps"] == 4
@@ -537,7 +537,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(assets: FuseAssets, tmp_path
     assert f"Tensors patched: {len(patched_keys())} of {n_tensors}" in text
     assert f"Output:  {out} (checkpoint, about " in text
     assert f"Output:  {tmp_path / 'dry-unet.safetensors'} (unet, about " in text
-    assert re.search(r"^Predicted peak memory: about [\d.]+ (KB|MB|GB|TB)$", text, re.M)
+    assert re.search(r"^Predicted peak memory: about [\d.]+ (KiB|MiB|GiB|TiB)$", text, re.M)
     assert "Sampler: EulerDiscreteScheduler, timestep_spacing=trailing, 4 steps" in text
     assert text.rstrip().endswith("Dry run: nothing was written.")
     assert result.stderr == ""
@@ -545,7 +545,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(assets: FuseAssets, tmp_path
     assert listing(assets.root) == before
 
 
-_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 def test_dry_run_predicted_peak_memory_is_plausible(assets: FuseAssets, tmp_path: Path) -> None:
@@ -553,7 +553,7 @@ def test_dry_run_predicted_peak_memory_is_plausible(assets: FuseAssets, tmp_path
 
     result = fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir,
                      "-o", tmp_path / "dry.safetensors", "--dry-run")
-    m = re.search(r"^Predicted peak memory: about ([\d.]+) (B|KB|MB|GB|TB)$", result.stdout, re.M)
+    m = re.search(r"^Predicted peak memory: about ([\d.]+) (B|KiB|MiB|GiB|TiB)$", result.stdout, re.M)
     assert m is not None
     predicted = float(m.group(1)) * _UNITS[m.group(2)]
     # runtime + read-ahead and write-behind budgets + buffer pool + a tensor of a ~100 MB model:
@@ -619,3 +619,84 @@ def test_overflow_scan_is_skipped_only_where_the_factors_rule_it_out(assets: Fus
     tensors, meta = make_lora("tiny", fmt="kohya-sgm", targets="attn", rank=4, alpha=4.0, seed=8)
     huge = save_tensors(tmp_path / "huge.safetensors", {k: v * 1e18 for k, v in tensors.items()}, meta)
     assert scans([(str(huge), 1.0)], "keep") == {True}  # bound ~1e36: beyond what the rule vouches for
+
+
+# ---------------------------------------------------------------------------- presets and parameter hints
+
+
+def test_library_error_names_the_parameter_and_the_cli_the_flag(assets: FuseAssets, tmp_path: Path) -> None:
+    from lora_tools.cli import error_message
+    from lora_tools.errors import OutputExistsError
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"an older file")
+    with pytest.raises(OutputExistsError) as info:
+        plan_fuse(assets.base, "lightning-4step", preset_dir=assets.lightning_dir, output=out)
+    message = str(info.value)
+    assert "overwrite=True" in message and "exists.safetensors" in message
+    assert not re.search(r"(^|\s)--?[a-z]", message), message  # no CLI flag in the library's message
+    assert "--overwrite" in error_message(info.value)
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--preset", "lightning-4step", "--preset-dir",
+                      assets.lightning_dir, "-o", out, names="exists.safetensors")
+    assert "--overwrite" in line and "overwrite=True" not in line
+    assert out.read_bytes() == b"an older file"
+
+
+def test_preset_equals_the_lightning_shorthand_and_the_deprecated_keywords(assets: FuseAssets, tmp_path: Path) -> None:
+    by_name, by_steps = tmp_path / "by-name.safetensors", tmp_path / "by-steps.safetensors"
+    result = fuse_ok(assets.base, "--preset", "lightning-4step", "--preset-dir", assets.lightning_dir, "-o", by_name)
+    fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "-o", by_steps, "-q")
+    assert tensor_bytes(by_name) == tensor_bytes(by_steps)
+    record = record_of(by_name)
+    assert record["preset"] == "lightning-4step" and record["lightning_steps"] == 4  # old readers keep working
+    assert record["sampler"] == LIGHTNING_SAMPLER
+    assert read_header(by_name).metadata["modelspec.title"].endswith("Lightning 4-step")
+    digests = re.findall(r"sha256 ([0-9a-f]+), AutoV2 ([0-9a-f]+)", result.stdout)
+    assert digests == [(sha256_of(by_name), sha256_of(by_name)[:10])]  # the full sha256
+    assert "  ComfyUI:   KSampler sampler=euler scheduler=sgm_uniform steps=4 cfg=1.0" in result.stdout
+    with pytest.warns(DeprecationWarning, match="preset_dir"):
+        fuse(assets.base, lightning=4, lightning_dir=assets.lightning_dir, output=tmp_path / "old.safetensors")
+    assert tensor_bytes(tmp_path / "old.safetensors") == tensor_bytes(by_steps)
+
+
+@pytest.mark.parametrize("strength", ["0.5", "nan"])
+def test_strength_without_a_preset_is_a_usage_error(assets: FuseAssets, tmp_path: Path, strength: str) -> None:
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--lora", assets.style, "--strength", strength,
+                      "-o", tmp_path / "o.safetensors", names="--strength")
+    assert "--preset" in line
+
+
+def test_preset_strength_out_of_range_and_conflicting_presets_are_refused(assets: FuseAssets, tmp_path: Path) -> None:
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir,
+                      "--strength", "nan", "-o", tmp_path / "o.safetensors", names="strength")
+    assert "out of range" in line
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--preset", "lightning-8step",
+                      "-o", tmp_path / "o.safetensors", names="lightning-8step")
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--preset", "lightning-3step", "-o", tmp_path / "o.safetensors",
+                      names="lightning-3step")
+    assert "Unknown preset" in line
+
+
+def test_a_preset_recorded_by_name_is_not_fused_twice(tmp_path: Path) -> None:
+    from lora_tools.errors import UsageError
+    from lora_tools.ops.fuse_plan import plan_fuse
+    from lora_tools.testing.synthetic import write_checkpoint
+
+    base = write_checkpoint(tmp_path / "accelerated.safetensors", "tiny", dtype="fp16",
+                            metadata={"loratool": json.dumps({"operation": "fuse", "preset": "hyper-sd-8step"})})
+    with pytest.raises(UsageError, match="already has hyper-sd-8step fused into it") as info:
+        plan_fuse(base, "lightning-4step", output=tmp_path / "o.safetensors")
+    assert "force=True" in str(info.value)
+
+
+def test_default_stem_names_the_preset() -> None:
+    from lora_tools.ops.fuse_plan import default_stem
+    from lora_tools.presets import AccelerationPreset, get_preset
+
+    lightning = get_preset("lightning-4step")
+    other = dataclasses.replace(lightning, name="hyper-sd-8step", family="hyper-sd", steps=8)
+    assert default_stem(Path("/m/juggernaut.safetensors"), lightning, [], "lora") == "juggernaut-lightning-4step"
+    assert default_stem(Path("/m/juggernaut.safetensors"), lightning, [], "unet") == "juggernaut-lightning-4step-unetdiff"
+    assert default_stem(Path("/m/juggernaut.safetensors"), other, [], "lora") == "juggernaut-hyper-sd-8step"
+    assert isinstance(other, AccelerationPreset)

@@ -17,7 +17,8 @@ from huggingface_hub.utils import (
 )
 
 from lora_tools import hub
-from lora_tools.errors import HubError, UsageError
+from lora_tools.cli import error_message
+from lora_tools.errors import Hint, HubError, UsageError
 from lora_tools.hub import autov2_hash, parse_source, resolve_file, resolve_source, sha256_file
 from lora_tools.presets import (
     LIGHTNING,
@@ -117,7 +118,8 @@ class TestResolveFile:
         assert msg.startswith(f"Cannot get '{LORA}' from {REPO}: not in the Hugging Face cache")
         assert "HF_HUB_OFFLINE=1" in msg
         assert f"download {REPO} {LORA}" in msg
-        assert msg.endswith("pass it with --lora PATH.")
+        assert msg.endswith("; pass lora=PATH with the downloaded file.") and "--lora" not in msg
+        assert error_message(info.value).endswith("; pass --lora PATH with the downloaded file.")
         assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
         assert isinstance(info.value, OSError)  # HubError mixes in OSError
 
@@ -129,16 +131,17 @@ class TestResolveFile:
 
     def test_pass_with_and_revision_appear_in_message(self, hf_home: Path) -> None:
         with pytest.raises(HubError) as info:
-            resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, revision="v1", pass_with="--base-unet PATH")
-        msg = str(info.value)
-        assert "(revision v1)" in msg and "--revision v1" in msg and msg.endswith("--base-unet PATH.")
+            resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, revision="v1",
+                         hint=Hint("original_unet", "with the downloaded file", "PATH"))
+        msg = error_message(info.value)
+        assert "(revision v1)" in msg and "--revision v1" in msg and msg.endswith("--original-unet PATH with the downloaded file.")
 
     def test_files_without_a_local_option_suggest_an_alternative(self, hf_home: Path) -> None:
         with pytest.raises(HubError) as info:
             resolve_file(SDXL_BASE_REPO, "tokenizer/vocab.json", instead="--save unet needs no tokenizer.")
         msg = str(info.value)
         assert "into the Hugging Face cache (" in msg and "tokenizer/vocab.json)" in msg
-        assert msg.endswith("; --save unet needs no tokenizer.") and "pass it with" not in msg
+        assert msg.endswith("; --save unet needs no tokenizer.") and "pass " not in msg
 
     def test_offline_env_read_at_call_time(self, hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         # huggingface_hub read HF_HUB_OFFLINE at import; our flag must follow the environment now.
@@ -158,8 +161,9 @@ class TestResolveFile:
     def test_explicit_local_files_only(self, hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("HF_HUB_OFFLINE")
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        with pytest.raises(HubError, match="only local files were allowed.*--lora PATH"):
+        with pytest.raises(HubError, match="only local files were allowed.*lora=PATH") as info:
             resolve_file(REPO, LORA, local_files_only=True)
+        assert "--lora PATH" in error_message(info.value)
 
     @pytest.mark.parametrize(
         ("make_error", "expected"),
@@ -197,7 +201,7 @@ class TestResolveFile:
         with pytest.raises(HubError) as info:
             resolve_file(REPO, LORA)
         msg = str(info.value)
-        assert "could not be reached" in msg and "ConnectionError" in msg and "--lora PATH" in msg
+        assert "could not be reached" in msg and "ConnectionError" in msg and "--lora PATH" in error_message(info.value)
 
     def test_malformed_repo_id_is_usage_error(self, hf_home: Path) -> None:
         with pytest.raises(UsageError):
@@ -256,7 +260,7 @@ class TestResolveSource:
             resolve_source(f"{REPO}/{LORA}")
         msg = str(info.value)
         assert msg.startswith(f"No local file '{REPO}/{LORA}', and cannot get '{LORA}' from {REPO}")
-        assert "--lora PATH" in msg
+        assert "--lora PATH" in error_message(info.value) and "--lora" not in msg
 
     @pytest.mark.parametrize("src", ["missing.safetensors", "./a/b/c.safetensors", "/nope/a/b.safetensors", "a//b"])
     def test_neither_file_nor_hub_reference(self, src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ def demo_command(folder: Path, no_render: bool) -> None:
 
     click.echo("3. Fusing: loratool fuse community-checkpoint.safetensors --lightning 4 --lora style-lora.safetensors:0.6 "
                "--save checkpoint --save unet --save diffusers")
-    result = fuse(base, lightning=4, lightning_dir=lightning_dir, loras=[(str(style), 0.6)],
+    result = fuse(base, "lightning-4step", preset_dir=lightning_dir, loras=[(str(style), 0.6)],
                   saves=("checkpoint", "unet", "diffusers"))
     for f in result.files:
         if f.kind != "diffusers" or f.path.parent.name == "unet":

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import click
 
+from lora_tools.cli._output import format_bytes, safe_text
 from lora_tools.cli._progress import byte_progress
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
+from lora_tools.errors import Hint, UsageError
 
 
 @click.command("fuse")
 @click.argument("base", type=click.Path(exists=True, dir_okay=True, path_type=str))
-@click.option("--lightning", type=click.Choice(["1", "2", "4", "8"]), help="SDXL-Lightning step count to fuse in.")
+@click.option("--preset", metavar="NAME", help="Acceleration preset to fuse in (e.g. lightning-4step; see loratool presets).")
+@click.option("--lightning", type=click.Choice(["1", "2", "4", "8"]),
+              help="SDXL-Lightning step count to fuse in: shorthand for --preset lightning-Nstep.")
 @click.option("--method", type=click.Choice(["lora", "unet"]), default="lora", show_default=True,
-              help="lora: fuse the Lightning LoRA; unet: add (Lightning UNet - SDXL base UNet), the model card's best quality.")
+              help="lora: fuse the preset's LoRA; unet: add (the preset's UNet - SDXL base UNet), Lightning's best quality.")
 @click.option("--lora", "loras", multiple=True, metavar="SRC[:STRENGTH]",
               help="Extra LoRA: local file or owner/repo/file.safetensors on the hub; strength defaults to 1.0. Repeatable.")
-@click.option("--strength", "lightning_strength", type=float, default=1.0, show_default=True,
-              help="Strength of the Lightning LoRA/difference.")
+@click.option("--strength", "preset_strength", type=float, default=None,
+              help="Strength of the preset's LoRA/difference (default 1.0; needs --preset or --lightning).")
 @click.option("--save", "saves", multiple=True, type=click.Choice(["checkpoint", "unet", "diffusers"]),
               help="What to write (repeatable): whole single file, standalone diffusers UNet, diffusers folder. Default: checkpoint.")
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Output path (default: next to BASE, named after what was done).")
@@ -32,38 +28,47 @@ def _human(n: float) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the plan (matches, outputs, sizes, memory) and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (inputs are never overwritten).")
 @click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that have no target instead of failing.")
-@click.option("--force", is_flag=True, help="Fuse even into a model lora_tools already fused Lightning into.")
+@click.option("--force", is_flag=True, help="Fuse even into a model lora_tools already fused a preset into.")
 @click.option("--revision", help="Hub revision (commit, tag or branch) for hub downloads.")
-@click.option("--lightning-dir", type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="Local folder holding the ByteDance/SDXL-Lightning files (instead of the hub).")
+@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Local folder holding the preset's files, e.g. ByteDance/SDXL-Lightning's (instead of the hub).")
 @click.option("--original-unet", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="The SDXL base UNet (diffusers layout) for --method unet (instead of the hub).")
 @click.option("--variant", help="Weights variant of a diffusers-folder BASE (e.g. fp16).")
 @click.option("--hash-base", is_flag=True,
               help="Record the base's full sha256 even when it is over 2 GiB (one more pass over the file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
-def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str, ...], lightning_strength: float,
-                 saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool, overwrite: bool,
-                 allow_unmatched: bool, force: bool, revision: str | None, lightning_dir: str | None,
+def fuse_command(base: str, preset: str | None, lightning: str | None, method: str, loras: tuple[str, ...],
+                 preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
+                 overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
                  original_unet: str | None, variant: str | None, hash_base: bool, quiet: bool) -> None:
-    """Fuse SDXL-Lightning and/or LoRAs into BASE and save standalone model files.
+    """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
 
     \b
     Example:
         loratool fuse juggernaut.safetensors --lightning 4
+        loratool fuse juggernaut.safetensors --preset lightning-8step --strength 0.9
         loratool fuse juggernaut.safetensors --lightning 4 --lora style.safetensors:0.6 --save checkpoint --save unet
         loratool fuse base.safetensors --lora ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors --dry-run
     """
     from lora_tools.hub import parse_source
     from lora_tools.ops.fuse_plan import plan_fuse  # torch-free: the LoRA hashing starts before torch loads
 
+    if lightning is not None:
+        shorthand = f"lightning-{lightning}step"
+        if preset is not None and preset.strip().lower() != shorthand:
+            raise UsageError(f"--lightning {lightning} and --preset {preset} name two presets: give one.")
+        preset = shorthand
+    if preset_strength is not None and preset is None:
+        raise UsageError(f"--strength {preset_strength:g} applies to a preset, and none was given",
+                         hint=Hint("preset", "to choose one (or --lightning N)", "NAME"))
     plan = plan_fuse(
-        base, lightning=int(lightning) if lightning else None, method=method,  # type: ignore[arg-type]
+        base, preset, method=method,  # type: ignore[arg-type]
         loras=[parse_source(s) for s in loras], saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
-        lightning_strength=lightning_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
-        revision=revision, lightning_dir=lightning_dir, original_unet=original_unet, variant=variant,
+        preset_strength=preset_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
+        revision=revision, preset_dir=preset_dir, original_unet=original_unet, variant=variant,
         hash_base=hash_base,
     )
     try:
@@ -82,13 +87,13 @@ def fuse_command(base: str, lightning: str | None, method: str, loras: tuple[str
 
 
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
-    click.echo(f"Base:    {plan.base.path} ({plan.base.layout}, {plan.base.kind.architecture}, "
+    click.echo(f"Base:    {safe_text(plan.base.path)} ({plan.base.layout}, {plan.base.kind.architecture}, "
                f"{', '.join(plan.base.kind.components)})")
     for s in plan.loras:
-        click.echo(f"LoRA:    {s.adapter.path} ({s.adapter.format}, {len(s.match.matched)} modules matched, "
+        click.echo(f"LoRA:    {safe_text(s.adapter.path)} ({s.adapter.format}, {len(s.match.matched)} modules matched, "
                    f"{len(s.match.unmatched)} unmatched, strength {s.strength:g})")
     for d in plan.diffs:
-        click.echo(f"UNet difference: {d.tuned.path} - {d.original.path} (strength {d.strength:g})")
+        click.echo(f"UNet difference: {safe_text(d.tuned.path)} - {safe_text(d.original.path)} (strength {d.strength:g})")
     click.echo("Modules per block:")
     for block, n in sorted(plan.modules_per_block().items()):
         click.echo(f"  {block:<32} {n:>5}")
@@ -96,8 +101,8 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
         click.echo(f"Unmatched ({len(plan.unmatched)}): {', '.join(plan.unmatched[:5])}")
     click.echo(f"Tensors patched: {len(plan.patched_keys())} of {len(plan.base.refs)}")
     for o in plan.outputs:
-        click.echo(f"Output:  {o.path} ({o.kind}, about {_human(plan.output_bytes(o.kind))})")
-    click.echo(f"Predicted peak memory: about {_human(plan.predicted_peak_bytes())}")
+        click.echo(f"Output:  {safe_text(o.path)} ({o.kind}, about {format_bytes(plan.output_bytes(o.kind))})")
+    click.echo(f"Predicted peak memory: about {format_bytes(plan.predicted_peak_bytes())}")
     if plan.sampler is not None:
         click.echo(f"Sampler: {plan.sampler.describe()}")
     click.echo("Dry run: nothing was written.")
@@ -110,13 +115,22 @@ def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
     for f in result.files:
         if f.kind == "diffusers" and not f.path.name.startswith("diffusion_pytorch_model"):
             continue
-        digest = f"sha256 {f.sha256[:16]}..., AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else ""
-        click.echo(f"Wrote {f.path} ({_human(f.nbytes)}) {digest}")
+        digest = f" sha256 {f.sha256}, AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else ""
+        click.echo(f"Wrote {safe_text(f.path)} ({format_bytes(f.nbytes)}){digest}")
     if plan.sampler is not None:
-        s = plan.sampler
-        click.echo(f"Use it with: {s.describe()}")
-        click.echo("  diffusers: EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\""
-                   + (f", prediction_type=\"{s.prediction_type}\"" if s.prediction_type != "epsilon" else "")
-                   + f"); pipe(prompt, num_inference_steps={s.steps}, guidance_scale={s.guidance_scale:g})")
-        click.echo(f"  ComfyUI:   KSampler sampler=euler scheduler=sgm_uniform steps={s.steps} cfg=1.0"
-                   + (" (ModelSamplingDiscrete: x0)" if s.prediction_type == "sample" else ""))
+        for line in usage_lines(plan.sampler):
+            click.echo(line)
+
+
+def usage_lines(s) -> list[str]:  # type: ignore[no-untyped-def]
+    """How to sample the result, from the preset's :class:`~lora_tools.presets.SamplerSettings` alone."""
+    diffusers = (f"  diffusers: {s.scheduler}.from_config(pipe.scheduler.config, timestep_spacing=\"{s.timestep_spacing}\""
+                 + (f", prediction_type=\"{s.prediction_type}\"" if s.prediction_type != "epsilon" else "")
+                 + f"); pipe(prompt, num_inference_steps={s.steps}, guidance_scale={s.guidance_scale:g})")
+    comfy = (f"  ComfyUI:   KSampler sampler={s.comfy_sampler} scheduler={s.comfy_scheduler} steps={s.steps} cfg={_number(s.comfy_cfg)}"
+             + (f" (ModelSamplingDiscrete: {s.comfy_model_sampling})" if s.comfy_model_sampling != "eps" else ""))
+    return [f"Use it with: {s.describe()}", diffusers, comfy]
+
+
+def _number(x: float) -> str:
+    return f"{x:.1f}" if float(x).is_integer() else f"{x:g}"

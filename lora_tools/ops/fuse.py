@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import gc
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from lora_tools import __version__
 from lora_tools.models import TensorRef
-from lora_tools.ops.fuse_plan import FusePlan, plan_fuse
-from lora_tools.ops.buffers import BufferRing
-from lora_tools.ops.patching import patch_ops, patch_tensor
-from lora_tools.ops.outputs import (CheckpointSink, ComponentSink, DiffusersFolderSink, Payload, WrittenFile,
-                                    tokenizer_provider)
-from lora_tools.ops.streaming import run_pipeline
-from lora_tools.provenance import LORATOOL_METADATA_KEY
-from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
+from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
+from lora_tools.engine import Contribution, DenseDifference, LowRank, StageHook, stream, stream_order
+from lora_tools.ops.outputs import CheckpointSink, ComponentSink, DiffusersFolderSink, WrittenFile, tokenizer_provider
+from lora_tools.presets import AccelerationPreset
+from lora_tools.provenance import build_record, with_record
 from lora_tools.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -40,17 +32,45 @@ class FuseResult:
     record: dict[str, object] = field(default_factory=dict)
 
 
-def fuse(base: str | Path, **kwargs: object) -> FuseResult:
-    """Plan and run a fuse in one call (arguments as :func:`~lora_tools.ops.fuse_plan.plan_fuse`).
+def fuse(
+    base: str | Path,
+    preset: str | AccelerationPreset | None = None,
+    *,
+    method: Method = "lora",
+    loras: Sequence[tuple[str, float]] = (),
+    saves: Sequence[SaveKind] = ("checkpoint",),
+    output: str | Path | None = None,
+    dtype: str = "keep",
+    preset_strength: float | None = None,
+    preset_dir: str | Path | None = None,
+    allow_unmatched: bool = False,
+    force: bool = False,
+    overwrite: bool = False,
+    revision: str | None = None,
+    original_unet: str | Path | None = None,
+    variant: str | None = None,
+    hash_base: bool = False,
+    progress: Progress | None = None,
+    lightning: int | None = None,
+    lightning_strength: float | None = None,
+    lightning_dir: str | Path | None = None,
+) -> FuseResult:
+    """Plan and run a fuse in one call.
+
+    Every argument but ``progress`` is :func:`~lora_tools.ops.fuse_plan.plan_fuse`'s (see there);
+    ``progress`` is called with the bytes of each tensor once processed.
 
     Example:
         >>> from lora_tools import fuse
-        >>> fuse("juggernaut.safetensors", lightning=4)  # -> juggernaut-lightning-4step.safetensors
+        >>> fuse("juggernaut.safetensors", "lightning-4step")  # -> juggernaut-lightning-4step.safetensors
     """
-    progress = kwargs.pop("progress", None)
-    plan = plan_fuse(base, **kwargs)  # type: ignore[arg-type]
+    plan = plan_fuse(base, preset, method=method, loras=loras, saves=saves, output=output, dtype=dtype,
+                     preset_strength=preset_strength, preset_dir=preset_dir, allow_unmatched=allow_unmatched,
+                     force=force, overwrite=overwrite, revision=revision, original_unet=original_unet,
+                     variant=variant, hash_base=hash_base, lightning=lightning,
+                     lightning_strength=lightning_strength, lightning_dir=lightning_dir)
     try:
-        return run_fuse(plan, progress=progress)  # type: ignore[arg-type]
+        return run_fuse(plan, progress=progress)
     finally:
         plan.close()
 
@@ -93,20 +113,16 @@ def provenance_record(plan: FusePlan) -> dict[str, object]:
     for d in plan.diffs:
         sources.append({"role": "unet-difference", "tuned": d.tuned.path.name, "original": d.original.path.name,
                         "strength": d.strength, "preset": d.preset.name if d.preset else None})
-    record: dict[str, object] = {
-        "version": __version__, "operation": "fuse", "method": plan.method, "lightning_steps": plan.lightning_steps,
-        "sources": sources, "output_dtype": plan.out_dtype or "keep",
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    if plan.sampler is not None:
-        record["sampler"] = plan.sampler.to_dict()
-    return record
+    preset = plan.preset.name if plan.preset is not None else None
+    return build_record("fuse", sources=sources, sampler=plan.sampler.to_dict() if plan.sampler is not None else None,
+                        preset=preset, method=plan.method, lightning_steps=plan.lightning_steps,
+                        output_dtype=plan.out_dtype or "keep")
 
 
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
     meta: dict[str, str] = dict(plan.base.metadata) if keep_base else {"format": "pt"}
     stem = plan.base.path.name if plan.base.path.is_dir() else plan.base.path.stem
-    title = stem + (f" Lightning {plan.lightning_steps}-step" if plan.lightning_steps else " (fused)")
+    title = stem + (f" {preset_title(plan.preset.name)}" if plan.preset is not None else " (fused)")
     merged = [plan.base.path.name] + [s.adapter.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
     meta.update({
         "modelspec.sai_model_spec": "1.0.0",
@@ -120,8 +136,7 @@ def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: boo
     if plan.sampler is not None:
         meta["modelspec.usage_hint"] = plan.sampler.describe()
         meta["modelspec.prediction_type"] = plan.sampler.prediction_type
-    meta[LORATOOL_METADATA_KEY] = json.dumps(record, sort_keys=True)
-    return meta
+    return with_record(meta, record)
 
 
 def scheduler_config(plan: FusePlan) -> dict[str, object]:
@@ -132,89 +147,50 @@ def scheduler_config(plan: FusePlan) -> dict[str, object]:
     return cfg
 
 
-def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
-    """Stream the base once and write every planned output."""
+def fuse_patches(plan: FusePlan) -> dict[str, list[Contribution]]:
+    """The plan as the engine's patch list: per patched key, its LoRA modules (in the order the
+    LoRAs were given) then the UNet differences."""
+    patches: dict[str, list[Contribution]] = {}
+    for key in plan.patched_keys():
+        ref = plan.base.ref(key)
+        contribs: list[Contribution] = []
+        for source, mm in plan.patches.get(key, []):
+            rows = None
+            if mm.target.part is not None:
+                i, n = mm.target.part
+                count = ref.shape[0] // n
+                rows = slice(i * count, (i + 1) * count)
+            keys = mm.module.keys
+            up, down = source.max_abs.get(keys.get("up", "")), source.max_abs.get(keys.get("down", ""))
+            bounds = (up, down) if up is not None and down is not None else None
+            contribs.append(LowRank(source.adapter, mm, source.strength, rows, bounds))
+        row = ref.rows[0] if ref.rows else None
+        if row is not None and row.component == "unet" and row.diffusers is not None:
+            contribs.extend(DenseDifference(d.tuned, d.original, row.diffusers, d.strength) for d in plan.diffs)
+        patches[key] = contribs
+    return patches
+
+
+def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: StageHook | None = None) -> FuseResult:
+    """Stream the base once and write every planned output.
+
+    Args:
+        plan: from :func:`~lora_tools.ops.fuse_plan.plan_fuse`.
+        progress: called with the bytes of each tensor once processed.
+        stage_hook: wraps the engine's read/process/write stages (see :func:`lora_tools.engine.stream`).
+    """
     start = time.perf_counter()
     record = provenance_record(plan)
-    patched = plan.patched_keys()
-    order = interleave(plan.base.refs, patched)
+    patches = fuse_patches(plan)
+    order = stream_order(plan.base.refs, patches)
     sinks = _make_sinks(plan, record, order)
-    order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. --save unet reads no VAE
-    stats = {"modules": 0, "tensors": 0}
-    base = plan.base
-
-    buffers = BufferRing()
-    first = sinks[0]
-
-    def read(ref: TensorRef) -> Payload:
-        # The reader thread also reads this tensor's LoRA factors, off the compute thread.
-        ops = patch_ops(plan, ref) if ref.key in patched else None
-        if ref.raw_ok:
-            # Placed in phase with its place in the first output, the writer sends it to the disk
-            # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
-            phase = first.position(ref) or 0
-            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0)
-            return Payload(base.read_raw(ref, into), None, False, ops)
-        return Payload(None, base.read(ref), False, ops)
-
-    def process(ref: TensorRef, payload: Payload) -> Payload:
-        if ref.key not in patched:
-            return payload
-        source = payload.as_tensor(ref)
-        out, applied = patch_tensor(plan, ref, source, torch_dtype(plan.output_dtype(ref.dtype)), payload.ops)
-        stats["modules"] += applied
-        stats["tensors"] += 1
-        if out is source:  # the read buffer now holds the result
-            return Payload(payload.raw, out, True)
-        if payload.raw is not None:
-            buffers.give(payload.raw)
-        return Payload(None, out, True)
-
-    def write(ref: TensorRef, payload: Payload) -> None:
-        for s in sinks:
-            s.add(ref, payload)
-        if payload.raw is not None:
-            buffers.give(payload.raw)
-
-    import torch
-
-    gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
-    try:
-        run_pipeline(order, read=read, process=process, write=write, size=lambda r: r.nbytes,
-                     on_done=(lambda r: progress(r.nbytes)) if progress else None)
-        files = [f for s in sinks for f in s.finalize()]
-    except BaseException:
-        for s in sinks:
-            s.abort()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        gc.unfreeze()
-    return FuseResult(files, stats["modules"], stats["tensors"], time.perf_counter() - start, record)
+    stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
+                   stage_hook=stage_hook)
+    return FuseResult(stats.files, stats.contributions, stats.tensors_patched, time.perf_counter() - start, record)
 
 
-def interleave(refs: list[TensorRef], patched: set[str]) -> list[TensorRef]:
-    """Processing (and output) order: patched and untouched tensors mixed in proportion to
-    their bytes, so the maths and the copying overlap all the way through instead of taking
-    turns (a checkpoint stores its text encoders and VAE, all untouched, in one run)."""
-    hot = [r for r in refs if r.key in patched]
-    cold = [r for r in refs if r.key not in patched]
-    hot_total = sum(r.nbytes for r in hot) or 1
-    cold_total = sum(r.nbytes for r in cold) or 1
-    out: list[TensorRef] = []
-    i = j = hot_done = cold_done = 0
-    while i < len(hot) or j < len(cold):
-        if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
-            out.append(hot[i])
-            hot_done += hot[i].nbytes
-            i += 1
-        else:
-            out.append(cold[j])
-            cold_done += cold[j].nbytes
-            j += 1
-    return out
+#: The engine's stream order (kept under its old name).
+interleave = stream_order
 
 
 def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:  # type: ignore[type-arg]

@@ -12,22 +12,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, TypeVar
 
-from lora_tools.errors import (KeyMismatchError, OutputExistsError, ShapeMismatchError, UnsupportedModelError,
-                               UsageError)
+from lora_tools.errors import (Hint, KeyMismatchError, NonFiniteError, OutputExistsError, ShapeMismatchError,
+                               UnsupportedModelError, UsageError)
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
 from lora_tools.models import ModelSource, open_model
-from lora_tools.presets import (LIGHTNING_REPO, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset,
-                                SamplerSettings, identify_file, lightning_preset)
-from lora_tools.provenance import fused_lightning_steps
+from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
+                                get_preset, identify_file, lightning_preset)
+from lora_tools.provenance import fused_preset
 from lora_tools.safetensors_io import DTYPE_ALIASES, DTYPE_SIZES
 from lora_tools.sources import SafetensorsSource
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SaveKind = Literal["checkpoint", "unet", "diffusers"]
 Method = Literal["lora", "unet"]
@@ -77,7 +78,7 @@ class FusePlan:
     outputs: list[OutputSpec]
     out_dtype: str | None  # None = keep each tensor's dtype
     sampler: SamplerSettings | None
-    lightning_steps: int | None
+    preset: AccelerationPreset | None  # the acceleration preset baked in (given, or recognised among the LoRAs)
     method: Method
     patches: dict[str, list[tuple[LoraSource, MatchedModule]]]
     warnings: list[str] = field(default_factory=list)
@@ -85,6 +86,11 @@ class FusePlan:
     overwrite: bool = False
     hash_base: bool = False
     hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
+
+    @property
+    def lightning_steps(self) -> int | None:
+        """The SDXL-Lightning step count baked in, for old readers (``None`` for other presets)."""
+        return self.preset.steps if self.preset is not None and self.preset.family == "lightning" else None
 
     def sha256_of(self, path: Path) -> str:
         from lora_tools.hub import sha256_file
@@ -123,8 +129,8 @@ class FusePlan:
     def predicted_peak_bytes(self) -> int:
         """Interpreter and torch, the read buffers' ring (reads and writes in flight), the largest
         tensor (whole, plus its output copy when the dtype changes), and the staging buffers."""
-        from lora_tools.ops.buffers import RING_BYTES
-        from lora_tools.ops.streaming import MAX_INFLIGHT_BYTES
+        from lora_tools.engine.buffers import RING_BYTES
+        from lora_tools.engine.pipeline import MAX_INFLIGHT_BYTES
 
         largest = max((r.nbytes for r in self.base.refs), default=0)
         if self.out_dtype is not None:
@@ -142,74 +148,111 @@ class FusePlan:
 
 def plan_fuse(
     base: str | Path,
+    preset: str | AccelerationPreset | None = None,
     *,
-    lightning: int | None = None,
     method: Method = "lora",
     loras: Sequence[tuple[str, float]] = (),
     saves: Sequence[SaveKind] = ("checkpoint",),
     output: str | Path | None = None,
     dtype: str = "keep",
-    lightning_strength: float = 1.0,
+    preset_strength: float | None = None,
+    preset_dir: str | Path | None = None,
     allow_unmatched: bool = False,
     force: bool = False,
     overwrite: bool = False,
     revision: str | None = None,
-    lightning_dir: str | Path | None = None,
     original_unet: str | Path | None = None,
     variant: str | None = None,
     hash_base: bool = False,
+    lightning: int | None = None,
+    lightning_strength: float | None = None,
+    lightning_dir: str | Path | None = None,
 ) -> FusePlan:
-    """Resolve sources and check everything a fuse needs.
+    """Resolve sources and check everything a fuse needs; nothing is written.
 
     Args:
         base: single-file checkpoint, diffusers UNet file or diffusers folder.
-        lightning: SDXL-Lightning step count (1, 2, 4, 8) or ``None``.
-        method: ``lora`` (fuse the Lightning LoRA) or ``unet`` (add the difference between the
-            Lightning UNet and the SDXL base UNet). 1 step always uses ``unet``.
+        preset: the acceleration preset to fuse in (``"lightning-4step"``; see
+            :func:`lora_tools.presets.get_preset`), or ``None``.
+        method: ``lora`` (fuse the preset's LoRA) or ``unet`` (add the difference between the
+            preset's UNet and the SDXL base UNet). A preset without a LoRA (Lightning 1-step)
+            always uses ``unet``.
         loras: extra ``(source, strength)`` pairs: local paths or ``owner/repo/file`` hub references.
         saves: outputs to write: ``checkpoint`` (single file in the base's layout), ``unet``
             (standalone diffusers-layout UNet), ``diffusers`` (pipeline folder).
         output: output path (the checkpoint's, or the only output's); default next to the base.
         dtype: ``keep``, ``fp16``, ``bf16`` or ``fp32`` for float tensors of the outputs.
+        preset_strength: strength of the preset's LoRA or difference (default 1.0); only with ``preset``.
+        preset_dir: a local folder holding the preset's files (instead of the hub).
+        allow_unmatched: skip LoRA modules that have no target instead of failing.
+        force: fuse into a model that already has a preset fused in, or the same LoRA twice.
+        overwrite: replace existing outputs (inputs are never overwritten).
+        revision: hub revision for hub downloads.
+        original_unet: the SDXL base UNet (diffusers layout) for ``method="unet"``.
+        variant: weights variant of a diffusers-folder base (``fp16``).
+        hash_base: record the base's full sha256 even when it is large.
+        lightning: deprecated alias: ``lightning=4`` is ``preset="lightning-4step"``.
+        lightning_strength: deprecated alias of ``preset_strength``.
+        lightning_dir: deprecated alias of ``preset_dir``.
+
+    Returns:
+        `FusePlan`: run it with :func:`lora_tools.ops.fuse.run_fuse`, then ``close()`` it.
+
+    Raises:
+        UsageError: nothing to fuse, conflicting or out-of-range arguments, a preset fused twice.
+        OutputExistsError: an output exists and ``overwrite`` is not set.
+        NonFiniteError: a LoRA holds NaN/Inf.
+        KeyMismatchError, ShapeMismatchError, UnsupportedModelError: the sources do not fit the base.
     """
     from lora_tools.hub import resolve_file, resolve_source
 
-    if lightning is None and not loras:
-        raise UsageError("Nothing to fuse: pass --lightning N and/or --lora SRC.")
+    accel = _preset_argument(preset, lightning)
+    strength = _first(preset_strength, lightning_strength, name="preset_strength")
+    folder = _first(preset_dir, lightning_dir, name="preset_dir")
+    if accel is None and strength is not None:
+        raise UsageError(f"A preset strength ({strength:g}) was given without a preset",
+                         hint=Hint("preset", "to choose the preset it applies to", "NAME"))
+    strength = 1.0 if strength is None else strength
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise UsageError(f"The preset strength {strength:g} is out of range: use a number between "
+                         f"-{MAX_STRENGTH:g} and {MAX_STRENGTH:g}.")
+    if accel is None and not loras:
+        raise UsageError("Nothing to fuse: no acceleration preset and no LoRA",
+                         hint=Hint("preset", "and/or LoRAs", "NAME"))
     if dtype != "keep" and DTYPE_ALIASES.get(dtype) is None:
         raise UsageError(f"Unknown dtype '{dtype}': choose keep, fp16, bf16 or fp32.")
-    preset = lightning_preset(lightning) if lightning is not None else None
-    if preset is not None and preset.lora_file is None and method == "lora":
+    if accel is not None and accel.lora_file is None and method == "lora":
         method = "unet"  # 1 step exists only as a full UNet (x0 prediction)
     model = open_model(base, variant=variant)
     plan_loras: list[LoraSource] = []
     diffs: list[DiffSource] = []
     warnings: list[str] = []
     try:
-        _check_base(model, preset, force, warnings)
+        _check_base(model, accel, force, warnings)
         index = TargetIndex(model.cfg.table)
         sources: list[tuple[Path, float, str, AccelerationPreset | None]] = []
-        if preset is not None and method == "lora":
-            assert preset.lora_file is not None
-            path = _lightning_file(preset.lora_file, lightning_dir, revision, resolve_file)
-            sources.append((path, lightning_strength, preset.name, preset))
-        for src, strength in loras:
+        if accel is not None and method == "lora":
+            assert accel.lora_file is not None
+            path = _preset_file(accel, accel.lora_file, folder, revision, resolve_file)
+            sources.append((path, strength, accel.name, accel))
+        for src, src_strength in loras:
             path = resolve_source(src, revision=revision)
-            sources.append((path, strength, Path(src).name, identify_file(Path(src).name)))
+            sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name)))
         seen: dict[str, str] = {}
         hashes = _hash_in_background([path for path, *_ in sources])
-        for path, strength, label, src_preset in sources:
+        for path, src_strength, label, src_preset in sources:
             _refuse_input_as_output(path, output)
             adapter = load_lora(path)
-            plan_loras.append(_match(adapter, index, model, strength, label, src_preset, allow_unmatched, warnings))
+            plan_loras.append(_match(adapter, index, model, src_strength, label, src_preset, allow_unmatched, warnings))
             resolved = str(path.resolve())
             if resolved in seen and not force:
-                raise UsageError(f"'{path}' is given twice: applying a LoRA twice doubles its effect (pass --force to do it anyway).")
+                raise UsageError(f"'{path}' is given twice: applying a LoRA twice doubles its effect",
+                                 hint=Hint("force", "to do it anyway"))
             seen[resolved] = label
-        if preset is not None and method == "unet":
-            tuned = _lightning_file(preset.unet_file, lightning_dir, revision, resolve_file)
-            original = Path(original_unet) if original_unet else _base_unet(lightning_dir, revision, resolve_file)
-            diffs.append(_diff_source(model, tuned, original, lightning_strength, preset))
+        if accel is not None and method == "unet":
+            tuned = _preset_file(accel, accel.unet_file, folder, revision, resolve_file)
+            original = Path(original_unet) if original_unet else _base_unet(folder, revision, resolve_file)
+            diffs.append(_diff_source(model, tuned, original, strength, accel))
         patches: dict[str, list[tuple[LoraSource, MatchedModule]]] = {}
         for s in plan_loras:
             for mm in s.match.matched:
@@ -217,23 +260,50 @@ def plan_fuse(
         _check_patch_targets(model, patches)
         if model.kind.components == ("unet",) and any(mm.target.component != "unet" for c in patches.values() for _, mm in c):
             raise UnsupportedModelError(f"'{base}' holds only a UNet, but a LoRA also changes text encoders.")
-        if preset is None:
-            preset = _lightning_among(plan_loras)
-            if preset is not None:
-                lightning = preset.steps
-                _check_base(model, preset, force, [])
+        if accel is None:
+            accel = _preset_among(plan_loras)
+            if accel is not None:
+                _check_base(model, accel, force, [])
         out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
-        outputs = _outputs(model, saves, output, preset, plan_loras, method, overwrite, protected)
-        sampler = preset.sampler if preset is not None else None
+        outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
+        sampler = accel.sampler if accel is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
-        return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, lightning, method, patches,
+        return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
                         warnings, unmatched, overwrite, hash_base, hashes)
     except BaseException:
         model.close()
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def _preset_argument(preset: str | AccelerationPreset | None, lightning: int | None) -> AccelerationPreset | None:
+    """The preset asked for: by name, as a preset, or through the deprecated ``lightning=N``."""
+    chosen = preset if isinstance(preset, AccelerationPreset) or preset is None else get_preset(preset)
+    if lightning is not None:
+        warn_deprecated("lightning", f'preset="lightning-{lightning}step"')
+        by_steps = lightning_preset(lightning)
+        if chosen is not None and chosen.name != by_steps.name:
+            raise UsageError(f"Two presets given: '{chosen.name}' and Lightning {lightning}-step; choose one.")
+        chosen = by_steps
+    return chosen
+
+
+def _first(value: T | None, alias: T | None, *, name: str) -> T | None:
+    """A parameter and its deprecated alias (``lightning_*``); both given must agree."""
+    if alias is None:
+        return value
+    warn_deprecated(name.replace("preset_", "lightning_"), name)
+    if value is not None and value != alias:
+        raise UsageError(f"'{name}' is given twice, with different values ({value} and {alias}).")
+    return alias
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"plan_fuse({old}=...) is deprecated: use {new}.", DeprecationWarning, stacklevel=4)
 
 
 def _hash_in_background(paths: list[Path]) -> dict[Path, "Future[str]"]:
@@ -248,11 +318,11 @@ def _hash_in_background(paths: list[Path]) -> dict[Path, "Future[str]"]:
     return futures
 
 
-def _lightning_among(loras: list[LoraSource]) -> AccelerationPreset | None:
-    """A Lightning LoRA passed with --lora (recognised by name or sha256) sets the sampler too."""
-    found = {s.preset.name: s.preset for s in loras if s.preset is not None and s.preset.family == "lightning"}
+def _preset_among(loras: list[LoraSource]) -> AccelerationPreset | None:
+    """An acceleration LoRA passed with the other LoRAs (recognised by name or sha256) sets the sampler too."""
+    found = {s.preset.name: s.preset for s in loras if s.preset is not None}
     if len(found) > 1:
-        raise UsageError(f"Several Lightning LoRAs given ({', '.join(sorted(found))}): a model is distilled for one step count.")
+        raise UsageError(f"Several acceleration LoRAs given ({', '.join(sorted(found))}): a model is distilled for one sampler.")
     return next(iter(found.values()), None)
 
 
@@ -268,19 +338,29 @@ def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bo
     if kind.prediction != "epsilon":
         warnings.append(f"'{model.path}' is a {kind.prediction} model (markers: {', '.join(kind.markers)}); "
                         "Lightning was distilled for epsilon-prediction SDXL and will likely misbehave.")
-    done = fused_lightning_steps(model.metadata)
+    done = fused_preset(model.metadata)
     if preset is not None and done is not None and not force:
-        raise UsageError(f"'{model.path}' already has Lightning {done}-step fused into it by lora_tools; fusing again "
-                         "gives black images. Use the original base, or pass --force.")
+        raise UsageError(f"'{model.path}' already has {preset_title(done)} fused into it by lora_tools; fusing again "
+                         "gives black images. Use the original base", hint=Hint("force", "to fuse anyway"))
 
 
-def _lightning_file(filename: str, folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
+def preset_title(name: str) -> str:
+    """How people name a preset: ``Lightning 4-step`` for ``lightning-4step``, else the name."""
+    import re
+
+    m = re.fullmatch(r"lightning-(\d+)step", name)
+    return f"Lightning {m.group(1)}-step" if m else name
+
+
+def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path | None, revision: str | None,
+                 resolve_file) -> Path:  # type: ignore[no-untyped-def]
     if folder is not None:
         path = Path(folder) / filename
         if not path.exists():
-            raise UsageError(f"'{path}' does not exist: --lightning-dir must hold the ByteDance/SDXL-Lightning file '{filename}'.")
+            raise UsageError(f"'{path}' does not exist: the preset folder must hold the {preset.repo_id} file '{filename}'",
+                             hint=Hint("preset_dir", "naming a folder that holds it", "DIR"))
         return path
-    return resolve_file(LIGHTNING_REPO, filename, revision=revision, pass_with="--lora PATH (or --lightning-dir DIR)")
+    return resolve_file(preset.repo_id, filename, revision=revision)  # the hint: pass the downloaded file as a LoRA
 
 
 def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
@@ -289,7 +369,7 @@ def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) ->
                      "diffusion_pytorch_model.safetensors"):
             if (Path(folder) / name).exists():
                 return Path(folder) / name
-    return resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, pass_with="--original-unet PATH")
+    return resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, hint=Hint("original_unet", "with the downloaded file", "PATH"))
 
 
 def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strength: float, label: str,
@@ -305,7 +385,8 @@ def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strengt
     if m.unmatched:
         if not allow_unmatched:
             adapter.close()
-            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))} Pass --allow-unmatched to skip them.")
+            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}",
+                                   hint=Hint("allow_unmatched", "to skip them"))
         warnings.append(f"skipping {len(m.unmatched)} unmatched modules of '{adapter.path}'")
     absent = {mm.target.component for mm in m.matched} - set(model.kind.components)
     if absent:
@@ -331,10 +412,10 @@ def _check_finite(adapter: LoraAdapter) -> dict[str, float]:
                 continue
             lo, hi = (v.item() for v in torch.aminmax(t))
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ShapeMismatchError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
+                raise NonFiniteError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
             max_abs[key] = max(-lo, hi)
         if mod.alpha is not None and not math.isfinite(mod.alpha):
-            raise ShapeMismatchError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")
+            raise NonFiniteError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")
     return max_abs
 
 
@@ -364,7 +445,7 @@ def _diff_source(model: ModelSource, tuned: Path, original: Path, strength: floa
 def default_stem(base: Path, preset: AccelerationPreset | None, loras: list[LoraSource], method: Method) -> str:
     stem = base.name if base.is_dir() else base.stem
     if preset is not None:
-        stem += f"-lightning-{preset.steps}step"
+        stem += f"-{preset.name}"  # Lightning: -lightning-4step
         if method == "unet" and preset.lora_file is not None:
             stem += "-unetdiff"
     extra = [s for s in loras if s.preset is None]
@@ -380,9 +461,9 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
     kinds = list(dict.fromkeys(saves or ("checkpoint",)))
     for k in kinds:
         if k not in SAVE_KINDS:
-            raise UsageError(f"Unknown --save '{k}': choose checkpoint, unet or diffusers.")
+            raise UsageError(f"Unknown output kind '{k}' in saves: choose checkpoint, unet or diffusers.")
     if "diffusers" in kinds and set(model.kind.components) != {"unet", "te1", "te2", "vae"}:
-        raise UsageError(f"--save diffusers needs a full model, '{model.path}' holds only {', '.join(model.kind.components)}.")
+        raise UsageError(f"A diffusers folder output needs a full model, '{model.path}' holds only {', '.join(model.kind.components)}.")
     if output is not None:
         out = Path(output)
         folder, stem = out.parent, (out.name if kinds == ["diffusers"] else out.stem)
@@ -402,7 +483,7 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
         if s.path.resolve() in inputs or any(_inside(p, s.path) for p in inputs):
             raise UsageError(f"Refusing to write '{s.path}': it is one of the inputs.")
         if s.path.exists() and not overwrite:
-            raise OutputExistsError(f"'{s.path}' already exists: pass --overwrite to replace it, or -o to choose another name.")
+            raise OutputExistsError(f"'{s.path}' already exists", hint=Hint("overwrite", "to replace it, or choose another output name"))
     return specs
 
 

@@ -1,0 +1,165 @@
+"""What a tensor receives: contributions that the engine turns into row-block operations.
+
+A contribution knows how to add itself to one fp32 tensor, in row blocks (the fast path: the
+block stays in the CPU cache) or whole (when its maths spans the whole weight, like DoRA's
+norms), and how large its change can be (which lets the engine skip the overflow scan). The
+engine knows nothing else about it: LoRA factors, a difference of two models, or anything that
+implements :class:`Contribution`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+from lora_tools.lora import delta as d
+from lora_tools.lora.resolve import module_delta
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_tools.lora.model import AdapterModule, LoraAdapter
+    from lora_tools.lora.resolve import MatchedModule
+    from lora_tools.sources import TensorSource
+
+#: ``op(block, r0, r1)`` adds a contribution to the fp32 rows ``[r0, r1)`` held in ``block``.
+BlockOp = Callable[["torch.Tensor", int, int], None]
+
+
+@runtime_checkable
+class Contribution(Protocol):
+    """Anything that changes one base tensor, viewed as a 2-D ``(rows, cols)`` fp32 matrix."""
+
+    def block_op(self, shape: tuple[int, int]) -> BlockOp | None:
+        """The row-block operation (its inputs read now), or ``None`` when only :meth:`apply_whole` works."""
+
+    def apply_whole(self, weight: "torch.Tensor") -> None:
+        """Add the contribution to the whole fp32 tensor ``weight`` (in the base's shape), in place."""
+
+    def delta_bound(self) -> float | None:
+        """An upper bound of ``|change|`` for every element, or ``None`` when unknown."""
+
+
+def read_factor(module: "AdapterModule", adapter: "LoraAdapter", role: str) -> "torch.Tensor":
+    """The one place the engine reads a LoRA factor (``up``, ``down``, ``dora_scale``...)."""
+    return adapter.source.tensor(module.keys[role])
+
+
+def dense_delta(adapter: "LoraAdapter", match: "MatchedModule") -> "torch.Tensor":
+    """The one place the engine builds a module's dense delta (fp32, alpha/rank applied)."""
+    return module_delta(adapter, match)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``W[rows] += scale * delta`` for one LoRA module (its delta includes alpha/rank).
+
+    Args:
+        adapter: the LoRA the module belongs to (its factors are read through :func:`read_factor`).
+        match: the module and the base target it changes.
+        scale: the multiplier of the module's delta (the LoRA's strength).
+        rows: the rows of the base tensor it changes (one part of a fused qkv weight), or ``None`` for all.
+        max_abs: ``(max|up|, max|down|)`` measured beforehand, which bounds the change; ``None`` when unknown.
+    """
+
+    adapter: "LoraAdapter"
+    match: "MatchedModule"
+    scale: float
+    rows: slice | None = None
+    max_abs: tuple[float, float] | None = None
+
+    @property
+    def module(self) -> "AdapterModule":
+        return self.match.module
+
+    def _plain(self) -> bool:
+        m = self.module
+        return m.kind == "lora" and "mid" not in m.keys and not m.is_dora
+
+    def _span(self, rows: int) -> tuple[int, int]:
+        if self.rows is None:
+            return 0, rows
+        first, stop, _ = self.rows.indices(rows)
+        return first, stop - first
+
+    def block_op(self, shape: tuple[int, int]) -> BlockOp | None:
+        import torch
+
+        if self.module.is_dora:
+            return None
+        first, count = self._span(shape[0])
+        if self._plain():
+            up = read_factor(self.module, self.adapter, "up").to(torch.float32).flatten(1)
+            down = read_factor(self.module, self.adapter, "down").to(torch.float32).flatten(1)
+            alpha = self.scale * d.module_scale(self.module.alpha, self.module.rank)
+
+            def add_lora(block: "torch.Tensor", r0: int, r1: int) -> None:
+                a, b = max(r0, first), min(r1, first + count)
+                if a < b:
+                    block[a - r0:b - r0].addmm_(up[a - first:b - first], down, alpha=alpha)
+            return add_lora
+        dense = dense_delta(self.adapter, self.match).reshape(count, -1)
+        strength = self.scale
+
+        def add_dense(block: "torch.Tensor", r0: int, r1: int) -> None:
+            a, b = max(r0, first), min(r1, first + count)
+            if a < b:
+                block[a - r0:b - r0].add_(dense[a - first:b - first], alpha=strength)
+        return add_dense
+
+    def apply_whole(self, weight: "torch.Tensor") -> None:
+        import torch
+
+        view = weight if self.rows is None else weight[self.rows]
+        delta = dense_delta(self.adapter, self.match).reshape(view.shape)
+        if self.module.is_dora:
+            scale = read_factor(self.module, self.adapter, "dora_scale").to(torch.float32)
+            view.copy_(d.dora_apply(view, delta, scale.reshape(-1), strength=self.scale, axis=self.module.dora_axis))
+        else:
+            view.add_(delta, alpha=self.scale)
+
+    def delta_bound(self) -> float | None:
+        """``|scale * alpha/rank * up @ down| <= |scale * alpha/rank| * rank * max|up| * max|down|``."""
+        if not self._plain() or self.max_abs is None:
+            return None
+        m = self.module
+        up, down = self.max_abs
+        return abs(self.scale * d.module_scale(m.alpha, m.rank)) * m.rank * up * down
+
+
+@dataclass(frozen=True)
+class DenseDifference:
+    """``W += scale * (tuned[key] - original[key])``: add-difference of two models' tensors.
+
+    Args:
+        tuned: the reader holding the tuned tensor.
+        original: the reader holding the tensor it was tuned from.
+        key: the tensor's name in both readers (same number of elements as the base tensor).
+        scale: the multiplier of the difference.
+    """
+
+    tuned: "TensorSource"
+    original: "TensorSource"
+    key: str
+    scale: float
+
+    def block_op(self, shape: tuple[int, int]) -> BlockOp:
+        import torch
+
+        t = self.tuned.tensor(self.key).reshape(shape[0], -1)
+        o = self.original.tensor(self.key).reshape(shape[0], -1)
+        s = self.scale
+
+        def add_diff(block: "torch.Tensor", r0: int, r1: int) -> None:
+            block.add_(t[r0:r1].to(torch.float32) - o[r0:r1].to(torch.float32), alpha=s)
+        return add_diff
+
+    def apply_whole(self, weight: "torch.Tensor") -> None:
+        flat = weight.view(weight.shape[0], -1)
+        self.block_op((flat.shape[0], flat.shape[1]))(flat, 0, flat.shape[0])
+
+    def delta_bound(self) -> float | None:
+        return None
+
+
+__all__ = ["BlockOp", "Contribution", "LowRank", "DenseDifference", "read_factor", "dense_delta"]

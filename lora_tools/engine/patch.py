@@ -1,0 +1,136 @@
+"""Patch one base tensor: ``W + sum(contributions)`` in fp32, rounded once.
+
+The fast path works in row blocks that stay in the CPU cache: each block is upcast to fp32,
+every contribution adds into it (a LoRA: one small GEMM ``up[rows] @ down``, no dense delta), it
+is checked for NaN/Inf/overflow (unless the contributions' bounds rule that out), and rounded
+into the output buffer. Memory traffic is one read and one write of the tensor, whatever the
+number of contributions. A contribution without a row-block form (DoRA needs whole-tensor
+norms) sends the tensor down the plain path: the whole tensor in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from lora_tools.engine.contributions import BlockOp, Contribution
+from lora_tools.errors import NonFiniteError
+
+if TYPE_CHECKING:
+    import torch
+
+#: fp32 elements per row block (1 MiB: fits the L2 cache with room for the factors).
+BLOCK_ELEMS = 256 * 1024
+
+#: Largest |delta| that cannot take a finite weight of each dtype out of range once rounded
+#: (fp16: half the spacing at its maximum of 65504 is 16; the others have room to spare).
+_SAFE_DELTA = {"float16": 8.0, "bfloat16": 1e30, "float32": 1e30, "float64": 1e30}
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """A tensor's shape as ``(rows, cols)``: the first dimension, and the product of the others."""
+    cols = 1
+    for dim in shape[1:]:
+        cols *= dim
+    return int(shape[0]), cols
+
+
+def block_ops(contributions: Sequence[Contribution], shape: Sequence[int]) -> list[BlockOp] | None:
+    """The row-block operations of ``contributions`` for a tensor of ``shape`` (their inputs read
+    now, in fp32), or ``None`` when one of them needs the whole-tensor path."""
+    ops: list[BlockOp] = []
+    rc = matrix_shape(shape)
+    for c in contributions:
+        op = c.block_op(rc)
+        if op is None:
+            return None
+        ops.append(op)
+    return ops
+
+
+def needs_check(contributions: Sequence[Contribution], base_dtype: "torch.dtype", out_dtype: "torch.dtype") -> bool:
+    """Whether the result must be scanned for NaN/Inf/overflow.
+
+    Not when the base is already in the output dtype and the contributions' bounds (each one's
+    largest possible change of an element) add up to less than what could push a finite weight
+    out of range once rounded.
+    """
+    safe = _SAFE_DELTA.get(str(out_dtype).replace("torch.", ""))
+    if safe is None or base_dtype != out_dtype:
+        return True
+    total = 0.0
+    for c in contributions:
+        bound = c.delta_bound()
+        if bound is None:
+            return True
+        total += bound
+    return not total < safe
+
+
+def patch_tensor(key: str, contributions: Sequence[Contribution], base: "torch.Tensor", out_dtype: "torch.dtype",
+                 ops: list[BlockOp] | None = None, *, check: bool | None = None) -> tuple["torch.Tensor", int]:
+    """The patched tensor in ``out_dtype`` and the number of contributions applied.
+
+    Args:
+        key: the tensor's name (for errors).
+        contributions: what to add, in order.
+        base: the base tensor.
+        out_dtype: the result's dtype.
+        ops: from :func:`block_ops` (computed here when not given).
+        check: scan the result for NaN/Inf/overflow; ``None`` applies :func:`needs_check`.
+
+    When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
+    block is read before it is overwritten), so no second buffer is needed.
+
+    Raises:
+        NonFiniteError: the result holds NaN/Inf or values beyond the range of ``out_dtype``.
+    """
+    import torch
+
+    if ops is None:
+        ops = block_ops(contributions, base.shape)
+        if ops is None:
+            return _patch_whole(key, contributions, base, out_dtype)
+    if check is None:
+        check = needs_check(contributions, base.dtype, out_dtype)
+    rows = base.shape[0]
+    src = base.reshape(rows, -1)
+    out = base if base.dtype == out_dtype and base.is_contiguous() else torch.empty(base.shape, dtype=out_dtype)
+    dst = out.view(rows, -1)
+    step = max(1, BLOCK_ELEMS // src.shape[1])
+    buf = torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
+    limit = torch.finfo(out_dtype).max
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = buf[: r1 - r0]
+        block.copy_(src[r0:r1])
+        for op in ops:
+            op(block, r0, r1)
+        if check:
+            _check(block, key, limit, out_dtype)
+        dst[r0:r1].copy_(block)
+    return out, len(ops)
+
+
+def _check(block: "torch.Tensor", key: str, limit: float, out_dtype: "torch.dtype") -> None:
+    import torch
+
+    lo, hi = torch.aminmax(block)
+    lo_v, hi_v = lo.item(), hi.item()
+    if not (-limit <= lo_v and hi_v <= limit):  # also false for NaN
+        raise NonFiniteError(f"Fusing produced NaN/Inf or values beyond the range of {str(out_dtype).replace('torch.', '')} "
+                             f"in '{key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
+
+
+def _patch_whole(key: str, contributions: Sequence[Contribution], base: "torch.Tensor",
+                 out_dtype: "torch.dtype") -> tuple["torch.Tensor", int]:
+    """Whole-tensor fp32 path (DoRA's norms span the whole weight); always scanned."""
+    import torch
+
+    w = base.to(torch.float32, copy=True)
+    for c in contributions:
+        c.apply_whole(w)
+    _check(w, key, torch.finfo(out_dtype).max, out_dtype)
+    return w.to(out_dtype), len(contributions)
+
+
+__all__ = ["BLOCK_ELEMS", "block_ops", "needs_check", "patch_tensor", "matrix_shape"]

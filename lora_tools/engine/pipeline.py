@@ -1,0 +1,73 @@
+"""Overlap reading, maths and writing, with a bounded number of bytes in flight.
+
+One thread reads ahead (plain positional reads release the GIL), the calling thread computes
+(torch releases the GIL and uses its own threads), one thread writes in order. Memory stays at
+the read-ahead and write-behind budgets plus the tensor being computed, whatever the model size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+W = TypeVar("W")
+
+#: Bytes read ahead, and bytes waiting to be written, at most (each).
+MAX_INFLIGHT_BYTES = 96 << 20
+
+
+def run_pipeline(
+    items: Sequence[T],
+    *,
+    read: Callable[[T], R],
+    process: Callable[[T, R], W],
+    write: Callable[[T, W], None],
+    size: Callable[[T], int],
+    on_done: Callable[[T], None] | None = None,
+    budget: int = MAX_INFLIGHT_BYTES,
+) -> None:
+    """``write(item, process(item, read(item)))`` for every item, in order, overlapped."""
+    reads: deque[tuple[T, Future[R]]] = deque()
+    writes: deque[tuple[int, Future[None]]] = deque()
+    pending_read = pending_write = 0
+    source: Iterable[T] = iter(items)
+    exhausted = False
+    with ThreadPoolExecutor(1, thread_name_prefix="loratool-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="loratool-write") as writer:
+        try:
+            while True:
+                while not exhausted and (not reads or pending_read < budget):
+                    nxt = next(source, None)  # type: ignore[call-overload]
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    reads.append((nxt, reader.submit(read, nxt)))
+                    pending_read += size(nxt)
+                if not reads:
+                    break
+                item, fut = reads.popleft()
+                data = fut.result()
+                pending_read -= size(item)
+                result = process(item, data)
+                del data
+                n = size(item)
+                writes.append((n, writer.submit(write, item, result)))
+                del result
+                pending_write += n
+                while writes and (pending_write > budget or writes[0][1].done()):
+                    done_n, wf = writes.popleft()
+                    wf.result()
+                    pending_write -= done_n
+                if on_done is not None:
+                    on_done(item)
+            while writes:
+                writes.popleft()[1].result()
+        except BaseException:
+            for _, f in reads:
+                f.cancel()
+            for _, f in writes:
+                f.cancel()
+            raise

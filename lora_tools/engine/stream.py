@@ -1,0 +1,235 @@
+"""Stream a model once into any set of sinks, patching the tensors that receive contributions.
+
+One thread reads ahead into a page-aligned ring (each tensor in phase with its place in the
+first sink's file, so the O_DIRECT writer sends it from there uncopied), the calling thread
+patches in fp32 row blocks, one thread hands every tensor to every sink, in order.
+:func:`stream_pairs` reads two models side by side, a few tensors in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence, Union
+
+from lora_tools.engine import pipeline
+from lora_tools.engine.buffers import BufferRing
+from lora_tools.engine.contributions import Contribution
+from lora_tools.engine.patch import block_ops, patch_tensor
+from lora_tools.models import ModelSource, TensorRef
+from lora_tools.ops.outputs import Payload, WrittenFile
+from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_tools.sources import TensorSource
+
+Progress = Callable[[int], None]
+#: ``hook(stage, fn) -> fn``: wraps the ``read``, ``process`` and ``write`` stages (profilers).
+StageHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+
+class Sink(Protocol):
+    """Where streamed tensors go (a checkpoint file, a component file, a diffusers folder...)."""
+
+    def wants(self, ref: TensorRef) -> bool:
+        """Whether this sink stores the tensor."""
+
+    def position(self, ref: TensorRef) -> int | None:
+        """The tensor's byte offset in the sink's file, when it is written as it is read."""
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        """Store one tensor (called in stream order, from the writer thread)."""
+
+    def finalize(self) -> list[WrittenFile]:
+        """Finish writing; the files written."""
+
+    def abort(self) -> None:
+        """Remove whatever was written."""
+
+
+@dataclass
+class StreamStats:
+    """What a :func:`stream` did: the files the sinks wrote, the contributions applied, the tensors
+    patched (and streamed), and the seconds it took."""
+
+    files: list[WrittenFile]
+    contributions: int  # contributions applied
+    tensors_patched: int
+    seconds: float
+    tensors: int = 0  # tensors streamed
+
+
+def stream_order(refs: Sequence[TensorRef], patched: Iterable[str]) -> list[TensorRef]:
+    """Processing (and output) order: patched and untouched tensors mixed in proportion to
+    their bytes, so the maths and the copying overlap all the way through instead of taking
+    turns (a checkpoint stores its text encoders and VAE, all untouched, in one run)."""
+    patched = set(patched)
+    hot = [r for r in refs if r.key in patched]
+    cold = [r for r in refs if r.key not in patched]
+    hot_total = sum(r.nbytes for r in hot) or 1
+    cold_total = sum(r.nbytes for r in cold) or 1
+    out: list[TensorRef] = []
+    i = j = hot_done = cold_done = 0
+    while i < len(hot) or j < len(cold):
+        if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
+            out.append(hot[i])
+            hot_done += hot[i].nbytes
+            i += 1
+        else:
+            out.append(cold[j])
+            cold_done += cold[j].nbytes
+            j += 1
+    return out
+
+
+def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], sinks: Sequence[Sink], *,
+           out_dtype: Callable[[str], str], order: Sequence[TensorRef] | None = None,
+           progress: Progress | None = None, check_overflow: Literal["auto", "always"] = "auto",
+           stage_hook: StageHook | None = None) -> StreamStats:
+    """Stream ``model`` once into ``sinks``, adding ``patches[key]`` to each listed tensor.
+
+    Args:
+        model: the model read.
+        patches: per tensor key, the contributions to add in order (a key with an empty list is
+            still patched: upcast, scanned when needed, rounded to its output dtype).
+        sinks: where every tensor goes; finalized at the end, aborted on any error.
+        out_dtype: safetensors dtype of a tensor (``"F16"``) -> the dtype its patched result takes.
+        order: the tensors in stream order, as the sinks were built for (default:
+            :func:`stream_order`); tensors no sink wants are not read.
+        progress: called with each tensor's bytes once it is processed.
+        check_overflow: ``"auto"`` scans results for NaN/Inf/overflow unless the contributions'
+            bounds rule it out; ``"always"`` scans every patched tensor.
+        stage_hook: wraps each pipeline stage (``"read"``, ``"process"``, ``"write"``), e.g. to time it.
+
+    Returns:
+        :class:`StreamStats` with the files the sinks wrote.
+
+    Raises:
+        NonFiniteError: a patched tensor holds NaN/Inf or overflows its output dtype (nothing is left behind).
+    """
+    import torch
+
+    start = time.perf_counter()
+    if order is None:
+        order = stream_order(model.refs, patches)
+    order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. a UNet-only output reads no VAE
+    stats = {"contributions": 0, "tensors": 0}
+    buffers = BufferRing()
+    first = sinks[0] if sinks else None
+
+    def read(ref: TensorRef) -> Payload:
+        # The reader thread also reads this tensor's contributions' inputs, off the compute thread.
+        contribs = patches.get(ref.key)
+        ops = block_ops(contribs, ref.shape) if contribs is not None else None
+        if ref.raw_ok:
+            # Placed in phase with its place in the first output, the writer sends it to the disk
+            # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
+            phase = (first.position(ref) if first is not None else None) or 0
+            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0)
+            return Payload(model.read_raw(ref, into), None, False, ops)
+        return Payload(None, model.read(ref), False, ops)
+
+    def process(ref: TensorRef, payload: Payload) -> Payload:
+        contribs = patches.get(ref.key)
+        if contribs is None:
+            return payload
+        source = payload.as_tensor(ref)
+        target = torch_dtype(out_dtype(ref.dtype))
+        check = True if check_overflow == "always" else None
+        out, applied = patch_tensor(ref.key, contribs, source, target, payload.ops, check=check)
+        stats["contributions"] += applied
+        stats["tensors"] += 1
+        if out is source:  # the read buffer now holds the result
+            return Payload(payload.raw, out, True)
+        if payload.raw is not None:
+            buffers.give(payload.raw)
+        return Payload(None, out, True)
+
+    def write(ref: TensorRef, payload: Payload) -> None:
+        for s in sinks:
+            s.add(ref, payload)
+        if payload.raw is not None:
+            buffers.give(payload.raw)
+
+    stages: dict[str, Callable[..., Any]] = {"read": read, "process": process, "write": write}
+    if stage_hook is not None:
+        stages = {name: stage_hook(name, fn) for name, fn in stages.items()}
+    gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
+    try:
+        pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
+                              size=lambda r: r.nbytes, on_done=(lambda r: progress(r.nbytes)) if progress else None,
+                              budget=pipeline.MAX_INFLIGHT_BYTES)
+        files = [f for s in sinks for f in s.finalize()]
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        gc.unfreeze()
+    return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
+
+
+PairSource = Union[ModelSource, "TensorSource"]
+PairKey = Union[str, tuple[str, str]]
+
+
+def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],
+                 consume: Callable[[str, "torch.Tensor", "torch.Tensor"], None], *,
+                 progress: Progress | None = None, budget: int | None = None) -> int:
+    """Read two models side by side and hand each pair of tensors to ``consume``, in order.
+
+    One thread reads ahead (both tensors of a key), ``consume(key, tensor_a, tensor_b)`` runs on
+    the calling thread; at most ``budget`` bytes are read ahead, so memory holds a few tensors
+    whatever the models' size (extract: tuned minus original, module by module).
+
+    Args:
+        a: the first model (a :class:`~lora_tools.models.ModelSource` or any tensor reader).
+        b: the second model.
+        keys: a key present in both, or a ``(key_in_a, key_in_b)`` pair; ``consume`` gets the first.
+        consume: called once per key, in order, with the two tensors (each owning its memory).
+        progress: called with the bytes of both tensors once consumed.
+        budget: bytes read ahead at most (default: the pipeline's budget).
+
+    Returns:
+        The number of pairs consumed.
+    """
+    read_a, size_a = _reader(a)
+    read_b, size_b = _reader(b)
+    items = [(k, k) if isinstance(k, str) else (k[0], k[1]) for k in keys]
+
+    def size(item: tuple[str, str]) -> int:
+        return size_a(item[0]) + size_b(item[1])
+
+    def read(item: tuple[str, str]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        return read_a(item[0]), read_b(item[1])
+
+    def process(item: tuple[str, str], pair: tuple["torch.Tensor", "torch.Tensor"]) -> None:
+        consume(item[0], pair[0], pair[1])
+
+    pipeline.run_pipeline(items, read=read, process=process, write=lambda item, _: None, size=size,
+                          on_done=(lambda item: progress(size(item))) if progress else None,
+                          budget=budget if budget is not None else pipeline.MAX_INFLIGHT_BYTES)
+    return len(items)
+
+
+def _reader(src: PairSource) -> tuple[Callable[[str], "torch.Tensor"], Callable[[str], int]]:
+    if isinstance(src, ModelSource):
+        return (lambda k: src.read(src.ref(k))), (lambda k: src.ref(k).nbytes)
+
+    def nbytes(k: str) -> int:
+        meta = src.meta(k)
+        n = DTYPE_SIZES.get(meta.dtype, 4)
+        for dim in meta.shape:
+            n *= dim
+        return n
+    return src.tensor, nbytes
+
+
+__all__ = ["Sink", "StreamStats", "StageHook", "stream", "stream_order", "stream_pairs"]
