@@ -107,6 +107,27 @@ def test_rescale_delta_is_strength_times_delta(assets: FuseAssets) -> None:
     assert_deltas_close(after, {k: (v if k[0] == "unet" else -2.0 * v) for k, v in before.items()})
 
 
+def test_rescale_per_block_is_the_block_weight_times_delta(assets: FuseAssets, tmp_path: Path) -> None:
+    from lora_tools.layouts.blocks import block_of, parse_block_weights
+
+    bw = parse_block_weights("IN04-IN08:0.5,OUT*:0")
+    with load_lora(assets.lightning_lora) as a:
+        before = deltas(a)
+        out, report = rescale_lora(a, 0.8, blocks=bw)
+        after = deltas(out)
+    ref = {}
+    for (comp, key, part), d in before.items():
+        w = 0.8 * bw.weight(block_of(comp, key))
+        if w != 0:
+            ref[(comp, key, part)] = w * d
+    assert report.dropped > 0 and report.dropped == len(before) - len(ref)
+    assert_deltas_close(after, ref, rtol=1e-3)  # the fp16 up factors are scaled in fp32 and stored in fp16 again
+    run_fails(tmp_path, "rescale", assets.lightning_lora, "--strength", "1", "--blocks", "IN99:0",
+              "-o", tmp_path / "x.safetensors", names="IN99")
+    run_fails(tmp_path, "rescale", assets.style, "--strength", "1", "--blocks", "IN00-IN02:0.5",
+              "-o", tmp_path / "x.safetensors", names="matches no module")
+
+
 def test_rescale_cli_fuses_like_the_input_at_that_strength(assets: FuseAssets, tmp_path: Path) -> None:
     tensors, md_in = load_tensors(assets.style), read_header(assets.style).metadata
     src = save_tensors(tmp_path / "style.safetensors", tensors, {**md_in, **KOHYA_META})
