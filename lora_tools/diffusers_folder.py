@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
+from lora_tools.errors import InvalidFileError
+from lora_tools.layouts.components import COMPONENTS
 from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component
 
@@ -84,3 +87,92 @@ def _bytes_to_unicode() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for c in cs]
+
+
+_STEMS = ("diffusion_pytorch_model", "model")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def component_weight_files(root: Path, component: Component, *, variant: str | None = None,
+                           allow_bin: bool = False) -> list[Path]:
+    """The weight files of one component of a diffusers folder: THE discovery rule.
+
+    In ``root / <component folder>``, weights are ``<stem>[.<variant>].safetensors``, or shards
+    listed by ``<stem>.safetensors.index[.<variant>].json`` (diffusers' spelling; the older
+    ``<stem>[.<variant>].safetensors.index.json`` is read too), or shards
+    ``<stem>[.<variant>]-0000k-of-0000n.safetensors`` without an index. ``<stem>`` is the
+    component's (``diffusion_pytorch_model`` or ``model``), then the other one. With
+    ``allow_bin``, pickled ``.bin`` weights are found when no safetensors weights are.
+
+    Args:
+        root (`Path`): the pipeline folder (holding ``model_index.json``).
+        component (`str`): ``unet``, ``te1``, ``te2`` or ``vae``.
+        variant (`str`, *optional*): only this variant (``fp16``). Defaults to ``None``: the
+            files without a variant, else ``fp16``, else the first other variant by name.
+        allow_bin (`bool`, *optional*, defaults to `False`): also look for ``.bin`` weights.
+
+    Returns:
+        `list[Path]`: the files, shards in order; ``[]`` when the folder holds no weights at all.
+
+    Raises:
+        [`InvalidFileError`]: ``variant`` was asked for and the folder has weights, but not in that
+            variant (the message lists the variants it has); an unreadable shard index.
+    """
+    folder = root / COMPONENTS[component].diffusers_folder
+    if not folder.is_dir():
+        return []
+    stems = (COMPONENTS[component].weights_stem,) + tuple(s for s in _STEMS if s != COMPONENTS[component].weights_stem)
+    for suffix in (".safetensors",) + ((".bin",) if allow_bin else ()):
+        for stem in stems:
+            found = _variants(folder, stem, suffix)
+            if not found:
+                continue
+            if variant is not None:
+                if variant in found:
+                    return found[variant]
+                have = ", ".join("no variant" if v == "" else v for v in sorted(found))
+                raise InvalidFileError(f"'{folder}' has no '{variant}' variant of its weights (it has: {have}).")
+            for preferred in ("", "fp16"):
+                if preferred in found:
+                    return found[preferred]
+            return found[sorted(found)[0]]
+    return []
+
+
+def _variants(folder: Path, stem: str, suffix: str) -> dict[str, list[Path]]:
+    """variant ('' for none) -> weight files of one stem and suffix."""
+    found: dict[str, list[Path]] = {}
+    loose: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        name = f.name
+        if not name.startswith(stem):
+            continue
+        rest = name[len(stem):]
+        index = re.fullmatch(re.escape(suffix) + r"\.index(?:\.([^.]+))?\.json", rest) or \
+            re.fullmatch(r"(?:\.([^.]+))?" + re.escape(suffix) + r"\.index\.json", rest)
+        if index:
+            found[index.group(1) or ""] = _index_files(f, folder)
+            continue
+        if not rest.endswith(suffix):
+            continue
+        body = rest[: -len(suffix)]
+        shard = _SHARD.search(body)
+        if shard:
+            body = body[: shard.start()]
+        if body and not re.fullmatch(r"\.[^.]+", body):
+            continue
+        (loose if shard else found).setdefault(body[1:], []).append(f)
+    for v, files in loose.items():
+        found.setdefault(v, files)
+    return found
+
+
+def _index_files(index: Path, folder: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidFileError(f"'{index}' is not a valid sharded-weights index ({e!r}).") from e
+    if not all(isinstance(n, str) and "/" not in n and "\\" not in n and n not in ("", ".", "..") for n in names):
+        raise InvalidFileError(f"'{index}' names a shard outside its folder.")
+    return [folder / n for n in names]

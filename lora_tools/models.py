@@ -8,12 +8,12 @@ and one tensor at a time (raw bytes where the layouts agree byte for byte).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tools.diffusers_folder import component_weight_files
 from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, UnsupportedModelError
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
@@ -154,13 +154,10 @@ def _looks_like_lora(shapes: dict[str, tuple[int, ...]]) -> bool:
     return any(k.endswith(("lora_down.weight", "lora_A.weight", ".alpha", "hada_w1_a")) for k in shapes)
 
 
-_COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "te1": "model", "te2": "model"}
-
-
 def _open_diffusers_folder(path: Path, variant: str | None) -> ModelSource:
     headers: dict[Component, list[SafetensorsHeader]] = {}
-    for comp, folder in DIFFUSERS_FOLDERS.items():
-        files = _component_files(path / folder, _COMPONENT_FILES[comp], variant)
+    for comp in DIFFUSERS_FOLDERS:
+        files = component_weight_files(path, comp, variant=variant)
         if files:
             headers[comp] = [read_header(f) for f in files]
     if "unet" not in headers:
@@ -170,24 +167,6 @@ def _open_diffusers_folder(path: Path, variant: str | None) -> ModelSource:
     kind = CheckpointKind("sgm", kind.architecture, tuple(c for c in ("unet", "te1", "te2", "vae") if c in headers),
                           kind.prediction, kind.markers)
     return _from_diffusers_files(path, kind, headers, {}, layout="diffusers-folder")
-
-
-def _component_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    names = [f"{stem}.{variant}" if variant else stem] + ([] if variant else [f"{stem}.fp16"])
-    for name in names:
-        single = folder / f"{name}.safetensors"
-        if single.exists():
-            return [single]
-        index = folder / f"{name}.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise InvalidFileError(f"'{index}' is not a valid sharded-weights index ({e!r}).") from e
-            return [folder / s for s in dict.fromkeys(weight_map.values())]
-    return []
 
 
 def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Component, list[SafetensorsHeader]],

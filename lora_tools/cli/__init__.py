@@ -156,6 +156,13 @@ def main() -> None:
 from lora_tools.cli.demo import demo_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
+from lora_tools.cli.rescale import rescale_command  # noqa: E402
+from lora_tools.cli.resize import resize_command  # noqa: E402
+from lora_tools.cli.merge import merge_command  # noqa: E402
+from lora_tools.cli.convert import convert_command  # noqa: E402
+from lora_tools.cli.extract import extract_command  # noqa: E402
+from lora_tools.cli.analyze import analyze_command  # noqa: E402
 
-for _command in (inspect_command, fuse_command, demo_command):
+for _command in (inspect_command, fuse_command, demo_command, rescale_command, resize_command, merge_command,
+                 convert_command, extract_command, analyze_command):
     cli.add_command(_command)

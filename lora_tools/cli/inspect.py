@@ -7,18 +7,12 @@ from pathlib import Path
 
 import click
 
+from lora_tools.cli._output import format_bytes, safe_text
 from lora_tools.errors import UsageError
-from lora_tools.ops.inspect import (
-    Acceleration,
-    CheckpointSummary,
-    InspectReport,
-    LoraSummary,
-    component_label,
-    inspect_path,
-)
+from lora_tools.layouts.blocks import block_of
+from lora_tools.layouts.components import component_label
+from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, inspect_path
 from lora_tools.presets import SamplerSettings
-
-_BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
 
 
 @click.command("inspect")
@@ -39,9 +33,14 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
     report = inspect_path(path, with_hash=with_hash)
     if as_json:
         click.echo(json.dumps(report.to_dict(include_keys=show_keys), indent=2))
-        return
-    for line in render(report, show_keys=show_keys):
-        click.echo(line)
+    else:
+        for line in render(report, show_keys=show_keys):
+            click.echo(line)
+    if report.lora is not None and report.lora.mismatched:
+        bad = report.lora.mismatched
+        names = ", ".join(safe_text(m.module, 80) for m in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise click.ClickException(
+            f"'{safe_text(path)}': {len(bad)} module(s) do not fit the weights they name: {names}.")
 
 
 def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
@@ -53,19 +52,22 @@ def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
     else:
         assert report.checkpoint is not None
         rows.append(("kind", f"checkpoint ({_layout_text(report.checkpoint)})"))
-    rows.append(("size", f"{_bytes(f.size_bytes)}, {report.tensors:,} tensors, {report.parameters:,} parameters"))
+    rows.append(("size", f"{format_bytes(f.size_bytes)}, {report.tensors:,} tensors, {report.parameters:,} parameters"))
     rows.append(("dtypes", _counts(report.dtypes)))
     if f.sha256:
         rows.append(("sha256", f"{f.sha256}  (AutoV2 {f.autov2})"))
     elif f.container != "diffusers-folder":
         rows.append(("sha256", "not computed (pass --hash)"))
-    lines = [f.path]
+    lines = [safe_text(f.path, 1000)]
     sections: list[tuple[str, list[tuple[str, str]]]] = []
     if report.lora is not None:
         rows += _lora_rows(report.lora)
-        blocks = [(f"{c} {b}", str(n)) for c, bs in report.lora.modules_per_block.items()
+        blocks = [(f"{_block_name(c, b)}  {c} {b}", str(n)) for c, bs in report.lora.modules_per_block.items()
                   for b, n in bs.items()]
         sections.append(("modules per block", blocks))
+        if report.lora.mismatched:
+            sections.append(("modules that do not fit", [(safe_text(m.module), safe_text(m.message, 400))
+                                                         for m in report.lora.mismatched]))
     else:
         assert report.checkpoint is not None
         rows += _checkpoint_rows(report.checkpoint)
@@ -73,9 +75,10 @@ def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
                  for c, s in report.checkpoint.components.items()]
         sections.append(("components", comps))
     meta = report.metadata
-    meta_rows = list(meta.kohya.items()) + list(meta.modelspec.items()) + list(meta.other.items())
+    meta_rows = [(safe_text(k, 80), safe_text(v)) for k, v in
+                 list(meta.kohya.items()) + list(meta.modelspec.items()) + list(meta.other.items())]
     if meta.kohya_other_keys:
-        meta_rows.append(("other ss_* keys", ", ".join(meta.kohya_other_keys)))
+        meta_rows.append(("other ss_* keys", safe_text(", ".join(meta.kohya_other_keys), 1000)))
     sections.append(("metadata", meta_rows))
     lines += _aligned(rows, indent=2)
     for title, section_rows in sections:
@@ -83,9 +86,10 @@ def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
         lines += _aligned(section_rows, indent=4)
     if show_keys:
         lines.append(f"  tensors ({len(report.keys)}):")
-        width = max((len(k.key) for k in report.keys), default=0)
-        for k in report.keys:
-            lines.append(f"    {k.key:<{width}}  {k.dtype:<5} {list(k.shape)}")
+        names = [safe_text(k.key, 1000) for k in report.keys]
+        width = max((len(n) for n in names), default=0)
+        for name, k in zip(names, report.keys):
+            lines.append(f"    {name:<{width}}  {safe_text(k.dtype):<5} {list(k.shape)}")
     return lines
 
 
@@ -102,12 +106,14 @@ def _lora_rows(lora: LoraSummary) -> list[tuple[str, str]]:
     ]
     u = lora.unmatched
     if u.count:
-        text = f"{u.count} (first: {', '.join(u.first)})"
+        text = f"{u.count} (first: {', '.join(safe_text(n, 120) for n in u.first)})"
         rows.append(("unmatched", text + (f". {u.hint}" if u.hint else "")))
     else:
         rows.append(("unmatched", "none"))
     rows += _acceleration_rows(lora.acceleration)
     rows.append(("applies to", lora.applies_to))
+    for w in lora.warnings:
+        rows.append(("warning", safe_text(w, 400)))
     return rows
 
 
@@ -115,27 +121,29 @@ def _checkpoint_rows(c: CheckpointSummary) -> list[tuple[str, str]]:
     support = "supported" if c.supported else f"not supported: {c.why_unsupported}"
     rows = []
     if c.pipeline:
-        rows.append(("pipeline", c.pipeline))
+        rows.append(("pipeline", safe_text(c.pipeline)))
     rows += [
         ("architecture", f"{c.architecture} ({support})"),
-        ("prediction", c.prediction + ("" if c.prediction_source == "default" else f" (from {c.prediction_source.replace('_', ' ')})")),
-        ("markers", ", ".join(c.markers) or "none"),
+        ("prediction", safe_text(c.prediction) + ("" if c.prediction_source == "default"
+                                                   else f" (from {c.prediction_source.replace('_', ' ')})")),
+        ("markers", safe_text(", ".join(c.markers)) or "none"),
     ]
     if c.extra_keys:
-        shown = ", ".join(c.extra_keys[:6]) + (", ..." if len(c.extra_keys) > 6 else "")
+        shown = ", ".join(safe_text(k, 80) for k in c.extra_keys[:6]) + (", ..." if len(c.extra_keys) > 6 else "")
         rows.append(("extra keys", f"{len(c.extra_keys)}: {shown}"))
     rows += _acceleration_rows(c.acceleration)
     p = c.provenance
     if p is not None:
-        fused = ", ".join(f"{s.get('name')} x{s.get('strength')}" + (f" ({s['preset']})" if s.get("preset") else "")
+        fused = ", ".join(safe_text(f"{s.get('name')} x{s.get('strength')}", 120)
+                          + (f" ({safe_text(s['preset'], 60)})" if s.get("preset") else "")
                           for s in p.fused) or "nothing recorded"
-        rows.append(("fused by loratool", f"{p.operation or 'unknown operation'}: {fused}"))
+        rows.append(("fused by loratool", f"{safe_text(p.operation or 'unknown operation', 60)}: {fused}"))
         if p.lightning_steps:
             rows.append(("lightning steps", str(p.lightning_steps)))
         if p.sampler:
             rows.append(("sampler", _sampler_text(p.sampler)))
     for w in c.warnings:
-        rows.append(("warning", w))
+        rows.append(("warning", safe_text(w, 400)))
     return rows
 
 
@@ -155,9 +163,9 @@ def _acceleration_rows(a: Acceleration | None) -> list[tuple[str, str]]:
 
 def _sampler_text(sampler: dict[str, object]) -> str:
     try:
-        return SamplerSettings.from_dict(sampler).describe()
+        return safe_text(SamplerSettings.from_dict(sampler).describe(), 400)
     except UsageError:
-        return json.dumps(sampler)
+        return safe_text(json.dumps(sampler), 400)
 
 
 def _layout_text(c: CheckpointSummary) -> str:
@@ -175,11 +183,12 @@ def _aligned(rows: list[tuple[str, str]], *, indent: int) -> list[str]:
 def _counts(counts: dict[str, int]) -> str:
     if not counts:
         return "none"
-    return ", ".join(f"{k} x{n}" for k, n in counts.items())
+    return ", ".join(f"{safe_text(k, 40)} x{n}" for k, n in counts.items())
 
 
-def _bytes(n: int) -> str:
-    for factor, unit in _BYTE_UNITS:
-        if n >= factor:
-            return f"{n / factor:.1f} {unit}"
-    return f"{n} bytes"
+def _block_name(component: str, block: str) -> str:
+    """The block-scheme name (``IN04``) of an SGM block prefix (``input_blocks.4``)."""
+    try:
+        return block_of(component, block)  # type: ignore[arg-type]
+    except LookupError:
+        return "?"

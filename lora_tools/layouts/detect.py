@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -9,6 +10,19 @@ from lora_tools.layouts.table import SGM_PREFIXES, Component
 
 Layout = Literal["sgm", "diffusers-unet", "unknown"]
 Architecture = Literal["sdxl-base", "sdxl-inpaint", "sdxl-refiner", "sd1.x", "sd2.x", "unknown"]
+
+#: THE sentence said of a LoRA that looks made for SD1.x/SD2.x (one place; inspect and match use it).
+SD1_HINT = "It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL."
+#: Module names only SD1.x/SD2.x have (SDXL has no attention at level 0, 9 input/output blocks, 3 levels).
+SD1_MODULE_NAMES = re.compile(
+    r"(down_blocks_0_attentions|down_blocks\.0\.attentions|input_blocks[._][12][._]1|up_blocks[._]3|output_blocks[._](9|10|11))"
+)
+
+
+def looks_like_sd1(module_name: str) -> bool:
+    """Whether a LoRA module name exists only in SD1.x/SD2.x UNets (see :data:`SD1_MODULE_NAMES`)."""
+    return SD1_MODULE_NAMES.search(module_name) is not None
+
 
 _SUPPORTED: set[str] = {"sdxl-base"}
 _WHY_NOT = {

@@ -12,20 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Component = Literal["unet", "vae", "te1", "te2"]
+from lora_tools.layouts.components import Component, spelling
+
 Transform = Literal["rename", "conv1x1_to_linear", "transpose", "slice"]
 
-#: Single-file prefix of each component, as in community SDXL checkpoints.
-SGM_PREFIXES: dict[Component, str] = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "te1": "conditioner.embedders.0.transformer.",
-    "te2": "conditioner.embedders.1.model.",
-}
-#: diffusers folder name of each component.
-DIFFUSERS_FOLDERS: dict[Component, str] = {
-    "unet": "unet", "vae": "vae", "te1": "text_encoder", "te2": "text_encoder_2",
-}
+#: Single-file prefix of each component, as in community SDXL checkpoints (from :data:`COMPONENTS`).
+SGM_PREFIXES: dict[Component, str] = spelling("sgm_prefix")
+#: diffusers folder name of each component (from :data:`COMPONENTS`).
+DIFFUSERS_FOLDERS: dict[Component, str] = spelling("diffusers_folder")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,40 @@
+"""``loratool analyze``: which LoRAs a checkpoint has baked in, and at what strength."""
+
+from __future__ import annotations
+
+import click
+
+from lora_tools.cli._options import emit
+from lora_tools.cli._output import safe_text
+
+
+@click.command("analyze")
+@click.argument("model", type=click.Path(exists=True, path_type=str))
+@click.option("--base", required=True, type=click.Path(exists=True, path_type=str), help="The model MODEL was made from.")
+@click.option("--lora", "loras", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A candidate LoRA (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def analyze_command(model: str, base: str, loras: tuple[str, ...], as_json: bool) -> None:
+    """Find the strength at which each LORA is baked into MODEL (least squares on MODEL - BASE).
+
+    \b
+    Example:
+        loratool analyze juggernaut-lightning.safetensors --base sdxl_base.safetensors --lora sdxl_lightning_4step_lora.safetensors
+    """
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from lora_tools.lora.formats import load_lora
+    from lora_tools.ops.analyze import analyze_model
+
+    with ExitStack() as stack:
+        cands = [(Path(p).name, stack.enter_context(load_lora(p))) for p in loras]
+        report = analyze_model(model, base, cands)
+    lines = [f"{safe_text(f.label)}: strength {f.strength:.3f}, explains {f.explained:.1%} of the difference "
+             f"on its {f.modules} modules" for f in report.fits]
+    lines.append(f"Together: {report.explained:.1%} of the difference on the adapted modules.")
+    if report.interference:
+        worst = sorted(report.interference, key=lambda i: -abs(i.cosine))[:5]
+        lines.append("Most interfering modules (cosine, column-space overlap):")
+        lines += [f"  {safe_text(i.module)}: {i.cosine:+.3f}, {i.overlap:.3f}" for i in worst]
+    emit(report.to_dict(), as_json, lines)

@@ -1,0 +1,474 @@
+"""Pure low-rank maths for LoRA operations (resize, merge, extract, analyze); no file I/O.
+
+Every function works on float32 2-D factors: ``up`` of shape ``(out, r)`` and ``down`` of shape
+``(r, in)``, with the module's delta ``scale * up @ down``. Convolutions are flattened by the
+caller (:func:`flatten_conv`, :func:`tucker_to_pair`) so the maths never sees 4-D tensors.
+
+The central trick (resize, svd merge): the delta ``scale * up @ down`` is never formed. With
+``up = Qu Ru`` and ``down^T = Qd Rd`` (thin QR), ``delta = Qu (scale Ru Rd^T) Qd^T``; the SVD of
+the small ``r x r`` core ``scale Ru Rd^T = U S V^T`` gives the exact SVD of the delta,
+``(Qu U) S (Qd V)^T``. Truncating it is therefore the optimal rank-``k`` approximation
+(Eckart-Young), at ``O((out + in) r^2)`` cost instead of ``O(out in min(out, in))``.
+
+Rank rules follow kohya sd-scripts' ``networks/resize_lora.py``: ``sv_ratio`` keeps the singular
+values larger than ``s_max / X``; ``sv_fro`` keeps the smallest rank whose retained Frobenius
+norm is at least ``X`` of the total (``sqrt`` of retained energy); ``energy`` keeps the smallest
+rank whose retained squared Frobenius norm (energy) is at least ``F``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lora_tools.errors import ShapeMismatchError, UsageError
+
+__all__ = [
+    "DenseSvd",
+    "RankRule",
+    "StrengthFit",
+    "Truncation",
+    "column_overlap",
+    "cosine_similarity",
+    "dense_svd",
+    "flatten_conv",
+    "inner_product",
+    "choose_rank",
+    "stack_factors",
+    "truncate",
+    "tucker_to_pair",
+]
+
+# Above this many elements a dense matrix is factorised by randomized SVD (extract).
+RANDOMIZED_MIN_ELEMENTS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class RankRule:
+    """How to choose the kept rank from singular values; exactly one field is set.
+
+    Attributes:
+        rank: a fixed rank (capped at the number of singular values).
+        energy: keep the smallest rank retaining at least this fraction of the squared Frobenius
+            norm, in ``(0, 1]``.
+        sv_ratio: keep singular values ``>= s_max / sv_ratio`` (``sv_ratio >= 1``).
+        sv_fro: keep the smallest rank retaining at least this fraction of the Frobenius norm,
+            in ``(0, 1]``.
+        max_rank: an upper cap applied to the dynamic rules (for example the input's rank).
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_ratio: float | None = None
+    sv_fro: float | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("rank", "energy", "sv_ratio", "sv_fro") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise UsageError(
+                "choose exactly one of rank, energy, sv_ratio, sv_fro"
+                + (f" (got {', '.join(chosen)})" if chosen else ""))
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"rank must be >= 1, got {self.rank}")
+        for name in ("energy", "sv_fro"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise UsageError(f"{name} must be in (0, 1], got {v}")
+        if self.sv_ratio is not None and not self.sv_ratio >= 1.0:
+            raise UsageError(f"sv_ratio must be >= 1, got {self.sv_ratio}")
+
+    def describe(self) -> dict[str, float | int]:
+        """The rule as a plain dict (for reports and provenance records)."""
+        return {k: v for k, v in (("rank", self.rank), ("energy", self.energy), ("sv_ratio", self.sv_ratio),
+                                  ("sv_fro", self.sv_fro)) if v is not None}
+
+
+def choose_rank(s: Tensor, rule: RankRule) -> int:
+    """The number of singular values to keep under `rule`.
+
+    Args:
+        s: singular values, descending, 1-D.
+        rule: the rank rule.
+
+    Returns:
+        The kept rank, between 1 and ``len(s)`` (0 only when ``s`` is empty or all zero).
+    """
+    n = int(s.numel())
+    if n == 0:
+        return 0
+    s = s.to(torch.float64)
+    if float(s[0]) == 0.0:
+        return 0
+    if rule.rank is not None:
+        k = min(rule.rank, n)
+    else:
+        sq = s * s
+        cum = torch.cumsum(sq, 0) / sq.sum()
+        if rule.energy is not None:
+            target = rule.energy
+        elif rule.sv_fro is not None:
+            target = rule.sv_fro ** 2
+        else:
+            target = None
+        if target is not None:
+            # smallest k with cum[k-1] >= target (tolerance for target == 1.0 vs rounding)
+            k = int(torch.searchsorted(cum, torch.tensor(target - 1e-12, dtype=torch.float64))) + 1
+        else:
+            assert rule.sv_ratio is not None
+            k = int((s >= s[0] / rule.sv_ratio).sum())
+        k = max(1, min(k, n))
+    if rule.max_rank is not None:
+        k = min(k, rule.max_rank)
+    return k
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """A rank-``rank`` approximation ``up @ down`` of a delta, with what it lost.
+
+    Attributes:
+        up: ``(out, rank)`` float32; the singular values are split evenly (``sqrt``) between
+            the two factors, so ``up @ down`` is the approximation with scale 1 (alpha = rank).
+        down: ``(rank, in)`` float32.
+        singular_values: all singular values of the input delta, descending.
+        rank: the kept rank.
+    """
+
+    up: Tensor
+    down: Tensor
+    singular_values: Tensor
+    rank: int
+
+    @property
+    def total_energy(self) -> float:
+        """Squared Frobenius norm of the input delta."""
+        return float((self.singular_values.double() ** 2).sum())
+
+    @property
+    def retained_energy(self) -> float:
+        """Fraction of the squared Frobenius norm kept, in [0, 1] (1.0 for a zero delta)."""
+        total = self.total_energy
+        if total == 0.0:
+            return 1.0
+        return float((self.singular_values[: self.rank].double() ** 2).sum()) / total
+
+    @property
+    def error(self) -> float:
+        """Frobenius norm of the dropped part: ``||delta - up @ down||_F``."""
+        return float(self.singular_values[self.rank:].double().norm())
+
+    @property
+    def relative_error(self) -> float:
+        """``error / ||delta||_F`` (0.0 for a zero delta)."""
+        total = math.sqrt(self.total_energy)
+        return self.error / total if total > 0 else 0.0
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _check_pair(up: Tensor, down: Tensor) -> None:
+    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ShapeMismatchError(
+            f"low-rank factors do not chain: up {tuple(up.shape)} @ down {tuple(down.shape)}; "
+            "expected up (out, r) and down (r, in)"
+        )
+
+
+def _split(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    root = s[:k].clamp_min(0).sqrt()
+    return (u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous()
+
+
+def truncate(up: Tensor, down: Tensor, rule: RankRule, *, scale: float = 1.0) -> Truncation:
+    """Optimal low-rank truncation of ``scale * up @ down`` without forming the delta.
+
+    Thin QR of ``up`` and ``down^T``, SVD of the ``r x r`` core, truncation by `rule`.
+
+    Args:
+        up: ``(out, r)`` factor.
+        down: ``(r, in)`` factor.
+        rule: how to choose the kept rank.
+        scale: the module's scale (``alpha / rank`` times any strength).
+
+    Returns:
+        The truncation; its singular values are those of the dense SVD of the delta.
+
+    Raises:
+        ShapeMismatchError: the factors do not chain.
+    """
+    _check_pair(up, down)
+    up, down = _f32(up), _f32(down)
+    qu, ru = torch.linalg.qr(up)  # (out, r'), (r', r)
+    qd, rd = torch.linalg.qr(down.T)  # (in, r''), (r'', r)
+    core = scale * (ru @ rd.T)  # (r', r'')
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    k = choose_rank(s, rule)
+    new_up, new_down = _split(qu @ u, s, vh @ qd.T, k)
+    return Truncation(up=new_up, down=new_down, singular_values=s, rank=k)
+
+
+def stack_factors(terms: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
+    """Concatenate factors so that ``up @ down == sum_i w_i * up_i @ down_i`` exactly.
+
+    Args:
+        terms: ``(up_i, down_i, w_i)`` with ``w_i`` the full multiplier of that term (module
+            scale times merge weight). Every ``up_i`` has the same rows, every ``down_i`` the
+            same columns.
+
+    Returns:
+        ``(up, down)`` of rank ``sum r_i``; the weights are folded into the up factors.
+
+    Raises:
+        ShapeMismatchError: the terms target different shapes.
+    """
+    if not terms:
+        raise ValueError("stack_factors needs at least one term")
+    out, inn = terms[0][0].shape[0], terms[0][1].shape[1]
+    ups, downs = [], []
+    for up, down, w in terms:
+        _check_pair(up, down)
+        if up.shape[0] != out or down.shape[1] != inn:
+            raise ShapeMismatchError(
+                f"cannot stack a ({up.shape[0]}, {down.shape[1]}) delta with a ({out}, {inn}) one"
+            )
+        ups.append(_f32(up) * float(w))
+        downs.append(_f32(down))
+    return torch.cat(ups, 1), torch.cat(downs, 0)
+
+
+def flatten_conv(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """LoRA/LoCon factors as 2-D matrices, with the delta's weight shape.
+
+    ``up`` ``(out, r[, 1, 1])``, ``down`` ``(r, in[, kh, kw])`` -> ``(out, r)``, ``(r, in*kh*kw)``
+    and the weight shape ``(out, in[, kh, kw])``; the flattening is the row-major one conv
+    weights use, so ``(up2 @ down2).reshape(shape)`` is the delta.
+    """
+    shape = (int(up.shape[0]),) + tuple(int(d) for d in down.shape[1:])
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), shape
+
+
+def tucker_to_pair(up: Tensor, mid: Tensor, down: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """A Tucker (LoCon ``mid``) conv as a plain pair, through its factors.
+
+    ``up`` ``(out, r')``, ``mid`` ``(r', r, kh, kw)``, ``down`` ``(r, in[, 1, 1])``: the delta is
+    ``up @ M`` with ``M[a, (i, k, l)] = sum_b mid[a, b, k, l] down[b, i]``, of shape
+    ``(r', in*kh*kw)``; the dense ``(out, in*kh*kw)`` delta is never formed.
+    """
+    up2 = _f32(up).reshape(up.shape[0], -1)
+    down2 = _f32(down).reshape(down.shape[0], -1)
+    m = torch.einsum("abkl,bi->aikl", _f32(mid), down2)
+    return up2, m.reshape(m.shape[0], -1), (int(up.shape[0]), int(down2.shape[1])) + tuple(mid.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------
+# Dense matrices (extract)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DenseSvd:
+    """A low-rank approximation of a dense matrix, with its error measured.
+
+    Attributes:
+        up: ``(out, rank)`` (``sqrt`` of the singular values folded in).
+        down: ``(rank, in)``.
+        rank: the kept rank.
+        method: ``full`` (``torch.linalg.svd``) or ``randomized`` (``torch.svd_lowrank``).
+        total_energy: ``||A||_F^2``.
+        error: ``||A - up @ down||_F``, computed from the residual, not from singular values.
+    """
+
+    up: Tensor
+    down: Tensor
+    rank: int
+    method: str
+    total_energy: float
+    error: float
+
+    @property
+    def retained_energy(self) -> float:
+        """``1 - error^2 / ||A||_F^2`` (1.0 for a zero matrix)."""
+        if self.total_energy == 0.0:
+            return 1.0
+        return max(0.0, 1.0 - self.error ** 2 / self.total_energy)
+
+    @property
+    def relative_error(self) -> float:
+        t = math.sqrt(self.total_energy)
+        return self.error / t if t > 0 else 0.0
+
+
+def dense_svd(matrix: Tensor, rule: RankRule, *, method: str = "auto", oversample: int = 10,
+              power_iters: int = 2, seed: int = 0) -> DenseSvd:
+    """Low-rank approximation of a dense 2-D matrix (a weight difference).
+
+    ``method="auto"`` uses the full SVD for small matrices and ``torch.svd_lowrank`` (randomized
+    range finder with `oversample` extra columns and `power_iters` power iterations) for those
+    over ``RANDOMIZED_MIN_ELEMENTS`` elements. With a dynamic rule (``energy``...) the
+    randomized sketch is enlarged until the rule is met or the sketch reaches ``min(out, in)``
+    (then the full SVD is used). The reported error is measured on the residual.
+
+    Args:
+        matrix: ``(out, in)``.
+        rule: the rank rule.
+        method: ``auto``, ``full`` or ``randomized``.
+        oversample: extra sketch columns for the randomized SVD.
+        power_iters: power iterations for the randomized SVD.
+        seed: seed of the random sketch (results are reproducible).
+
+    Returns:
+        The factors and their measured error.
+    """
+    if matrix.ndim != 2:
+        raise ShapeMismatchError(f"dense_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    a = _f32(matrix)
+    total = float(a.double().pow(2).sum())
+    small = min(a.shape)
+    if method not in ("auto", "full", "randomized"):
+        raise UsageError(f"unknown svd method {method!r}; expected auto, full or randomized")
+    use_full = method == "full" or (method == "auto" and a.numel() <= RANDOMIZED_MIN_ELEMENTS)
+    if not use_full:
+        target = rule.rank if rule.rank is not None else max(8, small // 16)
+        gen_state = torch.random.get_rng_state()
+        try:
+            while True:
+                q = min(small, target + oversample)
+                if q >= small:
+                    use_full = True
+                    break
+                torch.manual_seed(seed)
+                u, s, v = torch.svd_lowrank(a, q=q, niter=power_iters)
+                k = choose_rank(s, rule) if rule.rank is not None else _dynamic_rank_on_sketch(s, total, rule)
+                if k is not None:
+                    k = min(k, q)
+                    up, down = _split(u, s, v.T, k)
+                    break
+                target *= 2
+        finally:
+            torch.random.set_rng_state(gen_state)
+    if use_full:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        k = choose_rank(s, rule)
+        up, down = _split(u, s, vh, k)
+        name = "full"
+    else:
+        name = "randomized"
+    err = float((a - up @ down).double().norm())
+    return DenseSvd(up=up, down=down, rank=k, method=name, total_energy=total, error=err)
+
+
+def _dynamic_rank_on_sketch(s: Tensor, total: float, rule: RankRule) -> int | None:
+    """Rank for a dynamic rule from a partial spectrum, or None if the sketch is too small."""
+    if total == 0.0:
+        return 1
+    sq = s.double() ** 2
+    cum = torch.cumsum(sq, 0) / total
+    if rule.sv_ratio is not None:
+        kept = int((s >= s[0] / rule.sv_ratio).sum())
+        return kept if kept < s.numel() else None  # the cut may lie beyond the sketch
+    target = rule.energy if rule.energy is not None else rule.sv_fro ** 2  # type: ignore[operator]
+    hit = (cum >= target - 1e-12).nonzero()
+    if hit.numel() == 0:
+        return None
+    k = int(hit[0]) + 1
+    return min(k, rule.max_rank) if rule.max_rank is not None else k
+
+
+# --------------------------------------------------------------------------------------------
+# Inner products through factors (analyze)
+# --------------------------------------------------------------------------------------------
+
+
+def inner_product(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    """Frobenius inner product ``<ua @ da, ub @ db>`` through the factors.
+
+    ``tr(da^T ua^T ub db) = sum((ua^T ub) * (da db^T))``: cost ``O((out + in) ra rb)``.
+    """
+    ua, da = (_f32(t) for t in a)
+    ub, db = (_f32(t) for t in b)
+    return float(((ua.T @ ub).double() * (da @ db.T).double()).sum())
+
+
+def cosine_similarity(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    """Cosine similarity of two low-rank deltas (0.0 if either is zero)."""
+    na, nb = inner_product(a, a), inner_product(b, b)
+    if na <= 0.0 or nb <= 0.0:
+        return 0.0
+    return inner_product(a, b) / math.sqrt(na * nb)
+
+
+def _col_basis(up: Tensor, down: Tensor, tol: float = 1e-6) -> Tensor:
+    qu, ru = torch.linalg.qr(_f32(up))
+    qd, rd = torch.linalg.qr(_f32(down).T)
+    u, s, _ = torch.linalg.svd(ru @ rd.T, full_matrices=False)
+    keep = s > tol * (s[0] if s.numel() else 0)
+    return (qu @ u)[:, keep]
+
+
+def column_overlap(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    """Overlap of two deltas' column spaces, in [0, 1].
+
+    The mean squared cosine of the principal angles: ``||Qa^T Qb||_F^2 / min(ra, rb)`` with
+    ``Qa``, ``Qb`` orthonormal bases of the column spaces (the output directions the deltas
+    write to). 1.0: one space contains the other; 0.0: orthogonal.
+    """
+    qa, qb = _col_basis(*a), _col_basis(*b)
+    k = min(qa.shape[1], qb.shape[1])
+    if k == 0:
+        return 0.0
+    return float((qa.T @ qb).double().pow(2).sum()) / k
+
+
+class StrengthFit:
+    """Least-squares fit of a difference onto one or more deltas, accumulated module by module.
+
+    Solves ``min_s ||D - sum_j s_j L_j||_F^2`` over every module added (overall) and per group
+    (for example per block). Add each module's Gram entries with :meth:`add`.
+
+    Args:
+        n: number of candidate deltas.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.gram = torch.zeros(n, n, dtype=torch.float64)
+        self.rhs = torch.zeros(n, dtype=torch.float64)
+        self.diff_energy = 0.0
+
+    def add(self, gram: Tensor, rhs: Tensor, diff_energy: float) -> None:
+        """Add one module: ``gram[j, k] = <L_j, L_k>``, ``rhs[j] = <L_j, D>``, ``||D||^2``."""
+        self.gram += gram.double()
+        self.rhs += rhs.double()
+        self.diff_energy += float(diff_energy)
+
+    def add_dense(self, diff: Tensor, deltas: Sequence[Tensor]) -> None:
+        """Add one module from dense tensors (the difference and each candidate's delta)."""
+        d = _f32(diff).double().reshape(-1)
+        ls = [_f32(x).double().reshape(-1) for x in deltas]
+        g = torch.tensor([[float(x @ y) for y in ls] for x in ls], dtype=torch.float64)
+        r = torch.tensor([float(x @ d) for x in ls], dtype=torch.float64)
+        self.add(g, r, float(d @ d))
+
+    def solve(self) -> tuple[list[float], float]:
+        """The strengths and the fraction of the difference's energy they explain.
+
+        Returns:
+            ``(strengths, explained)``; a candidate with a zero delta gets strength 0.0, and
+            ``explained`` is ``1 - ||D - sum s_j L_j||^2 / ||D||^2`` (0.0 when D is zero).
+        """
+        active = torch.diag(self.gram) > 0
+        s = torch.zeros(self.n, dtype=torch.float64)
+        if bool(active.any()):
+            g = self.gram[active][:, active]
+            s[active] = torch.linalg.lstsq(g, self.rhs[active].unsqueeze(1)).solution.squeeze(1)
+        if self.diff_energy <= 0.0:
+            return s.tolist(), 0.0
+        residual = self.diff_energy - 2 * float(s @ self.rhs) + float(s @ self.gram @ s)
+        return s.tolist(), max(0.0, 1.0 - residual / self.diff_energy)

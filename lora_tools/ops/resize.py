@@ -1,0 +1,161 @@
+"""resize: rank reduction of every module by optimal truncated SVD, through the factors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lora_tools.errors import UsageError
+from lora_tools.lowrank import DenseSvd, RankRule, Truncation, dense_svd, truncate
+from lora_tools.ops.lora_pairs import (
+    dense_of,
+    derived_metadata,
+    is_low_rank,
+    module_key,
+    pair_of,
+    roles_from_pair,
+    source_entry,
+)
+from lora_tools.provenance import build_record, with_record
+
+if TYPE_CHECKING:
+    from lora_tools.lora.adapter import LoraAdapter
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleFit:
+    """One module's rank change and what it lost.
+
+    Attributes:
+        name: the module name.
+        rank_in: its rank before.
+        rank_out: its rank after.
+        energy: its delta's squared Frobenius norm.
+        retained: the fraction of it kept.
+        relative_error: ``||delta - new||_F / ||delta||_F``.
+        method: ``factors`` (QR + core SVD), ``full`` or ``randomized`` (dense delta).
+    """
+
+    name: str
+    rank_in: int
+    rank_out: int
+    energy: float
+    retained: float
+    relative_error: float
+    method: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "rank_in": self.rank_in, "rank_out": self.rank_out,
+                "retained_energy": self.retained, "relative_error": self.relative_error, "method": self.method}
+
+
+@dataclass
+class FitReport:
+    """Per-module and overall fit of a resize, svd merge or extract.
+
+    Attributes:
+        modules: one entry per module.
+        size_bytes: the new LoRA's tensor bytes at the output dtype (set by the caller).
+    """
+
+    modules: list[ModuleFit] = field(default_factory=list)
+    size_bytes: int | None = None
+
+    @property
+    def retained_energy(self) -> float:
+        """Overall retained fraction of the squared Frobenius norm, over every module."""
+        total = sum(m.energy for m in self.modules)
+        return 1.0 if total == 0 else sum(m.energy * m.retained for m in self.modules) / total
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((m.relative_error for m in self.modules), default=0.0)
+
+    def to_dict(self, *, per_module: bool = True) -> dict[str, object]:
+        out: dict[str, object] = {"retained_energy": self.retained_energy,
+                                  "max_relative_error": self.max_relative_error,
+                                  "modules_count": len(self.modules)}
+        if self.size_bytes is not None:
+            out["size_bytes"] = self.size_bytes
+        if per_module:
+            out["modules"] = [m.to_dict() for m in self.modules]
+        return out
+
+
+def fit_of(name: str, rank_in: int, t: Truncation | DenseSvd, method: str) -> ModuleFit:
+    """A :class:`ModuleFit` from a truncation (factors) or a dense SVD."""
+    return ModuleFit(name, rank_in, t.rank, t.total_energy, t.retained_energy, t.relative_error, method)
+
+
+def resize_lora(adapter: "LoraAdapter", rule: RankRule, *, conv_rule: RankRule | None = None
+                ) -> tuple["LoraAdapter", FitReport]:
+    """Reduce every module's rank by optimal truncated SVD of its delta.
+
+    Plain LoRA/LoCon/Tucker modules go through their factors (QR of ``up`` and ``down``, SVD of
+    the ``r x r`` core; the dense delta is never formed); LoHa, LoKr and full diffs through
+    their dense delta. Each output module is a plain LoRA pair with alpha = its new rank (scale
+    1), the singular values split evenly between ``up`` and ``down``.
+
+    Args:
+        adapter: the input LoRA.
+        rule: the rank rule for linear (and 1x1) modules.
+        conv_rule: the rule for convolutions with a kernel larger than 1x1 (default: `rule`).
+
+    Returns:
+        The resized in-memory LoRA (metadata kept, ss_network_dim/alpha updated, a ``loratool``
+        record added) and the fit report.
+
+    Raises:
+        UsageError: a fixed rank larger than every module's rank, or a DoRA module.
+    """
+    from lora_tools.lora.adapter import LoraAdapter
+
+    max_rank = max((m.rank for m in adapter.modules), default=0)
+    for r in (rule, conv_rule):
+        if r is not None and r.rank is not None and r.rank > max_rank:
+            raise UsageError(f"rank {r.rank} is larger than the LoRA's largest rank ({max_rank}); "
+                             "a resize can only reduce the rank")
+    report = FitReport()
+    factors, alphas = {}, {}
+    for m in adapter.modules:
+        shape = tuple(m.natural_shape())
+        r = conv_rule if conv_rule is not None and len(shape) == 4 and shape[2] * shape[3] > 1 else rule
+        if is_low_rank(m):
+            p = pair_of(m)
+            t = truncate(p.up, p.down, _capped(r, m.rank), scale=p.scale)
+            report.modules.append(fit_of(m.name, m.rank, t, "factors"))
+            up, down = t.up, t.down
+        else:
+            d = dense_svd(dense_of(m), _capped(r, min(shape[0], int(dense_of_numel(shape)))))
+            report.modules.append(fit_of(m.name, m.rank, d, d.method))
+            up, down = d.up, d.down
+        if up.shape[1] == 0:
+            continue  # a zero delta: nothing to keep
+        factors[module_key(m)] = roles_from_pair(up, down, shape)
+        alphas[module_key(m)] = float(up.shape[1])
+    metadata = derived_metadata(adapter.metadata)
+    ranks = [int(f["down"].shape[0]) for f in factors.values()]
+    if ranks:
+        metadata["ss_network_dim"] = str(max(ranks))
+        metadata["ss_network_alpha"] = str(float(max(ranks)))
+    params = {"rule": rule.describe(), **({"conv_rule": conv_rule.describe()} if conv_rule else {})}
+    record = build_record("resize", sources=[source_entry(adapter)], params=params,
+                          retained_energy=report.retained_energy)
+    out = LoraAdapter.from_tensors(factors, alphas=alphas, format=adapter.format,
+                                   metadata=with_record(metadata, record))
+    return out, report
+
+
+def dense_of_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def _capped(rule: RankRule, cap: int) -> RankRule:
+    """`rule` with its dynamic rank capped at `cap` (a fixed rank above it keeps the module's rank)."""
+    if rule.rank is not None:
+        return RankRule(rank=min(rule.rank, cap)) if cap > 0 else rule
+    return RankRule(energy=rule.energy, sv_ratio=rule.sv_ratio, sv_fro=rule.sv_fro,
+                    max_rank=min(cap, rule.max_rank) if rule.max_rank else cap)
