@@ -125,7 +125,9 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSo
         raise InvalidFileError(f"'{path}' is a directory: pass a .safetensors file (or a diffusers folder where a model is expected).")
     if not path.exists():
         raise InvalidFileError(f"'{path}' does not exist.")
-    if path.suffix.lower() in PICKLE_SUFFIXES or _is_zip(path):
+    suffix = path.suffix.lower()
+    # A pickle under a .safetensors name is refused by read_header (UnsafeFileError), never loaded.
+    if suffix in PICKLE_SUFFIXES or (suffix != ".safetensors" and _is_zip(path)):
         return StateDictSource(path, load_pickle_weights(path))
     return SafetensorsSource(path)
 
@@ -151,8 +153,11 @@ def load_pickle_weights(path: Path) -> dict[str, "torch.Tensor"]:
             f"'{path}' is a pickle that needs code execution to load ({first[:160]}); lora_tools never runs "
             f"untrusted pickles. Convert it to .safetensors with a tool you trust."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InvalidFileError(f"'{path}' is not a readable PyTorch file ({str(e).splitlines()[0][:160]}).") from e
+    except PermissionError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse an untrusted file is a bad input
+        text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InvalidFileError(f"'{path}' is not a readable PyTorch file ({text}).") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
