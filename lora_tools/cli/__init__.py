@@ -107,9 +107,10 @@ def main() -> None:
 
 
 # One module per command; their heavy imports (torch, diffusers) stay inside the functions.
+from lora_tools.cli.check import check_command  # noqa: E402
 from lora_tools.cli.demo import demo_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
 
-for _command in (inspect_command, fuse_command, demo_command):
+for _command in (inspect_command, fuse_command, check_command, demo_command):
     cli.add_command(_command)
