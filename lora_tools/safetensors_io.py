@@ -136,8 +136,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
             if head.startswith(_PICKLE_MAGIC):
                 raise UnsafeFileError(
-                    f"'{path}' is a PyTorch pickle, not safetensors, whatever its name; lora_tools never "
-                    f"loads a pickle that claims to be safetensors. Convert it with a tool you trust."
+                    f"'{path}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place "
+                    f"of a safetensors file (unpickling can run code). Convert it with a tool you trust."
                 )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES:

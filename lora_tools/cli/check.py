@@ -12,7 +12,7 @@ from lora_tools.ops.check import CheckResult, check_file
 
 
 @click.command("check")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a verdict per file.")
 @click.option("--hash", "hash_data", is_flag=True,
               help="Also read every tensor: the file's sha256, short reads, NaN/Inf (one pass over each file).")
