@@ -181,6 +181,16 @@ def _rank_mismatch(d: Path, io: Inputs) -> Path:
     return save_tensors(d / "rank.safetensors", tensors, meta)
 
 
+def _misfit(algorithm: str, suffix: str, reshape: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Callable[[Path, Inputs], Path]:
+    """A LoRA of ``algorithm`` whose first ``suffix`` factor gets the shape ``reshape(shape)``."""
+    def build(d: Path, io: Inputs) -> Path:
+        tensors, meta = make_lora("tiny", algorithm=algorithm, targets="all", rank=2)  # type: ignore[arg-type]
+        first = sorted(k for k in tensors if k.endswith(suffix))[0]
+        tensors[first] = torch.zeros(reshape(tuple(tensors[first].shape)))
+        return save_tensors(d / f"{algorithm}.safetensors", tensors, meta)
+    return build
+
+
 def _wrong_width(d: Path, io: Inputs) -> Path:
     tensors, meta = make_lora("tiny", rank=2)
     first = sorted(k for k in tensors if k.endswith("lora_down.weight"))[0]
@@ -226,6 +236,14 @@ def _same(line: str, **over: Expect) -> dict[str, Expect]:
 
 
 _CORRUPT = "Error: '{bad}' has a corrupt safetensors header: "
+_RANK = ("Error: '{bad}': the factors of module 'down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k' (unet): "
+         "up (64, 4) has rank 4, down (2, 64) has rank 2.")
+_INSPECT_MISFIT = ("ops/inspect.py (layouts): inspect should report the file and list the modules that do not fit "
+                   "(lora.validate.check_factor_shapes), exit 1")
+_TUCKER = ("Error: '{bad}': the factors of module 'conv_in' (unet): the Tucker mid (3, 2, 3, 3) does not chain up "
+           "(32, 2, 1, 1) and down (2, 4, 1, 1) (need up[1] == mid[0], mid[1] == down[0]).")
+_LOKR = ("Error: '{bad}': the factors of module 'add_embedding_linear_1' (unet): w2: a (64, 2) has rank 2, "
+         "b (3, 40) has rank 3.")
 _PICKLE = ("Error: '{bad}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place of a "
            "safetensors file (unpickling can run code). Convert it with a tool you trust.")
 _SD1_HINT = "It looks like an SD1.x LoRA (768-wide cross-attention), which does not fit SDXL."
@@ -331,8 +349,12 @@ CASES: list[Case] = [
         "fuse-lora": Expect("Error: '{bad}' holds NaN or Inf values (first in 'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_up.weight'): refusing to fuse it."),
     }),
     Case("rank-mismatch", _rank_mismatch, {
-        "fuse-lora": Expect("Error: '{bad}': the factors of module 'down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k' (unet): up (64, 4) has rank 4, down (2, 64) has rank 2."),
-    }),
+        c: Expect(_RANK) for c in ("check", "fuse-lora")} | {"inspect": Expect(_RANK, xfail=_INSPECT_MISFIT)}),
+    Case("rank-mismatch-dry-run", _rank_mismatch, {"fuse-lora": Expect(_RANK, extra=("--dry-run",))}),
+    Case("tucker-mid-misfit", _misfit("lora-tucker", "lora_mid.weight", lambda s: (s[0] + 1, *s[1:])), {
+        c: Expect(_TUCKER) for c in ("check", "fuse-lora")}),
+    Case("lokr-factor-misfit", _misfit("lokr", "lokr_w2_b", lambda s: (s[0] + 1, *s[1:])), {
+        c: Expect(_LOKR) for c in ("check", "fuse-lora")}),
     Case("shapes-do-not-fit-the-base", _wrong_width, {
         "fuse-lora": Expect("Error: '{bad}': module 'down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k' does not fit 'model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight' of '{base}' (LoRA gives 64x67, the weight is [64, 64])."),
     }),

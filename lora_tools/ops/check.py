@@ -2,7 +2,8 @@
 
 The header rules are those of the safetensors library (see
 :func:`lora_tools.safetensors_io.read_header`): the data section is exactly as long as the tensors
-the header lists. A ``loratool`` record, where present, must be readable. With ``hash_data`` every
+the header lists. A ``loratool`` record, where present, must be readable; a LoRA's factors must
+fit each other (:func:`lora_tools.lora.validate.check_factor_shapes`). With ``hash_data`` every
 tensor is read once, in file order: the file's sha256 comes out of the same pass, and float
 tensors holding NaN or Inf are named.
 """
@@ -85,6 +86,7 @@ def check_file(path: str | os.PathLike[str], *, hash_data: bool = False,
         return result
     result.size_bytes, result.tensors = header.file_size, len(header.tensors)
     _check_record(header, result)
+    _check_lora_factors(header, result)
     if hash_data:
         _check_data(header, result, progress)
     return result
@@ -107,6 +109,21 @@ def _check_record(header: SafetensorsHeader, result: CheckResult) -> None:
         if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             result.problems.append(f"'{header.path}': its record's sha256 of source {s.get('name')!r} is not "
                                    f"64 hex digits.")
+
+
+def _check_lora_factors(header: SafetensorsHeader, result: CheckResult) -> None:
+    """A LoRA's factors must fit each other (up's rank is down's ...); other files have none."""
+    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.validate import check_factor_shapes
+    from lora_tools.sources import SafetensorsSource
+
+    try:
+        adapter = load_lora(header.path, source=SafetensorsSource(header.path, header))
+    except LoraToolsError:
+        return  # not a LoRA (a checkpoint, an embedding...): nothing to fit
+    with adapter:
+        for problem in check_factor_shapes(adapter):
+            result.problems.append(f"'{header.path}': the factors of {problem.describe()}.")
 
 
 def _check_data(header: SafetensorsHeader, result: CheckResult, progress: Callable[[int], None] | None) -> None:
