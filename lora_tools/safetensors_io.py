@@ -18,9 +18,10 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn
 
-from lora_tools.errors import InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError
+from lora_tools.errors import (InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError,
+                               UnsafeFileError)
 from lora_tools.file_out import BufferedOut, open_out
 
 if TYPE_CHECKING:
@@ -38,6 +39,19 @@ MAX_HEADER_BYTES = 100_000_000
 #: Friendly dtype names used on the command line and in reports.
 DTYPE_ALIASES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32",
                  "float16": "F16", "bfloat16": "BF16"}
+
+
+#: Bits per element of every dtype the safetensors format knows (``safetensors/src/tensor.rs``,
+#: ``Dtype::bitsize``). A header naming another dtype is invalid; lora_tools reads the tensors of
+#: those in :data:`DTYPE_SIZES`.
+FORMAT_DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+#: How a file starts when it is a PyTorch pickle: a zip archive (``torch.save`` since 1.6) or a
+#: bare pickle stream (protocol 2+ opcode ``PROTO``).
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,76 +105,153 @@ class SafetensorsHeader:
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file without loading any tensor.
 
+    The rules are exactly those of the safetensors library (``SafeTensors::read_metadata`` and
+    ``Metadata::validate``): an 8-byte little-endian header length within the file and at most
+    100 MB; a UTF-8 JSON object (we also refuse duplicate keys, which serde would silently
+    collapse); ``__metadata__`` absent, ``null`` or a string-to-string map; every other entry a
+    known ``dtype``, a ``shape`` of non-negative integers and two ``data_offsets``; each tensor's
+    byte span equal to its shape times its dtype size; the spans, sorted, tiling the data section
+    from 0 to its last byte without gap or overlap.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The tensor table, ``__metadata__`` and where the data section starts.
+
     Raises:
-        InvalidFileError: the file is missing, a directory, empty, truncated or not safetensors.
+        InvalidFileError: the file is missing, unreadable, a directory, empty, truncated or
+            breaks one of the rules above (the message names the file and the rule).
+        UnsafeFileError: the file is a PyTorch pickle (zip or bare) under a safetensors name.
     """
     path = Path(path)
     if path.is_dir():
         raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 what = "empty" if size == 0 else f"only {size} bytes long"
                 raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
+            if head.startswith(_PICKLE_MAGIC):
+                raise UnsafeFileError(
+                    f"'{path}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place "
+                    f"of a safetensors file (unpickling can run code). Convert it with a tool you trust."
+                )
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                hint = _sniff_container(head)
+            if n > MAX_HEADER_BYTES:
                 raise InvalidFileError(
-                    f"'{path}' is not a valid safetensors file: header length {n} does not fit "
-                    f"in a {size}-byte file{hint}."
+                    f"'{path}' is not a valid safetensors file: header length {n} is over the format's "
+                    f"limit of {MAX_HEADER_BYTES} bytes."
+                )
+            if n + 8 > size:
+                raise InvalidFileError(
+                    f"'{path}' is not a valid safetensors file: header length {n} does not fit in a {size}-byte file."
                 )
             raw = f.read(n)
     except FileNotFoundError:
         raise InvalidFileError(f"'{path}' does not exist.") from None
     except PermissionError as e:
-        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from e
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-        if not isinstance(parsed, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidFileError(f"'{path}' has a corrupt safetensors header ({e}).") from e
-    metadata = parsed.pop("__metadata__", None) or {}
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from None
+    except IsADirectoryError:
+        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.") from None
+    except OSError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror or e}.") from None
+    if len(raw) < n:
+        raise InvalidFileError(f"'{path}' is truncated: it shrank while its header was read.")
+    parsed = _parse_json(path, raw)
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (__metadata__ must map strings to strings).")
+        _corrupt(path, "__metadata__ must map strings to strings")
     data_start = 8 + n
     data_size = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in parsed.items():
-        tensors[name] = _parse_entry(path, name, entry, data_size)
-    if tensors:
-        last_end = max(t.end for t in tensors.values())
-        if last_end > data_size:
-            raise InvalidFileError(f"'{path}' is truncated: tensor data needs {last_end} bytes, the file holds {data_size}.")
+    tensors = {name: _parse_entry(path, name, entry) for name, entry in parsed.items()}
+    end = _check_layout(path, tensors)
+    if end > data_size:
+        raise InvalidFileError(f"'{path}' is truncated: tensor data needs {end} bytes, the file holds {data_size}.")
+    if end < data_size:
+        _corrupt(path, f"{data_size - end} bytes after the last tensor's data belong to no tensor")
     return SafetensorsHeader(path, tensors, dict(metadata), data_start, size)
 
 
-def _sniff_container(head: bytes) -> str:
-    if head.startswith(b"PK"):
-        return " (it looks like a zip archive: a PyTorch .ckpt/.pt saved with a .safetensors name?)"
-    if head[:1] == b"\x80":
-        return " (it looks like a pickle)"
-    return ""
+def _corrupt(path: Path, rule: str) -> NoReturn:
+    raise InvalidFileError(f"'{path}' has a corrupt safetensors header: {rule}.")
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+def _quote(name: str) -> str:
+    """A file-derived name for a one-line message: control characters escaped, length capped."""
+    text = name.encode("unicode_escape").decode("ascii") if not name.isprintable() else name
+    return repr(text[:120] + ("…" if len(text) > 120 else ""))
+
+
+def _parse_json(path: Path, raw: bytes) -> dict[str, object]:
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                _corrupt(path, f"key {_quote(key)} appears twice")
+            out[key] = value
+        return out
+
     try:
-        dtype = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as e:
-        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (entry '{name}': {e!r}).") from e
-    if dtype not in DTYPE_SIZES:
-        raise InvalidFileError(f"'{path}' has a corrupt safetensors header (entry '{name}': unknown dtype {dtype!r}).")
-    info = TensorInfo(name, dtype, shape, begin, end)
-    if begin < 0 or end < begin or info.nbytes != info.numel * DTYPE_SIZES[dtype]:
-        raise InvalidFileError(
-            f"'{path}' has a corrupt safetensors header (entry '{name}': offsets {begin}..{end} do not "
-            f"match shape {list(shape)} in {dtype})."
-        )
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _corrupt(path, f"not UTF-8 (byte {e.start})")
+    try:
+        parsed = json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as e:
+        _corrupt(path, f"invalid JSON ({e.msg} at byte {e.pos})")
+    except RecursionError:
+        _corrupt(path, "invalid JSON (nested too deeply)")
+    if not isinstance(parsed, dict):
+        _corrupt(path, f"a JSON {type(parsed).__name__}, not an object")
+    return parsed
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    where = f"tensor {_quote(name)}"
+    if not isinstance(entry, dict):
+        _corrupt(path, f"{where} is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        _corrupt(path, f"{where} has no {missing[0]}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in FORMAT_DTYPE_BITS:
+        _corrupt(path, f"{where} has unknown dtype {_quote(str(dtype))}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        _corrupt(path, f"{where} has shape {_quote(json.dumps(shape))}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        _corrupt(path, f"{where} has data_offsets {_quote(json.dumps(offsets))}, not two non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        _corrupt(path, f"{where} ends (byte {end}) before it begins (byte {begin})")
+    info = TensorInfo(name, dtype, tuple(shape), begin, end)
+    bits = info.numel * FORMAT_DTYPE_BITS[dtype]
+    if bits % 8:
+        _corrupt(path, f"{where} ({dtype} {list(shape)}) does not fill whole bytes")
+    if bits // 8 != info.nbytes:
+        _corrupt(path, f"{where} ({dtype} {list(shape)}) needs {bits // 8} bytes, its offsets {begin}..{end} span {info.nbytes}")
     return info
+
+
+def _check_layout(path: Path, tensors: Mapping[str, TensorInfo]) -> int:
+    """Sorted by offsets, the spans must tile ``0..end`` exactly; returns ``end``."""
+    pos, prev = 0, None
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin > pos:
+            _corrupt(path, f"bytes {pos}..{t.begin} of the data section belong to no tensor (a gap before tensor {_quote(t.name)})")
+        if t.begin < pos:
+            assert prev is not None
+            _corrupt(path, f"tensor {_quote(t.name)} (bytes {t.begin}..{t.end}) overlaps tensor {_quote(prev.name)} (bytes {prev.begin}..{prev.end})")
+        pos, prev = t.end, t
+    return pos
 
 
 def torch_dtype(name: str) -> "torch.dtype":
@@ -173,6 +264,8 @@ def torch_dtype(name: str) -> "torch.dtype":
         "U8": torch.uint8, "BOOL": torch.bool,
         "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     }
+    if name not in table:
+        raise InvalidFileError(f"dtype {name} is valid in safetensors, but lora_tools cannot read its tensors.")
     return table[name]
 
 
@@ -251,7 +344,10 @@ class TensorFile:
 
     def tensor(self, name: str) -> "torch.Tensor":
         """Read one tensor (a fresh CPU tensor that owns its memory)."""
-        return bytes_to_tensor(self.read_bytes(name), self.info(name))
+        info = self.info(name)
+        if info.dtype not in DTYPE_SIZES:
+            raise InvalidFileError(f"'{self.path}': tensor {_quote(name)} is {info.dtype}, a dtype lora_tools cannot read.")
+        return bytes_to_tensor(self.read_bytes(name), info)
 
 
 def bytes_to_tensor(buf: "bytearray | memoryview", info: TensorInfo) -> "torch.Tensor":

@@ -8,6 +8,7 @@ a pickle that needs code execution is refused, never run.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -125,7 +126,9 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSo
         raise InvalidFileError(f"'{path}' is a directory: pass a .safetensors file (or a diffusers folder where a model is expected).")
     if not path.exists():
         raise InvalidFileError(f"'{path}' does not exist.")
-    if path.suffix.lower() in PICKLE_SUFFIXES or _is_zip(path):
+    suffix = path.suffix.lower()
+    # A pickle under a .safetensors name is refused by read_header (UnsafeFileError), never loaded.
+    if suffix in PICKLE_SUFFIXES or (suffix != ".safetensors" and _is_zip(path)):
         return StateDictSource(path, load_pickle_weights(path))
     return SafetensorsSource(path)
 
@@ -137,6 +140,16 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only unpickler refused, from its long message (``it calls builtins.exec``)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it calls {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (found.group(1).strip() if found else lines[0] if lines else "unsupported pickle")[:160]
+
+
 def load_pickle_weights(path: Path) -> dict[str, "torch.Tensor"]:
     """Load a legacy PyTorch file with ``weights_only=True``; refuse anything needing code."""
     import pickle
@@ -146,13 +159,15 @@ def load_pickle_weights(path: Path) -> dict[str, "torch.Tensor"]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle"
         raise UnsafeFileError(
-            f"'{path}' is a pickle that needs code execution to load ({first[:160]}); lora_tools never runs "
-            f"untrusted pickles. Convert it to .safetensors with a tool you trust."
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InvalidFileError(f"'{path}' is not a readable PyTorch file ({str(e).splitlines()[0][:160]}).") from e
+            f"'{path}' is a pickle that needs code execution to load ({_unpickler_reason(str(e))}); lora_tools "
+            f"never runs untrusted pickles. Convert it to .safetensors with a tool you trust."
+        ) from None
+    except PermissionError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse an untrusted file is a bad input
+        text = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InvalidFileError(f"'{path}' is not a readable PyTorch file ({text}).") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

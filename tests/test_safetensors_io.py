@@ -61,3 +61,120 @@ def test_incomplete_file_is_not_finalized(tmp_path):
         with pytest.raises(KeyMismatchError, match="1 tensors not written"):
             w.finalize()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Header rules: our verdict agrees with the safetensors library (safe_open is the oracle). ---
+
+import json  # noqa: E402
+import struct  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from safetensors import safe_open  # noqa: E402
+
+from lora_tools.errors import InvalidFileError, UnsafeFileError  # noqa: E402
+
+
+def _raw_file(path: Path, header: str | bytes, data: bytes = b"", length: int | None = None) -> Path:
+    raw = header.encode() if isinstance(header, str) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _entries(**tensors: tuple[str, list[int], list[int]]) -> str:
+    return json.dumps({k: {"dtype": d, "shape": s, "data_offsets": o} for k, (d, s, o) in tensors.items()})
+
+
+def _reference_accepts(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+        return True
+    except Exception:  # noqa: BLE001 - the oracle refuses with several exception types
+        return False
+
+
+#: (case, header JSON, data bytes, header-length override, what our message says)
+HEADER_CASES = [
+    ("valid", _entries(a=("F32", [2], [0, 8]), b=("F16", [3], [8, 14])), b"\0" * 14, None, None),
+    ("valid-any-key-order", _entries(b=("F16", [3], [8, 14]), a=("F32", [2], [0, 8])), b"\0" * 14, None, None),
+    ("valid-padded-header", _entries(a=("F32", [2], [0, 8])) + "    ", b"\0" * 8, None, None),
+    ("valid-empty", "{}", b"", None, None),
+    ("valid-null-metadata", '{"__metadata__": null}', b"", None, None),
+    ("valid-zero-size-tensor", _entries(z=("F32", [0, 4], [0, 0]), a=("F32", [1], [0, 4])), b"\0" * 4, None, None),
+    ("valid-format-dtype-we-do-not-compute", _entries(c=("C64", [2], [0, 16])), b"\0" * 16, None, None),
+    ("header-longer-than-file", _entries(a=("F32", [2], [0, 8])), b"\0" * 8, 10_000, "does not fit in a"),
+    ("header-over-100MB", _entries(a=("F32", [2], [0, 8])), b"\0" * 8, 100_000_001, "over the format's limit"),
+    ("not-utf8", b'{"a\xff": 1}', b"", None, "not UTF-8"),
+    ("malformed-json", '{"a": {"dtype": "F32"', b"", None, "invalid JSON"),
+    ("json-array", "[1, 2]", b"", None, "a JSON list, not an object"),
+    ("trailing-garbage", "{} x", b"", None, "invalid JSON"),
+    ("duplicate-keys", '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                       '"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8, None,
+     "key 'a' appears twice"),
+    ("metadata-not-strings", '{"__metadata__": {"x": 1}}', b"", None, "__metadata__ must map strings to strings"),
+    ("metadata-a-list", '{"__metadata__": ["x"]}', b"", None, "__metadata__ must map strings to strings"),
+    ("unknown-dtype", _entries(a=("F13", [2], [0, 8])), b"\0" * 8, None, "unknown dtype 'F13'"),
+    ("negative-dim", _entries(a=("F32", [-2], [0, 8])), b"\0" * 8, None, "not a list of non-negative integers"),
+    ("float-dim", _entries(a=("F32", [2.0], [0, 8])), b"\0" * 8, None, "not a list of non-negative integers"),
+    ("three-offsets", _entries(a=("F32", [2], [0, 8, 8])), b"\0" * 8, None, "not two non-negative integers"),
+    ("no-shape", '{"a": {"dtype": "F32", "data_offsets": [0, 4]}}', b"\0" * 4, None, "has no shape"),
+    ("end-before-begin", _entries(a=("F32", [0], [8, 0])), b"\0" * 8, None, "before it begins"),
+    ("size-disagrees", _entries(a=("F32", [3], [0, 8])), b"\0" * 8, None, "needs 12 bytes, its offsets 0..8 span 8"),
+    ("sub-byte-tensor", _entries(a=("F4", [3], [0, 1])), b"\0", None, "does not fill whole bytes"),
+    ("overlap", _entries(a=("F32", [2], [0, 8]), b=("F32", [2], [4, 12])), b"\0" * 12, None, "overlaps tensor 'a'"),
+    ("same-span-twice", _entries(a=("F32", [2], [0, 8]), b=("F32", [2], [0, 8])), b"\0" * 8, None, "overlaps"),
+    ("gap", _entries(a=("F32", [2], [0, 8]), b=("F32", [2], [12, 20])), b"\0" * 20, None,
+     "bytes 8..12 of the data section belong to no tensor"),
+    ("not-from-zero", _entries(a=("F32", [2], [4, 12])), b"\0" * 12, None, "bytes 0..4 of the data section"),
+    ("out-of-range", _entries(a=("F32", [2], [0, 8]), b=("F32", [2], [8, 16])), b"\0" * 12, None,
+     "is truncated: tensor data needs 16 bytes, the file holds 12"),
+    ("trailing-bytes", _entries(a=("F32", [2], [0, 8])), b"\0" * 9, None, "1 bytes after the last tensor's data"),
+]
+
+
+@pytest.mark.parametrize("case,header,data,length,message", HEADER_CASES, ids=[c[0] for c in HEADER_CASES])
+def test_header_rules_agree_with_safetensors(tmp_path, case, header, data, length, message):
+    path = _raw_file(tmp_path / f"{case}.safetensors", header, data, length)
+    reference = _reference_accepts(path)
+    if message is None:
+        assert reference, "the oracle should accept this file"
+        read_header(path)
+    else:
+        assert not reference, "the oracle should refuse this file"
+        with pytest.raises(InvalidFileError) as e:
+            read_header(path)
+        text = str(e.value)
+        assert text.startswith(f"'{path}' ") and message in text, text
+        assert "\n" not in text
+
+
+def test_identical_duplicate_entries_are_refused_though_serde_keeps_one(tmp_path):
+    """Stricter than the oracle, on purpose: serde collapses a repeated key, we name it."""
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    path = _raw_file(tmp_path / "dup.safetensors", f'{{"a": {entry}, "a": {entry}}}', b"\0" * 4)
+    assert _reference_accepts(path)
+    with pytest.raises(InvalidFileError, match="key 'a' appears twice"):
+        read_header(path)
+
+
+def test_control_characters_in_names_are_escaped_in_messages(tmp_path):
+    name = "a\x1b]0;pwned\x07\nrow"
+    path = _raw_file(tmp_path / "esc.safetensors", _entries(**{name: ("F99", [1], [0, 4])}), b"\0" * 4)
+    with pytest.raises(InvalidFileError) as e:
+        read_header(path)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value) and "\\x1b]0;pwned" in str(e.value)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pytorch_pickle_under_safetensors_name(tmp_path, legacy):
+    path = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=not legacy)
+    assert not _reference_accepts(path)
+    with pytest.raises(UnsafeFileError, match="is a PyTorch pickle, not safetensors"):
+        read_header(path)
+
+
+def test_dtype_we_cannot_compute_is_a_clean_error_on_read(tmp_path):
+    path = _raw_file(tmp_path / "c64.safetensors", _entries(c=("C64", [2], [0, 16])), b"\0" * 16)
+    with TensorFile(path) as f, pytest.raises(InvalidFileError, match="C64, a dtype lora_tools cannot read"):
+        f.tensor("c")

@@ -153,6 +153,7 @@ def main() -> None:
 
 
 # One module per command; their heavy imports (torch, diffusers) stay inside the functions.
+from lora_tools.cli.check import check_command  # noqa: E402
 from lora_tools.cli.demo import demo_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
@@ -163,6 +164,6 @@ from lora_tools.cli.convert import convert_command  # noqa: E402
 from lora_tools.cli.extract import extract_command  # noqa: E402
 from lora_tools.cli.analyze import analyze_command  # noqa: E402
 
-for _command in (inspect_command, fuse_command, demo_command, rescale_command, resize_command, merge_command,
-                 convert_command, extract_command, analyze_command):
+for _command in (inspect_command, check_command, fuse_command, rescale_command, resize_command, merge_command,
+                 convert_command, extract_command, analyze_command, demo_command):
     cli.add_command(_command)

@@ -20,6 +20,7 @@ from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
+from lora_tools.lora.validate import raise_factor_problems
 from lora_tools.models import ModelSource, open_model
 from lora_tools.output import plan as output_plan
 from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
@@ -376,6 +377,7 @@ def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) ->
 def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strength: float, label: str,
            preset: AccelerationPreset | None, allow_unmatched: bool, warnings: list[str]) -> LoraSource:
     try:
+        raise_factor_problems(adapter)
         m = match_lora(adapter, index, base=str(model.path))
     except ShapeMismatchError:
         adapter.close()

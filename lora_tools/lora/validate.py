@@ -1,0 +1,158 @@
+"""Whether the factors of each LoRA module fit each other, from header shapes alone.
+
+The rules are those :mod:`lora_tools.lora.delta` applies when it builds a delta (up's rank is
+down's, a Tucker core chains its factors, LoKr's two Kronecker factors are whole), checked at plan
+time without reading a tensor, so a bad module is named before anything is written rather than
+failing mid-stream. Whether the product fits the *base* weight is :mod:`lora_tools.lora.resolve`'s
+job (it needs the base).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from lora_tools.errors import ShapeMismatchError
+from lora_tools.lora.model import AdapterModule, LoraAdapter
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FactorProblem:
+    """One module whose factors do not fit each other.
+
+    Attributes:
+        component: ``unet``, ``te1`` or ``te2``.
+        module: the module name as spelled in the file.
+        reason: what does not fit, with the shapes (``up (320, 4) has rank 4, down (8, 320) has rank 8``).
+    """
+
+    component: str
+    module: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"module '{self.module}' ({self.component}): {self.reason}"
+
+
+class _Misfit(Exception):
+    pass
+
+
+def _need(cond: bool, reason: str) -> None:
+    if not cond:
+        raise _Misfit(reason)
+
+
+def _pointwise(s: Shape) -> bool:
+    return len(s) >= 2 and all(d == 1 for d in s[2:])
+
+
+def _pair(kind: str, a: Shape, b: Shape) -> Shape:
+    _need(len(a) >= 2 and len(b) >= 2 and _pointwise(a), f"{kind}: expected a (out, r) and b (r, in...), got a {a}, b {b}")
+    _need(a[1] == b[0], f"{kind}: a {a} has rank {a[1]}, b {b} has rank {b[0]}")
+    return (a[0], *b[1:])
+
+
+def _cp(kind: str, t: Shape, a: Shape, b: Shape) -> Shape:
+    _need(len(t) == 4 and len(a) == 2 and len(b) == 2,
+          f"{kind}: the Tucker core must be 4-D and its factors 2-D, got core {t}, a {a}, b {b}")
+    _need(t[0] == a[0] and t[1] == b[0], f"{kind}: the Tucker core {t} does not chain with a {a} and b {b}")
+    return (a[1], b[1], t[2], t[3])
+
+
+def _lora(s: Mapping[str, Shape]) -> None:
+    up, down, mid = s["up"], s["down"], s.get("mid")
+    _need(len(up) >= 2 and len(down) >= 2, f"up {up} and down {down} must have at least 2 dims")
+    _need(_pointwise(up), f"up must be (out, r) or (out, r, 1, 1), got {up}")
+    if mid is None:
+        _need(up[1] == down[0], f"up {up} has rank {up[1]}, down {down} has rank {down[0]}")
+        return
+    _need(len(mid) == 4, f"the Tucker mid must be (r, r, kh, kw), got {mid}")
+    _need(_pointwise(down), f"with a Tucker mid, down must be (r, in) or (r, in, 1, 1), got {down}")
+    _need(mid[1] == down[0] and up[1] == mid[0],
+          f"the Tucker mid {mid} does not chain up {up} and down {down} (need up[1] == mid[0], mid[1] == down[0])")
+
+
+def _loha(s: Mapping[str, Shape]) -> None:
+    _need(all(r in s for r in ("w1a", "w1b", "w2a", "w2b")), "a LoHa module needs hada_w1_a/b and hada_w2_a/b")
+    _need(("t1" in s) == ("t2" in s), "hada_t1 and hada_t2 must come together")
+    if "t1" in s:
+        s1, s2 = _cp("term 1", s["t1"], s["w1a"], s["w1b"]), _cp("term 2", s["t2"], s["w2a"], s["w2b"])
+    else:
+        s1, s2 = _pair("term 1", s["w1a"], s["w1b"]), _pair("term 2", s["w2a"], s["w2b"])
+    _need(s1 == s2, f"the two Hadamard terms have different shapes, {s1} and {s2}")
+
+
+def _lokr_factor(name: str, s: Mapping[str, Shape], core: str | None) -> Shape:
+    full, a, b = s.get(name), s.get(name + "a"), s.get(name + "b")
+    if full is not None:
+        _need(a is None and b is None and (core is None or core not in s), f"give {name} or {name}a/{name}b, not both")
+        _need(len(full) >= 2, f"{name} must have at least 2 dims, got {full}")
+        return full
+    _need(a is not None and b is not None, f"factor {name} is missing (neither {name} nor both {name}a and {name}b)")
+    assert a is not None and b is not None
+    if core is not None and core in s:
+        return _cp(f"{name}", s[core], a, b)
+    return _pair(f"{name}", a, b)
+
+
+def _lokr(s: Mapping[str, Shape]) -> None:
+    _lokr_factor("w1", s, None)
+    _lokr_factor("w2", s, "t2")
+
+
+def _full(s: Mapping[str, Shape]) -> None:
+    _need("diff" in s, "a full-diff module needs its diff tensor")
+
+
+_RULES: dict[str, Callable[[Mapping[str, Shape]], None]] = {"lora": _lora, "loha": _loha, "lokr": _lokr, "full": _full}
+
+
+def module_problem(module: AdapterModule, shapes: Mapping[str, Shape]) -> FactorProblem | None:
+    """The problem with one module's factors (``shapes``: role -> shape), or ``None`` when they fit."""
+    try:
+        _RULES[module.kind](shapes)
+        if "dora_scale" in shapes and module.kind == "lora":
+            out, scale = shapes["up"][0], shapes["dora_scale"]
+            _need(math.prod(scale) == out, f"dora_scale {scale} does not have one value per output ({out})")
+    except _Misfit as e:
+        return FactorProblem(module.component, module.name, str(e))
+    return None
+
+
+def check_factor_shapes(adapter: LoraAdapter) -> list[FactorProblem]:
+    """Every module of ``adapter`` whose factors do not fit each other (header shapes only).
+
+    Args:
+        adapter: a LoRA read with :func:`lora_tools.lora.load_lora` (no tensor is read).
+
+    Returns:
+        One :class:`FactorProblem` per misfit module, in file order; empty when all fit.
+
+    Example:
+        >>> problems = check_factor_shapes(load_lora("style.safetensors"))
+        >>> [p.describe() for p in problems]
+        ["module 'lora_unet_mid_block_attentions_0_proj_in' (unet): up (1280, 4) has rank 4, down (8, 1280) has rank 8"]
+    """
+    problems = []
+    for m in adapter.modules:
+        shapes = {role: tuple(adapter.source.meta(key).shape) for role, key in m.keys.items()}
+        problem = module_problem(m, shapes)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def raise_factor_problems(adapter: LoraAdapter) -> None:
+    """Raise when any module's factors do not fit each other (for planners: refuse before writing).
+
+    Raises:
+        ShapeMismatchError: names the file, the first misfit module and how many there are.
+    """
+    problems = check_factor_shapes(adapter)
+    if problems:
+        more = f" ({len(problems) - 1} more modules do not fit either)" if len(problems) > 1 else ""
+        raise ShapeMismatchError(f"'{adapter.path}': the factors of {problems[0].describe()}{more}.")
