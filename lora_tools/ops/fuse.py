@@ -81,8 +81,9 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
     return entry
 
 
-def provenance_record(plan: FusePlan) -> dict[str, object]:
-    """The ``loratool`` metadata record of a fuse."""
+def provenance_record(plan: FusePlan, *, created: str | None = None) -> dict[str, object]:
+    """The ``loratool`` metadata record of a fuse (``created``: its UTC time, default now; a
+    recipe re-run passes the recorded one, so the file comes out bit for bit the same)."""
     sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
         entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
@@ -96,7 +97,7 @@ def provenance_record(plan: FusePlan) -> dict[str, object]:
     record: dict[str, object] = {
         "version": __version__, "operation": "fuse", "method": plan.method, "lightning_steps": plan.lightning_steps,
         "sources": sources, "output_dtype": plan.out_dtype or "keep",
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": created or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if plan.sampler is not None:
         record["sampler"] = plan.sampler.to_dict()
@@ -132,10 +133,10 @@ def scheduler_config(plan: FusePlan) -> dict[str, object]:
     return cfg
 
 
-def run_fuse(plan: FusePlan, *, progress: Progress | None = None) -> FuseResult:
+def run_fuse(plan: FusePlan, *, progress: Progress | None = None, created: str | None = None) -> FuseResult:
     """Stream the base once and write every planned output."""
     start = time.perf_counter()
-    record = provenance_record(plan)
+    record = provenance_record(plan, created=created)
     patched = plan.patched_keys()
     order = interleave(plan.base.refs, patched)
     sinks = _make_sinks(plan, record, order)
