@@ -43,6 +43,11 @@ def _strings(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...
             yield from _strings(v, path + (i,))
 
 
+def _name_part(value: Any) -> str:
+    """A matrix value as part of a generated job name (characters names cannot hold become '_')."""
+    return re.sub(r"[^A-Za-z0-9_.+=,-]", "_", str(value))
+
+
 def substitute(value: Any, names: Mapping[str, Any]) -> Any:
     """``value`` with every ``${name}`` replaced (names must all be defined)."""
     if isinstance(value, str):
@@ -105,11 +110,11 @@ def expand_jobs(jobs: list[dict[str, Any]], matrix: Mapping[str, list[Any]], var
             templated = substitute(job, names)
             raw_name = job.get("name")
             if raw_name is None:
-                name = f"{kind}{i}" + "".join(f"-{v}" for v in combo)
+                name = f"{kind}{i}" + "".join(f"-{_name_part(v)}" for v in combo)
             else:
                 name = str(templated["name"])
                 if combo and not any(f"${{{k}}}" in str(raw_name).replace(" ", "") for k in axes):
-                    name += "".join(f"-{v}" for v in combo)
+                    name += "".join(f"-{_name_part(v)}" for v in combo)
             where = marks.at(("jobs", i, "name") if raw_name is not None else ("jobs", i))
             if not NAME_RE.fullmatch(name):
                 raise RecipeError(f"jobs[{i}].name: '{name}' is not a valid job name (letters, digits, '.', '_', '-')",
