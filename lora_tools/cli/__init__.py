@@ -110,8 +110,9 @@ def main() -> None:
 from lora_tools.cli.demo import demo_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
+from lora_tools.cli.publish import publish_command  # noqa: E402
 from lora_tools.cli.recipe import recipe_group  # noqa: E402
 from lora_tools.cli.run import run_command  # noqa: E402
 
-for _command in (inspect_command, fuse_command, demo_command, run_command, recipe_group):
+for _command in (inspect_command, fuse_command, demo_command, run_command, recipe_group, publish_command):
     cli.add_command(_command)
