@@ -155,6 +155,8 @@ def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> Non
     before = listing(out)
     again = invoke(*args)
     assert "2 skipped." in again.stdout and listing(out) == before
+    only = json.loads(invoke(*args, "--only", "sty*", "--dry-run", "--json").stdout)
+    assert [(j["name"], j["state"]) for j in only["jobs"]] == [("styled", "skip")]
 
 
 def test_recipe_show_of_a_fuse_output_rebuilds_it_bit_for_bit(assets: Assets, tmp_path: Path) -> None:  # noqa: F811

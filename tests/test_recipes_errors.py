@@ -270,3 +270,44 @@ def test_empty_jobs(work: Path) -> None:
 def test_wrong_version(work: Path) -> None:
     msg = refused(work, "version: 2\njobs: []\n")
     assert msg == "recipe.yaml:1:10: version: expected 1, got 2"
+
+
+def test_only_matching_nothing(work: Path) -> None:
+    msg = refused(work, HEAD + """
+jobs:
+  - fuse: {base: base, lightning: 4, output: a.safetensors}
+""", "--only", "nope*")
+    assert msg == "--only: no job matches nope* (jobs: fuse0)"
+
+
+def test_recipe_show_of_a_file_without_a_record(work: Path) -> None:
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    lora = write_lora(work / "plain.safetensors", "tiny", rank=2)
+    result = CliRunner().invoke(cli, ["recipe", "show", str(lora)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"Error: {lora}: no loratool record: it was not made by loratool"
+
+
+def test_every_shipped_recipe_is_run_by_the_tests() -> None:
+    from tests.recipe_fixtures import REPO_RECIPES
+
+    tests_text = (Path(__file__).parent / "test_recipes.py").read_text()
+    shipped = sorted(p.name for p in REPO_RECIPES.glob("*.yaml"))
+    assert len(shipped) == 4
+    assert [n for n in shipped if f'"{n}"' not in tests_text] == []
+
+
+def test_shipped_recipes_validate(tmp_path: Path) -> None:
+    """Every example passes the schema and templating (no files needed for that part)."""
+    from lora_tools.recipes.expand import expand_jobs
+    from lora_tools.recipes.loader import load_file
+    from lora_tools.recipes.run import _validate_job
+    from lora_tools.recipes.schema import RecipeHead
+    from tests.recipe_fixtures import REPO_RECIPES
+
+    for p in sorted(REPO_RECIPES.glob("*.yaml")):
+        doc, marks = load_file(p)
+        head = RecipeHead.model_validate(doc)
+        jobs = expand_jobs(head.jobs, head.matrix, head.vars, marks)
+        assert jobs and all(_validate_job(j, marks).fuse is not None for j in jobs), p.name

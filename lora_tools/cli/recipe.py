@@ -9,7 +9,12 @@ import click
 
 @click.group("recipe")
 def recipe_group() -> None:
-    """Recipes: show the recipe that made a file."""
+    """Recipes: show the recipe that made a file.
+
+    \b
+    Example:
+        loratool recipe show juggernaut-lightning-4step.safetensors > rebuild.yaml
+    """
 
 
 @recipe_group.command("show")

@@ -31,10 +31,8 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
     """
     from lora_tools.recipes.run import plan_recipe, run_recipe
 
-    plan = plan_recipe(recipe, sets=sets)
-    jobs = plan.selected(only)
-    if only and not jobs:
-        raise click.ClickException(f"No job matches --only {', '.join(only)} (jobs: {', '.join(j.name for j in plan.jobs)}).")
+    plan = plan_recipe(recipe, sets=sets, only=only)
+    jobs = plan.jobs
     if dry_run:
         _print_plan(plan, jobs, as_json)
         return
@@ -59,7 +57,7 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
 
     from lora_tools.recipes.executor import LocalExecutor
 
-    results = run_recipe(plan, executor=LocalExecutor(progress_for), only=only, fail_fast=fail_fast, on_event=on_event)
+    results = run_recipe(plan, executor=LocalExecutor(progress_for), fail_fast=fail_fast, on_event=on_event)
     if as_json:
         click.echo(json.dumps({"results": [{"name": r.name, "outcome": r.outcome, "seconds": round(r.seconds, 3),
                                             "outputs": list(r.outputs), "message": r.message} for r in results]},

@@ -38,6 +38,11 @@ class RecipePlan:
     checks: dict[str, JobCheck] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     output_dir: Path = Path(".")
+    all_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def outputs_of(self, name: str) -> tuple[str, ...]:
+        """The outputs of job ``name`` (also of jobs left out by ``only``)."""
+        return self.all_outputs.get(name, ())
 
     def selected(self, only: Sequence[str] = ()) -> list[ResolvedJob]:
         """The jobs named in ``only`` (``fnmatch`` patterns), or all."""
@@ -153,12 +158,13 @@ def _validate_job(ej: ExpandedJob, marks: Marks) -> Job:
         raise RecipeError(message + suffix, location=where) from None
 
 
-def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), check: bool = True) -> RecipePlan:
+def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[str] = (), check: bool = True) -> RecipePlan:
     """Load, validate and resolve a recipe file, and check every job's plan.
 
     Args:
         path: the recipe (YAML).
         sets: ``key=value`` overrides (see :func:`apply_sets`).
+        only: job-name patterns (``fnmatch``): plan and keep only these jobs.
         check: plan each job through the library (``False`` for a schema-only look).
 
     Raises:
@@ -237,7 +243,13 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), check: bool = Tru
             lora["lora"] = ref(lora["lora"], ("jobs", ej.index, job.kind, "loras", i, "lora"))
         resolved.append(ResolvedJob(ej.name, job.kind, opts, outputs_of[ej.name], tuple(dict.fromkeys(deps)),
                                     head.created, marks.at(("jobs", ej.index))))
-    plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir)
+    plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir, outputs_of)
+    if only:
+        chosen = plan.selected(only)
+        if not chosen:
+            raise RecipeError(f"no job matches {', '.join(only)} (jobs: {', '.join(j.name for j in plan.jobs)})",
+                              location="--only")
+        plan.jobs = chosen
     if check:
         check_all(plan)
     return plan
@@ -276,8 +288,8 @@ def check_all(plan: RecipePlan) -> None:
     """Plan every job whose inputs exist (library checks); a job reading another's output that is
     not written yet is ``pending``. Raises the first problem as a :class:`RecipeError`."""
     for job in plan.jobs:
-        pending = [d for d in job.depends_on if plan.checks[d].state != "skip" or
-                   not all(Path(o).exists() for o in next(j for j in plan.jobs if j.name == d).outputs)]
+        pending = [d for d in job.depends_on if (d in plan.checks and plan.checks[d].state != "skip")
+                   or not all(Path(o).exists() for o in plan.outputs_of(d))]
         if pending:
             plan.checks[job.name] = JobCheck("pending", f"after '{pending[0]}'")
             continue

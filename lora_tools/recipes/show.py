@@ -38,12 +38,12 @@ def recipe_from_record(record: Mapping[str, Any], output: str | Path, kind: str 
     """
     out = Path(output)
     if record.get("operation") != "fuse":
-        raise RecipeError(f"'{out}' was made by '{record.get('operation')}', which recipes do not run yet",
+        raise RecipeError(f"made by '{record.get('operation')}', which recipes do not run yet",
                           location=str(out))
     sources = list(record.get("sources") or [])
     base = next((s for s in sources if s.get("role") == "base"), None)
     if base is None:
-        raise RecipeError(f"'{out}': its loratool record names no base", location=str(out))
+        raise RecipeError("its loratool record names no base", location=str(out))
     inputs: dict[str, Any] = {"base": _input(base)}
     fuse: dict[str, Any] = {"base": "base"}
     loras: list[dict[str, Any]] = []
@@ -79,7 +79,7 @@ def recipe_of_file(path: str | Path) -> dict[str, Any]:
     header = read_header(path)
     record = read_record(header.metadata)
     if record is None:
-        raise RecipeError(f"'{path}' has no loratool record: it was not made by loratool", location=str(path))
+        raise RecipeError("no loratool record: it was not made by loratool", location=str(path))
     kind = "checkpoint" if any(k.startswith("model.diffusion_model.") for k in header.tensors) else "unet"
     return recipe_from_record(record, path, kind)
 
