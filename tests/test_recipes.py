@@ -8,6 +8,7 @@ tensors must be identical, byte for byte.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 def test_lightning_4step_example_matches_loratool_fuse(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "out"
+    dry = invoke("run", REPO_RECIPES / "lightning-4step.yaml", "--dry-run", *sets(assets, base=assets.base_a, output_dir=out))
+    lines = dry.stdout.splitlines()
+    assert lines[0] == f"Recipe: {REPO_RECIPES / 'lightning-4step.yaml'} (1 jobs, outputs in {out})"
+    assert re.fullmatch(r"juggernaut-lightning-4step \(fuse\): run, peak memory about \d+\.\d MiB", lines[1])
+    assert re.fullmatch(rf"  -> {re.escape(str(out))}/juggernaut-lightning-4step.safetensors \(about \d+\.\d MiB\)",
+                        lines[2])
+    assert lines[-1] == "Dry run: nothing was written." and not out.exists()
     invoke("run", REPO_RECIPES / "lightning-4step.yaml", "-q", *sets(assets, base=assets.base_a, output_dir=out))
     made = out / "juggernaut-lightning-4step.safetensors"
     oracle = tmp_path / "oracle.safetensors"

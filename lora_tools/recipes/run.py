@@ -78,10 +78,8 @@ def apply_sets(doc: dict[str, Any], sets: Sequence[str], marks: Marks) -> None:
         inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else {}
         if "." not in key and key in inputs:
             path = str(Path(str(value)).expanduser().resolve())
-            if isinstance(inputs[key], dict) and "path" in inputs[key]:
-                inputs[key]["path"] = path
-            else:
-                inputs[key] = path
+            pinned = inputs[key].get("sha256") if isinstance(inputs[key], dict) else None
+            inputs[key] = {"path": path, "sha256": pinned} if pinned else path  # a hub input becomes local
             marks.marks[("inputs", key)] = where
         elif "." not in key and key in (doc.get("vars") or {}):
             doc["vars"][key] = value
