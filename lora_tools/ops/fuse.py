@@ -102,8 +102,9 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
     return entry
 
 
-def provenance_record(plan: FusePlan) -> dict[str, object]:
-    """The ``loratool`` metadata record of a fuse."""
+def provenance_record(plan: FusePlan, *, created: str | None = None) -> dict[str, object]:
+    """The ``loratool`` metadata record of a fuse (``created``: its UTC time, default now; a
+    recipe re-run passes the recorded one, so the file comes out bit for bit the same)."""
     sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
         entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
@@ -117,7 +118,7 @@ def provenance_record(plan: FusePlan) -> dict[str, object]:
     preset = plan.preset.name if plan.preset is not None else None
     return build_record("fuse", sources=sources, sampler=plan.sampler.to_dict() if plan.sampler is not None else None,
                         preset=preset, method=plan.method, lightning_steps=plan.lightning_steps,
-                        output_dtype=plan.out_dtype or "keep")
+                        output_dtype=plan.out_dtype or "keep", created=created)
 
 
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
@@ -162,16 +163,18 @@ def fuse_patches(plan: FusePlan) -> dict[str, list[Contribution]]:
     return patches
 
 
-def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: StageHook | None = None) -> FuseResult:
+def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: StageHook | None = None,
+             created: str | None = None) -> FuseResult:
     """Stream the base once and write every planned output.
 
     Args:
         plan: from :func:`~lora_tools.ops.fuse_plan.plan_fuse`.
         progress: called with the bytes of each tensor once processed.
         stage_hook: wraps the engine's read/process/write stages (see :func:`lora_tools.engine.stream`).
+        created: the UTC time to record (a recipe's, so a rebuild is bit-identical); default now.
     """
     start = time.perf_counter()
-    record = provenance_record(plan)
+    record = provenance_record(plan, created=created)
     patches = fuse_patches(plan)
     order = stream_order(plan.base.refs, patches)
     sinks = _make_sinks(plan, record, order)

@@ -1,0 +1,104 @@
+"""``loratool run``: run a YAML recipe (validated whole first; up-to-date outputs are skipped)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lora_tools.cli._output import format_bytes, safe_text
+
+
+@click.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--dry-run", is_flag=True, help="Print the expanded jobs (outputs, sizes, peak memory, what would run) and write nothing.")
+@click.option("--only", multiple=True, metavar="NAME", help="Run only the jobs with this name (glob pattern). Repeatable.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override an input's path (NAME=PATH, its sha256 pin kept), a var, output_dir, or any dotted key. Repeatable.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed job (default: run the others).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or the results as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[str, ...], fail_fast: bool,
+                as_json: bool, quiet: bool) -> None:
+    """Run the jobs of RECIPE (a YAML file, ``version: 1``).
+
+    \b
+    Example:
+        loratool run recipes/lightning-4step.yaml --set base=juggernaut.safetensors
+        loratool run recipes/publisher-batch.yaml --dry-run
+    """
+    from lora_tools.recipes.run import plan_recipe, run_recipe
+
+    plan = plan_recipe(recipe, sets=sets, only=only)
+    jobs = plan.jobs
+    if dry_run:
+        _print_plan(plan, jobs, as_json)
+        return
+    from lora_tools.cli._progress import byte_progress
+
+    bars: list = []
+
+    def progress_for(job):  # type: ignore[no-untyped-def]
+        check = plan.checks.get(job.name)
+        total = sum(check.output_bytes.values()) if check else 0
+        ctx = byte_progress(total, job.name, enabled=not quiet and not as_json)
+        bars.append(ctx)
+        return ctx.__enter__()
+
+    def on_event(job, what, result):  # type: ignore[no-untyped-def]
+        if what == "end":
+            while bars:
+                bars.pop().__exit__(None, None, None)
+            if not as_json and not quiet and result is not None:
+                click.echo(f"[{result.outcome}] {safe_text(job.name)}" + (f": {safe_text(result.message)}" if result.message else ""),
+                           err=True)
+
+    from lora_tools.recipes.executor import LocalExecutor
+
+    results = run_recipe(plan, executor=LocalExecutor(progress_for), fail_fast=fail_fast, on_event=on_event)
+    if as_json:
+        click.echo(json.dumps({"results": [{"name": r.name, "outcome": r.outcome, "seconds": round(r.seconds, 3),
+                                            "outputs": list(r.outputs), "message": r.message} for r in results]},
+                              indent=2))
+    else:
+        _print_summary(results)
+    if any(r.outcome in ("failed", "not run") for r in results):
+        failed = sum(r.outcome == "failed" for r in results)
+        click.echo(f"Error: {failed} of {len(results)} jobs failed.", err=True)
+        sys.exit(1)
+
+
+def _print_plan(plan, jobs, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    rows = []
+    for job in jobs:
+        check = plan.checks.get(job.name)
+        rows.append({"name": job.name, "kind": job.kind, "state": check.state if check else "pending",
+                     "reason": check.reason if check else "", "depends_on": list(job.depends_on),
+                     "outputs": [{"path": o, "bytes": (check.output_bytes.get(o) if check else None)} for o in job.outputs],
+                     "peak_bytes": check.peak_bytes if check else None, "options": job.options})
+    if as_json:
+        click.echo(json.dumps({"recipe": str(plan.path), "output_dir": str(plan.output_dir), "jobs": rows}, indent=2))
+        return
+    click.echo(f"Recipe: {safe_text(plan.path)} ({len(jobs)} jobs, outputs in {safe_text(plan.output_dir)})")
+    for row in rows:
+        peak = f", peak memory about {format_bytes(row['peak_bytes'])}" if row["peak_bytes"] else ""
+        click.echo(f"{safe_text(row['name'])} ({row['kind']}): {row['state']}"
+                   + (f" ({safe_text(row['reason'])})" if row["reason"] and row["state"] != "run" else "") + peak)
+        for o in row["outputs"]:
+            size = f" (about {format_bytes(o['bytes'])})" if o["bytes"] is not None else ""
+            click.echo(f"  -> {safe_text(Path(o['path']))}{size}")
+    click.echo("Dry run: nothing was written.")
+
+
+def _print_summary(results) -> None:  # type: ignore[no-untyped-def]
+    width = max([len(r.name) for r in results] + [3])
+    click.echo(f"{'job':<{width}}  {'state':<8}  {'time':>7}  output")
+    for r in results:
+        out = ", ".join(safe_text(Path(o).name) for o in r.outputs)
+        click.echo(f"{safe_text(r.name):<{width}}  {r.outcome:<8}  {r.seconds:>6.1f}s  {out}")
+        if r.message and r.outcome != "skipped":
+            click.echo(f"{'':<{width}}  {safe_text(r.message)}")
+    counts = {k: sum(r.outcome == k for r in results) for k in ("done", "skipped", "failed", "not run")}
+    click.echo(", ".join(f"{n} {k}" for k, n in counts.items() if n) + ".")

@@ -1,0 +1,224 @@
+"""One adapter per job kind, over the library functions (``fuse`` -> ``plan_fuse``/``run_fuse``).
+
+A :class:`ResolvedJob` is plain, picklable data (absolute paths, validated options), so any
+executor (this process, a pool, a cluster) can ship it to where it runs; :func:`check_job` and
+:func:`run_job` are module-level functions of it alone. Each adapter decides whether an output
+is up to date by comparing the ``loratool`` record the job *would* write with the one the file
+holds (inputs with sha256, tool version, every option), ``created`` excepted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+from lora_tools.errors import LoraToolsError, OutputExistsError
+from lora_tools.provenance import read_record
+
+State = Literal["run", "redo", "skip", "pending"]
+Outcome = Literal["done", "skipped", "failed", "not run"]
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A job ready to run: every reference resolved to an absolute path.
+
+    Attributes:
+        name: unique job name (after matrix expansion).
+        kind: the job kind (``fuse``).
+        options: the kind's validated options; inputs are absolute paths.
+        outputs: absolute output paths, in the order the kind writes them.
+        depends_on: names of the jobs whose outputs this job reads.
+        created: the UTC time to record (a recipe's ``created``), or ``None`` for now.
+        source: ``recipe.yaml:12:5`` of the job, for messages.
+    """
+
+    name: str
+    kind: str
+    options: dict[str, Any]
+    outputs: tuple[str, ...]
+    depends_on: tuple[str, ...] = ()
+    created: str | None = None
+    source: str = ""
+
+
+@dataclass
+class JobCheck:
+    """What running a job would do: ``run`` (no output yet), ``redo`` (``reason`` says what differs),
+    ``skip`` (up to date) or ``pending`` (an input is another job's output, not made yet)."""
+
+    state: State
+    reason: str = ""
+    output_bytes: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int | None = None
+
+
+@dataclass
+class JobResult:
+    """How a job ended: ``done``, ``skipped`` (up to date), ``failed`` (``message``) or ``not run``."""
+
+    name: str
+    outcome: Outcome
+    seconds: float = 0.0
+    outputs: tuple[str, ...] = ()
+    message: str = ""
+
+
+class JobAdapter(Protocol):
+    """Runs one kind of job through the library."""
+
+    kind: str
+
+    def check(self, job: ResolvedJob) -> JobCheck:
+        """Plan the job (everything checked, nothing written) and compare with existing outputs."""
+
+    def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
+        """Plan, then write the outputs unless they are up to date."""
+
+
+def strip_created(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A record without its timestamp (what up-to-date checks compare)."""
+    if record is None:
+        return None
+    return {k: v for k, v in record.items() if k != "created"}
+
+
+def record_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human lines for what differs between two records (``sources[1].strength: 1.0 -> 0.8``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{k}" if path else str(k)
+            if k not in old:
+                out.append(f"{where}: added")
+            elif k not in new:
+                out.append(f"{where}: removed")
+            else:
+                out += record_diff(old[k], new[k], where)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in record_diff(a, b, f"{path}[{i}]")]
+    if old != new:
+        def short(v: Any) -> str:
+            text = repr(v) if not isinstance(v, str) else v
+            return text if len(text) <= 24 else text[:12] + "..."
+        return [f"{path}: {short(old)} -> {short(new)}"]
+    return []
+
+
+def existing_record(path: Path) -> tuple[bool, dict[str, Any] | None]:
+    """``(exists, record)`` of an output file (record ``None``: not written by loratool)."""
+    from lora_tools.safetensors_io import read_header
+
+    if not path.exists():
+        return False, None
+    try:
+        return True, read_record(read_header(path).metadata)
+    except LoraToolsError:
+        return True, None
+
+
+def compare_outputs(outputs: tuple[str, ...], expected: Mapping[str, Any]) -> tuple[State, str]:
+    """``run``/``redo``/``skip`` and why, for outputs that should hold record ``expected``.
+
+    Raises:
+        [`OutputExistsError`]: an output exists but was not written by loratool (never replaced).
+    """
+    want = strip_created(expected)
+    missing: list[str] = []
+    differ: list[str] = []
+    for out in outputs:
+        exists, record = existing_record(Path(out))
+        if not exists:
+            missing.append(Path(out).name)
+            continue
+        if record is None:
+            raise OutputExistsError(f"'{out}' already exists and was not written by loratool: remove it or choose "
+                                    "another output name; a recipe only replaces its own outputs.")
+        changes = record_diff(strip_created(record), want)
+        if changes:
+            differ.append(f"{Path(out).name}: " + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else ""))
+    if differ:
+        return "redo", "; ".join(differ)
+    if missing:
+        return ("run" if len(missing) == len(outputs) else "redo"), "missing " + ", ".join(missing)
+    return "skip", "up to date"
+
+
+class FuseJob:
+    """``fuse`` jobs: :func:`lora_tools.plan_fuse` then :func:`lora_tools.run_fuse`."""
+
+    kind = "fuse"
+
+    @staticmethod
+    def plan(job: ResolvedJob):  # type: ignore[no-untyped-def]
+        from lora_tools.ops.fuse_plan import plan_fuse
+
+        o = job.options
+        plan = plan_fuse(
+            o["base"], lightning=o.get("lightning"), method=o.get("method", "lora"),
+            loras=[(x["lora"], float(x["strength"])) for x in o.get("loras", [])],
+            saves=tuple(o.get("saves", ["checkpoint"])), output=o["output"], dtype=o.get("dtype", "keep"),
+            lightning_strength=float(o.get("strength", 1.0)), allow_unmatched=bool(o.get("allow_unmatched")),
+            force=bool(o.get("force")), overwrite=True, revision=o.get("revision"),
+            lightning_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
+            hash_base=True,
+        )
+        planned = tuple(str(s.path) for s in plan.outputs)
+        if planned != job.outputs:  # the recipe's validation and the library must agree
+            plan.close()
+            raise AssertionError(f"fuse job '{job.name}': outputs {planned} != {job.outputs}")
+        return plan
+
+    def check(self, job: ResolvedJob) -> JobCheck:
+        from lora_tools.ops.fuse import provenance_record
+
+        plan = self.plan(job)
+        try:
+            state, reason = compare_outputs(job.outputs, provenance_record(plan, created=job.created))
+            sizes = {str(s.path): plan.output_bytes(s.kind) for s in plan.outputs}
+            return JobCheck(state, reason, sizes, plan.predicted_peak_bytes())
+        finally:
+            plan.close()
+
+    def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
+        from lora_tools.ops.fuse import provenance_record, run_fuse
+
+        start = time.perf_counter()
+        plan = self.plan(job)
+        try:
+            state, reason = compare_outputs(job.outputs, provenance_record(plan, created=job.created))
+            if state == "skip":
+                return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
+            run_fuse(plan, progress=progress, created=job.created)
+            return JobResult(job.name, "done", time.perf_counter() - start, job.outputs,
+                             reason if state == "redo" else "")
+        finally:
+            plan.close()
+
+
+#: Job kind -> adapter. A new kind adds one adapter here and one options model in the schema.
+ADAPTERS: dict[str, JobAdapter] = {"fuse": FuseJob()}
+
+
+def check_job(job: ResolvedJob) -> JobCheck:
+    """Plan ``job`` and say what running it would do (see :class:`JobCheck`)."""
+    return ADAPTERS[job.kind].check(job)
+
+
+def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
+    """Run ``job``: a failure becomes a ``failed`` result (the message names the file and the problem)."""
+    start = time.perf_counter()
+    try:
+        return ADAPTERS[job.kind].run(job, progress)
+    except LoraToolsError as e:
+        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, str(e))
+    except OSError as e:
+        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, f"{type(e).__name__}: {e}")
+
+
+__all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "FuseJob", "ADAPTERS", "check_job", "run_job",
+           "record_diff", "compare_outputs"]

@@ -1,0 +1,94 @@
+"""The recipe that made a file, derived from its ``loratool`` record.
+
+Works for files made by ``loratool run`` and by the plain commands (``loratool fuse``): the
+record holds every input (name, sha256, strength), the method, the output dtype and the time.
+Inputs are named by their file names (relative to the recipe's folder; pass others with
+``--set NAME=PATH``) and pinned by sha256 where the record has it; ``created`` is the
+record's, so running the recipe again writes the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from lora_tools.errors import RecipeError
+from lora_tools.provenance import read_record
+from lora_tools.safetensors_io import read_header
+
+_DTYPES = {"keep": "keep", "F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+
+
+def _input(entry: Mapping[str, Any]) -> Any:
+    name = str(entry.get("name") or entry.get("tuned") or "")
+    sha = entry.get("sha256")
+    return {"path": name, "sha256": sha} if isinstance(sha, str) and len(sha) == 64 else name
+
+
+def recipe_from_record(record: Mapping[str, Any], output: str | Path, kind: str = "checkpoint") -> dict[str, Any]:
+    """A ``version: 1`` recipe (plain values) that rebuilds the file holding ``record``.
+
+    Args:
+        record: the file's parsed ``loratool`` record.
+        output: the file's path (its name becomes the job's output).
+        kind: ``checkpoint`` or ``unet`` (which of a fuse's outputs the file is).
+
+    Raises:
+        [`RecipeError`]: the record is not one of an operation a recipe can run.
+    """
+    out = Path(output)
+    if record.get("operation") != "fuse":
+        raise RecipeError(f"made by '{record.get('operation')}', which recipes do not run yet",
+                          location=str(out))
+    sources = list(record.get("sources") or [])
+    base = next((s for s in sources if s.get("role") == "base"), None)
+    if base is None:
+        raise RecipeError("its loratool record names no base", location=str(out))
+    inputs: dict[str, Any] = {"base": _input(base)}
+    fuse: dict[str, Any] = {"base": "base"}
+    loras: list[dict[str, Any]] = []
+    for i, s in enumerate(x for x in sources if x.get("role") == "lora"):
+        name = f"lora{i + 1}"
+        inputs[name] = _input(s)
+        loras.append({"lora": name, "strength": float(s.get("strength", 1.0))})
+    diffs = [s for s in sources if s.get("role") == "unet-difference"]
+    if diffs:
+        steps = record.get("lightning_steps")
+        inputs["lightning_dir"] = {"path": "."}
+        fuse.update({"lightning": steps, "method": "unet", "strength": float(diffs[0].get("strength", 1.0)),
+                     "lightning_dir": "lightning_dir"})
+    if loras:
+        fuse["loras"] = loras
+    fuse["dtype"] = _DTYPES.get(str(record.get("output_dtype", "keep")), "keep")
+    fuse["saves"] = [kind]
+    fuse["output"] = out.name
+    recipe: dict[str, Any] = {"version": 1}
+    if record.get("created"):
+        recipe["created"] = record["created"]
+    recipe.update({"output_dir": ".", "inputs": inputs, "jobs": [{"name": out.stem, "fuse": fuse}]})
+    return recipe
+
+
+def recipe_of_file(path: str | Path) -> dict[str, Any]:
+    """The recipe that made ``path`` (see :func:`recipe_from_record`).
+
+    Raises:
+        [`InvalidFileError`]: not a safetensors file.
+        [`RecipeError`]: the file has no ``loratool`` record.
+    """
+    header = read_header(path)
+    record = read_record(header.metadata)
+    if record is None:
+        raise RecipeError("no loratool record: it was not made by loratool", location=str(path))
+    kind = "checkpoint" if any(k.startswith("model.diffusion_model.") for k in header.tensors) else "unet"
+    return recipe_from_record(record, path, kind)
+
+
+def dump_recipe(recipe: Mapping[str, Any]) -> str:
+    """YAML text of a recipe, keys in recipe order."""
+    import yaml
+
+    return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+__all__ = ["recipe_from_record", "recipe_of_file", "dump_recipe"]
