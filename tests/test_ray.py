@@ -31,8 +31,12 @@ INSIDE = os.environ.get("LORATOOL_RAY_NETNS") == "1"
 
 
 def _only_loopback() -> bool:
+    """This process's network namespace has no interface but loopback (asked of the kernel:
+    /sys/class/net shows the namespace sysfs was mounted in, not ours)."""
+    import socket
+
     try:
-        return sorted(os.listdir("/sys/class/net")) == ["lo"]
+        return [name for _, name in socket.if_nameindex()] == ["lo"]
     except OSError:
         return False
 
