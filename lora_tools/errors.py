@@ -118,3 +118,7 @@ class RecipeError(LoraToolsError, ValueError):
     def render(self, spell_param: "object | None" = None) -> str:
         text = super().render(spell_param)
         return f"{self.location}: {text}" if self.location else text
+
+
+class ClusterError(LoraToolsError, ConnectionError):
+    """A distributed executor cannot reach or join its cluster."""

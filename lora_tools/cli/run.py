@@ -20,8 +20,16 @@ from lora_tools.cli._output import format_bytes, safe_text
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed job (default: run the others).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or the results as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where jobs run: this process, or Ray tasks (pip install 'lora-tools[ray]').")
+@click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (HOST:PORT, ray://HOST:PORT, auto); "
+              "default: start a local Ray instance on 127.0.0.1 for this run.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), metavar="N", help="With --executor ray: at most N jobs at once per node.")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="With --executor ray: how often a job whose worker died is run again.")
 def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[str, ...], fail_fast: bool,
-                as_json: bool, quiet: bool) -> None:
+                as_json: bool, quiet: bool, executor: str, address: str | None, max_in_flight: int | None,
+                retries: int) -> None:
     """Run the jobs of RECIPE (a YAML file, ``version: 1``).
 
     \b
@@ -55,9 +63,19 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
                 click.echo(f"[{result.outcome}] {safe_text(job.name)}" + (f": {safe_text(result.message)}" if result.message else ""),
                            err=True)
 
-    from lora_tools.recipes.executor import LocalExecutor
+    if executor == "ray":
+        from lora_tools.recipes.ray_executor import RayExecutor
 
-    results = run_recipe(plan, executor=LocalExecutor(progress_for), fail_fast=fail_fast, on_event=on_event)
+        # Workers show no progress bars; the driver prints one line per finished job.
+        chosen = RayExecutor(address=address, max_in_flight=max_in_flight, retries=retries,
+                             peak_bytes={name: c.peak_bytes for name, c in plan.checks.items()})
+    else:
+        if address or max_in_flight:
+            raise click.UsageError("--address and --max-in-flight go with --executor ray.")
+        from lora_tools.recipes.executor import LocalExecutor
+
+        chosen = LocalExecutor(progress_for)
+    results = run_recipe(plan, executor=chosen, fail_fast=fail_fast, on_event=on_event)
     if as_json:
         click.echo(json.dumps({"results": [{"name": r.name, "outcome": r.outcome, "seconds": round(r.seconds, 3),
                                             "outputs": list(r.outputs), "message": r.message} for r in results]},
