@@ -32,6 +32,9 @@ PARAM_FLAGS: dict[str, str] = {
     "license": "--license",
     "config": "--config",
     "base": "--base",
+    "against": "--against",
+    "out": "--out",
+    "prompt": "--prompt",
 }
 
 
@@ -110,6 +113,8 @@ def main() -> None:
 from lora_tools.cli.demo import demo_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
+from lora_tools.cli.presets import presets_command  # noqa: E402
+from lora_tools.cli.verify import verify_command  # noqa: E402
 
-for _command in (inspect_command, fuse_command, demo_command):
+for _command in (inspect_command, fuse_command, presets_command, verify_command, demo_command):
     cli.add_command(_command)
