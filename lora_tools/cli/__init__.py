@@ -35,6 +35,9 @@ PARAM_FLAGS: dict[str, str] = {
     "license": "--license",
     "config": "--config",
     "base": "--base",
+    "against": "--against",
+    "out": "--out",
+    "prompt": "--prompt",
 }
 
 
@@ -163,13 +166,13 @@ from lora_tools.cli.merge import merge_command  # noqa: E402
 from lora_tools.cli.convert import convert_command  # noqa: E402
 from lora_tools.cli.extract import extract_command  # noqa: E402
 from lora_tools.cli.analyze import analyze_command  # noqa: E402
-
+from lora_tools.cli.presets import presets_command  # noqa: E402
+from lora_tools.cli.verify import verify_command  # noqa: E402
 from lora_tools.cli.publish import publish_command  # noqa: E402
 from lora_tools.cli.recipe import recipe_group  # noqa: E402
 from lora_tools.cli.run import run_command  # noqa: E402
 
-
-for _command in (inspect_command, check_command, fuse_command, rescale_command, resize_command, merge_command,
-                 convert_command, extract_command, analyze_command, run_command, recipe_group, publish_command,
-                 demo_command):
+for _command in (inspect_command, check_command, fuse_command, presets_command, verify_command, rescale_command,
+                 resize_command, merge_command, convert_command, extract_command, analyze_command, run_command,
+                 recipe_group, publish_command, demo_command):
     cli.add_command(_command)

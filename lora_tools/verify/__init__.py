@@ -1,0 +1,334 @@
+"""``verify``: sample a model with the settings it needs, and prove a fused file faithful.
+
+Plan first (:func:`plan_verify`: every check on the arguments and the files, nothing loaded or
+written), then run (:func:`run_verify`); :func:`verify_model` does both. The CLI and a recipe's
+verify job call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_tools.errors import Hint, NonFiniteError, OutputExistsError, UsageError
+from lora_tools.presets import PRESETS, AccelerationPreset, SamplerSettings, get_preset, identify_file, sampler_from_record
+from lora_tools.provenance import read_record
+from lora_tools.verify.report import ImageResult, VerifyReport
+
+__all__ = ["DEFAULT_PROMPTS", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
+
+DEFAULT_PROMPTS: tuple[str, ...] = ("a cat", "a lighthouse at dusk")
+
+#: The "wrong settings" column of ``show_wrong``: what users try first (leading spacing, CFG 7, 30 steps).
+WRONG_SETTINGS = SamplerSettings(scheduler="EulerDiscreteScheduler", timestep_spacing="leading", steps=30,
+                                 guidance_scale=7.0, prediction_type="epsilon", comfy_sampler="euler",
+                                 comfy_scheduler="normal", comfy_cfg=7.0)
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    """Everything :func:`run_verify` will do, checked.
+
+    Attributes:
+        model: the model path; ``kind`` ``"checkpoint"``, ``"unet"`` or ``"diffusers"``.
+        preset: the preset name, if the settings come from one.
+        sampler: the settings to sample with.
+        prompts, seeds, size: what to render (``size`` is ``(width, height)``).
+        against, loras: the base and the runtime LoRAs (path, strength) of a faithfulness check.
+        device, dtype: where and how the pipelines run.
+        out: the output folder, or ``None`` (nothing written).
+    """
+
+    model: Path
+    kind: str
+    preset: str | None
+    sampler: SamplerSettings
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    size: tuple[int, int]
+    base: Path | None
+    config: Path | None
+    against: Path | None
+    loras: tuple[tuple[Path, float], ...]
+    device: str
+    dtype: str
+    compile: bool
+    show_wrong: bool
+    workflow: bool
+    out: Path | None
+    metadata: dict[str, str]
+
+
+def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[str] = DEFAULT_PROMPTS,
+                seeds: Sequence[int] = (0,), size: tuple[int, int] = (1024, 1024), steps: int | None = None,
+                force: bool = False, base: str | Path | None = None, config: str | Path | None = None,
+                against: str | Path | None = None, loras: Sequence[tuple[str | Path, float]] = (),
+                device: str = "auto", dtype: str = "auto", compile: bool = False, show_wrong: bool = False,
+                workflow: bool = False, out: str | Path | None = None, overwrite: bool = False) -> VerifyPlan:
+    """Check the arguments and the files of a verify run, load nothing.
+
+    Args:
+        model: fused single-file checkpoint, standalone UNet (with ``base``) or diffusers folder.
+        preset: ``"auto"`` (the settings fuse recorded in the file, else the file's identity) or a name.
+        steps: another step count; refused when it contradicts the model unless ``force``.
+        against, loras: render BASE with ``loras`` applied at run time and compare with ``model``.
+        out: folder for the grid, the images, ``report.json`` and ``report.md``.
+
+    Raises:
+        [`UsageError`]: no settings to be found, contradicting steps or preset, bad sizes or devices.
+        [`OutputExistsError`]: ``out`` holds an earlier report and ``overwrite`` is not set.
+    """
+    from lora_tools.verify.pipeline import model_kind
+    from lora_tools.verify.sampler import pick_device
+    from lora_tools.safetensors_io import read_header
+
+    path = Path(model)
+    kind = model_kind(path)
+    meta_file = path / "unet" / "diffusion_pytorch_model.safetensors" if kind == "diffusers" else path
+    metadata = dict(read_header(meta_file).metadata) if meta_file.is_file() and meta_file.suffix != ".bin" else {}
+    record = read_record(metadata)
+    recorded = sampler_from_record(record)
+    recorded_name = _recorded_preset(record)
+    chosen: AccelerationPreset | None = None
+    if preset == "auto":
+        if recorded is None:
+            chosen = identify_file(str(path))
+            if chosen is None:
+                raise UsageError(f"{path}: no sampler settings recorded in the file and its name is no known preset",
+                                 hint=Hint("preset", "with a preset name (see loratool presets)", "NAME"))
+            sampler, name = chosen.sampler, chosen.name
+        else:
+            sampler, name = recorded, recorded_name
+    else:
+        chosen = get_preset(preset)
+        sampler, name = chosen.sampler, chosen.name
+        if recorded_name is not None and recorded_name != chosen.name and not force:
+            raise UsageError(f"{path} was fused with {recorded_name}, not {chosen.name}",
+                             hint=Hint("force", "to sample it with another preset"))
+    if steps is not None and steps != sampler.steps:
+        allowed = sampler.steps_range is not None and sampler.steps_range[0] <= steps <= sampler.steps_range[1]
+        if not allowed and not force:
+            raise UsageError(f"{path} is a {sampler.steps}-step model ({name or 'recorded settings'}): "
+                             f"{steps} steps contradict it", hint=Hint("force", "to sample with them anyway"))
+        if steps < 1:
+            raise UsageError(f"steps must be positive, got {steps}.", hint=Hint("steps", "", "N"))
+        sampler = dataclasses.replace(sampler, steps=steps, timesteps=None)
+    width, height = size
+    if width % 8 or height % 8 or width < 8 or height < 8:
+        raise UsageError(f"size {width}x{height}: width and height must be positive multiples of 8.",
+                         hint=Hint("size", "", "WxH"))
+    if not prompts:
+        raise UsageError("no prompts to render.", hint=Hint("prompt", "", "TEXT"))
+    if against is None and loras:
+        raise UsageError("runtime LoRAs need the base they apply to", hint=Hint("against", "with the base", "BASE"))
+    if against is not None and not loras:
+        raise UsageError("a faithfulness check needs the LoRAs the model was fused with",
+                         hint=Hint("lora", "for each of them", "SRC[:S]"))
+    for p in [x for x in (base, config, against) if x is not None] + [p for p, _ in loras]:
+        if not Path(p).exists():
+            raise UsageError(f"{p}: no such file or folder.")
+    run_device = pick_device(device)
+    run_dtype = dtype if dtype != "auto" else ("fp16" if run_device == "cuda" else "fp32")
+    if run_dtype not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and (out_dir / "report.json").exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds a verify report", hint=Hint("overwrite", "to replace it"))
+    return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
+                      Path(base) if base else None, Path(config) if config else None,
+                      Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
+                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata)
+
+
+def _recorded_preset(record: dict[str, Any] | None) -> str | None:
+    if not record:
+        return None
+    name = record.get("preset")
+    if isinstance(name, str) and name.lower() in PRESETS:
+        return name.lower()
+    steps = record.get("lightning_steps")
+    return f"lightning-{steps}step" if isinstance(steps, int) and f"lightning-{steps}step" in PRESETS else None
+
+
+def _render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tuple[int, int],
+            where: str) -> tuple[Any, Any, float, list[float]]:
+    """One image: final latents, the fp32-decoded image tensor, seconds, seconds per step."""
+    import torch
+
+    from lora_tools.verify.sampler import quiet_diffusers
+
+    device = pipe.unet.device
+    stamps: list[float] = []
+
+    def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode(), quiet_diffusers():
+        latents = pipe(prompt=prompt, generator=generator, width=size[0], height=size[1], output_type="latent",
+                       callback_on_step_end=on_step, **sampler.call_kwargs()).images
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError(f"{where}: NaN or Inf in the latents after the UNet (prompt {prompt!r}, seed {seed}).")
+        vae = pipe.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(decoded).all():
+        raise NonFiniteError(f"{where}: NaN or Inf in the VAE decode (prompt {prompt!r}, seed {seed}).")
+    steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
+    return latents.float().cpu(), decoded.float().cpu(), seconds, steps
+
+
+def _prepare(pipe: Any, sampler: SamplerSettings) -> None:
+    """The row's scheduler over the model's own config; the VAE in fp32 (SDXL's overflows in fp16)."""
+    import torch
+
+    from lora_tools.verify.sampler import quiet_diffusers
+
+    pipe.scheduler = sampler.build_scheduler(pipe.scheduler.config)
+    with quiet_diffusers():
+        pipe.vae.to(torch.float32)
+
+
+def run_verify(plan: VerifyPlan) -> VerifyReport:
+    """Render the plan's prompts x seeds, compare with the reference if any, write the outputs.
+
+    A NaN in latents or images is a failed check (``report.failures`` says where), not an exception.
+    """
+    import torch
+
+    from lora_tools.hub import sha256_file
+    from lora_tools.verify.oracle import PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
+    from lora_tools.verify.pipeline import build_pipeline
+
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    loaded = build_pipeline(plan.model, base=plan.base, config=plan.config, dtype=plan.dtype, device=plan.device)
+    pipe = loaded.pipe
+    _prepare(pipe, plan.sampler)
+    compile_seconds = None
+    if plan.compile:
+        start = time.perf_counter()
+        pipe.unet = torch.compile(pipe.unet)
+        _render(pipe, plan.sampler, plan.prompts[0], plan.seeds[0], plan.size, str(plan.model))  # compile, untimed
+        compile_seconds = time.perf_counter() - start
+    failures: list[str] = []
+    images: list[ImageResult] = []
+    rendered: dict[tuple[int, int], tuple[Any, Any]] = {}
+    for r, prompt in enumerate(plan.prompts):
+        for c, seed in enumerate(plan.seeds):
+            try:
+                lat, img, secs, steps = _render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model))
+            except NonFiniteError as e:
+                failures.append(str(e))
+                continue
+            rendered[r, c] = lat, img
+            images.append(ImageResult(prompt, seed, secs, steps))
+    timesteps = [int(t) for t in pipe.scheduler.timesteps.tolist()]
+    settings = {"scheduler": type(pipe.scheduler).__name__, "options": plan.sampler.scheduler_options()
+                | ({"timesteps": list(plan.sampler.timesteps)} if plan.sampler.timesteps else {})
+                | ({"eta": plan.sampler.eta} if plan.sampler.eta is not None else {}),
+                "timesteps": timesteps, "steps": len(timesteps), "guidance_scale": plan.sampler.guidance_scale,
+                "prediction_type": pipe.scheduler.config.prediction_type}
+    verdict = threshold = against = None
+    if plan.against is not None:
+        ref = build_pipeline(plan.against, config=plan.config, dtype=plan.dtype, device=plan.device)
+        apply_runtime_loras(ref.pipe, plan.loras)
+        _prepare(ref.pipe, plan.sampler)
+        limit = PSNR_THRESHOLDS_DB[plan.dtype]
+        threshold = {"psnr_db": limit, "on": "final latents", "dtype": plan.dtype}
+        against = {"base": str(plan.against), "loras": [{"path": str(p), "strength": s} for p, s in plan.loras]}
+        worst = math.inf
+        for (r, c), (lat, img) in rendered.items():
+            try:
+                rlat, rimg, _, _ = _render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
+                                           f"{plan.against} + runtime LoRAs")
+            except NonFiniteError as e:
+                failures.append(str(e))
+                continue
+            result = next(i for i in images if i.prompt == plan.prompts[r] and i.seed == plan.seeds[c])
+            result.psnr_db = psnr_db(lat, rlat)
+            result.image_psnr_db = psnr_db(img, rimg)
+            result.max_abs = float((lat - rlat).abs().max())
+            worst = min(worst, result.psnr_db if not math.isnan(result.psnr_db) else -math.inf)
+        verdict = "pass" if not failures and worst >= limit else "fail"
+    model_id: dict[str, Any] = {"path": str(plan.model), "kind": plan.kind}
+    if plan.model.is_file():
+        model_id["sha256"] = sha256_file(plan.model)
+    report = VerifyReport(model_id, plan.preset, settings, plan.device, plan.dtype, images, failures, verdict,
+                          threshold, against, compile_seconds,
+                          int(torch.cuda.max_memory_allocated()) if plan.device == "cuda" else None)
+    if plan.out is not None:
+        _write_outputs(plan, report, rendered, pipe)
+    return report
+
+
+def _to_pil(img: Any) -> Any:
+    from PIL import Image
+
+    arr = ((img[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
+                   pipe: Any) -> None:
+    from PIL import Image
+
+    from lora_tools.verify.grid import make_grid
+    from lora_tools.verify.workflow import comfy_workflow
+
+    assert plan.out is not None
+    out = plan.out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    blank = Image.new("RGB", plan.size, "black")
+    rows: list[list[Any]] = []
+    for r, prompt in enumerate(plan.prompts):
+        row = []
+        for c, seed in enumerate(plan.seeds):
+            im = _to_pil(rendered[r, c][1]) if (r, c) in rendered else blank
+            name = out / "images" / f"p{r}-seed{seed}.png"
+            im.save(name)
+            report.files.append(str(name))
+            for result in report.images:
+                if result.prompt == prompt and result.seed == seed:
+                    result.file = str(name)
+            row.append(im)
+        rows.append(row)
+    columns: list[Any] = list(plan.seeds)
+    if plan.show_wrong:
+        _prepare(pipe, WRONG_SETTINGS)
+        for r, prompt in enumerate(plan.prompts):
+            try:
+                _, img, _, _ = _render(pipe, WRONG_SETTINGS, prompt, plan.seeds[0], plan.size, "wrong settings")
+                rows[r].append(_to_pil(img))
+            except NonFiniteError:
+                rows[r].append(blank)
+        columns.append(f"{plan.seeds[0]} wrong")
+    report.files.append(str(make_grid(rows, plan.prompts, columns, out / "grid.png")))
+    if plan.workflow:
+        wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
+                            width=plan.size[0], height=plan.size[1])
+        path = out / "workflow.json"
+        path.write_text(json.dumps(wf, indent=2) + "\n")
+        report.files.append(str(path))
+    report.files += [str(out / "report.json"), str(out / "report.md")]
+    report.write_json(out / "report.json")
+    (out / "report.md").write_text(report.markdown())
+
+
+def verify_model(model: str | Path, **options: Any) -> VerifyReport:
+    """:func:`plan_verify` then :func:`run_verify` (keyword options as in :func:`plan_verify`)."""
+    return run_verify(plan_verify(model, **options))

@@ -1,0 +1,94 @@
+"""What ``verify`` found: per image timings and faithfulness, the settings run, a verdict; as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ImageResult", "VerifyReport"]
+
+
+def _num(x: float | None) -> float | str | None:
+    """JSON has no inf/nan: write them as strings."""
+    if x is None or math.isfinite(x):
+        return x
+    return str(x)
+
+
+@dataclass
+class ImageResult:
+    """One rendered image: its prompt and seed, timings, and with a reference its distance to it."""
+
+    prompt: str
+    seed: int
+    seconds: float
+    step_seconds: list[float]
+    file: str | None = None
+    psnr_db: float | None = None
+    image_psnr_db: float | None = None
+    max_abs: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("psnr_db", "image_psnr_db", "max_abs"):
+            d[k] = _num(d[k])
+        return d
+
+
+@dataclass
+class VerifyReport:
+    """The result of :func:`lora_tools.verify.run_verify` (``report.json`` holds :meth:`to_dict`)."""
+
+    model: dict[str, Any]
+    preset: str | None
+    settings: dict[str, Any]
+    device: str
+    dtype: str
+    images: list[ImageResult]
+    failures: list[str] = field(default_factory=list)
+    verdict: str | None = None
+    threshold: dict[str, Any] | None = None
+    against: dict[str, Any] | None = None
+    compile_seconds: float | None = None
+    peak_gpu_memory_bytes: int | None = None
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No failed check, and a ``"pass"`` verdict where one was asked for."""
+        return not self.failures and self.verdict in (None, "pass")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "preset": self.preset, "settings": self.settings, "device": self.device,
+                "dtype": self.dtype, "images": [i.to_dict() for i in self.images], "failures": list(self.failures),
+                "verdict": self.verdict, "threshold": self.threshold, "against": self.against,
+                "compile_seconds": self.compile_seconds, "peak_gpu_memory_bytes": self.peak_gpu_memory_bytes,
+                "files": list(self.files)}
+
+    def write_json(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def markdown(self) -> str:
+        s = self.settings
+        lines = [f"# verify {Path(str(self.model.get('path', ''))).name}", "",
+                 f"- preset: {self.preset or 'none'}", f"- scheduler: {s.get('scheduler')} {s.get('options')}",
+                 f"- timesteps run: {s.get('timesteps')}", f"- steps: {s.get('steps')}, guidance_scale: "
+                 f"{s.get('guidance_scale')}, prediction_type: {s.get('prediction_type')}",
+                 f"- device: {self.device}, dtype: {self.dtype}"]
+        if self.verdict is not None:
+            lines.append(f"- verdict: **{self.verdict}** (threshold {self.threshold})")
+        for failure in self.failures:
+            lines.append(f"- failed: {failure}")
+        lines += ["", "| prompt | seed | seconds | PSNR latents (dB) | PSNR image (dB) | max abs |", "|---|---|---|---|---|---|"]
+        for i in self.images:
+            lines.append(f"| {i.prompt} | {i.seed} | {i.seconds:.3f} | {_cell(i.psnr_db)} | {_cell(i.image_psnr_db)} | "
+                         f"{_cell(i.max_abs)} |")
+        return "\n".join(lines) + "\n"
+
+
+def _cell(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}" if math.isfinite(x) else str(x)

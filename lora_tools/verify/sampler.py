@@ -1,0 +1,138 @@
+"""The sampler a fused model needs, run with diffusers on the GPU when there is one.
+
+A few-step model only works with its own settings (SDXL-Lightning: Euler, "trailing" timesteps,
+its step count, CFG 0, x0 prediction for 1 step; DMD2: LCM with explicit timesteps; ...). These
+helpers build a ``StableDiffusionXLPipeline`` around a UNet and a VAE with exactly the settings a
+fuse recorded or a preset names (:class:`lora_tools.presets.SamplerSettings`), and time it.
+
+Synthetic models have no real tokenizer, so the pipeline here takes prompt embeddings directly
+(:func:`random_conditioning`); the text encoders are not needed to compare or time UNets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from lora_tools.presets.sampler import SamplerSettings
+
+if TYPE_CHECKING:
+    import torch
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers', transformers' and PEFT's own chatter (info lines, loading bars,
+    "no LoRA keys for the text encoder" notes) while we drive them: the library never prints."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
+def pick_device(device: str = "auto") -> str:
+    """``cuda`` when a GPU is there and ``device`` is ``auto``, else ``device`` (``cpu`` without a GPU)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def settings_of(sampler: SamplerSettings | Mapping[str, Any]) -> SamplerSettings:
+    """``sampler`` as :class:`SamplerSettings` (a record's dict, old ones included, is read)."""
+    return sampler if isinstance(sampler, SamplerSettings) else SamplerSettings.from_dict(sampler)
+
+
+def scheduler_for(sampler: SamplerSettings | Mapping[str, Any], base_config: Mapping[str, Any] | None = None) -> Any:
+    """The diffusers scheduler the settings name (``SamplerSettings.build_scheduler``), quietly."""
+    with quiet_diffusers():
+        return settings_of(sampler).build_scheduler(base_config)
+
+
+def sampler_pipeline(unet: Any, vae: Any, sampler: SamplerSettings | Mapping[str, Any]) -> Any:
+    """A ``StableDiffusionXLPipeline`` without text encoders (prompts come as embeddings)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    with quiet_diffusers():
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler_for(sampler))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_conditioning(unet_config: Mapping[str, Any], *, batch: int = 1, seed: int = 0, device: str = "cpu",
+                        dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
+    """Seeded prompt and pooled embeddings (77 tokens) of the widths a UNet's config asks for."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pooled_width = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    embeds = torch.randn(batch, 77, unet_config["cross_attention_dim"], generator=g)
+    pooled = torch.randn(batch, pooled_width, generator=g)
+    kw = {"device": device, "dtype": dtype or torch.float32}
+    return {"prompt_embeds": embeds.to(**kw), "pooled_prompt_embeds": pooled.to(**kw)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """Latents (and images) of one sampler call, and how long it took."""
+
+    latents: "torch.Tensor"
+    seconds: float
+
+
+def run_sampler(pipe: Any, sampler: SamplerSettings | Mapping[str, Any], conditioning: Mapping[str, "torch.Tensor"],
+                *, size: int, seed: int = 0, decode: bool = True) -> tuple[SampleRun, Any]:
+    """One call of the pipeline with the recorded steps and guidance, timed to the last kernel.
+
+    Returns the final latents (before the VAE) and the decoded images (PIL, or ``None`` without
+    ``decode``).
+    """
+    import torch
+
+    device = pipe.unet.device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    latents_shape = (conditioning["prompt_embeds"].shape[0], pipe.unet.config.in_channels,
+                     size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latents = torch.randn(latents_shape, generator=generator).to(device, pipe.unet.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with quiet_diffusers():
+        out = pipe(**conditioning, latents=latents, **settings_of(sampler).call_kwargs(), height=size, width=size,
+                   output_type="latent")
+    final = out.images
+    images = None
+    if decode:
+        images = pipe.image_processor.postprocess(_decode(pipe, final), output_type="pil")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return SampleRun(final.float().cpu(), time.perf_counter() - start), images
+
+
+def _decode(pipe: Any, latents: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    with torch.no_grad():
+        scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        return pipe.vae.decode(scaled, return_dict=False)[0]
