@@ -134,7 +134,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             if len(head) < 8:
                 what = "empty" if size == 0 else f"only {size} bytes long"
                 raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
-            if head.startswith(_PICKLE_MAGIC):
+            # A header length such as 0x0280 starts with the bytes of a pickle's PROTO opcode too: a
+            # file is a pickle only when it does not go on like a safetensors header (``{``).
+            looks_like_header = f.read(1) == b"{"
+            f.seek(8)
+            if head.startswith(_PICKLE_MAGIC) and not looks_like_header:
                 raise UnsafeFileError(
                     f"'{path}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place "
                     f"of a safetensors file (unpickling can run code). Convert it with a tool you trust."

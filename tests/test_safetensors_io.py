@@ -178,3 +178,19 @@ def test_dtype_we_cannot_compute_is_a_clean_error_on_read(tmp_path):
     path = _raw_file(tmp_path / "c64.safetensors", _entries(c=("C64", [2], [0, 16])), b"\0" * 16)
     with TensorFile(path) as f, pytest.raises(InvalidFileError, match="C64, a dtype lora_tools cannot read"):
         f.tensor("c")
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path: Path) -> None:
+    """A header of 0x280 bytes makes the file start with ``80 02``, a pickle's PROTO opcode."""
+    import json
+    import struct
+
+    for pad in range(800):
+        header = json.dumps({"__metadata__": {"pad": "x" * pad},
+                             "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+        if len(header) == 0x280:
+            break
+    path = tmp_path / "looks-like-pickle.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert read_header(path).keys() == ["a"]
