@@ -204,14 +204,27 @@ class FuseJob:
 ADAPTERS: dict[str, JobAdapter] = {"fuse": FuseJob()}
 
 
+def _register() -> None:
+    from lora_tools.recipes.lora_jobs import AnalyzeJob, ConvertJob, ExtractJob, MergeJob, RescaleJob, ResizeJob
+    from lora_tools.recipes.release_jobs import PublishJob, VerifyJob
+
+    for adapter in (RescaleJob(), ResizeJob(), MergeJob(), ConvertJob(), ExtractJob(), AnalyzeJob(), VerifyJob(),
+                    PublishJob()):
+        ADAPTERS[adapter.kind] = adapter  # type: ignore[assignment]
+
+
 def check_job(job: ResolvedJob) -> JobCheck:
     """Plan ``job`` and say what running it would do (see :class:`JobCheck`)."""
+    if job.kind not in ADAPTERS:
+        _register()
     return ADAPTERS[job.kind].check(job)
 
 
 def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
     """Run ``job``: a failure becomes a ``failed`` result (the message names the file and the problem)."""
     start = time.perf_counter()
+    if job.kind not in ADAPTERS:
+        _register()
     try:
         return ADAPTERS[job.kind].run(job, progress)
     except LoraToolsError as e:
