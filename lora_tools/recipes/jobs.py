@@ -158,13 +158,15 @@ class FuseJob:
         from lora_tools.ops.fuse_plan import plan_fuse
 
         o = job.options
+        preset = o.get("preset") or (f"lightning-{o['lightning']}step" if o.get("lightning") is not None else None)
         plan = plan_fuse(
-            o["base"], lightning=o.get("lightning"), method=o.get("method", "lora"),
+            o["base"], preset, method=o.get("method", "lora"),
             loras=[(x["lora"], float(x["strength"])) for x in o.get("loras", [])],
             saves=tuple(o.get("saves", ["checkpoint"])), output=o["output"], dtype=o.get("dtype", "keep"),
-            lightning_strength=float(o.get("strength", 1.0)), allow_unmatched=bool(o.get("allow_unmatched")),
+            preset_strength=float(o.get("strength", 1.0)) if preset is not None else None,
+            allow_unmatched=bool(o.get("allow_unmatched")),
             force=bool(o.get("force")), overwrite=True, revision=o.get("revision"),
-            lightning_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
+            preset_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
             hash_base=True,
         )
         planned = tuple(str(s.path) for s in plan.outputs)

@@ -103,6 +103,7 @@ class FuseOptions(_Strict):
     """Options of a ``fuse`` job (the names of ``loratool fuse``'s options)."""
 
     base: str
+    preset: str | None = None
     lightning: Literal[1, 2, 4, 8] | None = None
     method: Literal["lora", "unet"] = "lora"
     strength: float = 1.0
@@ -125,8 +126,10 @@ class FuseOptions(_Strict):
 
     @model_validator(mode="after")
     def _something(self) -> "FuseOptions":
-        if self.lightning is None and not self.loras:
-            raise ValueError("nothing to fuse: give lightning and/or loras")
+        if self.lightning is None and self.preset is None and not self.loras:
+            raise ValueError("nothing to fuse: give preset (or lightning) and/or loras")
+        if self.lightning is not None and self.preset is not None:
+            raise ValueError("give preset or lightning, not both")
         return self
 
 
