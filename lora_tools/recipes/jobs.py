@@ -233,6 +233,10 @@ def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
         return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, str(e))
     except OSError as e:
         return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, f"{type(e).__name__}: {e}")
+    except (ValueError, RuntimeError) as e:  # raised inside a library (torch, diffusers): this job fails alone
+        text = " ".join(str(e).split())[:300]
+        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs,
+                         f"{job.kind} of '{job.name}' stopped: {type(e).__name__}: {text}")
 
 
 __all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "FuseJob", "ADAPTERS", "check_job", "run_job",

@@ -16,7 +16,10 @@ A recipe names its inputs once, then jobs that use them by name::
                output: juggernaut-lightning-${steps}step.safetensors}
 
 Job options carry the same names as the command's options (``fuse``: ``lightning``,
-``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output`` ...).
+``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output`` ...; ``merge``: ``loras`` with a
+``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``, ``loras``, ``prompts``,
+``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``, ``release_dir``,
+``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``: ``release_dir``).
 """
 
 from __future__ import annotations
