@@ -60,10 +60,13 @@ class ReleasePlan:
     private: bool
     license: str
     warnings: list[str] = field(default_factory=list)
+    #: Further files copied into the release: ``(source, name in the release)`` (verification grids).
+    extras: list[tuple[Path, str]] = field(default_factory=list)
 
     def listing(self) -> list[tuple[str, int]]:
         """``(name, bytes)`` of every file the release folder will hold."""
         out = [(f.path.name, f.nbytes) for f in self.files]
+        out += [(name, src.stat().st_size) for src, name in self.extras]
         out.append(("README.md", len(self.card.encode())))
         if self.scheduler_config is not None:
             out.append(("scheduler_config.json", len(_scheduler_json(self.scheduler_config).encode())))
@@ -108,7 +111,8 @@ def _scheduler_json(cfg: dict[str, Any]) -> str:
 
 
 def plan_release(path: str | Path, *, repo: str | None = None, license: str | None = None, private: bool = False,
-                 folder: str | Path | None = None, overwrite: bool = False, base_model: list[str] | None = None) -> ReleasePlan:
+                 folder: str | Path | None = None, overwrite: bool = False, base_model: list[str] | None = None,
+                 grids: list[tuple[str | Path, str]] | None = None) -> ReleasePlan:
     """Read and hash the model file(s) and build the card; writes nothing.
 
     Args:
@@ -119,6 +123,8 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         folder: the release folder (default ``<file stem>-release`` or ``<folder>/release``).
         overwrite: replace an existing release folder.
         base_model: hub ids of the parent models for the card (presets' repos are added).
+        grids: verification grids to copy into the release, as ``(image path, name in the release)``;
+            default: the ``*grid*.png`` files next to the model file(s), shown but not copied.
 
     Raises:
         [`UsageError`]: nothing to publish, a file without a ``loratool`` record, a malformed repo id.
@@ -155,9 +161,17 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         sched.update({"_class_name": sampler.get("scheduler", "EulerDiscreteScheduler"),
                       "timestep_spacing": sampler.get("timestep_spacing", "trailing"),
                       "prediction_type": sampler.get("prediction_type", "epsilon")})
-    grids = sorted(p.name for p in (src if src.is_dir() else src.parent).glob("*grid*.png"))
-    card = model_card(files, license=chosen, repo=repo, base_model=base_model or [], grids=grids)
-    return ReleasePlan(files, out, card, sched, repo, private, chosen, warnings)
+    extras: list[tuple[Path, str]] = []
+    if grids is None:
+        names = sorted(p.name for p in (src if src.is_dir() else src.parent).glob("*grid*.png"))
+    else:
+        for image, name in grids:
+            if not Path(image).is_file():
+                raise UsageError(f"'{image}': no such verification grid.")
+            extras.append((Path(image), name))
+        names = [name for _, name in extras]
+    card = model_card(files, license=chosen, repo=repo, base_model=base_model or [], grids=names)
+    return ReleasePlan(files, out, card, sched, repo, private, chosen, warnings, extras)
 
 
 def _presets(record: dict[str, Any]) -> list[str]:
@@ -263,6 +277,8 @@ def write_release(plan: ReleasePlan) -> Path:
                 os.link(f.path, tmp / f.path.name)
             except OSError:
                 shutil.copy2(f.path, tmp / f.path.name)
+        for image, name in plan.extras:
+            shutil.copy2(image, tmp / name)
         (tmp / "README.md").write_text(plan.card, encoding="utf-8")
         if plan.scheduler_config is not None:
             (tmp / "scheduler_config.json").write_text(_scheduler_json(plan.scheduler_config))

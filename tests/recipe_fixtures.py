@@ -39,3 +39,14 @@ def build_assets(root: Path) -> Assets:
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     return build_assets(tmp_path_factory.mktemp("recipe-assets"))
+
+
+def tokenizer_config(root: Path) -> Path:
+    """What verify's ``config`` folder holds for the tiny models: byte tokenizers."""
+    from lora_tools.diffusers_folder import write_byte_tokenizer
+    from lora_tools.layouts import TINY
+
+    config = root / "config"
+    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
+        write_byte_tokenizer(config / name, te.vocab, te.positions)
+    return config

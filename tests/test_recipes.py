@@ -72,7 +72,7 @@ def test_lightning_4step_example_matches_loratool_fuse(assets: Assets, tmp_path:
 
 def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "out"
-    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q",
+    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", "--only", "base_*",  # the fuse jobs
             *sets(assets, base_a=assets.base_a, base_b=assets.base_b, output_dir=out)]
     dry = invoke(*args, "--dry-run", "--json")
     plan = json.loads(dry.stdout)
@@ -132,7 +132,7 @@ def test_changing_one_strength_redoes_exactly_the_affected_jobs(assets: Assets, 
 
 def test_style_merge_example_matches_loratool_fuse(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "out"
-    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q",
+    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q", "--only", "base-lightning-style",
            *sets(assets, base=assets.base_a, style=assets.style, output_dir=out, style_strength="0.8"))
     oracle = tmp_path / "oracle.safetensors"
     invoke("fuse", assets.base_a, "--lightning", "4", "--lightning-dir", assets.lightning,
@@ -144,8 +144,9 @@ def test_style_merge_example_matches_loratool_fuse(assets: Assets, tmp_path: Pat
 
 def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "dist"
-    args = ["run", REPO_RECIPES / "distribution.yaml", "-q",
-            *sets(assets, base=assets.base_b, style=assets.style, output_dir=out)]
+    recipe = ["run", REPO_RECIPES / "distribution.yaml", "-q",
+              *sets(assets, base=assets.base_b, style=assets.style, output_dir=out)]
+    args = [*recipe, "--only", "lightning-4step", "--only", "styled"]  # the fuse jobs (test_recipes_jobs: the others)
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
     assert [(j["name"], j["state"], j["depends_on"]) for j in dry["jobs"]] == [
         ("lightning-4step", "run", []), ("styled", "pending", ["lightning-4step"])]
@@ -163,7 +164,7 @@ def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> Non
     before = listing(out)
     again = invoke(*args)
     assert "2 skipped." in again.stdout and listing(out) == before
-    only = json.loads(invoke(*args, "--only", "sty*", "--dry-run", "--json").stdout)
+    only = json.loads(invoke(*recipe, "--only", "sty*", "--dry-run", "--json").stdout)
     assert [(j["name"], j["state"]) for j in only["jobs"]] == [("styled", "skip")]
 
 

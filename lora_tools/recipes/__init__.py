@@ -1,4 +1,5 @@
-"""YAML recipes: many fuses (and later other jobs) said once, validated whole, run resumably.
+"""YAML recipes: many jobs (fuse, rescale, resize, merge, convert, extract, analyze, verify, publish)
+said once, validated whole, run resumably.
 
 Example:
     >>> from lora_tools.recipes import plan_recipe, run_recipe

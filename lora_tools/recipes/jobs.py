@@ -158,13 +158,15 @@ class FuseJob:
         from lora_tools.ops.fuse_plan import plan_fuse
 
         o = job.options
+        preset = o.get("preset") or (f"lightning-{o['lightning']}step" if o.get("lightning") is not None else None)
         plan = plan_fuse(
-            o["base"], lightning=o.get("lightning"), method=o.get("method", "lora"),
+            o["base"], preset, method=o.get("method", "lora"),
             loras=[(x["lora"], float(x["strength"])) for x in o.get("loras", [])],
             saves=tuple(o.get("saves", ["checkpoint"])), output=o["output"], dtype=o.get("dtype", "keep"),
-            lightning_strength=float(o.get("strength", 1.0)), allow_unmatched=bool(o.get("allow_unmatched")),
+            preset_strength=float(o.get("strength", 1.0)) if preset is not None else None,
+            allow_unmatched=bool(o.get("allow_unmatched")),
             force=bool(o.get("force")), overwrite=True, revision=o.get("revision"),
-            lightning_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
+            preset_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
             hash_base=True,
         )
         planned = tuple(str(s.path) for s in plan.outputs)
@@ -204,20 +206,37 @@ class FuseJob:
 ADAPTERS: dict[str, JobAdapter] = {"fuse": FuseJob()}
 
 
+def _register() -> None:
+    from lora_tools.recipes.lora_jobs import AnalyzeJob, ConvertJob, ExtractJob, MergeJob, RescaleJob, ResizeJob
+    from lora_tools.recipes.release_jobs import PublishJob, VerifyJob
+
+    for adapter in (RescaleJob(), ResizeJob(), MergeJob(), ConvertJob(), ExtractJob(), AnalyzeJob(), VerifyJob(),
+                    PublishJob()):
+        ADAPTERS[adapter.kind] = adapter  # type: ignore[assignment]
+
+
 def check_job(job: ResolvedJob) -> JobCheck:
     """Plan ``job`` and say what running it would do (see :class:`JobCheck`)."""
+    if job.kind not in ADAPTERS:
+        _register()
     return ADAPTERS[job.kind].check(job)
 
 
 def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
     """Run ``job``: a failure becomes a ``failed`` result (the message names the file and the problem)."""
     start = time.perf_counter()
+    if job.kind not in ADAPTERS:
+        _register()
     try:
         return ADAPTERS[job.kind].run(job, progress)
     except LoraToolsError as e:
         return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, str(e))
     except OSError as e:
         return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, f"{type(e).__name__}: {e}")
+    except (ValueError, RuntimeError) as e:  # raised inside a library (torch, diffusers): this job fails alone
+        text = " ".join(str(e).split())[:300]
+        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs,
+                         f"{job.kind} of '{job.name}' stopped: {type(e).__name__}: {text}")
 
 
 __all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "FuseJob", "ADAPTERS", "check_job", "run_job",

@@ -21,10 +21,18 @@ from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
 from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob, check_job
 from lora_tools.recipes.loader import Marks, load_file, load_text
-from lora_tools.recipes.schema import FileInput, HubInput, Job, RecipeHead, dotted, error_from_validation
+from lora_tools.recipes.schema import OUTPUT_KEYS, FileInput, HubInput, Job, RecipeHead, dotted, error_from_validation
 
 #: Option names of each kind whose values name inputs, jobs or paths.
-_REFERENCES = {"fuse": ("base", "lightning_dir", "original_unet")}
+#: (``loras`` lists are resolved for every kind that has them.)
+_REFERENCES = {
+    "fuse": ("base", "lightning_dir", "original_unet"),
+    "rescale": ("lora",), "resize": ("lora",), "convert": ("lora",), "merge": (),
+    "extract": ("tuned", "original"),
+    "analyze": ("model", "base"),
+    "verify": ("model", "against", "base", "config"),
+    "publish": ("path",),
+}
 #: Top-level keys ``--set`` may change directly.
 _SETTABLE = ("output_dir", "created")
 
@@ -147,6 +155,15 @@ def _fuse_outputs(options: Mapping[str, Any]) -> tuple[str, ...]:
                  for k in saves)
 
 
+def _outputs(kind: str, options: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a job writes: a fuse its saved files, a dry-run publish nothing, the others their output."""
+    if kind == "fuse":
+        return _fuse_outputs(options)
+    if kind == "publish" and options.get("dry_run"):
+        return ()
+    return (str(options[OUTPUT_KEYS.get(kind, "output")]),)
+
+
 def _validate_job(ej: ExpandedJob, marks: Marks) -> Job:
     try:
         return Job.model_validate(ej.raw)
@@ -198,21 +215,25 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
     written: dict[str, str] = {}
     for ej, job in validated:
         opts = job.options.model_dump()
-        out_where = marks.at(("jobs", ej.index, job.kind, "output"))
-        target = (output_dir / opts["output"]).resolve()
+        key = OUTPUT_KEYS.get(job.kind, "output")
+        out_where = marks.at(("jobs", ej.index, job.kind, key))
+        target = (output_dir / opts[key]).resolve()
         if not _inside(target, output_dir) or target == output_dir:
-            raise RecipeError(f"jobs[{ej.index}].{job.kind}.output: '{opts['output']}' leaves the output folder "
+            raise RecipeError(f"jobs[{ej.index}].{job.kind}.{key}: '{opts[key]}' leaves the output folder "
                               f"'{output_dir}'" + (f" (job '{ej.name}')" if ej.values else ""), location=out_where)
-        opts["output"] = str(target)
-        outs = _fuse_outputs(opts)
+        opts[key] = str(target)
+        outs = _outputs(job.kind, opts)
         for o in outs:
-            if o in written:
-                raise RecipeError(f"jobs[{ej.index}].{job.kind}.output: '{Path(o).name}' is also written by job "
-                                  f"'{written[o]}'", location=out_where)
+            clash_with = next((w for w in written if w == o or _inside(Path(o), Path(w)) or _inside(Path(w), Path(o))),
+                              None)
+            if clash_with is not None:
+                raise RecipeError(f"jobs[{ej.index}].{job.kind}.{key}: '{Path(o).name}' is also written by job "
+                                  f"'{written[clash_with]}'", location=out_where)
             written[o] = ej.name
         outputs_of[ej.name] = outs
         ej.raw[job.kind] = opts  # resolved below
 
+    by_kind = {ej.name: job.kind for ej, job in validated}
     resolved: list[ResolvedJob] = []
     for ej, job in validated:
         opts = ej.raw[job.kind]
@@ -224,8 +245,17 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
             if value in outputs_of:
                 if value == ej.name:
                     raise RecipeError(f"{dotted(path)}: a job cannot use its own output", location=marks.at(path))
+                if not outputs_of[value]:
+                    raise RecipeError(f"{dotted(path)}: job '{value}' writes nothing (a dry run)", location=marks.at(path))
                 deps.append(value)
                 return outputs_of[value][0]
+            head, sep, rest = value.partition("/")
+            if sep and head in inputs and Path(inputs[head]).is_dir():  # a file inside a folder input
+                inner = Path(inputs[head]) / rest
+                if not inner.exists():
+                    raise RecipeError(f"{dotted(path)}: '{value}': input '{head}' ({inputs[head]}) holds no '{rest}'",
+                                      location=marks.at(path))
+                return str(inner.resolve())
             p = Path(value).expanduser()
             p = p if p.is_absolute() else folder / p
             if not p.exists():
@@ -237,8 +267,17 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
         for key in _REFERENCES[job.kind]:
             if opts.get(key) is not None:
                 opts[key] = ref(opts[key], ("jobs", ej.index, job.kind, key))
-        for i, lora in enumerate(opts.get("loras", [])):
-            lora["lora"] = ref(lora["lora"], ("jobs", ej.index, job.kind, "loras", i, "lora"))
+        for i, lora in enumerate(opts.get("loras") or []):
+            if isinstance(lora, dict):
+                lora["lora"] = ref(lora["lora"], ("jobs", ej.index, job.kind, "loras", i, "lora"))
+            else:
+                opts["loras"][i] = ref(lora, ("jobs", ej.index, job.kind, "loras", i))
+        for i, name in enumerate(opts.get("verify") or []) if job.kind == "publish" else ():
+            where = ("jobs", ej.index, job.kind, "verify", i)
+            if name not in outputs_of or not name or by_kind.get(name) != "verify":
+                raise RecipeError(f"{dotted(where)}: '{name}' is not a verify job of this recipe", location=marks.at(where))
+            deps.append(name)
+            opts["verify"][i] = outputs_of[name][0]
         resolved.append(ResolvedJob(ej.name, job.kind, opts, outputs_of[ej.name], tuple(dict.fromkeys(deps)),
                                     head.created, marks.at(("jobs", ej.index))))
     plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir, outputs_of)

@@ -16,7 +16,10 @@ A recipe names its inputs once, then jobs that use them by name::
                output: juggernaut-lightning-${steps}step.safetensors}
 
 Job options carry the same names as the command's options (``fuse``: ``lightning``,
-``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output`` ...).
+``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output`` ...; ``merge``: ``loras`` with a
+``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``, ``loras``, ``prompts``,
+``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``, ``release_dir``,
+``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``: ``release_dir``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 #: Job kinds this version runs (one adapter each in :mod:`lora_tools.recipes.jobs`).
-JOB_KINDS = ("fuse",)
+JOB_KINDS = ("fuse", "rescale", "resize", "merge", "convert", "extract", "analyze", "verify", "publish")
+#: The option naming what a kind writes (a file, or for ``verify``/``publish`` a folder).
+OUTPUT_KEYS = {"verify": "out", "publish": "release_dir"}
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 #: A hub repository id (``owner/name``), as huggingface_hub validates it.
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -101,6 +106,7 @@ class FuseOptions(_Strict):
     """Options of a ``fuse`` job (the names of ``loratool fuse``'s options)."""
 
     base: str
+    preset: str | None = None
     lightning: Literal[1, 2, 4, 8] | None = None
     method: Literal["lora", "unet"] = "lora"
     strength: float = 1.0
@@ -123,9 +129,167 @@ class FuseOptions(_Strict):
 
     @model_validator(mode="after")
     def _something(self) -> "FuseOptions":
-        if self.lightning is None and not self.loras:
-            raise ValueError("nothing to fuse: give lightning and/or loras")
+        if self.lightning is None and self.preset is None and not self.loras:
+            raise ValueError("nothing to fuse: give preset (or lightning) and/or loras")
+        if self.lightning is not None and self.preset is not None:
+            raise ValueError("give preset or lightning, not both")
         return self
+
+
+LoraDtype = Literal["keep", "fp16", "bf16", "fp32"]
+LoraFormat = Literal["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"]
+
+
+class RescaleOptions(_Strict):
+    """Options of a ``rescale`` job (``loratool rescale``)."""
+
+    lora: str
+    strength: float
+    blocks: str | None = None
+    components: str | None = None
+    output: str
+    dtype: LoraDtype = "keep"
+
+
+class ResizeOptions(_Strict):
+    """Options of a ``resize`` job (``loratool resize``): one rank rule, as the command takes it."""
+
+    lora: str
+    rank: int | None = None
+    energy: float | None = None
+    sv_ratio: float | None = None
+    sv_fro: float | None = None
+    conv_rank: int | None = None
+    output: str
+    dtype: LoraDtype = "keep"
+
+
+class WeightedRef(_Strict):
+    """One input of a ``merge``: an input name, a job name or a path, and its weight (``LORA[:W]``)."""
+
+    lora: str
+    weight: float = 1.0
+
+
+class MergeOptions(_Strict):
+    """Options of a ``merge`` job (``loratool merge``)."""
+
+    loras: list[WeightedRef]
+    method: Literal["concat", "svd"] = "concat"
+    rank: int | None = None
+    energy: float | None = None
+    output: str
+    dtype: LoraDtype = "keep"
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("loras")
+    @classmethod
+    def _two(cls, v: list[WeightedRef]) -> list[WeightedRef]:
+        if len(v) < 2:
+            raise ValueError("merge needs at least two LoRAs")
+        return v
+
+
+class ConvertOptions(_Strict):
+    """Options of a ``convert`` job (``loratool convert``)."""
+
+    lora: str
+    to: LoraFormat
+    output: str
+    dtype: LoraDtype = "keep"
+
+
+class ExtractOptions(_Strict):
+    """Options of an ``extract`` job (``loratool extract``)."""
+
+    tuned: str
+    original: str
+    rank: int | None = None
+    energy: float | None = None
+    conv_rank: int | None = None
+    components: str = "unet"
+    format: LoraFormat = "kohya-diffusers"
+    output: str
+    dtype: LoraDtype = "keep"
+
+
+class AnalyzeOptions(_Strict):
+    """Options of an ``analyze`` job (``loratool analyze``); ``output`` is the JSON report it writes."""
+
+    model: str
+    base: str
+    loras: list[str]
+    output: str
+
+    @field_validator("loras")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("analyze needs at least one LoRA")
+        return v
+
+
+class VerifyOptions(_Strict):
+    """Options of a ``verify`` job (``loratool verify``); ``out`` is the folder it writes
+    (``report.json``, ``report.md``, ``grid.png``, ``images/``)."""
+
+    model: str
+    preset: str = "auto"
+    prompts: list[str] = Field(default_factory=lambda: ["a cat", "a lighthouse at dusk"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    size: str = "1024x1024"
+    steps: int | None = None
+    force: bool = False
+    out: str
+    against: str | None = None
+    loras: list[LoraRef] = Field(default_factory=list)
+    base: str | None = None
+    config: str | None = None
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    show_wrong: bool = False
+    workflow: bool = False
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+x\d+", v.lower()):
+            raise ValueError(f"expected WIDTHxHEIGHT, got '{v}'")
+        return v.lower()
+
+
+class PublishOptions(_Strict):
+    """Options of a ``publish`` job (``loratool publish``); ``release_dir`` is the folder it writes.
+    ``verify`` names verify jobs whose ``grid.png`` joins the release."""
+
+    path: str
+    repo: str | None = None
+    private: bool = False
+    license: str | None = None
+    release_dir: str
+    verify: list[str] = Field(default_factory=list)
+    dry_run: bool = False
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str | None) -> str | None:
+        if v is not None and not REPO_ID_RE.fullmatch(v):
+            raise ValueError(f"expected a hub repository id owner/name, got '{v}'")
+        return v
 
 
 class Job(_Strict):
@@ -133,6 +297,14 @@ class Job(_Strict):
 
     name: str | None = None
     fuse: FuseOptions | None = None
+    rescale: RescaleOptions | None = None
+    resize: ResizeOptions | None = None
+    merge: MergeOptions | None = None
+    convert: ConvertOptions | None = None
+    extract: ExtractOptions | None = None
+    analyze: AnalyzeOptions | None = None
+    verify: VerifyOptions | None = None
+    publish: PublishOptions | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Job":
@@ -276,4 +448,6 @@ def dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
-__all__ = ["error_from_validation", "dotted", "describe", "RecipeHead", "Job", "FuseOptions", "LoraRef", "FileInput", "HubInput", "JOB_KINDS"]
+__all__ = ["error_from_validation", "dotted", "describe", "RecipeHead", "Job", "FuseOptions", "LoraRef", "FileInput",
+           "HubInput", "JOB_KINDS", "OUTPUT_KEYS", "RescaleOptions", "ResizeOptions", "MergeOptions", "WeightedRef",
+           "ConvertOptions", "ExtractOptions", "AnalyzeOptions", "VerifyOptions", "PublishOptions"]
