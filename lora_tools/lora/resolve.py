@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
+from lora_tools.lora.family import context_hint, sd_hint
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 
 if TYPE_CHECKING:
     import torch
 
 Naming = Literal["sgm", "diffusers", "mixed", "text-encoder", "none"]
-_SD1_HINT = re.compile(r"(down_blocks_0_attentions|down_blocks\.0\.attentions|input_blocks[._][12][._]1|up_blocks[._]3|output_blocks[._](9|10|11))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +48,8 @@ class LoraMatch:
 
     def describe_unmatched(self, base: str, limit: int = 3) -> str:
         names = [f"{m.component}:{m.name}" for m in self.unmatched[:limit]]
-        hint = ""
-        if any(_SD1_HINT.search(m.name) for m in self.unmatched):
-            hint = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL."
+        family = sd_hint(self.unmatched)
+        hint = f" {family}" if family else ""
         return (f"{len(self.unmatched)} of {len(self.adapter.modules)} modules of '{self.adapter.path}' have no target in "
                 f"'{base}' (first: {', '.join(names)}).{hint} Run 'loratool inspect {self.adapter.path}'.")
 
@@ -88,7 +86,8 @@ def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, b
     else:
         return  # LoHa/LoKr shapes are checked when their delta is built
     if not ok:
-        sd1 = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL." if _SD1_HINT.search(m.name) or want[-1] == 2048 else ""
+        family = sd_hint([m]) or (context_hint(m) if want[-1] == 2048 else None)
+        sd1 = f" {family}" if family else ""
         raise ShapeMismatchError(
             f"'{adapter.path}': module '{m.name}' does not fit '{target.sgm_key}' of '{base}' "
             f"(LoRA gives {_delta_shape(adapter, m)}, the weight is {list(want)}).{sd1}"
