@@ -272,7 +272,7 @@ def test_converted_files_load_in_diffusers_with_the_same_weights(assets: FuseAss
     for src, formats in ((assets.style, ("kohya", "diffusers")), (assets.lightning_lora, ("diffusers", "kohya"))):
         ref = diffusers_fuse(assets.folder, [(src, 1.0)])[0]
         for to in formats:
-            out = tmp_path / f"{to}.safetensors"
+            out = tmp_path / f"{src.stem}-{to}.safetensors"
             run_ok("convert", src, "--to", to, "-o", out)
             got = diffusers_fuse(assets.folder, [(out, 1.0)])[0]
             for comp in ref:

@@ -77,6 +77,37 @@ class TargetIndex:
     def spellings(self) -> int:
         return len(self._index)
 
+    def why_not(self, component: Component, name: str) -> str | None:
+        """Why a module named ``name`` has no target, when SDXL's structure says so, else ``None``.
+
+        Names a weight SDXL does not have (a ``conv_shortcut`` on a resnet whose input and output
+        widths are equal, CLIP-L's ``text_projection``) or one this index does not target yet.
+        """
+        sep = "." if "." in name else "_"
+        if component == "unet":
+            for short, first in (("conv_shortcut", "conv1"), ("skip_connection", f"in_layers{sep}2")):
+                if name.endswith(short):
+                    resnet = self.lookup(component, name[: -len(short)] + first)
+                    if resnet is not None:
+                        parent = resnet.diffusers_module.rsplit(".", 1)[0]
+                        return (f"SDXL's resnet {parent} has no conv_shortcut (its input and output widths are equal), "
+                                "so that LoRA module changes nothing SDXL has")
+            return None
+        if name.endswith("text_projection"):
+            if component == "te1":
+                return "CLIP-L (te1) has no text_projection: only OpenCLIP-bigG (te2) has one"
+            return "OpenCLIP-bigG's text_projection (transposed between the SGM and diffusers layouts) is not a target yet"
+        if name.endswith(("token_embedding", "position_embedding")):
+            return "the text encoders' token and position embeddings are not targets yet"
+        return None
+        if name.endswith(f"text{sep}projection") or leaf == "text_projection":
+            if component == "te1":
+                return "CLIP-L (te1) has no text_projection: only OpenCLIP-bigG (te2) has one"
+            return "OpenCLIP-bigG's text_projection (transposed between the SGM and diffusers layouts) is not a target yet"
+        if any(name.endswith(f"{e}{sep}embedding") for e in ("token", "position")):
+            return "the text encoders' token and position embeddings are not targets yet"
+        return None
+
 
 def _block_of(component: Component, sgm: str) -> str:
     parts = sgm.split(".")

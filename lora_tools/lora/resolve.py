@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from lora_tools.errors import ShapeMismatchError
@@ -32,6 +32,18 @@ class LoraMatch:
     adapter: LoraAdapter
     matched: list[MatchedModule]
     unmatched: list[AdapterModule]
+    #: Why an unmatched module has no target, where the layout says so (``TargetIndex.why_not``).
+    reasons: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def reasons_text(self, limit: int = 2) -> str:
+        """Why unmatched modules have no target: `` <component>:<name>: <reason>.`` for the first
+        module of each distinct reason (at most ``limit``), or ``""`` when no reason is known."""
+        first: dict[str, str] = {}
+        for m in self.unmatched:
+            why = self.reasons.get((m.component, m.name))
+            if why is not None and why not in first:
+                first[why] = f"{m.component}:{m.name}"
+        return "".join(f" {who}: {why}." for why, who in list(first.items())[:limit])
 
     @property
     def naming(self) -> Naming:
@@ -51,7 +63,7 @@ class LoraMatch:
         family = sd_hint(self.unmatched)
         hint = f" {family}" if family else ""
         return (f"{len(self.unmatched)} of {len(self.adapter.modules)} modules of '{self.adapter.path}' have no target in "
-                f"'{base}' (first: {', '.join(names)}).{hint} Run 'loratool inspect {self.adapter.path}'.")
+                f"'{base}' (first: {', '.join(names)}).{self.reasons_text()}{hint} Run 'loratool inspect {self.adapter.path}'.")
 
 
 def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
@@ -61,14 +73,18 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
         ShapeMismatchError: a module resolves but its delta cannot have the target's shape.
     """
     matched, unmatched = [], []
+    reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
         if target is None:
             unmatched.append(m)
+            why = index.why_not(m.component, m.name)
+            if why is not None:
+                reasons[(m.component, m.name)] = why
             continue
         _check_shape(adapter, m, target, base)
         matched.append(MatchedModule(m, target))
-    return LoraMatch(adapter, matched, unmatched)
+    return LoraMatch(adapter, matched, unmatched, reasons)
 
 
 def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:
