@@ -66,6 +66,11 @@ class LoraMatch:
                 f"'{base}' (first: {', '.join(names)}).{self.reasons_text()}{hint} Run 'loratool inspect {self.adapter.path}'.")
 
 
+#: Bias diffs change a second tensor (the bias), which a match to one weight cannot carry yet:
+#: refused with this reason rather than applied in part.
+_NO_BIAS_RULE = "its bias diff (.diff_b) cannot be applied yet, and applying only its weight diff would be wrong"
+
+
 def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
     """Resolve every module of ``adapter`` to a base weight by dictionary look-up; check shapes.
 
@@ -76,9 +81,9 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
     reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
-        if target is None:
+        if target is None or "diff_b" in m.keys:
             unmatched.append(m)
-            why = index.why_not(m.component, m.name)
+            why = _NO_BIAS_RULE if target is not None else index.why_not(m.component, m.name)
             if why is not None:
                 reasons[(m.component, m.name)] = why
             continue
