@@ -79,7 +79,7 @@ def plan_save(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapp
     for m in adapter.modules:
         envelope, name, spelling = spell_module(m, fmt)
         for role in m.keys:
-            key = spell_key(envelope, name, role, spelling) or spell_key(envelope, name, role, "kohya")
+            key = spell_key(envelope, name, role, spelling, m.kind) or spell_key(envelope, name, role, "kohya", m.kind)
             assert key is not None
             out.append(PlannedTensor(key, _dtype(m.factor_dtype(role), cast), m.factor_shape(role), m, role))
         # Alphas of LyCORIS modules have no LoraConfig field: they stay tensors in every format.
