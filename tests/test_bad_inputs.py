@@ -321,27 +321,22 @@ CASES: list[Case] = [
         "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((320, 2), (2, 320)),
         "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": ((320, 2), (2, 768))}), {
         "inspect": Expect("Error: '{bad}' is a kohya LoRA that fits no SDXL model: none of its 2 modules has an SDXL target "
-                          "(first: " + _SD15_MODULES + "). " + _SD1_HINT,
-                          xfail="ops/inspect.py (layouts): name an SD1.x LoRA (768-wide context) as such, not 'SD1.x/SD2.x'"),
+                          "(first: " + _SD15_MODULES + "). " + _SD1_HINT),
         "fuse-lora": Expect("Error: Cannot fuse: 2 of 2 modules of '{bad}' have no target in '{base}' (first: " + _SD15_MODULES
-                            + "). " + _SD1_HINT + " Run 'loratool inspect {bad}'.",
-                            xfail="lora/resolve.py (lora): name an SD1.x LoRA (768-wide context) as such, not 'SD1.x/SD2.x'"),
+                            + "). " + _SD1_HINT + " Run 'loratool inspect {bad}'."),
     }),
     Case("sd2-lora", _kohya("sd2.safetensors", {
         "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": ((320, 2), (2, 1024)),
         "up_blocks_3_attentions_2_proj_out": ((320, 2), (2, 320))}), {
         "inspect": Expect("Error: '{bad}' is a kohya LoRA that fits no SDXL model: none of its 2 modules has an SDXL target "
-                          "(first: " + _SD2_MODULES + "). " + _SD2_HINT,
-                          xfail="ops/inspect.py (layouts): name an SD2.x LoRA (1024-wide context) as such, not 'SD1.x/SD2.x'"),
+                          "(first: " + _SD2_MODULES + "). " + _SD2_HINT),
         "fuse-lora": Expect("Error: Cannot fuse: 2 of 2 modules of '{bad}' have no target in '{base}' (first: " + _SD2_MODULES
-                            + "). " + _SD2_HINT + " Run 'loratool inspect {bad}'.",
-                            xfail="lora/resolve.py (lora): name an SD2.x LoRA (1024-wide context) as such, not 'SD1.x/SD2.x'"),
+                            + "). " + _SD2_HINT + " Run 'loratool inspect {bad}'."),
     }),
     Case("flux-lora", _peft("flux.safetensors", {
         "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": (2, 3072),
         "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": (3072, 2)}), {
-        c: Expect(_FLUX, xfail="lora/formats.py (lora) + ops/inspect.py (layouts): recognise Flux key names "
-                               "(today: 'not a LoRA in any known format')") for c in ("inspect", "fuse-lora")}),
+        c: Expect(_FLUX) for c in ("inspect", "fuse-lora")}),
     Case("nan-in-a-lora", _bad_value(float("nan")), {
         "fuse-lora": Expect("Error: '{bad}' holds NaN or Inf values (first in 'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_up.weight'): refusing to fuse it."),
     }),

@@ -96,7 +96,7 @@ def test_sd15_lora_without_sdxl_targets(tmp_path: Path) -> None:
     })
     line = inspect_fails(path)
     assert "fits no SDXL model" in line
-    assert "SD1.x/SD2.x" in line
+    assert "SD1.x LoRA (768-wide cross-attention)" in line
 
 
 def test_sd15_lora_with_wrong_widths(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_sd15_lora_with_wrong_widths(tmp_path: Path) -> None:
         "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (640, 768),
     })
     line = inspect_fails(path)
-    assert "does not fit" in line and "SD1.x/SD2.x" in line
+    assert "does not fit" in line and "SD1.x LoRA (768-wide cross-attention)" in line
 
 
 class _RunsCode:

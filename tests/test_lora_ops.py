@@ -268,12 +268,11 @@ def test_convert_round_trip_is_bit_exact(assets: FuseAssets, tmp_path: Path, to:
 
 
 def test_converted_files_load_in_diffusers_with_the_same_weights(assets: FuseAssets, tmp_path: Path) -> None:
-    # Text-encoder modules in diffusers names are left out (transformers 5 CLIP module names); raw
-    # peft files are not a diffusers format (load_lora_weights finds no prefix): round trip only.
-    for src, formats in ((assets.style, ("kohya",)), (assets.lightning_lora, ("diffusers",))):
+    # Raw peft files are not a diffusers format: PEFT itself is their oracle (test_lora_convert_oracle.py).
+    for src, formats in ((assets.style, ("kohya", "diffusers")), (assets.lightning_lora, ("diffusers", "kohya"))):
         ref = diffusers_fuse(assets.folder, [(src, 1.0)])[0]
         for to in formats:
-            out = tmp_path / f"{to}.safetensors"
+            out = tmp_path / f"{src.stem}-{to}.safetensors"
             run_ok("convert", src, "--to", to, "-o", out)
             got = diffusers_fuse(assets.folder, [(out, 1.0)])[0]
             for comp in ref:

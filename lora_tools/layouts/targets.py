@@ -48,7 +48,12 @@ class ModuleTarget:
 
 
 class TargetIndex:
-    """Look-up from (component, module name in any known spelling) to :class:`ModuleTarget`."""
+    """Look-up from (component, module name in any known spelling) to :class:`ModuleTarget`.
+
+    :attr:`targets` lists the weights trainers adapt (linears, convs, bigG's q/k/v slices); the
+    look-up also resolves every other weight tensor of the UNet and text encoders stored alike in
+    both layouts (norm weights, token/position embeddings...), so full diffs and LoRAs on them apply.
+    """
 
     def __init__(self, table: LayoutTable):
         self._index: dict[tuple[Component, str], ModuleTarget] = {}
@@ -69,6 +74,21 @@ class TargetIndex:
             for n in names:
                 self._index[(r.component, n)] = target
                 self._index[(r.component, n.replace(".", "_"))] = target
+        # Every other weight tensor is a target too (norms, embeddings...), for look-ups only:
+        # ``targets`` stays the set trainers adapt. Transposed and sliced tensors need their own rule.
+        for r in table.rows:
+            if r.diffusers is None or not r.diffusers.endswith(".weight") or r.component == "vae":
+                continue
+            if r.transform != "rename":
+                continue
+            dmod = module_of(r.diffusers)
+            if (r.component, dmod) in self._index:
+                continue
+            target = ModuleTarget(r.component, r.sgm_key, r.diffusers, r.diffusers_shape, None, _block_of(r.component, r.sgm))
+            names = {dmod} | ({module_of(r.sgm)} if r.sgm.endswith(".weight") else set())
+            for n in names:
+                self._index.setdefault((r.component, n), target)
+                self._index.setdefault((r.component, n.replace(".", "_")), target)
 
     def lookup(self, component: Component, name: str) -> ModuleTarget | None:
         """The target of a module named ``name`` (dotted or underscored, SGM or diffusers)."""
@@ -76,6 +96,36 @@ class TargetIndex:
 
     def spellings(self) -> int:
         return len(self._index)
+
+    def why_not(self, component: Component, name: str) -> str | None:
+        """Why a module named ``name`` has no target, when SDXL's structure says so, else ``None``.
+
+        Names a weight SDXL does not have (a ``conv_shortcut`` on a resnet whose input and output
+        widths are equal, CLIP-L's ``text_projection``) or one this index does not target yet
+        (OpenCLIP-bigG's ``text_projection``, stored transposed in the SGM layout).
+        """
+        sep = "." if "." in name else "_"
+        if component == "unet":
+            for short, first in (("conv_shortcut", "conv1"), ("skip_connection", f"in_layers{sep}2")):
+                if name.endswith(short):
+                    resnet = self.lookup(component, name[: -len(short)] + first)
+                    if resnet is not None:
+                        parent = resnet.diffusers_module.rsplit(".", 1)[0]
+                        return (f"SDXL's resnet {parent} has no conv_shortcut (its input and output widths are equal), "
+                                "so that LoRA module changes nothing SDXL has")
+            return None
+        if name.endswith("text_projection"):
+            if component == "te1":
+                return "CLIP-L (te1) has no text_projection: only OpenCLIP-bigG (te2) has one"
+            return "OpenCLIP-bigG's text_projection (transposed between the SGM and diffusers layouts) is not a target yet"
+        return None
+        if name.endswith(f"text{sep}projection") or leaf == "text_projection":
+            if component == "te1":
+                return "CLIP-L (te1) has no text_projection: only OpenCLIP-bigG (te2) has one"
+            return "OpenCLIP-bigG's text_projection (transposed between the SGM and diffusers layouts) is not a target yet"
+        if any(name.endswith(f"{e}{sep}embedding") for e in ("token", "position")):
+            return "the text encoders' token and position embeddings are not targets yet"
+        return None
 
 
 def _block_of(component: Component, sgm: str) -> str:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
-from lora_tools.errors import Hint, InvalidFileError, UnknownFormatError
+from lora_tools.errors import Hint, InvalidFileError, UnknownFormatError, UnsupportedModelError
 from lora_tools.layouts.table import Component
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import AdapterModule, LoraAdapter, LoraModule, kind_of, rank_of
+from lora_tools.lora.family import flux_message, looks_like_flux
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, Naming, ParsedKey, parse_key
 from lora_tools.sources import SafetensorsSource, StateDictSource, TensorMeta, TensorSource, open_source
 
@@ -169,9 +170,12 @@ def detect_format(keys: list[str], *, source: str = "file") -> str:
     Raises:
         UnknownFormatError: some key fits no naming family and spelling (names the first), or
             the keys mix naming families.
+        UnsupportedModelError: the keys name another model family's blocks (Flux).
     """
     if not keys:
         raise UnknownFormatError(f"'{source}' holds no tensors.")
+    if looks_like_flux(keys):
+        raise UnsupportedModelError(flux_message(source, keys))
     parsed = [parse_key(k) for k in keys]
     left = [k for k, p in zip(keys, parsed) if p is None]
     if not left:

@@ -81,12 +81,13 @@ def build(modules: Iterable[tuple[Component, str, int, float | None, bool]], *, 
     """The ``lora_adapter_metadata`` object for modules ``(component, name, rank, alpha, dora)``.
 
     The most common rank and alpha become ``r`` and ``lora_alpha``; others go into
-    ``rank_pattern``/``alpha_pattern`` keyed by the full module name. An absent alpha is written as
-    the rank (scale 1).
+    ``rank_pattern``/``alpha_pattern`` keyed by the module name (:func:`config_name`). An absent
+    alpha is written as the rank (scale 1).
     """
     by_comp: dict[Component, list[tuple[str, int, float, bool]]] = {}
     for comp, name, rank, alpha, dora in modules:
-        by_comp.setdefault(comp, []).append((name, rank, float(rank) if alpha is None else float(alpha), dora))
+        by_comp.setdefault(comp, []).append((config_name(comp, name), rank, float(rank) if alpha is None else float(alpha),
+                                             dora))
     out: dict[str, Any] = {}
     for comp, mods in by_comp.items():
         r = Counter(m[1] for m in mods).most_common(1)[0][0]
@@ -103,6 +104,21 @@ def build(modules: Iterable[tuple[Component, str, int, float | None, bool]], *, 
         else:
             out.update({f"{COMPONENT_PREFIX[comp]}.{k}": v for k, v in cfg.items()})
     return out
+
+
+#: The root module transformers 5 flattened away in ``CLIPTextModel`` (``text_model.encoder...``
+#: became ``encoder...``) but ``CLIPTextModelWithProjection`` keeps.
+_TE_ROOT = "text_model."
+
+
+def config_name(component: Component, name: str) -> str:
+    """``name`` as a ``LoraConfig`` field names it: text-encoder modules without the ``text_model.``
+    root, so ``target_modules`` and the patterns match by suffix (PEFT's ``check_target_module_exists``
+    and ``get_pattern_key``) in both the flattened (transformers 5) and the nested CLIP layouts.
+    diffusers strips the root from the state dict's keys, not from the metadata."""
+    if component != "unet" and name.startswith(_TE_ROOT):
+        return name[len(_TE_ROOT):]
+    return name
 
 
 def _num(x: float) -> int | float:

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
+from lora_tools.lora.family import context_hint, sd_hint
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 
 if TYPE_CHECKING:
     import torch
 
 Naming = Literal["sgm", "diffusers", "mixed", "text-encoder", "none"]
-_SD1_HINT = re.compile(r"(down_blocks_0_attentions|down_blocks\.0\.attentions|input_blocks[._][12][._]1|up_blocks[._]3|output_blocks[._](9|10|11))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +32,18 @@ class LoraMatch:
     adapter: LoraAdapter
     matched: list[MatchedModule]
     unmatched: list[AdapterModule]
+    #: Why an unmatched module has no target, where the layout says so (``TargetIndex.why_not``).
+    reasons: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def reasons_text(self, limit: int = 2) -> str:
+        """Why unmatched modules have no target: `` <component>:<name>: <reason>.`` for the first
+        module of each distinct reason (at most ``limit``), or ``""`` when no reason is known."""
+        first: dict[str, str] = {}
+        for m in self.unmatched:
+            why = self.reasons.get((m.component, m.name))
+            if why is not None and why not in first:
+                first[why] = f"{m.component}:{m.name}"
+        return "".join(f" {who}: {why}." for why, who in list(first.items())[:limit])
 
     @property
     def naming(self) -> Naming:
@@ -49,11 +60,15 @@ class LoraMatch:
 
     def describe_unmatched(self, base: str, limit: int = 3) -> str:
         names = [f"{m.component}:{m.name}" for m in self.unmatched[:limit]]
-        hint = ""
-        if any(_SD1_HINT.search(m.name) for m in self.unmatched):
-            hint = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL."
+        family = sd_hint(self.unmatched)
+        hint = f" {family}" if family else ""
         return (f"{len(self.unmatched)} of {len(self.adapter.modules)} modules of '{self.adapter.path}' have no target in "
-                f"'{base}' (first: {', '.join(names)}).{hint} Run 'loratool inspect {self.adapter.path}'.")
+                f"'{base}' (first: {', '.join(names)}).{self.reasons_text()}{hint} Run 'loratool inspect {self.adapter.path}'.")
+
+
+#: Bias diffs change a second tensor (the bias), which a match to one weight cannot carry yet:
+#: refused with this reason rather than applied in part.
+_NO_BIAS_RULE = "its bias diff (.diff_b) cannot be applied yet, and applying only its weight diff would be wrong"
 
 
 def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
@@ -63,14 +78,18 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
         ShapeMismatchError: a module resolves but its delta cannot have the target's shape.
     """
     matched, unmatched = [], []
+    reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
-        if target is None:
+        if target is None or "diff_b" in m.keys:
             unmatched.append(m)
+            why = _NO_BIAS_RULE if target is not None else index.why_not(m.component, m.name)
+            if why is not None:
+                reasons[(m.component, m.name)] = why
             continue
         _check_shape(adapter, m, target, base)
         matched.append(MatchedModule(m, target))
-    return LoraMatch(adapter, matched, unmatched)
+    return LoraMatch(adapter, matched, unmatched, reasons)
 
 
 def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:
@@ -88,7 +107,8 @@ def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, b
     else:
         return  # LoHa/LoKr shapes are checked when their delta is built
     if not ok:
-        sd1 = " It looks like an SD1.x/SD2.x LoRA, which does not fit SDXL." if _SD1_HINT.search(m.name) or want[-1] == 2048 else ""
+        family = sd_hint([m]) or (context_hint(m) if want[-1] == 2048 else None)
+        sd1 = f" {family}" if family else ""
         raise ShapeMismatchError(
             f"'{adapter.path}': module '{m.name}' does not fit '{target.sgm_key}' of '{base}' "
             f"(LoRA gives {_delta_shape(adapter, m)}, the weight is {list(want)}).{sd1}"

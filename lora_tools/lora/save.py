@@ -1,8 +1,8 @@
 """Write a :class:`~lora_tools.lora.adapter.LoraAdapter` in any format, losslessly.
 
 Plan, then run: :func:`plan_save` spells every key and decides every dtype and the metadata from
-headers alone; :func:`save_lora` streams the tensors through the atomic
-:class:`~lora_tools.safetensors_io.StreamingWriter`. Module names are translated between naming
+headers alone; :func:`save_lora` writes the tensors through the one output path,
+:func:`lora_tools.output.sinks.write_safetensors`. Module names are translated between naming
 families through the SDXL layout tables (dictionary look-ups, no string guessing); a module that
 keeps its family keeps its exact key spelling, so ``save_lora(load_lora(f), g)`` writes the same
 keys and the same bytes.
@@ -15,17 +15,17 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from lora_tools import provenance
-from lora_tools.errors import Hint, KeyMismatchError, OutputExistsError, UsageError
+from lora_tools.errors import Hint, KeyMismatchError, UsageError
 from lora_tools.layouts.table import SGM_PREFIXES, Component, module_of
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.scale import module_scale
 from lora_tools.lora.formats import FORMATS, Format, get_format
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, spell_key
-from lora_tools.safetensors_io import DTYPE_ALIASES, StreamingWriter, TensorPlan, is_float_dtype
+from lora_tools.safetensors_io import DTYPE_ALIASES, is_float_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ def plan_save(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapp
     for m in adapter.modules:
         envelope, name, spelling = spell_module(m, fmt)
         for role in m.keys:
-            key = spell_key(envelope, name, role, spelling) or spell_key(envelope, name, role, "kohya")
+            key = spell_key(envelope, name, role, spelling, m.kind) or spell_key(envelope, name, role, "kohya", m.kind)
             assert key is not None
             out.append(PlannedTensor(key, _dtype(m.factor_dtype(role), cast), m.factor_shape(role), m, role))
         # Alphas of LyCORIS modules have no LoraConfig field: they stay tensors in every format.
@@ -103,8 +103,11 @@ def plan_save(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapp
 
 
 def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str | None = None,
-              metadata: Mapping[str, str] | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``adapter`` as a safetensors LoRA in ``format`` (atomically), with a ``loratool`` record.
+              metadata: Mapping[str, str] | None = None, dtype: str | None = None, overwrite: bool = False,
+              record: Mapping[str, Any] | None = None, inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Write ``adapter`` as a safetensors LoRA in ``format``, with a ``loratool`` record, through the
+    one output path (:func:`lora_tools.output.sinks.write_safetensors`: atomic write, permissions,
+    stale-temp cleanup, header re-check, the overwrite rule, inputs never outputs).
 
     Args:
         adapter: the LoRA (from :func:`~lora_tools.lora.formats.load_lora`, or built in memory).
@@ -113,44 +116,63 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str
         metadata: the output's metadata (default: the adapter's).
         dtype: cast floating tensors to ``fp16``/``bf16``/``fp32`` (default: keep each one's).
         overwrite: replace an existing file.
+        record: the ``loratool`` record (:func:`lora_tools.provenance.build_record`) of the operation
+            that made ``adapter`` (``rescale``, ``merge``...); default: a ``save`` record naming the
+            adapter's file (with its sha256) and the format and dtype written.
+        inputs: further files the operation read (none may be the output; the adapter's own file is
+            always one).
 
     Returns:
         `Path`: the written file.
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is not set.
-        UsageError: a module cannot be spelled in ``format``.
+        OutputError: ``path`` cannot be written.
+        UsageError: a module cannot be spelled in ``format``, or ``path`` is one of the inputs.
 
     Example:
         >>> with load_lora("lightning.safetensors") as lora:
         ...     save_lora(lora, "lightning-diffusers.safetensors", format="diffusers")
     """
-    if Path(path).exists() and not overwrite:
-        raise OutputExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
+    from lora_tools.output.plan import check_output
+
+    check_output(Path(path), "file", overwrite=overwrite)  # before any work: the overwrite rule first
     plan = plan_save(adapter, format=format, metadata=metadata, dtype=dtype)
-    source = {"role": "lora", "format": adapter.format}
+    if record is None:
+        record = provenance.build_record("save", sources=[_source(adapter)],
+                                         params={"format": plan.format.name, "dtype": dtype})
+    sources = [Path(p) for p in inputs] + ([adapter.path] if adapter.path is not None else [])
+    return write_plan(plan, path, metadata=provenance.with_record(plan.metadata, record), overwrite=overwrite,
+                      inputs=sources)
+
+
+def _source(adapter: LoraAdapter) -> dict[str, Any]:
+    source: dict[str, Any] = {"role": "lora", "format": adapter.format}
     if adapter.path is not None:
+        from lora_tools.hub import sha256_file
+
         source["name"] = adapter.path.name
-    record = provenance.build_record("save", sources=[source], params={"format": plan.format.name, "dtype": dtype})
-    return write_plan(plan, path, metadata=provenance.with_record(plan.metadata, record), overwrite=overwrite)
+        if adapter.path.is_file():
+            source["sha256"] = sha256_file(adapter.path)
+    return source
 
 
 def write_plan(plan: SavePlan, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None,
-               overwrite: bool = False) -> Path:
-    """Run a :class:`SavePlan`: stream its tensors into ``path`` atomically, with ``metadata``
-    (default: the plan's, without a ``loratool`` record: :func:`save_lora` adds one).
+               overwrite: bool = False, inputs: Sequence[Path] = ()) -> Path:
+    """Run a :class:`SavePlan` through :func:`lora_tools.output.sinks.write_safetensors`, with
+    ``metadata`` (default: the plan's, without a ``loratool`` record: :func:`save_lora` adds one).
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is not set.
+        OutputError: ``path`` cannot be written.
+        UsageError: ``path`` is one of ``inputs``.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
-    plans = [TensorPlan(t.key, t.dtype, t.shape) for t in plan.tensors]
-    with StreamingWriter(path, plans, plan.metadata if metadata is None else metadata) as w:
-        for t in plan.tensors:
-            w.write(t.key, _value(t))
-        return w.finalize()
+    from lora_tools.output.sinks import write_safetensors
+
+    tensors = ((t.key, _value(t)) for t in plan.tensors)
+    written = write_safetensors(path, tensors, plan.metadata if metadata is None else metadata,
+                                overwrite=overwrite, inputs=inputs, kind="lora")
+    return written.path
 
 
 def spelled_tensors(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapping[str, str] | None = None,

@@ -185,8 +185,17 @@ def spelling_suffix(spelling: str, role: str, module: str = "") -> str | None:
     return SPELLINGS[spelling].suffix(role)
 
 
-def spell_key(envelope: str, module: str, role: str, spelling: str) -> str | None:
-    """The key of ``role`` of ``module`` under ``envelope`` in ``spelling`` (``None``: not spellable)."""
+#: LoKr's factor names: its ``w1a``/``w1b``/``w2a``/``w2b``/``t2`` roles share their names with LoHa's,
+#: so a role alone does not say which LyCORIS spelling it has.
+_LOKR_SUFFIXES = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
+                  "w2b": "lokr_w2_b", "t2": "lokr_t2"}
+
+
+def spell_key(envelope: str, module: str, role: str, spelling: str, kind: str = "lora") -> str | None:
+    """The key of ``role`` of ``module`` under ``envelope`` in ``spelling`` (``None``: not spellable);
+    ``kind`` is the module's algorithm (``lokr`` roles are spelled ``lokr_*``, LoHa's ``hada_*``)."""
+    if kind == "lokr" and spelling == "kohya" and role in _LOKR_SUFFIXES:
+        return f"{envelope}{module}.{_LOKR_SUFFIXES[role]}"
     if spelling == PROCESSOR:
         stem, _, proj = module.rpartition(".")
         if proj == "0" and stem.endswith(".to_out"):

@@ -121,5 +121,9 @@ def source_entry(adapter: "LoraAdapter", role: str = "lora", **extra: Any) -> di
     """A provenance ``sources`` entry for an input LoRA."""
     name = Path(adapter.path).name if adapter.path is not None else "(in memory)"
     entry: dict[str, Any] = {"role": role, "name": name, "format": adapter.format}
+    if adapter.path is not None and Path(adapter.path).is_file():
+        from lora_tools.hub import sha256_file
+
+        entry["sha256"] = sha256_file(Path(adapter.path))
     entry.update(extra)
     return entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from lora_tools.errors import Hint, OutputExistsError, UsageError
 
@@ -24,12 +24,14 @@ class LoraOutput:
         format: the format to write (``None``: the adapter's own).
         dtype: ``fp16``, ``bf16``, ``fp32`` or ``None`` (keep each factor's dtype).
         overwrite: replace an existing file.
+        inputs: the files the operation reads (never the output).
     """
 
     path: Path
     format: str | None = None
     dtype: str | None = None
     overwrite: bool = False
+    inputs: tuple[Path, ...] = ()
 
 
 def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str | None = None,
@@ -49,16 +51,32 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
         raise OutputExistsError(f"'{path}' exists", hint=Hint(param="overwrite", purpose="to replace it"))
     if dtype is not None and dtype != "keep" and dtype not in _DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; expected fp16, bf16, fp32 or keep")
-    return LoraOutput(path, format, None if dtype in (None, "keep") else dtype, overwrite)
+    return LoraOutput(path, format, None if dtype in (None, "keep") else dtype, overwrite,
+                      tuple(Path(p) for p in inputs))
 
 
-def write_lora(adapter: "LoraAdapter", out: LoraOutput) -> Path:
-    """Write `adapter` (its metadata carries the ``loratool`` record) to the planned output."""
+def write_lora(adapter: "LoraAdapter", out: LoraOutput, *, record: "Mapping[str, Any] | None" = None) -> Path:
+    """Write `adapter` to the planned output through :func:`~lora_tools.lora.save.save_lora`.
+
+    Args:
+        adapter: the derived LoRA.
+        out: the output from :func:`plan_output`.
+        record: the operation's ``loratool`` record (:func:`lora_tools.provenance.build_record`);
+            default: the record the operation put in ``adapter.metadata`` (``rescale``, ``merge``,
+            ``convert``...), so the file names the operation that made it, not a generic save.
+
+    Raises:
+        UsageError: `adapter` carries no record and none is given (a derived LoRA always has one).
+    """
     from lora_tools.lora.save import save_lora
+    from lora_tools.provenance import read_record
 
-    save_lora(adapter, out.path, format=out.format, metadata=adapter.metadata, dtype=out.dtype,
-              overwrite=out.overwrite)
-    return out.path
+    rec = record if record is not None else read_record(adapter.metadata)
+    if rec is None:
+        raise UsageError("a derived LoRA needs the loratool record of the operation that made it",
+                         hint=Hint(param="record", purpose="from lora_tools.provenance.build_record"))
+    return save_lora(adapter, out.path, format=out.format, metadata=adapter.metadata, dtype=out.dtype,
+                     overwrite=out.overwrite, record=rec, inputs=out.inputs)
 
 
 def tensor_bytes(adapter: "LoraAdapter", dtype: str | None) -> int:

@@ -108,7 +108,7 @@ def module_keys(target: ModuleTarget, fmt: LoraFormat, algorithm: Algorithm) -> 
     envelope, name, spelling = spell_module(_target_module(target), f)
     keys = {}
     for role in _ALGORITHM_ROLES[algorithm]:
-        key = spell_key(envelope, name, role, spelling)
+        key = spell_key(envelope, name, role, spelling, "lokr" if algorithm == "lokr" else "lora")
         if key is not None:
             keys[role] = key
     alpha_key = spell_key(envelope, name, "alpha", spelling) if f.alphas == "tensor" else None

@@ -15,10 +15,10 @@ from typing import Mapping
 from lora_tools.errors import ShapeMismatchError, UnsupportedModelError
 from lora_tools.layouts.blocks import BLOCKS, block_of
 from lora_tools.layouts.components import LORA_COMPONENTS, component_label
-from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
 from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora import resolve
+from lora_tools.lora.family import foreign_format_name, sd_hint
 from lora_tools.lora.formats import format_description
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule
@@ -135,7 +135,7 @@ def _choose_layout(path: Path, adapter: LoraAdapter) -> _Fit:
     names = ", ".join(f"{m.component}:{m.name}" for m in match.unmatched[:3])
     hint = _sd1_hint(match)
     raise UnsupportedModelError(
-        f"'{path}' is a {adapter.format} LoRA that fits no SDXL model: none of its {len(adapter.modules)} "
+        f"'{path}' is a {foreign_format_name(adapter.format, match.unmatched)} LoRA that fits no SDXL model: none of its {len(adapter.modules)} "
         f"modules has an SDXL target (first: {names}).{' ' + hint if hint else ''}"
     )
 
@@ -168,7 +168,7 @@ def _lycoris_dims(src: SafetensorsSource | StateDictSource, m: AdapterModule) ->
 
 
 def _sd1_hint(match: LoraMatch) -> str | None:
-    return SD1_HINT if any(looks_like_sd1(m.name) for m in match.unmatched) else None
+    return sd_hint(match.unmatched)
 
 
 def _unmatched_summary(match: LoraMatch) -> UnmatchedSummary:

@@ -1,0 +1,97 @@
+"""Which model family a LoRA that does not fit SDXL was made for: SD1.x, SD2.x or Flux.
+
+Header-only: module names and factor shapes. SD1.x and SD2.x share the UNet's block structure
+(attention at level 0, four levels, 12 input/output blocks), which SDXL does not have; they differ
+in the width of the cross-attention context, the input width of ``attn2.to_k``/``to_v``: 768 (CLIP-L)
+in SD1.x, 1024 (OpenCLIP-H) in SD2.x. A Flux LoRA names Flux's own blocks at its root
+(``transformer_blocks``/``single_transformer_blocks`` in diffusers names, ``double_blocks``/
+``single_blocks`` in BFL's), under any envelope.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Literal
+
+from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
+from lora_tools.lora.adapter import LoraModule
+
+Family = Literal["sd1.x", "sd2.x", "sd1.x/sd2.x"]
+
+#: The cross-attention context width of each SD family.
+CONTEXT_WIDTH: dict[int, Family] = {768: "sd1.x", 1024: "sd2.x"}
+
+#: The sentence said of a LoRA for each family (inspect and the fuse's match use these).
+HINTS: dict[Family, str] = {
+    "sd1.x": "It looks like an SD1.x LoRA (768-wide cross-attention), which does not fit SDXL.",
+    "sd2.x": "It looks like an SD2.x LoRA (1024-wide cross-attention), which does not fit SDXL.",
+    "sd1.x/sd2.x": SD1_HINT,
+}
+
+_CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
+#: Flux block names at a key's root, after any envelope.
+_FLUX_KEY = re.compile(
+    r"^(?:transformer\.|base_model\.model\.|diffusion_model\.|model\.diffusion_model\.|lora_transformer_|lora_unet_|"
+    r"lycoris_)?(?:single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)[._]\d+[._]"
+)
+
+
+def sd_family(modules: Iterable[LoraModule]) -> Family | None:
+    """The SD family of LoRA ``modules`` that name SD1.x/SD2.x-only blocks, or ``None``.
+
+    The context width of a cross-attention key/value module decides SD1.x vs SD2.x; without one,
+    the answer is ``"sd1.x/sd2.x"``.
+    """
+    mods = list(modules)
+    if not any(m.component == "unet" and looks_like_sd1(m.name) for m in mods):
+        return None
+    for m in mods:
+        if m.component == "unet" and m.kind == "lora" and "down" in m.keys and _CROSS_KV.search(m.name):
+            shape = m.factor_shape("down")
+            if len(shape) == 2 and shape[1] in CONTEXT_WIDTH:
+                return CONTEXT_WIDTH[shape[1]]
+    return "sd1.x/sd2.x"
+
+
+def sd_hint(modules: Iterable[LoraModule]) -> str | None:
+    """The sentence naming the SD family of ``modules`` (see :func:`sd_family`), or ``None``."""
+    fam = sd_family(modules)
+    return None if fam is None else HINTS[fam]
+
+
+def context_hint(module: LoraModule) -> str:
+    """The sentence for a module that names an SDXL cross-attention weight (2048-wide context) but
+    does not fit it: its own context width names the family when it is SD1.x's or SD2.x's."""
+    if module.kind == "lora" and "down" in module.keys:
+        shape = module.factor_shape("down")
+        if len(shape) == 2 and shape[1] in CONTEXT_WIDTH:
+            return HINTS[CONTEXT_WIDTH[shape[1]]]
+    return SD1_HINT
+
+
+def foreign_format_name(format: str, modules: Iterable[LoraModule]) -> str:
+    """The format name to show for a LoRA of another SD family: sd-scripts' SD1.x/SD2.x files spell
+    diffusers block names inside the kohya envelope, which is its plain ``kohya`` format there
+    (``kohya-diffusers`` is a distinction SDXL's two block vocabularies make)."""
+    if format == "kohya-diffusers" and sd_family(modules) is not None:
+        return "kohya"
+    return format
+
+
+def flux_keys(keys: Iterable[str]) -> list[str]:
+    """The keys that name Flux blocks (see the module docstring)."""
+    return [k for k in keys if _FLUX_KEY.match(k)]
+
+
+def looks_like_flux(keys: list[str]) -> bool:
+    """Whether most of ``keys`` name Flux blocks."""
+    return 2 * len(flux_keys(keys)) > len(keys) > 0
+
+
+def flux_message(source: str, keys: list[str]) -> str:
+    """THE sentence said of a Flux LoRA (inspect and the fuse use it)."""
+    return f"'{source}' is a Flux LoRA (first key: {flux_keys(keys)[0]}), which does not fit SDXL."
+
+
+__all__ = ["CONTEXT_WIDTH", "HINTS", "Family", "context_hint", "flux_keys", "flux_message", "foreign_format_name", "looks_like_flux",
+           "sd_family", "sd_hint"]
