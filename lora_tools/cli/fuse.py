@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 @click.command("fuse")
-@click.argument("base", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.argument("base", type=click.Path(readable=False, path_type=str))  # checked by plan_fuse: one line, exit 1
 @click.option("--preset", metavar="NAME", help="Acceleration preset to fuse in (e.g. lightning-4step; see loratool presets).")
 @click.option("--lightning", type=click.Choice(["1", "2", "4", "8"]),
               help="SDXL-Lightning step count to fuse in: shorthand for --preset lightning-Nstep.")
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 @click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that have no target instead of failing.")
 @click.option("--force", is_flag=True, help="Fuse even into a model lora_tools already fused a preset into.")
 @click.option("--revision", help="Hub revision (commit, tag or branch) for hub downloads.")
-@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(exists=True, file_okay=False, path_type=str),
+@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(file_okay=False, readable=False, path_type=str),
               help="Local folder holding the preset's files, e.g. ByteDance/SDXL-Lightning's (instead of the hub).")
-@click.option("--original-unet", type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.option("--original-unet", type=click.Path(dir_okay=False, readable=False, path_type=str),
               help="The SDXL base UNet (diffusers layout) for --method unet (instead of the hub).")
 @click.option("--variant", help="Weights variant of a diffusers-folder BASE (e.g. fp16).")
 @click.option("--hash-base", is_flag=True,

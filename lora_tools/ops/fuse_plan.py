@@ -230,8 +230,8 @@ def plan_fuse(
     diffs: list[DiffSource] = []
     warnings: list[str] = []
     try:
-        _check_base(model, accel, force, warnings)
-        index = TargetIndex(model.cfg.table)
+        _check_base(model, accel, force)
+        index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
         sources: list[tuple[Path, float, str, AccelerationPreset | None]] = []
         if accel is not None and method == "lora":
             assert accel.lora_file is not None
@@ -260,12 +260,11 @@ def plan_fuse(
             for mm in s.match.matched:
                 patches.setdefault(mm.target.sgm_key, []).append((s, mm))
         _check_patch_targets(model, patches)
-        if model.kind.components == ("unet",) and any(mm.target.component != "unet" for c in patches.values() for _, mm in c):
-            raise UnsupportedModelError(f"'{base}' holds only a UNet, but a LoRA also changes text encoders.")
         if accel is None:
             accel = _preset_among(plan_loras)
             if accel is not None:
-                _check_base(model, accel, force, [])
+                _check_base(model, accel, force)
+        warnings[:0] = base_warnings(model, accel)
         out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
         outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
@@ -328,22 +327,34 @@ def _preset_among(loras: list[LoraSource]) -> AccelerationPreset | None:
     return next(iter(found.values()), None)
 
 
-def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool, warnings: list[str]) -> None:
+def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool) -> None:
+    """Refuse a base nothing can be fused into, or one that already has a preset fused in."""
     kind = model.kind
-    if kind.architecture == "sdxl-inpaint":
-        warnings.append(f"'{model.path}' is an SDXL inpainting model (9-channel input); Lightning was distilled from "
-                        "the 4-channel base, so results may differ from the model card.")
-    elif not kind.supported:
+    if kind.architecture != "sdxl-inpaint" and not kind.supported:
         raise UnsupportedModelError(f"'{model.path}' is not supported: {kind.why_unsupported()}.")
     if "unet" not in kind.components:
         raise UnsupportedModelError(f"'{model.path}' has no UNet (model.diffusion_model.*): nothing to fuse into.")
-    if kind.prediction != "epsilon":
-        warnings.append(f"'{model.path}' is a {kind.prediction} model (markers: {', '.join(kind.markers)}); "
-                        "Lightning was distilled for epsilon-prediction SDXL and will likely misbehave.")
     done = fused_preset(model.metadata)
     if preset is not None and done is not None and not force:
         raise UsageError(f"'{model.path}' already has {preset_title(done)} fused into it by lora_tools; fusing again "
                          "gives black images. Use the original base", hint=Hint("force", "to fuse anyway"))
+
+
+def base_warnings(model: ModelSource, preset: AccelerationPreset | None) -> list[str]:
+    """What may go wrong with a base lora_tools can fuse into (inpainting, v-prediction), naming the
+    preset being fused in (``preset.label``), or SDXL LoRAs in general when there is none."""
+    kind = model.kind
+    warnings = []
+    if kind.architecture == "sdxl-inpaint":
+        made = (f"{preset.label} was distilled from" if preset is not None
+                else "SDXL LoRAs are usually trained on")
+        warnings.append(f"'{model.path}' is an SDXL inpainting model (9-channel input); {made} the 4-channel SDXL "
+                        "base, so results may differ from the model card.")
+    if kind.prediction != "epsilon":
+        what = (f"{preset.label} was distilled for epsilon-prediction SDXL and will likely misbehave"
+                if preset is not None else "SDXL LoRAs are usually trained on epsilon-prediction SDXL and may misbehave")
+        warnings.append(f"'{model.path}' is a {kind.prediction} model (markers: {', '.join(kind.markers)}); {what}.")
+    return warnings
 
 
 def preset_title(name: str) -> str:
@@ -374,27 +385,50 @@ def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) ->
     return resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, hint=Hint("original_unet", "with the downloaded file", "PATH"))
 
 
-def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strength: float, label: str,
+class _HeldTargets:
+    """The base's targets, only in the components the base holds: a text-encoder module of a LoRA
+    is unmatched on a UNet-only base (not checked against text-encoder shapes the file lacks)."""
+
+    def __init__(self, index: TargetIndex, components: Sequence[str]):
+        self._index, self.components = index, tuple(components)
+
+    def lookup(self, component: str, name: str):  # type: ignore[no-untyped-def]
+        return self._index.lookup(component, name) if component in self.components else None  # type: ignore[arg-type]
+
+
+def _absent_components(m: LoraMatch, held: Sequence[str]) -> str:
+    """Why some unmatched modules cannot match: ``the base has no text encoders`` (or ``''``)."""
+    absent = sorted({u.component for u in m.unmatched} - set(held))
+    if not absent:
+        return ""
+    if set(absent) <= {"te1", "te2"} and not {"te1", "te2"} & set(held):
+        return "the base has no text encoders"
+    return f"the base does not hold {', '.join(absent)}"
+
+
+def _match(adapter: LoraAdapter, index: _HeldTargets, model: ModelSource, strength: float, label: str,
            preset: AccelerationPreset | None, allow_unmatched: bool, warnings: list[str]) -> LoraSource:
     try:
         raise_factor_problems(adapter)
-        m = match_lora(adapter, index, base=str(model.path))
+        m = match_lora(adapter, index, base=str(model.path))  # type: ignore[arg-type]
     except ShapeMismatchError:
         adapter.close()
         raise
+    why = _absent_components(m, index.components)
     if not m.matched:
         adapter.close()
-        raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}")
+        raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}" + (f" ({why})" if why else ""))
     if m.unmatched:
         if not allow_unmatched:
             adapter.close()
-            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}",
+            if why and len(m.unmatched) == sum(u.component not in index.components for u in m.unmatched):
+                raise KeyMismatchError(f"Cannot fuse: {len(m.unmatched)} modules of '{adapter.path}' change "
+                                       f"{', '.join(sorted({u.component for u in m.unmatched}))}, but {why} "
+                                       f"('{model.path}' holds {', '.join(model.kind.components)})",
+                                       hint=Hint("allow_unmatched", "to skip them"))
+            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}" + (f" ({why})" if why else ""),
                                    hint=Hint("allow_unmatched", "to skip them"))
-        warnings.append(f"skipping {len(m.unmatched)} unmatched modules of '{adapter.path}'")
-    absent = {mm.target.component for mm in m.matched} - set(model.kind.components)
-    if absent:
-        adapter.close()
-        raise UnsupportedModelError(f"'{adapter.path}' changes {', '.join(sorted(absent))}, which '{model.path}' does not hold.")
+        warnings.append(f"skipping {len(m.unmatched)} unmatched modules of '{adapter.path}'" + (f" ({why})" if why else ""))
     max_abs = _check_finite(adapter)
     if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
         adapter.close()
