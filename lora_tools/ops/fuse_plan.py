@@ -87,6 +87,7 @@ class FusePlan:
     unmatched: list[str] = field(default_factory=list)
     overwrite: bool = False
     hash_base: bool = False
+    verify_output: bool = False
     hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
 
     @property
@@ -166,6 +167,7 @@ def plan_fuse(
     original_unet: str | Path | None = None,
     variant: str | None = None,
     hash_base: bool = False,
+    verify_output: bool = False,
     lightning: int | None = None,
     lightning_strength: float | None = None,
     lightning_dir: str | Path | None = None,
@@ -193,6 +195,8 @@ def plan_fuse(
         original_unet: the SDXL base UNet (diffusers layout) for ``method="unet"``.
         variant: weights variant of a diffusers-folder base (``fp16``).
         hash_base: record the base's full sha256 even when it is large.
+        verify_output: before each output is renamed to its name, read its data back and check
+            its sha256 against what was written (one more pass over each output).
         lightning: deprecated alias: ``lightning=4`` is ``preset="lightning-4step"``.
         lightning_strength: deprecated alias of ``preset_strength``.
         lightning_dir: deprecated alias of ``preset_dir``.
@@ -203,6 +207,8 @@ def plan_fuse(
     Raises:
         UsageError: nothing to fuse, conflicting or out-of-range arguments, a preset fused twice.
         OutputExistsError: an output exists and ``overwrite`` is not set.
+        OutputError: an output path of the wrong kind, or not enough free space for the outputs
+            (``not enough space on X: need N, have M``).
         NonFiniteError: a LoRA holds NaN/Inf.
         KeyMismatchError, ShapeMismatchError, UnsupportedModelError: the sources do not fit the base.
     """
@@ -270,13 +276,34 @@ def plan_fuse(
         outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
         sampler = accel.sampler if accel is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
-        return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
-                        warnings, unmatched, overwrite, hash_base, hashes)
+        plan = FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
+                        warnings, unmatched, overwrite, hash_base, verify_output, hashes)
+        check_free_space(plan)
+        return plan
     except BaseException:
         model.close()
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def check_free_space(plan: FusePlan) -> None:
+    """Refuse a plan whose outputs do not fit on their file systems (outputs sharing one are
+    counted together), by the rule :func:`lora_tools.output.plan.reserve_space` applies when
+    the writing starts; nothing stays reserved.
+
+    Raises:
+        OutputError: ``not enough space on X for Y: need N, have M``.
+    """
+    held: list[tuple[int, int]] = []
+    try:
+        for o in plan.outputs:
+            nbytes = plan.output_bytes(o.kind)
+            probe = o.path / "unet" / "diffusion_pytorch_model.safetensors" if o.kind == "diffusers" else o.path
+            held.append((output_plan.reserve_space(probe, nbytes), nbytes))
+    finally:
+        for dev, nbytes in held:
+            output_plan.release_space(dev, nbytes)
 
 
 def _preset_argument(preset: str | AccelerationPreset | None, lightning: int | None) -> AccelerationPreset | None:
