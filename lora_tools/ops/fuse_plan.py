@@ -400,7 +400,11 @@ def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path |
             raise UsageError(f"'{path}' does not exist: the preset folder must hold the {preset.repo_id} file '{filename}'",
                              hint=Hint("preset_dir", "naming a folder that holds it", "DIR"))
         return path
-    return resolve_file(preset.repo_id, filename, revision=revision)  # the hint: pass the downloaded file as a LoRA
+    if filename == preset.lora_file:  # the downloaded LoRA can be passed as a LoRA
+        return resolve_file(preset.repo_id, filename, revision=revision)
+    # a UNet (--method unet) cannot: it is read from a preset folder
+    return resolve_file(preset.repo_id, filename, revision=revision,
+                        hint=Hint("preset_dir", "naming a folder that holds the downloaded file", "DIR"))
 
 
 def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
