@@ -102,35 +102,19 @@ class _FileSink:
     def commit(self) -> list[WrittenFile]:
         path = self.writer.path
         atomic.test_pause("before-rename")
-        claimed = appeared = False
-        if self.writer.overwrite and not self._existed:
-            # Claim the new name first: of two runs racing for it, exactly one finds it taken (and
-            # says it replaced the other's file), with no window between a check and the rename.
-            self.writer.overwrite = False
-            try:
-                p = self.writer.commit()
-                claimed = True
-            except OutputExistsError:
-                appeared = True
-            finally:
-                self.writer.overwrite = True
-        if not claimed:
-            self._keep_old(path)
-            p = self.writer.commit()
-        self._committed = True
-        if appeared:
-            _say_replaced(path)
-        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
-
-    def _keep_old(self, path: Path) -> None:
-        """Hard-link the file about to be replaced, kept until every output of the run is in place."""
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
-            old = atomic.temp_path(path, old=True)
+            old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
             try:
                 os.link(path, old)
                 self._old = old
             except OSError:
                 self._old = None
+        appeared = not self._existed and self.writer.overwrite and path.exists()
+        p = self.writer.commit()
+        self._committed = True
+        if appeared:
+            _say_replaced(path)
+        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
 
     def finalize(self) -> list[WrittenFile]:
         self.complete()
