@@ -5,6 +5,11 @@ settings are re-read from the environment at call time, because ``huggingface_hu
 at import: ``HF_HUB_OFFLINE`` (and ``TRANSFORMERS_OFFLINE``), and the cache location
 (``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``).
 
+Without ``HF_HUB_OFFLINE`` and without network, ``huggingface_hub`` retries for many seconds
+before it gives up. So when a file is not in the cache, a short TCP connect to the endpoint's host
+(or its proxy) comes first, once per process (:func:`hub_unreachable`); when it fails, lora_tools
+behaves as offline at once.
+
 Every hub failure becomes a one-line :class:`~lora_tools.errors.HubError` that names the repository
 and the file and says what to do.
 """
@@ -16,6 +21,9 @@ import logging
 import math
 import os
 import re
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,7 @@ LORA_HINT = Hint("lora", "with the downloaded file", "PATH")
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["autov2_hash", "parse_source", "resolve_file", "resolve_source", "sha256_file"]
+__all__ = ["autov2_hash", "hub_unreachable", "parse_source", "resolve_file", "resolve_source", "sha256_file"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -98,6 +106,75 @@ def _login_hint() -> str:
 def _one_line(text: object, limit: int = 200) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------
+# reachability, probed once per process
+
+#: How long the reachability probe waits for a TCP connection to the hub (or its proxy).
+PROBE_SECONDS = 1.5
+_probed: dict[tuple[str, int], str | None] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe_target(endpoint: str) -> tuple[str, int] | None:
+    """The ``(host, port)`` a download from ``endpoint`` connects to first: the proxy's, where the
+    environment names one for the endpoint's scheme, else the endpoint's own."""
+    url = urllib.parse.urlsplit(endpoint)
+    scheme = (url.scheme or "https").lower()
+    proxy = next((os.environ[v] for v in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
+                  if os.environ.get(v)), None)
+    if proxy:
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        scheme = (url.scheme or "http").lower()
+    try:
+        port = url.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return None
+    return (url.hostname, port) if url.hostname else None
+
+
+def hub_unreachable(endpoint: str | None = None) -> str | None:
+    """Why the hub cannot be reached (``"ConnectionRefusedError: ..."``), or ``None`` when a TCP
+    connection to it (or to its proxy) opens within :data:`PROBE_SECONDS`.
+
+    The answer is remembered for the rest of the process; name resolution counts against the
+    same time limit.
+
+    Args:
+        endpoint (`str`, *optional*): the hub's URL; defaults to ``huggingface_hub``'s endpoint
+            (``HF_ENDPOINT`` as read at import, else ``https://huggingface.co``).
+    """
+    target = _probe_target(endpoint or hf_constants.ENDPOINT)
+    if target is None:
+        return None
+    with _probe_lock:
+        if target in _probed:
+            return _probed[target]
+        answer: list[str | None] = []
+
+        def attempt() -> None:
+            try:
+                socket.create_connection(target, timeout=PROBE_SECONDS).close()
+                answer.append(None)
+            except OSError as e:
+                answer.append(f"{type(e).__name__}: {_one_line(e, 100)}")
+
+        worker = threading.Thread(target=attempt, name="loratool-hub-probe", daemon=True)
+        worker.start()
+        worker.join(PROBE_SECONDS + 0.5)
+        why = answer[0] if answer else f"no connection to {target[0]}:{target[1]} within {PROBE_SECONDS:g} s"
+        _probed[target] = why
+        logger.debug("hub probe %s:%s -> %s", *target, why or "reachable")
+        return why
+
+
+def _cached(repo_id: str, filename: str, revision: str | None, cache_dir: Path | None) -> bool:
+    try:
+        found = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    except (ValueError, OSError):  # a malformed id: hf_hub_download says so
+        return True
+    return isinstance(found, str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +241,11 @@ def resolve_file(
     way_out = hint if instead is None else None
     tree = f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
 
+    if not offline and not _cached(repo_id, filename, revision, cache_dir):
+        why = hub_unreachable()
+        if why is not None:  # behave as offline at once, instead of huggingface_hub's retries
+            raise HubError(f"{what}: the hub ({hf_constants.ENDPOINT}) could not be reached ({why}) and the file is "
+                           f"not in the Hugging Face cache. Check the network, or download it {elsewhere}", hint=way_out)
     logger.debug("hf_hub_download(%r, %r, %s)", repo_id, filename, kwargs)
     try:
         path = hf_hub_download(repo_id, filename, **kwargs)

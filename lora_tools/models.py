@@ -140,7 +140,7 @@ def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
         )
     if kind.layout == "diffusers-unet":
         return _from_diffusers_files(path, kind, {"unet": [header]}, header.metadata)
-    cfg = config_from_shapes(shapes, kind.components) if kind.architecture == "sdxl-base" else SDXLConfig()
+    cfg = config_from_shapes(shapes, kind.components) if kind.architecture in ("sdxl-base", "sdxl-inpaint") else SDXLConfig()
     table = cfg.table
     refs = []
     # Read in file order: sequential I/O, and the output can keep the base's order.

@@ -700,3 +700,98 @@ def test_default_stem_names_the_preset() -> None:
     assert default_stem(Path("/m/juggernaut.safetensors"), lightning, [], "unet") == "juggernaut-lightning-4step-unetdiff"
     assert default_stem(Path("/m/juggernaut.safetensors"), other, [], "lora") == "juggernaut-hyper-sd-8step"
     assert isinstance(other, AccelerationPreset)
+
+
+# ---------------------------------------------------------------------------- round 2: integrity, space, advice
+
+
+def test_summary_lists_every_weights_file_of_a_diffusers_folder(runs: SimpleNamespace) -> None:
+    out = runs.keep_result.stdout
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        path = runs.diffusers / rel
+        assert f"Wrote {path} (" in out and f"sha256 {sha256_of(path)}," in out, (rel, out)
+
+
+def _corrupt_before_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flip the last data byte of every output after it is written, before it is read back."""
+    original = StreamingWriter._check_written
+
+    def corrupt_then_check(self: StreamingWriter) -> None:
+        assert self._tmp is not None
+        with open(self._tmp, "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 0xFF]))
+        original(self)
+
+    monkeypatch.setattr(StreamingWriter, "_check_written", corrupt_then_check)
+
+
+def test_verify_output_rehashes_the_data_before_the_rename(assets: FuseAssets, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = (assets.base, "--lora", assets.style, "-q")
+    ok = tmp_path / "verified.safetensors"
+    fuse_ok(*args, "--verify-output", "-o", ok)
+    check = CliRunner().invoke(cli, ["check", str(ok)])
+    assert check.exit_code == 0, check.output
+    _corrupt_before_the_check(monkeypatch)
+    unchecked = tmp_path / "unchecked.safetensors"
+    fuse_ok(*args, "-o", unchecked)  # the header check alone cannot see a flipped data byte
+    assert sha256_of(unchecked) != sha256_of(ok)
+    out = tmp_path / "out" / "bad.safetensors"
+    (tmp_path / "out").mkdir()
+    line = fuse_fails((tmp_path / "out", assets.root), *args, "--verify-output", "-o", out, names=str(out))
+    assert line == f"Error: cannot write '{out}': its data read back differs from what was written."
+
+
+def test_not_enough_space_is_refused_at_plan_time(assets: FuseAssets, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil as shutil_module
+
+    from lora_tools.cli._output import format_bytes
+    from lora_tools.output import plan as output_plan
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    plan = plan_fuse(assets.base, loras=[(str(assets.style), 1.0)], saves=("checkpoint", "unet"),
+                     output=tmp_path / "o.safetensors")
+    try:
+        need = plan.output_bytes("checkpoint") + plan.output_bytes("unet")
+    finally:
+        plan.close()
+    free = need - 1  # room for each output alone, not for both
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(output_plan.shutil, "disk_usage", lambda path: usage._replace(free=free))
+    out = tmp_path / "o.safetensors"
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--lora", assets.style, "--save", "checkpoint",
+                      "--save", "unet", "-o", out, "--dry-run", names="not enough space")
+    mount = output_plan._mount_point(tmp_path)
+    assert line == (f"Error: not enough space on '{mount}' for '{tmp_path / 'o-unet.safetensors'}': "
+                    f"need {format_bytes(need)}, have {format_bytes(free)}.")
+    fuse_ok(assets.base, "--lora", assets.style, "-o", out, "--dry-run")  # one output fits
+
+
+def test_base_warnings_name_the_preset(assets: FuseAssets, tmp_path: Path) -> None:
+    from lora_tools.presets import get_preset
+
+    tensors = load_tensors(assets.base)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0], 9, *tensors[key].shape[2:], dtype=tensors[key].dtype)
+    base = save_tensors(tmp_path / "inpaint.safetensors", tensors, {"format": "pt"})
+    label = get_preset("lightning-4step").label
+    result = fuse_ok(base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "-o", tmp_path / "o.safetensors",
+                     "--dry-run")
+    assert result.stderr.splitlines() == [
+        f"Warning: '{base}' is an SDXL inpainting model (9-channel input); {label} was distilled from the 4-channel "
+        "SDXL base, so results may differ from the model card."]
+    # a Lightning LoRA passed with --lora is recognised, and the warning names it too
+    result = fuse_ok(base, "--lora", assets.lightning_lora, "-o", tmp_path / "o.safetensors", "--dry-run")
+    assert f"{label} was distilled from" in result.stderr.splitlines()[0]
+
+
+def test_method_unet_offline_advice_names_the_preset_folder(assets: FuseAssets, tmp_path: Path, offline_hub: Path) -> None:
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--lightning", "4", "--method", "unet",
+                      "-o", tmp_path / "x.safetensors", names="sdxl_lightning_4step_unet.safetensors")
+    assert line.endswith("; pass --preset-dir DIR naming a folder that holds the downloaded file."), line
+    assert "--lora" not in line

@@ -189,6 +189,7 @@ class TestResolveFile:
     def test_network_failure_when_online(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("HF_HUB_OFFLINE")
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub, "hub_unreachable", lambda endpoint=None: None)  # a TCP connect works, the download fails
 
         def fake_download(repo_id: str, filename: str, **kwargs: object) -> str:
             assert kwargs["local_files_only"] is False
@@ -271,6 +272,99 @@ class TestResolveSource:
     def test_directory(self, tmp_path: Path) -> None:
         with pytest.raises(UsageError, match="is a directory"):
             resolve_source(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ an unreachable hub
+
+_PROBE_SCRIPT = """
+import sys, time
+from click.testing import CliRunner
+from lora_tools.cli import cli
+start = time.perf_counter()
+result = CliRunner().invoke(cli, sys.argv[1:])
+print(f"{time.perf_counter() - start:.3f}")
+sys.stderr.write(result.stderr)
+sys.exit(result.exit_code)
+"""
+
+
+def test_unreachable_hub_is_one_line_in_seconds(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """No HF_HUB_OFFLINE and a hub endpoint on a closed loopback port: huggingface_hub would retry
+    for about 23 s; one short connect says it is unreachable and the fuse stops at once."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "cache"),
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(var, None)
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT, "fuse", str(tiny_checkpoint), "--lora",
+                           "owner/repo/style.safetensors", "-o", str(out), "-q"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "Error: No local file 'owner/repo/style.safetensors', and cannot get 'style.safetensors' from owner/repo: "
+        "the hub (http://127.0.0.1:9) could not be reached (ConnectionRefusedError: [Errno 111] Connection refused) "
+        "and the file is not in the Hugging Face cache. Check the network, or download it on a machine with network "
+        "(hf download owner/repo style.safetensors); pass --lora PATH with the downloaded file."]
+    assert float(proc.stdout.strip()) < 5.0, "the command (imports excluded) took too long"
+    assert not out.exists()
+
+
+class TestProbe:
+    @pytest.fixture(autouse=True)
+    def fresh(self, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+        """A process that has not probed yet, online, whose connects are recorded (and refused)."""
+        monkeypatch.setattr(hub, "_probed", {})
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        calls: list[tuple[str, int]] = []
+
+        def refuse(address: tuple[str, int], timeout: float | None = None) -> object:
+            calls.append(address)
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        monkeypatch.setattr(hub.socket, "create_connection", refuse)
+        return calls
+
+    def test_probed_once_per_process(self, fresh: list[tuple[str, int]], hf_home: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        def no_download(*args: object, **kwargs: object) -> str:
+            raise AssertionError("hf_hub_download must not run when the hub is unreachable")
+
+        monkeypatch.setattr(hub, "hf_hub_download", no_download)
+        for _ in range(3):
+            with pytest.raises(HubError, match=r"could not be reached \(ConnectionRefusedError"):
+                resolve_file(REPO, LORA)
+        assert fresh == [("huggingface.co", 443)]
+
+    def test_a_cached_file_needs_no_probe(self, fresh: list[tuple[str, int]], hf_home: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        pointer = fill_cache(hf_home, REPO, LORA, CONTENT)
+        monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, filename, **kw: str(pointer))
+        assert resolve_file(REPO, LORA).read_bytes() == CONTENT
+        assert fresh == []
+
+    def test_the_proxy_is_probed(self, fresh: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+        assert hub._probe_target("https://huggingface.co") == ("proxy.example", 3128)
+        assert hub.hub_unreachable("https://huggingface.co") == "ConnectionRefusedError: [Errno 111] Connection refused"
+        assert fresh == [("proxy.example", 3128)]
+        assert hub._probe_target("http://127.0.0.1:9") == ("127.0.0.1", 9)  # http: no https proxy
+
+
+def test_a_listening_port_is_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setattr(hub, "_probed", {})
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert hub.hub_unreachable(f"http://127.0.0.1:{server.getsockname()[1]}") is None
 
 
 # ------------------------------------------------------------------------------ hashes

@@ -9,9 +9,9 @@ from lora_tools.cli._output import safe_text
 
 
 @click.command("analyze")
-@click.argument("model", type=click.Path(exists=True, path_type=str))
-@click.option("--base", required=True, type=click.Path(exists=True, path_type=str), help="The model MODEL was made from.")
-@click.option("--lora", "loras", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.argument("model", type=click.Path(readable=False, path_type=str))
+@click.option("--base", required=True, type=click.Path(readable=False, path_type=str), help="The model MODEL was made from.")
+@click.option("--lora", "loras", multiple=True, required=True, type=click.Path(readable=False, path_type=str),
               help="A candidate LoRA (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def analyze_command(model: str, base: str, loras: tuple[str, ...], as_json: bool) -> None:

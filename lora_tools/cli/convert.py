@@ -10,7 +10,7 @@ from lora_tools.ops.convert import TARGET_FORMATS
 
 
 @click.command("convert")
-@click.argument("lora", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("lora", type=click.Path(readable=False, path_type=str))
 @click.option("--to", "to", type=click.Choice(TARGET_FORMATS), required=True, help="The format to write.")
 @output_options
 def convert_command(lora: str, to: str, output: str, overwrite: bool, dtype: str, as_json: bool) -> None:

@@ -10,8 +10,8 @@ from lora_tools.ops.convert import TARGET_FORMATS
 
 
 @click.command("extract")
-@click.argument("tuned", type=click.Path(exists=True, path_type=str))
-@click.argument("original", type=click.Path(exists=True, path_type=str))
+@click.argument("tuned", type=click.Path(readable=False, path_type=str))
+@click.argument("original", type=click.Path(readable=False, path_type=str))
 @click.option("--rank", type=int, help="Fixed rank of every module.")
 @click.option("--energy", type=float, help="Keep the smallest rank retaining this fraction of each module's difference, (0, 1].")
 @click.option("--conv-rank", type=int, help="Fixed rank for kxk convolutions (default: the main rule).")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 @click.command("fuse")
-@click.argument("base", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.argument("base", type=click.Path(readable=False, path_type=str))  # checked by plan_fuse: one line, exit 1
 @click.option("--preset", metavar="NAME", help="Acceleration preset to fuse in (e.g. lightning-4step; see loratool presets).")
 @click.option("--lightning", type=click.Choice(["1", "2", "4", "8"]),
               help="SDXL-Lightning step count to fuse in: shorthand for --preset lightning-Nstep.")
@@ -35,18 +35,21 @@ if TYPE_CHECKING:
 @click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that have no target instead of failing.")
 @click.option("--force", is_flag=True, help="Fuse even into a model lora_tools already fused a preset into.")
 @click.option("--revision", help="Hub revision (commit, tag or branch) for hub downloads.")
-@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(exists=True, file_okay=False, path_type=str),
+@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(file_okay=False, readable=False, path_type=str),
               help="Local folder holding the preset's files, e.g. ByteDance/SDXL-Lightning's (instead of the hub).")
-@click.option("--original-unet", type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.option("--original-unet", type=click.Path(dir_okay=False, readable=False, path_type=str),
               help="The SDXL base UNet (diffusers layout) for --method unet (instead of the hub).")
 @click.option("--variant", help="Weights variant of a diffusers-folder BASE (e.g. fp16).")
 @click.option("--hash-base", is_flag=True,
               help="Record the base's full sha256 even when it is over 2 GiB (one more pass over the file).")
+@click.option("--verify-output", is_flag=True,
+              help="Before renaming each output into place, read it back and check its sha256 (one more pass).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
 def fuse_command(base: str, preset: str | None, lightning: str | None, method: str, loras: tuple[str, ...],
                  preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
                  overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
-                 original_unet: str | None, variant: str | None, hash_base: bool, quiet: bool) -> None:
+                 original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
+                 quiet: bool) -> None:
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -74,7 +77,7 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
         loras=[parse_source(s) for s in loras], saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
         preset_strength=preset_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
         revision=revision, preset_dir=preset_dir, original_unet=original_unet, variant=variant,
-        hash_base=hash_base,
+        hash_base=hash_base, verify_output=verify_output,
     )
     try:
         for w in plan.warnings:
@@ -117,9 +120,7 @@ def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
     from lora_tools.hub import autov2_hash
 
     click.echo(f"Fused {result.modules_fused} modules into {result.tensors_patched} tensors in {result.seconds:.1f} s.")
-    for f in result.files:
-        if f.kind == "diffusers" and not f.path.name.startswith("diffusion_pytorch_model"):
-            continue
+    for f in result.files:  # every weights file, the text encoders of a diffusers folder too
         digest = f" sha256 {f.sha256}, AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else ""
         click.echo(f"Wrote {safe_text(f.path)} ({format_bytes(f.nbytes)}){digest}")
     if plan.sampler is not None:

@@ -8,15 +8,16 @@ from pathlib import Path
 import click
 
 from lora_tools.cli._output import format_bytes, safe_text
-from lora_tools.errors import UsageError
+from lora_tools.errors import ShapeMismatchError, UsageError
 from lora_tools.layouts.blocks import block_of
 from lora_tools.layouts.components import component_label
+from lora_tools.lora.validate import FactorProblem, check_factor_shapes, raise_factor_problems
 from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, inspect_path
 from lora_tools.presets import SamplerSettings
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(readable=False, path_type=Path))  # inspect_path says what is wrong
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable fields, see the docs).")
 @click.option("--keys", "show_keys", is_flag=True, help="Also list every tensor with its dtype and shape.")
 @click.option("--hash/--no-hash", "with_hash", default=None,
@@ -31,16 +32,46 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
         loratool inspect my_lora.safetensors --json | jq .lora.ranks
     """
     report = inspect_path(path, with_hash=with_hash)
+    problems, misfit = _factor_problems(path, report)
     if as_json:
-        click.echo(json.dumps(report.to_dict(include_keys=show_keys), indent=2))
+        d = report.to_dict(include_keys=show_keys)
+        if d.get("lora") is not None:
+            d["lora"]["factor_problems"] = [{"component": p.component, "module": p.module, "reason": p.reason}
+                                            for p in problems]
+        click.echo(json.dumps(d, indent=2))
     else:
         for line in render(report, show_keys=show_keys):
             click.echo(line)
+        if problems:
+            click.echo(f"  modules whose factors do not fit each other ({len(problems)}):")
+            for line in _aligned([(f"{p.component}:{safe_text(p.module, 120)}", safe_text(p.reason, 400))
+                                  for p in problems], indent=4):
+                click.echo(line)
+    if misfit is not None:
+        raise misfit
     if report.lora is not None and report.lora.mismatched:
         bad = report.lora.mismatched
         names = ", ".join(safe_text(m.module, 80) for m in bad[:5]) + (", ..." if len(bad) > 5 else "")
         raise click.ClickException(
             f"'{safe_text(path)}': {len(bad)} module(s) do not fit the weights they name: {names}.")
+
+
+def _factor_problems(path: Path, report: InspectReport) -> tuple[list[FactorProblem], ShapeMismatchError | None]:
+    """The LoRA's modules whose factors do not fit each other (up's rank is not down's...), and the
+    one-line error that names the first (the fuse refuses the same file with the same line)."""
+    if report.lora is None:
+        return [], None
+    from lora_tools.lora.formats import load_lora
+
+    with load_lora(path) as adapter:
+        problems = check_factor_shapes(adapter)
+        if not problems:
+            return [], None
+        try:
+            raise_factor_problems(adapter)
+        except ShapeMismatchError as e:
+            return problems, e
+    raise AssertionError("unreachable: check_factor_shapes found problems raise_factor_problems did not")
 
 
 def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:

@@ -45,9 +45,6 @@ def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy:
     from lora_tools.ops.merge import WeightedLora, merge_loras
 
     specs = [_split_weight(s) for s in loras]
-    for path, _ in specs:
-        if not Path(path).is_file():
-            raise click.BadParameter(f"'{path}' is not a file", param_hint="LORA")
     if len(specs) < 2:
         raise UsageError("merge needs at least two LoRAs")
     rule = RankRule(rank=rank, energy=energy) if (rank is not None or energy is not None) else None

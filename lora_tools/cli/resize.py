@@ -9,7 +9,7 @@ from lora_tools.cli._output import format_bytes, safe_text
 
 
 @click.command("resize")
-@click.argument("lora", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("lora", type=click.Path(readable=False, path_type=str))
 @click.option("--rank", type=int, help="Fixed target rank.")
 @click.option("--energy", type=float, help="Keep the smallest rank retaining this fraction of each module's energy, (0, 1].")
 @click.option("--sv-ratio", type=float, help="Keep singular values >= s_max / X (kohya's sv_ratio).")

@@ -25,7 +25,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 @click.command("verify")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(readable=False, path_type=Path))
 @click.option("--preset", default="auto", show_default=True,
               help="auto: the settings fuse recorded in MODEL (else its file name); or a preset name (loratool presets).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt to render (repeatable).")

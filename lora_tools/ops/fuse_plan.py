@@ -87,6 +87,7 @@ class FusePlan:
     unmatched: list[str] = field(default_factory=list)
     overwrite: bool = False
     hash_base: bool = False
+    verify_output: bool = False
     hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
 
     @property
@@ -166,6 +167,7 @@ def plan_fuse(
     original_unet: str | Path | None = None,
     variant: str | None = None,
     hash_base: bool = False,
+    verify_output: bool = False,
     lightning: int | None = None,
     lightning_strength: float | None = None,
     lightning_dir: str | Path | None = None,
@@ -193,6 +195,8 @@ def plan_fuse(
         original_unet: the SDXL base UNet (diffusers layout) for ``method="unet"``.
         variant: weights variant of a diffusers-folder base (``fp16``).
         hash_base: record the base's full sha256 even when it is large.
+        verify_output: before each output is renamed to its name, read its data back and check
+            its sha256 against what was written (one more pass over each output).
         lightning: deprecated alias: ``lightning=4`` is ``preset="lightning-4step"``.
         lightning_strength: deprecated alias of ``preset_strength``.
         lightning_dir: deprecated alias of ``preset_dir``.
@@ -203,6 +207,8 @@ def plan_fuse(
     Raises:
         UsageError: nothing to fuse, conflicting or out-of-range arguments, a preset fused twice.
         OutputExistsError: an output exists and ``overwrite`` is not set.
+        OutputError: an output path of the wrong kind, or not enough free space for the outputs
+            (``not enough space on X: need N, have M``).
         NonFiniteError: a LoRA holds NaN/Inf.
         KeyMismatchError, ShapeMismatchError, UnsupportedModelError: the sources do not fit the base.
     """
@@ -230,8 +236,8 @@ def plan_fuse(
     diffs: list[DiffSource] = []
     warnings: list[str] = []
     try:
-        _check_base(model, accel, force, warnings)
-        index = TargetIndex(model.cfg.table)
+        _check_base(model, accel, force)
+        index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
         sources: list[tuple[Path, float, str, AccelerationPreset | None]] = []
         if accel is not None and method == "lora":
             assert accel.lora_file is not None
@@ -260,24 +266,44 @@ def plan_fuse(
             for mm in s.match.matched:
                 patches.setdefault(mm.target.sgm_key, []).append((s, mm))
         _check_patch_targets(model, patches)
-        if model.kind.components == ("unet",) and any(mm.target.component != "unet" for c in patches.values() for _, mm in c):
-            raise UnsupportedModelError(f"'{base}' holds only a UNet, but a LoRA also changes text encoders.")
         if accel is None:
             accel = _preset_among(plan_loras)
             if accel is not None:
-                _check_base(model, accel, force, [])
+                _check_base(model, accel, force)
+        warnings[:0] = base_warnings(model, accel)
         out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
         outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
         sampler = accel.sampler if accel is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
-        return FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
-                        warnings, unmatched, overwrite, hash_base, hashes)
+        plan = FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
+                        warnings, unmatched, overwrite, hash_base, verify_output, hashes)
+        check_free_space(plan)
+        return plan
     except BaseException:
         model.close()
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def check_free_space(plan: FusePlan) -> None:
+    """Refuse a plan whose outputs do not fit on their file systems (outputs sharing one are
+    counted together), by the rule :func:`lora_tools.output.plan.reserve_space` applies when
+    the writing starts; nothing stays reserved.
+
+    Raises:
+        OutputError: ``not enough space on X for Y: need N, have M``.
+    """
+    held: list[tuple[int, int]] = []
+    try:
+        for o in plan.outputs:
+            nbytes = plan.output_bytes(o.kind)
+            probe = o.path / "unet" / "diffusion_pytorch_model.safetensors" if o.kind == "diffusers" else o.path
+            held.append((output_plan.reserve_space(probe, nbytes), nbytes))
+    finally:
+        for dev, nbytes in held:
+            output_plan.release_space(dev, nbytes)
 
 
 def _preset_argument(preset: str | AccelerationPreset | None, lightning: int | None) -> AccelerationPreset | None:
@@ -328,22 +354,34 @@ def _preset_among(loras: list[LoraSource]) -> AccelerationPreset | None:
     return next(iter(found.values()), None)
 
 
-def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool, warnings: list[str]) -> None:
+def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool) -> None:
+    """Refuse a base nothing can be fused into, or one that already has a preset fused in."""
     kind = model.kind
-    if kind.architecture == "sdxl-inpaint":
-        warnings.append(f"'{model.path}' is an SDXL inpainting model (9-channel input); Lightning was distilled from "
-                        "the 4-channel base, so results may differ from the model card.")
-    elif not kind.supported:
+    if kind.architecture != "sdxl-inpaint" and not kind.supported:
         raise UnsupportedModelError(f"'{model.path}' is not supported: {kind.why_unsupported()}.")
     if "unet" not in kind.components:
         raise UnsupportedModelError(f"'{model.path}' has no UNet (model.diffusion_model.*): nothing to fuse into.")
-    if kind.prediction != "epsilon":
-        warnings.append(f"'{model.path}' is a {kind.prediction} model (markers: {', '.join(kind.markers)}); "
-                        "Lightning was distilled for epsilon-prediction SDXL and will likely misbehave.")
     done = fused_preset(model.metadata)
     if preset is not None and done is not None and not force:
         raise UsageError(f"'{model.path}' already has {preset_title(done)} fused into it by lora_tools; fusing again "
                          "gives black images. Use the original base", hint=Hint("force", "to fuse anyway"))
+
+
+def base_warnings(model: ModelSource, preset: AccelerationPreset | None) -> list[str]:
+    """What may go wrong with a base lora_tools can fuse into (inpainting, v-prediction), naming the
+    preset being fused in (``preset.label``), or SDXL LoRAs in general when there is none."""
+    kind = model.kind
+    warnings = []
+    if kind.architecture == "sdxl-inpaint":
+        made = (f"{preset.label} was distilled from" if preset is not None
+                else "SDXL LoRAs are usually trained on")
+        warnings.append(f"'{model.path}' is an SDXL inpainting model (9-channel input); {made} the 4-channel SDXL "
+                        "base, so results may differ from the model card.")
+    if kind.prediction != "epsilon":
+        what = (f"{preset.label} was distilled for epsilon-prediction SDXL and will likely misbehave"
+                if preset is not None else "SDXL LoRAs are usually trained on epsilon-prediction SDXL and may misbehave")
+        warnings.append(f"'{model.path}' is a {kind.prediction} model (markers: {', '.join(kind.markers)}); {what}.")
+    return warnings
 
 
 def preset_title(name: str) -> str:
@@ -362,7 +400,11 @@ def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path |
             raise UsageError(f"'{path}' does not exist: the preset folder must hold the {preset.repo_id} file '{filename}'",
                              hint=Hint("preset_dir", "naming a folder that holds it", "DIR"))
         return path
-    return resolve_file(preset.repo_id, filename, revision=revision)  # the hint: pass the downloaded file as a LoRA
+    if filename == preset.lora_file:  # the downloaded LoRA can be passed as a LoRA
+        return resolve_file(preset.repo_id, filename, revision=revision)
+    # a UNet (--method unet) cannot: it is read from a preset folder
+    return resolve_file(preset.repo_id, filename, revision=revision,
+                        hint=Hint("preset_dir", "naming a folder that holds the downloaded file", "DIR"))
 
 
 def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
@@ -374,27 +416,50 @@ def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) ->
     return resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, hint=Hint("original_unet", "with the downloaded file", "PATH"))
 
 
-def _match(adapter: LoraAdapter, index: TargetIndex, model: ModelSource, strength: float, label: str,
+class _HeldTargets:
+    """The base's targets, only in the components the base holds: a text-encoder module of a LoRA
+    is unmatched on a UNet-only base (not checked against text-encoder shapes the file lacks)."""
+
+    def __init__(self, index: TargetIndex, components: Sequence[str]):
+        self._index, self.components = index, tuple(components)
+
+    def lookup(self, component: str, name: str):  # type: ignore[no-untyped-def]
+        return self._index.lookup(component, name) if component in self.components else None  # type: ignore[arg-type]
+
+
+def _absent_components(m: LoraMatch, held: Sequence[str]) -> str:
+    """Why some unmatched modules cannot match: ``the base has no text encoders`` (or ``''``)."""
+    absent = sorted({u.component for u in m.unmatched} - set(held))
+    if not absent:
+        return ""
+    if set(absent) <= {"te1", "te2"} and not {"te1", "te2"} & set(held):
+        return "the base has no text encoders"
+    return f"the base does not hold {', '.join(absent)}"
+
+
+def _match(adapter: LoraAdapter, index: _HeldTargets, model: ModelSource, strength: float, label: str,
            preset: AccelerationPreset | None, allow_unmatched: bool, warnings: list[str]) -> LoraSource:
     try:
         raise_factor_problems(adapter)
-        m = match_lora(adapter, index, base=str(model.path))
+        m = match_lora(adapter, index, base=str(model.path))  # type: ignore[arg-type]
     except ShapeMismatchError:
         adapter.close()
         raise
+    why = _absent_components(m, index.components)
     if not m.matched:
         adapter.close()
-        raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}")
+        raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}" + (f" ({why})" if why else ""))
     if m.unmatched:
         if not allow_unmatched:
             adapter.close()
-            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}",
+            if why and len(m.unmatched) == sum(u.component not in index.components for u in m.unmatched):
+                raise KeyMismatchError(f"Cannot fuse: {len(m.unmatched)} modules of '{adapter.path}' change "
+                                       f"{', '.join(sorted({u.component for u in m.unmatched}))}, but {why} "
+                                       f"('{model.path}' holds {', '.join(model.kind.components)})",
+                                       hint=Hint("allow_unmatched", "to skip them"))
+            raise KeyMismatchError(f"Cannot fuse: {m.describe_unmatched(str(model.path))}" + (f" ({why})" if why else ""),
                                    hint=Hint("allow_unmatched", "to skip them"))
-        warnings.append(f"skipping {len(m.unmatched)} unmatched modules of '{adapter.path}'")
-    absent = {mm.target.component for mm in m.matched} - set(model.kind.components)
-    if absent:
-        adapter.close()
-        raise UnsupportedModelError(f"'{adapter.path}' changes {', '.join(sorted(absent))}, which '{model.path}' does not hold.")
+        warnings.append(f"skipping {len(m.unmatched)} unmatched modules of '{adapter.path}'" + (f" ({why})" if why else ""))
     max_abs = _check_finite(adapter)
     if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
         adapter.close()

@@ -132,7 +132,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
                          hint=Hint("lora", "for each of them", "SRC[:S]"))
     for p in [x for x in (base, config, against) if x is not None] + [p for p, _ in loras]:
         if not Path(p).exists():
-            raise UsageError(f"{p}: no such file or folder.")
+            raise UsageError(f"'{p}' does not exist.")
     run_device = pick_device(device)
     run_dtype = dtype if dtype != "auto" else ("fp16" if run_device == "cuda" else "fp32")
     if run_dtype not in ("fp32", "fp16", "bf16"):

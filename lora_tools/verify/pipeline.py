@@ -56,10 +56,10 @@ def model_kind(path: Path) -> str:
     """``"diffusers"`` (a folder with ``model_index.json``), ``"checkpoint"`` (SGM single file) or ``"unet"``."""
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise InvalidFileError(f"{path}: a folder without model_index.json is not a diffusers pipeline folder.")
+            raise InvalidFileError(f"'{path}' is a directory without model_index.json: not a diffusers pipeline folder.")
         return "diffusers"
     if not path.is_file():
-        raise InvalidFileError(f"{path}: no such file or folder.")
+        raise InvalidFileError(f"'{path}' does not exist.")
     if path.suffix == ".bin":
         return "unet"
     keys = read_header(path).tensors
