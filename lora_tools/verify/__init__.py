@@ -21,9 +21,12 @@ from lora_tools.presets import PRESETS, AccelerationPreset, SamplerSettings, get
 from lora_tools.provenance import read_record
 from lora_tools.verify.report import ImageResult, VerifyReport
 
-__all__ = ["DEFAULT_PROMPTS", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
+__all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("a cat", "a lighthouse at dusk")
+
+#: The label of the "wrong settings" column in the grid.
+WRONG_COLUMN = "wrong settings"
 
 #: The "wrong settings" column of ``show_wrong``: what users try first (leading spacing, CFG 7, 30 steps).
 WRONG_SETTINGS = SamplerSettings(scheduler="EulerDiscreteScheduler", timestep_spacing="leading", steps=30,
@@ -138,6 +141,9 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     if run_dtype not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
     out_dir = Path(out) if out is not None else None
+    if out_dir is None and (show_wrong or workflow):
+        raise UsageError("the wrong-settings column and the workflow are written into the output folder",
+                         hint=Hint("out", "", "DIR"))
     if out_dir is not None and (out_dir / "report.json").exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a verify report", hint=Hint("overwrite", "to replace it"))
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
@@ -310,13 +316,20 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
     columns: list[Any] = list(plan.seeds)
     if plan.show_wrong:
         _prepare(pipe, WRONG_SETTINGS)
+        broken: list[str] = []  # wrong settings may well break a model: shown, not a failed check
         for r, prompt in enumerate(plan.prompts):
             try:
                 _, img, _, _ = _render(pipe, WRONG_SETTINGS, prompt, plan.seeds[0], plan.size, "wrong settings")
                 rows[r].append(_to_pil(img))
-            except NonFiniteError:
+            except NonFiniteError as e:
+                broken.append(str(e))
                 rows[r].append(blank)
-        columns.append(f"{plan.seeds[0]} wrong")
+        report.wrong_settings = {"non_finite": broken, "scheduler": type(pipe.scheduler).__name__,
+                                 "timestep_spacing": WRONG_SETTINGS.timestep_spacing, "steps": WRONG_SETTINGS.steps,
+                                 "guidance_scale": WRONG_SETTINGS.guidance_scale,
+                                 "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
+                                 "seed": plan.seeds[0]}
+        columns.append(WRONG_COLUMN)
     report.files.append(str(make_grid(rows, plan.prompts, columns, out / "grid.png")))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
