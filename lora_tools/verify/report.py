@@ -27,6 +27,7 @@ class ImageResult:
     seconds: float
     step_seconds: list[float]
     file: str | None = None
+    decode_seconds: float | None = None
     psnr_db: float | None = None
     image_psnr_db: float | None = None
     max_abs: float | None = None
