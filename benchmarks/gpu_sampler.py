@@ -1,27 +1,28 @@
 #!/usr/bin/env python
-"""Fused Lightning model vs base + runtime LoRA, through the Lightning sampler, on the GPU (not a test).
+"""Fused model vs base + runtime LoRA vs the fused model compiled, through ``lora_tools.verify`` (not a test).
 
-On a synthetic SDXL (full size by default: the real shapes, random weights) and a
-Lightning-shaped LoRA, in one process:
+On a synthetic SDXL (full size by default: the real shapes, random weights) and a Lightning-shaped
+4-step LoRA, in one process, with the pipelines ``loratool verify`` builds and the sampler settings
+the fuse recorded (Euler, trailing, 4 steps, CFG 0):
 
-1. ``loratool fuse BASE --lightning 4 --lightning-dir DIR --save checkpoint --save unet`` (timed,
-   in a subprocess, as users run it);
-2. the fused standalone UNet loaded the way the SDXL-Lightning README loads its UNets
-   (``UNet2DConditionModel`` from the config + ``load_state_dict(load_file(...))``, strict);
-3. the base UNet with the same LoRA applied at run time by diffusers (``load_lora_adapter``,
-   not fused), and the base VAE;
-4. both through ``StableDiffusionXLPipeline`` with the settings the fuse recorded (Euler,
-   trailing, 4 steps, CFG 0), the same prompt embeddings and starting noise: warm-up, then timed
-   runs (to the last kernel) with and without the VAE decode, and the difference of the final
-   latents;
-5. an image grid (fused | runtime LoRA) and a JSON + markdown report under ``--out``.
+1. the fuse (``lora_tools.ops.fuse.fuse``, timed);
+2. ``base``: the unmodified base pipeline (what a fused model must not be slower than);
+3. ``fused``: the fused checkpoint (``lora_tools.verify.pipeline.build_pipeline``);
+4. ``runtime_lora``: the base with the LoRA applied at run time through diffusers
+   (``lora_tools.verify.oracle.apply_runtime_loras``: ``load_lora_weights``, not fused);
+5. ``fused_compiled``: the fused pipeline with ``torch.compile`` of its UNet (compile time apart).
 
-Random weights make noise images; the point is the sampler settings, the agreement of the two
-UNets and the timings.
+Each pipeline renders once untimed (warm-up: allocator, cuDNN autotune, compile), then ``--runs``
+timed images (``lora_tools.verify.render.render``: synchronised to the last kernel; every UNet step
+timed, the fp32 VAE decode timed apart). The final latents of fused and runtime LoRA are compared
+(PSNR, as ``verify --against`` does). Writes ``gpu_sampler.json`` and ``gpu_sampler.md`` under ``--out``.
+
+Random weights make noise images; the point is the timings and the agreement.
 
 Usage:
-    python benchmarks/gpu_sampler.py --out /tmp/gpu                # full size, GPU if there is one
-    python benchmarks/gpu_sampler.py --size tiny --out /tmp/gpu    # smoke run on the CPU
+    python benchmarks/gpu_sampler.py --out /tmp/gpu                          # full size, GPU if there is one
+    python benchmarks/gpu_sampler.py --size tiny --out /tmp/gpu              # smoke run on the CPU
+    python benchmarks/gpu_sampler.py --out /tmp/gpu --channels-last --fuse-qkv --compile-mode max-autotune
 """
 
 from __future__ import annotations
@@ -31,16 +32,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+PROMPT = "a lighthouse at dusk, photograph"
 
-def build_inputs(work: Path, size: str) -> tuple[Path, Path]:
+
+def build_inputs(work: Path, size: str) -> tuple[Path, Path, Path]:
+    """(base checkpoint, Lightning LoRA, tokenizer folder) of the synthetic model, built once and cached."""
+    from lora_tools.diffusers_folder import write_byte_tokenizer
+    from lora_tools.layouts.sdxl import config_from_shapes
+    from lora_tools.safetensors_io import read_header
     from lora_tools.testing.synthetic import write_checkpoint
     from lora_tools.testing.synthetic_lora import write_lightning_lora
 
@@ -50,126 +57,159 @@ def build_inputs(work: Path, size: str) -> tuple[Path, Path]:
         write_checkpoint(base, size, dtype="fp16", seed=0)  # type: ignore[arg-type]
     if not lora.exists():
         write_lightning_lora(lora, size)  # type: ignore[arg-type]
-    return base, lora
-
-
-def run_fuse(base: Path, lora: Path, out: Path) -> tuple[float, str]:
-    cmd = [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse", str(base), "--lightning", "4",
-           "--lightning-dir", str(lora.parent), "--save", "checkpoint", "--save", "unet", "-o", str(out),
-           "--overwrite", "-q"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"loratool fuse failed:\n{proc.stderr}")
-    return seconds, proc.stdout
-
-
-def load_models(base: Path, lora: Path, fused_unet: Path, device: str, dtype):  # type: ignore[no-untyped-def]
-    """(fused UNet, base UNet + runtime LoRA, VAE, SDXL config), on ``device``."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    from lora_tools.diffusers_folder import component_config
-    from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
-    from lora_tools.ops.sampling import quiet_diffusers
-    from lora_tools.safetensors_io import load_tensors, read_header
-
+    config = work / f"tokenizers-{size}"  # synthetic weights: the byte tokenizer (ids < 514) fits any vocabulary
     cfg = config_from_shapes({k: t.shape for k, t in read_header(base).tensors.items()})
-    with quiet_diffusers():
-        fused = UNet2DConditionModel.from_config(component_config(cfg, "unet"))
-        fused.load_state_dict(load_file(str(fused_unet)), strict=True)  # as the SDXL-Lightning README does
-        fused = fused.to(device, dtype).eval()
-        state = sgm_to_diffusers_state_dicts(load_tensors(base), cfg.table, ["unet", "vae"], source=str(base))
-        runtime = UNet2DConditionModel.from_config(component_config(cfg, "unet"))
-        runtime.load_state_dict(state["unet"], strict=True)
-        runtime = runtime.to(device, dtype).eval()
-        lora_sd, alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora))
-        runtime.load_lora_adapter(lora_sd, prefix="unet", network_alphas=alphas, adapter_name="lightning")
-        vae = AutoencoderKL.from_config(component_config(cfg, "vae"))
-        vae.load_state_dict(state["vae"], strict=True)
-        vae = vae.to(device, torch.float32 if dtype == torch.float16 else dtype).eval()  # SDXL's VAE overflows in fp16
-    return fused, runtime, vae, cfg
+    for name, te in (("tokenizer", cfg.te1), ("tokenizer_2", cfg.te2)):
+        if not (config / name / "vocab.json").exists():
+            write_byte_tokenizer(config / name, te.vocab, te.positions)
+    return base, lora, config
+
+
+def timed_runs(pipe: Any, sampler: Any, size: int, runs: int, where: str) -> tuple[dict[str, Any], Any]:
+    """One warm-up render (untimed), then ``runs`` timed ones: medians and the last latents."""
+    from lora_tools.verify.render import render
+
+    start = time.perf_counter()
+    render(pipe, sampler, PROMPT, 0, (size, size), where)
+    warmup = time.perf_counter() - start
+    results = [render(pipe, sampler, PROMPT, 0, (size, size), where) for _ in range(runs)]
+    later_steps = [s for r in results for s in r.step_seconds[1:]]  # the first step also encodes the prompt
+    denoise = [r.seconds - r.decode_seconds for r in results]
+    summary = {
+        "warmup_s": round(warmup, 4),
+        "end_to_end_s": round(statistics.median(r.seconds for r in results), 4),
+        "denoise_s": round(statistics.median(denoise), 4),
+        "step_s_median": round(statistics.median(later_steps), 5) if later_steps else None,
+        "first_step_s": round(statistics.median(r.step_seconds[0] for r in results), 5),
+        "step_s_all": [[round(s, 5) for s in r.step_seconds] for r in results],
+        "vae_decode_s": round(statistics.median(r.decode_seconds for r in results), 4),
+        "deterministic": all(bool((r.latents == results[0].latents).all()) for r in results),
+    }
+    return summary, results[-1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
     ap.add_argument("--work", type=Path, default=HERE / ".cache" / "gpu", help="inputs and fused files")
-    ap.add_argument("--out", type=Path, required=True, help="report, grid and JSON")
+    ap.add_argument("--out", type=Path, required=True, help="gpu_sampler.json and gpu_sampler.md")
     ap.add_argument("--device", default="auto", help="auto (GPU if there is one), cuda or cpu")
-    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    ap.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
+                    help="auto: fp16 on CUDA, fp32 on the CPU")
     ap.add_argument("--resolution", type=int, default=None, help="image size (default 1024 full, 64 tiny)")
-    ap.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up")
+    ap.add_argument("--runs", type=int, default=5, help="timed images per pipeline after one warm-up")
+    ap.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
+    ap.add_argument("--fuse-qkv", action="store_true", help="diffusers' fuse_qkv_projections on every pipeline")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode of the compiled run (default, reduce-overhead, max-autotune, ...)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled run")
     args = ap.parse_args()
 
     import torch
 
-    from lora_tools.ops.sampling import pick_device, random_conditioning, run_sampler, sampler_pipeline
-    from lora_tools.provenance import read_provenance
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.ops.fuse import fuse
+    from lora_tools.verify.oracle import apply_runtime_loras, psnr_db
+    from lora_tools.verify.pipeline import build_pipeline
+    from lora_tools.verify.render import prepare
+    from lora_tools.verify.sampler import pick_device, quiet_diffusers
 
     device = pick_device(args.device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if device == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
+    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
     size = args.resolution or (1024 if args.size == "full" else 64)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {"size": args.size, "device": device, "dtype": str(dtype).replace("torch.", ""),
-                                 "resolution": size, "torch": torch.__version__, "python": platform.python_version(),
-                                 "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"size": args.size, "device": device, "dtype": dtype, "resolution": size,
+                              "runs": args.runs, "torch": torch.__version__, "python": platform.python_version(),
+                              "cpus": os.cpu_count(), "channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv,
+                              "attention": "SDPA (diffusers' default AttnProcessor2_0)"}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
 
     t = time.perf_counter()
-    base, lora = build_inputs(args.work, args.size)
+    base, lora, config = build_inputs(args.work, args.size)
     report["build_inputs_s"] = round(time.perf_counter() - t, 1)
-    out = args.work / "fused.safetensors"
-    report["fuse_s"], fuse_stdout = run_fuse(base, lora, out)
-    report["fuse_summary"] = fuse_stdout.strip().splitlines()[:3]
-    sampler = read_provenance(read_header(out).metadata)["sampler"]  # type: ignore[index]
-    report["sampler"] = sampler
-    print(f"fused in {report['fuse_s']:.1f} s; sampler {sampler}", flush=True)
-
+    fused_path = args.work / "fused.safetensors"
     t = time.perf_counter()
-    fused, runtime, vae, _ = load_models(base, lora, args.work / "fused-unet.safetensors", device, dtype)
-    report["load_s"] = round(time.perf_counter() - t, 1)
-    cond = random_conditioning(fused.config, seed=1, device=device, dtype=dtype)
-    results = {}
-    images = []
-    for name, unet in (("fused", fused), ("runtime_lora", runtime)):
-        pipe = sampler_pipeline(unet, vae, sampler)
-        with torch.inference_mode():
-            run_sampler(pipe, sampler, cond, size=size, seed=0)  # warm-up
-            runs = [run_sampler(pipe, sampler, cond, size=size, seed=0) for _ in range(args.runs)]
-            unet_only = [run_sampler(pipe, sampler, cond, size=size, seed=0, decode=False)[0].seconds
-                         for _ in range(args.runs)]
-        results[name] = runs
-        report[f"{name}_unet_s"] = round(statistics.median(unet_only), 4)
-        images.append(runs[-1][1][0])
-        secs = [r.seconds for r, _ in runs]
-        report[f"{name}_s_per_image"] = {"median": round(statistics.median(secs), 4), "min": round(min(secs), 4),
-                                         "max": round(max(secs), 4)}
-        print(f"{name}: {statistics.median(secs) * 1000:.1f} ms per {size}x{size} image "
-              f"({sampler['steps']} steps + VAE decode; the steps alone {statistics.median(unet_only) * 1000:.1f} ms)",
-              flush=True)
-    a = results["fused"][-1][0].latents
-    b = results["runtime_lora"][-1][0].latents
-    report["finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
-    report["latents_max_abs_diff"] = float((a - b).abs().max())
-    report["latents_rel_diff"] = float((a - b).abs().max() / b.abs().max())
-    report["deterministic"] = bool(torch.equal(results["fused"][0][0].latents, results["fused"][-1][0].latents))
+    result = fuse(base, "lightning-4step", preset_dir=lora.parent, saves=("checkpoint",), output=fused_path,
+                  overwrite=True)
+    report["fuse_s"] = round(time.perf_counter() - t, 2)
+    from lora_tools.presets import get_preset
 
-    from PIL import Image
+    sampler = get_preset("lightning-4step").sampler
+    report["sampler"] = sampler.describe()
+    print(f"fused {result.modules_fused} modules in {report['fuse_s']} s; sampling with {sampler.describe()}", flush=True)
 
-    grid = Image.new("RGB", (size * 2, size))
-    for i, im in enumerate(images):
-        grid.paste(im, (i * size, 0))
-    grid.save(args.out / "fused-vs-runtime-lora.png")
-    (args.out / "gpu_sampler.json").write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps(report, indent=2, default=str))
+    def build(model: Path, loras: list[tuple[Path, float]] | None = None) -> Any:
+        t0 = time.perf_counter()
+        pipe = build_pipeline(model, config=config, dtype=dtype, device=device).pipe
+        if loras:
+            apply_runtime_loras(pipe, loras)
+        prepare(pipe, sampler)
+        with quiet_diffusers():
+            if args.fuse_qkv:
+                pipe.fuse_qkv_projections()
+            if args.channels_last:
+                pipe.unet.to(memory_format=torch.channels_last)
+        return pipe, round(time.perf_counter() - t0, 2)
+
+    runs: dict[str, dict[str, Any]] = {}
+    latents: dict[str, Any] = {}
+    plans: list[tuple[str, Path, list[tuple[Path, float]] | None, bool]] = [
+        ("base", base, None, False), ("fused", fused_path, None, False), ("runtime_lora", base, [(lora, 1.0)], False)]
+    if not args.no_compile:
+        plans.append(("fused_compiled", fused_path, None, True))
+    for name, model, loras, compiled in plans:
+        pipe, load_s = build(model, loras)
+        if compiled:
+            pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        summary, last = timed_runs(pipe, sampler, size, args.runs, name)
+        summary["load_s"] = load_s
+        if compiled:
+            summary["compile_mode"] = args.compile_mode
+            summary["compile_s"] = summary["warmup_s"]  # the warm-up render is where compilation happens
+        if device == "cuda":
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        runs[name] = summary
+        latents[name] = last.latents
+        step = summary["step_s_median"]
+        print(f"{name}: {summary['end_to_end_s'] * 1000:.1f} ms per {size}x{size} image end to end, "
+              f"{(step or 0) * 1000:.2f} ms per step, VAE decode {summary['vae_decode_s'] * 1000:.1f} ms "
+              f"(warm-up {summary['warmup_s']:.1f} s, excluded)", flush=True)
+        del pipe
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report["runs_by_pipeline"] = runs
+    report["fused_vs_runtime_lora_latents_psnr_db"] = psnr_db(latents["fused"], latents["runtime_lora"])
+    report["fused_vs_runtime_lora_latents_max_abs"] = float((latents["fused"] - latents["runtime_lora"]).abs().max())
+    if "fused_compiled" in latents:
+        report["compiled_vs_fused_latents_psnr_db"] = psnr_db(latents["fused_compiled"], latents["fused"])
+    base_step = runs["base"]["step_s_median"]
+    if base_step:
+        report["fused_step_over_base_step"] = round(runs["fused"]["step_s_median"] / base_step, 4)
+    (args.out / "gpu_sampler.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "gpu_sampler.md").write_text(markdown(report))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs_by_pipeline"}, indent=2, default=str))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results table for benchmarks/GPU_RESULTS.md."""
+    lines = [f"# gpu_sampler: {report.get('gpu', report['device'])}, {report['dtype']}, "
+             f"{report['resolution']}x{report['resolution']}, 4 steps ({report['sampler']})", "",
+             f"channels-last {report['channels_last']}, fused QKV {report['fuse_qkv']}, {report['attention']}; "
+             f"torch {report['torch']}; medians of {report['runs']} runs after one warm-up", "",
+             "| pipeline | ms per step | first step (ms, with prompt encoding) | denoise (ms) | VAE decode fp32 (ms) "
+             "| end to end (ms) | warm-up / compile (s) |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["runs_by_pipeline"].items():
+        step = r["step_s_median"]
+        lines.append(f"| {name} | {(step or 0) * 1000:.2f} | {r['first_step_s'] * 1000:.2f} | {r['denoise_s'] * 1000:.1f} "
+                     f"| {r['vae_decode_s'] * 1000:.1f} | {r['end_to_end_s'] * 1000:.1f} | {r['warmup_s']:.1f} |")
+    lines += ["", f"fused vs runtime LoRA, final latents: PSNR {report['fused_vs_runtime_lora_latents_psnr_db']:.1f} dB, "
+                  f"max abs {report['fused_vs_runtime_lora_latents_max_abs']:.3g}"]
+    if "fused_step_over_base_step" in report:
+        lines.append(f"fused step / base step: {report['fused_step_over_base_step']:.3f}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ _EXPORTS = {
     "LoraAdapter": "lora_tools.lora.adapter",
     "LoraModule": "lora_tools.lora.adapter",
     "open_model": "lora_tools.models",
-    "compare_with_runtime_lora": "lora_tools.ops.verify_fused",
+    "compare_with_runtime_lora": "lora_tools.verify.weights",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -14,7 +14,11 @@ from lora_tools.cli import cli
 from lora_tools.errors import UsageError
 from lora_tools.presets import LIGHTNING, PRESETS, SamplerSettings, get_preset, identify_file, sampler_from_record
 
-DOMAIN = Path(__file__).resolve().parents[1].parent.parent / "shared" / "docs" / "domain.md"
+_ROOT = Path(__file__).resolve().parents[1]
+#: Where ``shared/docs/domain.md`` may be: beside the clone (CI: ``../shared``), or beside the folder of
+#: git worktrees (``../../shared``); the first that exists is read.
+DOMAIN_CANDIDATES = [_ROOT.parent / "shared" / "docs" / "domain.md", _ROOT.parent.parent / "shared" / "docs" / "domain.md"]
+DOMAIN = next((p for p in DOMAIN_CANDIDATES if p.is_file()), DOMAIN_CANDIDATES[0])
 DOMAIN_TEXT = DOMAIN.read_text() if DOMAIN.is_file() else ""
 
 
@@ -26,7 +30,8 @@ def _row(model: str) -> str:
     raise AssertionError(f"no row for {model} in domain.md")
 
 
-needs_domain = pytest.mark.skipif(not DOMAIN_TEXT, reason="docs/domain.md is not next to this checkout")
+needs_domain = pytest.mark.skipif(not DOMAIN_TEXT, reason="shared/docs/domain.md not found; looked at "
+                                  + " and ".join(str(p) for p in DOMAIN_CANDIDATES))
 
 
 @needs_domain

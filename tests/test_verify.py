@@ -16,13 +16,17 @@ from lora_tools.errors import UsageError
 from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse
 from lora_tools.testing import synthetic
-from lora_tools.testing.synthetic_lora import write_lightning_lora
+from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
 from lora_tools.verify import plan_verify
-from lora_tools.verify.grid import grid_size
+from lora_tools.verify.grid import HEADER_HEIGHT, grid_size, label_width
 from lora_tools.verify.workflow import comfy_workflow
 
-#: Node classes and their inputs as ComfyUI defines them (nodes.py: CheckpointLoaderSimple, CLIPTextEncode,
-#: EmptyLatentImage, KSampler, VAEDecode, SaveImage; comfy_extras/nodes_model_advanced.py: ModelSamplingDiscrete).
+#: Node classes and their required inputs as ComfyUI defines them, read from comfyanonymous/ComfyUI:
+#: ``nodes.py`` at e60e19b1 (``INPUT_TYPES()["required"]`` of CLIPTextEncode: text, clip; VAEDecode: samples, vae;
+#: CheckpointLoaderSimple: ckpt_name, outputs MODEL 0, CLIP 1, VAE 2; KSampler: model, seed, steps, cfg,
+#: sampler_name, scheduler, positive, negative, latent_image, denoise; SaveImage: images, filename_prefix;
+#: EmptyLatentImage: width, height, batch_size) and ``comfy_extras/nodes_model_advanced.py`` at 04842679
+#: (ModelSamplingDiscrete: model, sampling in ["eps", "v_prediction", "lcm", "x0"], zsnr).
 COMFY_NODES = {
     "CheckpointLoaderSimple": {"ckpt_name"},
     "CLIPTextEncode": {"text", "clip"},
@@ -34,6 +38,28 @@ COMFY_NODES = {
     "ModelSamplingDiscrete": {"model", "sampling", "zsnr"},
 }
 COMFY_SAMPLING = {"eps", "v_prediction", "lcm", "x0"}
+#: Output slots of CheckpointLoaderSimple (RETURN_TYPES = ("MODEL", "CLIP", "VAE")).
+COMFY_CHECKPOINT_OUTPUTS = {"MODEL": 0, "CLIP": 1, "VAE": 2}
+
+
+def _assert_comfy_nodes(wf: dict[str, dict[str, object]]) -> None:
+    """Every node a class ComfyUI defines with exactly its required inputs; links point at real nodes."""
+    for node in wf.values():
+        inputs = node["inputs"]
+        assert isinstance(inputs, dict) and set(inputs) == COMFY_NODES[str(node["class_type"])]
+        for value in inputs.values():
+            if isinstance(value, list):
+                assert str(value[0]) in wf and isinstance(value[1], int)
+        if node["class_type"] == "ModelSamplingDiscrete":
+            assert inputs["sampling"] in COMFY_SAMPLING
+    loader = next(k for k, n in wf.items() if n["class_type"] == "CheckpointLoaderSimple")
+    for node in wf.values():
+        inputs = node["inputs"]
+        assert isinstance(inputs, dict)
+        if node["class_type"] == "CLIPTextEncode":
+            assert inputs["clip"] == [loader, COMFY_CHECKPOINT_OUTPUTS["CLIP"]]
+        if node["class_type"] == "VAEDecode":
+            assert inputs["vae"] == [loader, COMFY_CHECKPOINT_OUTPUTS["VAE"]]
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +97,7 @@ def test_workflow_uses_only_comfy_nodes() -> None:
 
     for sampler in (LIGHTNING[1].sampler, LIGHTNING[4].sampler, get_preset("dmd2-4step").sampler):
         wf = comfy_workflow("m.safetensors", sampler, prompt="a cat")
-        for node in wf.values():
-            assert set(node["inputs"]) == COMFY_NODES[node["class_type"]]
-            if node["class_type"] == "ModelSamplingDiscrete":
-                assert node["inputs"]["sampling"] in COMFY_SAMPLING
+        _assert_comfy_nodes(wf)
     assert any(n["class_type"] == "ModelSamplingDiscrete" and n["inputs"]["sampling"] == "x0"
                for n in comfy_workflow("m", LIGHTNING[1].sampler, prompt="x").values())
 
@@ -101,3 +124,58 @@ def test_verify_against_passes_for_the_fused_file_and_fails_at_another_strength(
     bad = CliRunner().invoke(cli, ["verify", str(tiny["half"]), *args[:-4], "--seeds", "0", "--device", "cpu",
                                    "--dtype", "fp32"])
     assert bad.exit_code == 1 and "Verdict:  FAIL" in bad.output
+
+
+@pytest.mark.slow
+def test_show_wrong_adds_a_column_rendered_with_the_wrong_settings(tiny: dict[str, Path]) -> None:
+    out = tiny["dir"] / "wrong"
+    run = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "3",
+                                   "--device", "cpu", "--dtype", "fp32", "--show-wrong", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    grid = Image.open(out / "grid.png").convert("RGB")
+    assert grid.size == grid_size(1, 2, (32, 32))  # the seed's column and the wrong-settings column
+    left, top = label_width(32), HEADER_HEIGHT
+    right = grid.crop((left, top, left + 32, top + 32))
+    wrong = grid.crop((left + 32, top, left + 64, top + 32))
+    assert right.tobytes() == Image.open(out / "images" / "p0-seed3.png").convert("RGB").tobytes()
+    assert wrong.tobytes() != right.tobytes() and len(set(wrong.getdata())) > 1  # rendered, not blank
+    report = json.loads((out / "report.json").read_text())
+    wrong_settings = report["wrong_settings"]
+    assert wrong_settings["timestep_spacing"] == "leading" and wrong_settings["guidance_scale"] == 7.0
+    assert wrong_settings["steps"] == 30 and len(wrong_settings["timesteps"]) == 30
+    assert wrong_settings["timesteps"][0] != 999 and wrong_settings["seed"] == 3  # leading spacing skips t=999
+    assert report["settings"]["timesteps"] == [999, 749, 499, 249]  # the model's own settings are unchanged
+    md = (out / "report.md").read_text()
+    assert "wrong settings column" in md and "timestep_spacing leading, 30 steps, guidance_scale 7" in md
+    assert "wrong" not in (out / "report.json").read_text().split('"wrong_settings"')[0].lower()
+    with pytest.raises(UsageError, match="output folder"):
+        plan_verify(tiny["fused"], show_wrong=True)
+
+
+def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(tiny: dict[str, Path]) -> None:
+    d = tiny["dir"]
+    target = d / "wf.safetensors"
+    args = ["fuse", str(tiny["base"]), "--lightning", "4", "--lightning-dir", str(d / "L"), "-o", str(target), "-q",
+            "--workflow"]
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    path = d / "wf-workflow.json"
+    assert f"Wrote {path}" in run.output
+    wf = json.loads(path.read_text())
+    _assert_comfy_nodes(wf)
+    by_class = {n["class_type"]: n["inputs"] for n in wf.values()}
+    assert by_class["CheckpointLoaderSimple"]["ckpt_name"] == "wf.safetensors"
+    ks = by_class["KSampler"]
+    assert (ks["sampler_name"], ks["scheduler"], ks["steps"], ks["cfg"]) == ("euler", "sgm_uniform", 4, 1.0)
+    assert "ModelSamplingDiscrete" not in by_class  # 4-step Lightning predicts eps, ComfyUI's default
+    before = path.read_bytes()
+    target.unlink()  # only the workflow is left to clash: refused before the fuse writes anything
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "wf-workflow.json' already exists" in again.stderr and "--overwrite" in again.stderr
+    assert path.read_bytes() == before and not target.exists()
+    plain = d / "plain.safetensors"
+    style = write_lora(d / "style.safetensors", "tiny", fmt="kohya", rank=4, alpha=2.0, seed=3)  # no preset's LoRA
+    no_preset = CliRunner().invoke(cli, ["fuse", str(tiny["base"]), "--lora", f"{style}:1.0", "-o", str(plain),
+                                         "-q", "--workflow"])
+    assert no_preset.exit_code == 1 and "--preset" in no_preset.stderr and no_preset.stdout == ""
+    assert not plain.exists() and not (d / "plain-workflow.json").exists()

@@ -13,9 +13,9 @@ from lora_tools.errors import UsageError
 @click.command("demo")
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
               show_default=True, help="Where to build the synthetic models and write the results.")
-@click.option("--no-render", is_flag=True, help="Skip the 4-step render with diffusers.")
+@click.option("--no-render", is_flag=True, help="Skip the verify step (the 4-step renders with diffusers).")
 def demo_command(folder: Path, no_render: bool) -> None:
-    """Build a tiny synthetic SDXL checkpoint and a Lightning-shaped LoRA, then inspect, fuse and check them.
+    """Build a tiny synthetic SDXL checkpoint and a Lightning-shaped LoRA, then inspect, fuse, check and verify them.
 
     Everything runs offline on random-weight models with SDXL's exact block layout and key names.
 
@@ -26,7 +26,7 @@ def demo_command(folder: Path, no_render: bool) -> None:
     """
     from lora_tools.testing import synthetic
     from lora_tools.ops.fuse import fuse
-    from lora_tools.ops.verify_fused import compare_with_runtime_lora
+    from lora_tools.verify.weights import compare_with_runtime_lora
     from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
 
     _fresh_folder(folder)
@@ -66,13 +66,36 @@ def demo_command(folder: Path, no_render: bool) -> None:
         raise click.ClickException("the fused file does not match diffusers' own fusion")
 
     if not no_render:
-        from lora_tools.ops.verify_fused import render_grid
-
-        diffusers_dir = next(f.path for f in result.files if f.kind == "diffusers").parents[1]
-        png = render_grid(diffusers_dir, folder / "fused-4step-grid.png")
-        click.echo(f"5. Rendered with the recorded sampler settings (Euler, trailing, 4 steps, CFG 0): {png}")
+        _verify_step(folder, ckpt, base, [(lora, 1.0), (style, 0.6)])
     click.echo("Done. Open the files above, or run: loratool inspect " + str(ckpt))
 
+
+def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, float]]) -> None:
+    """Step 5: ``loratool verify`` on the fused file against the base + the LoRAs at run time (fp32, tiny images)."""
+    from lora_tools.verify import plan_verify, run_verify
+
+    out = folder / "verify"
+    flags = " ".join(f"--lora {p.name}:{s:g}" for p, s in loras)
+    click.echo(f"5. Verifying: loratool verify {fused.name} --against {base.name} {flags} "
+               f"--size {DEMO_SIZE}x{DEMO_SIZE} --dtype fp32 --out {out}")
+    plan = plan_verify(fused, prompts=("a lighthouse at dusk",), seeds=(0,), size=(DEMO_SIZE, DEMO_SIZE),
+                       against=base, loras=loras, device="cpu", dtype="fp32", out=out)
+    report = run_verify(plan)
+    s = report.settings
+    worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=float("nan"))
+    click.echo(f"   {s['scheduler']}, timesteps {s['timesteps']}, CFG {s['guidance_scale']:g}: "
+               f"latents PSNR {worst:.1f} dB against the runtime LoRAs")
+    assert report.threshold is not None and report.verdict is not None
+    click.echo(f"   Verdict: {report.verdict.upper()} (threshold {report.threshold['psnr_db']:g} dB for fp32)")
+    for failure in report.failures:
+        click.echo(f"   failed: {failure}")
+    click.echo(f"   report {out / 'report.md'} and {out / 'report.json'}, grid {out / 'grid.png'}")
+    if not report.ok:
+        raise click.ClickException("the fused file does not render like the base with its LoRAs at run time")
+
+
+#: Image size of the demo's verify step (tiny model, tiny images: the demo is a test too).
+DEMO_SIZE = 32
 
 #: A file the demo leaves in its folder, so that a later run may clear that folder (and no other).
 DEMO_MARKER = ".loratool-demo"

@@ -44,12 +44,13 @@ if TYPE_CHECKING:
               help="Record the base's full sha256 even when it is over 2 GiB (one more pass over the file).")
 @click.option("--verify-output", is_flag=True,
               help="Before renaming each output into place, read it back and check its sha256 (one more pass).")
+@click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
 def fuse_command(base: str, preset: str | None, lightning: str | None, method: str, loras: tuple[str, ...],
                  preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
                  overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
                  original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
-                 quiet: bool) -> None:
+                 workflow: bool, quiet: bool) -> None:
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -80,6 +81,7 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
         hash_base=hash_base, verify_output=verify_output,
     )
     try:
+        wf = _plan_workflow(plan, overwrite) if workflow and not dry_run else None
         for w in plan.warnings:
             click.echo(f"Warning: {w}", err=True)
         if dry_run:
@@ -90,8 +92,22 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
         with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet) as advance:
             result = run_fuse(plan, progress=advance)
         _print_summary(plan, result)
+        if wf is not None:
+            from lora_tools.verify.workflow import write_workflow
+
+            click.echo(f"Wrote {safe_text(write_workflow(wf[0], wf[1].name, plan.sampler))} (ComfyUI API-format workflow)")
     finally:
         plan.close()
+
+
+def _plan_workflow(plan, overwrite: bool):  # type: ignore[no-untyped-def]
+    """(workflow path, checkpoint path) of ``--workflow``, checked before the fuse writes anything."""
+    from lora_tools.verify.workflow import workflow_file
+
+    ckpt = next((o.path for o in plan.outputs if o.kind == "checkpoint"), None)
+    if ckpt is None:
+        raise UsageError("--workflow loads a single-file checkpoint in ComfyUI: add --save checkpoint.")
+    return workflow_file(ckpt, plan.sampler, overwrite=overwrite), ckpt
 
 
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]

@@ -21,9 +21,12 @@ from lora_tools.presets import PRESETS, AccelerationPreset, SamplerSettings, get
 from lora_tools.provenance import read_record
 from lora_tools.verify.report import ImageResult, VerifyReport
 
-__all__ = ["DEFAULT_PROMPTS", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
+__all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("a cat", "a lighthouse at dusk")
+
+#: The label of the "wrong settings" column in the grid.
+WRONG_COLUMN = "wrong settings"
 
 #: The "wrong settings" column of ``show_wrong``: what users try first (leading spacing, CFG 7, 30 steps).
 WRONG_SETTINGS = SamplerSettings(scheduler="EulerDiscreteScheduler", timestep_spacing="leading", steps=30,
@@ -138,6 +141,9 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     if run_dtype not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
     out_dir = Path(out) if out is not None else None
+    if out_dir is None and (show_wrong or workflow):
+        raise UsageError("the wrong-settings column and the workflow are written into the output folder",
+                         hint=Hint("out", "", "DIR"))
     if out_dir is not None and (out_dir / "report.json").exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a verify report", hint=Hint("overwrite", "to replace it"))
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
@@ -156,53 +162,6 @@ def _recorded_preset(record: dict[str, Any] | None) -> str | None:
     return f"lightning-{steps}step" if isinstance(steps, int) and f"lightning-{steps}step" in PRESETS else None
 
 
-def _render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tuple[int, int],
-            where: str) -> tuple[Any, Any, float, list[float]]:
-    """One image: final latents, the fp32-decoded image tensor, seconds, seconds per step."""
-    import torch
-
-    from lora_tools.verify.sampler import quiet_diffusers
-
-    device = pipe.unet.device
-    stamps: list[float] = []
-
-    def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode(), quiet_diffusers():
-        latents = pipe(prompt=prompt, generator=generator, width=size[0], height=size[1], output_type="latent",
-                       callback_on_step_end=on_step, **sampler.call_kwargs()).images
-        if not torch.isfinite(latents).all():
-            raise NonFiniteError(f"{where}: NaN or Inf in the latents after the UNet (prompt {prompt!r}, seed {seed}).")
-        vae = pipe.vae
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if not torch.isfinite(decoded).all():
-        raise NonFiniteError(f"{where}: NaN or Inf in the VAE decode (prompt {prompt!r}, seed {seed}).")
-    steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
-    return latents.float().cpu(), decoded.float().cpu(), seconds, steps
-
-
-def _prepare(pipe: Any, sampler: SamplerSettings) -> None:
-    """The row's scheduler over the model's own config; the VAE in fp32 (SDXL's overflows in fp16)."""
-    import torch
-
-    from lora_tools.verify.sampler import quiet_diffusers
-
-    pipe.scheduler = sampler.build_scheduler(pipe.scheduler.config)
-    with quiet_diffusers():
-        pipe.vae.to(torch.float32)
-
-
 def run_verify(plan: VerifyPlan) -> VerifyReport:
     """Render the plan's prompts x seeds, compare with the reference if any, write the outputs.
 
@@ -213,17 +172,18 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     from lora_tools.hub import sha256_file
     from lora_tools.verify.oracle import PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
     from lora_tools.verify.pipeline import build_pipeline
+    from lora_tools.verify.render import prepare, render
 
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     loaded = build_pipeline(plan.model, base=plan.base, config=plan.config, dtype=plan.dtype, device=plan.device)
     pipe = loaded.pipe
-    _prepare(pipe, plan.sampler)
+    prepare(pipe, plan.sampler)
     compile_seconds = None
     if plan.compile:
         start = time.perf_counter()
         pipe.unet = torch.compile(pipe.unet)
-        _render(pipe, plan.sampler, plan.prompts[0], plan.seeds[0], plan.size, str(plan.model))  # compile, untimed
+        render(pipe, plan.sampler, plan.prompts[0], plan.seeds[0], plan.size, str(plan.model))  # compile, untimed
         compile_seconds = time.perf_counter() - start
     failures: list[str] = []
     images: list[ImageResult] = []
@@ -231,12 +191,12 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     for r, prompt in enumerate(plan.prompts):
         for c, seed in enumerate(plan.seeds):
             try:
-                lat, img, secs, steps = _render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model))
+                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model))
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
-            rendered[r, c] = lat, img
-            images.append(ImageResult(prompt, seed, secs, steps))
+            rendered[r, c] = one.latents, one.image
+            images.append(ImageResult(prompt, seed, one.seconds, one.step_seconds, decode_seconds=one.decode_seconds))
     timesteps = [int(t) for t in pipe.scheduler.timesteps.tolist()]
     settings = {"scheduler": type(pipe.scheduler).__name__, "options": plan.sampler.scheduler_options()
                 | ({"timesteps": list(plan.sampler.timesteps)} if plan.sampler.timesteps else {})
@@ -247,15 +207,16 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     if plan.against is not None:
         ref = build_pipeline(plan.against, config=plan.config, dtype=plan.dtype, device=plan.device)
         apply_runtime_loras(ref.pipe, plan.loras)
-        _prepare(ref.pipe, plan.sampler)
+        prepare(ref.pipe, plan.sampler)
         limit = PSNR_THRESHOLDS_DB[plan.dtype]
         threshold = {"psnr_db": limit, "on": "final latents", "dtype": plan.dtype}
         against = {"base": str(plan.against), "loras": [{"path": str(p), "strength": s} for p, s in plan.loras]}
         worst = math.inf
         for (r, c), (lat, img) in rendered.items():
             try:
-                rlat, rimg, _, _ = _render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
-                                           f"{plan.against} + runtime LoRAs")
+                ref_one = render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
+                                 f"{plan.against} + runtime LoRAs")
+                rlat, rimg = ref_one.latents, ref_one.image
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
@@ -288,6 +249,7 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
     from PIL import Image
 
     from lora_tools.verify.grid import make_grid
+    from lora_tools.verify.render import prepare, render
     from lora_tools.verify.workflow import comfy_workflow
 
     assert plan.out is not None
@@ -309,14 +271,21 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
         rows.append(row)
     columns: list[Any] = list(plan.seeds)
     if plan.show_wrong:
-        _prepare(pipe, WRONG_SETTINGS)
+        prepare(pipe, WRONG_SETTINGS)
+        broken: list[str] = []  # wrong settings may well break a model: shown, not a failed check
         for r, prompt in enumerate(plan.prompts):
             try:
-                _, img, _, _ = _render(pipe, WRONG_SETTINGS, prompt, plan.seeds[0], plan.size, "wrong settings")
-                rows[r].append(_to_pil(img))
-            except NonFiniteError:
+                wrong = render(pipe, WRONG_SETTINGS, prompt, plan.seeds[0], plan.size, "wrong settings")
+                rows[r].append(_to_pil(wrong.image))
+            except NonFiniteError as e:
+                broken.append(str(e))
                 rows[r].append(blank)
-        columns.append(f"{plan.seeds[0]} wrong")
+        report.wrong_settings = {"non_finite": broken, "scheduler": type(pipe.scheduler).__name__,
+                                 "timestep_spacing": WRONG_SETTINGS.timestep_spacing, "steps": WRONG_SETTINGS.steps,
+                                 "guidance_scale": WRONG_SETTINGS.guidance_scale,
+                                 "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
+                                 "seed": plan.seeds[0]}
+        columns.append(WRONG_COLUMN)
     report.files.append(str(make_grid(rows, plan.prompts, columns, out / "grid.png")))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],

@@ -23,9 +23,12 @@ def grid_size(rows: int, cols: int, cell: tuple[int, int]) -> tuple[int, int]:
     return label_width(w) + cols * w, HEADER_HEIGHT + rows * h
 
 
-def make_grid(images: Sequence[Sequence[Any]], prompts: Sequence[str], seeds: Sequence[int], path: str | Path,
+def make_grid(images: Sequence[Sequence[Any]], prompts: Sequence[str], seeds: Sequence[int | str], path: str | Path,
               *, column_label: str = "seed") -> Path:
-    """Paste ``images[row][col]`` (PIL images of one size) into a grid labelled with prompts and seeds, save a PNG."""
+    """Paste ``images[row][col]`` (PIL images of one size) into a grid labelled with prompts and seeds, save a PNG.
+
+    A column whose entry in ``seeds`` is a string is labelled with that string alone.
+    """
     from PIL import Image, ImageDraw
 
     w, h = images[0][0].size
@@ -33,7 +36,7 @@ def make_grid(images: Sequence[Sequence[Any]], prompts: Sequence[str], seeds: Se
     draw = ImageDraw.Draw(grid)
     left = label_width(w)
     for c, seed in enumerate(seeds):
-        draw.text((left + c * w + 2, 2), f"{column_label} {seed}", fill="black")
+        draw.text((left + c * w + 2, 2), seed if isinstance(seed, str) else f"{column_label} {seed}", fill="black")
     for r, prompt in enumerate(prompts):
         top = HEADER_HEIGHT + r * h
         draw.text((2, top + 2), _wrap(prompt, left), fill="black")

@@ -1,6 +1,6 @@
 """diffusers as the oracle of a fused file's images: the base with the LoRAs applied at run time,
 and the distance (PSNR, max abs) a faithful fusion must stay within. The weight-by-weight check
-is :func:`lora_tools.ops.verify_fused.compare_with_runtime_lora`.
+is :func:`lora_tools.verify.weights.compare_with_runtime_lora`.
 """
 
 from __future__ import annotations

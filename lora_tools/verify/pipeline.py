@@ -2,10 +2,13 @@
 a standalone UNet plus a base, or a diffusers folder.
 
 Weights of single files are converted by our own tables (``lora_tools.layouts.sdxl``), which know
-SDXL at any size; component configs come from the file's shapes. What a weights file does not
-hold (the two CLIP tokenizers and the scheduler config) comes from ``config`` (a diffusers folder,
-as the user's ``--config DIR``) or from the hub cache of ``stabilityai/stable-diffusion-xl-base-1.0``;
-offline with neither, one error says what to provide. Nothing here reads ``lora_tools.testing``.
+SDXL at any size; component configs come from the file's shapes and are written, with the
+pipeline index and the scheduler config, by the same folder writer as ``fuse --save diffusers``
+(:mod:`lora_tools.diffusers_folder`). What a weights file does not hold (the two CLIP tokenizers
+and the scheduler config) comes from ``config`` (a diffusers folder, as the user's ``--config DIR``)
+or from the hub cache of ``stabilityai/stable-diffusion-xl-base-1.0``; small-vocabulary synthetic
+models take the byte tokenizer, as fuse's folders do. Offline with none of these, one error says
+what to provide. Nothing here reads ``lora_tools.testing``.
 """
 
 from __future__ import annotations
@@ -118,18 +121,19 @@ def _unet_state(path: Path, cfg: SDXLConfig | None) -> dict[str, Any]:
     return state
 
 
-def _components(state: dict[str, dict[str, Any]], cfg: SDXLConfig, dtype: Any) -> dict[str, Any]:
-    """diffusers/transformers models built from configs and loaded strictly with the converted weights."""
+def _components(state: dict[str, dict[str, Any]], folder: Path, dtype: Any) -> dict[str, Any]:
+    """diffusers/transformers models built from the configs in ``folder`` (the shared folder writer's)
+    and loaded with the converted weights, every tensor of the model present."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_tools.diffusers_folder import component_config
+    from lora_tools.layouts.table import DIFFUSERS_FOLDERS
 
     with quiet_diffusers():
-        unet = UNet2DConditionModel.from_config(component_config(cfg, "unet"))
-        vae = AutoencoderKL.from_config(component_config(cfg, "vae"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_dict(component_config(cfg, "te1")))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(component_config(cfg, "te2")))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / DIFFUSERS_FOLDERS["unet"]))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / DIFFUSERS_FOLDERS["vae"]))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te1"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te2"]))
     models = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
     for comp, name in (("unet", "unet"), ("vae", "vae"), ("te1", "text_encoder"), ("te2", "text_encoder_2")):
         model = models[name]
@@ -146,29 +150,60 @@ def _components(state: dict[str, dict[str, Any]], cfg: SDXLConfig, dtype: Any) -
     return models
 
 
+def _write_tokenizers(root: Path, cfg: SDXLConfig, config_dir: Path | None) -> None:
+    """The two CLIP tokenizers of the skeleton folder: copied from ``config_dir``, else the byte
+    tokenizer for small-vocabulary (synthetic) models, as ``fuse --save diffusers`` writes them."""
+    import shutil
+
+    from lora_tools.diffusers_folder import write_byte_tokenizer
+
+    for name, te in zip(_TOKENIZERS, (cfg.te1, cfg.te2)):
+        if config_dir is not None:
+            shutil.copytree(config_dir / name, root / name)
+        else:
+            write_byte_tokenizer(root / name, te.vocab, te.positions)
+
+
 def pipeline_from_state(state: dict[str, dict[str, Any]], cfg: SDXLConfig, *, config_dir: Path | None,
-                        dtype: Any) -> Any:
-    """A ``StableDiffusionXLPipeline`` around converted weights; tokenizers (and the scheduler config)
-    from ``config_dir``, or no tokenizers at all when it is ``None`` (weights-only work)."""
+                        dtype: Any, tokenizers: bool = True) -> Any:
+    """A ``StableDiffusionXLPipeline`` around converted weights.
+
+    The pipeline's files (``model_index.json``, every component's config, the scheduler config and
+    the tokenizers) are written into a temporary folder by the writer of ``fuse --save diffusers``
+    (:func:`lora_tools.diffusers_folder.write_pipeline_configs`), and the pipeline is loaded from
+    it with the weights passed in: one folder writer for both. Tokenizers (and the scheduler config)
+    come from ``config_dir``; without it, small-vocabulary models get the byte tokenizer; with
+    ``tokenizers=False`` there are none (weights-only work).
+    """
+    import tempfile
+
     with quiet_diffusers():
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-        from transformers import CLIPTokenizer
+        from diffusers import StableDiffusionXLPipeline
 
-    from lora_tools.diffusers_folder import SCHEDULER_CONFIG
+    from lora_tools.diffusers_folder import SCHEDULER_CONFIG, write_pipeline_configs
 
-    tokenizers: list[Any] = [None, None]
     scheduler_config: dict[str, Any] = dict(SCHEDULER_CONFIG)
     if config_dir is not None:
-        with quiet_diffusers():
-            tokenizers = [CLIPTokenizer.from_pretrained(config_dir / t, local_files_only=True) for t in _TOKENIZERS]
         scheduler_file = config_dir / "scheduler" / "scheduler_config.json"
         if scheduler_file.is_file():
             scheduler_config = json.loads(scheduler_file.read_text())
-    models = _components(state, cfg, dtype)
-    with quiet_diffusers():
-        scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-        return StableDiffusionXLPipeline(tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=scheduler,
-                                         **models)
+    with tempfile.TemporaryDirectory(prefix="loratool-verify-") as tmp:
+        root = Path(tmp)
+        write_pipeline_configs(root, cfg, scheduler_config)
+        models = _components(state, root, dtype)
+        extra: dict[str, Any] = {}
+        if tokenizers:
+            _write_tokenizers(root, cfg, config_dir)
+        else:
+            extra = {"tokenizer": None, "tokenizer_2": None}
+        with quiet_diffusers():
+            pipe = StableDiffusionXLPipeline.from_pretrained(root, local_files_only=True, **models, **extra)
+    return pipe
+
+
+def _needs_tokenizer_files(cfg: SDXLConfig) -> bool:
+    """Real CLIP vocabularies need the real tokenizer files; synthetic small ones take the byte tokenizer."""
+    return cfg.te1.vocab >= 49408 or cfg.te2.vocab >= 49408
 
 
 def build_pipeline(model: str | Path, *, base: str | Path | None = None, config: str | Path | None = None,
@@ -218,9 +253,11 @@ def build_pipeline(model: str | Path, *, base: str | Path | None = None, config:
     else:
         header = read_header(path)
         cfg = config_from_shapes({k: t.shape for k, t in header.tensors.items()})
-        config_dir = find_config_dir(config) if tokenizers else None
+        needs_files = tokenizers and (config is not None or _needs_tokenizer_files(cfg))
+        config_dir = find_config_dir(config) if needs_files else None
         state = sgm_to_diffusers_state_dicts(load_tensors(path), cfg.table, ["unet", "vae", "te1", "te2"], source=str(path))
-        pipe = pipeline_from_state(state, cfg, config_dir=config_dir, dtype=tdtype)  # type: ignore[arg-type]
+        pipe = pipeline_from_state(state, cfg, config_dir=config_dir, dtype=tdtype,  # type: ignore[arg-type]
+                                   tokenizers=tokenizers)
         loaded = LoadedPipeline(pipe, kind, cfg, dict(header.metadata))
     loaded.pipe.set_progress_bar_config(disable=True)
     with quiet_diffusers():

@@ -27,6 +27,7 @@ class ImageResult:
     seconds: float
     step_seconds: list[float]
     file: str | None = None
+    decode_seconds: float | None = None
     psnr_db: float | None = None
     image_psnr_db: float | None = None
     max_abs: float | None = None
@@ -55,6 +56,7 @@ class VerifyReport:
     compile_seconds: float | None = None
     peak_gpu_memory_bytes: int | None = None
     files: list[str] = field(default_factory=list)
+    wrong_settings: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,7 @@ class VerifyReport:
                 "dtype": self.dtype, "images": [i.to_dict() for i in self.images], "failures": list(self.failures),
                 "verdict": self.verdict, "threshold": self.threshold, "against": self.against,
                 "compile_seconds": self.compile_seconds, "peak_gpu_memory_bytes": self.peak_gpu_memory_bytes,
-                "files": list(self.files)}
+                "files": list(self.files), "wrong_settings": self.wrong_settings}
 
     def write_json(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -83,6 +85,11 @@ class VerifyReport:
             lines.append(f"- verdict: **{self.verdict}** (threshold {self.threshold})")
         for failure in self.failures:
             lines.append(f"- failed: {failure}")
+        if self.wrong_settings is not None:
+            w = self.wrong_settings
+            lines.append(f"- wrong settings column (what the model was not made for): {w['scheduler']}, "
+                         f"timestep_spacing {w['timestep_spacing']}, {w['steps']} steps, guidance_scale "
+                         f"{w['guidance_scale']:g}, seed {w['seed']}")
         lines += ["", "| prompt | seed | seconds | PSNR latents (dB) | PSNR image (dB) | max abs |", "|---|---|---|---|---|---|"]
         for i in self.images:
             lines.append(f"| {i.prompt} | {i.seed} | {i.seconds:.3f} | {_cell(i.psnr_db)} | {_cell(i.image_psnr_db)} | "

@@ -2,16 +2,24 @@
 
 Only node classes and inputs that ComfyUI itself defines are used (``nodes.py``: CheckpointLoaderSimple,
 CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode, SaveImage; ``comfy_extras/nodes_model_advanced.py``:
-ModelSamplingDiscrete, added for x0 and LCM models).
+ModelSamplingDiscrete, added for x0 and LCM models). :func:`workflow_file` plans the file written next
+to a fused checkpoint (``fuse``'s ``workflow`` option) and :func:`write_workflow` writes it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
+from lora_tools.errors import Hint, OutputExistsError, UsageError
 from lora_tools.presets.sampler import SamplerSettings
 
-__all__ = ["comfy_workflow"]
+__all__ = ["comfy_workflow", "workflow_file", "write_workflow"]
+
+#: What the written workflow prompts for (ComfyUI users edit it in the CLIPTextEncode node).
+DEFAULT_WORKFLOW_PROMPT = "a photo of a cat"
 
 
 def comfy_workflow(checkpoint_name: str, sampler: SamplerSettings, *, prompt: str, negative: str = "",
@@ -40,3 +48,39 @@ def comfy_workflow(checkpoint_name: str, sampler: SamplerSettings, *, prompt: st
     wf["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
     wf["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": filename_prefix}}
     return wf
+
+
+def workflow_file(checkpoint: str | Path, sampler: SamplerSettings | None, *, overwrite: bool = False) -> Path:
+    """Where the workflow of a fused ``checkpoint`` goes (``<stem>-workflow.json`` beside it), checked
+    before anything is written.
+
+    Raises:
+        [`UsageError`]: no sampler settings (nothing fused a preset in) to write a workflow for.
+        [`OutputExistsError`]: the file exists and ``overwrite`` is not set.
+    """
+    path = Path(checkpoint)
+    target = path.with_name(f"{path.stem}-workflow.json")
+    if sampler is None:
+        raise UsageError(f"{path}: a ComfyUI workflow needs the sampler settings of a preset, and none is fused in",
+                         hint=Hint("preset", "to fuse one", "NAME"))
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"'{target}' already exists", hint=Hint("overwrite", "to replace it"))
+    return target
+
+
+def write_workflow(target: str | Path, checkpoint_name: str, sampler: SamplerSettings, *,
+                   prompt: str = DEFAULT_WORKFLOW_PROMPT, width: int = 1024, height: int = 1024) -> Path:
+    """Write :func:`comfy_workflow` of ``checkpoint_name`` as JSON to ``target`` (whole or not at all)."""
+    from lora_tools.output import atomic
+
+    out = Path(target)
+    wf = comfy_workflow(checkpoint_name, sampler, prompt=prompt, width=width, height=height,
+                        filename_prefix=Path(checkpoint_name).stem)
+    tmp = atomic.create_temp_file(out)
+    try:
+        tmp.write_text(json.dumps(wf, indent=2) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise atomic.output_error(out, e) from None
+    return out
