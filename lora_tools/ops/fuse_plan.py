@@ -426,6 +426,10 @@ class _HeldTargets:
     def lookup(self, component: str, name: str):  # type: ignore[no-untyped-def]
         return self._index.lookup(component, name) if component in self.components else None  # type: ignore[arg-type]
 
+    def why_not(self, component: str, name: str) -> str | None:
+        """Why a module has no target (see :meth:`TargetIndex.why_not`); ``None`` for absent components."""
+        return self._index.why_not(component, name) if component in self.components else None  # type: ignore[arg-type]
+
 
 def _absent_components(m: LoraMatch, held: Sequence[str]) -> str:
     """Why some unmatched modules cannot match: ``the base has no text encoders`` (or ``''``)."""
