@@ -239,27 +239,34 @@ def test_hub_input_from_a_prefilled_cache(assets: Assets, tmp_path: Path, monkey
 
 
 def test_a_failed_job_does_not_stop_the_others(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
-    """A job that fails while running (its output's folder is a file) fails alone; --fail-fast stops."""
+    """A job that fails while running fails alone; --fail-fast stops. (An output whose folder is a file
+    is refused while planning, before any job runs; a job's own LoRA damaged after planning is not.)"""
+    import shutil
+
+    style = tmp_path / "style.safetensors"
+    shutil.copyfile(assets.style, style)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
-        inputs: {{a: {assets.base_a}, style: {assets.style}}}
+        inputs: {{a: {assets.base_a}, style: {style}, good: {assets.style}}}
         jobs:
-          - {{name: one, fuse: {{base: a, loras: [style], output: blocked/one.safetensors}}}}
-          - {{name: two, fuse: {{base: a, loras: [{{lora: style, strength: 0.3}}], output: two.safetensors}}}}
+          - {{name: one, fuse: {{base: a, loras: [style], output: one.safetensors}}}}
+          - {{name: two, fuse: {{base: a, loras: [{{lora: good, strength: 0.3}}], output: two.safetensors}}}}
         """))
-    (tmp_path / "blocked").write_text("a file where the folder should be")
-    result = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
-    assert result.exit_code == 1, result.output
-    assert "Error: 1 of 2 jobs failed." in result.stderr
-    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:] if line[:1] not in (" ", "")}
-    rows.pop("1", None)  # the counts line
-    assert rows == {"one": "failed", "two": "done"}
+    from lora_tools.recipes import LocalExecutor, plan_recipe, run_recipe
+
+    plan = plan_recipe(recipe)
+    with open(style, "r+b") as f:  # damaged after planning: job one fails when it runs
+        f.truncate(style.stat().st_size // 2)
+    results = run_recipe(plan, executor=LocalExecutor())
+    assert [r.outcome for r in results] == ["failed", "done"] and "style.safetensors" in results[0].message
     (tmp_path / "two.safetensors").unlink()
-    result = CliRunner().invoke(cli, ["run", str(recipe), "-q", "--fail-fast", "--json"])
-    assert result.exit_code == 1
-    assert [r["outcome"] for r in json.loads(result.stdout)["results"]] == ["failed", "not run"]
+    results = run_recipe(plan, executor=LocalExecutor(), fail_fast=True)
+    assert [r.outcome for r in results] == ["failed", "not run"]
     assert not (tmp_path / "two.safetensors").exists()
+    result = CliRunner().invoke(cli, ["run", str(recipe), "-q"])  # planned anew: refused before any job runs
+    assert result.exit_code == 1 and "style.safetensors" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "one.safetensors").exists() and not (tmp_path / "two.safetensors").exists()
 
 
 class RecordingExecutor:

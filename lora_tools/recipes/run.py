@@ -127,7 +127,8 @@ def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, s
             spec = FileInput(path=spec)
         if isinstance(spec, HubInput):
             try:
-                path = resolve_file(spec.repo_id, spec.filename, revision=spec.revision, pass_with="a local path input")
+                path = resolve_file(spec.repo_id, spec.filename, revision=spec.revision, hint=None,
+                                    instead="give the input as a local path")
             except LoraToolsError as e:
                 raise RecipeError(f"inputs.{name}: {e}", location=where) from None
         else:
