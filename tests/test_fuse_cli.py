@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -366,15 +367,19 @@ def test_interrupted_fuse_leaves_no_output(medium: SimpleNamespace, tmp_path: Pa
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
     before = _fingerprint(medium.base)
+    ready = tmp_path / "mid-stream"
+    # The output package's fault hook holds the fuse mid-stream (its temp file half written) until the
+    # signal comes, so the signal lands there however fast or loaded the machine is.
+    env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready))
     proc = subprocess.Popen(
         [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse", str(medium.base),
          "--lora", str(medium.lora), "-o", str(out), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while True:  # wait until the output is being written: a temp file next to it, past its header
+        while True:  # wait until the output is being written: a temp file next to it
             partial = list(out_dir.glob(f".{out.name}.*.partial"))
-            if partial and partial[0].stat().st_size > 16 << 20:
+            if partial and ready.exists():
                 break
             assert proc.poll() is None, "the fuse ended before it could be interrupted: make the model bigger"
             assert time.monotonic() < deadline, "no .partial file appeared"
