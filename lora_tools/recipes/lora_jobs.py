@@ -10,6 +10,8 @@ whichever folder or executor made it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import time
 from contextlib import ExitStack
@@ -125,7 +127,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class LoraOpJob:
+class LoraOpJob(ABC):
     """Base of the adapters whose output is one LoRA file: check, compute, write (atomically)."""
 
     kind = ""
@@ -136,9 +138,9 @@ class LoraOpJob:
     def validate(self, o: Mapping[str, Any]) -> None:
         """Cheap checks of the options (what the command checks before any maths)."""
 
+    @abstractmethod
     def compute(self, o: Mapping[str, Any], stack: ExitStack) -> Any:
         """The in-memory result LoRA (its metadata holds the op's record)."""
-        raise NotImplementedError
 
     def _plan(self, job: ResolvedJob):  # type: ignore[no-untyped-def]
         from lora_tools.ops.lora_write import plan_output
