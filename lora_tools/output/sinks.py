@@ -116,12 +116,6 @@ class _FileSink:
             _say_replaced(path)
         return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
 
-    def finalize(self) -> list[WrittenFile]:
-        self.complete()
-        files = self.commit()
-        self.cleanup()
-        return files
-
     def rollback(self) -> None:
         """Undo :meth:`commit`: the earlier file comes back, or the name is free again."""
         if not self._committed:
@@ -192,7 +186,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: "Mapping[str, torch
     try:
         for k, v in items:
             sink.add_tensor(k, v)
-        return sink.finalize()[0]
+        return finalize_all([sink])[0]  # the one finalising path (complete, commit, clean up)
     except BaseException:
         sink.abort()
         raise
@@ -354,12 +348,6 @@ class DiffusersFolderSink:
         for s in self.sinks:
             p = self.path / s.writer.path.relative_to(self.tmp)
             files.append(WrittenFile(self.kind, p, p.stat().st_size, s.writer.sha256))
-        return files
-
-    def finalize(self) -> list[WrittenFile]:
-        self.complete()
-        files = self.commit()
-        self.cleanup()
         return files
 
     def rollback(self) -> None:
