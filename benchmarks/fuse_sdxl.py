@@ -250,6 +250,7 @@ class Job:
     writes: str  # what the job writes, for the table
     keep_output: bool = False
     runs: list[Run] = field(default_factory=list)
+    env: dict[str, str] | None = None  # extra environment (the baseline job imports another lora_tools)
 
     @property
     def wall(self) -> float:
@@ -367,7 +368,28 @@ def preflight(cache: Path, env: dict[str, str]) -> None:
     remove(out)
 
 
-def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
+def snapshot_revision(cache: Path, rev: str) -> Path:
+    """lora_tools/ as it was at git revision REV (``git archive``), for the before/after job."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True,
+                         text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: not a commit of this repository")
+    root = cache / "snapshots" / f"rev-{sha.stdout.strip()[:12]}"
+    if not (root / "lora_tools").is_dir():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha.stdout.strip(), "lora_tools"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(root)
+    import compileall
+
+    compileall.compile_dir(str(root / "lora_tools"), quiet=1)
+    return root
+
+
+def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | None = None) -> list[Job]:
     out = inp.out_dir
     me = [sys.executable, str(Path(__file__).resolve()), "--job"]
     fuse = loratool_cmd() + ["fuse", str(inp.base), "--lightning", "4", "--lightning-dir", str(inp.lora_dir),
@@ -381,6 +403,13 @@ def build_jobs(inp: Inputs, skip_diffusers: bool) -> list[Job]:
             out / "pycopy.safetensors", "whole file"),
         Job("fuse", "loratool fuse (whole checkpoint)", fuse + ["-o", str(out / "fused.safetensors")],
             out / "fused.safetensors", "whole file"),
+    ]
+    if baseline is not None:
+        rev, root = baseline
+        jobs.append(Job("fuse-baseline", f"loratool fuse (whole checkpoint), lora_tools at {rev} (before)",
+                        fuse + ["-o", str(out / "fused-baseline.safetensors")], out / "fused-baseline.safetensors",
+                        "whole file", env={"PYTHONPATH": str(root), "FUSE_SDXL_LIBRARY_ROOT": str(root)}))
+    jobs += [
         Job("fuse-unet", "loratool fuse --save unet", fuse + ["--save", "unet", "-o", str(out / "fused-unet.safetensors")],
             out / "fused-unet.safetensors", "UNet only", keep_output=True),
     ]
@@ -547,6 +576,17 @@ def targets(jobs: list[Job]) -> list[tuple[str, bool, str]]:
         s2 = d.wall / unet.wall
         out.append(("(same output) loratool --save unet >= 2.5x faster than diffusers", s2 >= 2.5,
                     f"{d.wall:.1f} s / {unet.wall:.1f} s = {s2:.2f}x"))
+    floor = by.get("pycopy")
+    if fuse is not None and floor is not None:
+        r = fuse.wall / floor.wall
+        out.append(("whole-checkpoint fuse <= 1.25x the I/O floor (page-cache reads, O_DIRECT writes + fsync)",
+                    r <= 1.25, f"{fuse.wall:.1f} s / {floor.wall:.1f} s = {r:.2f}x"))
+    before = by.get("fuse-baseline")
+    if fuse is not None and before is not None:
+        out.append(("fuse no slower than before (alternating runs)", fuse.wall <= before.wall * 1.02,
+                    f"{fuse.wall:.2f} s now vs {before.wall:.2f} s before"))
+        out.append(("fuse peak RSS no higher than before", fuse.peak <= before.peak * 1.05,
+                    f"{fmt_rss(fuse.peak)} now vs {fmt_rss(before.peak)} before"))
     ours = [j for j in (fuse, unet) if j is not None]
     if ours:
         out.append(("loratool peak RSS < 1 GB", max(j.peak for j in ours) < 1e9,
@@ -635,13 +675,16 @@ def main() -> None:
     ap.add_argument("--size", choices=["full", "tiny"], default="full", help="full (~6.9 GB) or tiny (smoke run)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each job (median reported)")
     ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers job")
-    ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy pycopy-buffered fuse fuse-unet diffusers)")
+    ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy pycopy-buffered fuse fuse-baseline fuse-unet diffusers)")
     ap.add_argument("--results", type=Path, default=None,
                     help="markdown file for the results (default: benchmarks/RESULTS.md for --size full, none for tiny)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's output under CACHE/SIZE/out")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="import lora_tools from the working tree (default: from a copy taken when the run starts, "
                          "under CACHE/snapshots/, so concurrent edits cannot mix library versions within a run)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run the fuse with lora_tools as it was at this git revision, alternating with today's "
+                         "(before/after in one run)")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before each job, wait up to this many seconds for other processes to go quiet (0: don't)")
     args = ap.parse_args()
@@ -669,7 +712,8 @@ def main() -> None:
     if avail and avail < base_bytes + lora_bytes + 2 * GB:
         print(f"warning: only {avail / GB:.1f} GB of memory available: the base may not stay in the page cache, "
               "so jobs may read it from disk", flush=True)
-    jobs = build_jobs(inp, args.skip_diffusers)
+    baseline = (args.baseline, snapshot_revision(args.cache_dir, args.baseline)) if args.baseline else None
+    jobs = build_jobs(inp, args.skip_diffusers, baseline)
     if args.only:
         keep = set(args.only) | {"cp", "pycopy"}
         jobs = [j for j in jobs if j.key in keep]
@@ -691,7 +735,7 @@ def main() -> None:
                     print(f"warning: other processes keep {load:.1f} cores busy; timings of {j.key} will suffer", flush=True)
             free = mem_free()
             # cwd: the cache folder, so no job imports lora_tools from the working tree by accident
-            run = measure(j.cmd, logs / f"{j.key}-{rep}.log", env, cwd=inp.root)
+            run = measure(j.cmd, logs / f"{j.key}-{rep}.log", dict(env, **(j.env or {})), cwd=inp.root)
             run.warm_s = warm_s
             run.mem_free = free
             j.runs.append(run)

@@ -107,7 +107,7 @@ def main() -> None:
 
     import lora_tools.ops.fuse as F
     import lora_tools.ops.fuse_plan as FP
-    import lora_tools.ops.outputs as O
+    import lora_tools.output.sinks as O
     import lora_tools.engine.patch as PT
     import lora_tools.engine.pipeline as S
     t_import = time.perf_counter()

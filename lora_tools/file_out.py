@@ -4,7 +4,7 @@ Writing a multi-GB model through the page cache costs the kernel as much CPU as 
 (allocating, dirtying and writing back every page). With O_DIRECT the bytes go from one reused,
 page-aligned staging buffer straight to the disk; a big tensor whose buffer is *in phase* with
 the file (its address and its file offset agree modulo the page size, see
-:mod:`lora_tools.ops.buffers`) goes to the disk from its own pages, with no copy at all.
+:mod:`lora_tools.engine.buffers`) goes to the disk from its own pages, with no copy at all.
 Filesystems that refuse O_DIRECT get the buffered path; both end with fsync.
 """
 

@@ -535,9 +535,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(assets: FuseAssets, tmp_path
     assert f"LoRA:    {assets.lightning_lora} (kohya-diffusers, {n_targets('lightning')} modules matched, 0 unmatched, strength 1)" in text
     assert f"LoRA:    {assets.style} (kohya, {n_targets('attn', ALL_TE)} modules matched, 0 unmatched, strength 0.6)" in text
     blocks = text.split("Modules per block:\n", 1)[1]
-    counts = [int(m.group(2)) for m in re.finditer(r"^  (\S+:\S+)\s+(\d+)$", blocks, re.M)]
+    counts = [int(m.group(3)) for m in re.finditer(r"^  ([A-Z0-9]+)\s+(\S+:\S+)\s+(\d+)$", blocks, re.M)]
     assert sum(counts) == n_targets("lightning") + n_targets("attn", ALL_TE)
-    assert re.search(r"^  unet:input_blocks\.4\s+\d+$", blocks, re.M) and re.search(r"^  te2:\S+\s+\d+$", blocks, re.M)
+    assert re.search(r"^  IN04\s+unet:input_blocks\.4\s+\d+$", blocks, re.M)
+    assert re.search(r"^  TE2\s+te2:\S+\s+\d+$", blocks, re.M)
     n_tensors = len(read_header(assets.base).tensors)
     assert f"Tensors patched: {len(patched_keys())} of {n_tensors}" in text
     assert f"Output:  {out} (checkpoint, about " in text
@@ -554,7 +555,7 @@ _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40
 
 
 def test_dry_run_predicted_peak_memory_is_plausible(assets: FuseAssets, tmp_path: Path) -> None:
-    from lora_tools.ops.streaming import MAX_INFLIGHT_BYTES
+    from lora_tools.engine.pipeline import MAX_INFLIGHT_BYTES
 
     result = fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir,
                      "-o", tmp_path / "dry.safetensors", "--dry-run")
@@ -607,14 +608,17 @@ def test_output_onto_the_original_unet_is_refused(assets: FuseAssets, tmp_path: 
 def test_overflow_scan_is_skipped_only_where_the_factors_rule_it_out(assets: FuseAssets, tmp_path: Path) -> None:
     """The patcher skips its NaN/Inf scan when ``rank * max|up| * max|down|`` bounds the delta far
     below the output dtype's range; large strengths and dtype changes keep the scan."""
+    from lora_tools.engine import needs_check
+    from lora_tools.ops.fuse import fuse_patches
     from lora_tools.ops.fuse_plan import plan_fuse
-    from lora_tools.ops.patching import needs_check
 
     def scans(loras: list[tuple[str, float]], dtype: str) -> set[bool]:
         plan = plan_fuse(assets.base, loras=loras, output=tmp_path / "o.safetensors", dtype=dtype)
         try:
             refs = [r for r in plan.base.refs if r.key in plan.patched_keys()]
-            return {needs_check(plan, r, torch_dtype(r.dtype), torch_dtype(plan.output_dtype(r.dtype))) for r in refs}
+            patches = fuse_patches(plan)
+            return {needs_check(patches[r.key], torch_dtype(r.dtype), torch_dtype(plan.output_dtype(r.dtype)))
+                    for r in refs}
         finally:
             plan.close()
 

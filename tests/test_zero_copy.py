@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lora_tools import file_out
-from lora_tools.ops.buffers import PAGE, BufferRing
+from lora_tools.engine.buffers import PAGE, BufferRing
 from lora_tools.safetensors_io import StreamingWriter, TensorPlan
 from tests.fuse_fixtures import assets  # noqa: F401  (fixture)
 

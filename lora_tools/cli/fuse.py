@@ -119,8 +119,8 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     for d in plan.diffs:
         click.echo(f"UNet difference: {safe_text(d.tuned.path)} - {safe_text(d.original.path)} (strength {d.strength:g})")
     click.echo("Modules per block:")
-    for block, n in sorted(plan.modules_per_block().items()):
-        click.echo(f"  {block:<32} {n:>5}")
+    for (block, where), n in plan.modules_per_block().items():
+        click.echo(f"  {block:<5} {where:<36} {n:>5}")
     if plan.unmatched:
         click.echo(f"Unmatched ({len(plan.unmatched)}): {', '.join(plan.unmatched[:5])}")
     click.echo(f"Tensors patched: {len(plan.patched_keys())} of {len(plan.base.refs)}")

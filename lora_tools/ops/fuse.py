@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.engine import Contribution, DenseDifference, LowRank, StageHook, stream, stream_order
-from lora_tools.ops.outputs import CheckpointSink, ComponentSink, DiffusersFolderSink, WrittenFile, tokenizer_provider
+from lora_tools.output.plan import WrittenFile
+from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFolderSink, tokenizer_provider
 from lora_tools.presets import AccelerationPreset
 from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.provenance import build_record

@@ -112,12 +112,18 @@ class FusePlan:
             keys |= {r.key for r in self.base.refs if r.rows and r.rows[0].component == "unet"}
         return keys
 
-    def modules_per_block(self) -> Counter[str]:
-        c: Counter[str] = Counter()
+    def modules_per_block(self) -> dict[tuple[str, str], int]:
+        """Matched LoRA modules per block: ``(block-scheme name, component:SGM block)`` -> count,
+        in model order (``("IN04", "unet:input_blocks.4")``; names from :mod:`lora_tools.layouts.blocks`)."""
+        from lora_tools.layouts.blocks import BLOCKS, block_of
+
+        c: Counter[tuple[str, str]] = Counter()
         for contributions in self.patches.values():
             for _, mm in contributions:
-                c[f"{mm.target.component}:{mm.target.block}"] += 1
-        return c
+                t = mm.target
+                c[(block_of(t.component, t.sgm_key), f"{t.component}:{t.block}")] += 1  # type: ignore[arg-type]
+        order = {b: i for i, b in enumerate(BLOCKS)}
+        return dict(sorted(c.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
 
     def output_bytes(self, kind: SaveKind) -> int:
         total = 0
