@@ -41,3 +41,39 @@ def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["--debug", "inspect", str(bad)])
     assert result.exit_code == 1 and result.exception is not None
     assert type(result.exception).__name__ == "InvalidFileError"
+
+
+def _architecture_block() -> str:
+    section = README.split("## Architecture", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_architecture_names_every_module_and_folder_and_nothing_else():
+    """The README's Architecture section matches the package: one line per top-level module or folder."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "lora_tools"
+    actual = {p.name + ("/" if p.is_dir() else "") for p in package.iterdir()
+              if p.name != "__pycache__" and (p.is_dir() or p.suffix == ".py")}
+    named = re.findall(r"^  (\S+)\s", _architecture_block(), re.M)
+    assert len(named) == len(set(named)), f"named twice: {sorted({n for n in named if named.count(n) > 1})}"
+    assert set(named) == actual, f"missing from the README: {sorted(actual - set(named))}; gone: {sorted(set(named) - actual)}"
+
+
+def test_the_cli_and_inspect_start_without_torch(tmp_path):
+    """``loratool --help`` and ``loratool inspect`` read headers only: importing torch (seconds) is for commands
+    that compute."""
+    import subprocess
+    import sys
+
+    from lora_tools.testing.synthetic_lora import make_lora
+    from safetensors.torch import save_file
+
+    tensors, meta = make_lora("tiny", fmt="kohya")
+    save_file(tensors, str(tmp_path / "l.safetensors"), meta)
+    probe = ("import sys; from lora_tools.cli import main; sys.argv = ['loratool'] + sys.argv[1:]\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)")
+    for argv in (["--help"], ["inspect", str(tmp_path / "l.safetensors")]):
+        p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert p.stdout.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None"), (argv, p.stdout[-500:], p.stderr[-500:])

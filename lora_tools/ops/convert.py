@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
-from lora_tools.ops.lora_pairs import derived_metadata, source_entry
 from lora_tools.provenance import build_record, with_record
 
 if TYPE_CHECKING:
@@ -32,6 +31,7 @@ def convert_lora(adapter: "LoraAdapter", to: str) -> tuple["LoraAdapter", str]:
     """
     if to not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {to!r}; expected one of {', '.join(TARGET_FORMATS)}")
+    from lora_tools.ops.lora_pairs import derived_metadata, source_entry  # torch: not on the CLI's import path
     record = build_record("convert", sources=[source_entry(adapter)], params={"from": adapter.format, "to": to})
     metadata = with_record(derived_metadata(adapter.metadata), record)
     return adapter.with_modules(adapter.modules, metadata=metadata), to
