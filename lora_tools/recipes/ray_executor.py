@@ -12,7 +12,9 @@ filesystem such as NFS, or one machine). A worker killed mid-job (node lost, SIG
 temp file of ours, which the retry removes; the task is retried ``retries`` times.
 
 Without an address a local Ray instance is started (loopback only: no dashboard, no usage stats) and
-shut down at the end; with one, the executor joins that cluster and leaves it running.
+shut down at the end; with one, the executor first checks that something answers there as a Ray
+cluster does (a gRPC server, within ``connect_timeout`` seconds: Ray's own join waits minutes on a
+wrong port), then joins that cluster and leaves it running.
 """
 
 from __future__ import annotations
