@@ -148,7 +148,8 @@ def tiny_batch(inputs: dict[str, Path], work: Path) -> dict[str, object]:
     shutil.rmtree(remote)
     jobs = len(results)
     return {"batch": "tiny", "jobs": jobs, "bytes_per_output": out_bytes, "local_s": round(local_s, 2),
-            "ray_s": round(ray_s, 2), "overhead_per_job_s": round((ray_s - local_s) / jobs, 3), "identical_files": len(got)}
+            "ray_s": round(ray_s, 2), "overhead_per_job_s": round((ray_s - local_s) / jobs, 3),
+            "identical_files": len(got)}
 
 
 def full_batch(inputs: dict[str, Path], work: Path) -> dict[str, object]:
@@ -197,7 +198,8 @@ def write_markdown(path: Path, report: dict) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['batch']} | {r['jobs']} | {size(r['bytes_per_output'])} | {how[r['batch']]} | "
-                     f"{r['local_s']} s | {r['ray_s']} s | {r['overhead_per_job_s']} s | {r['identical_files']} of {r['jobs']} |")
+                     f"{r['local_s']} s | {r['ray_s']} s | {r['overhead_per_job_s']} s | "
+                     f"{r['identical_files']} of {r['jobs']} |")
     if report["tiny_only"]:
         lines += ["", "Full-size batch: not run (`--tiny-only`)."]
     lines += ["", "Identical: the same tensor bytes and the same `loratool` record apart from `created`.",

@@ -149,7 +149,8 @@ def _invoke(*args: object):  # type: ignore[no-untyped-def]
 @pytest.mark.skipif(INSIDE, reason="covered outside")
 def test_unreachable_address_is_one_line_and_quick(micro: Micro, tmp_path: Path) -> None:
     start = time.monotonic()
-    result = _invoke("run", *_lightning_recipe(micro, tmp_path / "out"), "--executor", "ray", "--address", "127.0.0.1:9")
+    result = _invoke("run", *_lightning_recipe(micro, tmp_path / "out"), "--executor", "ray",
+                     "--address", "127.0.0.1:9")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         "Error: no Ray cluster reachable at '127.0.0.1:9' (Connection refused after at most 10 s)."]
@@ -198,7 +199,8 @@ def test_an_address_that_is_not_ray_is_one_line_and_bounded(micro: Micro, tmp_pa
     result = _invoke("run", *_lightning_recipe(micro, tmp_path / "out"), "--executor", "ray", "--address", address)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
-        f"Error: no Ray cluster at '{address}': something listens there but does not answer as Ray does (gRPC) within 10 s."]
+        f"Error: no Ray cluster at '{address}': something listens there but does not answer as Ray does (gRPC) "
+        "within 10 s."]
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
@@ -325,7 +327,8 @@ def test_matrix_with_verify_on_ray_gives_the_local_files_and_skips_on_rerun(ray_
         assert mine["loratool"]["recipe"] == theirs["loratool"]["recipe"] and mine["loratool"]["passed"], name
         for key in ("settings", "against", "threshold", "preset", "device", "dtype"):
             assert mine[key] == theirs[key], (name, key)
-        assert [(i["prompt"], i["seed"]) for i in mine["images"]] == [(i["prompt"], i["seed"]) for i in theirs["images"]]
+        assert [(i["prompt"], i["seed"]) for i in mine["images"]] == [
+            (i["prompt"], i["seed"]) for i in theirs["images"]], name
         for a, b in zip(mine["images"], theirs["images"]):
             assert a["psnr_db"] == pytest.approx(b["psnr_db"], rel=1e-3), name
     before = _stamps(remote)
@@ -346,7 +349,8 @@ def test_a_failed_job_is_reported_and_the_others_finish(ray_session: Path, micro
         f.truncate(broken.stat().st_size // 2)
     results = run_recipe(plan, executor=RayExecutor())
     outcomes = {r.name: r.outcome for r in results}
-    assert outcomes == {**{f"base_a-{s}step": "done" for s in (2, 4, 8)}, **{f"base_b-{s}step": "failed" for s in (2, 4, 8)},
+    assert outcomes == {**{f"base_a-{s}step": "done" for s in (2, 4, 8)},
+                        **{f"base_b-{s}step": "failed" for s in (2, 4, 8)},
                         **{f"verify-base_b-{s}step": "not run" for s in (2, 4, 8)}}
     assert all("broken.safetensors" in r.message for r in results if r.outcome == "failed")
     assert all(r.message == f"needs '{r.name[len('verify-'):]}', which did not finish"

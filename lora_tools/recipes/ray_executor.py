@@ -106,7 +106,8 @@ def _probe(address: str, timeout: float) -> None:
         conn = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         reason = e.strerror or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
-        raise ClusterError(f"no Ray cluster reachable at '{address}' ({reason} after at most {timeout:.0f} s).") from None
+        raise ClusterError(
+            f"no Ray cluster reachable at '{address}' ({reason} after at most {timeout:.0f} s).") from None
     head = b""
     with conn:
         try:
