@@ -1,14 +1,17 @@
 """Local vs Ray executor on one machine: wall time and Ray's per-job overhead (a benchmark, not a test).
 
     python benchmarks/ray_executor.py                # 12 tiny jobs, then 6 full-size fuse jobs
-    python benchmarks/ray_executor.py --tiny-only
+    python benchmarks/ray_executor.py --tiny-only    # the 12 tiny jobs only (a smoke run, seconds)
 
-The same recipe runs twice into two folders, once with the local executor and once with
-``--executor ray`` on a local Ray instance; the outputs are compared byte for byte (tensors) and by
-record (``created`` aside). Ray is started inside a network namespace that holds only loopback
-(``unshare --net``): the script re-runs itself there when it is not already in one (root needed).
-Full-size inputs are the synthetic SDXL checkpoint and Lightning-shaped LoRAs that
-``benchmarks/fuse_sdxl.py`` builds (cached in ``benchmarks/.cache/full``).
+The tiny batch (2 bases x 2/4/8 steps x fp16/fp32) runs whole, once with the local executor and once
+with ``--executor ray`` on a local Ray instance, into two folders. The full-size batch (one 6.9 GB
+base x 2/4/8 steps x fp16/bf16) runs job by job, local then Ray, and each output is deleted as soon
+as it is compared, so the disk holds one full-size output at a time. Outputs are compared by tensor
+bytes and by record (``created`` aside). Ray is started once, inside a network namespace that holds
+only loopback (``unshare --net``): the script re-runs itself there when it is not already in one
+(root needed). Full-size inputs are the synthetic SDXL checkpoint that ``benchmarks/fuse_sdxl.py``
+builds (``benchmarks/.cache/full``) and Lightning-shaped LoRAs built next to it.
+Writes ``benchmarks/RAY_RESULTS.md`` (the table the README quotes) and a JSON file of the same rows.
 The point is correctness and the per-job overhead, not speed-up: on 2 cores a fuse job already uses both.
 """
 
@@ -86,65 +89,124 @@ def full_inputs(cache: Path) -> dict[str, Path]:
     return {"base_a": base, "base_b": base, "lightning": lightning}
 
 
-def run_batch(name: str, inputs: dict[str, Path], work: Path, bases: list[str], dtypes: list[str]) -> dict[str, object]:
-    from lora_tools.recipes import LocalExecutor, plan_recipe, run_recipe
-    from lora_tools.recipes.ray_executor import RayExecutor
+def digest(path: Path) -> tuple[str, dict]:
+    """(sha256 of the tensors' names and bytes in file order, the record without ``created``)."""
+    import hashlib
+
     from lora_tools.safetensors_io import TensorFile, read_header
 
-    def plan(out: Path):  # type: ignore[no-untyped-def]
-        recipe = work / f"{name}-{out.name}.yaml"
-        recipe.write_text(RECIPE.format(out=out, bases=json.dumps(bases), dtypes=json.dumps(dtypes),
-                                        **{k: str(v) for k, v in inputs.items()}))
-        return plan_recipe(recipe)
+    h = hashlib.sha256()
+    with TensorFile(path) as tf:
+        for k in tf.keys():
+            h.update(k.encode())
+            h.update(bytes(tf.read_bytes(k)))
+    record = json.loads(read_header(path).metadata["loratool"])
+    record.pop("created")
+    return h.hexdigest(), record
 
-    def digests(folder: Path) -> dict[str, tuple[str, dict]]:
-        """file -> (sha256 of its tensors' bytes in key order, record without ``created``)."""
-        import hashlib
 
-        out = {}
-        for f in sorted(folder.iterdir()):
-            h = hashlib.sha256()
-            with TensorFile(f) as tf:
-                for k in tf.keys():
-                    h.update(k.encode())
-                    h.update(bytes(tf.read_bytes(k)))
-            record = json.loads(read_header(f).metadata["loratool"])
-            record.pop("created")
-            out[f.name] = (h.hexdigest(), record)
-        return out
+def plan_batch(work: Path, tag: str, out: Path, inputs: dict[str, Path], bases: list[str], dtypes: list[str],
+               only: list[str] | None = None):  # type: ignore[no-untyped-def]
+    from lora_tools.recipes import plan_recipe
 
-    local, remote = work / f"{name}-local", work / f"{name}-ray"
-    p = plan(local)
-    t = time.perf_counter()
-    results = run_recipe(p, executor=LocalExecutor())
-    local_s = time.perf_counter() - t
-    assert all(r.outcome == "done" for r in results), [r.message for r in results]
-    out_bytes = sum(f.stat().st_size for f in local.iterdir())
-    want = digests(local)
-    shutil.rmtree(local)  # full-size outputs: keep the disk to one batch at a time
+    recipe = work / f"{tag}.yaml"
+    recipe.write_text(RECIPE.format(out=out, bases=json.dumps(bases), dtypes=json.dumps(dtypes),
+                                    **{k: str(v) for k, v in inputs.items()}))
+    return plan_recipe(recipe, only=only or ())
 
-    import ray
+
+def timed_run(plan, executor) -> tuple[float, list]:  # type: ignore[no-untyped-def]
+    from lora_tools.recipes import run_recipe
 
     t = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
-    start_s = time.perf_counter() - t
-    p = plan(remote)
-    t = time.perf_counter()
-    results = run_recipe(p, executor=RayExecutor(peak_bytes={n: c.peak_bytes for n, c in p.checks.items()}))
-    ray_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ray.shutdown()
-    stop_s = time.perf_counter() - t
-    assert all(r.outcome == "done" for r in results), [r.message for r in results]
-    got = digests(remote)
-    assert got == want, "Ray's files differ from the local executor's"
-    same = len(got)
+    results = run_recipe(plan, executor=executor)
+    seconds = time.perf_counter() - t
+    assert all(r.outcome == "done" for r in results), [(r.name, r.outcome, r.message) for r in results]
+    return seconds, results
+
+
+def ray_executor(plan):  # type: ignore[no-untyped-def]
+    from lora_tools.recipes.ray_executor import RayExecutor
+
+    return RayExecutor(peak_bytes={n: c.peak_bytes for n, c in plan.checks.items()})
+
+
+def tiny_batch(inputs: dict[str, Path], work: Path) -> dict[str, object]:
+    """12 tiny jobs, each executor running the whole batch."""
+    from lora_tools.recipes import LocalExecutor
+
+    bases, dtypes = ["base_a", "base_b"], ["fp16", "fp32"]
+    local, remote = work / "tiny-local", work / "tiny-ray"
+    local_s, results = timed_run(plan_batch(work, "tiny-local", local, inputs, bases, dtypes), LocalExecutor())
+    plan = plan_batch(work, "tiny-ray", remote, inputs, bases, dtypes)
+    ray_s, _ = timed_run(plan, ray_executor(plan))
+    want = {f.name: digest(f) for f in sorted(local.iterdir())}
+    got = {f.name: digest(f) for f in sorted(remote.iterdir())}
+    assert len(want) == len(results) and got == want, "Ray's files differ from the local executor's"
+    out_bytes = sum(f.stat().st_size for f in local.iterdir()) // len(results)
+    shutil.rmtree(local)
     shutil.rmtree(remote)
     jobs = len(results)
-    return {"batch": name, "jobs": jobs, "output_bytes": out_bytes, "local_s": round(local_s, 2),
-            "ray_s": round(ray_s, 2), "ray_start_s": round(start_s, 2), "ray_stop_s": round(stop_s, 2),
-            "overhead_per_job_s": round((ray_s - local_s) / jobs, 3), "identical_files": same}
+    return {"batch": "tiny", "jobs": jobs, "bytes_per_output": out_bytes, "local_s": round(local_s, 2),
+            "ray_s": round(ray_s, 2), "overhead_per_job_s": round((ray_s - local_s) / jobs, 3),
+            "identical_files": len(got)}
+
+
+def full_batch(inputs: dict[str, Path], work: Path) -> dict[str, object]:
+    """6 full-size fuse jobs, one at a time: local, Ray, compare, delete both outputs."""
+    from lora_tools.recipes import LocalExecutor
+
+    bases, dtypes = ["base_a"], ["fp16", "bf16"]
+    local, remote = work / "full-local", work / "full-ray"
+    names = [j.name for j in plan_batch(work, "full-names", local, inputs, bases, dtypes).jobs]
+    local_s = ray_s = 0.0
+    same = out_bytes = 0
+    for name in names:
+        plan = plan_batch(work, "full-local", local, inputs, bases, dtypes, only=[name])
+        seconds, [result] = timed_run(plan, LocalExecutor())
+        local_s += seconds
+        [path] = [Path(p) for p in result.outputs]
+        out_bytes = path.stat().st_size
+        want = digest(path)
+        path.unlink()
+        plan = plan_batch(work, "full-ray", remote, inputs, bases, dtypes, only=[name])
+        seconds, [result] = timed_run(plan, ray_executor(plan))
+        ray_s += seconds
+        [path] = [Path(p) for p in result.outputs]
+        got = digest(path)
+        path.unlink()
+        assert got == want, f"{name}: Ray's file differs from the local executor's"
+        same += 1
+        print(f"  {name}: identical", flush=True)
+    jobs = len(names)
+    return {"batch": "full", "jobs": jobs, "bytes_per_output": out_bytes, "local_s": round(local_s, 2),
+            "ray_s": round(ray_s, 2), "overhead_per_job_s": round((ray_s - local_s) / jobs, 3), "identical_files": same}
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    def size(n: int) -> str:
+        from lora_tools.cli._output import format_bytes
+
+        return format_bytes(n)
+
+    how = {"tiny": "the whole batch per executor", "full": "job by job (each output deleted once compared)"}
+    lines = ["# Ray executor: local vs Ray on one machine", "",
+             f"`python benchmarks/ray_executor.py{' --tiny-only' if report['tiny_only'] else ''}`, {report['date']}, "
+             f"{report['machine']}, Ray {report['ray']}, load average {report['load_before']} before the run.", "",
+             f"Ray start {report['ray_start_s']} s, shutdown {report['ray_stop_s']} s (not in the times below).", "",
+             "| batch | jobs | output each | run | local | Ray | Ray overhead per job | identical files |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['batch']} | {r['jobs']} | {size(r['bytes_per_output'])} | {how[r['batch']]} | "
+                     f"{r['local_s']} s | {r['ray_s']} s | {r['overhead_per_job_s']} s | "
+                     f"{r['identical_files']} of {r['jobs']} |")
+    if report["tiny_only"]:
+        lines += ["", "Full-size batch: not run (`--tiny-only`)."]
+    lines += ["", "Identical: the same tensor bytes and the same `loratool` record apart from `created`.",
+              "Overhead per job = (Ray wall time - local wall time) / jobs; on 2 cores a fuse already uses both, "
+              "so no speed-up is expected. Ray's times include its workers' first import of torch and lora_tools "
+              "(the tiny batch runs first, so the full-size jobs find them warm).", ""]
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -152,6 +214,7 @@ def main() -> None:
     ap.add_argument("--tiny-only", action="store_true", help="skip the 6 full-size fuse jobs")
     ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache")
     ap.add_argument("--json", type=Path, default=HERE / "ray_executor-results.json")
+    ap.add_argument("--markdown", type=Path, default=HERE / "RAY_RESULTS.md")
     args = ap.parse_args()
     if not only_loopback():
         if os.environ.get("LORATOOL_RAY_NETNS") == "1":
@@ -159,16 +222,33 @@ def main() -> None:
         cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} " + " ".join(sys.argv[1:])
         env = {**os.environ, "LORATOOL_RAY_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
         sys.exit(subprocess.run(["unshare", "--net", "sh", "-c", cmd], env=env).returncode)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="ray-bench-", dir=args.cache_dir if args.cache_dir.exists() else None) as tmp:
+    import ray
+
+    full = None if args.tiny_only else full_inputs(args.cache_dir)  # build (once) before any timing
+    report: dict = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": f"{os.cpu_count()} cores",
+                    "ray": ray.__version__, "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+                    "tiny_only": args.tiny_only, "rows": []}
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ray-bench-", dir=args.cache_dir) as tmp:
         work = Path(tmp)
-        rows.append(run_batch("tiny", tiny_inputs(work / "inputs"), work, ["base_a", "base_b"], ["fp16", "fp32"]))
-        print(json.dumps(rows[-1]), flush=True)
-        if not args.tiny_only:
-            rows.append(run_batch("full", full_inputs(args.cache_dir), work, ["base_a"], ["fp16", "bf16"]))
-            print(json.dumps(rows[-1]), flush=True)
-    args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+        tiny = tiny_inputs(work / "inputs")
+        t = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False, log_to_driver=False)
+        report["ray_start_s"] = round(time.perf_counter() - t, 2)
+        try:
+            report["rows"].append(tiny_batch(tiny, work))
+            print(json.dumps(report["rows"][-1]), flush=True)
+            if full is not None:
+                report["rows"].append(full_batch(full, work))
+                print(json.dumps(report["rows"][-1]), flush=True)
+        finally:
+            t = time.perf_counter()
+            ray.shutdown()
+            report["ray_stop_s"] = round(time.perf_counter() - t, 2)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(args.markdown, report)
+    print(f"wrote {args.markdown} and {args.json}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ filesystem such as NFS, or one machine). A worker killed mid-job (node lost, SIG
 temp file of ours, which the retry removes; the task is retried ``retries`` times.
 
 Without an address a local Ray instance is started (loopback only: no dashboard, no usage stats) and
-shut down at the end; with one, the executor joins that cluster and leaves it running.
+shut down at the end; with one, the executor first checks that something answers there as a Ray
+cluster does (a gRPC server, within ``connect_timeout`` seconds: Ray's own join waits minutes on a
+wrong port), then joins that cluster and leaves it running.
 """
 
 from __future__ import annotations
@@ -77,20 +79,50 @@ def run_on_worker(job: ResolvedJob, *dependencies: JobResult) -> JobResult:
     return run_job(job, _kill_once_progress())
 
 
+#: An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (a Ray GCS or Ray Client server)
+#: answers it with a SETTINGS frame of its own.
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 0x4
+
+
 def _probe(address: str, timeout: float) -> None:
-    """Fail fast, with one line, when nothing listens at a cluster address (Ray itself retries for minutes)."""
+    """Fail fast, with one line, when no Ray cluster answers at ``address`` (Ray itself retries for minutes).
+
+    Nothing listening is refused at once; something listening that is not a gRPC server (a Ray GCS
+    and a Ray Client server both are) is refused after at most ``timeout`` seconds, where joining it
+    would hang.
+    """
     if address == "auto":
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
     if not host or not port:
         raise ClusterError(f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT).")
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        conn = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise ClusterError(f"no Ray cluster reachable at '{address}' ({reason} after at most {timeout:.0f} s).") from None
+        reason = e.strerror or ("timed out" if isinstance(e, TimeoutError) else type(e).__name__)
+        raise ClusterError(
+            f"no Ray cluster reachable at '{address}' ({reason} after at most {timeout:.0f} s).") from None
+    head = b""
+    with conn:
+        try:
+            conn.sendall(_H2_HELLO)
+            while len(head) < 9:
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:
+            pass  # reset or silent: not a gRPC server
+    if len(head) < 9 or head[3] != _H2_SETTINGS:
+        raise ClusterError(f"no Ray cluster at '{address}': something listens there but does not answer as Ray "
+                           f"does (gRPC) within {timeout:.0f} s.")
 
 
 class RayExecutor:
@@ -127,6 +159,8 @@ class RayExecutor:
     # -- session ---------------------------------------------------------------------------------
     def _start(self, ray: Any) -> bool:
         """Connect or start Ray; ``True`` when this call started it (and must shut it down)."""
+        if self.address is not None:
+            _probe(self.address, self.connect_timeout)
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -136,7 +170,6 @@ class RayExecutor:
             ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, num_gpus=self.num_gpus or 0,
                      resources=self.resources or None, _node_ip_address="127.0.0.1", **quiet)
         else:
-            _probe(self.address, self.connect_timeout)
             try:
                 ray.init(address=self.address, **quiet)
             except (ConnectionError, RuntimeError) as e:
