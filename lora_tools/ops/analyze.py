@@ -67,15 +67,23 @@ class AnalyzeReport:
         explained: the fraction of the difference's energy (on the modules any candidate adapts)
             that all candidates together explain.
         interference: per-module interference of every pair of candidates (modules both adapt).
+        presets_tried: with :func:`analyze_presets`, the presets whose LoRA files were found and fitted.
+        presets_unavailable: with :func:`analyze_presets`, the presets whose LoRA files are not on
+            this machine (not tried).
     """
 
     fits: list[LoraFit]
     explained: float
     interference: list[Interference]
+    presets_tried: list[str] = field(default_factory=list)
+    presets_unavailable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {"loras": [f.to_dict() for f in self.fits], "explained": self.explained,
-                "interference": [i.to_dict() for i in self.interference]}
+        out: dict[str, object] = {"loras": [f.to_dict() for f in self.fits], "explained": self.explained,
+                                  "interference": [i.to_dict() for i in self.interference]}
+        if self.presets_tried or self.presets_unavailable:
+            out["presets"] = {"tried": self.presets_tried, "unavailable": self.presets_unavailable}
+        return out
 
 
 def _flat(m: "LoraModule", shape: tuple[int, ...]) -> torch.Tensor:
@@ -176,3 +184,38 @@ def fit_models(a: "ModelSource", b: "ModelSource", loras: Sequence[tuple[str, "L
         fits.append(LoraFit(label, strengths[j], per_lora_alone[j].solve()[1],
                             {blk: s[j] for blk, s in block_strengths.items() if float(blocks[blk].gram[j, j]) > 0}, counts[j]))
     return AnalyzeReport(fits, explained, interference)
+
+
+def analyze_presets(model: str | Path, base: str | Path, *, preset_dir: str | Path | None = None,
+                    sample: int | None = None) -> AnalyzeReport:
+    """:func:`analyze_model` with the acceleration presets as candidates: those whose LoRA files
+    are available locally (in `preset_dir` or the Hugging Face cache; nothing is downloaded).
+
+    Args:
+        model: the checkpoint to analyze.
+        base: the model it was made from.
+        preset_dir: a folder holding downloaded preset LoRA files (by their hub file names).
+        sample: as in :func:`analyze_model`.
+
+    Returns:
+        The report, with ``presets_tried`` and ``presets_unavailable`` filled in.
+
+    Raises:
+        UsageError: no preset LoRA file is available (the error names where it looked).
+    """
+    from contextlib import ExitStack
+
+    from lora_tools.lora.formats import load_lora
+    from lora_tools.ops.baked import local_preset_loras
+
+    files = local_preset_loras(preset_dir)
+    if not files.found:
+        where = f"'{preset_dir}' or " if preset_dir is not None else ""
+        raise UsageError(f"No candidate LoRA: none of the {len(files.missing)} acceleration presets' LoRA files is in "
+                         f"{where}the Hugging Face cache", hint=Hint("lora", "naming a candidate", "PATH"))
+    with ExitStack() as stack:
+        cands = [(p.name, stack.enter_context(load_lora(path))) for p, path in files.found]
+        report = analyze_model(model, base, cands, sample=sample)
+    report.presets_tried = [p.name for p, _ in files.found]
+    report.presets_unavailable = [p.name for p in files.missing]
+    return report
