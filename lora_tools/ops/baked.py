@@ -159,7 +159,7 @@ def check_not_baked(model: "ModelSource", loras: Sequence[tuple[str, "LoraAdapte
 
     Raises:
         UsageError: ``'base.safetensors' already has SDXL-Lightning 4-step baked in (strength 0.98,
-            explains 97 % of ...)``, with a hint naming ``force``.
+            explains 97% of ...)``, with a hint naming ``force``.
     """
     from lora_tools.models import open_model
 
