@@ -56,7 +56,8 @@ def test_local_preset_loras_looks_in_the_folder_then_the_cache(assets: FuseAsset
     none = local_preset_loras()
     assert none.found == [] and len(none.missing) == N_PRESET_LORAS
     in_folder = local_preset_loras(assets.lightning_dir)
-    assert [(p.name, path) for p, path in in_folder.found] == [("lightning-4step", assets.lightning_dir / LIGHTNING_LORA)]
+    assert [(p.name, path) for p, path in in_folder.found] == [
+        ("lightning-4step", assets.lightning_dir / LIGHTNING_LORA)]
     fill_hub_cache(offline_hub, "tianweiy/DMD2", "dmd2_sdxl_4step_lora.safetensors", b"not read here")
     both = local_preset_loras(assets.lightning_dir)
     assert sorted(p.name for p, _ in both.found) == ["dmd2-4step", "lightning-4step"]
@@ -78,7 +79,8 @@ def test_analyze_without_lora_tries_the_cached_presets(assets: FuseAssets, tmp_p
 
 
 def test_analyze_without_any_candidate_fails_cleanly(assets: FuseAssets, tmp_path: Path, offline_hub: Path) -> None:
-    line = run_fails(tmp_path, "analyze", assets.base, "--base", assets.base, "--preset-dir", tmp_path, names="No candidate LoRA")
+    line = run_fails(tmp_path, "analyze", assets.base, "--base", assets.base, "--preset-dir", tmp_path,
+                     names="No candidate LoRA")
     assert "the Hugging Face cache" in line and "--lora PATH" in line
 
 
@@ -104,7 +106,8 @@ def test_baked_fit_on_a_sample(assets: FuseAssets, lightning_baked: Path) -> Non
 def test_fuse_refuses_a_preset_already_baked_in(assets: FuseAssets, lightning_baked: Path, tmp_path: Path) -> None:
     out = tmp_path / "twice.safetensors"
     line = run_fails(tmp_path, "fuse", lightning_baked, "--lora", assets.lightning_lora, "--original-unet", assets.base,
-                     "-o", out, names=f"'{lightning_baked}' already has SDXL-Lightning 4-step baked in (strength 1.00, ")
+                     "-o", out,
+                     names=f"'{lightning_baked}' already has SDXL-Lightning 4-step baked in (strength 1.00, ")
     assert line.endswith("fusing it again doubles it; pass --force to fuse anyway."), line
     assert "sampled modules" in line and "'base.safetensors'" in line
     run_ok("fuse", lightning_baked, "--lora", assets.lightning_lora, "--original-unet", assets.base, "-o", out,
