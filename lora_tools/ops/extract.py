@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -24,7 +24,12 @@ _COMPONENTS = ("unet", "te1", "te2")
 
 def target_weight(model: "ModelSource", t: "ModuleTarget") -> torch.Tensor:
     """The float32 base weight a module target changes (its row block for fused q/k/v)."""
-    w = model.read(model.ref(t.sgm_key)).to(torch.float32)
+    return target_part(model.read(model.ref(t.sgm_key)), t)
+
+
+def target_part(weight: torch.Tensor, t: "ModuleTarget") -> torch.Tensor:
+    """The float32 part of a stored tensor that module target `t` changes, in the target's shape."""
+    w = weight.to(torch.float32)
     if t.part is not None:
         index, count = t.part
         w = w.chunk(count, dim=0)[index]
@@ -63,11 +68,29 @@ def paired_targets(tuned: "ModelSource", original: "ModelSource", components: It
     return out
 
 
-def iter_differences(tuned: "ModelSource", original: "ModelSource", targets: list["ModuleTarget"]
-                     ) -> Iterator[tuple["ModuleTarget", torch.Tensor]]:
-    """``(target, tuned - original)`` one module at a time (two weights in memory)."""
+def stream_differences(tuned: "ModelSource", original: "ModelSource", targets: Sequence["ModuleTarget"],
+                       consume: Callable[["ModuleTarget", torch.Tensor], None], *,
+                       progress: Callable[[int], None] | None = None) -> int:
+    """Call ``consume(target, tuned - original)`` for every target, reading both models side by side.
+
+    The two models are read in one pass through the shared engine's
+    :func:`~lora_tools.engine.stream_pairs` (one thread reads ahead, a bounded number of bytes in
+    flight), each stored tensor once even when several targets share it (fused q/k/v).
+
+    Returns:
+        The number of stored tensor pairs read.
+    """
+    from lora_tools.engine import stream_pairs
+
+    by_key: dict[str, list["ModuleTarget"]] = {}
     for t in targets:
-        yield t, target_weight(tuned, t) - target_weight(original, t)
+        by_key.setdefault(t.sgm_key, []).append(t)
+
+    def eat(key: str, wa: torch.Tensor, wb: torch.Tensor) -> None:
+        for t in by_key[key]:
+            consume(t, target_part(wa, t) - target_part(wb, t))
+
+    return stream_pairs(tuned, original, list(by_key), eat, progress=progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +109,14 @@ class ExtractResult:
 
 
 def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
-                 components: Iterable[str] = ("unet",), conv_rule: RankRule | None = None) -> ExtractResult:
+                 components: Iterable[str] = ("unet",), conv_rule: RankRule | None = None,
+                 progress: Callable[[int], None] | None = None) -> ExtractResult:
     """A LoRA whose delta approximates ``tuned - original``, module by module.
 
     Each module's difference is factorised by :func:`lora_tools.lowrank.dense_svd` (full SVD for
     small matrices, randomized with oversampling and power iterations for large ones) and its
-    error measured on the residual. Models are streamed: two weights and one difference in
-    memory at a time.
+    error measured on the residual. Both models are read in one pass through the shared engine
+    (:func:`stream_differences`): a few tensors in memory at a time, whatever the models' size.
 
     Args:
         tuned: the fine-tuned model (single file, diffusers UNet file or folder).
@@ -100,6 +124,7 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
         rule: the rank rule.
         components: which components to extract (``unet``, ``te1``, ``te2``).
         conv_rule: the rule for kxk convolutions (default: `rule`).
+        progress: called with the bytes of each pair of tensors once processed.
 
     Raises:
         InvalidFileError: the models are of different architectures or shapes.
@@ -114,10 +139,12 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
     identical = 0
     with open_model(tuned) as a, open_model(original) as b:
         targets = paired_targets(a, b, components, labels)
-        for t, diff in iter_differences(a, b, targets):
+
+        def take(t: "ModuleTarget", diff: torch.Tensor) -> None:
+            nonlocal identical
             if not bool(diff.any()):
                 identical += 1
-                continue
+                return
             conv = len(t.shape) == 4 and t.shape[2] * t.shape[3] > 1
             r = conv_rule if conv and conv_rule is not None else rule
             d = dense_svd(diff.reshape(diff.shape[0], -1), r)
@@ -125,6 +152,8 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
             key = (t.component, t.diffusers_module)
             factors[key] = roles_from_pair(d.up, d.down, tuple(t.shape))
             alphas[key] = float(d.rank)
+
+        stream_differences(a, b, targets, take, progress=progress)
     record = build_record("extract", sources=[{"role": "tuned", "name": labels[0]},
                                               {"role": "original", "name": labels[1]}],
                           params={"rule": rule.describe(), "components": list(components)},

@@ -22,6 +22,7 @@ from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
 from lora_tools.lora.validate import raise_factor_problems
 from lora_tools.models import ModelSource, open_model
+from lora_tools.ops.baked import check_not_baked
 from lora_tools.output import plan as output_plan
 from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
                                 get_preset, identify_file, lightning_preset)
@@ -198,7 +199,8 @@ def plan_fuse(
         force: fuse into a model that already has a preset fused in, or the same LoRA twice.
         overwrite: replace existing outputs (inputs are never overwritten).
         revision: hub revision for hub downloads.
-        original_unet: the SDXL base UNet (diffusers layout) for ``method="unet"``.
+        original_unet: the SDXL base UNet (diffusers layout) for ``method="unet"``, and the reference a
+            preset LoRA is looked for in the base with (:func:`lora_tools.ops.baked.check_not_baked`).
         variant: weights variant of a diffusers-folder base (``fp16``).
         hash_base: record the base's full sha256 even when it is large.
         verify_output: before each output is renamed to its name, read its data back and check
@@ -276,6 +278,8 @@ def plan_fuse(
             accel = _preset_among(plan_loras)
             if accel is not None:
                 _check_base(model, accel, force)
+        check_not_baked(model, [(s.label, s.adapter, s.preset) for s in plan_loras if s.preset is not None],
+                        reference=original_unet, preset_dir=folder, force=force)
         warnings[:0] = base_warnings(model, accel)
         out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]

@@ -1,0 +1,185 @@
+"""Acceleration presets already baked into a checkpoint: the preset LoRAs available locally (analyze's
+default candidates) and the check fuse makes before baking a preset in again.
+
+A checkpoint alone cannot say what was added to it: the test needs the model it was made from.
+``W = W_base + s * L`` is found by least squares on ``W - W_base`` (:func:`~lora_tools.ops.analyze.fit_models`),
+so the check runs only when an SDXL base reference is at hand locally: the one the caller names,
+the base UNet in the preset folder, or the one in the Hugging Face cache. Nothing is downloaded; with
+no reference (or one of another shape) the check is skipped, and only lora_tools' own record
+(:func:`lora_tools.provenance.fused_preset`) can tell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from lora_tools.errors import Hint, HubError, InvalidFileError, LoraToolsError, UsageError
+
+if TYPE_CHECKING:
+    from lora_tools.lora.adapter import LoraAdapter
+    from lora_tools.models import ModelSource
+    from lora_tools.ops.analyze import LoraFit
+    from lora_tools.presets import AccelerationPreset
+
+#: Modules the check samples: those where the preset's delta is largest (a handful, not the model).
+SAMPLE_MODULES = 8
+#: A fitted strength from here up means the preset is in the model...
+MIN_STRENGTH = 0.5
+#: ...when the fit also explains this much of the sampled difference (an unrelated change of n
+#: numbers explains about 1/n of it; a fine-tune ten times the preset's delta still leaves ~1 %).
+MIN_EXPLAINED = 0.01
+#: File names of the SDXL base UNet looked for in a preset folder (as fuse's ``unet`` method does).
+BASE_UNET_NAMES = ("sdxl_base_unet.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                   "diffusion_pytorch_model.safetensors")
+
+
+@dataclass(frozen=True, slots=True)
+class PresetFiles:
+    """Which acceleration presets' LoRA files are on this machine.
+
+    Attributes:
+        found: ``(preset, path)`` for each preset whose LoRA file is in the preset folder or the
+            Hugging Face cache.
+        missing: the presets with a LoRA file that is in neither.
+    """
+
+    found: list[tuple["AccelerationPreset", Path]]
+    missing: list["AccelerationPreset"]
+
+
+def local_preset_loras(preset_dir: str | Path | None = None) -> PresetFiles:
+    """The acceleration presets whose LoRA files are available without the network.
+
+    Each preset with a LoRA file is looked for in `preset_dir` (by its hub file name, unless
+    several presets share that name, as LCM's and TCD's ``pytorch_lora_weights.safetensors`` do),
+    then in the Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME`` as set now). Nothing is downloaded.
+
+    Args:
+        preset_dir: a folder holding downloaded preset files, or ``None``.
+
+    Returns:
+        `PresetFiles`: the presets found (with their paths) and those not available.
+    """
+    from lora_tools.presets import PRESETS
+
+    from collections import Counter
+
+    names = Counter(p.lora_file for p in PRESETS.values() if p.lora_file is not None)
+    found, missing = [], []
+    for preset in PRESETS.values():
+        if preset.lora_file is None:
+            continue
+        # a name several presets share (pytorch_lora_weights.safetensors) cannot say which one a folder holds
+        folder = preset_dir if names[preset.lora_file] == 1 else None
+        path = _local_file(preset.repo_id, preset.lora_file, folder)
+        if path is None:
+            missing.append(preset)
+        else:
+            found.append((preset, path))
+    return PresetFiles(found, missing)
+
+
+def _local_file(repo_id: str, filename: str, folder: str | Path | None) -> Path | None:
+    if folder is not None:
+        for name in (filename, Path(filename).name):
+            if (Path(folder) / name).is_file():
+                return Path(folder) / name
+    from lora_tools.hub import resolve_file
+
+    try:
+        return resolve_file(repo_id, filename, local_files_only=True)
+    except (HubError, UsageError):
+        return None
+
+
+def reference_base(reference: str | Path | None = None, preset_dir: str | Path | None = None) -> Path | None:
+    """The SDXL base to compare a checkpoint with: `reference`, else the base UNet in `preset_dir`,
+    else the one in the Hugging Face cache; ``None`` when none is on this machine."""
+    from lora_tools.presets import SDXL_BASE_REPO, SDXL_BASE_UNET_FILE
+
+    if reference is not None:
+        return Path(reference)
+    if preset_dir is not None:
+        for name in BASE_UNET_NAMES:
+            if (Path(preset_dir) / name).is_file():
+                return Path(preset_dir) / name
+    return _local_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, None)
+
+
+def baked_fit(model: "ModelSource", reference: "ModelSource", label: str, lora: "LoraAdapter", *,
+              sample: int = SAMPLE_MODULES) -> "LoraFit | None":
+    """How much of `lora` `model` holds over `reference`, fitted on `sample` modules.
+
+    Args:
+        model: the checkpoint.
+        reference: the model it would have been made from (SDXL base).
+        label: the LoRA's name in the result.
+        lora: the LoRA looked for (its UNet modules).
+        sample: how many modules to read (those where the LoRA's delta is largest).
+
+    Returns:
+        The fit (strength, fraction of the sampled difference explained), or ``None`` when the
+        reference does not fit the model (other architecture or shapes) or holds no UNet.
+    """
+    from lora_tools.ops.analyze import fit_models
+
+    unet = lora.with_modules([m for m in lora.modules if m.component == "unet"])
+    if not unet.modules or "unet" not in reference.components or "unet" not in model.components:
+        return None
+    try:
+        report = fit_models(model, reference, [(label, unet)], labels=(model.path.name, reference.path.name),
+                            sample=sample)
+    except (InvalidFileError, UsageError):
+        return None
+    return report.fits[0]
+
+
+def is_baked(fit: "LoraFit") -> bool:
+    """Whether a fit says the LoRA is in the model (:data:`MIN_STRENGTH`, :data:`MIN_EXPLAINED`)."""
+    return fit.strength >= MIN_STRENGTH and fit.explained >= MIN_EXPLAINED
+
+
+def check_not_baked(model: "ModelSource", loras: Sequence[tuple[str, "LoraAdapter", "AccelerationPreset"]], *,
+                    reference: str | Path | None = None, preset_dir: str | Path | None = None,
+                    force: bool = False) -> None:
+    """Refuse to bake an acceleration preset into a checkpoint that already holds it.
+
+    For each preset LoRA about to be fused, fits the checkpoint's difference from an SDXL base
+    reference (:func:`reference_base`) onto the LoRA's delta, on :data:`SAMPLE_MODULES` modules.
+    Without a local reference nothing is checked.
+
+    Args:
+        model: the checkpoint fused into.
+        loras: ``(label, adapter, preset)`` of the preset LoRAs to fuse.
+        reference: the SDXL base (UNet) to compare with; default: found locally.
+        preset_dir: a folder of preset files that may hold the base UNet.
+        force: skip the check.
+
+    Raises:
+        UsageError: ``'base.safetensors' already has SDXL-Lightning 4-step baked in (strength 0.98,
+            explains 97% of ...)``, with a hint naming ``force``.
+    """
+    from lora_tools.models import open_model
+
+    if force or not loras:
+        return
+    path = reference_base(reference, preset_dir)
+    if path is None or not path.exists():
+        return
+    try:
+        ref = open_model(path)
+    except LoraToolsError:  # a reference that cannot be read is no reference
+        return
+    with ref:
+        for label, adapter, preset in loras:
+            fit = baked_fit(model, ref, label, adapter)
+            if fit is not None and is_baked(fit):
+                raise UsageError(
+                    f"'{model.path}' already has {preset.label} baked in (strength {fit.strength:.2f}, explains "
+                    f"{fit.explained:.0%} of its difference from '{path.name}' on {fit.modules} sampled modules): "
+                    "fusing it again doubles it", hint=Hint("force", "to fuse anyway"))
+
+
+__all__ = ["PresetFiles", "baked_fit", "check_not_baked", "is_baked", "local_preset_loras", "reference_base"]
