@@ -148,3 +148,20 @@ def test_compile_on_cpu_reports_compile_time_apart(tiny: dict[str, Path]) -> Non
     assert plain.compile_seconds is None
     assert compiled.settings["timesteps"] == plain.settings["timesteps"] == [999, 749, 499, 249]
     assert len(compiled.images[0].step_seconds) == 4  # the timed run came after the compile, apart from it
+
+
+@pytest.mark.slow
+def test_a_diffusers_folder_is_named_by_its_header_hash(tiny: dict[str, Path]) -> None:
+    import hashlib
+
+    folder = tiny["dir"] / "fused-folder"
+    fuse(tiny["base"], preset="lightning-4step", preset_dir=tiny["dir"] / "L", saves=("diffusers",), output=folder)
+    plan = plan_verify(folder, prompts=["a cat"], seeds=[0], size=(32, 32), device="cpu", dtype="fp32")
+    assert plan.kind == "diffusers" and plan.preset == "lightning-4step"  # auto: the UNet file's record
+    report = run_verify(plan)
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*.safetensors")):
+        data = f.read_bytes()
+        digest.update(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert report.model == {"path": str(folder), "kind": "diffusers", "header_sha256": digest.hexdigest()}
+    assert report.settings["timesteps"] == [999, 749, 499, 249]
