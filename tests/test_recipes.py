@@ -93,6 +93,15 @@ def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) 
             assert rec["sampler"]["steps"] == s
     before = mtimes(out)
 
+    # each output is what `loratool fuse` writes for the same job (here base_b at 8 steps)
+    oracle = tmp_path / "oracle" / "base_b-lightning-8step.safetensors"
+    invoke("fuse", assets.base_b, "--lightning", "8", "--lightning-dir", assets.lightning, "--dtype", "fp16",
+           "-o", oracle, "-q")
+    made = out / oracle.name
+    assert tensor_bytes(made) == tensor_bytes(oracle)
+    assert {k: v for k, v in record_of(made).items() if k != "created"} == \
+        {k: v for k, v in record_of(oracle).items() if k != "created"}
+
     second = invoke(*args)
     assert "6 skipped." in second.stdout
     assert mtimes(out) == before, "a skipped job rewrote its output"

@@ -224,6 +224,19 @@ def test_alias_bomb_refused(work: Path) -> None:
     assert "aliases" in msg and "refusing" in msg
 
 
+def test_alias_bomb_messages_are_exact(work: Path) -> None:
+    """The two bounds, each with its place: the 9^9 bomb trips the value bound where expansion passes
+    20000 values (a node of line 2, inside the aliased list); 250 uses of one alias trip the alias bound
+    at the 201st (``b: [`` is 4 columns, each ``*a, `` 4 more: 4 + 200 * 4 + 1 = 805)."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    msg = refused(work, "\n".join(["version: 1", *lines, "jobs: []"]) + "\n")
+    assert msg == "recipe.yaml:2:22: the document expands to more than 20000 values (aliases nested too deep?): refusing it"
+    many = "\n".join(["version: 1", "a: &a [1]", "b: [" + ", ".join(["*a"] * 250) + "]", "jobs: []"]) + "\n"
+    assert refused(work, many) == "recipe.yaml:3:805: more than 200 aliases: refusing the document (a 'billion laughs' file?)"
+
+
 def test_alias_bomb_refused_quickly() -> None:
     """Even a bomb under the alias limit is refused by the node bound, without expanding it."""
     lines = ['a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]']

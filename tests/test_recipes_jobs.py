@@ -143,6 +143,15 @@ def test_publisher_batch_verify_and_publish(assets: Assets, tmp_path: Path, monk
     assert report["files"][-1] == str(out / "verify" / "base_a-4step" / "report.md")
     assert report["settings"]["timesteps"] == [999, 749, 499, 249]
     assert not (out / "release").exists(), "a dry-run publish wrote something"
+    # the verify job is `loratool verify` with the same options: same settings, same images, same PSNR
+    fused, lightning = out / "base_a-lightning-4step.safetensors", assets.lightning / "sdxl_lightning_4step_lora.safetensors"
+    oracle = tmp_path / "oracle-verify"
+    invoke("verify", fused, "--against", assets.base_a, "--lora", lightning, "--config", config, "--prompt", "a cat",
+           "--seeds", "0", "--size", "32x32", "--device", "cpu", "--dtype", "fp32", "--out", oracle)
+    cli_report = json.loads((oracle / "report.json").read_text())
+    assert report["settings"] == cli_report["settings"] and report["verdict"] == cli_report["verdict"]
+    assert [i["psnr_db"] for i in report["images"]] == [i["psnr_db"] for i in cli_report["images"]]
+    assert (out / "verify" / "base_a-4step" / "grid.png").read_bytes() == (oracle / "grid.png").read_bytes()
     before = mtimes(out)
     again = invoke(*args)
     assert "1 done, 2 skipped." in again.stdout and mtimes(out) == before  # the dry-run publish runs again
@@ -166,6 +175,13 @@ def test_publisher_batch_verify_and_publish(assets: Assets, tmp_path: Path, monk
         ["base_a-lightning-4step.safetensors", "base_a-4step-grid.png", "README.md", "scheduler_config.json"])
     assert (release / "base_a-4step-grid.png").read_bytes() == (out / "verify" / "base_a-4step" / "grid.png").read_bytes()
     assert "![base_a-4step-grid.png](base_a-4step-grid.png)" in (release / "README.md").read_text()
+    # and the release is `loratool publish`'s (which has no grid option: its card is the job's without the grid)
+    cli_release = tmp_path / "oracle-release"
+    invoke("publish", out / "base_a-lightning-4step.safetensors", "--license", "openrail++", "--release-dir", cli_release)
+    for name in ("base_a-lightning-4step.safetensors", "scheduler_config.json"):
+        assert (release / name).read_bytes() == (cli_release / name).read_bytes()
+    job_card = (release / "README.md").read_text().splitlines()
+    assert [line for line in (cli_release / "README.md").read_text().splitlines() if line not in job_card] == []
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1]["repo_id"] == "me/base_a-lightning-4step" and calls[1][1]["files"] == sorted(
         p.name for p in release.iterdir())

@@ -23,12 +23,14 @@ def convert_command(lora: str, to: str, output: str, overwrite: bool, dtype: str
     from lora_tools.lora.formats import load_lora
     from lora_tools.ops.convert import convert_lora
     from lora_tools.ops.lora_write import plan_output, write_lora
+    from lora_tools.recipes.lora_jobs import command_record
 
     out = plan_output(output, [lora], format=to, dtype=dtype, overwrite=overwrite)
     with load_lora(lora) as adapter:
         source_format = adapter.format
         result, _ = convert_lora(adapter, to)
-        path = write_lora(result, out)
+        path = write_lora(result, out, record=command_record("convert", result, {
+            "lora": lora, "to": to, "output": output, "dtype": dtype}))
         count = len(result.modules)
     emit({"output": str(path), "from": source_format, "to": to, "modules": count}, as_json,
          [f"Wrote {safe_text(path)}: {count} modules, {safe_text(source_format)} -> {to}."])

@@ -30,6 +30,7 @@ def extract_command(tuned: str, original: str, rank: int | None, energy: float |
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.extract import extract_lora
     from lora_tools.ops.lora_write import plan_output, tensor_bytes, write_lora
+    from lora_tools.recipes.lora_jobs import command_record
 
     rule = RankRule(rank=rank, energy=energy)
     conv_rule = RankRule(rank=conv_rank) if conv_rank is not None else None
@@ -37,7 +38,9 @@ def extract_command(tuned: str, original: str, rank: int | None, energy: float |
     out = plan_output(output, [tuned, original], format=fmt, dtype=dtype, overwrite=overwrite)
     result = extract_lora(tuned, original, rule, components=comps, conv_rule=conv_rule)
     result.report.size_bytes = tensor_bytes(result.adapter, out.dtype)
-    path = write_lora(result.adapter, out)
+    path = write_lora(result.adapter, out, record=command_record("extract", result.adapter, {
+        "tuned": tuned, "original": original, "rank": rank, "energy": energy, "conv_rank": conv_rank,
+        "components": components, "format": fmt, "output": output, "dtype": dtype}))
     rep = result.report
     emit({"output": str(path), "identical_modules": result.identical, **rep.to_dict()}, as_json,
          [f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "

@@ -43,6 +43,7 @@ def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy:
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.ops.merge import WeightedLora, merge_loras
+    from lora_tools.recipes.lora_jobs import command_record
 
     specs = [_split_weight(s) for s in loras]
     if len(specs) < 2:
@@ -52,7 +53,9 @@ def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy:
     with ExitStack() as stack:
         inputs = [WeightedLora(stack.enter_context(load_lora(p)), w, Path(p).name) for p, w in specs]
         result, report = merge_loras(inputs, method=method, rule=rule)  # type: ignore[arg-type]
-        path = write_lora(result, out)
+        path = write_lora(result, out, record=command_record("merge", result, {
+            "loras": [{"lora": p, "weight": w} for p, w in specs], "method": method, "rank": rank, "energy": energy,
+            "output": output, "dtype": dtype}))
     data: dict[str, object] = {"output": str(path), "method": method, "modules": len(result.modules)}
     line = f"Wrote {safe_text(path)}: {len(result.modules)} modules merged ({method})"
     if report is not None:

@@ -27,13 +27,16 @@ def rescale_command(lora: str, strength: float, blocks: str | None, components: 
     from lora_tools.lora.formats import load_lora
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.ops.rescale import rescale_lora
+    from lora_tools.recipes.lora_jobs import command_record
 
     bw = parse_block_weights(blocks) if blocks is not None else None
     out = plan_output(output, [lora], dtype=dtype, overwrite=overwrite)
     comps = [c.strip() for c in components.split(",") if c.strip()] if components else None
     with load_lora(lora) as adapter:
         result, report = rescale_lora(adapter, strength, blocks=bw, components=comps)
-        path = write_lora(result, out)
+        path = write_lora(result, out, record=command_record("rescale", result, {
+            "lora": lora, "strength": strength, "blocks": blocks, "components": components, "output": output,
+            "dtype": dtype}))
     emit({"output": str(path), **report.to_dict()}, as_json,
          [f"Wrote {safe_text(path)}: {report.scaled} modules scaled by {strength:g}, "
           f"{report.unchanged} unchanged, {report.dropped} dropped."])

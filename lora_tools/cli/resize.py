@@ -29,6 +29,7 @@ def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: 
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.lora_write import plan_output, tensor_bytes, write_lora
     from lora_tools.ops.resize import resize_lora
+    from lora_tools.recipes.lora_jobs import command_record
 
     rule = RankRule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro)
     conv_rule = RankRule(rank=conv_rank) if conv_rank is not None else None
@@ -36,7 +37,9 @@ def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: 
     with load_lora(lora) as adapter:
         result, report = resize_lora(adapter, rule, conv_rule=conv_rule)
         report.size_bytes = tensor_bytes(result, out.dtype)
-        path = write_lora(result, out)
+        path = write_lora(result, out, record=command_record("resize", result, {
+            "lora": lora, "rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
+            "conv_rank": conv_rank, "output": output, "dtype": dtype}))
     worst = max(report.modules, key=lambda m: m.relative_error, default=None)
     lines = [f"Wrote {safe_text(path)} ({format_bytes(report.size_bytes)}): {len(report.modules)} modules, "
              f"retained energy {report.retained_energy:.2%}, largest relative error {report.max_relative_error:.3g}"

@@ -90,6 +90,53 @@ def compare_entries(outputs: tuple[str, ...], stored: Mapping[str, "dict[str, An
     return "skip", "up to date"
 
 
+def _options_model(kind: str) -> Any:
+    """The recipe schema model of a LoRA-op kind (the options its command takes, by the same names)."""
+    from lora_tools.recipes import schema
+
+    return {"rescale": schema.RescaleOptions, "resize": schema.ResizeOptions, "merge": schema.MergeOptions,
+            "convert": schema.ConvertOptions, "extract": schema.ExtractOptions}[kind]
+
+
+def command_record(kind: str, result: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``loratool`` record a plain command writes: the operation's own record (from
+    ``result.metadata``) with the ``recipe`` entry of the equivalent recipe job.
+
+    The entry is the one :class:`LoraOpJob` writes for the same options, so ``loratool recipe show``
+    can rebuild the file and ``loratool run`` of that recipe writes the very same bytes.
+
+    Args:
+        kind: ``rescale``, ``resize``, ``merge``, ``convert`` or ``extract``.
+        result: the operation's result LoRA (its metadata holds the operation's record).
+        options: the command's options under the job's option names (paths as the caller gave them).
+
+    Raises:
+        [`UsageError`]: an option the recipe schema refuses.
+
+    Example:
+        >>> record = command_record("rescale", adapter, {"lora": "style.safetensors", "strength": 0.5,
+        ...                                              "output": "half.safetensors"})
+    """
+    from pydantic import ValidationError
+
+    from lora_tools.errors import UsageError
+
+    try:
+        opts = _options_model(kind)(**options).model_dump()
+    except ValidationError as e:
+        raise UsageError(f"{kind}: {e.errors(include_url=False)[0]['msg']}") from None
+    absolute = lambda p: str(Path(p).expanduser().resolve())  # noqa: E731  (as a recipe resolves paths)
+    for key in (*INPUT_KEYS[kind], "output"):
+        value = opts.get(key)
+        if isinstance(value, str):
+            opts[key] = absolute(value)
+        elif isinstance(value, list):
+            for item in value:
+                item["lora"] = absolute(item["lora"])
+    job = ResolvedJob(kind, kind, opts, (opts["output"],))
+    return stamped(read_record(result.metadata), job_entry(job), None)
+
+
 def lora_file_entry(path: Path) -> "dict[str, Any] | None | bool":
     """The ``recipe`` entry of a safetensors output (``False``: missing; ``None``: not a recipe's)."""
     from lora_tools.errors import LoraToolsError
@@ -325,5 +372,5 @@ class AnalyzeJob:
         return JobResult(job.name, "done", time.perf_counter() - start, job.outputs, reason if state == "redo" else "")
 
 
-__all__ = ["LoraOpJob", "RescaleJob", "ResizeJob", "MergeJob", "ConvertJob", "ExtractJob", "AnalyzeJob", "job_entry",
+__all__ = ["command_record", "LoraOpJob", "RescaleJob", "ResizeJob", "MergeJob", "ConvertJob", "ExtractJob", "AnalyzeJob", "job_entry",
            "compare_entries", "stamped", "INPUT_KEYS"]

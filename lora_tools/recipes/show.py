@@ -1,7 +1,9 @@
 """The recipe that made a file, derived from its ``loratool`` record.
 
-Works for files made by ``loratool run`` and by the plain commands (``loratool fuse``): the
-record holds every input (name, sha256, strength), the method, the output dtype and the time.
+Works for files made by ``loratool run`` and by the plain commands (``loratool fuse``,
+``rescale``, ``resize``, ``merge``, ``convert``, ``extract``): a fuse record holds every input
+(name, sha256, strength), the method, the output dtype and the time; a LoRA op's record holds the
+``recipe`` entry of the equivalent job (every option, each input's name and sha256).
 Inputs are named by their file names (relative to the recipe's folder; pass others with
 ``--set NAME=PATH``) and pinned by sha256 where the record has it; ``created`` is the
 record's, so running the recipe again writes the same bytes.
@@ -16,6 +18,8 @@ from lora_tools.errors import RecipeError
 from lora_tools.provenance import read_record
 from lora_tools.safetensors_io import read_header
 
+#: Operations whose outputs a recipe rebuilds from the ``recipe`` entry of their record.
+LORA_OP_KINDS = ("rescale", "resize", "merge", "convert", "extract")
 _DTYPES = {"keep": "keep", "F16": "fp16", "BF16": "bf16", "F32": "fp32"}
 
 
@@ -37,6 +41,8 @@ def recipe_from_record(record: Mapping[str, Any], output: str | Path, kind: str 
         [`RecipeError`]: the record is not one of an operation a recipe can run.
     """
     out = Path(output)
+    if record.get("operation") in LORA_OP_KINDS:
+        return _lora_op_recipe(record, out)
     if record.get("operation") != "fuse":
         raise RecipeError(f"made by '{record.get('operation')}', which recipes do not run yet",
                           location=str(out))
@@ -66,6 +72,50 @@ def recipe_from_record(record: Mapping[str, Any], output: str | Path, kind: str 
     if record.get("created"):
         recipe["created"] = record["created"]
     recipe.update({"output_dir": ".", "inputs": inputs, "jobs": [{"name": out.stem, "fuse": fuse}]})
+    return recipe
+
+
+def _lora_op_recipe(record: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """The recipe of a LoRA-op output, from the ``recipe`` entry its command or job recorded: the job's
+    options with each input path replaced by an input named after its option (``lora``, ``tuned``,
+    ``lora1``...), pinned by the recorded sha256."""
+    import copy
+
+    from lora_tools.recipes.lora_jobs import INPUT_KEYS, _options_model
+
+    op = str(record.get("operation"))
+    entry = record.get("recipe")
+    if not isinstance(entry, dict) or entry.get("kind") != op or not isinstance(entry.get("options"), dict):
+        raise RecipeError(f"made by '{op}' without its options in the loratool record (an older loratool): "
+                          "no recipe can rebuild it", location=str(out))
+    options: dict[str, Any] = copy.deepcopy(entry["options"])
+    recorded = iter(entry.get("inputs") or [])
+    inputs: dict[str, Any] = {}
+
+    def pin(option: str, name: str, key: str) -> str:
+        e = next(recorded, None)
+        if e is None or e.get("option") != option or e.get("name") != Path(name).name:
+            raise RecipeError(f"its loratool record's recipe entry does not list input '{name}'", location=str(out))
+        inputs[key] = _input(e)
+        return key
+
+    for key in INPUT_KEYS[op]:
+        value = options.get(key)
+        if isinstance(value, str):
+            options[key] = pin(key, value, key)
+        elif isinstance(value, list):  # merge's loras: lora1, lora2, ...
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    item["lora"] = pin(key, item["lora"], f"lora{i + 1}")
+    options["output"] = out.name
+    fields = _options_model(op).model_fields
+    order = [k for k in fields if k in options] + [k for k in options if k not in fields]  # the schema's order
+    options = {k: options[k] for k in order if not (options[k] is None and k in fields and fields[k].default is None)}
+    name = out.stem if out.stem not in inputs else f"{out.stem}-job"
+    recipe: dict[str, Any] = {"version": 1}
+    if record.get("created"):
+        recipe["created"] = record["created"]
+    recipe.update({"output_dir": ".", "inputs": inputs, "jobs": [{"name": name, op: options}]})
     return recipe
 
 

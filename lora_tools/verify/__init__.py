@@ -229,12 +229,27 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     model_id: dict[str, Any] = {"path": str(plan.model), "kind": plan.kind}
     if plan.model.is_file():
         model_id["sha256"] = sha256_file(plan.model)
+    else:  # a diffusers folder: its weight files' headers (names, shapes, offsets, metadata) identify it cheaply
+        model_id["header_sha256"] = header_sha256(sorted(plan.model.rglob("*.safetensors")))
     report = VerifyReport(model_id, plan.preset, settings, plan.device, plan.dtype, images, failures, verdict,
                           threshold, against, compile_seconds,
                           int(torch.cuda.max_memory_allocated()) if plan.device == "cuda" else None)
     if plan.out is not None:
         _write_outputs(plan, report, rendered, pipe)
     return report
+
+
+def header_sha256(files: Sequence[Path]) -> str:
+    """sha256 over the JSON headers of safetensors ``files``, in order (what ``report.json`` names a
+    diffusers folder by: the same digest as fuse's record gives a base folder)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(n))
+    return digest.hexdigest()
 
 
 def _to_pil(img: Any) -> Any:
