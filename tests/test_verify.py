@@ -180,3 +180,35 @@ def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(tiny: dic
                                          "-q", "--workflow"])
     assert no_preset.exit_code == 1 and "--preset" in no_preset.stderr and no_preset.stdout == ""
     assert not plain.exists() and not (d / "plain-workflow.json").exists()
+
+
+@pytest.mark.slow
+def test_compile_wraps_the_unet_and_reports_compile_time_apart(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile`` runs the UNet through ``torch.compile`` (here Dynamo with the eager backend: real graph
+    capture, no C++ code generation, which takes minutes on CPU), reports the compile time apart from the
+    per-image times, and renders what the uncompiled pipeline renders."""
+    import torch
+
+    real_compile = torch.compile
+    calls: list[dict[str, object]] = []
+
+    def eager_compile(model, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append({"type": type(model).__name__, **kwargs})
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    args = ["--config", str(tiny["config"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "0", "--device", "cpu",
+            "--dtype", "fp32"]
+    plain, compiled = tiny["dir"] / "plain", tiny["dir"] / "compiled"
+    ok = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), *args, "--out", str(plain)])
+    assert ok.exit_code == 0, ok.output
+    assert calls == []
+    ok = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), *args, "--compile", "--out", str(compiled)])
+    assert ok.exit_code == 0, ok.output
+    assert calls == [{"type": "UNet2DConditionModel"}]  # the UNet, once, default mode on CPU
+    report = json.loads((compiled / "report.json").read_text())
+    assert report["compile_seconds"] > 0 and json.loads((plain / "report.json").read_text())["compile_seconds"] is None
+    assert sum(report["images"][0]["step_seconds"]) < report["compile_seconds"] + report["images"][0]["seconds"]
+    a = [p.read_bytes() for p in sorted((plain / "images").glob("*.png"))]
+    b = [p.read_bytes() for p in sorted((compiled / "images").glob("*.png"))]
+    assert a == b and len(a) == 1
