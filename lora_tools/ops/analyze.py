@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from lora_tools.errors import UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.lowrank import StrengthFit, column_overlap, cosine_similarity
 from lora_tools.ops.extract import paired_targets, target_weight
 from lora_tools.ops.lora_pairs import is_low_rank, pair_of
@@ -96,12 +97,16 @@ def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str
     Raises:
         UsageError: no candidate LoRA, or a LoRA module with no counterpart in the models.
         InvalidFileError: the two models are of different architectures or shapes.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     from lora_tools.layouts.targets import TargetIndex
     from lora_tools.models import open_model
 
     if not loras:
         raise UsageError("analyze needs at least one candidate LoRA")
+    for _, ad in loras:
+        validate_lora(ad, verb="analyze")
     n = len(loras)
     overall = StrengthFit(n)
     per_lora_alone = [StrengthFit(1) for _ in loras]

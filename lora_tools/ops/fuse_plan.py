@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Sequence, TypeVar
 
-from lora_tools.errors import (Hint, KeyMismatchError, NonFiniteError, ShapeMismatchError,
+from lora_tools.errors import (Hint, KeyMismatchError, ShapeMismatchError,
                                UnsupportedModelError, UsageError)
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
-from lora_tools.lora.validate import raise_factor_problems
+from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
 from lora_tools.models import ModelSource, open_model
 from lora_tools.output import plan as output_plan
 from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
@@ -478,23 +478,10 @@ def _match(adapter: LoraAdapter, index: _HeldTargets, model: ModelSource, streng
 
 
 def _check_finite(adapter: LoraAdapter) -> dict[str, float]:
-    """Refuse NaN/Inf anywhere in the LoRA; return each float tensor's largest magnitude (one
-    ``aminmax`` pass each: NaN propagates into it), which bounds the deltas for the patcher."""
-    import torch
-
-    max_abs: dict[str, float] = {}
-    for mod in adapter.modules:
-        for key in mod.keys.values():
-            t = adapter.source.tensor(key)
-            if not t.is_floating_point() or t.numel() == 0:
-                continue
-            lo, hi = (v.item() for v in torch.aminmax(t))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise NonFiniteError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
-            max_abs[key] = max(-lo, hi)
-        if mod.alpha is not None and not math.isfinite(mod.alpha):
-            raise NonFiniteError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")
-    return max_abs
+    """Refuse NaN/Inf anywhere in the LoRA (the shared check every LoRA op runs); return each
+    float tensor's largest magnitude, which bounds the deltas for the patcher. A named step of
+    its own so ``benchmarks/profile_fuse.py`` can time it."""
+    return raise_non_finite(adapter, verb="fuse")
 
 
 def _check_patch_targets(model: ModelSource, patches: dict[str, list[tuple[LoraSource, MatchedModule]]]) -> None:
