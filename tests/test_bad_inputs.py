@@ -31,6 +31,7 @@ from lora_tools.cli import cli
 from lora_tools.safetensors_io import load_tensors, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora, write_lora
+from tests.as_user import run_as, unprivileged
 
 COUNTED = "bad_input_cases"  # the conftest summary hook counts the tests carrying this marker
 
@@ -517,59 +518,18 @@ def test_bad_input(case: Case, command: str, expect: Expect, good: tuple[Path, P
     assert not (tmp_path / "work-code-ran").exists(), "the pickle's code ran"
 
 
-def _run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in a forked child as ``uid``/``gid``; its exit code, stdout and stderr."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 0
-        try:
-            os.close(read)
-            os.setgid(gid)
-            os.setuid(uid)
-            result = CliRunner().invoke(cli, argv)
-            os.write(write, json.dumps([result.exit_code, result.stdout, result.stderr]).encode())
-        except BaseException:  # noqa: BLE001 - report through the exit status, never run on as root's test
-            status = 3
-        finally:
-            os._exit(status)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 1 << 16):
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child failed before reporting"
-    code, stdout, stderr = json.loads(b"".join(chunks))
-    return code, stdout, stderr
-
-
-def _nobody() -> tuple[int, int] | None:
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    try:
-        entry = pwd.getpwnam("nobody")
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid
-
-
 @pytest.mark.parametrize("command", [
     pytest.param(c, id=f"{UNREADABLE.id}-{c}", marks=[getattr(pytest.mark, COUNTED)] + (
         [pytest.mark.xfail(strict=True, reason=e.xfail)] if e.xfail else []))
     for c, e in UNREADABLE.expect.items()])
 def test_unreadable_file(command: str, good: tuple[Path, Path]) -> None:
-    ids = _nobody()
-    if os.geteuid() != 0:
-        ids = (os.geteuid(), os.getegid())  # a plain user: file permissions apply already
-    elif ids is None:
+    ids = unprivileged()  # a plain user: file permissions apply already; root drops to `nobody`
+    if ids is None:
         pytest.skip("runs as root and there is no 'nobody' user to drop to: root reads any file")
     uid, gid = ids
     work = Path(tempfile.mkdtemp(prefix="loratool-unreadable-"))
     try:
-        work.chmod(0o755)
+        work.chmod(0o777)  # the output folder is writable to the dropped user: only the input is not readable
         base, lora = (Path(shutil.copyfile(p, work / f"good-{p.name}")) for p in good)
         for p in (base, lora):
             p.chmod(0o644)
@@ -583,7 +543,7 @@ def test_unreadable_file(command: str, good: tuple[Path, Path]) -> None:
         CliRunner().invoke(cli, COMMANDS[command](empty, io))
         empty.unlink()
         before, listing_before = _state([base, lora, bad]), _listing(work)
-        code, stdout, stderr = _run_as(uid, gid, COMMANDS[command](bad, io))
+        code, stdout, stderr = run_as(uid, gid, COMMANDS[command](bad, io))
         _assert_clean(stdout, stderr, code, UNREADABLE.expect[command],
                       {"bad": bad, "base": base, "lora": lora, "out": io.out, "work": work})
         assert _listing(work) == listing_before and _state([base, lora, bad]) == before

@@ -1,0 +1,72 @@
+"""Running the CLI as another user, for the permission cases a root test run would not see
+(root reads unreadable files and writes into read-only folders)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+
+
+def nobody() -> tuple[int, int] | None:
+    """``(uid, gid)`` of ``nobody`` when the tests run as root and it exists, else ``None``."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def unprivileged() -> tuple[int, int] | None:
+    """The user to run a permission case as: this user when it is not root, else ``nobody``
+    (``None``: root with no ``nobody`` to drop to, so the case cannot be tested)."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    return nobody()
+
+
+def run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in a forked child as ``uid``/``gid``; its exit code, stdout and stderr.
+
+    The child imports nothing new after it drops its privileges only if the parent already ran
+    the same code path once (the interpreter's files may be unreadable to ``nobody``).
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read)
+            if (uid, gid) != (os.geteuid(), os.getegid()):
+                os.setgid(gid)
+                os.setuid(uid)
+            result = CliRunner().invoke(cli, argv)
+            os.write(write, json.dumps([result.exit_code, result.stdout, result.stderr]).encode())
+        except BaseException:  # noqa: BLE001 - report through the exit status, never run on as root's test
+            status = 3
+        finally:
+            os._exit(status)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 1 << 16):
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed before reporting"
+    code, stdout, stderr = json.loads(b"".join(chunks))
+    return code, stdout, stderr
+
+
+def shared_folder(path: Path) -> Path:
+    """Make ``path`` and every folder above it traversable by any user (for a dropped child)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
