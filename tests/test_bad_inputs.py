@@ -268,6 +268,18 @@ def _te_lora(d: Path, io: Inputs) -> Path:
     return write_lora(d / "with-te.safetensors", "tiny", rank=2, components=("unet", "te1", "te2"))
 
 
+_LIGHTNING_NAME = "sdxl_lightning_4step_lora.safetensors"
+
+
+def _named_like_lightning(d: Path, io: Inputs) -> Path:
+    """A plain style LoRA (kohya SGM names, a few modules) under the Lightning LoRA's file name."""
+    return Path(shutil.copyfile(io.lora, d / _LIGHTNING_NAME))
+
+
+_MISLEADING = (f"Warning: '{_LIGHTNING_NAME}' is named like the Lightning 4-step LoRA, but its keys do not have that "
+               "LoRA's signature: the name may be misleading.")
+
+
 # --- the expected lines ---------------------------------------------------------------------------
 
 def _same(line: str, **over: Expect) -> dict[str, Expect]:
@@ -424,6 +436,10 @@ CASES: list[Case] = [
         "fuse-lora": Expect("Warning: skipping 264 unmatched modules of '{bad}' (the base has no text encoders)",
                             exit=0, extra=("--allow-unmatched", "--dry-run")),
     }),
+    Case("named-like-lightning-without-its-signature", _named_like_lightning, {
+        "fuse-lora": Expect(_MISLEADING + " Fusing it as a plain LoRA, not as Lightning 4-step.", exit=0,
+                            extra=("--dry-run",)),
+    }),
     # RECIPE CASES: ``run`` reads ``bad`` as the recipe.
     Case("recipe-yaml-alias-bomb", _recipe("bomb.yaml", _alias_bomb()), {
         "run": Expect("Error: {bad}:2:22: the document expands to more than 20000 values (aliases nested too deep?): "
@@ -549,3 +565,45 @@ def test_unreadable_file(command: str, good: tuple[Path, Path]) -> None:
         assert _listing(work) == listing_before and _state([base, lora, bad]) == before
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --- a LoRA named like Lightning: its keys decide ------------------------------------------------
+
+@pytest.mark.parametrize("shaped", [False, True], ids=["plain-keys", "lightning-keys"])
+def test_lora_named_like_lightning_is_fused_as_lightning_only_with_its_signature(
+        shaped: bool, good: tuple[Path, Path], tmp_path: Path) -> None:
+    """``fuse --lora sdxl_lightning_4step_lora.safetensors``: with plain LoRA keys, inspect's warning
+    before the fuse and a plain fuse (no Lightning name, record or sampler advice); with the
+    Lightning key signature, a Lightning fuse without a warning (the name is not distrusted)."""
+    from lora_tools.provenance import read_record
+    from lora_tools.safetensors_io import read_header
+
+    base = Path(shutil.copyfile(good[0], tmp_path / "base.safetensors"))
+    if shaped:
+        lora = write_lora(tmp_path / _LIGHTNING_NAME, "tiny", fmt="kohya-diffusers", targets="lightning",
+                          components=("unet",), rank=8, alpha=4.0, dtype="fp16", seed=7)
+    else:
+        lora = Path(shutil.copyfile(good[1], tmp_path / _LIGHTNING_NAME))
+    inspected = CliRunner().invoke(cli, ["inspect", str(lora)])
+    assert inspected.exit_code == 0, inspected.stderr
+    result = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), "-q"])
+    assert result.exit_code == 0, result.stderr
+    written = sorted(p.name for p in tmp_path.iterdir() if p not in (base, lora))
+    assert len(written) == 1, written
+    record = read_record(read_header(tmp_path / written[0]).metadata)
+    (source,) = [s for s in record["sources"] if s["role"] == "lora"]
+    if shaped:
+        assert result.stderr == ""
+        assert written == ["base-lightning-4step.safetensors"]
+        assert source["preset"] == "lightning-4step" and record["preset"] == "lightning-4step"
+        assert record["lightning_steps"] == 4 and record["sampler"] is not None
+        assert "Use it with:" in result.stdout
+        assert "may be misleading" not in inspected.stdout
+    else:
+        warning = _MISLEADING.removeprefix("Warning: ")
+        assert result.stderr.splitlines() == [f"Warning: {warning} Fusing it as a plain LoRA, not as Lightning 4-step."]
+        assert warning in " ".join(inspected.stdout.split())  # the words inspect uses
+        assert "lightning-4step" not in written[0] and "preset" not in source
+        assert record.get("preset") is None and record.get("lightning_steps") is None
+        assert record.get("sampler") is None
+        assert "Use it with:" not in result.stdout and "sgm_uniform" not in result.stdout

@@ -10,7 +10,7 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Mapping, Sequence, TypeVar
 
@@ -244,20 +244,22 @@ def plan_fuse(
     try:
         _check_base(model, accel, force)
         index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
-        sources: list[tuple[Path, float, str, AccelerationPreset | None]] = []
+        # (file, strength, label, preset, whether the preset is only inferred from the file name)
+        sources: list[tuple[Path, float, str, AccelerationPreset | None, bool]] = []
         if accel is not None and method == "lora":
             assert accel.lora_file is not None
             path = _preset_file(accel, accel.lora_file, folder, revision, resolve_file)
-            sources.append((path, strength, accel.name, accel))
+            sources.append((path, strength, accel.name, accel, False))
         for src, src_strength in loras:
             path = resolve_source(src, revision=revision)
-            sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name)))
+            sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name), True))
         seen: dict[str, str] = {}
         hashes = _hash_in_background([path for path, *_ in sources])
-        for path, src_strength, label, src_preset in sources:
+        for path, src_strength, label, src_preset, by_name in sources:
             _refuse_input_as_output(path, output)
             adapter = load_lora(path)
-            plan_loras.append(_match(adapter, index, model, src_strength, label, src_preset, allow_unmatched, warnings))
+            source = _match(adapter, index, model, src_strength, label, src_preset, allow_unmatched, warnings)
+            plan_loras.append(_check_named_preset(source, model, warnings) if by_name else source)
             resolved = str(path.resolve())
             if resolved in seen and not force:
                 raise UsageError(f"'{path}' is given twice: applying a LoRA twice doubles its effect",
@@ -358,6 +360,22 @@ def _preset_among(loras: list[LoraSource]) -> AccelerationPreset | None:
     if len(found) > 1:
         raise UsageError(f"Several acceleration LoRAs given ({', '.join(sorted(found))}): a model is distilled for one sampler.")
     return next(iter(found.values()), None)
+
+
+def _check_named_preset(source: LoraSource, model: ModelSource, warnings: list[str]) -> LoraSource:
+    """A ``--lora`` recognised as a Lightning LoRA by its file name alone stays one only when its
+    keys have the Lightning key signature (the check inspect makes); otherwise the warning inspect
+    gives, and it is fused as the plain LoRA it is: not named, recorded or advised as Lightning."""
+    from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
+
+    if source.preset is None or source.preset.family != "lightning":
+        return source  # other families' file names have no key signature to hold them against
+    if lightning_signature(source.adapter, source.match, model.cfg):
+        return source
+    warning = misleading_name(acceleration(source.label, None, {}, False), source.label)
+    assert warning is not None  # identified by file name, no signature: inspect warns
+    warnings.append(f"{warning} Fusing it as a plain LoRA, not as {preset_title(source.preset.name)}.")
+    return replace(source, preset=None)
 
 
 def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool) -> None:
