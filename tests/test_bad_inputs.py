@@ -31,7 +31,7 @@ from lora_tools.cli import cli
 from lora_tools.safetensors_io import load_tensors, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora, write_lora
-from tests.as_user import run_as, unprivileged
+from tests.reliability_helpers import run_as, unprivileged
 
 COUNTED = "bad_input_cases"  # the conftest summary hook counts the tests carrying this marker
 

@@ -21,6 +21,7 @@ from lora_tools.cli import cli
 from lora_tools.provenance import read_record
 from lora_tools.safetensors_io import read_header
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
+from tests.reliability_helpers import write_tuned
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +178,64 @@ def test_two_runs_claiming_one_output_at_once(assets: FuseAssets, tmp_path: Path
     loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)
     assert loser.strip() == f"Error: '{out}' appeared while this run was writing it (another run?): {_LOSER}"
     _assert_one_whole_file(out)
+
+
+# ------------------------------------------------------------------------------- LoRA-writing commands
+LORA_WRITERS = {
+    "rescale": lambda io, out: ["rescale", str(io["lora"]), "--strength", "0.5", "-o", str(out)],
+    "resize": lambda io, out: ["resize", str(io["lora"]), "--rank", "1", "-o", str(out)],
+    "merge": lambda io, out: ["merge", str(io["lora"]), f"{io['lora']}:0.5", "-o", str(out)],
+    "convert": lambda io, out: ["convert", str(io["lora"]), "--to", "peft", "-o", str(out)],
+    "extract": lambda io, out: ["extract", str(io["tuned"]), str(io["base"]), "--rank", "1", "-o", str(out)],
+}
+_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP, "SIGKILL": signal.SIGKILL}
+_POINTS = ("planning", "mid-stream", "before-rename")
+#: rescale (the shared LoRA write path) gets every signal at every point; every other LoRA writer
+#: SIGTERM (the catchable abort path SIGINT and SIGHUP share) at every point and SIGKILL mid-stream.
+_LORA_CASES = [("rescale", s, p) for s in _SIGNALS for p in _POINTS] + [
+    (c, s, p) for c in LORA_WRITERS if c != "rescale"
+    for s, p in [*(("SIGTERM", p) for p in _POINTS), ("SIGKILL", "mid-stream")]]
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from lora_tools.testing.synthetic import write_checkpoint
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    root = tmp_path_factory.mktemp("lora-fault-inputs")
+    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
+    return {"base": base, "tuned": write_tuned(root / "tuned.safetensors", base),
+            "lora": write_lora(root / "lora.safetensors", "tiny", rank=4)}
+
+
+@pytest.mark.parametrize("command,sig_name,point", _LORA_CASES, ids=[f"{c}-{s}-{p}" for c, s, p in _LORA_CASES])
+def test_signal_leaves_nothing_lora_writers(lora_inputs: dict[str, Path], tmp_path: Path, command: str,
+                                            sig_name: str, point: str) -> None:
+    sig = _SIGNALS[sig_name]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "lora-out.safetensors"
+    ready = tmp_path / "ready"
+    argv = LORA_WRITERS[command](lora_inputs, out)
+    env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
+    proc = subprocess.Popen([sys.executable, "-c", "from lora_tools.cli import main; main()", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(proc, ready)
+        if point != "planning":
+            assert any(p.name.endswith(".loratool.partial") for p in out_dir.iterdir())  # a temp is being written
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _finish([proc])
+    assert proc.returncode == EXIT[sig], stderr
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert stderr.strip().splitlines()[-1] == "Interrupted: nothing was written under the output names.", stderr
+        assert list(out_dir.iterdir()) == []  # the temp file went with it
+    # The next run writing there removes what a killed run left, and says so.
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in out_dir.iterdir()] == [out.name]
+    if sig == signal.SIGKILL and point != "planning":
+        assert "removed '" in result.stderr and f"(process {proc.pid})" in result.stderr

@@ -1,5 +1,6 @@
-"""Running the CLI as another user, for the permission cases a root test run would not see
-(root reads unreadable files and writes into read-only folders)."""
+"""Helpers of the reliability tests: running the CLI as another user (for the permission cases a
+root test run would not see: root reads unreadable files and writes into read-only folders), and
+inputs that keep the fault tests quick."""
 
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ def run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str, str]:
     return code, stdout, stderr
 
 
-def shared_folder(path: Path) -> Path:
-    """Make ``path`` and every folder above it traversable by any user (for a dropped child)."""
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
+def write_tuned(path: Path, base: Path) -> Path:
+    """``base`` with two attention weights changed: a fine-tune whose extract is quick (two modules)."""
+    from lora_tools.safetensors_io import load_tensors, save_tensors
+
+    tensors = load_tensors(base)
+    for key in sorted(k for k in tensors if k.endswith("attn1.to_q.weight"))[:2]:
+        tensors[key] = tensors[key] + 0.01
+    return save_tensors(path, tensors, {"format": "pt"})
