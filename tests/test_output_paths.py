@@ -11,11 +11,15 @@ path-kind cases are in ``test_output.py``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,22 +100,28 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------------------- read-only file system
+@contextlib.contextmanager
+def _tmpfs(at: Path, options: str) -> Iterator[Path]:
+    """An empty tmpfs mounted at ``at`` with ``options`` (the test is skipped, with the reason,
+    where it cannot be mounted), unmounted afterwards."""
+    at.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("this test mounts a small tmpfs, which needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(at)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_fs(tmp_path: Path) -> Iterator[Path]:
-    """An empty tmpfs mounted read-only at ``tmp_path / "ro"`` (unmounted afterwards)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a read-only file system is mounted for this test, which needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
-    try:
+    """An empty tmpfs mounted read-only at ``tmp_path / "ro"``."""
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         yield ro
-    finally:
-        if subprocess.run(["umount", str(ro)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["in-it", "in-a-new-subfolder"])
@@ -192,3 +202,51 @@ def test_folder_output_where_a_file_is(inputs: Inputs, tmp_path: Path) -> None:
         line = _one_line(*_run([*WRITERS["fuse-diffusers"][0](inputs, out), *extra]))
         assert line == f"Error: cannot write '{out}': it is a file (the output is a folder)."
     assert out.read_text() == "x" and _listing(tmp_path) == ["pipe"]
+
+
+# ------------------------------------------------------------------------------- a real full disk
+@pytest.mark.parametrize("command", ["fuse", "rescale"])
+def test_too_small_disk_is_refused_at_plan_time(command: str, inputs: Inputs, tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "small", "size=64k") as small:
+        out = small / _name(command)
+        before = _state(inputs)
+        line = _one_line(*_run(WRITERS[command][0](inputs, out)))
+        assert re.fullmatch(rf"Error: not enough space on '{re.escape(str(small))}' for '{re.escape(str(out))}': "
+                            r"need \d+\.\d (KiB|MiB), have 64\.0 KiB\.", line), line
+        assert list(small.iterdir()) == [] and _state(inputs) == before
+
+
+def test_disk_filling_mid_write_is_one_line(inputs: Inputs, tmp_path: Path) -> None:
+    """The plan fits; then another writer fills the disk while the output is half written (the
+    output package's mid-stream hook holds the run there): one line, exit 1, the temp removed."""
+    with _tmpfs(tmp_path / "disk", "size=4m") as disk:
+        out = disk / "out.safetensors"
+        ready, go = tmp_path / "ready", tmp_path / "go"
+        env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready),
+                   LORATOOL_TEST_GO=str(go))
+        proc = subprocess.Popen([sys.executable, "-c", "from lora_tools.cli import main; main()",
+                                 *WRITERS["convert"][0](inputs, out)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 180
+            while not ready.exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the mid-stream point was never reached"
+                time.sleep(0.02)
+            assert [p.name for p in disk.iterdir() if p.name.endswith(".loratool.partial")]
+            with open(disk / "filler", "wb", buffering=0) as f:  # the other writer: every byte left
+                try:
+                    while f.write(b"\0" * 65536):
+                        pass
+                except OSError:
+                    pass
+            go.write_text("go")
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "Traceback" not in stderr, stderr
+        assert proc.returncode == 1, stderr
+        assert stderr.splitlines() == [f"Error: cannot write '{out}': no space left on the device."], stderr
+        assert [p.name for p in disk.iterdir()] == ["filler"]  # no output, no temp file
