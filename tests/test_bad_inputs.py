@@ -440,6 +440,9 @@ CASES: list[Case] = [
         "fuse-lora": Expect(_MISLEADING + " Fusing it as a plain LoRA, not as Lightning 4-step.", exit=0,
                             extra=("--dry-run",)),
     }),
+    Case("hub-reference-leaving-its-repo", lambda d, io: Path("owner/repo/../../evil.safetensors"), {
+        "fuse-lora": Expect("Error: '{bad}' is not a file and not a hub reference (owner/repo/file.safetensors)."),
+    }),
     # RECIPE CASES: ``run`` reads ``bad`` as the recipe.
     Case("recipe-yaml-alias-bomb", _recipe("bomb.yaml", _alias_bomb()), {
         "run": Expect("Error: {bad}:2:22: the document expands to more than 20000 values (aliases nested too deep?): "
