@@ -74,3 +74,13 @@ def write_tuned(path: Path, base: Path) -> Path:
     for key in sorted(k for k in tensors if k.endswith("attn1.to_q.weight"))[:2]:
         tensors[key] = tensors[key] + 0.01
     return save_tensors(path, tensors, {"format": "pt"})
+
+
+def write_small_lora(path: Path, modules: int = 4, rank: int = 4) -> Path:
+    """A tiny-SDXL kohya LoRA cut to its first ``modules`` modules: every LoRA op on it is quick."""
+    from lora_tools.safetensors_io import save_tensors
+    from lora_tools.testing.synthetic_lora import make_lora
+
+    tensors, metadata = make_lora("tiny", rank=rank)
+    keep = sorted({k.split(".", 1)[0] for k in tensors})[:modules]
+    return save_tensors(path, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in keep}, metadata)

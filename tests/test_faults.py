@@ -21,7 +21,7 @@ from lora_tools.cli import cli
 from lora_tools.provenance import read_record
 from lora_tools.safetensors_io import read_header
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
-from tests.reliability_helpers import write_tuned
+from tests.reliability_helpers import write_small_lora, write_tuned
 
 pytestmark = pytest.mark.slow
 
@@ -200,12 +200,11 @@ _LORA_CASES = [("rescale", s, p) for s in _SIGNALS for p in _POINTS] + [
 @pytest.fixture(scope="module")
 def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lora_tools.testing.synthetic import write_checkpoint
-    from lora_tools.testing.synthetic_lora import write_lora
 
     root = tmp_path_factory.mktemp("lora-fault-inputs")
     base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
     return {"base": base, "tuned": write_tuned(root / "tuned.safetensors", base),
-            "lora": write_lora(root / "lora.safetensors", "tiny", rank=4)}
+            "lora": write_small_lora(root / "lora.safetensors")}
 
 
 @pytest.mark.parametrize("command,sig_name,point", _LORA_CASES, ids=[f"{c}-{s}-{p}" for c, s, p in _LORA_CASES])

@@ -369,11 +369,12 @@ def _check_named_preset(source: LoraSource, model: ModelSource, warnings: list[s
     from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
 
     if source.preset is None or source.preset.family != "lightning":
-        return source  # other families' file names have no key signature to hold them against
+        return source  # inspect's name check (and its words) is Lightning's
     if lightning_signature(source.adapter, source.match, model.cfg):
         return source
     warning = misleading_name(acceleration(source.label, None, {}, False), source.label)
-    assert warning is not None  # identified by file name, no signature: inspect warns
+    if warning is None:  # inspect would not distrust the name either
+        return source
     warnings.append(f"{warning} Fusing it as a plain LoRA, not as {preset_title(source.preset.name)}.")
     return replace(source, preset=None)
 
