@@ -10,8 +10,8 @@ SDXL inputs: ``fuse`` (checkpoint, with ``--verify-output``), ``fuse --save unet
   the output (no temp file), and the output is then deleted (disk use stays bounded);
 - the process's resident memory (``VmRSS``, after ``gc.collect()``) is sampled.
 
-Phase ``loop`` runs ``--jobs`` jobs one after another; phase ``pairs`` runs ``--jobs`` more, two at
-a time in two threads. RSS counts as flat when, past a warm-up of ``--warmup`` jobs per phase, it
+Phase ``loop`` runs ``--jobs`` jobs one after another; phase ``pairs`` runs ``--pair-jobs`` more
+(default: ``--jobs``), two at a time in two threads. RSS counts as flat when, past a warm-up of ``--warmup`` jobs per phase, it
 grows by less than ``--max-growth-mib`` from the first sample after the warm-up to the largest
 later one. Exit status 1 when an output fails its check, a job fails, a temp file is left, or RSS
 is not flat.
@@ -19,6 +19,7 @@ is not flat.
 Usage:
     python benchmarks/soak.py                       # 50 jobs per phase
     python benchmarks/soak.py --jobs 14 --warmup 7  # a smaller run on a busy machine
+    python benchmarks/soak.py --pair-jobs 25        # 50 in the loop, 25 two at a time
     python benchmarks/soak.py --json soak.json      # also write the figures as JSON
 """
 
@@ -98,6 +99,7 @@ class Phase:
     seconds: float = 0.0
     rss: list[float] = field(default_factory=list)  # MiB after each job, in finishing order
     failures: list[str] = field(default_factory=list)
+    verified: int = 0  # jobs whose output passed check_file(hash_data=True) and left nothing else
     job_seconds: dict[str, list[float]] = field(default_factory=dict)  # kind -> wall time of each job
 
 
@@ -119,6 +121,7 @@ def one_job(n: int, kind: str, inputs: Inputs, root: Path, phase: Phase, lock: t
         phase.job_seconds.setdefault(kind, []).append(time.perf_counter() - start)
         phase.rss.append(rss_mib())
         phase.failures += [f"{phase.name} job {n} ({kind}): {p}" for p in problems]
+        phase.verified += not problems
 
 
 def run_phase(name: str, jobs: int, workers: int, inputs: Inputs, root: Path) -> Phase:
@@ -145,27 +148,30 @@ def growth(rss: list[float], warmup: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=50, help="jobs per phase (default 50)")
+    ap.add_argument("--pair-jobs", type=int, help="jobs of the two-at-a-time phase (default: --jobs)")
     ap.add_argument("--warmup", type=int, default=14, help="jobs per phase before RSS must stay flat (default 14: two cycles)")
     ap.add_argument("--max-growth-mib", type=float, default=32.0, help="RSS growth past the warm-up that counts as flat")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args(argv)
-    if args.jobs <= args.warmup:
-        ap.error("--jobs must be larger than --warmup")
+    pair_jobs = args.jobs if args.pair_jobs is None else args.pair_jobs
+    if min(args.jobs, pair_jobs) <= args.warmup:
+        ap.error("--jobs and --pair-jobs must be larger than --warmup")
 
     root = Path(tempfile.mkdtemp(prefix="loratool-soak-"))
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # the commands' summaries; errors still reach stderr
             inputs = build_inputs(root)
             rss_start = rss_mib()
-            phases = [run_phase("loop", args.jobs, 1, inputs, root), run_phase("pairs", args.jobs, 2, inputs, root)]
+            phases = [run_phase("loop", args.jobs, 1, inputs, root), run_phase("pairs", pair_jobs, 2, inputs, root)]
         stray = sorted(p.name for p in root.iterdir() if p.name not in {x.name for x in vars(inputs).values()})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     ok = not stray
-    report: dict[str, object] = {"jobs_per_phase": args.jobs, "warmup": args.warmup, "rss_start_mib": round(rss_start, 1),
+    report: dict[str, object] = {"jobs_per_phase": {"loop": args.jobs, "pairs": pair_jobs}, "warmup": args.warmup, "rss_start_mib": round(rss_start, 1),
                                  "job_kinds": list(JOBS), "stray_files": stray, "phases": {}}
-    print(f"soak: {args.jobs} jobs per phase ({', '.join(JOBS)}), RSS at start {rss_start:.0f} MiB")
+    print(f"soak: {args.jobs} jobs in a loop, {pair_jobs} two at a time ({', '.join(JOBS)}), "
+          f"RSS at start {rss_start:.0f} MiB")
     for p in phases:
         g = growth(p.rss, args.warmup)
         flat = g < args.max_growth_mib
@@ -174,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(p.seconds, 1), "jobs_per_second": round(len(p.rss) / p.seconds, 2),
             "rss_first_mib": round(p.rss[0], 1), "rss_after_warmup_mib": round(p.rss[args.warmup], 1),
             "rss_max_mib": round(max(p.rss), 1), "rss_last_mib": round(p.rss[-1], 1),
-            "growth_after_warmup_mib": round(g, 1), "flat": flat, "failures": p.failures,
+            "growth_after_warmup_mib": round(g, 1), "flat": flat, "verified": p.verified, "failures": p.failures,
             "median_job_seconds": {k: round(statistics.median(v), 2) for k, v in p.job_seconds.items()}}
         print(f"  {p.name:<5}: {len(p.rss)} jobs in {p.seconds:.1f} s; RSS first {p.rss[0]:.0f} MiB, after warm-up "
               f"{p.rss[args.warmup]:.0f}, max {max(p.rss):.0f}, last {p.rss[-1]:.0f}; growth past warm-up {g:.1f} MiB "
-              f"({'flat' if flat else 'NOT FLAT'}); {len(p.failures)} failed")
+              f"({'flat' if flat else 'NOT FLAT'}); {p.verified} of {len(p.rss)} outputs verified, {len(p.failures)} failed")
         print("         median s per job: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in p.job_seconds.items()))
         for f in p.failures[:10]:
             print(f"    {f}")

@@ -21,6 +21,7 @@ from lora_tools.cli import cli
 from lora_tools.provenance import read_record
 from lora_tools.safetensors_io import read_header
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
+from tests.reliability_helpers import write_small_lora, write_tuned
 
 pytestmark = pytest.mark.slow
 
@@ -96,37 +97,144 @@ def test_sigterm_mid_stream_of_a_diffusers_folder(assets: FuseAssets, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ready"]
 
 
+def _finish(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _strength_in(out: Path) -> float:
+    """The preset strength recorded in the fused file: tells which of two runs wrote it."""
+    sources = read_record(read_header(out).metadata)["sources"]
+    return next(float(s["strength"]) for s in sources if s.get("role") == "lora")
+
+
+def _assert_one_whole_file(out: Path) -> None:
+    header = read_header(out)  # one whole file, from one of the runs: the safetensors library reads it all
+    assert read_record(header.metadata)["operation"] == "fuse"
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(out)) == sorted(header.keys())
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file of either run
+
+
+_LOSER = "nothing was replaced, and this run's output was dropped."
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["claim", "overwrite"])
 def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwrite: bool) -> None:
-    """Both pass planning, both finish writing, then both rename at once."""
+    """Both pass planning while the output does not exist and both finish writing; then the
+    output package's before-rename hook lets the first one rename, and only when it has exited
+    the second: the order is fixed by the hooks, never by timing. The second finds the first's
+    file: without overwrite it loses (nothing replaced), with it it replaces the file whole and
+    says so."""
+    out = tmp_path / "out" / "fused.safetensors"
+    out.parent.mkdir()
+    extra = ["--overwrite"] if overwrite else []
+    strengths = (1.0, 0.5)  # recorded in each run's file, so the test knows whose file is there
+    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", *extra, "--strength", str(strengths[i]),
+                   go=tmp_path / f"go{i}") for i in range(2)]
+    try:
+        for i, p in enumerate(procs):
+            wait_ready(p, tmp_path / f"ready{i}")
+        assert not out.exists()  # both planned and wrote with the name free
+        results = []
+        for i, p in enumerate(procs):
+            (tmp_path / f"go{i}").write_text("go")
+            results.append(p.communicate(timeout=120))
+    finally:
+        _finish(procs)
+    (_, first_err), (_, second_err) = results
+    assert procs[0].returncode == 0, first_err
+    assert "appeared while this run was writing it" not in first_err
+    if overwrite:
+        assert procs[1].returncode == 0, second_err
+        assert (f"'{out}' appeared while this run was writing it (another run?): replaced it with this run's output"
+                in second_err), second_err
+        assert _strength_in(out) == strengths[1]  # the last finisher won, whole
+    else:
+        assert procs[1].returncode == 1, second_err
+        assert second_err.strip() == f"Error: '{out}' appeared while this run was writing it (another run?): {_LOSER}"
+        assert _strength_in(out) == strengths[0]  # the first file was not touched
+    _assert_one_whole_file(out)
+
+
+def test_two_runs_claiming_one_output_at_once(assets: FuseAssets, tmp_path: Path) -> None:
+    """Both released at the same instant: the claim is one atomic rename, so whatever the order
+    exactly one run wins and the other loses with the one-line message (order-independent)."""
     out = tmp_path / "out" / "fused.safetensors"
     out.parent.mkdir()
     go = tmp_path / "go"
-    extra = ["--overwrite"] if overwrite else []
-    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", *extra, go=go) for i in range(2)]
+    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", go=go) for i in range(2)]
     try:
         for i, p in enumerate(procs):
             wait_ready(p, tmp_path / f"ready{i}")
         go.write_text("go")
         results = [p.communicate(timeout=120) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    codes = sorted(p.returncode for p in procs)
-    if overwrite:
-        assert codes == [0, 0], results
-        said = [err for _, err in results if "appeared while this run was writing it (another run?): replaced it" in err]
-        assert len(said) == 1, results  # the last finisher says it replaced the other's file
-    else:
-        assert codes == [0, 1], results
-        loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)
-        assert loser.strip() == (f"Error: '{out}' appeared while this run was writing it (another run?): "
-                                 "nothing was replaced, and this run's output was dropped.")
-    header = read_header(out)  # one whole file, from one of the runs: the safetensors library reads it all
-    assert read_record(header.metadata)["operation"] == "fuse"
-    from safetensors.torch import load_file
+        _finish(procs)
+    assert sorted(p.returncode for p in procs) == [0, 1], results
+    loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)
+    assert loser.strip() == f"Error: '{out}' appeared while this run was writing it (another run?): {_LOSER}"
+    _assert_one_whole_file(out)
 
-    assert sorted(load_file(out)) == sorted(header.keys())
-    assert [p.name for p in out.parent.iterdir()] == ["fused.safetensors"]
+
+# ------------------------------------------------------------------------------- LoRA-writing commands
+LORA_WRITERS = {
+    "rescale": lambda io, out: ["rescale", str(io["lora"]), "--strength", "0.5", "-o", str(out)],
+    "resize": lambda io, out: ["resize", str(io["lora"]), "--rank", "1", "-o", str(out)],
+    "merge": lambda io, out: ["merge", str(io["lora"]), f"{io['lora']}:0.5", "-o", str(out)],
+    "convert": lambda io, out: ["convert", str(io["lora"]), "--to", "peft", "-o", str(out)],
+    "extract": lambda io, out: ["extract", str(io["tuned"]), str(io["base"]), "--rank", "1", "-o", str(out)],
+}
+_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP, "SIGKILL": signal.SIGKILL}
+_POINTS = ("planning", "mid-stream", "before-rename")
+#: rescale (the shared LoRA write path) gets every signal at every point; every other LoRA writer
+#: SIGTERM (the catchable abort path SIGINT and SIGHUP share) at every point and SIGKILL mid-stream.
+_LORA_CASES = [("rescale", s, p) for s in _SIGNALS for p in _POINTS] + [
+    (c, s, p) for c in LORA_WRITERS if c != "rescale"
+    for s, p in [*(("SIGTERM", p) for p in _POINTS), ("SIGKILL", "mid-stream")]]
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from lora_tools.testing.synthetic import write_checkpoint
+
+    root = tmp_path_factory.mktemp("lora-fault-inputs")
+    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
+    return {"base": base, "tuned": write_tuned(root / "tuned.safetensors", base),
+            "lora": write_small_lora(root / "lora.safetensors")}
+
+
+@pytest.mark.parametrize("command,sig_name,point", _LORA_CASES, ids=[f"{c}-{s}-{p}" for c, s, p in _LORA_CASES])
+def test_signal_leaves_nothing_lora_writers(lora_inputs: dict[str, Path], tmp_path: Path, command: str,
+                                            sig_name: str, point: str) -> None:
+    sig = _SIGNALS[sig_name]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "lora-out.safetensors"
+    ready = tmp_path / "ready"
+    argv = LORA_WRITERS[command](lora_inputs, out)
+    env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
+    proc = subprocess.Popen([sys.executable, "-c", "from lora_tools.cli import main; main()", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(proc, ready)
+        if point != "planning":
+            assert any(p.name.endswith(".loratool.partial") for p in out_dir.iterdir())  # a temp is being written
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _finish([proc])
+    assert proc.returncode == EXIT[sig], stderr
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert stderr.strip().splitlines()[-1] == "Interrupted: nothing was written under the output names.", stderr
+        assert list(out_dir.iterdir()) == []  # the temp file went with it
+    # The next run writing there removes what a killed run left, and says so.
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in out_dir.iterdir()] == [out.name]
+    if sig == signal.SIGKILL and point != "planning":
+        assert "removed '" in result.stderr and f"(process {proc.pid})" in result.stderr

@@ -142,16 +142,7 @@ def test_output_under_a_file(assets: FuseAssets, tmp_path: Path) -> None:
     assert line == f"Error: cannot write '{out}': '{tmp_path / 'file'}' is a file, not a folder."
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_unwritable_folder(assets: FuseAssets, tmp_path: Path) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        line = one_error(run("fuse", assets.base, *lightning(assets), "-o", ro / "out.safetensors"))
-    finally:
-        ro.chmod(0o755)
-    assert line == f"Error: cannot write in '{ro}': permission denied."
+# test_unwritable_folder: in test_output_paths.py, for every writing command (as `nobody` under root).
 
 
 def test_not_enough_space_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def output_options(func: F) -> F:
     """``-o/--output`` (required), ``--overwrite``, ``--dtype``, ``--json``, in that order in ``--help``."""
     for option in reversed((
-        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+        click.option("-o", "--output", required=True, type=click.Path(path_type=str),
                      help="The LoRA file to write (never one of the inputs)."),
         click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
         click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep",

@@ -1,9 +1,11 @@
-"""Whether the factors of each LoRA module fit each other, from header shapes alone.
+"""Whether a LoRA can be used at all: its factors fit each other and its values are finite.
 
-The rules are those :mod:`lora_tools.lora.delta` applies when it builds a delta (up's rank is
+The shape rules are those :mod:`lora_tools.lora.delta` applies when it builds a delta (up's rank is
 down's, a Tucker core chains its factors, LoKr's two Kronecker factors are whole), checked at plan
 time without reading a tensor, so a bad module is named before anything is written rather than
-failing mid-stream. Whether the product fits the *base* weight is :mod:`lora_tools.lora.resolve`'s
+failing mid-stream. The finite-values check reads each factor once. :func:`validate_lora` is THE
+plan-time check every LoRA operation (fuse, rescale, resize, merge, convert, analyze) runs on
+each input LoRA. Whether the product fits the *base* weight is :mod:`lora_tools.lora.resolve`'s
 job (it needs the base).
 """
 
@@ -13,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from lora_tools.errors import ShapeMismatchError
+from lora_tools.errors import NonFiniteError, ShapeMismatchError
 from lora_tools.lora.model import AdapterModule, LoraAdapter
 
 Shape = tuple[int, ...]
@@ -139,7 +141,7 @@ def check_factor_shapes(adapter: LoraAdapter) -> list[FactorProblem]:
     """
     problems = []
     for m in adapter.modules:
-        shapes = {role: tuple(adapter.source.meta(key).shape) for role, key in m.keys.items()}
+        shapes = {role: m.factor_shape(role) for role in m.keys}
         problem = module_problem(m, shapes)
         if problem is not None:
             problems.append(problem)
@@ -155,4 +157,68 @@ def raise_factor_problems(adapter: LoraAdapter) -> None:
     problems = check_factor_shapes(adapter)
     if problems:
         more = f" ({len(problems) - 1} more modules do not fit either)" if len(problems) > 1 else ""
-        raise ShapeMismatchError(f"'{adapter.path}': the factors of {problems[0].describe()}{more}.")
+        raise ShapeMismatchError(f"'{_label(adapter)}': the factors of {problems[0].describe()}{more}.")
+
+
+def _label(adapter: LoraAdapter) -> str:
+    return str(adapter.path) if adapter.path is not None else "(in-memory LoRA)"
+
+
+def raise_non_finite(adapter: LoraAdapter, *, verb: str) -> dict[str, float]:
+    """Refuse NaN/Inf in any factor or alpha; return each float factor's largest magnitude.
+
+    One ``aminmax`` pass per factor (NaN propagates into it). The magnitudes bound the deltas,
+    which lets the fuse patcher skip its own overflow checks where they cannot trigger.
+
+    Args:
+        adapter: the LoRA (file-backed or in memory).
+        verb: what the caller would do with it (``fuse``, ``rescale``...), for the message.
+
+    Returns:
+        Tensor key -> ``max |value|`` of every non-empty floating-point factor.
+
+    Raises:
+        NonFiniteError: names the file and the first tensor (in file order) that holds NaN/Inf,
+            or the first module with a non-finite alpha.
+    """
+    import torch
+
+    max_abs: dict[str, float] = {}
+    for mod in adapter.modules:
+        for role, key in mod.keys.items():
+            t = mod.factor(role)
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            lo, hi = (v.item() for v in torch.aminmax(t))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise NonFiniteError(f"'{_label(adapter)}' holds NaN or Inf values (first in '{key}'): "
+                                     f"refusing to {verb} it.")
+            max_abs[key] = max(-lo, hi)
+        if mod.alpha is not None and not math.isfinite(mod.alpha):
+            raise NonFiniteError(f"'{_label(adapter)}' has a non-finite alpha for module '{mod.name}'.")
+    return max_abs
+
+
+def validate_lora(adapter: LoraAdapter, *, verb: str) -> dict[str, float]:
+    """The plan-time check of one input LoRA: factors that fit each other, finite values.
+
+    Every LoRA operation calls this on each input before it computes or writes anything, so a bad
+    LoRA gets the same one-line message whichever command reads it.
+
+    Args:
+        adapter: the input LoRA.
+        verb: the operation (``rescale``, ``merge``...), for the NaN/Inf message.
+
+    Returns:
+        Each float factor's largest magnitude (see :func:`raise_non_finite`).
+
+    Raises:
+        ShapeMismatchError: a module's factors do not fit each other (:func:`raise_factor_problems`).
+        NonFiniteError: a factor or alpha is NaN/Inf.
+
+    Example:
+        >>> validate_lora(load_lora("nan.safetensors"), verb="rescale")
+        NonFiniteError: 'nan.safetensors' holds NaN or Inf values (first in 'lora_unet_..._to_k.lora_up.weight'): refusing to rescale it.
+    """
+    raise_factor_problems(adapter)
+    return raise_non_finite(adapter, verb=verb)

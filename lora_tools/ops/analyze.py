@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from lora_tools.errors import Hint, UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
 from lora_tools.ops.extract import paired_targets, stream_differences
 from lora_tools.ops.lora_pairs import is_low_rank, pair_of
@@ -118,9 +119,13 @@ def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str
     Raises:
         UsageError: no candidate LoRA, or a LoRA module with no counterpart in the models.
         InvalidFileError: the two models are of different architectures or shapes.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     from lora_tools.models import open_model
 
+    for _, ad in loras:
+        validate_lora(ad, verb="analyze")
     with open_model(model) as a, open_model(base) as b:
         return fit_models(a, b, loras, labels=(Path(model).name, Path(base).name), sample=sample)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.provenance import build_record, with_record
 
 if TYPE_CHECKING:
@@ -28,10 +29,14 @@ def convert_lora(adapter: "LoraAdapter", to: str) -> tuple["LoraAdapter", str]:
 
     Raises:
         UsageError: an unknown target format.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     if to not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {to!r}; expected one of {', '.join(TARGET_FORMATS)}")
     from lora_tools.ops.lora_pairs import derived_metadata, source_entry  # torch: not on the CLI's import path
+
+    validate_lora(adapter, verb="convert")
     record = build_record("convert", sources=[source_entry(adapter)], params={"from": adapter.format, "to": to})
     metadata = with_record(derived_metadata(adapter.metadata), record)
     return adapter.with_modules(adapter.modules, metadata=metadata), to

@@ -10,17 +10,17 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Mapping, Sequence, TypeVar
 
-from lora_tools.errors import (Hint, KeyMismatchError, NonFiniteError, ShapeMismatchError,
+from lora_tools.errors import (Hint, KeyMismatchError, ShapeMismatchError,
                                UnsupportedModelError, UsageError)
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
-from lora_tools.lora.validate import raise_factor_problems
+from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
 from lora_tools.models import ModelSource, open_model
 from lora_tools.ops.baked import check_not_baked
 from lora_tools.output import plan as output_plan
@@ -246,20 +246,22 @@ def plan_fuse(
     try:
         _check_base(model, accel, force)
         index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
-        sources: list[tuple[Path, float, str, AccelerationPreset | None]] = []
+        # (file, strength, label, preset, whether the preset is only inferred from the file name)
+        sources: list[tuple[Path, float, str, AccelerationPreset | None, bool]] = []
         if accel is not None and method == "lora":
             assert accel.lora_file is not None
             path = _preset_file(accel, accel.lora_file, folder, revision, resolve_file)
-            sources.append((path, strength, accel.name, accel))
+            sources.append((path, strength, accel.name, accel, False))
         for src, src_strength in loras:
             path = resolve_source(src, revision=revision)
-            sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name)))
+            sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name), True))
         seen: dict[str, str] = {}
         hashes = _hash_in_background([path for path, *_ in sources])
-        for path, src_strength, label, src_preset in sources:
+        for path, src_strength, label, src_preset, by_name in sources:
             _refuse_input_as_output(path, output)
             adapter = load_lora(path)
-            plan_loras.append(_match(adapter, index, model, src_strength, label, src_preset, allow_unmatched, warnings))
+            source = _match(adapter, index, model, src_strength, label, src_preset, allow_unmatched, warnings)
+            plan_loras.append(_check_named_preset(source, model, warnings) if by_name else source)
             resolved = str(path.resolve())
             if resolved in seen and not force:
                 raise UsageError(f"'{path}' is given twice: applying a LoRA twice doubles its effect",
@@ -362,6 +364,23 @@ def _preset_among(loras: list[LoraSource]) -> AccelerationPreset | None:
     if len(found) > 1:
         raise UsageError(f"Several acceleration LoRAs given ({', '.join(sorted(found))}): a model is distilled for one sampler.")
     return next(iter(found.values()), None)
+
+
+def _check_named_preset(source: LoraSource, model: ModelSource, warnings: list[str]) -> LoraSource:
+    """A ``--lora`` recognised as a Lightning LoRA by its file name alone stays one only when its
+    keys have the Lightning key signature (the check inspect makes); otherwise the warning inspect
+    gives, and it is fused as the plain LoRA it is: not named, recorded or advised as Lightning."""
+    from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
+
+    if source.preset is None or source.preset.family != "lightning":
+        return source  # inspect's name check (and its words) is Lightning's
+    if lightning_signature(source.adapter, source.match, model.cfg):
+        return source
+    warning = misleading_name(acceleration(source.label, None, {}, False), source.label)
+    if warning is None:  # inspect would not distrust the name either
+        return source
+    warnings.append(f"{warning} Fusing it as a plain LoRA, not as {preset_title(source.preset.name)}.")
+    return replace(source, preset=None)
 
 
 def _check_base(model: ModelSource, preset: AccelerationPreset | None, force: bool) -> None:
@@ -482,23 +501,10 @@ def _match(adapter: LoraAdapter, index: _HeldTargets, model: ModelSource, streng
 
 
 def _check_finite(adapter: LoraAdapter) -> dict[str, float]:
-    """Refuse NaN/Inf anywhere in the LoRA; return each float tensor's largest magnitude (one
-    ``aminmax`` pass each: NaN propagates into it), which bounds the deltas for the patcher."""
-    import torch
-
-    max_abs: dict[str, float] = {}
-    for mod in adapter.modules:
-        for key in mod.keys.values():
-            t = adapter.source.tensor(key)
-            if not t.is_floating_point() or t.numel() == 0:
-                continue
-            lo, hi = (v.item() for v in torch.aminmax(t))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise NonFiniteError(f"'{adapter.path}' holds NaN or Inf values (first in '{key}'): refusing to fuse it.")
-            max_abs[key] = max(-lo, hi)
-        if mod.alpha is not None and not math.isfinite(mod.alpha):
-            raise NonFiniteError(f"'{adapter.path}' has a non-finite alpha for module '{mod.name}'.")
-    return max_abs
+    """Refuse NaN/Inf anywhere in the LoRA (the shared check every LoRA op runs); return each
+    float tensor's largest magnitude, which bounds the deltas for the patcher. A named step of
+    its own so ``benchmarks/profile_fuse.py`` can time it."""
+    return raise_non_finite(adapter, verb="fuse")
 
 
 def _check_patch_targets(model: ModelSource, patches: dict[str, list[tuple[LoraSource, MatchedModule]]]) -> None:

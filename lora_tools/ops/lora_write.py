@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from lora_tools.errors import Hint, OutputExistsError, UsageError
+from lora_tools.errors import Hint, UsageError
+from lora_tools.output.plan import check_output
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter
@@ -41,14 +42,15 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
     Raises:
         UsageError: the output is one of the inputs, or an unknown dtype.
         OutputExistsError: the output exists and `overwrite` is not set.
+        OutputError: the output is a directory, under a file, or in a folder that cannot be
+            written (:func:`lora_tools.output.plan.check_output`).
     """
     path = Path(output)
     for src in inputs:
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise UsageError(f"'{path}' is an input; choose another output name (inputs are never overwritten)",
                              hint=Hint(param="output", purpose="to write elsewhere", value="PATH"))
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"'{path}' exists", hint=Hint(param="overwrite", purpose="to replace it"))
+    check_output(path, "file", overwrite=overwrite)  # the one output rule: path kind, overwrite, writable folder
     if dtype is not None and dtype != "keep" and dtype not in _DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; expected fp16, bf16, fp32 or keep")
     return LoraOutput(path, format, None if dtype in (None, "keep") else dtype, overwrite,

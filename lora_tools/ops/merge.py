@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 
 from lora_tools.errors import UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.lowrank import RankRule, dense_svd, stack_factors, truncate
 from lora_tools.ops.lora_pairs import (
     check_same_architecture,
@@ -76,6 +77,8 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
         InvalidFileError: LoRAs for different architectures.
         UsageError: fewer than two inputs, a rule with ``concat``,
             LoHa/LoKr/full inputs with ``concat``, or DoRA inputs.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     from lora_tools.lora.adapter import LoraAdapter
 
@@ -85,6 +88,8 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
         raise UsageError(f"unknown merge method {method!r}; expected concat or svd")
     if method == "concat" and rule is not None:
         raise UsageError("concat is exact and keeps every rank; a target rank needs method svd")
+    for w in inputs:
+        validate_lora(w.adapter, verb="merge")
     sources = [source_entry(w.adapter, strength=w.weight) for w in inputs]
     first_format = inputs[0].adapter.format
     inputs = [WeightedLora(respelled(w.adapter, first_format, w.label), w.weight, w.label) for w in inputs]

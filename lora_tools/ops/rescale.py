@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 from lora_tools.errors import UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.ops.lora_pairs import derived_metadata, source_entry
 from lora_tools.provenance import build_record, with_record
 
@@ -106,6 +107,8 @@ def rescale_lora(adapter: "LoraAdapter", strength: float, *,
 
     Raises:
         UsageError: a DoRA module (its strength cannot be baked into factors), or an unknown component.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     from lora_tools.lora.adapter import LoraAdapter
 
@@ -113,6 +116,7 @@ def rescale_lora(adapter: "LoraAdapter", strength: float, *,
     if comps is not None and not comps <= {"unet", "te1", "te2"}:
         raise UsageError(f"unknown component(s) {', '.join(sorted(comps - {'unet', 'te1', 'te2'}))}; "
                          "expected unet, te1 or te2")
+    validate_lora(adapter, verb="rescale")
     report = RescaleReport(strength=strength)
     per_block = block_strength(adapter, blocks) if blocks is not None else None
     factors, alphas = {}, {}

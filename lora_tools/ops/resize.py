@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
+from lora_tools.lora.validate import validate_lora
 from lora_tools.lowrank import DenseSvd, RankRule, Truncation, dense_svd, truncate
 from lora_tools.ops.lora_pairs import (
     dense_of,
@@ -107,9 +108,12 @@ def resize_lora(adapter: "LoraAdapter", rule: RankRule, *, conv_rule: RankRule |
 
     Raises:
         UsageError: a fixed rank larger than every module's rank, or a DoRA module.
+        ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
+            NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
     from lora_tools.lora.adapter import LoraAdapter
 
+    validate_lora(adapter, verb="resize")
     max_rank = max((m.rank for m in adapter.modules), default=0)
     for r in (rule, conv_rule):
         if r is not None and r.rank is not None and r.rank > max_rank:
