@@ -114,7 +114,11 @@ class LoraModule:
         """
         if "dora_scale" not in self.keys:
             return None
-        if self.spelling.startswith("peft"):
+        # A file's key says which it is (``dora_scale`` beside lora_A/lora_B is still LyCORIS'); an
+        # in-memory module's keys are ``component/name/role``, so its spelling does.
+        key = self.keys["dora_scale"]
+        peft = "lora_magnitude_vector" in key if "/" not in key else self.spelling.startswith("peft")
+        if peft:
             return "out"
         shape = self.factor_shape("dora_scale")
         if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1:

@@ -80,6 +80,11 @@ class LoraMatch:
 _NO_BIAS = "it holds a bias diff (.diff_b/.b_norm) but {what} has no bias in SDXL"
 
 
+def no_bias_reason(target: ModuleTarget) -> str:
+    """Why a module with a bias diff has no target: the weight it names has no bias."""
+    return _NO_BIAS.format(what=target.diffusers_module)
+
+
 def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
     """Resolve every module of ``adapter`` to a base weight by dictionary look-up; check shapes.
 
@@ -93,7 +98,7 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
         no_bias = target is not None and m.changes_bias and target.bias_key is None
         if target is None or no_bias:
             unmatched.append(m)
-            why = (_NO_BIAS.format(what=target.diffusers_module) if target is not None
+            why = (no_bias_reason(target) if target is not None
                    else index.why_not(m.component, m.name))
             if why is not None:
                 reasons[(m.component, m.name)] = why
