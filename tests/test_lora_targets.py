@@ -240,6 +240,7 @@ def test_bias_and_norm_diffs_fuse_like_the_dense_reference(tmp_path: Path, sgm_b
     out = tmp_path / "o.safetensors"
     r = CliRunner().invoke(cli, ["fuse", str(base), "--lora", f"{lora}:0.6", "-o", str(out)])
     assert r.exit_code == 0, r.stderr
+    assert "Fused 7 modules into 13 tensors" in r.stdout  # a weight delta and its bias diff: one module
     a, b = load_tensors(base), load_tensors(out)
     assert sorted(k for k in a if not torch.equal(a[k], b[k])) == sorted(want)
     for k, delta in want.items():
@@ -288,3 +289,43 @@ def test_a_bias_diff_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), "-o", str(out)])
     assert r.exit_code == 1 and not out.exists()
     assert "bias diff" in r.stderr and "[65]" in r.stderr and "[64]" in r.stderr
+
+
+@pytest.mark.parametrize("table", [TINY.table, FULL.table], ids=["tiny", "full"])
+def test_every_unet_and_text_encoder_tensor_is_a_target(table) -> None:  # type: ignore[no-untyped-def]
+    """The index is total over the base: every UNet/CLIP-L/bigG tensor with a diffusers counterpart is
+    reached by its module's diffusers name, as that module's weight (its row block, for fused q/k/v)
+    or as the bias beside it, and by its SGM name wherever the single file names it alike."""
+    from lora_tools.layouts.table import module_of
+
+    index = TargetIndex(table)
+    rows = [r for r in table.rows if r.component != "vae" and r.diffusers is not None]
+    assert len(rows) > 1000 if table is FULL.table else len(rows) > 500
+    for r in rows:
+        leaf = r.diffusers.rsplit(".", 1)[1]
+        t = index.lookup(r.component, module_of(r.diffusers))
+        assert t is not None, r.diffusers
+        if leaf == "bias":
+            assert (t.bias_key, t.part) == (r.sgm_key, r.part), r.diffusers
+            assert t.bias_shape == r.diffusers_shape
+        else:
+            assert (t.sgm_key, t.part, t.transposed) == (r.sgm_key, r.part, r.transform == "transpose"), r.diffusers
+            assert t.shape == r.diffusers_shape
+            if r.transform == "rename" and r.sgm.endswith(".weight"):
+                assert index.lookup(r.component, module_of(r.sgm).replace(".", "_")) == t
+
+
+def test_rescale_scales_a_bias_diff_with_its_module(tmp_path: Path) -> None:
+    """Baking a strength into a LoRA scales the bias diff beside its weight delta too (both are linear)."""
+    from lora_tools.ops.rescale import rescale_lora
+
+    g = torch.Generator().manual_seed(7)
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2"
+    t = {f"{name}.lora_up.weight": torch.randn(64, 2, generator=g), f"{name}.lora_down.weight": torch.randn(2, 256, generator=g),
+         f"{name}.diff_b": torch.randn(64, generator=g), "lora_unet_input_blocks_1_0_in_layers_2.diff_b": torch.randn(32, generator=g)}
+    with load_lora(save_tensors(tmp_path / "l.safetensors", t)) as lora:
+        out, _ = rescale_lora(lora, 0.25)
+        for a, b in zip(lora.modules, out.modules):
+            assert torch.allclose(b.bias_delta(), 0.25 * a.bias_delta())
+            if a.changes_weight:
+                assert torch.allclose(b.delta(), 0.25 * a.delta(), atol=1e-6)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
-from lora_tools.engine.contributions import module_contribution
+from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.output.plan import WrittenFile
 from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFolderSink, tokenizer_provider
 from lora_tools.presets import AccelerationPreset
@@ -182,7 +182,9 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
     sinks = _make_sinks(plan, record, order)
     stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
                    stage_hook=stage_hook)
-    return FuseResult(stats.files, stats.contributions, stats.tensors_patched, time.perf_counter() - start, record)
+    # A module with a weight delta and a bias diff is two contributions but one module fused.
+    both = sum(isinstance(c, BiasDiff) and c.match.module.changes_weight for cs in patches.values() for c in cs)
+    return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start, record)
 
 
 #: The engine's stream order (kept under its old name).
