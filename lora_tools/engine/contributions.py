@@ -54,6 +54,12 @@ def dense_delta(adapter: "LoraAdapter", match: "MatchedModule") -> "torch.Tensor
     return module_delta(adapter, match)
 
 
+def _transposed(match: "MatchedModule") -> bool:
+    """Whether the target is stored transposed (a target without the attribute, as duck-typed
+    targets of other callers, is not)."""
+    return bool(getattr(match.target, "transposed", False))
+
+
 @dataclass(frozen=True)
 class LowRank:
     """``W[rows] += scale * delta`` for one LoRA module (its delta includes alpha/rank).
@@ -92,7 +98,7 @@ class LowRank:
         if self.module.is_dora:
             return None
         first, count = self._span(shape[0])
-        transposed = self.match.target.transposed
+        transposed = _transposed(self.match)
         if self._plain():
             up = read_factor(self.module, self.adapter, "up").to(torch.float32).flatten(1)
             down = read_factor(self.module, self.adapter, "down").to(torch.float32).flatten(1)
@@ -119,7 +125,7 @@ class LowRank:
         import torch
 
         view = weight if self.rows is None else weight[self.rows]
-        if self.match.target.transposed:
+        if _transposed(self.match):
             view = view.t()
         delta = dense_delta(self.adapter, self.match).reshape(view.shape)
         if self.module.is_dora:
@@ -176,7 +182,7 @@ def module_contribution(adapter: "LoraAdapter", match: "MatchedModule", key: str
                         rows: slice | None = None, max_abs: tuple[float, float] | None = None) -> Contribution:
     """What one matched LoRA module adds to the base tensor ``key`` (one of ``match.keys``): its
     weight delta (:class:`LowRank`) or, on its bias, its bias diff (:class:`BiasDiff`)."""
-    if key == match.target.bias_key:
+    if key == getattr(match.target, "bias_key", None):
         return BiasDiff(adapter, match, scale, rows)
     return LowRank(adapter, match, scale, rows, max_abs)
 
