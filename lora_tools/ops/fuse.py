@@ -184,7 +184,8 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
                    stage_hook=stage_hook)
     # A module with a weight delta and a bias diff is two contributions but one module fused.
     both = sum(isinstance(c, BiasDiff) and c.match.module.changes_weight for cs in patches.values() for c in cs)
-    return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start, record)
+    return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start,
+                      record)
 
 
 #: The engine's stream order (kept under its old name).
