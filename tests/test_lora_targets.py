@@ -333,3 +333,15 @@ def test_rescale_scales_a_bias_diff_with_its_module(tmp_path: Path) -> None:
             assert torch.allclose(b.bias_delta(), 0.25 * a.bias_delta())
             if a.changes_weight:
                 assert torch.allclose(b.delta(), 0.25 * a.delta(), atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["lora_te2_text_projection", "lora_prior_te_text_projection",
+                                  "text_encoders.clip_g.transformer.text_projection", "text_encoder_2.text_projection"])
+def test_every_name_comfyui_gives_text_projection_resolves_to_it(tmp_path: Path, stem: str) -> None:
+    """ComfyUI's model_lora_keys_clip: lora_te2_/lora_prior_te_text_projection and the generic
+    text_encoders.clip_g.transformer.text_projection; diffusers' own module name too."""
+    t = {f"{stem}.lora_up.weight": torch.ones(32, 2), f"{stem}.lora_down.weight": torch.ones(2, 32)}
+    with load_lora(save_tensors(tmp_path / "p.safetensors", t)) as lora:
+        m = match_lora(lora, TargetIndex(TINY.table))
+        (mm,) = m.matched
+        assert (mm.target.sgm_key, mm.target.transposed) == (_TE2 + "text_projection", True)

@@ -87,8 +87,11 @@ class Naming:
     vocabulary: Vocabulary
 
 
+#: ``lora_prior_te_`` is ComfyUI's name for OpenCLIP-bigG where it is the "prior" text encoder (Stable
+#: Cascade; on SDXL ComfyUI maps ``lora_prior_te_text_projection`` to clip_g's text_projection).
 _KOHYA_ENVELOPES: tuple[tuple[str, Component], ...] = (
     ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"), ("lycoris_", "unet"),
+    ("lora_prior_te_", "te2"),
 )
 _KOHYA_WRITE: dict[Component, str] = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 _DIFFUSERS_ENVELOPES: tuple[tuple[str, Component], ...] = (
