@@ -432,3 +432,51 @@ def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, pipe
                          cwd=Path(lora_tools.__file__).parents[1], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["lora", "checkpoint", "checkpoint"]
+
+
+def test_inspect_reports_naming_and_spelling_apart_and_every_target(tmp_path: Path) -> None:
+    """issue 10: a kohya-named file spelled with PEFT's lora_A/lora_B: inspect says naming ``kohya``,
+    spelling ``peft``, and where every module lands (bigG's q/k/v row block, its transposed
+    text_projection, a bias diff's bias, a module SDXL lacks with the reason)."""
+    t = {
+        "lora_unet_input_blocks_4_1_proj_in.lora_A.weight": torch.randn(2, 64),
+        "lora_unet_input_blocks_4_1_proj_in.lora_B.weight": torch.randn(64, 2),
+        "lora_unet_input_blocks_4_1_proj_in.diff_b": torch.randn(64),
+        "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_A.weight": torch.randn(2, 32),
+        "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_B.weight": torch.randn(32, 2),
+        "lora_te2_text_projection.lora_down.weight": torch.randn(2, 32),
+        "lora_te2_text_projection.lora_up.weight": torch.randn(32, 2),
+        "lora_te1_text_projection.lora_down.weight": torch.randn(2, 32),
+        "lora_te1_text_projection.lora_up.weight": torch.randn(32, 2),
+    }
+    path = save_tensors(tmp_path / "mixed.safetensors", t)
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--json", "--no-hash"])
+    assert r.exit_code == 0, r.stderr
+    lora = json.loads(r.stdout)["lora"]
+    assert lora["format"] == "kohya" and lora["naming"] == "kohya"
+    assert lora["spellings"] == {"peft": 2, "kohya": 2}
+    by = {x["module"]: x for x in lora["targets"]}
+    assert list(by) == ["unet:input_blocks_4_1_proj_in", "te2:text_model_encoder_layers_0_self_attn_v_proj",
+                        "te2:text_projection", "te1:text_projection"]
+    te2, unet = "conditioner.embedders.1.model.", "model.diffusion_model."
+    assert by["unet:input_blocks_4_1_proj_in"] | {} == {
+        "module": "unet:input_blocks_4_1_proj_in", "naming": "kohya", "spelling": "peft", "algorithm": "lora",
+        "target": unet + "input_blocks.4.1.proj_in.weight", "bias": unet + "input_blocks.4.1.proj_in.bias",
+        "rows": None, "transposed": False, "reason": None}
+    v = by["te2:text_model_encoder_layers_0_self_attn_v_proj"]
+    assert (v["target"], v["bias"], v["rows"]) == (te2 + "transformer.resblocks.0.attn.in_proj_weight", None, "3/3")
+    p = by["te2:text_projection"]
+    assert (p["target"], p["transposed"], p["spelling"]) == (te2 + "text_projection", True, "kohya")
+    lacking = by["te1:text_projection"]
+    assert lacking["target"] is None and "CLIP-L (te1) has no text_projection" in lacking["reason"]
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--targets", "--no-hash"])
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.split() == ["naming", "kohya"] for line in lines)
+    (spelled,) = [line for line in lines if line.split()[:2] == ["factor", "spelling"]]
+    assert "peft x2" in spelled and "kohya x2" in spelled
+    (row,) = [line for line in lines if line.strip().startswith("te2:text_projection")]
+    assert "kohya/kohya lora -> " + te2 + "text_projection (stored transposed)" in row
+    (row,) = [line for line in lines if line.strip().startswith("te1:text_projection")]
+    assert "no target: CLIP-L (te1) has no text_projection" in row
+    assert "module targets" not in run_inspect(path, "--no-hash")  # the list is opt-in in the human form

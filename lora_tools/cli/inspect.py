@@ -20,15 +20,18 @@ from lora_tools.presets import SamplerSettings
 @click.argument("path", type=click.Path(readable=False, path_type=Path))  # inspect_path says what is wrong
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable fields, see the docs).")
 @click.option("--keys", "show_keys", is_flag=True, help="Also list every tensor with its dtype and shape.")
+@click.option("--targets", "show_targets", is_flag=True,
+              help="Also list every LoRA module with its naming, factor spelling and the tensors it changes.")
 @click.option("--hash/--no-hash", "with_hash", default=None,
               help="Compute sha256 and AutoV2 (default: only for files under 2 GiB).")
-def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool | None) -> None:
+def inspect_command(path: Path, as_json: bool, show_keys: bool, show_targets: bool, with_hash: bool | None) -> None:
     """Show what a LoRA, checkpoint or diffusers folder holds, from its headers alone.
 
     \b
     Example:
         loratool inspect sdxl_lightning_4step_lora.safetensors
         loratool inspect juggernaut.safetensors --no-hash
+        loratool inspect my_lora.safetensors --targets
         loratool inspect my_lora.safetensors --json | jq .lora.ranks
     """
     report = inspect_path(path, with_hash=with_hash)
@@ -40,7 +43,7 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, with_hash: bool 
                                             for p in problems]
         click.echo(json.dumps(d, indent=2))
     else:
-        for line in render(report, show_keys=show_keys):
+        for line in render(report, show_keys=show_keys, show_targets=show_targets):
             click.echo(line)
         if problems:
             click.echo(f"  modules whose factors do not fit each other ({len(problems)}):")
@@ -74,7 +77,7 @@ def _factor_problems(path: Path, report: InspectReport) -> tuple[list[FactorProb
     raise AssertionError("unreachable: check_factor_shapes found problems raise_factor_problems did not")
 
 
-def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
+def render(report: InspectReport, *, show_keys: bool = False, show_targets: bool = False) -> list[str]:
     """The human form of a report: aligned ``label  value`` rows, then sections."""
     f = report.file
     rows: list[tuple[str, str]] = []
@@ -96,6 +99,8 @@ def render(report: InspectReport, *, show_keys: bool = False) -> list[str]:
         blocks = [(f"{_block_name(c, b)}  {c} {b}", str(n)) for c, bs in report.lora.modules_per_block.items()
                   for b, n in bs.items()]
         sections.append(("modules per block", blocks))
+        if show_targets:
+            sections.append((f"module targets ({len(report.lora.targets)})", _target_rows(report.lora)))
         if report.lora.mismatched:
             sections.append(("modules that do not fit", [(safe_text(m.module), safe_text(m.message, 400))
                                                          for m in report.lora.mismatched]))
@@ -128,6 +133,8 @@ def _lora_rows(lora: LoraSummary) -> list[tuple[str, str]]:
     per_comp = ", ".join(f"{c} {n}" for c, n in lora.modules_per_component.items())
     rows = [
         ("format", lora.format_description),
+        ("naming", lora.naming),
+        ("factor spelling", _counts(lora.spellings)),
         ("layout", f"{'SDXL' if lora.layout == 'sdxl' else 'tiny SDXL test model'}; UNet names: {lora.unet_naming}"),
         ("modules", f"{lora.modules} ({per_comp})"),
         ("algorithms", _counts(lora.algorithms)),
@@ -145,6 +152,22 @@ def _lora_rows(lora: LoraSummary) -> list[tuple[str, str]]:
     rows.append(("applies to", lora.applies_to))
     for w in lora.warnings:
         rows.append(("warning", safe_text(w, 400)))
+    return rows
+
+
+def _target_rows(lora: LoraSummary) -> list[tuple[str, str]]:
+    """``component:module  naming/spelling algorithm -> target [+ bias]`` for every module."""
+    rows = []
+    for t in lora.targets:
+        changed = [k for k in (t.target, t.bias) if k is not None]
+        where = " + ".join(safe_text(k, 200) for k in changed) if changed else "no target"
+        if t.rows:
+            where += f" (rows {t.rows})"
+        if t.transposed:
+            where += " (stored transposed)"
+        if t.reason:
+            where += f": {safe_text(t.reason, 400)}"
+        rows.append((safe_text(t.module, 200), f"{t.naming}/{t.spelling} {t.algorithm} -> {where}"))
     return rows
 
 

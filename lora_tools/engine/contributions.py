@@ -5,6 +5,10 @@ block stays in the CPU cache) or whole (when its maths spans the whole weight, l
 norms), and how large its change can be (which lets the engine skip the overflow scan). The
 engine knows nothing else about it: LoRA factors, a difference of two models, or anything that
 implements :class:`Contribution`.
+
+Tensors are in the single-file (SGM) layout; a LoRA delta is built in the diffusers orientation,
+so on a target stored transposed (OpenCLIP-bigG's ``text_projection``) :class:`LowRank` adds it
+transposed. A module's bias diff is its own contribution to the bias tensor (:class:`BiasDiff`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def dense_delta(adapter: "LoraAdapter", match: "MatchedModule") -> "torch.Tensor
     return module_delta(adapter, match)
 
 
+def _transposed(match: "MatchedModule") -> bool:
+    """Whether the target is stored transposed (a target without the attribute, as duck-typed
+    targets of other callers, is not)."""
+    return bool(getattr(match.target, "transposed", False))
+
+
 @dataclass(frozen=True)
 class LowRank:
     """``W[rows] += scale * delta`` for one LoRA module (its delta includes alpha/rank).
@@ -88,9 +98,12 @@ class LowRank:
         if self.module.is_dora:
             return None
         first, count = self._span(shape[0])
+        transposed = _transposed(self.match)
         if self._plain():
             up = read_factor(self.module, self.adapter, "up").to(torch.float32).flatten(1)
             down = read_factor(self.module, self.adapter, "down").to(torch.float32).flatten(1)
+            if transposed:  # (up @ down).T == down.T @ up.T: the rows are the weight's inputs
+                up, down = down.t().contiguous(), up.t().contiguous()
             alpha = self.scale * d.module_scale(self.module.alpha, self.module.rank)
 
             def add_lora(block: "torch.Tensor", r0: int, r1: int) -> None:
@@ -98,7 +111,8 @@ class LowRank:
                 if a < b:
                     block[a - r0:b - r0].addmm_(up[a - first:b - first], down, alpha=alpha)
             return add_lora
-        dense = dense_delta(self.adapter, self.match).reshape(count, -1)
+        dense = dense_delta(self.adapter, self.match)
+        dense = (dense.t().contiguous() if transposed else dense).reshape(count, -1)
         strength = self.scale
 
         def add_dense(block: "torch.Tensor", r0: int, r1: int) -> None:
@@ -111,6 +125,8 @@ class LowRank:
         import torch
 
         view = weight if self.rows is None else weight[self.rows]
+        if _transposed(self.match):
+            view = view.t()
         delta = dense_delta(self.adapter, self.match).reshape(view.shape)
         if self.module.is_dora:
             scale = read_factor(self.module, self.adapter, "dora_scale").to(torch.float32)
@@ -125,6 +141,50 @@ class LowRank:
         m = self.module
         up, down = self.max_abs
         return abs(self.scale * d.module_scale(m.alpha, m.rank)) * m.rank * up * down
+
+
+@dataclass(frozen=True)
+class BiasDiff:
+    """``b[rows] += scale * diff_b`` for one LoRA module's bias diff (``.diff_b``/``.b_norm``).
+
+    Args:
+        adapter: the LoRA the module belongs to.
+        match: the module and its target (whose ``bias_key`` is the tensor changed).
+        scale: the multiplier of the difference (the LoRA's strength; alpha/rank does not apply).
+        rows: the rows of the bias it changes (one part of a fused qkv bias), or ``None`` for all.
+    """
+
+    adapter: "LoraAdapter"
+    match: "MatchedModule"
+    scale: float
+    rows: slice | None = None
+
+    def block_op(self, shape: tuple[int, int]) -> BlockOp:
+        first, stop, _ = (self.rows or slice(None)).indices(shape[0])
+        dense = self.match.module.bias_delta().reshape(stop - first, -1)
+        strength = self.scale
+
+        def add_bias(block: "torch.Tensor", r0: int, r1: int) -> None:
+            a, b = max(r0, first), min(r1, stop)
+            if a < b:
+                block[a - r0:b - r0].add_(dense[a - first:b - first], alpha=strength)
+        return add_bias
+
+    def apply_whole(self, weight: "torch.Tensor") -> None:
+        view = weight if self.rows is None else weight[self.rows]
+        view.add_(self.match.module.bias_delta().reshape(view.shape), alpha=self.scale)
+
+    def delta_bound(self) -> float | None:
+        return None
+
+
+def module_contribution(adapter: "LoraAdapter", match: "MatchedModule", key: str, scale: float,
+                        rows: slice | None = None, max_abs: tuple[float, float] | None = None) -> Contribution:
+    """What one matched LoRA module adds to the base tensor ``key`` (one of ``match.keys``): its
+    weight delta (:class:`LowRank`) or, on its bias, its bias diff (:class:`BiasDiff`)."""
+    if key == getattr(match.target, "bias_key", None):
+        return BiasDiff(adapter, match, scale, rows)
+    return LowRank(adapter, match, scale, rows, max_abs)
 
 
 @dataclass(frozen=True)
@@ -162,4 +222,5 @@ class DenseDifference:
         return None
 
 
-__all__ = ["BlockOp", "Contribution", "LowRank", "DenseDifference", "read_factor", "dense_delta"]
+__all__ = ["BiasDiff", "BlockOp", "Contribution", "LowRank", "DenseDifference", "dense_delta", "module_contribution",
+           "read_factor"]

@@ -76,6 +76,30 @@ class LoraModule:
         return self.source.meta(self.keys[role]).dtype
 
     @property
+    def changes_weight(self) -> bool:
+        """Whether the module changes its weight (a module may hold only a bias diff, ``.diff_b``)."""
+        return not (self.kind == "full" and "diff" not in self.keys)
+
+    @property
+    def changes_bias(self) -> bool:
+        """Whether the module changes the bias beside its weight (``.diff_b``/``.b_norm``)."""
+        return "diff_b" in self.keys
+
+    def bias_delta(self, shape: tuple[int, ...] | None = None) -> "torch.Tensor":
+        """The module's dense float32 bias delta (``diff_b``), not multiplied by a strength.
+
+        Not scaled by alpha/rank: ComfyUI adds a bias diff as a plain difference whatever the weight's
+        adapter (``comfy/lora.py`` ``load_lora``: ``("diff", (diff_b,))`` on the ``.bias`` key).
+
+        Args:
+            shape: the bias' shape (``(out,)``); defaults to the stored shape.
+        """
+        import torch
+
+        t = self.factor("diff_b").to(torch.float32, copy=True)
+        return t.reshape(shape) if shape is not None else t
+
+    @property
     def is_dora(self) -> bool:
         return "dora_scale" in self.keys
 
@@ -90,7 +114,11 @@ class LoraModule:
         """
         if "dora_scale" not in self.keys:
             return None
-        if self.spelling.startswith("peft"):
+        # A file's key says which it is (``dora_scale`` beside lora_A/lora_B is still LyCORIS'); an
+        # in-memory module's keys are ``component/name/role``, so its spelling does.
+        key = self.keys["dora_scale"]
+        peft = "lora_magnitude_vector" in key if "/" not in key else self.spelling.startswith("peft")
+        if peft:
             return "out"
         shape = self.factor_shape("dora_scale")
         if len(shape) >= 2 and shape[0] == 1 and shape[1] > 1:
@@ -129,7 +157,7 @@ class LoraModule:
                 return (s("up")[0], s("down")[1], mid[2], mid[3])
             return (s("up")[0], *s("down")[1:])
         if self.kind == "full":
-            return s("diff")
+            return s("diff") if "diff" in self.keys else ()
         if self.kind == "loha":
             if "t1" in self.keys:
                 t = s("t1")
@@ -151,7 +179,7 @@ class LoraModule:
         """The module's dense float32 delta, multiplied by :attr:`scale` (not by a strength).
 
         Needs no base weight. DoRA's magnitude step does (see :func:`lora_tools.lora.delta.dora_apply`):
-        for a DoRA module this is the delta before it.
+        for a DoRA module this is the delta before it. A module's bias diff is :meth:`bias_delta`.
 
         Args:
             shape: the target weight's shape (``(out, in, 3, 3)``, a 1x1 conv for a linear delta...);
@@ -173,6 +201,8 @@ class LoraModule:
             raw = d.lokr_delta(w1=t("w1"), w1a=t("w1a"), w1b=t("w1b"), w2=t("w2"), w2a=t("w2a"), w2b=t("w2b"),
                                t2=t("t2"), target_shape=target)
         else:
+            if "diff" not in self.keys:
+                raise InvalidFileError(f"module '{self.name}' holds only a bias diff: it has no weight delta.")
             diff = self.factor("diff")
             raw = diff.float().reshape(target) if diff.dtype != _f32() else diff.reshape(target).clone()
         scale = self.scale

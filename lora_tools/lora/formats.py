@@ -244,13 +244,19 @@ def load_lora(path: str | Path, *, source: TensorSource | None = None) -> LoraAd
     return LoraAdapter(Path(path), fmt, modules, dict(src.metadata), src)  # type: ignore[arg-type]
 
 
+_SHARED_ROLES = ("alpha", "diff_b", "dora_scale")
+
+
 def _build_module(src: TensorSource, component: Component, name: str, roles: dict[str, tuple[str, ParsedKey]],
                   peft_data: dict[str, object], path: str) -> LoraModule:
     kind = kind_of(roles, name, path)
     keys = {r: k for r, (k, _) in roles.items() if r != "alpha"}
     factor_parts = [p for r, (_, p) in roles.items() if r != "alpha"] or [p for _, p in roles.values()]
     first = factor_parts[0]
-    spellings = {p.spelling for p in factor_parts}
+    # ``.diff_b`` and ``.dora_scale`` are spelled alike beside every factor spelling (ComfyUI reads them
+    # by those names whatever the weight's keys): they do not vote on the module's spelling.
+    voters = [p for r, (_, p) in roles.items() if r not in _SHARED_ROLES] or factor_parts
+    spellings = {p.spelling for p in voters}
     spelling = spellings.pop() if len(spellings) == 1 else "mixed"
     rank = rank_of(src, kind, keys)  # type: ignore[arg-type]
     alpha: float | None = None

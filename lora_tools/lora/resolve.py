@@ -24,6 +24,15 @@ class MatchedModule:
     module: AdapterModule
     target: ModuleTarget
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The base tensors (single-file keys) the module changes: its weight unless it holds only a
+        bias diff, and its bias when it holds one (``.diff_b``/``.b_norm``)."""
+        keys = (self.target.sgm_key,) if self.module.changes_weight else ()
+        if self.module.changes_bias and self.target.bias_key is not None:
+            keys += (self.target.bias_key,)
+        return keys
+
 
 @dataclass
 class LoraMatch:
@@ -66,9 +75,14 @@ class LoraMatch:
                 f"'{base}' (first: {', '.join(names)}).{self.reasons_text()}{hint} Run 'loratool inspect {self.adapter.path}'.")
 
 
-#: Bias diffs change a second tensor (the bias), which a match to one weight cannot carry yet:
+#: A bias diff on a module without a bias (attention ``to_q``/``to_k``/``to_v``, ``text_projection``):
 #: refused with this reason rather than applied in part.
-_NO_BIAS_RULE = "its bias diff (.diff_b) cannot be applied yet, and applying only its weight diff would be wrong"
+_NO_BIAS = "it holds a bias diff (.diff_b/.b_norm) but {what} has no bias in SDXL"
+
+
+def no_bias_reason(target: ModuleTarget) -> str:
+    """Why a module with a bias diff has no target: the weight it names has no bias."""
+    return _NO_BIAS.format(what=target.diffusers_module)
 
 
 def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the base model") -> LoraMatch:
@@ -81,9 +95,11 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
     reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
-        if target is None or "diff_b" in m.keys:
+        no_bias = target is not None and m.changes_bias and target.bias_key is None
+        if target is None or no_bias:
             unmatched.append(m)
-            why = _NO_BIAS_RULE if target is not None else index.why_not(m.component, m.name)
+            why = (no_bias_reason(target) if target is not None
+                   else index.why_not(m.component, m.name))
             if why is not None:
                 reasons[(m.component, m.name)] = why
             continue
@@ -95,6 +111,14 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
 def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:
     src = adapter.source
     want = target.shape
+    if m.changes_bias and target.bias_key is not None:
+        got = tuple(src.meta(m.keys["diff_b"]).shape)
+        if math.prod(got) != math.prod(target.bias_shape):
+            raise ShapeMismatchError(
+                f"'{adapter.path}': the bias diff of module '{m.name}' does not fit '{target.bias_key}' of '{base}' "
+                f"(LoRA gives {list(got)}, the bias is {list(target.bias_shape)}).")
+    if not m.changes_weight:
+        return
     if m.kind == "lora":
         up = src.meta(m.keys["up"]).shape
         down = src.meta(m.keys["down"]).shape

@@ -37,6 +37,9 @@ _LYCORIS = {
     "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2",
     "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b",
     "lokr_t2": "t2", "diff": "diff", "diff_b": "diff_b",
+    # LyCORIS' norm module (LayerNorm/GroupNorm): ComfyUI applies ``w_norm``/``b_norm`` exactly as
+    # ``diff``/``diff_b`` (a dense difference on the weight and on the bias beside it).
+    "w_norm": "diff", "b_norm": "diff_b",
 }
 
 #: Every factor spelling we read; the first one a role appears in is how it is written.
@@ -84,8 +87,11 @@ class Naming:
     vocabulary: Vocabulary
 
 
+#: ``lora_prior_te_`` is ComfyUI's name for OpenCLIP-bigG where it is the "prior" text encoder (Stable
+#: Cascade; on SDXL ComfyUI maps ``lora_prior_te_text_projection`` to clip_g's text_projection).
 _KOHYA_ENVELOPES: tuple[tuple[str, Component], ...] = (
     ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"), ("lycoris_", "unet"),
+    ("lora_prior_te_", "te2"),
 )
 _KOHYA_WRITE: dict[Component, str] = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 _DIFFUSERS_ENVELOPES: tuple[tuple[str, Component], ...] = (

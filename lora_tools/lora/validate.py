@@ -107,7 +107,7 @@ def _lokr(s: Mapping[str, Shape]) -> None:
 
 
 def _full(s: Mapping[str, Shape]) -> None:
-    _need("diff" in s, "a full-diff module needs its diff tensor")
+    _need("diff" in s or "diff_b" in s, "a full-diff module needs its diff (or bias diff) tensor")
 
 
 _RULES: dict[str, Callable[[Mapping[str, Shape]], None]] = {"lora": _lora, "loha": _loha, "lokr": _lokr, "full": _full}

@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 
 from lora_tools.models import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
-from lora_tools.engine import Contribution, DenseDifference, LowRank, StageHook, stream, stream_order
+from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
+from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.output.plan import WrittenFile
 from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFolderSink, tokenizer_provider
 from lora_tools.presets import AccelerationPreset
@@ -156,7 +157,7 @@ def fuse_patches(plan: FusePlan) -> dict[str, list[Contribution]]:
             keys = mm.module.keys
             up, down = source.max_abs.get(keys.get("up", "")), source.max_abs.get(keys.get("down", ""))
             bounds = (up, down) if up is not None and down is not None else None
-            contribs.append(LowRank(source.adapter, mm, source.strength, rows, bounds))
+            contribs.append(module_contribution(source.adapter, mm, key, source.strength, rows, bounds))
         row = ref.rows[0] if ref.rows else None
         if row is not None and row.component == "unet" and row.diffusers is not None:
             contribs.extend(DenseDifference(d.tuned, d.original, row.diffusers, d.strength) for d in plan.diffs)
@@ -181,7 +182,10 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
     sinks = _make_sinks(plan, record, order)
     stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
                    stage_hook=stage_hook)
-    return FuseResult(stats.files, stats.contributions, stats.tensors_patched, time.perf_counter() - start, record)
+    # A module with a weight delta and a bias diff is two contributions but one module fused.
+    both = sum(isinstance(c, BiasDiff) and c.match.module.changes_weight for cs in patches.values() for c in cs)
+    return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start,
+                      record)
 
 
 #: The engine's stream order (kept under its old name).

@@ -119,8 +119,10 @@ class FusePlan:
         from lora_tools.layouts.blocks import BLOCKS, block_of
 
         c: Counter[tuple[str, str]] = Counter()
-        for contributions in self.patches.values():
+        for key, contributions in self.patches.items():
             for _, mm in contributions:
+                if key != mm.keys[0]:  # a module listed under its weight and its bias counts once
+                    continue
                 t = mm.target
                 c[(block_of(t.component, t.sgm_key), f"{t.component}:{t.block}")] += 1  # type: ignore[arg-type]
         order = {b: i for i, b in enumerate(BLOCKS)}
@@ -274,7 +276,8 @@ def plan_fuse(
         patches: dict[str, list[tuple[LoraSource, MatchedModule]]] = {}
         for s in plan_loras:
             for mm in s.match.matched:
-                patches.setdefault(mm.target.sgm_key, []).append((s, mm))
+                for key in mm.keys:  # its weight and, with a bias diff, its bias
+                    patches.setdefault(key, []).append((s, mm))
         _check_patch_targets(model, patches)
         if accel is None:
             accel = _preset_among(plan_loras)

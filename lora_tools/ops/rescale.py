@@ -55,7 +55,7 @@ def _scaled_module(m: "LoraModule", s: float) -> dict[str, torch.Tensor]:
     out = {}
     for role in m.keys:
         t = m.factor(role)
-        if role in roles:
+        if role in roles or role == "diff_b":  # a bias diff scales with its module's delta
             t = (t.float() * s).to(t.dtype)
         out[role] = t
     return out

@@ -37,6 +37,16 @@ is always present; ``null`` where it does not apply.
     ``blocks``: block of :mod:`lora_tools.layouts.blocks` (``IN04``, ``M00``, ``TE1``) -> count of
     matched modules, in model order.
   - ``unet_naming``: ``sgm``, ``diffusers``, ``mixed``, ``text-encoder`` (no UNet module) or ``none``.
+  - ``naming``: the naming family of the module names (``kohya``, ``kohya-diffusers``, ``diffusers``,
+    ``peft``, ``comfy``; ``mixed``); ``spellings``: factor spelling (``kohya``: lora_up/lora_down,
+    ``peft``: lora_A/lora_B, ``peft-default``, ``legacy-lora``, ``legacy-linear``, ``legacy-underscore``,
+    ``legacy-processor``) -> number of modules. The two are independent: any spelling under any naming.
+  - ``targets``: every module in file order: ``module`` (``component:name``), ``naming``, ``spelling``,
+    ``algorithm``, ``target`` (single-file key of the weight it changes, ``null`` when none),
+    ``bias`` (single-file key of the bias its ``.diff_b``/``.b_norm`` changes, or ``null``), ``rows``
+    (``"2/3"``: the second of three row blocks, OpenCLIP-bigG's fused q/k/v), ``transposed`` (the
+    single file stores the weight transposed: bigG's ``text_projection``), ``reason`` (why it has no
+    target, or ``null``).
   - ``algorithms``: ``lora``, ``lora-tucker``, ``loha``, ``lokr``, ``dora``, ``full`` -> count.
   - ``ranks``: rank (as a string) -> count (``"0"``: no rank, e.g. full diffs).
   - ``alphas``: alpha (``"8"``, ``"0.5"``) or ``"none"`` (absent: alpha = rank) -> count.

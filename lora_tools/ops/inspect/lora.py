@@ -24,7 +24,8 @@ from lora_tools.lora.model import AdapterModule, LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule
 from lora_tools.ops.inspect._common import count, fmt_num, natural
 from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
-from lora_tools.ops.inspect.report import Acceleration, LoraSummary, MismatchedModule, TensorEntry, UnmatchedSummary
+from lora_tools.ops.inspect.report import (Acceleration, LoraSummary, MismatchedModule, ModuleTarget, TensorEntry,
+                                           UnmatchedSummary)
 from lora_tools.sources import SafetensorsSource, StateDictSource
 
 _LAYOUTS: tuple[tuple[str, SDXLConfig], ...] = (("sdxl", FULL), ("sdxl-tiny", TINY))
@@ -96,8 +97,30 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
         blocks={b: blocks[b] for b in BLOCKS if blocks[b]},
         mismatched=mismatched,
         warnings=tuple(warnings),
+        naming=adapter.naming,
+        spellings=count(m.spelling for m in modules),
+        targets=_module_targets(fit),
     )
     return summary, parameters
+
+
+def _module_targets(fit: _Fit) -> tuple[ModuleTarget, ...]:
+    """Every module of the LoRA, in file order, with its naming, spelling and target."""
+    matched = {(mm.module.component, mm.module.name): mm for mm in fit.match.matched}
+    mis = {(m.component, m.name): key for m, key, _ in fit.mismatched}
+    out = []
+    for m in fit.match.adapter.modules:
+        mm = matched.get((m.component, m.name))
+        common = (f"{m.component}:{m.name}", m.naming, m.spelling, _algorithm(m))
+        if mm is None:
+            reason = fit.match.reasons.get((m.component, m.name))
+            out.append(ModuleTarget(*common, mis.get((m.component, m.name)), reason=reason))
+            continue
+        t = mm.target
+        out.append(ModuleTarget(*common, t.sgm_key if m.changes_weight else None,
+                                t.bias_key if m.changes_bias else None,
+                                f"{t.part[0] + 1}/{t.part[1]}" if t.part else None, t.transposed))
+    return tuple(out)
 
 
 def _fit(adapter: LoraAdapter, name: str, cfg: SDXLConfig) -> _Fit:
@@ -107,10 +130,15 @@ def _fit(adapter: LoraAdapter, name: str, cfg: SDXLConfig) -> _Fit:
     matched: list[MatchedModule] = []
     unmatched: list[AdapterModule] = []
     mismatched: list[tuple[AdapterModule, str, ShapeMismatchError]] = []
+    reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
-        if target is None:
+        if target is None or (m.changes_bias and target.bias_key is None):
             unmatched.append(m)
+            why = (resolve.no_bias_reason(target) if target is not None
+                   else index.why_not(m.component, m.name))  # type: ignore[arg-type]
+            if why is not None:
+                reasons[(m.component, m.name)] = why
             continue
         try:
             resolve._check_shape(adapter, m, target, base)
@@ -119,7 +147,7 @@ def _fit(adapter: LoraAdapter, name: str, cfg: SDXLConfig) -> _Fit:
             mismatched.append((m, target.sgm_key, e))
             continue
         matched.append(MatchedModule(m, target))
-    return _Fit(name, cfg, LoraMatch(adapter, matched, unmatched), mismatched)
+    return _Fit(name, cfg, LoraMatch(adapter, matched, unmatched, reasons), mismatched)
 
 
 def _choose_layout(path: Path, adapter: LoraAdapter) -> _Fit:

@@ -80,6 +80,34 @@ class MismatchedModule:
 
 
 @dataclass(frozen=True, slots=True)
+class ModuleTarget:
+    """One LoRA module, how its keys are spelled, and the base tensors it changes.
+
+    Attributes:
+        module: ``component:name`` as the file spells it.
+        naming: its naming family (``kohya``, ``kohya-diffusers``, ``diffusers``, ``peft``, ``comfy``).
+        spelling: its factor spelling (``kohya``: lora_up/lora_down, ``peft``: lora_A/lora_B,
+            ``legacy-lora``, ``legacy-linear``, ``legacy-underscore``, ``legacy-processor``, ``peft-default``).
+        algorithm: ``lora``, ``lora-tucker``, ``loha``, ``lokr``, ``full``, ``dora``...
+        target: the single-file key of the weight it changes, or ``None`` (no target, or a bias diff only).
+        bias: the single-file key of the bias its bias diff changes, or ``None``.
+        rows: ``"i/n"``: it changes the i-th of n row blocks (OpenCLIP-bigG's fused q/k/v), else ``None``.
+        transposed: the single file stores that weight transposed (bigG's ``text_projection``).
+        reason: why it has no target, when SDXL's structure says so, else ``None``.
+    """
+
+    module: str
+    naming: str
+    spelling: str
+    algorithm: str
+    target: str | None
+    bias: str | None = None
+    rows: str | None = None
+    transposed: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Acceleration:
     """What is known about an acceleration model (Lightning...) and how it was recognised.
 
@@ -128,6 +156,9 @@ class LoraSummary:
     blocks: dict[str, int] = field(default_factory=dict)
     mismatched: tuple[MismatchedModule, ...] = ()
     warnings: tuple[str, ...] = ()
+    naming: str = ""
+    spellings: dict[str, int] = field(default_factory=dict)
+    targets: tuple[ModuleTarget, ...] = ()
 
 
 
