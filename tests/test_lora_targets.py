@@ -345,3 +345,19 @@ def test_every_name_comfyui_gives_text_projection_resolves_to_it(tmp_path: Path,
         m = match_lora(lora, TargetIndex(TINY.table))
         (mm,) = m.matched
         assert (mm.target.sgm_key, mm.target.transposed) == (_TE2 + "text_projection", True)
+
+
+@pytest.mark.parametrize("command", ["resize", "merge"])
+def test_resize_and_merge_refuse_a_bias_diff_instead_of_dropping_it(tmp_path: Path, command: str) -> None:
+    """Their outputs are low-rank weight deltas: a module's .diff_b would be lost, so they refuse, one line."""
+    lora, _, _ = _bias_lora(tmp_path / "l.safetensors", torch.Generator().manual_seed(5))
+    out = tmp_path / "o.safetensors"
+    args = (["resize", str(lora), "--rank", "1"] if command == "resize"
+            else ["merge", str(lora), str(lora), "--method", "svd", "--rank", "1"])
+    before = lora.read_bytes()
+    r = CliRunner().invoke(cli, [*args, "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "also changes its bias (.diff_b)" in lines[0] and f"{command} writes" in lines[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors"]
+    assert lora.read_bytes() == before

@@ -41,6 +41,16 @@ def module_key(m: "LoraModule") -> tuple[str, str]:
     return (m.component, m.name)
 
 
+def refuse_bias_diff(m: "LoraModule", verb: str) -> None:
+    """Resize and merge produce low-rank weight deltas only: a module that also changes its bias
+    (``.diff_b``/``.b_norm``) is refused rather than losing that bias diff without a word."""
+    if m.changes_bias:
+        raise UsageError(
+            f"module '{m.name}' also changes its bias (.diff_b): {verb} writes low-rank weight deltas only and "
+            "would drop it; fuse or rescale this LoRA instead, or remove that module"
+        )
+
+
 def is_low_rank(m: "LoraModule") -> bool:
     """Whether the module is a plain LoRA/LoCon/Tucker pair (not LoHa, LoKr, full, DoRA)."""
     return m.kind == "lora" and not m.is_dora

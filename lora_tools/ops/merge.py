@@ -17,6 +17,7 @@ from lora_tools.ops.lora_pairs import (
     is_low_rank,
     module_key,
     pair_of,
+    refuse_bias_diff,
     respelled,
     roles_from_pair,
     source_entry,
@@ -93,6 +94,9 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
     sources = [source_entry(w.adapter, strength=w.weight) for w in inputs]
     first_format = inputs[0].adapter.format
     inputs = [WeightedLora(respelled(w.adapter, first_format, w.label), w.weight, w.label) for w in inputs]
+    for w in inputs:
+        for m in w.adapter.modules:
+            refuse_bias_diff(m, "merge")
     check_same_architecture([(w.label, w.adapter) for w in inputs])
     if method == "svd" and rule is None:
         rule = RankRule(rank=max(m.rank for w in inputs for m in w.adapter.modules))

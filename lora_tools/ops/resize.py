@@ -14,6 +14,7 @@ from lora_tools.ops.lora_pairs import (
     is_low_rank,
     module_key,
     pair_of,
+    refuse_bias_diff,
     roles_from_pair,
     source_entry,
 )
@@ -122,6 +123,7 @@ def resize_lora(adapter: "LoraAdapter", rule: RankRule, *, conv_rule: RankRule |
     report = FitReport()
     factors, alphas = {}, {}
     for m in adapter.modules:
+        refuse_bias_diff(m, "resize")
         shape = tuple(m.natural_shape())
         r = conv_rule if conv_rule is not None and len(shape) == 4 and shape[2] * shape[3] > 1 else rule
         if is_low_rank(m):
