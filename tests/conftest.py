@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,15 @@ def pytest_terminal_summary(terminalreporter):
         total = sum(_BAD_INPUT_OUTCOMES.values())
         parts = ", ".join(f"{n} {k}" for k, n in sorted(_BAD_INPUT_OUTCOMES.items()))
         terminalreporter.write_line(f"bad-input matrix: {total} cases ({parts})")
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache with the hub offline: tests fill it, nothing is downloaded."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for var in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return cache

@@ -26,17 +26,6 @@ from tests.test_lora_ops import fused, run_fails, run_ok
 N_PRESET_LORAS = sum(p.lora_file is not None for p in PRESETS.values())
 
 
-@pytest.fixture
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    for var in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return cache
-
-
 def _without_record(src: Path, out: Path, assets: FuseAssets) -> Path:
     """The fused checkpoint with the base's metadata: nothing says what was fused into it."""
     return save_tensors(out, load_tensors(src), read_header(assets.base).metadata)

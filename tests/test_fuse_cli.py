@@ -286,17 +286,6 @@ def test_lightning_1step_uses_x0_unet_and_sample_prediction(assets: FuseAssets, 
 # ---------------------------------------------------------------------------- the hub (offline, pre-filled cache)
 
 
-@pytest.fixture
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    for var in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return cache
-
-
 def test_lightning_from_the_hub_cache(assets: FuseAssets, tmp_path: Path, offline_hub: Path) -> None:
     fill_hub_cache(offline_hub, "ByteDance/SDXL-Lightning", LIGHTNING_LORA, assets.lightning_lora.read_bytes())
     out = tmp_path / "out" / "hub.safetensors"
