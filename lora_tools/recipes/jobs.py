@@ -138,13 +138,22 @@ def compare_outputs(outputs: tuple[str, ...], expected: Mapping[str, Any]) -> tu
         if record is None:
             raise OutputExistsError(f"'{out}' already exists and was not written by loratool: remove it or choose "
                                     "another output name; a recipe only replaces its own outputs.")
-        changes = record_diff(strip_created(record), want)
-        if changes:
-            differ.append(f"{Path(out).name}: " + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else ""))
+        note_changes(differ, out, record_diff(strip_created(record), want))
+    return decide(len(outputs), missing, differ)
+
+
+def note_changes(differ: list[str], output: str, changes: list[str]) -> None:
+    """Add one line for `output` to `differ` when its record differs (the first three changes)."""
+    if changes:
+        differ.append(f"{Path(output).name}: " + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else ""))
+
+
+def decide(n_outputs: int, missing: list[str], differ: list[str]) -> tuple[State, str]:
+    """``run``/``redo``/``skip`` and why, from the outputs that are missing and those whose record differs."""
     if differ:
         return "redo", "; ".join(differ)
     if missing:
-        return ("run" if len(missing) == len(outputs) else "redo"), "missing " + ", ".join(missing)
+        return ("run" if len(missing) == n_outputs else "redo"), "missing " + ", ".join(missing)
     return "skip", "up to date"
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from lora_tools.errors import OutputExistsError
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
-from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob, record_diff
+from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob, decide, note_changes, record_diff
 
 #: Option keys of each kind that name input files (hashed into the job's entry).
 INPUT_KEYS: dict[str, tuple[str, ...]] = {
@@ -80,14 +80,8 @@ def compare_entries(outputs: tuple[str, ...], stored: Mapping[str, "dict[str, An
             raise OutputExistsError(f"'{out}' already exists and was not written by a loratool recipe: remove it or "
                                     "choose another output name; a recipe only replaces its own outputs.")
         else:
-            changes = record_diff(entry, dict(expected))
-            if changes:
-                differ.append(f"{Path(out).name}: " + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else ""))
-    if differ:
-        return "redo", "; ".join(differ)
-    if missing:
-        return ("run" if len(missing) == len(outputs) else "redo"), "missing " + ", ".join(missing)
-    return "skip", "up to date"
+            note_changes(differ, out, record_diff(entry, dict(expected)))
+    return decide(len(outputs), missing, differ)
 
 
 def _options_model(kind: str) -> Any:
