@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lora_tools.errors import Hint, InvalidFileError, OutputExistsError, UsageError
-from lora_tools.provenance import read_record
+from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.safetensors_io import read_header
 
 #: Licenses of the presets' own weights (their model cards).
@@ -145,8 +145,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         sha, tensor_sha = _hashes(p)
         files.append(ReleaseFile(p, p.stat().st_size, sha, tensor_sha, record, header.metadata.get("modelspec.license")))
     out = Path(folder) if folder is not None else (src.parent / f"{src.stem}-release" if src.is_file() else src / "release")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"'{out}' already exists", hint=Hint("overwrite", "to replace it"))
+    check_release_folder(out, [f.path for f in files] + [Path(g) for g, _ in grids or []], overwrite=overwrite)
     warnings: list[str] = []
     chosen = license or next((f.license for f in files if f.license), None) or UNKNOWN
     if chosen == UNKNOWN:
@@ -172,6 +171,53 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         names = [name for _, name in extras]
     card = model_card(files, license=chosen, repo=repo, base_model=base_model or [], grids=names)
     return ReleasePlan(files, out, card, sched, repo, private, chosen, warnings, extras)
+
+
+def release_folder_of_ours(folder: Path) -> str | None:
+    """Why ``folder`` may not be replaced as an earlier release: ``None`` when every file in it
+    is one a release of ours holds (model files carrying our record, the card, the scheduler
+    config, verification grids) and at least one model file carries our record."""
+    if folder.is_symlink():
+        return "it is a symbolic link"
+    if not folder.is_dir():
+        return "it is not a folder"
+    ours = False
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_file():
+            return f"it holds '{entry.name}', which is not a plain file"
+        if entry.suffix == ".safetensors":
+            try:
+                recorded = LORATOOL_METADATA_KEY in read_header(entry).metadata
+            except Exception:  # noqa: BLE001 - an unreadable header is simply not ours
+                recorded = False
+            if not recorded:
+                return f"it holds '{entry.name}', which loratool did not write"
+            ours = True
+            continue
+        if entry.name not in ("README.md", "scheduler_config.json") and entry.suffix != ".png":
+            return f"it holds '{entry.name}', which a release does not hold"
+    return None if ours else "it holds no model file written by loratool"
+
+
+def check_release_folder(folder: Path, inputs: list[Path], *, overwrite: bool) -> None:
+    """Refuse a release folder that is, holds or lies beside-as-parent of an input, or that
+    exists and is not an earlier release of ours (``overwrite`` replaces only those).
+
+    Raises:
+        [`UsageError`]: the folder is an input or holds one.
+        [`OutputExistsError`]: it exists and ``overwrite`` was not given, or it is not ours.
+    """
+    from lora_tools.output.plan import refuse_input_as_output
+
+    refuse_input_as_output(folder, inputs)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"'{folder}' already exists", hint=Hint("overwrite", "to replace it"))
+    why = release_folder_of_ours(folder)
+    if why is not None:
+        raise OutputExistsError(f"'{folder}' already exists and is not an earlier release of loratool's ({why}): "
+                                "nothing was removed; choose another release folder.")
 
 
 def _presets(record: dict[str, Any]) -> list[str]:
@@ -266,11 +312,16 @@ def model_card(files: list[ReleaseFile], *, license: str, repo: str | None = Non
 
 def write_release(plan: ReleasePlan) -> Path:
     """Write the release folder (model files hard-linked where possible, else copied), all at once:
-    into a temporary sibling, renamed into place at the end."""
-    tmp = plan.folder.with_name(f".{plan.folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    into a recognisable temporary folder beside it, then moved into place. An existing folder is
+    replaced only if it is an earlier release of ours (checked again here, just before)."""
+    from lora_tools.output.atomic import claim, create_temp_dir, remove, remove_stale_temps, replace
+
+    final = plan.folder
+    check_release_folder(final, [f.path for f in plan.files] + [src for src, _ in plan.extras], overwrite=True)
+    remove_stale_temps(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = create_temp_dir(final)
+    old: Path | None = None
     try:
         for f in plan.files:
             try:
@@ -282,13 +333,16 @@ def write_release(plan: ReleasePlan) -> Path:
         (tmp / "README.md").write_text(plan.card, encoding="utf-8")
         if plan.scheduler_config is not None:
             (tmp / "scheduler_config.json").write_text(_scheduler_json(plan.scheduler_config))
-        if plan.folder.exists():
-            shutil.rmtree(plan.folder)
-        tmp.rename(plan.folder)
+        if final.exists():
+            old = replace(tmp, final)
+        else:
+            claim(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
-    return plan.folder
+    if old is not None:
+        remove(old)
+    return final
 
 
 def check_upload(plan: ReleasePlan) -> None:

@@ -125,3 +125,47 @@ def test_refuses_a_file_not_made_by_loratool(assets: Assets) -> None:  # noqa: F
     assert result.exit_code == 1
     assert result.stderr.strip() == (f"Error: '{assets.base_a}' has no loratool record: publish releases files "
                                      "made by loratool.")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["documents", "parent", "input-folder", "link-to-input-folder", "dot"])
+def test_overwrite_never_removes_a_folder_it_did_not_make(fused: Path, tmp_path: Path, where: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data loss: ``--overwrite`` replaces only an earlier release of ours; never the user's
+    files, the input's folder or a folder holding the input."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / fused.name
+    model.write_bytes(fused.read_bytes())
+    docs = tmp_path / "documents"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    (docs / "README.md").write_text("not a release")
+    (tmp_path / "link").symlink_to(work)
+    monkeypatch.chdir(work)
+    target = {"documents": str(docs), "parent": "..", "input-folder": str(work),
+              "link-to-input-folder": str(tmp_path / "link"), "dot": "."}[where]
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(cli, ["publish", str(model), "--release-dir", target, "--overwrite",
+                                      "--license", "openrail++"])
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert _tree(tmp_path) == before
+    assert not [p for p in tmp_path.rglob("*") if ".loratool.partial" in p.name]
+
+
+def test_overwrite_replaces_an_earlier_release_of_ours(fused: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "release"
+    args = ["publish", str(fused), "--release-dir", str(folder), "--license", "openrail++"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    (folder / "README.md").write_text("stale card")
+    result = CliRunner().invoke(cli, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "README.md").read_text() != "stale card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]

@@ -135,10 +135,15 @@ class PublishJob:
         folder = Path(job.options["release_dir"])
         if not folder.exists():
             return "run", ""
+        from lora_tools.publish import release_folder_of_ours
+
+        why = release_folder_of_ours(folder)
+        if why is not None:
+            raise OutputExistsError(f"'{folder}' already exists and is not an earlier release of loratool's ({why}): "
+                                    "nothing was removed; choose another release_dir.")
         card = folder / "README.md"
         if not card.is_file():
-            raise OutputExistsError(f"'{folder}' already exists and is not a release folder: remove it or choose "
-                                    "another release_dir; a recipe only replaces its own outputs.")
+            return "redo", f"{folder.name}: the release has no card"
         have = sorted(p.name for p in folder.iterdir())
         if card.read_text(encoding="utf-8") != plan.card or have != sorted(n for n, _ in plan.listing()):
             return "redo", f"{folder.name}: the release differs (card or files)"
