@@ -6,7 +6,7 @@ Builds (or reuses) a synthetic full-size SDXL single file (~6.9 GB fp16) and a L
 one run, each job in its own fresh subprocess so its peak RSS is its own:
 
   cp               ``cp base out && sync out``: a durable copy (the reference for the 1.3x target)
-  pycopy           the I/O floor: tensor by tensor with lora_tools.safetensors_io (read_header +
+  pycopy           the I/O floor: tensor by tensor with lora_tools.io.safetensors (read_header +
                    TensorFile + StreamingWriter with its defaults, fsync + rename), no hashing
   pycopy-buffered  the same with StreamingWriter(direct=False): page-cache writes (only where the
                    writer has a ``direct`` switch)
@@ -155,7 +155,7 @@ def job_pycopy(base: Path, out: Path, direct: bool | None = None) -> dict[str, o
     reader and writer (its defaults, or ``direct`` forced on/off), fsync, rename. No hashing."""
     import dataclasses
 
-    from lora_tools.safetensors_io import StreamingWriter, TensorFile, TensorPlan, read_header
+    from lora_tools.io.safetensors import StreamingWriter, TensorFile, TensorPlan, read_header
 
     t0 = time.perf_counter()
     header = read_header(base)
@@ -348,7 +348,7 @@ def loratool_cmd() -> list[str]:
 def writer_has_direct() -> bool:
     import dataclasses
 
-    from lora_tools.safetensors_io import StreamingWriter
+    from lora_tools.io.safetensors import StreamingWriter
 
     return "direct" in {f.name for f in dataclasses.fields(StreamingWriter)}
 
@@ -432,8 +432,8 @@ def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: i
     import torch
 
     from lora_tools.layouts.sdxl import to_diffusers
-    from lora_tools.models import open_model
-    from lora_tools.safetensors_io import TensorFile
+    from lora_tools.io.model import open_model
+    from lora_tools.io.safetensors import TensorFile
     from lora_tools.testing.synthetic_lora import LCM_TARGETS
 
     with TensorFile(ours_path) as ours, TensorFile(theirs_path) as theirs, open_model(inp.base) as base:

@@ -270,7 +270,7 @@ def job_extract_dense(inp: Inputs, args: argparse.Namespace) -> None:
     import torch
 
     from lora_tools.lowrank import RankRule, dense_svd
-    from lora_tools.models import open_model
+    from lora_tools.io.model import open_model
     from lora_tools.ops.extract import paired_targets, target_weight
 
     names = {name for name, *_ in _pairs(inp.lora_a)}

@@ -93,7 +93,7 @@ def digest(path: Path) -> tuple[str, dict]:
     """(sha256 of the tensors' names and bytes in file order, the record without ``created``)."""
     import hashlib
 
-    from lora_tools.safetensors_io import TensorFile, read_header
+    from lora_tools.io.safetensors import TensorFile, read_header
 
     h = hashlib.sha256()
     with TensorFile(path) as tf:
@@ -185,7 +185,7 @@ def full_batch(inputs: dict[str, Path], work: Path) -> dict[str, object]:
 
 def write_markdown(path: Path, report: dict) -> None:
     def size(n: int) -> str:
-        from lora_tools.cli._output import format_bytes
+        from lora_tools.units import format_bytes
 
         return format_bytes(n)
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "save_lora": "lora_tools.lora.save",
     "LoraAdapter": "lora_tools.lora.adapter",
     "LoraModule": "lora_tools.lora.adapter",
-    "open_model": "lora_tools.models",
+    "open_model": "lora_tools.io.model",
     "compare_with_runtime_lora": "lora_tools.verify.weights",
 }
 

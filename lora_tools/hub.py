@@ -16,7 +16,6 @@ and the file and says what to do.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -46,11 +45,10 @@ LORA_HINT = Hint("lora", "with the downloaded file", "PATH")
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["autov2_hash", "hub_unreachable", "parse_source", "resolve_file", "resolve_source", "sha256_file"]
+__all__ = ["hub_unreachable", "parse_source", "resolve_file", "resolve_source"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,25 +365,3 @@ def resolve_source(src: str, *, revision: str | None = None, hint: Hint | None =
     except HubError as e:
         msg = e.message
         raise HubError(f"No local file '{src}', and {msg[:1].lower()}{msg[1:]}", hint=e.hint) from e
-
-
-def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
-    """Return the sha256 of a file as lower-case hex, reading it in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    buf = bytearray(max(1, chunk))
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def autov2_hash(sha256: str) -> str:
-    """Return the A1111/Civitai "AutoV2" short hash: the first 10 hex characters of the sha256 (lower case).
-
-    Raises:
-        [`UsageError`]: ``sha256`` is not 64 hex characters.
-    """
-    if not _SHA256.fullmatch(sha256.strip()):
-        raise UsageError(f"Not a sha256 hex digest: {sha256!r}.")
-    return sha256.strip().lower()[:10]

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,8 @@ from typing import Any, Protocol
 
 from lora_tools.errors import Hint, InvalidFileError, OutputExistsError, UsageError
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
-from lora_tools.safetensors_io import read_header
+from lora_tools.io.hashing import sha256_file_and_tensors
+from lora_tools.io.safetensors import read_header
 
 #: Licenses of the presets' own weights (their model cards).
 PRESET_LICENSES = {"lightning": ("ByteDance/SDXL-Lightning", "openrail++")}
@@ -82,19 +82,6 @@ class HubApi(Protocol):
                       commit_message: str | None = ...) -> Any: ...
 
 
-def _hashes(path: Path) -> tuple[str, str]:
-    full, tensors = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little")
-        header = f.read(n)
-        full.update(head + header)
-        while chunk := f.read(16 << 20):
-            full.update(chunk)
-            tensors.update(chunk)
-    return full.hexdigest(), tensors.hexdigest()
-
-
 def _model_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -130,7 +117,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         [`UsageError`]: nothing to publish, a file without a ``loratool`` record, a malformed repo id.
         [`OutputExistsError`]: the release folder exists and ``overwrite`` was not given.
     """
-    from lora_tools.hub import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
+    from lora_tools.io.hashing import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
     from lora_tools.recipes.schema import REPO_ID_RE
 
     src = Path(path)
@@ -142,7 +129,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         record = read_record(header.metadata)
         if record is None:
             raise InvalidFileError(f"'{p}' has no loratool record: publish releases files made by loratool.")
-        sha, tensor_sha = _hashes(p)
+        sha, tensor_sha = sha256_file_and_tensors(p)
         files.append(ReleaseFile(p, p.stat().st_size, sha, tensor_sha, record, header.metadata.get("modelspec.license")))
     out = Path(folder) if folder is not None else (src.parent / f"{src.stem}-release" if src.is_file() else src / "release")
     check_release_folder(out, [f.path for f in files] + [Path(g) for g, _ in grids or []], overwrite=overwrite)
@@ -154,7 +141,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
     sampler = files[0].record.get("sampler")
     sched = None
     if isinstance(sampler, dict):
-        from lora_tools.diffusers_folder import SCHEDULER_CONFIG
+        from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
 
         sched = dict(SCHEDULER_CONFIG)
         sched.update({"_class_name": sampler.get("scheduler", "EulerDiscreteScheduler"),
@@ -314,7 +301,7 @@ def write_release(plan: ReleasePlan) -> Path:
     """Write the release folder (model files hard-linked where possible, else copied), all at once:
     into a recognisable temporary folder beside it, then moved into place. An existing folder is
     replaced only if it is an earlier release of ours (checked again here, just before)."""
-    from lora_tools.output.atomic import claim, create_temp_dir, remove, remove_stale_temps, replace
+    from lora_tools.io.atomic import claim, create_temp_dir, remove, remove_stale_temps, replace
 
     final = plan.folder
     check_release_folder(final, [f.path for f in plan.files] + [src for src, _ in plan.extras], overwrite=True)

@@ -24,7 +24,7 @@ import torch
 
 from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import sgm_to_diffusers_state_dicts
-from lora_tools.safetensors_io import load_tensors
+from lora_tools.io.safetensors import load_tensors
 from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
 from lora_tools.testing.synthetic_lora import select_targets, write_lora
 

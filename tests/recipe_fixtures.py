@@ -43,7 +43,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
 
 def tokenizer_config(root: Path) -> Path:
     """What verify's ``config`` folder holds for the tiny models: byte tokenizers."""
-    from lora_tools.diffusers_folder import write_byte_tokenizer
+    from lora_tools.io.diffusers_folder import write_byte_tokenizer
     from lora_tools.layouts import TINY
 
     config = root / "config"

@@ -68,7 +68,7 @@ def run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str, str]:
 
 def write_tuned(path: Path, base: Path) -> Path:
     """``base`` with two attention weights changed: a fine-tune whose extract is quick (two modules)."""
-    from lora_tools.safetensors_io import load_tensors, save_tensors
+    from lora_tools.io.safetensors import load_tensors, save_tensors
 
     tensors = load_tensors(base)
     for key in sorted(k for k in tensors if k.endswith("attn1.to_q.weight"))[:2]:
@@ -78,7 +78,7 @@ def write_tuned(path: Path, base: Path) -> Path:
 
 def write_small_lora(path: Path, modules: int = 4, rank: int = 4) -> Path:
     """A tiny-SDXL kohya LoRA cut to its first ``modules`` modules: every LoRA op on it is quick."""
-    from lora_tools.safetensors_io import save_tensors
+    from lora_tools.io.safetensors import save_tensors
     from lora_tools.testing.synthetic_lora import make_lora
 
     tensors, metadata = make_lora("tiny", rank=rank)

@@ -28,7 +28,7 @@ import torch
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.safetensors_io import load_tensors, save_tensors
+from lora_tools.io.safetensors import load_tensors, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora, write_lora
 from tests.reliability_helpers import run_as, unprivileged
@@ -579,7 +579,7 @@ def test_lora_named_like_lightning_is_fused_as_lightning_only_with_its_signature
     before the fuse and a plain fuse (no Lightning name, record or sampler advice); with the
     Lightning key signature, a Lightning fuse without a warning (the name is not distrusted)."""
     from lora_tools.provenance import read_record
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.io.safetensors import read_header
 
     base = Path(shutil.copyfile(good[0], tmp_path / "base.safetensors"))
     if shaped:

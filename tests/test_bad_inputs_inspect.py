@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.safetensors_io import save_tensors
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic_lora import write_lora
 
 

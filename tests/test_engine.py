@@ -17,8 +17,8 @@ from lora_tools.engine import DenseDifference, LowRank, needs_check, stream, str
 from lora_tools.errors import NonFiniteError
 from lora_tools.lora.model import AdapterModule
 from lora_tools.lora.resolve import MatchedModule
-from lora_tools.models import TensorRef, open_model
-from lora_tools.sources import StateDictSource
+from lora_tools.io.model import TensorRef, open_model
+from lora_tools.io.sources import StateDictSource
 
 
 class CollectSink:

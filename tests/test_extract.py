@@ -12,7 +12,7 @@ from lora_tools.errors import InvalidFileError
 from lora_tools.lora.formats import load_lora
 from lora_tools.lowrank import RankRule
 from lora_tools.ops.extract import extract_lora
-from lora_tools.safetensors_io import load_tensors, read_header, save_tensors
+from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
 from tests.test_lora_ops import deltas, fused, run_fails, run_ok
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.provenance import read_record
-from lora_tools.safetensors_io import read_header
+from lora_tools.io.safetensors import read_header
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
 from tests.reliability_helpers import write_small_lora, write_tuned
 

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 from lora_tools.cli import cli
 from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse
-from lora_tools.safetensors_io import (StreamingWriter, TensorFile, TensorPlan, load_tensors, read_header,
+from lora_tools.io.safetensors import (StreamingWriter, TensorFile, TensorPlan, load_tensors, read_header,
                                        save_tensors, torch_dtype)
 from lora_tools.testing.synthetic import ALL_COMPONENTS, checkpoint_plan
 from lora_tools.testing.synthetic_lora import make_lora, write_lora
@@ -748,9 +748,9 @@ def test_not_enough_space_is_refused_at_plan_time(assets: FuseAssets, tmp_path: 
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil as shutil_module
 
-    from lora_tools.cli._output import format_bytes
-    from lora_tools.output import plan as output_plan
+    from lora_tools.io import atomic
     from lora_tools.ops.fuse_plan import plan_fuse
+    from lora_tools.units import format_bytes
 
     plan = plan_fuse(assets.base, loras=[(str(assets.style), 1.0)], saves=("checkpoint", "unet"),
                      output=tmp_path / "o.safetensors")
@@ -760,11 +760,11 @@ def test_not_enough_space_is_refused_at_plan_time(assets: FuseAssets, tmp_path: 
         plan.close()
     free = need - 1  # room for each output alone, not for both
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr(output_plan.shutil, "disk_usage", lambda path: usage._replace(free=free))
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage._replace(free=free))
     out = tmp_path / "o.safetensors"
     line = fuse_fails((tmp_path, assets.root), assets.base, "--lora", assets.style, "--save", "checkpoint",
                       "--save", "unet", "-o", out, "--dry-run", names="not enough space")
-    mount = output_plan._mount_point(tmp_path)
+    mount = atomic.mount_point(tmp_path)
     assert line == (f"Error: not enough space on '{mount}' for '{tmp_path / 'o-unet.safetensors'}': "
                     f"need {format_bytes(need)}, have {format_bytes(free)}.")
     fuse_ok(assets.base, "--lora", assets.style, "-o", out, "--dry-run")  # one output fits

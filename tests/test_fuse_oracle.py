@@ -18,7 +18,7 @@ import torch
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import ModuleTarget
 from lora_tools.ops.fuse import fuse
-from lora_tools.safetensors_io import TensorFile, load_tensors
+from lora_tools.io.safetensors import TensorFile, load_tensors
 from lora_tools.testing.synthetic_lora import module_keys, select_targets, write_lora
 from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     REL_TOL,

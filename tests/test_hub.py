@@ -19,7 +19,8 @@ from huggingface_hub.utils import (
 from lora_tools import hub
 from lora_tools.cli import error_message
 from lora_tools.errors import Hint, HubError, UsageError
-from lora_tools.hub import autov2_hash, parse_source, resolve_file, resolve_source, sha256_file
+from lora_tools.hub import parse_source, resolve_file, resolve_source
+from lora_tools.io.hashing import autov2_hash, sha256_file
 from lora_tools.presets import (
     LIGHTNING,
     PRESETS,

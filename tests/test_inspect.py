@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import lora_tools
 from lora_tools.cli import cli
 from lora_tools.layouts import FULL, SGM_PREFIXES, TINY
-from lora_tools.safetensors_io import TensorPlan, build_header, read_header, save_tensors
+from lora_tools.io.safetensors import TensorPlan, build_header, read_header, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
 from lora_tools.testing.synthetic_lora import make_lora, module_keys, select_targets, write_lightning_lora, write_lora
 
@@ -224,11 +224,11 @@ def test_hashes_and_identification_by_sha256(lora_dir: Path, lightning_tiny: Pat
     assert d["file"]["sha256"] == digest and d["file"]["autov2"] == digest[:10]
     assert inspect_json(lightning_tiny, "--no-hash")["file"]["sha256"] is None
 
-    import lora_tools.hub
+    import lora_tools.io.hashing
     from lora_tools.presets import LIGHTNING
 
     known = LIGHTNING[4].known_sha256["sdxl_lightning_4step_lora.safetensors"]
-    monkeypatch.setattr(lora_tools.hub, "sha256_file", lambda path, **_: known)
+    monkeypatch.setattr(lora_tools.io.hashing, "sha256_file", lambda path, **_: known)
     anon = lora_dir / "downloaded.safetensors"
     anon.write_bytes(lightning_tiny.read_bytes())
     accel = inspect_json(anon)["lora"]["acceleration"]

@@ -18,7 +18,7 @@ from lora_tools.layouts.blocks import BLOCKS
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.scale import module_scale
 from lora_tools.ops.inspect import inspect_path
-from lora_tools.safetensors_io import save_tensors
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
 

@@ -14,7 +14,7 @@ from lora_tools.errors import KeyMismatchError
 from lora_tools.layouts import FULL, TINY, config_from_shapes
 from lora_tools.layouts.sdxl import diffusers_to_sgm_state_dict, sgm_to_diffusers_state_dicts
 from lora_tools.layouts.targets import TargetIndex
-from lora_tools.safetensors_io import load_tensors, read_header
+from lora_tools.io.safetensors import load_tensors, read_header
 
 GOLDEN = Path(__file__).resolve().parents[1] / "lora_tools" / "layouts" / "data" / "sdxl-sgm-keys.json"
 

@@ -16,7 +16,7 @@ from lora_tools.lora.adapter import LoraModule
 from lora_tools.lora.formats import detect_format, get_format, load_lora
 from lora_tools.lora.save import spell_module
 from lora_tools.lora.spelling import PROCESSOR, SPELLINGS, spell_key
-from lora_tools.safetensors_io import save_tensors
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic_lora import select_targets
 
 NAMINGS = ["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"]
@@ -191,7 +191,7 @@ def test_lycoris_input_axis_dora_on_a_square_conv() -> None:
 @pytest.fixture(scope="module")
 def tiny_tensors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The tensors of a tiny fp32 single file (UNet and both text encoders)."""
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
     from lora_tools.testing.synthetic import write_checkpoint
 
     path = write_checkpoint(tmp_path_factory.mktemp("cross") / "base.safetensors", "tiny", dtype="fp32",

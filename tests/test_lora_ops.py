@@ -18,7 +18,7 @@ from lora_tools.lowrank import RankRule
 from lora_tools.ops.merge import WeightedLora, merge_loras
 from lora_tools.ops.rescale import rescale_lora
 from lora_tools.ops.resize import resize_lora
-from lora_tools.safetensors_io import TensorFile, load_tensors, read_header, save_tensors
+from lora_tools.io.safetensors import TensorFile, load_tensors, read_header, save_tensors
 from lora_tools.testing.synthetic_lora import write_lora
 from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     FuseAssets,

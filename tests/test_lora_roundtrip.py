@@ -17,7 +17,7 @@ from lora_tools.lora.adapter import LoraAdapter
 from lora_tools.lora.formats import available_formats, load_lora
 from lora_tools.lora.save import save_lora
 from lora_tools.provenance import read_record
-from lora_tools.safetensors_io import load_tensors, read_header
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.testing.synthetic_lora import module_factors, select_targets, write_lora
 
 FORMATS = ["kohya", "kohya-diffusers", "diffusers", "peft", "comfy", "diffusers-legacy"]
@@ -249,7 +249,7 @@ def test_naming_and_spelling_are_separate(tmp_path: Path) -> None:
     tensors = {f"lora_unet_{name}.lora_A.weight": torch.randn(4, t.shape[1], generator=g),
                f"lora_unet_{name}.lora_B.weight": torch.randn(t.shape[0], 4, generator=g),
                f"lora_unet_{name}.alpha": torch.tensor(2.0)}
-    from lora_tools.safetensors_io import save_tensors
+    from lora_tools.io.safetensors import save_tensors
 
     path = save_tensors(tmp_path / "mixed.safetensors", tensors)
     with load_lora(path) as lora:

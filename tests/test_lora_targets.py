@@ -15,7 +15,7 @@ from lora_tools.layouts.sdxl import FULL
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.formats import load_lora
 from lora_tools.lora.resolve import match_lora
-from lora_tools.safetensors_io import save_tensors
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 
 _NO_SHORTCUT = "SDXL's resnet down_blocks.0.resnets.0 has no conv_shortcut"
@@ -76,7 +76,7 @@ def test_fuse_refuses_with_the_reason_and_allow_unmatched_skips(tmp_path: Path) 
 def test_norms_and_embeddings_are_targets_fused_like_the_dense_reference(tmp_path: Path) -> None:
     """Full diffs on norm weights and the token embedding, a LoRA on bigG's position embedding:
     each fused tensor equals W + delta computed in fp64 from the formulas."""
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     base = write_checkpoint(tmp_path / "base.safetensors", "tiny", dtype="fp32")
     g = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def test_text_projection_is_a_transposed_target(table) -> None:  # type: ignore[
 def test_text_projection_lora_lands_transposed_on_a_single_file(tmp_path: Path, sgm_base: Path, naming: str) -> None:
     """OpenCLIP stores text_projection as P with x @ P; the LoRA's delta is on W = P.T (diffusers
     and ComfyUI's Linear): P' = (P.T + s * delta).T, checked in fp64."""
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     base = sgm_base
     lora, delta = _text_projection_lora(tmp_path / "l.safetensors", naming, torch.Generator().manual_seed(1))
@@ -172,7 +172,7 @@ def test_text_projection_lora_on_a_diffusers_folder_matches_diffusers_orientatio
     by exactly s * up @ down (the orientation transformers' Linear uses), read straight from the output file.
     diffusers itself has no oracle here: its text-encoder loader maps only q/k/v/out_proj and fc1/fc2
     (``convert_state_dict_to_peft`` cannot infer a state dict holding only ``text_projection``)."""
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     folder = folder_base
     lora, delta = _text_projection_lora(tmp_path / "l.safetensors", "kohya", torch.Generator().manual_seed(2))
@@ -237,7 +237,7 @@ def test_bias_and_norm_diffs_fuse_like_the_dense_reference(tmp_path: Path, sgm_b
     """Every bias diff lands on the bias beside its module's weight (q/k/v: its row slice of
     in_proj_bias), w_norm/b_norm like diff/diff_b (ComfyUI's load_lora), at the LoRA's strength;
     nothing else changes."""
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     base = sgm_base
     lora, _, want = _bias_lora(tmp_path / "l.safetensors", torch.Generator().manual_seed(4))
@@ -252,7 +252,7 @@ def test_bias_and_norm_diffs_fuse_like_the_dense_reference(tmp_path: Path, sgm_b
 
 
 def test_bias_diff_on_a_diffusers_folder(tmp_path: Path, folder_base: Path) -> None:
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     folder = folder_base
     lora, t, _ = _bias_lora(tmp_path / "l.safetensors", torch.Generator().manual_seed(5))

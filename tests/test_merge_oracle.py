@@ -116,7 +116,7 @@ _BASE: dict[Path, dict[str, torch.Tensor]] = {}
 
 
 def load_base(assets: FuseAssets) -> dict[str, torch.Tensor]:
-    from lora_tools.safetensors_io import load_tensors
+    from lora_tools.io.safetensors import load_tensors
 
     if assets.base not in _BASE:
         _BASE[assets.base] = load_tensors(assets.base)

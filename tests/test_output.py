@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from lora_tools.cli import cli, error_message
 from lora_tools.errors import OutputError, OutputExistsError, UsageError
 from lora_tools.ops.fuse import fuse
-from lora_tools.output import atomic
-from lora_tools.output.plan import WrittenFile, check_output, reserve_space, release_space
+from lora_tools.io import atomic
+from lora_tools.output.plan import WrittenFile, check_output
 from lora_tools.output.sinks import write_safetensors
 from lora_tools.provenance import read_record
-from lora_tools.safetensors_io import StreamingWriter, TensorPlan, load_tensors, read_header
+from lora_tools.io.safetensors import StreamingWriter, TensorPlan, load_tensors, read_header
 from tests.fuse_fixtures import _single_torch_thread, assets, listing  # noqa: F401  (fixtures)
 
 from tests.fuse_fixtures import FuseAssets
@@ -161,13 +161,13 @@ def test_space_of_outputs_on_one_disk_adds_up(tmp_path: Path, monkeypatch: pytes
 
     total = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: total._replace(free=6000))
-    dev = reserve_space(tmp_path / "a", 4000)
+    dev = atomic.reserve_space(tmp_path / "a", 4000)
     try:
         with pytest.raises(OutputError, match="need 7.8 KiB"):
-            reserve_space(tmp_path / "b", 4000)
+            atomic.reserve_space(tmp_path / "b", 4000)
     finally:
-        release_space(dev, 4000)
-    release_space(reserve_space(tmp_path / "b", 4000), 4000)
+        atomic.release_space(dev, 4000)
+    atomic.release_space(atomic.reserve_space(tmp_path / "b", 4000), 4000)
 
 
 def test_disk_full_mid_write_is_one_line(tmp_path: Path) -> None:

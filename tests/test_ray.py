@@ -35,7 +35,7 @@ from lora_tools.cli import cli
 from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.recipes import LocalExecutor, plan_recipe, run_recipe
-from lora_tools.safetensors_io import TensorFile, read_header
+from lora_tools.io.safetensors import TensorFile, read_header
 from tests.recipe_fixtures import REPO_RECIPES, tokenizer_config
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from lora_tools.cli import cli
 from lora_tools.recipes import LocalExecutor, ResolvedJob, plan_recipe, run_recipe
 from lora_tools.recipes.jobs import JobResult
-from lora_tools.safetensors_io import TensorFile, read_header
+from lora_tools.io.safetensors import TensorFile, read_header
 from tests.fuse_fixtures import fill_hub_cache, listing, sha256_of
 from tests.recipe_fixtures import REPO_RECIPES, Assets, assets  # noqa: F401  (fixture)
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
-from lora_tools.safetensors_io import TensorFile, read_header
+from lora_tools.io.safetensors import TensorFile, read_header
 from tests.recipe_fixtures import REPO_RECIPES, Assets, assets, tokenizer_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

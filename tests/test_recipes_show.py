@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
-from lora_tools.safetensors_io import read_header
+from lora_tools.io.safetensors import read_header
 from tests.recipe_fixtures import Assets, assets  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow  # each test runs its command and two recipe rebuilds on tiny models
@@ -30,7 +30,7 @@ def tuned(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:  # 
     import torch
     from safetensors.torch import save_file
 
-    from lora_tools.safetensors_io import TensorFile
+    from lora_tools.io.safetensors import TensorFile
 
     with TensorFile(assets.base_a) as f:
         tensors = {k: f.tensor(k).clone() for k in f.keys()}
@@ -116,7 +116,7 @@ def test_a_run_job_output_equals_the_command_output_but_for_created(assets: Asse
 def test_recipe_show_of_a_lora_op_record_without_options(tmp_path: Path) -> None:
     """A record of an op without the recipe entry (an older loratool) is one clear line, exit 1."""
     from lora_tools.provenance import build_record, with_record
-    from lora_tools.safetensors_io import TensorFile
+    from lora_tools.io.safetensors import TensorFile
     from lora_tools.testing.synthetic_lora import write_lora
     from safetensors.torch import save_file
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_tools.errors import KeyMismatchError
-from lora_tools.safetensors_io import StreamingWriter, TensorFile, TensorPlan, dtype_name, read_header
+from lora_tools.io.safetensors import StreamingWriter, TensorFile, TensorPlan, dtype_name, read_header
 
 
 def _tensors() -> dict[str, torch.Tensor]:

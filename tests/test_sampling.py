@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from lora_tools.diffusers_folder import component_config
+from lora_tools.io.diffusers_folder import component_config
 from lora_tools.layouts import TINY
 from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, scheduler_for
 from lora_tools.presets import LIGHTNING

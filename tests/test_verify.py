@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lora_tools.cli import cli
-from lora_tools.diffusers_folder import write_byte_tokenizer
+from lora_tools.io.diffusers_folder import write_byte_tokenizer
 from lora_tools.errors import UsageError
 from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.diffusers_folder import write_byte_tokenizer
+from lora_tools.io.diffusers_folder import write_byte_tokenizer
 from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse
 from lora_tools.presets import PRESETS
@@ -95,7 +95,7 @@ def test_nan_in_the_latents_is_a_failed_check_naming_where(tiny: dict[str, Path]
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.io.safetensors import read_header
 
     tensors = load_file(str(tiny["fused"]))
     key = "model.diffusion_model.out.2.weight"  # the UNet's last conv: every latent goes through it

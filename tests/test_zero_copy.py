@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tools import file_out
+from lora_tools.io import direct as io_direct
 from lora_tools.engine.buffers import PAGE, BufferRing
-from lora_tools.safetensors_io import StreamingWriter, TensorPlan
+from lora_tools.io.safetensors import StreamingWriter, TensorPlan
 from tests.fuse_fixtures import assets  # noqa: F401  (fixture)
 
 
@@ -40,13 +40,13 @@ def _write(path: Path, payloads: dict[str, bytes], *, in_phase: bool) -> Streami
 
 
 def test_in_phase_buffers_skip_the_copy_and_write_the_same_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(file_out, "ZERO_COPY_MIN_BYTES", 4096)
+    monkeypatch.setattr(io_direct, "ZERO_COPY_MIN_BYTES", 4096)
     zero_copy: list[int] = []
-    original = file_out.DirectOut._write_pages
-    monkeypatch.setattr(file_out.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
+    original = io_direct.DirectOut._write_pages
+    monkeypatch.setattr(io_direct.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
     payloads = _payloads()
     direct = _write(tmp_path / "direct.safetensors", payloads, in_phase=True)
-    if not isinstance(direct._out, file_out.DirectOut) and not zero_copy:
+    if not isinstance(direct._out, io_direct.DirectOut) and not zero_copy:
         pytest.skip("this filesystem refuses O_DIRECT")
     copied = _write(tmp_path / "copied.safetensors", payloads, in_phase=False)
     data = (tmp_path / "direct.safetensors").read_bytes()
@@ -60,7 +60,7 @@ def test_ring_places_views_in_phase_and_reuses_its_memory():
     ring = BufferRing(size=64 * PAGE)
     for phase in (0, 1, 2, 4095, 4096 + 7):
         view = ring.take(10_000, phase)
-        assert view.nbytes == 10_000 and file_out.address(view) % PAGE == phase % PAGE
+        assert view.nbytes == 10_000 and io_direct.address(view) % PAGE == phase % PAGE
         assert view.obj is ring._block
         ring.give(view)
     assert not ring._spans
@@ -98,11 +98,11 @@ def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path,
 
     loras = [(str(assets.lightning_lora), 1.0), (str(assets.style), 0.6)]
     plain = fuse(assets.base, loras=loras, saves=saves, output=tmp_path / "plain" / "out.safetensors").files
-    monkeypatch.setattr(file_out, "DIRECT_MIN_BYTES", 0)
-    monkeypatch.setattr(file_out, "ZERO_COPY_MIN_BYTES", PAGE)
+    monkeypatch.setattr(io_direct, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(io_direct, "ZERO_COPY_MIN_BYTES", PAGE)
     zero_copy: list[int] = []
-    original = file_out.DirectOut._write_pages
-    monkeypatch.setattr(file_out.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
+    original = io_direct.DirectOut._write_pages
+    monkeypatch.setattr(io_direct.DirectOut, "_write_pages", lambda self, pages: (zero_copy.append(pages.nbytes), original(self, pages)))
     direct = fuse(assets.base, loras=loras, saves=saves, output=tmp_path / "direct" / "out.safetensors").files
     if not zero_copy:
         pytest.skip("this filesystem refuses O_DIRECT")

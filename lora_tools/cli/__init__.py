@@ -86,7 +86,7 @@ ABORT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    from lora_tools.output.atomic import ABORTING
+    from lora_tools.testing.hooks import ABORTING
 
     for s in (*ABORT_SIGNALS, signal.SIGINT):  # a second signal must not cut the cleanup short
         signal.signal(s, signal.SIG_IGN)
@@ -98,7 +98,7 @@ def _catch_signals() -> dict[int, object]:
     """Route SIGTERM/SIGHUP into :class:`Interrupted` (main thread only); returns the old handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    from lora_tools.output.atomic import ABORTING
+    from lora_tools.testing.hooks import ABORTING
 
     ABORTING.clear()
     previous: dict[int, object] = {}

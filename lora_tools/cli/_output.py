@@ -1,4 +1,4 @@
-"""How the CLI shows things to people: one byte formatter, and file-derived text made safe.
+"""How the CLI shows things to people: file-derived text made safe (sizes: :func:`lora_tools.units.format_bytes`).
 
 Every string that comes from a file (metadata values, key names, file names) goes through
 :func:`safe_text` before it reaches a terminal: control characters (ESC/CSI/OSC, BEL, BS, CR,
@@ -9,17 +9,8 @@ escapes control characters itself).
 
 from __future__ import annotations
 
-_BINARY_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 #: The longest file-derived string shown on one line (longer ones end in "…").
 TEXT_LIMIT = 200
-
-
-def format_bytes(n: float) -> str:
-    """A size in binary units, the same for every command: ``512 B``, ``48.6 MiB``, ``6.5 GiB``."""
-    for unit, factor in _BINARY_UNITS:
-        if abs(n) >= factor:
-            return f"{n / factor:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def safe_text(value: object, limit: int = TEXT_LIMIT) -> str:

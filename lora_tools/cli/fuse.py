@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from lora_tools.cli._output import format_bytes, safe_text
+from lora_tools.cli._output import safe_text
+from lora_tools.units import format_bytes
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
 
@@ -133,7 +134,7 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
 
 
 def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
-    from lora_tools.hub import autov2_hash
+    from lora_tools.io.hashing import autov2_hash
 
     click.echo(f"Fused {result.modules_fused} modules into {result.tensors_patched} tensors in {result.seconds:.1f} s.")
     for f in result.files:  # every weights file, the text encoders of a diffusers folder too

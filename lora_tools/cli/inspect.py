@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._output import format_bytes, safe_text
+from lora_tools.cli._output import safe_text
+from lora_tools.units import format_bytes
 from lora_tools.errors import ShapeMismatchError, UsageError
 from lora_tools.layouts.blocks import block_of
 from lora_tools.layouts.components import component_label

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from lora_tools.cli._options import emit, output_options
-from lora_tools.cli._output import format_bytes, safe_text
+from lora_tools.cli._output import safe_text
+from lora_tools.units import format_bytes
 
 
 @click.command("resize")

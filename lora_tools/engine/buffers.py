@@ -6,7 +6,7 @@ zeroed again, and resident memory stays at the ring's size whatever the model.
 
 A tensor is placed at a *phase*: its byte offset in the output file modulo the page size. Its
 bytes then sit exactly as the O_DIRECT writer wants them, and it sends the tensor's whole pages to
-the disk from this buffer, without a staging copy (:class:`lora_tools.file_out.DirectOut`).
+the disk from this buffer, without a staging copy (:class:`lora_tools.io.direct.DirectOut`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import mmap
 import threading
 from collections import deque
 
-from lora_tools.file_out import address
+from lora_tools.io.direct import address
 
 #: Size of the ring: the pipeline's read-ahead and write-behind budgets, with room to spare.
 RING_BYTES = 320 << 20

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from lora_tools.lora.model import AdapterModule, LoraAdapter
     from lora_tools.lora.resolve import MatchedModule
-    from lora_tools.sources import TensorSource
+    from lora_tools.io.sources import TensorSource
 
 #: ``op(block, r0, r1)`` adds a contribution to the fp32 rows ``[r0, r1)`` held in ``block``.
 BlockOp = Callable[["torch.Tensor", int, int], None]

@@ -18,14 +18,14 @@ from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
-from lora_tools.models import ModelSource, TensorRef
+from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
-from lora_tools.safetensors_io import DTYPE_SIZES, torch_dtype
+from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_tools.sources import TensorSource
+    from lora_tools.io.sources import TensorSource
 
 Progress = Callable[[int], None]
 #: ``hook(stage, fn) -> fn``: wraps the ``read``, ``process`` and ``write`` stages (profilers).
@@ -171,7 +171,7 @@ def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],
     whatever the models' size (extract: tuned minus original, module by module).
 
     Args:
-        a: the first model (a :class:`~lora_tools.models.ModelSource` or any tensor reader).
+        a: the first model (a :class:`~lora_tools.io.model.ModelSource` or any tensor reader).
         b: the second model.
         keys: a key present in both, or a ``(key_in_a, key_in_b)`` pair; ``consume`` gets the first.
         consume: called once per key, in order, with the two tensors (each owning its memory).

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Literal, Mapping
 
 from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.table import Component
-from lora_tools.sources import SafetensorsSource, StateDictSource, TensorMeta
+from lora_tools.io.sources import SafetensorsSource, StateDictSource, TensorMeta
 
 if TYPE_CHECKING:
     import torch

@@ -27,7 +27,7 @@ from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import AdapterModule, LoraAdapter, LoraModule, kind_of, rank_of
 from lora_tools.lora.family import flux_message, looks_like_flux
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, Naming, ParsedKey, parse_key
-from lora_tools.sources import SafetensorsSource, StateDictSource, TensorMeta, TensorSource, open_source
+from lora_tools.io.sources import SafetensorsSource, StateDictSource, TensorMeta, TensorSource, open_source
 
 AlphaStore = Literal["tensor", "metadata", "metadata-flat"]
 

@@ -25,7 +25,7 @@ from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.scale import module_scale
 from lora_tools.lora.formats import FORMATS, Format, get_format
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, spell_key
-from lora_tools.safetensors_io import DTYPE_ALIASES, is_float_dtype
+from lora_tools.io.safetensors import DTYPE_ALIASES, is_float_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -149,7 +149,7 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str
 def _source(adapter: LoraAdapter) -> dict[str, Any]:
     source: dict[str, Any] = {"role": "lora", "format": adapter.format}
     if adapter.path is not None:
-        from lora_tools.hub import sha256_file
+        from lora_tools.io.hashing import sha256_file
 
         source["name"] = adapter.path.name
         if adapter.path.is_file():
@@ -185,7 +185,7 @@ def spelled_tensors(adapter: LoraAdapter, *, format: str | None = None, metadata
 def _value(t: PlannedTensor) -> "torch.Tensor":
     import torch
 
-    from lora_tools.safetensors_io import torch_dtype
+    from lora_tools.io.safetensors import torch_dtype
 
     want = torch_dtype(t.dtype)
     if t.role == "alpha":

@@ -17,7 +17,7 @@ from lora_tools.ops.lora_pairs import is_low_rank, pair_of
 if TYPE_CHECKING:
     from lora_tools.layouts.targets import ModuleTarget
     from lora_tools.lora.adapter import LoraAdapter, LoraModule
-    from lora_tools.models import ModelSource
+    from lora_tools.io.model import ModelSource
 
 
 @dataclass
@@ -122,7 +122,7 @@ def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str
         ShapeMismatchError, NonFiniteError: an input LoRA whose factors do not fit each other or hold
             NaN/Inf (:func:`lora_tools.lora.validate.validate_lora`).
     """
-    from lora_tools.models import open_model
+    from lora_tools.io.model import open_model
 
     for _, ad in loras:
         validate_lora(ad, verb="analyze")

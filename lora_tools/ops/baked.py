@@ -19,7 +19,7 @@ from lora_tools.errors import Hint, HubError, InvalidFileError, LoraToolsError, 
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter
-    from lora_tools.models import ModelSource
+    from lora_tools.io.model import ModelSource
     from lora_tools.ops.analyze import LoraFit
     from lora_tools.presets import AccelerationPreset
 
@@ -161,7 +161,7 @@ def check_not_baked(model: "ModelSource", loras: Sequence[tuple[str, "LoraAdapte
         UsageError: ``'base.safetensors' already has SDXL-Lightning 4-step baked in (strength 0.98,
             explains 97% of ...)``, with a hint naming ``force``.
     """
-    from lora_tools.models import open_model
+    from lora_tools.io.model import open_model
 
     if force or not loras:
         return

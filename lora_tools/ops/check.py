@@ -1,7 +1,7 @@
 """Whether a safetensors file is complete and internally consistent.
 
 The header rules are those of the safetensors library (see
-:func:`lora_tools.safetensors_io.read_header`): the data section is exactly as long as the tensors
+:func:`lora_tools.io.safetensors.read_header`): the data section is exactly as long as the tensors
 the header lists. A ``loratool`` record, where present, must be readable; a LoRA's factors must
 fit each other (:func:`lora_tools.lora.validate.check_factor_shapes`). With ``hash_data`` every
 tensor is read once, in file order: the file's sha256 comes out of the same pass, and float
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from lora_tools.errors import InvalidFileError, LoraToolsError
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
-from lora_tools.safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorFile, is_float_dtype, read_header
+from lora_tools.io.safetensors import DTYPE_SIZES, SafetensorsHeader, TensorFile, is_float_dtype, read_header
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -115,7 +115,7 @@ def _check_lora_factors(header: SafetensorsHeader, result: CheckResult) -> None:
     """A LoRA's factors must fit each other (up's rank is down's ...); other files have none."""
     from lora_tools.lora.formats import load_lora
     from lora_tools.lora.validate import check_factor_shapes
-    from lora_tools.sources import SafetensorsSource
+    from lora_tools.io.sources import SafetensorsSource
 
     try:
         adapter = load_lora(header.path, source=SafetensorsSource(header.path, header))
@@ -152,7 +152,7 @@ def _check_data(header: SafetensorsHeader, result: CheckResult, progress: Callab
 def _finite(buf: bytearray, info: Any) -> bool:
     import torch
 
-    from lora_tools.safetensors_io import bytes_to_tensor
+    from lora_tools.io.safetensors import bytes_to_tensor
 
     t = bytes_to_tensor(buf, info)
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):

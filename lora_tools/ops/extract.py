@@ -17,7 +17,7 @@ from lora_tools.provenance import build_record, with_record
 if TYPE_CHECKING:
     from lora_tools.layouts.targets import ModuleTarget
     from lora_tools.lora.adapter import LoraAdapter
-    from lora_tools.models import ModelSource
+    from lora_tools.io.model import ModelSource
 
 _COMPONENTS = ("unet", "te1", "te2")
 
@@ -130,7 +130,7 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
         InvalidFileError: the models are of different architectures or shapes.
     """
     from lora_tools.lora.adapter import LoraAdapter
-    from lora_tools.models import open_model
+    from lora_tools.io.model import open_model
 
     labels = (Path(tuned).name, Path(original).name)
     report = FitReport()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lora_tools.models import TensorRef
+from lora_tools.io.model import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
 from lora_tools.engine.contributions import BiasDiff, module_contribution
@@ -17,7 +17,7 @@ from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFold
 from lora_tools.presets import AccelerationPreset
 from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.provenance import build_record
-from lora_tools.diffusers_folder import SCHEDULER_CONFIG
+from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +85,13 @@ HASH_BASE_LIMIT = 2 << 30
 def base_identity(plan: FusePlan) -> dict[str, object]:
     """How the record names the base: file name, size, a sha256 of its header, and its full
     sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU)."""
-    import hashlib
-
-    from lora_tools.hub import sha256_file
+    from lora_tools.io.hashing import header_sha256, sha256_file
 
     base = plan.base
     entry: dict[str, object] = {"role": "base", "name": base.path.name, "layout": base.layout}
     files = sorted({str(h.path) for h in base.headers()})
     entry["size"] = sum(Path(f).stat().st_size for f in files)
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            digest.update(fh.read(n))
-    entry["header_sha256"] = digest.hexdigest()
+    entry["header_sha256"] = header_sha256([Path(f) for f in files])
     if base.layout != "diffusers-folder" and (plan.hash_base or int(entry["size"]) <= HASH_BASE_LIMIT):  # type: ignore[call-overload]
         entry["sha256"] = sha256_file(base.path)
     return entry

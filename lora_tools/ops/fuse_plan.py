@@ -21,14 +21,15 @@ from lora_tools.lora.formats import load_lora
 from lora_tools.lora.model import LoraAdapter
 from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
 from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
-from lora_tools.models import ModelSource, open_model
+from lora_tools.io import atomic
+from lora_tools.io.model import ModelSource, open_model
 from lora_tools.ops.baked import check_not_baked
 from lora_tools.output import plan as output_plan
 from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
                                 get_preset, identify_file, lightning_preset)
 from lora_tools.provenance import fused_preset
-from lora_tools.safetensors_io import DTYPE_ALIASES, DTYPE_SIZES
-from lora_tools.sources import SafetensorsSource
+from lora_tools.io.safetensors import DTYPE_ALIASES, DTYPE_SIZES
+from lora_tools.io.sources import SafetensorsSource
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,13 +98,13 @@ class FusePlan:
         return self.preset.steps if self.preset is not None and self.preset.family == "lightning" else None
 
     def sha256_of(self, path: Path) -> str:
-        from lora_tools.hub import sha256_file
+        from lora_tools.io.hashing import sha256_file
 
         future = self.hashes.get(path)
         return future.result() if future is not None else sha256_file(path)
 
     def output_dtype(self, dtype: str) -> str:
-        from lora_tools.safetensors_io import is_float_dtype
+        from lora_tools.io.safetensors import is_float_dtype
 
         return self.out_dtype if self.out_dtype and is_float_dtype(dtype) else dtype
 
@@ -304,7 +305,7 @@ def plan_fuse(
 
 def check_free_space(plan: FusePlan) -> None:
     """Refuse a plan whose outputs do not fit on their file systems (outputs sharing one are
-    counted together), by the rule :func:`lora_tools.output.plan.reserve_space` applies when
+    counted together), by the rule :func:`lora_tools.io.atomic.reserve_space` applies when
     the writing starts; nothing stays reserved.
 
     Raises:
@@ -315,10 +316,10 @@ def check_free_space(plan: FusePlan) -> None:
         for o in plan.outputs:
             nbytes = plan.output_bytes(o.kind)
             probe = o.path / "unet" / "diffusion_pytorch_model.safetensors" if o.kind == "diffusers" else o.path
-            held.append((output_plan.reserve_space(probe, nbytes), nbytes))
+            held.append((atomic.reserve_space(probe, nbytes), nbytes))
     finally:
         for dev, nbytes in held:
-            output_plan.release_space(dev, nbytes)
+            atomic.release_space(dev, nbytes)
 
 
 def _preset_argument(preset: str | AccelerationPreset | None, lightning: int | None) -> AccelerationPreset | None:
@@ -351,7 +352,7 @@ def warn_deprecated(old: str, new: str) -> None:
 
 def _hash_in_background(paths: list[Path]) -> dict[Path, "Future[str]"]:
     """sha256 of the LoRA files for the record, hashed beside the checks that read them anyway."""
-    from lora_tools.hub import sha256_file
+    from lora_tools.io.hashing import sha256_file
 
     if not paths:
         return {}

@@ -116,7 +116,7 @@ def respelled(adapter: "LoraAdapter", format: str, label: str) -> "LoraAdapter":
         return adapter
     from lora_tools.lora.formats import load_lora
     from lora_tools.lora.save import spelled_tensors
-    from lora_tools.sources import StateDictSource
+    from lora_tools.io.sources import StateDictSource
 
     tensors, metadata = spelled_tensors(adapter, format=format)
     return load_lora(label, source=StateDictSource(Path(label), tensors, metadata))
@@ -132,7 +132,7 @@ def source_entry(adapter: "LoraAdapter", role: str = "lora", **extra: Any) -> di
     name = Path(adapter.path).name if adapter.path is not None else "(in memory)"
     entry: dict[str, Any] = {"role": role, "name": name, "format": adapter.format}
     if adapter.path is not None and Path(adapter.path).is_file():
-        from lora_tools.hub import sha256_file
+        from lora_tools.io.hashing import sha256_file
 
         entry["sha256"] = sha256_file(Path(adapter.path))
     entry.update(extra)

@@ -2,7 +2,7 @@
 
 plan (:mod:`.plan`: names, inputs never outputs, overwrite, path kinds, space) -> sinks
 (:mod:`.sinks`: checkpoint, component, diffusers folder, LoRA file) -> :class:`WrittenFile` list,
-through atomic writes (:mod:`.atomic`), with metadata built by :func:`.metadata.output_metadata`.
+through atomic writes (:mod:`lora_tools.io.atomic`), with metadata built by :func:`.metadata.output_metadata`.
 """
 
 from lora_tools.output.metadata import output_metadata

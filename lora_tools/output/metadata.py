@@ -37,7 +37,7 @@ def output_metadata(record: Mapping[str, Any], *, title: str, merged_from: Seque
         date: ``modelspec.date`` (``YYYY-MM-DD``); the record's ``created`` day by default.
 
     Returns:
-        String keys and values, ready for :class:`~lora_tools.safetensors_io.StreamingWriter`.
+        String keys and values, ready for :class:`~lora_tools.io.safetensors.StreamingWriter`.
     """
     meta: dict[str, str] = dict(base_metadata or {}) if keep_base else {"format": "pt"}
     meta.update({

@@ -3,21 +3,20 @@ overwrite rule, the kind of every output path, free space, and the list of writt
 
 Every command that writes model or LoRA files calls :func:`check_output` for each output at
 plan time; the writers (:mod:`lora_tools.output.sinks`) then reserve the exact byte counts with
-:func:`reserve_space` before computing anything.
+:func:`lora_tools.io.atomic.reserve_space` before computing anything.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from lora_tools.errors import Hint, OutputError, OutputExistsError, UsageError
-from lora_tools.output.atomic import TEMP_SUFFIX, test_pause
+from lora_tools.io.atomic import TEMP_SUFFIX, existing_ancestor
 from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.testing.hooks import pause_point
 
 OutputKind = Literal["file", "folder"]
 
@@ -105,7 +104,7 @@ def earlier_output_of_ours(folder: Path) -> str | None:
         files += [str(Path(root, n).relative_to(folder)) for n in names]
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
     if unet.is_file():
-        from lora_tools.safetensors_io import read_header
+        from lora_tools.io.safetensors import read_header
 
         try:
             if LORATOOL_METADATA_KEY in read_header(unet).metadata:
@@ -118,13 +117,6 @@ def earlier_output_of_ours(folder: Path) -> str | None:
     if foreign:
         return f"it holds files loratool does not write (such as '{foreign[0]}')"
     return None
-
-
-def _existing_ancestor(path: Path) -> Path:
-    p = path.absolute().parent
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 class ExistsError(OutputExistsError):
@@ -148,8 +140,8 @@ def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
         OutputError: its kind is wrong (a folder where a file goes, a file in the way of a
             folder), its folder cannot be written, or it is a folder that is not ours to replace.
     """
-    test_pause("planning")
-    anc = _existing_ancestor(path)
+    pause_point("planning")
+    anc = existing_ancestor(path)
     if not anc.is_dir():
         raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
     if path.name.endswith(TEMP_SUFFIX):
@@ -176,55 +168,3 @@ def _read_only(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-# ---------------------------------------------------------------------------------- free space
-_reserved: dict[int, int] = {}
-_lock = threading.Lock()
-
-
-def reserve_space(path: Path, nbytes: int) -> int:
-    """Reserve ``nbytes`` on ``path``'s file system for a write about to start.
-
-    Outputs of one run that share a file system are counted together.
-
-    Returns:
-        The device id to hand back to :func:`release_space`.
-
-    Raises:
-        OutputError: ``"not enough space on X: need N, have M"``.
-    """
-    from lora_tools.cli._output import format_bytes
-
-    folder = _existing_ancestor(path) if not path.parent.is_dir() else path.parent
-    try:
-        dev = os.stat(folder).st_dev
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return -1
-    with _lock:
-        need = _reserved.get(dev, 0) + nbytes
-        if need > free:
-            raise OutputError(f"not enough space on '{_mount_point(folder)}' for '{path}': "
-                              f"need {format_bytes(need)}, have {format_bytes(free)}.")
-        _reserved[dev] = need
-    return dev
-
-
-def release_space(dev: int, nbytes: int) -> None:
-    """Give back a reservation of :func:`reserve_space`."""
-    if dev < 0:
-        return
-    with _lock:
-        left = _reserved.get(dev, 0) - nbytes
-        if left > 0:
-            _reserved[dev] = left
-        else:
-            _reserved.pop(dev, None)
-
-
-def _mount_point(folder: Path) -> Path:
-    p = folder.resolve()
-    while not os.path.ismount(p) and p != p.parent:
-        p = p.parent
-    return p

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol, Sequence
 
-from lora_tools.diffusers_folder import write_pipeline_configs
+from lora_tools.io.diffusers_folder import write_pipeline_configs
 from lora_tools.errors import OutputError, OutputExistsError
 from lora_tools.layouts.sdxl import to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
-from lora_tools.models import ModelSource, TensorRef
-from lora_tools.output import atomic
+from lora_tools.io.model import ModelSource, TensorRef
+from lora_tools.io import atomic
+from lora_tools.testing import hooks
 from lora_tools.output.plan import WrittenFile, check_output, refuse_input_as_output
-from lora_tools.safetensors_io import (StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name,
+from lora_tools.io.safetensors import (StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name,
                                        torch_dtype)
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class _FileSink:
 
     def commit(self) -> list[WrittenFile]:
         path = self.writer.path
-        atomic.test_pause("before-rename")
+        hooks.pause_point("before-rename")
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
             old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
             try:
@@ -326,7 +327,7 @@ class DiffusersFolderSink:
 
     def commit(self) -> list[WrittenFile]:
         assert self.tmp is not None
-        atomic.test_pause("before-rename")
+        hooks.pause_point("before-rename")
         try:
             if self.path.exists() or self.path.is_symlink():
                 if not self.overwrite:
@@ -377,7 +378,7 @@ class DiffusersFolderSink:
 def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Path], None]:
     """Where the diffusers folder's tokenizers come from: the base folder, the byte tokenizer
     for synthetic small-vocabulary models, or the SDXL base repo through the hub."""
-    from lora_tools.diffusers_folder import write_byte_tokenizer
+    from lora_tools.io.diffusers_folder import write_byte_tokenizer
 
     base = model.path
     if model.layout == "diffusers-folder" and (base / "tokenizer").is_dir() and (base / "tokenizer_2").is_dir():

@@ -154,7 +154,7 @@ class SamplerSettings:
         """
         import diffusers
 
-        from lora_tools.diffusers_folder import SCHEDULER_CONFIG
+        from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
         from lora_tools.verify.sampler import quiet_diffusers
 
         cls = getattr(diffusers, self.scheduler)

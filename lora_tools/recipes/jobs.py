@@ -111,7 +111,7 @@ def record_diff(old: Any, new: Any, path: str = "") -> list[str]:
 
 def existing_record(path: Path) -> tuple[bool, dict[str, Any] | None]:
     """``(exists, record)`` of an output file (record ``None``: not written by loratool)."""
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.io.safetensors import read_header
 
     if not path.exists():
         return False, None

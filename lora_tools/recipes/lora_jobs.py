@@ -54,7 +54,7 @@ def _named(value: Any) -> Any:
 def job_entry(job: ResolvedJob) -> dict[str, Any]:
     """The ``recipe`` entry a job records: kind, options (paths as file names), inputs with sha256, version."""
     from lora_tools import __version__
-    from lora_tools.hub import sha256_file
+    from lora_tools.io.hashing import sha256_file
 
     inputs = []
     for key in INPUT_KEYS.get(job.kind, ()):
@@ -134,7 +134,7 @@ def command_record(kind: str, result: Any, options: Mapping[str, Any]) -> dict[s
 def lora_file_entry(path: Path) -> "dict[str, Any] | None | bool":
     """The ``recipe`` entry of a safetensors output (``False``: missing; ``None``: not a recipe's)."""
     from lora_tools.errors import LoraToolsError
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.io.safetensors import read_header
 
     if not path.exists():
         return False

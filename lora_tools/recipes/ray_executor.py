@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 from lora_tools.errors import ClusterError, UsageError
 from lora_tools.recipes.executor import EventHook
 from lora_tools.recipes.jobs import JobResult, ResolvedJob, run_job
+from lora_tools.testing.hooks import kill_once_progress
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ KIND_RESOURCES: dict[str, dict[str, float]] = {
     "merge": {"num_cpus": 1},
     "verify": {"num_cpus": 1, "num_gpus": 1},
 }
-#: Test hook: when set to a path, the first task to report progress creates that file and SIGKILLs its
-#: own worker process mid-job (what a lost node does), once per path.
-KILL_ONCE_ENV = "LORATOOL_TEST_KILL_ONCE"
 #: How long joining a cluster may take before it is reported unreachable.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -55,28 +52,12 @@ def _import_ray() -> Any:
     return ray
 
 
-def _kill_once_progress() -> Callable[[int], None] | None:
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if not marker:
-        return None
-
-    def advance(nbytes: int) -> None:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return advance
-
-
 def run_on_worker(job: ResolvedJob, *dependencies: JobResult) -> JobResult:
     """The task body: ``not run`` when a dependency did not finish, else :func:`run_job` (progress off)."""
     blocked = [d for d in dependencies if d.outcome in ("failed", "not run")]
     if blocked:
         return JobResult(job.name, "not run", 0.0, job.outputs, f"needs '{blocked[0].name}', which did not finish")
-    return run_job(job, _kill_once_progress())
+    return run_job(job, kill_once_progress())
 
 
 #: An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (a Ray GCS or Ray Client server)
@@ -256,4 +237,4 @@ class RayExecutor:
         return JobResult(job.name, "failed", seconds, job.outputs, why)
 
 
-__all__ = ["RayExecutor", "run_on_worker", "KIND_RESOURCES", "KILL_ONCE_ENV"]
+__all__ = ["RayExecutor", "run_on_worker", "KIND_RESOURCES"]

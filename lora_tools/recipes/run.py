@@ -118,7 +118,8 @@ def apply_sets(doc: dict[str, Any], sets: Sequence[str], marks: Marks) -> None:
 
 
 def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, str]:
-    from lora_tools.hub import resolve_file, sha256_file
+    from lora_tools.hub import resolve_file
+    from lora_tools.io.hashing import sha256_file
 
     out: dict[str, str] = {}
     for name, spec in head.inputs.items():

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from lora_tools.errors import RecipeError
 from lora_tools.provenance import read_record
-from lora_tools.safetensors_io import read_header
+from lora_tools.io.safetensors import read_header
 
 #: Operations whose outputs a recipe rebuilds from the ``recipe`` entry of their record.
 LORA_OP_KINDS = ("rescale", "resize", "merge", "convert", "extract")

@@ -17,8 +17,8 @@ import torch
 
 from lora_tools.layouts.sdxl import SIZES, SDXLConfig, to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
-from lora_tools.diffusers_folder import ALL_COMPONENTS, write_byte_tokenizer, write_pipeline_configs
-from lora_tools.safetensors_io import DTYPE_ALIASES, StreamingWriter, TensorPlan, torch_dtype
+from lora_tools.io.diffusers_folder import ALL_COMPONENTS, write_byte_tokenizer, write_pipeline_configs
+from lora_tools.io.safetensors import DTYPE_ALIASES, StreamingWriter, TensorPlan, torch_dtype
 
 Size = Literal["tiny", "full"]
 #: Marker tensors that change how loaders treat a checkpoint (domain.md 2.6).

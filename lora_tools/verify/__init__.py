@@ -89,7 +89,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     """
     from lora_tools.verify.pipeline import model_kind
     from lora_tools.verify.sampler import pick_device
-    from lora_tools.safetensors_io import read_header
+    from lora_tools.io.safetensors import read_header
 
     path = Path(model)
     kind = model_kind(path)
@@ -181,7 +181,7 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     """
     import torch
 
-    from lora_tools.hub import sha256_file
+    from lora_tools.io.hashing import header_sha256, sha256_file
     from lora_tools.verify.oracle import PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
     from lora_tools.verify.pipeline import build_pipeline
     from lora_tools.verify.render import prepare, render
@@ -249,19 +249,6 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     if plan.out is not None:
         _write_outputs(plan, report, rendered, pipe)
     return report
-
-
-def header_sha256(files: Sequence[Path]) -> str:
-    """sha256 over the JSON headers of safetensors ``files``, in order (what ``report.json`` names a
-    diffusers folder by: the same digest as fuse's record gives a base folder)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            digest.update(fh.read(n))
-    return digest.hexdigest()
 
 
 def _to_pil(img: Any) -> Any:

@@ -4,7 +4,7 @@ a standalone UNet plus a base, or a diffusers folder.
 Weights of single files are converted by our own tables (``lora_tools.layouts.sdxl``), which know
 SDXL at any size; component configs come from the file's shapes and are written, with the
 pipeline index and the scheduler config, by the same folder writer as ``fuse --save diffusers``
-(:mod:`lora_tools.diffusers_folder`). What a weights file does not hold (the two CLIP tokenizers
+(:mod:`lora_tools.io.diffusers_folder`). What a weights file does not hold (the two CLIP tokenizers
 and the scheduler config) comes from ``config`` (a diffusers folder, as the user's ``--config DIR``)
 or from the hub cache of ``stabilityai/stable-diffusion-xl-base-1.0``; small-vocabulary synthetic
 models take the byte tokenizer, as fuse's folders do. Offline with none of these, one error says
@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_tools.errors import Hint, InvalidFileError, UsageError
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
-from lora_tools.safetensors_io import load_tensors, read_header
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.verify.sampler import quiet_diffusers
 
 __all__ = ["LoadedPipeline", "build_pipeline", "find_config_dir", "model_kind", "torch_dtype"]
@@ -155,7 +155,7 @@ def _write_tokenizers(root: Path, cfg: SDXLConfig, config_dir: Path | None) -> N
     tokenizer for small-vocabulary (synthetic) models, as ``fuse --save diffusers`` writes them."""
     import shutil
 
-    from lora_tools.diffusers_folder import write_byte_tokenizer
+    from lora_tools.io.diffusers_folder import write_byte_tokenizer
 
     for name, te in zip(_TOKENIZERS, (cfg.te1, cfg.te2)):
         if config_dir is not None:
@@ -170,7 +170,7 @@ def pipeline_from_state(state: dict[str, dict[str, Any]], cfg: SDXLConfig, *, co
 
     The pipeline's files (``model_index.json``, every component's config, the scheduler config and
     the tokenizers) are written into a temporary folder by the writer of ``fuse --save diffusers``
-    (:func:`lora_tools.diffusers_folder.write_pipeline_configs`), and the pipeline is loaded from
+    (:func:`lora_tools.io.diffusers_folder.write_pipeline_configs`), and the pipeline is loaded from
     it with the weights passed in: one folder writer for both. Tokenizers (and the scheduler config)
     come from ``config_dir``; without it, small-vocabulary models get the byte tokenizer; with
     ``tokenizers=False`` there are none (weights-only work).
@@ -180,7 +180,7 @@ def pipeline_from_state(state: dict[str, dict[str, Any]], cfg: SDXLConfig, *, co
     with quiet_diffusers():
         from diffusers import StableDiffusionXLPipeline
 
-    from lora_tools.diffusers_folder import SCHEDULER_CONFIG, write_pipeline_configs
+    from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG, write_pipeline_configs
 
     scheduler_config: dict[str, Any] = dict(SCHEDULER_CONFIG)
     if config_dir is not None:

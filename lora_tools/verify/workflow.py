@@ -71,7 +71,7 @@ def workflow_file(checkpoint: str | Path, sampler: SamplerSettings | None, *, ov
 def write_workflow(target: str | Path, checkpoint_name: str, sampler: SamplerSettings, *,
                    prompt: str = DEFAULT_WORKFLOW_PROMPT, width: int = 1024, height: int = 1024) -> Path:
     """Write :func:`comfy_workflow` of ``checkpoint_name`` as JSON to ``target`` (whole or not at all)."""
-    from lora_tools.output import atomic
+    from lora_tools.io import atomic
 
     out = Path(target)
     wf = comfy_workflow(checkpoint_name, sampler, prompt=prompt, width=width, height=height,

@@ -3,7 +3,7 @@
 :func:`inspect_path` reads safetensors headers (and the one-number ``alpha`` tensors of a LoRA)
 with plain file I/O: inspecting a ``.safetensors`` file or a diffusers folder never imports torch.
 A legacy ``.ckpt``/``.pt``/``.bin`` file is opened only through
-:func:`lora_tools.sources.open_source` (``torch.load(weights_only=True)``); a pickle that needs
+:func:`lora_tools.io.sources.open_source` (``torch.load(weights_only=True)``); a pickle that needs
 code execution is refused, never run.
 
 The package: :mod:`.report` (types), :mod:`.lora` (LoRA analysis), :mod:`.checkpoint` (checkpoints
@@ -122,7 +122,7 @@ from lora_tools.ops.inspect.report import (
     TensorEntry,
     UnmatchedSummary,
 )
-from lora_tools.sources import SafetensorsSource, StateDictSource, open_source
+from lora_tools.io.sources import SafetensorsSource, StateDictSource, open_source
 
 __all__ = [
     "Acceleration",

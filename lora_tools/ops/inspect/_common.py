@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 from lora_tools.errors import InvalidFileError
 from lora_tools.ops.inspect.report import Container, FileSummary, MetadataSummary, TensorEntry
-from lora_tools.sources import SafetensorsSource, StateDictSource
+from lora_tools.io.sources import SafetensorsSource, StateDictSource
 
 #: Files at least this big are hashed only when asked (``with_hash=True``).
 HASH_LIMIT_BYTES = 2 << 30
@@ -34,7 +34,7 @@ def file_summary(path: Path, container: Container, with_hash: bool | None) -> Fi
     size = path.stat().st_size
     sha = autov2 = None
     if with_hash or (with_hash is None and size < HASH_LIMIT_BYTES):
-        from lora_tools.hub import autov2_hash, sha256_file  # huggingface_hub: import only when hashing
+        from lora_tools.io.hashing import autov2_hash, sha256_file
 
         sha = sha256_file(path)
         autov2 = autov2_hash(sha)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from lora_tools.diffusers_folder import component_weight_files
+from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.components import COMPONENTS
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
@@ -23,7 +23,7 @@ from lora_tools.ops.inspect.report import (
     TensorEntry,
 )
 from lora_tools.provenance import read_record
-from lora_tools.sources import open_source
+from lora_tools.io.sources import open_source
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from lora_tools.ops.inspect._common import count, fmt_num, natural
 from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
 from lora_tools.ops.inspect.report import (Acceleration, LoraSummary, MismatchedModule, ModuleTarget, TensorEntry,
                                            UnmatchedSummary)
-from lora_tools.sources import SafetensorsSource, StateDictSource
+from lora_tools.io.sources import SafetensorsSource, StateDictSource
 
 _LAYOUTS: tuple[tuple[str, SDXLConfig], ...] = (("sdxl", FULL), ("sdxl-tiny", TINY))
 

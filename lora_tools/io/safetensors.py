@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn
 
 from lora_tools.errors import (InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError,
                                UnsafeFileError)
-from lora_tools.file_out import BufferedOut, open_out
+from lora_tools.io import atomic
+from lora_tools.io.direct import BufferedOut, open_out
+from lora_tools.testing import hooks
 
 if TYPE_CHECKING:
     import torch
@@ -448,9 +450,6 @@ class StreamingWriter:
     _dev: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from lora_tools.output import atomic
-        from lora_tools.output.plan import reserve_space
-
         self.path = Path(self.path)
         if self.verify:
             self.hash = True
@@ -464,7 +463,7 @@ class StreamingWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic.remove_stale_temps(self.path)
-            self._dev = reserve_space(self.path, self.total_bytes)
+            self._dev = atomic.reserve_space(self.path, self.total_bytes)
             self._tmp = atomic.create_temp_file(self.path)
             self._out = open_out(self._tmp, self.total_bytes, direct=self.direct)
         except OSError as e:
@@ -507,9 +506,7 @@ class StreamingWriter:
         if view.nbytes != plan.nbytes:
             raise ShapeMismatchError(f"tensor '{name}' has {view.nbytes} bytes, the plan for '{self.path}' says {plan.nbytes}.")
         if self._index == self._mid:
-            from lora_tools.output.atomic import test_pause
-
-            test_pause("mid-stream")
+            hooks.pause_point("mid-stream")
         self._put(view)
         self._index += 1
 
@@ -527,9 +524,7 @@ class StreamingWriter:
         try:
             self._out.write(view)
         except OSError as e:
-            from lora_tools.output.atomic import output_error
-
-            raise output_error(self.path, e) from None
+            raise atomic.output_error(self.path, e) from None
         finally:
             if pending is not None:
                 pending.result()
@@ -542,8 +537,6 @@ class StreamingWriter:
     def complete(self) -> None:
         """Flush and fsync the temporary file, then read its header back and check it (and,
         with ``verify``, re-hash the data); the output name is not touched yet."""
-        from lora_tools.output.atomic import output_error
-
         if self._complete:
             return
         if self._index != len(self.plans):
@@ -556,7 +549,7 @@ class StreamingWriter:
         except OSError as e:
             if isinstance(e, (OutputError, OutputExistsError)):
                 raise
-            raise output_error(self.path, e) from None
+            raise atomic.output_error(self.path, e) from None
         self._complete = True
 
     def _check_written(self) -> None:
@@ -578,11 +571,9 @@ class StreamingWriter:
 
     def commit(self) -> Path:
         """Move the completed file to its name (replacing, or claiming it: see ``overwrite``)."""
-        from lora_tools.output import atomic
-
         self.complete()
         assert self._tmp is not None
-        atomic.test_pause("before-rename")
+        hooks.pause_point("before-rename")
         try:
             if self.overwrite:
                 atomic.replace(self._tmp, self.path)
@@ -603,9 +594,7 @@ class StreamingWriter:
         return self.commit()
 
     def _release(self) -> None:
-        from lora_tools.output.plan import release_space
-
-        release_space(self._dev, self.total_bytes)
+        atomic.release_space(self._dev, self.total_bytes)
         self._dev = -1
 
     def abort(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lora_tools.errors import InvalidFileError, UnsafeFileError
-from lora_tools.safetensors_io import SafetensorsHeader, TensorFile, dtype_name, read_header
+from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, dtype_name, read_header
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,4 @@
-"""Atomic file system steps of every write: recognisable temp names, umask-honouring creation,
+"""Atomic file system steps of every write: recognisable temp names, umask-honouring creation, free-space reservation,
 stale-temp cleanup, the final rename (claiming the name, replacing it, or swapping a folder),
 and OS errors turned into one-line :class:`~lora_tools.errors.OutputError` messages.
 
@@ -17,10 +17,10 @@ import re
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 
 from lora_tools.errors import OutputError, OutputExistsError
+from lora_tools.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -211,27 +211,60 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------------- test hook
-PAUSE_ENV = "LORATOOL_TEST_PAUSE_AT"
-READY_ENV = "LORATOOL_TEST_READY"
-GO_ENV = "LORATOOL_TEST_GO"
-PAUSE_POINTS = ("planning", "mid-stream", "before-rename")
-_paused: set[str] = set()
-#: Set by the CLI's signal handler: a paused worker thread stops waiting, so the abort can finish.
-ABORTING = threading.Event()
+# ---------------------------------------------------------------------------------- free space
+_reserved: dict[int, int] = {}
+_lock = threading.Lock()
 
 
-def test_pause(point: str) -> None:
-    """Fault-test hook: when ``LORATOOL_TEST_PAUSE_AT`` names ``point``, write the file named by
-    ``LORATOOL_TEST_READY`` and wait: for the test's signal, or until the file named by
-    ``LORATOOL_TEST_GO`` exists. Does nothing otherwise."""
-    if os.environ.get(PAUSE_ENV) != point or point in _paused:
+def reserve_space(path: Path, nbytes: int) -> int:
+    """Reserve ``nbytes`` on ``path``'s file system for a write about to start.
+
+    Outputs of one run that share a file system are counted together.
+
+    Returns:
+        The device id to hand back to :func:`release_space`.
+
+    Raises:
+        OutputError: ``"not enough space on X: need N, have M"``.
+    """
+    folder = existing_ancestor(path) if not path.parent.is_dir() else path.parent
+    try:
+        dev = os.stat(folder).st_dev
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+    with _lock:
+        need = _reserved.get(dev, 0) + nbytes
+        if need > free:
+            raise OutputError(f"not enough space on '{mount_point(folder)}' for '{path}': "
+                              f"need {format_bytes(need)}, have {format_bytes(free)}.")
+        _reserved[dev] = need
+    return dev
+
+
+def release_space(dev: int, nbytes: int) -> None:
+    """Give back a reservation of :func:`reserve_space`."""
+    if dev < 0:
         return
-    _paused.add(point)
-    ready = os.environ.get(READY_ENV)
-    if ready:
-        Path(ready).write_text(str(os.getpid()))
-    go = os.environ.get(GO_ENV)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (go and os.path.exists(go)) and not ABORTING.is_set():
-        time.sleep(0.02)
+    with _lock:
+        left = _reserved.get(dev, 0) - nbytes
+        if left > 0:
+            _reserved[dev] = left
+        else:
+            _reserved.pop(dev, None)
+
+
+def mount_point(folder: Path) -> Path:
+    """The mount point ``folder`` lies on."""
+    p = folder.resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists (``path`` itself excluded)."""
+    p = path.absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_tools.diffusers_folder import component_weight_files
+from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, UnsupportedModelError
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
-from lora_tools.safetensors_io import SafetensorsHeader, TensorFile, read_header
+from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ class ModelSource:
 
     def read(self, ref: TensorRef) -> "torch.Tensor":
         """The SGM tensor (a fresh tensor owning its memory)."""
-        from lora_tools.safetensors_io import bytes_to_tensor
+        from lora_tools.io.safetensors import bytes_to_tensor
 
         if self.layout == "sgm":
             f = self._file(str(self.path))
