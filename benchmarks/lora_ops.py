@@ -128,7 +128,7 @@ def _cost(shape: tuple[int, ...]) -> float:
 
 def _pairs(path: Path) -> list[tuple[str, "object", "object", float]]:
     """``(name, up, down, scale)`` of every module, 2-D float32 (the LoRA is read in full)."""
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.ops.lora_pairs import pair_of
 
     with load_lora(path) as lora:
@@ -144,7 +144,7 @@ def _emit(result: dict[str, object]) -> None:
 
 
 def job_resize(inp: Inputs, args: argparse.Namespace) -> None:
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.resize import resize_lora
 
@@ -208,7 +208,7 @@ def job_resize_dense(inp: Inputs, args: argparse.Namespace) -> None:
 
 
 def job_merge(inp: Inputs, args: argparse.Namespace) -> None:
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.merge import WeightedLora, merge_loras
 

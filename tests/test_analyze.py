@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.ops.analyze import analyze_model
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
 from tests.test_lora_ops import fused, run_ok

@@ -12,7 +12,7 @@ import pytest
 from lora_tools.io.model import open_model
 from lora_tools.ops.baked import baked_fit, is_baked, local_preset_loras
 from lora_tools.presets import PRESETS, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
 from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     LIGHTNING_LORA,

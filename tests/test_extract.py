@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_tools.errors import InvalidFileError
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.lowrank import RankRule
 from lora_tools.ops.extract import extract_lora
 from lora_tools.io.safetensors import load_tensors, read_header, save_tensors

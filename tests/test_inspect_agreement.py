@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.layouts.blocks import BLOCKS
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.lora.scale import module_scale
 from lora_tools.ops.inspect import inspect_path
 from lora_tools.io.safetensors import save_tensors

@@ -21,7 +21,7 @@ from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
     diffusers_fuse,
     torch_threads,
 )
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.lora.save import save_lora
 from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.testing.synthetic_lora import write_lora

@@ -10,7 +10,7 @@ import torch
 
 from lora_tools.errors import UnsupportedModelError
 from lora_tools.lora.family import HINTS, foreign_format_name, looks_like_flux, sd_family
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic_lora import make_lora
 
@@ -44,7 +44,7 @@ def test_sdxl_loras_are_neither_sd1_nor_flux(fmt: str) -> None:
     tensors, _ = make_lora("tiny", fmt=fmt, targets="all", components=("unet",))
     keys = list(tensors)
     assert not looks_like_flux(keys)
-    from lora_tools.lora.formats import detect_format
+    from lora_tools.lora.load import detect_format
 
     assert detect_format(keys) == fmt
 

@@ -13,7 +13,8 @@ from lora_tools.errors import UnknownFormatError
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.adapter import LoraModule
-from lora_tools.lora.formats import detect_format, get_format, load_lora
+from lora_tools.lora.formats import get_format
+from lora_tools.lora.load import detect_format, load_lora
 from lora_tools.lora.save import spell_module
 from lora_tools.lora.spelling import PROCESSOR, SPELLINGS, spell_key
 from lora_tools.io.safetensors import save_tensors

@@ -14,7 +14,8 @@ import lora_tools
 from lora_tools.errors import OutputExistsError, UsageError
 from lora_tools.layouts import TINY
 from lora_tools.lora.adapter import LoraAdapter
-from lora_tools.lora.formats import available_formats, load_lora
+from lora_tools.lora.formats import available_formats
+from lora_tools.lora.load import load_lora
 from lora_tools.lora.save import save_lora
 from lora_tools.provenance import read_record
 from lora_tools.io.safetensors import load_tensors, read_header

@@ -30,7 +30,7 @@ def analyze_command(model: str, base: str, loras: tuple[str, ...], preset_dir: s
     from contextlib import ExitStack
     from pathlib import Path
 
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.ops.analyze import analyze_model, analyze_presets
 
     if loras:

@@ -20,7 +20,7 @@ def convert_command(lora: str, to: str, output: str, overwrite: bool, dtype: str
     Example:
         loratool convert sdxl_lightning_4step_lora.safetensors --to comfy -o lightning-comfy.safetensors
     """
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.ops.convert import convert_lora
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.recipes.lora_jobs import command_record

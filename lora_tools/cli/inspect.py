@@ -65,7 +65,7 @@ def _factor_problems(path: Path, report: InspectReport) -> tuple[list[FactorProb
     one-line error that names the first (the fuse refuses the same file with the same line)."""
     if report.lora is None:
         return [], None
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
 
     with load_lora(path) as adapter:
         problems = check_factor_shapes(adapter)

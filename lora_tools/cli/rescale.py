@@ -24,7 +24,7 @@ def rescale_command(lora: str, strength: float, blocks: str | None, components: 
         loratool rescale style.safetensors --strength 1 --blocks 'IN04-IN08:0.5,OUT*:0' -o style-in.safetensors
     """
     from lora_tools.layouts.blocks import parse_block_weights
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.ops.rescale import rescale_lora
     from lora_tools.recipes.lora_jobs import command_record

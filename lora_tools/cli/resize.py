@@ -26,7 +26,7 @@ def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: 
         loratool resize lightning.safetensors --rank 16 -o lightning-r16.safetensors
         loratool resize style.safetensors --energy 0.99 -o style-small.safetensors
     """
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.lowrank import RankRule
     from lora_tools.ops.lora_write import plan_output, tensor_bytes, write_lora
     from lora_tools.ops.resize import resize_lora

@@ -11,10 +11,12 @@ in SD1.x, 1024 (OpenCLIP-H) in SD2.x. A Flux LoRA names Flux's own blocks at its
 from __future__ import annotations
 
 import re
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
-from lora_tools.lora.adapter import LoraModule
+
+if TYPE_CHECKING:
+    from lora_tools.lora.adapter import LoraModule
 
 Family = Literal["sd1.x", "sd2.x", "sd1.x/sd2.x"]
 

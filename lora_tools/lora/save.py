@@ -110,7 +110,7 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str
     stale-temp cleanup, header re-check, the overwrite rule, inputs never outputs).
 
     Args:
-        adapter: the LoRA (from :func:`~lora_tools.lora.formats.load_lora`, or built in memory).
+        adapter: the LoRA (from :func:`~lora_tools.lora.load.load_lora`, or built in memory).
         path: the output file.
         format: the output format (default: the adapter's own, so a round trip is exact).
         metadata: the output's metadata (default: the adapter's).

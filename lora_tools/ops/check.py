@@ -113,7 +113,7 @@ def _check_record(header: SafetensorsHeader, result: CheckResult) -> None:
 
 def _check_lora_factors(header: SafetensorsHeader, result: CheckResult) -> None:
     """A LoRA's factors must fit each other (up's rank is down's ...); other files have none."""
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.lora.validate import check_factor_shapes
     from lora_tools.io.sources import SafetensorsSource
 

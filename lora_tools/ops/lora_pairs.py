@@ -114,7 +114,7 @@ def respelled(adapter: "LoraAdapter", format: str, label: str) -> "LoraAdapter":
     """
     if adapter.format == format:
         return adapter
-    from lora_tools.lora.formats import load_lora
+    from lora_tools.lora.load import load_lora
     from lora_tools.lora.save import spelled_tensors
     from lora_tools.io.sources import StateDictSource
 

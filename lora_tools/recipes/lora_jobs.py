@@ -245,7 +245,7 @@ class RescaleJob(LoraOpJob):
 
     def compute(self, o: Mapping[str, Any], stack: ExitStack) -> Any:
         from lora_tools.layouts.blocks import parse_block_weights
-        from lora_tools.lora.formats import load_lora
+        from lora_tools.lora.load import load_lora
         from lora_tools.ops.rescale import rescale_lora
 
         adapter = stack.enter_context(load_lora(o["lora"]))
@@ -263,7 +263,7 @@ class ResizeJob(LoraOpJob):
         _conv_rule(o)
 
     def compute(self, o: Mapping[str, Any], stack: ExitStack) -> Any:
-        from lora_tools.lora.formats import load_lora
+        from lora_tools.lora.load import load_lora
         from lora_tools.ops.resize import resize_lora
 
         adapter = stack.enter_context(load_lora(o["lora"]))
@@ -280,7 +280,7 @@ class MergeJob(LoraOpJob):
             _rule(o, ("rank", "energy"))
 
     def compute(self, o: Mapping[str, Any], stack: ExitStack) -> Any:
-        from lora_tools.lora.formats import load_lora
+        from lora_tools.lora.load import load_lora
         from lora_tools.ops.merge import WeightedLora, merge_loras
 
         rule = _rule(o, ("rank", "energy")) if (o.get("rank") is not None or o.get("energy") is not None) else None
@@ -298,7 +298,7 @@ class ConvertJob(LoraOpJob):
         return str(o["to"])
 
     def compute(self, o: Mapping[str, Any], stack: ExitStack) -> Any:
-        from lora_tools.lora.formats import load_lora
+        from lora_tools.lora.load import load_lora
         from lora_tools.ops.convert import convert_lora
 
         return convert_lora(stack.enter_context(load_lora(o["lora"])), o["to"])[0]
@@ -345,7 +345,7 @@ class AnalyzeJob:
         return JobCheck(state, reason)  # type: ignore[arg-type]
 
     def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
-        from lora_tools.lora.formats import load_lora
+        from lora_tools.lora.load import load_lora
         from lora_tools.ops.analyze import analyze_model
         from lora_tools.provenance import build_record
 

@@ -26,7 +26,7 @@ is always present; ``null`` where it does not apply.
   shortened (``... (N chars)``). The ``loratool`` record is reported under ``checkpoint.provenance``.
 - ``lora`` (``null`` for checkpoints):
 
-  - ``format``: the :func:`~lora_tools.lora.formats.detect_format` name (``kohya``,
+  - ``format``: the :func:`~lora_tools.lora.load.detect_format` name (``kohya``,
     ``kohya-diffusers``, ``diffusers``, ``peft``, ``comfy``, ``diffusers-legacy``): the format
     ``save_lora`` writes back; ``format_description``.
   - ``layout``: the SDXL layout the module shapes fit: ``sdxl`` (full size) or ``sdxl-tiny``
@@ -96,7 +96,7 @@ from pathlib import Path
 from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.components import component_label
 from lora_tools.layouts.detect import detect_checkpoint
-from lora_tools.lora.formats import load_lora
+from lora_tools.lora.load import load_lora
 from lora_tools.ops.inspect._common import (
     HASH_LIMIT_BYTES,
     count,
