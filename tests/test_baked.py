@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lora_tools.io.model import open_model
-from lora_tools.ops.baked import baked_fit, is_baked, local_preset_loras
+from lora_tools.ops.baked import baked_fit, is_baked
+from lora_tools.presets.local import local_preset_loras
 from lora_tools.presets import PRESETS, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE
 from lora_tools.lora.load import load_lora
 from lora_tools.io.safetensors import load_tensors, read_header, save_tensors

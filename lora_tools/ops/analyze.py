@@ -211,7 +211,7 @@ def analyze_presets(model: str | Path, base: str | Path, *, preset_dir: str | Pa
     from contextlib import ExitStack
 
     from lora_tools.lora.load import load_lora
-    from lora_tools.ops.baked import local_preset_loras
+    from lora_tools.presets.local import local_preset_loras
 
     files = local_preset_loras(preset_dir)
     if not files.found:

@@ -25,6 +25,7 @@ from lora_tools.io import atomic
 from lora_tools.io.model import ModelSource, open_model
 from lora_tools.ops.baked import check_not_baked
 from lora_tools.output import plan as output_plan
+from lora_tools.presets.local import BASE_UNET_NAMES
 from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
                                 get_preset, identify_file, lightning_preset)
 from lora_tools.provenance import fused_preset
@@ -442,8 +443,7 @@ def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path |
 
 def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
     if folder is not None:
-        for name in ("sdxl_base_unet.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                     "diffusion_pytorch_model.safetensors"):
+        for name in BASE_UNET_NAMES:
             if (Path(folder) / name).exists():
                 return Path(folder) / name
     return resolve_file(SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, hint=Hint("original_unet", "with the downloaded file", "PATH"))
