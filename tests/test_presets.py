@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from lora_tools.cli import cli
 from lora_tools.errors import UsageError
 from lora_tools.presets import LIGHTNING, PRESETS, SamplerSettings, get_preset, identify_file, sampler_from_record
+from lora_tools.verify.sampler import build_scheduler, timesteps_run
 
 _ROOT = Path(__file__).resolve().parents[1]
 #: Where ``shared/docs/domain.md`` may be: beside the clone (CI: ``../shared``), or beside the folder of
@@ -119,33 +120,33 @@ class TestSchedulersRun:
 
     def test_lightning_4step_trailing(self) -> None:
         s = LIGHTNING[4].sampler
-        sched = s.build_scheduler()
+        sched = build_scheduler(s)
         assert type(sched).__name__ == "EulerDiscreteScheduler" and sched.config.timestep_spacing == "trailing"
-        assert s.timesteps_run() == [999, 749, 499, 249]
+        assert timesteps_run(s) == [999, 749, 499, 249]
 
     def test_lightning_1step_x0(self) -> None:
         s = LIGHTNING[1].sampler
-        assert s.timesteps_run() == [999]
-        assert s.build_scheduler().config.prediction_type == "sample"
+        assert timesteps_run(s) == [999]
+        assert build_scheduler(s).config.prediction_type == "sample"
 
     def test_dmd2_explicit_list_equals_euler_trailing(self) -> None:
         dmd2 = get_preset("dmd2-4step").sampler
-        assert type(dmd2.build_scheduler()).__name__ == "LCMScheduler"
-        assert dmd2.timesteps_run() == [999, 749, 499, 249] == LIGHTNING[4].sampler.timesteps_run()  # domain.md 7.2
+        assert type(build_scheduler(dmd2)).__name__ == "LCMScheduler"
+        assert timesteps_run(dmd2) == [999, 749, 499, 249] == timesteps_run(LIGHTNING[4].sampler)  # domain.md 7.2
         assert dmd2.call_kwargs() == {"guidance_scale": 0.0, "timesteps": [999, 749, 499, 249]}
-        assert get_preset("dmd2-1step").sampler.timesteps_run() == [399]
-        assert get_preset("hyper-sd-1step-unet").sampler.timesteps_run() == [800]
+        assert timesteps_run(get_preset("dmd2-1step").sampler) == [399]
+        assert timesteps_run(get_preset("hyper-sd-1step-unet").sampler) == [800]
 
     def test_every_row_builds_its_class(self) -> None:
         for p in PRESETS.values():
-            sched = p.sampler.build_scheduler()
+            sched = build_scheduler(p.sampler)
             assert type(sched).__name__ == p.sampler.scheduler
-            assert len(p.sampler.timesteps_run()) == p.sampler.steps
+            assert len(timesteps_run(p.sampler)) == p.sampler.steps
         assert get_preset("tcd-sdxl").sampler.call_kwargs()["eta"] == 0.3
 
     def test_over_a_base_config_keeps_its_betas(self) -> None:
         base = {"beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "scaled_linear", "timestep_spacing": "leading"}
-        sched = LIGHTNING[4].sampler.build_scheduler(base)
+        sched = build_scheduler(LIGHTNING[4].sampler, base)
         assert sched.config.beta_end == 0.02 and sched.config.timestep_spacing == "trailing"
 
 

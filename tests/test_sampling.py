@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lora_tools.io.diffusers_folder import component_config
 from lora_tools.layouts import TINY
-from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, scheduler_for
+from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, build_scheduler
 from lora_tools.presets import LIGHTNING
 
 torch.manual_seed(0)
@@ -21,11 +21,11 @@ def _models() -> tuple[UNet2DConditionModel, AutoencoderKL]:
 
 def test_scheduler_follows_the_recorded_settings() -> None:
     four = LIGHTNING[4].sampler.to_dict()
-    s = scheduler_for(four)
+    s = build_scheduler(four)
     s.set_timesteps(four["steps"])
     assert s.config.timestep_spacing == "trailing" and s.config.prediction_type == "epsilon"
     assert s.timesteps.tolist() == [999, 749, 499, 249]  # trailing: the last step starts at t=249
-    one = scheduler_for(LIGHTNING[1].sampler.to_dict())
+    one = build_scheduler(LIGHTNING[1].sampler.to_dict())
     assert one.config.prediction_type == "sample"  # the 1-step UNet predicts x0
 
 

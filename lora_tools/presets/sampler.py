@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
 
 from lora_tools.errors import UsageError
 
@@ -25,7 +24,7 @@ _CORE = ("scheduler", "timestep_spacing", "steps", "guidance_scale", "prediction
          "comfy_sampler", "comfy_scheduler", "comfy_cfg")
 
 #: What an old record that lacks a field meant: before the registry every record was Lightning's
-#: Euler sampler (``scheduler_for`` always built ``EulerDiscreteScheduler``).
+#: Euler sampler (the scheduler built was always ``EulerDiscreteScheduler``).
 _LEGACY_DEFAULTS: dict[str, object] = {
     "scheduler": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "guidance_scale": 0.0,
     "prediction_type": "epsilon", "comfy_sampler": "euler", "comfy_scheduler": "sgm_uniform", "comfy_cfg": 1.0,
@@ -142,27 +141,6 @@ class SamplerSettings:
             options["timestep_spacing"] = self.timestep_spacing
         return options
 
-    def build_scheduler(self, base_config: Mapping[str, Any] | None = None) -> Any:
-        """Build this row's diffusers scheduler over a base model's scheduler config.
-
-        Args:
-            base_config (`Mapping`, *optional*): the base pipeline's ``scheduler.config``; the SDXL base
-                config when omitted.
-
-        Returns:
-            A diffusers scheduler of class :attr:`scheduler` with :meth:`scheduler_options` applied.
-        """
-        import diffusers
-
-        from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
-        from lora_tools.verify.sampler import quiet_diffusers
-
-        cls = getattr(diffusers, self.scheduler)
-        config = {k: v for k, v in dict(base_config if base_config is not None else SCHEDULER_CONFIG).items()
-                  if not k.startswith("_")}
-        with quiet_diffusers():  # "config attributes ... will be ignored": Euler-only keys of the base config
-            return cls.from_config(config, **self.scheduler_options())
-
     def call_kwargs(self) -> dict[str, object]:
         """Keyword arguments of the diffusers pipeline call: steps or explicit timesteps, guidance, eta."""
         kwargs: dict[str, object] = {"guidance_scale": float(self.guidance_scale)}
@@ -173,18 +151,6 @@ class SamplerSettings:
         if self.eta is not None:
             kwargs["eta"] = float(self.eta)
         return kwargs
-
-    def timesteps_run(self, base_config: Mapping[str, Any] | None = None) -> list[int]:
-        """The timesteps the built scheduler actually runs (what the pipeline's ``set_timesteps`` gives)."""
-        from lora_tools.verify.sampler import quiet_diffusers
-
-        scheduler = self.build_scheduler(base_config)
-        with quiet_diffusers():  # LCM warns that DMD2's timesteps are not its own: they are on purpose
-            if self.timesteps is not None:
-                scheduler.set_timesteps(timesteps=list(self.timesteps))
-            else:
-                scheduler.set_timesteps(self.steps)
-        return [int(t) for t in scheduler.timesteps.tolist()]
 
     # ------------------------------------------------------------------ records
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lora_tools.errors import NonFiniteError
 from lora_tools.presets.sampler import SamplerSettings
-from lora_tools.verify.sampler import quiet_diffusers
+from lora_tools.verify.sampler import build_scheduler, quiet_diffusers
 
 __all__ = ["Rendered", "prepare", "render"]
 
@@ -37,7 +37,7 @@ def prepare(pipe: Any, sampler: SamplerSettings) -> None:
     """Give ``pipe`` the settings' scheduler over its own config, and an fp32 VAE (SDXL's overflows in fp16)."""
     import torch
 
-    pipe.scheduler = sampler.build_scheduler(pipe.scheduler.config)
+    pipe.scheduler = build_scheduler(sampler, pipe.scheduler.config)
     with quiet_diffusers():
         pipe.vae.to(torch.float32)
 

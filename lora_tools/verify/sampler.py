@@ -63,10 +63,39 @@ def settings_of(sampler: SamplerSettings | Mapping[str, Any]) -> SamplerSettings
     return sampler if isinstance(sampler, SamplerSettings) else SamplerSettings.from_dict(sampler)
 
 
-def scheduler_for(sampler: SamplerSettings | Mapping[str, Any], base_config: Mapping[str, Any] | None = None) -> Any:
-    """The diffusers scheduler the settings name (``SamplerSettings.build_scheduler``), quietly."""
-    with quiet_diffusers():
-        return settings_of(sampler).build_scheduler(base_config)
+def build_scheduler(sampler: SamplerSettings | Mapping[str, Any], base_config: Mapping[str, Any] | None = None) -> Any:
+    """Build the settings' diffusers scheduler over a base model's scheduler config, quietly.
+
+    Args:
+        sampler: the settings (or a record's dict of them).
+        base_config (`Mapping`, *optional*): the base pipeline's ``scheduler.config``; the SDXL base
+            config when omitted.
+
+    Returns:
+        A diffusers scheduler of class ``sampler.scheduler`` with ``sampler.scheduler_options()`` applied.
+    """
+    from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
+
+    settings = settings_of(sampler)
+    with quiet_diffusers():  # "config attributes ... will be ignored": Euler-only keys of the base config
+        import diffusers
+
+        cls = getattr(diffusers, settings.scheduler)
+        config = {k: v for k, v in dict(base_config if base_config is not None else SCHEDULER_CONFIG).items()
+                  if not k.startswith("_")}
+        return cls.from_config(config, **settings.scheduler_options())
+
+
+def timesteps_run(sampler: SamplerSettings | Mapping[str, Any], base_config: Mapping[str, Any] | None = None) -> list[int]:
+    """The timesteps the built scheduler actually runs (what the pipeline's ``set_timesteps`` gives)."""
+    settings = settings_of(sampler)
+    scheduler = build_scheduler(settings, base_config)
+    with quiet_diffusers():  # LCM warns that DMD2's timesteps are not its own: they are on purpose
+        if settings.timesteps is not None:
+            scheduler.set_timesteps(timesteps=list(settings.timesteps))
+        else:
+            scheduler.set_timesteps(settings.steps)
+    return [int(t) for t in scheduler.timesteps.tolist()]
 
 
 def sampler_pipeline(unet: Any, vae: Any, sampler: SamplerSettings | Mapping[str, Any]) -> Any:
@@ -75,7 +104,7 @@ def sampler_pipeline(unet: Any, vae: Any, sampler: SamplerSettings | Mapping[str
 
     with quiet_diffusers():
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                         tokenizer_2=None, unet=unet, scheduler=scheduler_for(sampler))
+                                         tokenizer_2=None, unet=unet, scheduler=build_scheduler(sampler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
