@@ -45,9 +45,12 @@ LORA_HINT = Hint("lora", "with the downloaded file", "PATH")
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hub_unreachable", "parse_source", "resolve_file", "resolve_source"]
+__all__ = ["REPO_ID_RE", "TOKENIZER_FILES", "hub_unreachable", "parse_source", "resolve_file", "resolve_source",
+           "tokenizer_files"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
+#: A hub repository id (``owner/name``), as huggingface_hub validates it.
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
@@ -187,7 +190,7 @@ def resolve_file(
     local_files_only: bool | None = None,
     cache_dir: Path | None = None,
     hint: Hint | None = LORA_HINT,
-    instead: str | None = None,
+    instead: str | Hint | None = None,
     tqdm_class: Any | None = None,
 ) -> Path:
     """Return the local path of a hub file, downloading it into the Hugging Face cache if needed.
@@ -202,8 +205,9 @@ def resolve_file(
             as set now, else ``huggingface_hub``'s default.
         hint (`Hint`, *optional*, defaults to :data:`LORA_HINT`): the parameter the error
             suggests for passing the downloaded file (the CLI spells it as its flag).
-        instead (`str`, *optional*): for files that cannot be passed locally, what the error
-            message suggests instead of ``hint`` (a sentence; no hint is then attached).
+        instead (`str` or `Hint`, *optional*): for files that cannot be passed locally, what the error
+            message suggests instead of ``hint``: a sentence (no hint is then attached), or a hint naming
+            another parameter (attached instead of ``hint``).
         tqdm_class (*optional*): progress bar class handed to ``hf_hub_download``.
 
     Returns:
@@ -234,9 +238,12 @@ def resolve_file(
 
     what = f"Cannot get '{filename}' from {repo_id}" + (f" (revision {revision})" if revision else "")
     download = _cli("download", repo_id, filename, *(("--revision", revision) if revision else ()))
-    elsewhere = f"on a machine with network ({download})." if instead is None else \
-        f"into the Hugging Face cache ({download}); {instead}"
-    way_out = hint if instead is None else None
+    if instead is None:
+        elsewhere, way_out = f"on a machine with network ({download}).", hint
+    elif isinstance(instead, Hint):
+        elsewhere, way_out = f"into the Hugging Face cache ({download}).", instead
+    else:
+        elsewhere, way_out = f"into the Hugging Face cache ({download}); {instead}", None
     tree = f"https://huggingface.co/{repo_id}/tree/{revision or 'main'}"
 
     if not offline and not _cached(repo_id, filename, revision, cache_dir):
@@ -282,6 +289,23 @@ def resolve_file(
         raise HubError(f"{what}: {type(e).__name__}: {_one_line(e)}") from e
     logger.info("Resolved %s/%s -> %s", repo_id, filename, path)
     return Path(path)
+
+
+#: The tokenizer files of a diffusers SDXL folder (relative paths), as the SDXL base repository holds them.
+TOKENIZER_FILES = tuple(f"{name}/{f}" for name in ("tokenizer", "tokenizer_2")
+                        for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"))
+
+
+def tokenizer_files(repo_id: str, *, revision: str | None = None) -> dict[str, Path]:
+    """The tokenizer files of an SDXL repository (:data:`TOKENIZER_FILES`) in the Hugging Face cache,
+    downloaded if needed.
+
+    Raises:
+        [`HubError`]: as :func:`resolve_file`; the error suggests saving without a diffusers folder,
+            whose tokenizers are the only ones needed.
+    """
+    why = Hint("saves", "or unet instead of diffusers: they need no tokenizer", "checkpoint")
+    return {rel: resolve_file(repo_id, rel, revision=revision, instead=why) for rel in TOKENIZER_FILES}
 
 
 def parse_source(text: str) -> tuple[str, float]:

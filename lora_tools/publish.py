@@ -118,7 +118,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         [`OutputExistsError`]: the release folder exists and ``overwrite`` was not given.
     """
     from lora_tools.io.hashing import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
-    from lora_tools.recipes.schema import REPO_ID_RE
+    from lora_tools.hub import REPO_ID_RE
 
     src = Path(path)
     if repo is not None and not REPO_ID_RE.fullmatch(repo):

@@ -144,6 +144,16 @@ class TestResolveFile:
         assert "into the Hugging Face cache (" in msg and "tokenizer/vocab.json)" in msg
         assert msg.endswith("; --save unet needs no tokenizer.") and "pass " not in msg
 
+    def test_missing_tokenizers_suggest_saving_without_a_diffusers_folder(self, hf_home: Path) -> None:
+        from lora_tools.hub import tokenizer_files
+
+        with pytest.raises(HubError) as info:
+            tokenizer_files(SDXL_BASE_REPO)
+        msg = error_message(info.value)
+        assert "into the Hugging Face cache (" in msg and "tokenizer/vocab.json)" in msg
+        assert msg.endswith("; pass --save checkpoint or unet instead of diffusers: they need no tokenizer.")
+        assert str(info.value).endswith("; pass saves=checkpoint or unet instead of diffusers: they need no tokenizer.")
+
     def test_offline_env_read_at_call_time(self, hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         # huggingface_hub read HF_HUB_OFFLINE at import; our flag must follow the environment now.
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)

@@ -14,7 +14,7 @@ from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, 
 from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.output.plan import WrittenFile
 from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFolderSink, tokenizer_provider
-from lora_tools.presets import AccelerationPreset
+from lora_tools.presets import SDXL_BASE_REPO, AccelerationPreset
 from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.provenance import build_record
 from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
@@ -185,9 +185,15 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
 interleave = stream_order
 
 
+def _sdxl_tokenizers() -> dict[str, Path]:
+    from lora_tools.hub import tokenizer_files
+
+    return tokenizer_files(SDXL_BASE_REPO)
+
+
 def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:  # type: ignore[type-arg]
     sinks: list = []  # type: ignore[type-arg]
-    tokenizers = tokenizer_provider(plan.base, None) if any(o.kind == "diffusers" for o in plan.outputs) else None
+    tokenizers = tokenizer_provider(plan.base, _sdxl_tokenizers) if any(o.kind == "diffusers" for o in plan.outputs) else None
     try:
         for out in plan.outputs:
             if out.kind == "checkpoint":  # a diffusers base becomes the SGM keys of every component it holds

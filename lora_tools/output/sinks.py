@@ -375,9 +375,10 @@ class DiffusersFolderSink:
             atomic.remove(self.tmp)
 
 
-def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Path], None]:
+def tokenizer_provider(model: ModelSource, download: Callable[[], Mapping[str, Path]]) -> Callable[[Path], None]:
     """Where the diffusers folder's tokenizers come from: the base folder, the byte tokenizer
-    for synthetic small-vocabulary models, or the SDXL base repo through the hub."""
+    for synthetic small-vocabulary models, or else the files ``download()`` gives (the SDXL base
+    repo's, through :func:`lora_tools.hub.tokenizer_files`), fetched now, before anything is written."""
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
 
     base = model.path
@@ -391,14 +392,7 @@ def tokenizer_provider(model: ModelSource, revision: str | None) -> Callable[[Pa
             write_byte_tokenizer(root / "tokenizer", model.cfg.te1.vocab, model.cfg.te1.positions)
             write_byte_tokenizer(root / "tokenizer_2", model.cfg.te2.vocab, model.cfg.te2.positions)
         return byte
-    from lora_tools.hub import resolve_file
-    from lora_tools.presets import SDXL_BASE_REPO
-
-    files = {}
-    for name in ("tokenizer", "tokenizer_2"):
-        for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
-            files[f"{name}/{f}"] = resolve_file(SDXL_BASE_REPO, f"{name}/{f}", revision=None,
-                                                instead="--save checkpoint and --save unet need no tokenizer.")
+    files = download()
 
     def hub(root: Path) -> None:
         for rel, src in files.items():

@@ -29,13 +29,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from lora_tools.hub import REPO_ID_RE
+
 #: Job kinds this version runs (one adapter each in :mod:`lora_tools.recipes.jobs`).
 JOB_KINDS = ("fuse", "rescale", "resize", "merge", "convert", "extract", "analyze", "verify", "publish")
 #: The option naming what a kind writes (a file, or for ``verify``/``publish`` a folder).
 OUTPUT_KEYS = {"verify": "out", "publish": "release_dir"}
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-#: A hub repository id (``owner/name``), as huggingface_hub validates it.
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 
 Scalar = Union[int, float, str, bool]
