@@ -145,7 +145,7 @@ def _emit(result: dict[str, object]) -> None:
 
 def job_resize(inp: Inputs, args: argparse.Namespace) -> None:
     from lora_tools.lora.load import load_lora
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.resize import resize_lora
 
     with load_lora(inp.lora_a) as lora:
@@ -184,7 +184,7 @@ def _timed(sample: list[int], budget: float, work) -> tuple[list[int], float]:  
 def job_resize_dense(inp: Inputs, args: argparse.Namespace) -> None:
     import torch
 
-    from lora_tools.lowrank import RankRule, truncate
+    from lora_tools.lora.lowrank import RankRule, truncate
 
     mods = _pairs(inp.lora_a)
     sample = _sample(len(mods), args.dense_every)
@@ -209,7 +209,7 @@ def job_resize_dense(inp: Inputs, args: argparse.Namespace) -> None:
 
 def job_merge(inp: Inputs, args: argparse.Namespace) -> None:
     from lora_tools.lora.load import load_lora
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.merge import WeightedLora, merge_loras
 
     with load_lora(inp.lora_a) as a, load_lora(inp.lora_b) as b:
@@ -228,7 +228,7 @@ def job_merge(inp: Inputs, args: argparse.Namespace) -> None:
 def job_merge_dense(inp: Inputs, args: argparse.Namespace) -> None:
     import torch
 
-    from lora_tools.lowrank import RankRule, stack_factors, truncate
+    from lora_tools.lora.lowrank import RankRule, stack_factors, truncate
 
     a, b = _pairs(inp.lora_a), _pairs(inp.lora_b)
     sample = _sample(len(a), args.dense_every)
@@ -253,7 +253,7 @@ def job_merge_dense(inp: Inputs, args: argparse.Namespace) -> None:
 
 
 def job_extract(inp: Inputs, args: argparse.Namespace) -> None:
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.extract import extract_lora
 
     t = time.perf_counter()
@@ -269,7 +269,7 @@ def job_extract(inp: Inputs, args: argparse.Namespace) -> None:
 def job_extract_dense(inp: Inputs, args: argparse.Namespace) -> None:
     import torch
 
-    from lora_tools.lowrank import RankRule, dense_svd
+    from lora_tools.lora.lowrank import RankRule, dense_svd
     from lora_tools.io.model import open_model
     from lora_tools.ops.extract import paired_targets, target_weight
 

@@ -62,8 +62,9 @@ def with_record(metadata: Mapping[str, str], record: Mapping[str, Any]) -> dict[
     return out
 
 
-def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """The parsed ``loratool`` record of a file's metadata, or ``None`` when absent or unreadable."""
+def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The parsed ``loratool`` record of a file's metadata (the one reader every command uses), or
+    ``None`` when absent or unreadable."""
     raw = metadata.get(LORATOOL_METADATA_KEY)
     if not raw:
         return None
@@ -74,15 +75,10 @@ def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """The parsed ``loratool`` record (the one reader every command uses)."""
-    return read_provenance(metadata)
-
-
 def fused_preset(metadata: Mapping[str, str]) -> str | None:
     """Name of the acceleration preset lora_tools baked into a file (new ``preset`` field, or an
     old record's ``lightning_steps``), or ``None``."""
-    record = read_provenance(metadata)
+    record = read_record(metadata)
     if not record:
         return None
     preset = record.get("preset")
@@ -90,12 +86,3 @@ def fused_preset(metadata: Mapping[str, str]) -> str | None:
         return preset
     steps = record.get("lightning_steps")
     return f"lightning-{steps}step" if isinstance(steps, int) and steps else None
-
-
-def fused_lightning_steps(metadata: Mapping[str, str]) -> int | None:
-    """The Lightning step count lora_tools already fused into a file, if any."""
-    record = read_provenance(metadata)
-    if not record:
-        return None
-    steps = record.get("lightning_steps")
-    return int(steps) if isinstance(steps, int) else None

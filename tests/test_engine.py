@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from lora_tools.engine import DenseDifference, LowRank, needs_check, stream, stream_order, stream_pairs
 from lora_tools.errors import NonFiniteError
-from lora_tools.lora.model import AdapterModule
-from lora_tools.lora.resolve import MatchedModule
+from lora_tools.lora.adapter import LoraModule
+from lora_tools.lora.match import MatchedModule
 from lora_tools.io.model import TensorRef, open_model
 from lora_tools.io.sources import StateDictSource
 
@@ -88,7 +88,7 @@ def _lora(name: str, shape: tuple[int, ...], rank: int, alpha: float, seed: int,
              "w2a": torch.randn(out, rank, generator=g) * 0.3, "w2b": torch.randn(rank, rest[0], generator=g) * 0.3}
     tensors = {f"{name}.{role}": t.to(torch.float16) for role, t in f.items()}
     source = StateDictSource(Path(f"{name}.safetensors"), tensors)
-    module = AdapterModule("unet", name, kind, {role: f"{name}.{role}" for role in f}, alpha, rank,  # type: ignore[arg-type]
+    module = LoraModule("unet", name, kind, {role: f"{name}.{role}" for role in f}, alpha, rank,  # type: ignore[arg-type]
                            source=source)
     adapter = SimpleNamespace(source=source)
     match = MatchedModule(module, SimpleNamespace(shape=shape, part=None))  # type: ignore[arg-type]

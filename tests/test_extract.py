@@ -10,7 +10,7 @@ import torch
 
 from lora_tools.errors import InvalidFileError
 from lora_tools.lora.load import load_lora
-from lora_tools.lowrank import RankRule
+from lora_tools.lora.lowrank import RankRule
 from lora_tools.ops.extract import extract_lora
 from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
 from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
@@ -84,7 +84,7 @@ def test_extract_randomized_svd_reports_its_measured_error(assets: FuseAssets, t
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every matrix counted as large: torch.svd_lowrank is used, and each reported error is the norm of
     the residual of the factors written (not the truncated singular values), near the optimal one."""
-    import lora_tools.lowrank as lowrank
+    import lora_tools.lora.lowrank as lowrank
 
     monkeypatch.setattr(lowrank, "RANDOMIZED_MIN_ELEMENTS", 0)
     res = extract_lora(tuned, assets.base, RankRule(rank=2))

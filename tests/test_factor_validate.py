@@ -9,7 +9,7 @@ import torch
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.lora import delta as d
 from lora_tools.lora.load import load_lora
-from lora_tools.lora.model import AdapterModule
+from lora_tools.lora.adapter import LoraModule
 from lora_tools.lora.validate import check_factor_shapes, module_problem
 from lora_tools.testing.synthetic_lora import write_lora
 
@@ -48,7 +48,7 @@ MISFITS = [
 
 @pytest.mark.parametrize("kind,shapes,target,reason", MISFITS, ids=[m[3][:40] for m in MISFITS])
 def test_misfits_are_named_and_the_delta_maths_refuses_them_too(kind, shapes, target, reason):
-    module = AdapterModule("unet", "mid_block_attentions_0_proj_in", kind, {r: r for r in shapes}, None, 2)  # type: ignore[arg-type]
+    module = LoraModule("unet", "mid_block_attentions_0_proj_in", kind, {r: r for r in shapes}, None, 2)  # type: ignore[arg-type]
     problem = module_problem(module, shapes)
     assert problem is not None and reason in problem.reason, problem
     assert problem.describe().startswith("module 'mid_block_attentions_0_proj_in' (unet): ")
@@ -63,6 +63,6 @@ def test_misfits_are_named_and_the_delta_maths_refuses_them_too(kind, shapes, ta
     ("lokr", {"w1": (2, 2), "w2a": (4, 2), "w2b": (2, 3)}, (8, 6)),
 ])
 def test_fitting_factors_pass_here_and_in_the_delta_maths(kind, shapes, target):
-    module = AdapterModule("unet", "m", kind, {r: r for r in shapes}, None, 2)  # type: ignore[arg-type]
+    module = LoraModule("unet", "m", kind, {r: r for r in shapes}, None, 2)  # type: ignore[arg-type]
     assert module_problem(module, shapes) is None
     _delta(kind, shapes, target)

@@ -239,7 +239,7 @@ def test_every_naming_and_spelling_fuses_like_the_dense_reference(tiny_tensors: 
     right rows (bigG q/k/v) and in the right orientation (text_projection)."""
     from lora_tools.engine.contributions import module_contribution
     from lora_tools.engine.patch import patch_tensor
-    from lora_tools.lora.resolve import match_lora
+    from lora_tools.lora.match import match_lora
 
     if spelling == PROCESSOR and naming != "diffusers":
         pytest.skip("the attention-processor spelling exists under diffusers names only")

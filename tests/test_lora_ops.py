@@ -14,7 +14,7 @@ from lora_tools.errors import InvalidFileError, UsageError
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
-from lora_tools.lowrank import RankRule
+from lora_tools.lora.lowrank import RankRule
 from lora_tools.ops.merge import WeightedLora, merge_loras
 from lora_tools.ops.rescale import rescale_lora
 from lora_tools.ops.resize import resize_lora

@@ -14,7 +14,7 @@ from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import FULL
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
-from lora_tools.lora.resolve import match_lora
+from lora_tools.lora.match import match_lora
 from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 

@@ -1,4 +1,4 @@
-"""lora_tools.lowrank against dense references (dense SVD, dense sums, dense least squares)."""
+"""lora_tools.lora.lowrank against dense references (dense SVD, dense sums, dense least squares)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_tools.errors import ShapeMismatchError, UsageError
-from lora_tools.lowrank import (
+from lora_tools.lora.lowrank import (
     RankRule,
     StrengthFit,
     choose_rank,

@@ -28,7 +28,7 @@ def extract_command(tuned: str, original: str, rank: int | None, energy: float |
     Example:
         loratool extract sdxl_lightning_1step_unet_x0.safetensors sdxl_base_unet.safetensors --rank 64 -o l1.safetensors
     """
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.extract import extract_lora
     from lora_tools.ops.lora_write import plan_output, tensor_bytes, write_lora
     from lora_tools.recipes.lora_jobs import command_record

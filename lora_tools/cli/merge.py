@@ -40,7 +40,7 @@ def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy:
 
     from lora_tools.errors import UsageError
     from lora_tools.lora.load import load_lora
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.lora_write import plan_output, write_lora
     from lora_tools.ops.merge import WeightedLora, merge_loras
     from lora_tools.recipes.lora_jobs import command_record

@@ -27,7 +27,7 @@ def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: 
         loratool resize style.safetensors --energy 0.99 -o style-small.safetensors
     """
     from lora_tools.lora.load import load_lora
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
     from lora_tools.ops.lora_write import plan_output, tensor_bytes, write_lora
     from lora_tools.ops.resize import resize_lora
     from lora_tools.recipes.lora_jobs import command_record

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 from lora_tools.lora import delta as d
-from lora_tools.lora.resolve import module_delta
+from lora_tools.lora.match import module_delta
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_tools.lora.model import AdapterModule, LoraAdapter
-    from lora_tools.lora.resolve import MatchedModule
+    from lora_tools.lora.adapter import LoraModule, LoraAdapter
+    from lora_tools.lora.match import MatchedModule
     from lora_tools.io.sources import TensorSource
 
 #: ``op(block, r0, r1)`` adds a contribution to the fp32 rows ``[r0, r1)`` held in ``block``.
@@ -44,7 +44,7 @@ class Contribution(Protocol):
         """An upper bound of ``|change|`` for every element, or ``None`` when unknown."""
 
 
-def read_factor(module: "AdapterModule", adapter: "LoraAdapter", role: str) -> "torch.Tensor":
+def read_factor(module: "LoraModule", adapter: "LoraAdapter", role: str) -> "torch.Tensor":
     """The one place the engine reads a LoRA factor (``up``, ``down``, ``dora_scale``...)."""
     return module.factor(role)
 
@@ -79,7 +79,7 @@ class LowRank:
     max_abs: tuple[float, float] | None = None
 
     @property
-    def module(self) -> "AdapterModule":
+    def module(self) -> "LoraModule":
         return self.match.module
 
     def _plain(self) -> bool:

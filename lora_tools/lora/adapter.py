@@ -217,10 +217,6 @@ def _f32() -> "torch.dtype":
     return torch.float32
 
 
-#: The old name of :class:`LoraModule`.
-AdapterModule = LoraModule
-
-
 @dataclass
 class LoraAdapter:
     """A LoRA: its modules, metadata and format; tensors in a file (lazy) or in memory.
@@ -388,4 +384,4 @@ def delta_numel(module: LoraModule) -> int:
     return math.prod(module.natural_shape())
 
 
-__all__ = ["AdapterKind", "AdapterModule", "LoraAdapter", "LoraModule", "ROLES", "kind_of", "rank_of"]
+__all__ = ["AdapterKind", "LoraAdapter", "LoraModule", "ROLES", "kind_of", "rank_of"]

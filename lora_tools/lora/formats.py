@@ -65,9 +65,6 @@ class Format:
     def envelope(self, component: Component) -> str | None:
         return self.naming.write.get(component)
 
-    def __getitem__(self, i: int) -> object:  # the old (detector, splitter, grammar) tuple
-        return (self.detect, self.parse, self)[i]
-
 
 def _family_of(name: str) -> str:
     return "diffusers" if name == "diffusers-legacy" else name

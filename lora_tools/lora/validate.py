@@ -5,7 +5,7 @@ down's, a Tucker core chains its factors, LoKr's two Kronecker factors are whole
 time without reading a tensor, so a bad module is named before anything is written rather than
 failing mid-stream. The finite-values check reads each factor once. :func:`validate_lora` is THE
 plan-time check every LoRA operation (fuse, rescale, resize, merge, convert, analyze) runs on
-each input LoRA. Whether the product fits the *base* weight is :mod:`lora_tools.lora.resolve`'s
+each input LoRA. Whether the product fits the *base* weight is :mod:`lora_tools.lora.match`'s
 job (it needs the base).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from lora_tools.errors import NonFiniteError, ShapeMismatchError
-from lora_tools.lora.model import AdapterModule, LoraAdapter
+from lora_tools.lora.adapter import LoraModule, LoraAdapter
 
 Shape = tuple[int, ...]
 
@@ -113,7 +113,7 @@ def _full(s: Mapping[str, Shape]) -> None:
 _RULES: dict[str, Callable[[Mapping[str, Shape]], None]] = {"lora": _lora, "loha": _loha, "lokr": _lokr, "full": _full}
 
 
-def module_problem(module: AdapterModule, shapes: Mapping[str, Shape]) -> FactorProblem | None:
+def module_problem(module: LoraModule, shapes: Mapping[str, Shape]) -> FactorProblem | None:
     """The problem with one module's factors (``shapes``: role -> shape), or ``None`` when they fit."""
     try:
         _RULES[module.kind](shapes)

@@ -10,7 +10,7 @@ import torch
 
 from lora_tools.errors import Hint, UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
+from lora_tools.lora.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
 from lora_tools.ops.extract import paired_targets, stream_differences
 from lora_tools.ops.lora_pairs import is_low_rank, pair_of
 

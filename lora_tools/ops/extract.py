@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import torch
 
 from lora_tools.errors import InvalidFileError, UsageError
-from lora_tools.lowrank import RankRule, dense_svd
+from lora_tools.lora.lowrank import RankRule, dense_svd
 from lora_tools.ops.lora_pairs import roles_from_pair
 from lora_tools.ops.resize import FitReport, fit_of
 from lora_tools.provenance import build_record, with_record
@@ -113,7 +113,7 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
                  progress: Callable[[int], None] | None = None) -> ExtractResult:
     """A LoRA whose delta approximates ``tuned - original``, module by module.
 
-    Each module's difference is factorised by :func:`lora_tools.lowrank.dense_svd` (full SVD for
+    Each module's difference is factorised by :func:`lora_tools.lora.lowrank.dense_svd` (full SVD for
     small matrices, randomized with oversampling and power iterations for large ones) and its
     error measured on the residual. Both models are read in one pass through the shared engine
     (:func:`stream_differences`): a few tensors in memory at a time, whatever the models' size.

@@ -181,10 +181,6 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
                       record)
 
 
-#: The engine's stream order (kept under its old name).
-interleave = stream_order
-
-
 def _sdxl_tokenizers() -> dict[str, Path]:
     from lora_tools.hub import tokenizer_files
 

@@ -18,8 +18,8 @@ from lora_tools.errors import (Hint, KeyMismatchError, ShapeMismatchError,
                                UnsupportedModelError, UsageError)
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
-from lora_tools.lora.model import LoraAdapter
-from lora_tools.lora.resolve import LoraMatch, MatchedModule, match_lora
+from lora_tools.lora.adapter import LoraAdapter
+from lora_tools.lora.match import LoraMatch, MatchedModule, match_lora
 from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
 from lora_tools.io import atomic
 from lora_tools.io.model import ModelSource, open_model

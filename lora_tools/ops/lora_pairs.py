@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lora_tools.errors import InvalidFileError, UsageError
-from lora_tools.lowrank import flatten_conv, tucker_to_pair
+from lora_tools.lora.lowrank import flatten_conv, tucker_to_pair
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter, LoraModule

@@ -9,7 +9,7 @@ import torch
 
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.lowrank import RankRule, dense_svd, stack_factors, truncate
+from lora_tools.lora.lowrank import RankRule, dense_svd, stack_factors, truncate
 from lora_tools.ops.lora_pairs import (
     check_same_architecture,
     dense_of,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.lowrank import DenseSvd, RankRule, Truncation, dense_svd, truncate
+from lora_tools.lora.lowrank import DenseSvd, RankRule, Truncation, dense_svd, truncate
 from lora_tools.ops.lora_pairs import (
     dense_of,
     derived_metadata,

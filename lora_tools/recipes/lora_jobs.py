@@ -217,13 +217,13 @@ class LoraOpJob(ABC):
 
 
 def _rule(o: Mapping[str, Any], keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
 
     return RankRule(**{k: o.get(k) for k in keys})
 
 
 def _conv_rule(o: Mapping[str, Any]):  # type: ignore[no-untyped-def]
-    from lora_tools.lowrank import RankRule
+    from lora_tools.lora.lowrank import RankRule
 
     return RankRule(rank=o["conv_rank"]) if o.get("conv_rank") is not None else None
 

@@ -11,8 +11,8 @@ from typing import Mapping
 
 from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
-from lora_tools.lora.model import LoraAdapter
-from lora_tools.lora.resolve import LoraMatch
+from lora_tools.lora.adapter import LoraAdapter
+from lora_tools.lora.match import LoraMatch
 from lora_tools.ops.inspect.report import Acceleration
 from lora_tools.presets import LIGHTNING, AccelerationPreset, identify_file
 

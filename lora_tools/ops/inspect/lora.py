@@ -17,11 +17,11 @@ from lora_tools.layouts.blocks import BLOCKS, block_of
 from lora_tools.layouts.components import LORA_COMPONENTS, component_label
 from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
-from lora_tools.lora import resolve
+from lora_tools.lora import match as lora_match
 from lora_tools.lora.family import foreign_format_name, sd_hint
 from lora_tools.lora.formats import format_description
-from lora_tools.lora.model import AdapterModule, LoraAdapter
-from lora_tools.lora.resolve import LoraMatch, MatchedModule
+from lora_tools.lora.adapter import LoraModule, LoraAdapter
+from lora_tools.lora.match import LoraMatch, MatchedModule
 from lora_tools.ops.inspect._common import count, fmt_num, natural
 from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
 from lora_tools.ops.inspect.report import (Acceleration, LoraSummary, MismatchedModule, ModuleTarget, TensorEntry,
@@ -38,7 +38,7 @@ class _Fit:
     layout: str
     cfg: SDXLConfig
     match: LoraMatch  # matched: the modules that fit
-    mismatched: list[tuple[AdapterModule, str, ShapeMismatchError]]
+    mismatched: list[tuple[LoraModule, str, ShapeMismatchError]]
 
 
 def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
@@ -128,20 +128,20 @@ def _fit(adapter: LoraAdapter, name: str, cfg: SDXLConfig) -> _Fit:
     index = TargetIndex(cfg.table)
     base = f"SDXL ({name})"
     matched: list[MatchedModule] = []
-    unmatched: list[AdapterModule] = []
-    mismatched: list[tuple[AdapterModule, str, ShapeMismatchError]] = []
+    unmatched: list[LoraModule] = []
+    mismatched: list[tuple[LoraModule, str, ShapeMismatchError]] = []
     reasons: dict[tuple[str, str], str] = {}
     for m in adapter.modules:
         target = index.lookup(m.component, m.name)
         if target is None or (m.changes_bias and target.bias_key is None):
             unmatched.append(m)
-            why = (resolve.no_bias_reason(target) if target is not None
+            why = (lora_match.no_bias_reason(target) if target is not None
                    else index.why_not(m.component, m.name))  # type: ignore[arg-type]
             if why is not None:
                 reasons[(m.component, m.name)] = why
             continue
         try:
-            resolve._check_shape(adapter, m, target, base)
+            lora_match._check_shape(adapter, m, target, base)
             _check_lycoris_shape(adapter, m, target.shape, target.sgm_key, name)
         except ShapeMismatchError as e:
             mismatched.append((m, target.sgm_key, e))
@@ -168,7 +168,7 @@ def _choose_layout(path: Path, adapter: LoraAdapter) -> _Fit:
     )
 
 
-def _check_lycoris_shape(adapter: LoraAdapter, m: AdapterModule, want: tuple[int, ...], key: str, layout: str) -> None:
+def _check_lycoris_shape(adapter: LoraAdapter, m: LoraModule, want: tuple[int, ...], key: str, layout: str) -> None:
     """LoHa/LoKr shapes, which :func:`match_lora` leaves to delta time."""
     dims = _lycoris_dims(adapter.source, m)
     if dims is not None and dims != (want[0], math.prod(want[1:])):
@@ -178,7 +178,7 @@ def _check_lycoris_shape(adapter: LoraAdapter, m: AdapterModule, want: tuple[int
         )
 
 
-def _lycoris_dims(src: SafetensorsSource | StateDictSource, m: AdapterModule) -> tuple[int, int] | None:
+def _lycoris_dims(src: SafetensorsSource | StateDictSource, m: LoraModule) -> tuple[int, int] | None:
     """``(out, fan_in)`` of a LoHa/LoKr delta from factor shapes, or ``None`` when not checked."""
     def shape(role: str) -> tuple[int, ...]:
         return tuple(src.meta(m.keys[role]).shape)
@@ -204,12 +204,12 @@ def _unmatched_summary(match: LoraMatch) -> UnmatchedSummary:
     return UnmatchedSummary(len(match.unmatched), first, _sd1_hint(match) if match.unmatched else None)
 
 
-def _scale(m: AdapterModule) -> float:
+def _scale(m: LoraModule) -> float:
     """The scale the fuse applies (``LoraModule.scale``: alpha = 0 or absent, full diffs: 1)."""
     return m.scale
 
 
-def _algorithm(m: AdapterModule) -> str:
+def _algorithm(m: LoraModule) -> str:
     if m.kind == "lora" and m.is_dora:
         return "dora"
     return m.algorithm

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.lora.family import context_hint, sd_hint
-from lora_tools.lora.model import AdapterModule, LoraAdapter
+from lora_tools.lora.adapter import LoraModule, LoraAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,7 @@ Naming = Literal["sgm", "diffusers", "mixed", "text-encoder", "none"]
 class MatchedModule:
     """One LoRA module and the base weight it changes."""
 
-    module: AdapterModule
+    module: LoraModule
     target: ModuleTarget
 
     @property
@@ -40,7 +40,7 @@ class LoraMatch:
 
     adapter: LoraAdapter
     matched: list[MatchedModule]
-    unmatched: list[AdapterModule]
+    unmatched: list[LoraModule]
     #: Why an unmatched module has no target, where the layout says so (``TargetIndex.why_not``).
     reasons: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -108,7 +108,7 @@ def match_lora(adapter: LoraAdapter, index: TargetIndex, *, base: str = "the bas
     return LoraMatch(adapter, matched, unmatched, reasons)
 
 
-def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, base: str) -> None:
+def _check_shape(adapter: LoraAdapter, m: LoraModule, target: ModuleTarget, base: str) -> None:
     src = adapter.source
     want = target.shape
     if m.changes_bias and target.bias_key is not None:
@@ -139,7 +139,7 @@ def _check_shape(adapter: LoraAdapter, m: AdapterModule, target: ModuleTarget, b
         )
 
 
-def _delta_shape(adapter: LoraAdapter, m: AdapterModule) -> str:
+def _delta_shape(adapter: LoraAdapter, m: LoraModule) -> str:
     src = adapter.source
     if m.kind == "lora":
         up, down = src.meta(m.keys["up"]).shape, src.meta(m.keys["down"]).shape
