@@ -129,7 +129,7 @@ def _cost(shape: tuple[int, ...]) -> float:
 def _pairs(path: Path) -> list[tuple[str, "object", "object", float]]:
     """``(name, up, down, scale)`` of every module, 2-D float32 (the LoRA is read in full)."""
     from lora_tools.lora.load import load_lora
-    from lora_tools.ops.lora_pairs import pair_of
+    from lora_tools.lora.pairs import pair_of
 
     with load_lora(path) as lora:
         out = []
@@ -271,7 +271,7 @@ def job_extract_dense(inp: Inputs, args: argparse.Namespace) -> None:
 
     from lora_tools.lora.lowrank import RankRule, dense_svd
     from lora_tools.io.model import open_model
-    from lora_tools.ops.extract import paired_targets, target_weight
+    from lora_tools.engine.differences import paired_targets, target_weight
 
     names = {name for name, *_ in _pairs(inp.lora_a)}
     from lora_tools.layouts.targets import TargetIndex

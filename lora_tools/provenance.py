@@ -18,9 +18,23 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from typing import Any, Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 LORATOOL_METADATA_KEY = "loratool"
+#: Metadata keys a derived LoRA must not inherit (they describe the input's own tensors/record).
+_STALE_KEYS = ("loratool", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
+
+
+class LoraFile(Protocol):
+    """What a source entry reads of an input LoRA (a :class:`~lora_tools.lora.adapter.LoraAdapter`)."""
+
+    @property
+    def path(self) -> "str | os.PathLike[str] | None": ...
+
+    @property
+    def format(self) -> str: ...
 
 
 def utc_now() -> str:
@@ -86,3 +100,20 @@ def fused_preset(metadata: Mapping[str, str]) -> str | None:
         return preset
     steps = record.get("lightning_steps")
     return f"lightning-{steps}step" if isinstance(steps, int) and steps else None
+
+
+def derived_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The input's metadata without what describes the input's own tensors (hashes, records)."""
+    return {k: v for k, v in metadata.items() if k not in _STALE_KEYS}
+
+
+def source_entry(adapter: LoraFile, role: str = "lora", **extra: Any) -> dict[str, Any]:
+    """A provenance ``sources`` entry for an input LoRA."""
+    name = Path(adapter.path).name if adapter.path is not None else "(in memory)"
+    entry: dict[str, Any] = {"role": role, "name": name, "format": adapter.format}
+    if adapter.path is not None and Path(adapter.path).is_file():
+        from lora_tools.io.hashing import sha256_file
+
+        entry["sha256"] = sha256_file(Path(adapter.path))
+    entry.update(extra)
+    return entry

@@ -11,8 +11,8 @@ import torch
 from lora_tools.errors import Hint, UsageError
 from lora_tools.lora.validate import validate_lora
 from lora_tools.lora.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
-from lora_tools.ops.extract import paired_targets, stream_differences
-from lora_tools.ops.lora_pairs import is_low_rank, pair_of
+from lora_tools.engine.differences import paired_targets, stream_differences
+from lora_tools.lora.pairs import is_low_rank, pair_of
 
 if TYPE_CHECKING:
     from lora_tools.layouts.targets import ModuleTarget
@@ -107,7 +107,7 @@ def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str
 
     The strengths are fitted jointly (one least-squares problem over every module, and one per
     block), so two LoRAs adapting the same modules are told apart. Both models are read in one
-    pass through the shared engine (:func:`lora_tools.ops.extract.stream_differences`).
+    pass through the shared engine (:func:`lora_tools.engine.differences.stream_differences`).
 
     Args:
         model: the checkpoint to analyze.

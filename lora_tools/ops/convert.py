@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.provenance import build_record, with_record
+from lora_tools.provenance import build_record, derived_metadata, source_entry, with_record
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter
@@ -34,7 +34,6 @@ def convert_lora(adapter: "LoraAdapter", to: str) -> tuple["LoraAdapter", str]:
     """
     if to not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {to!r}; expected one of {', '.join(TARGET_FORMATS)}")
-    from lora_tools.ops.lora_pairs import derived_metadata, source_entry  # torch: not on the CLI's import path
 
     validate_lora(adapter, verb="convert")
     record = build_record("convert", sources=[source_entry(adapter)], params={"from": adapter.format, "to": to})

@@ -10,20 +10,18 @@ import torch
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
 from lora_tools.lora.lowrank import RankRule, dense_svd, stack_factors, truncate
-from lora_tools.ops.lora_pairs import (
+from lora_tools.lora.pairs import (
     check_same_architecture,
     dense_of,
-    derived_metadata,
     is_low_rank,
     module_key,
     pair_of,
     refuse_bias_diff,
     respelled,
     roles_from_pair,
-    source_entry,
 )
-from lora_tools.ops.resize import FitReport, fit_of
-from lora_tools.provenance import build_record, with_record
+from lora_tools.ops.fit import FitReport, fit_of
+from lora_tools.provenance import build_record, derived_metadata, source_entry, with_record
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter, LoraModule

@@ -9,8 +9,7 @@ import torch
 
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.ops.lora_pairs import derived_metadata, source_entry
-from lora_tools.provenance import build_record, with_record
+from lora_tools.provenance import build_record, derived_metadata, source_entry, with_record
 
 if TYPE_CHECKING:
     from lora_tools.layouts.blocks import BlockWeights

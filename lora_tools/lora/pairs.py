@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,8 +15,6 @@ from lora_tools.lora.lowrank import flatten_conv, tucker_to_pair
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter, LoraModule
 
-#: Metadata keys a derived LoRA must not inherit (they describe the input's own tensors/record).
-_STALE_KEYS = ("loratool", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,20 +118,3 @@ def respelled(adapter: "LoraAdapter", format: str, label: str) -> "LoraAdapter":
 
     tensors, metadata = spelled_tensors(adapter, format=format)
     return load_lora(label, source=StateDictSource(Path(label), tensors, metadata))
-
-
-def derived_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The input's metadata without what describes the input's own tensors (hashes, records)."""
-    return {k: v for k, v in metadata.items() if k not in _STALE_KEYS}
-
-
-def source_entry(adapter: "LoraAdapter", role: str = "lora", **extra: Any) -> dict[str, Any]:
-    """A provenance ``sources`` entry for an input LoRA."""
-    name = Path(adapter.path).name if adapter.path is not None else "(in memory)"
-    entry: dict[str, Any] = {"role": role, "name": name, "format": adapter.format}
-    if adapter.path is not None and Path(adapter.path).is_file():
-        from lora_tools.io.hashing import sha256_file
-
-        entry["sha256"] = sha256_file(Path(adapter.path))
-    entry.update(extra)
-    return entry
