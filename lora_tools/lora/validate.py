@@ -129,7 +129,7 @@ def check_factor_shapes(adapter: LoraAdapter) -> list[FactorProblem]:
     """Every module of ``adapter`` whose factors do not fit each other (header shapes only).
 
     Args:
-        adapter: a LoRA read with :func:`lora_tools.lora.load_lora` (no tensor is read).
+        adapter: a LoRA read with :func:`lora_tools.lora.load.load_lora` (no tensor is read).
 
     Returns:
         One :class:`FactorProblem` per misfit module, in file order; empty when all fit.
