@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -136,7 +136,7 @@ def diffusers_fuse(folder: Path, loras: Sequence[tuple[Path, float]], *, scales:
         pipe, clean = clean_pipeline(folder)
         names = [f"l{i}" for i in range(len(loras))]
         try:
-            for name, (path, _) in zip(names, loras):
+            for name, (path, _) in zip(names, loras, strict=True):
                 pipe.load_lora_weights(str(path), adapter_name=name)
             pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
             out = []

@@ -417,6 +417,7 @@ def test_help_shows_example() -> None:
     assert "--json" in result.stdout and "--keys" in result.stdout and "--no-hash" in result.stdout
 
 
+@pytest.mark.subprocess
 def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, pipeline_folder: Path) -> None:
     root = pipeline_folder
     code = (

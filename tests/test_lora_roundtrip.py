@@ -158,7 +158,7 @@ def test_in_memory_and_file_backed_deltas_are_identical(tmp_path: Path) -> None:
     with load_lora(path) as disk:
         assert disk.path == path and mem.path is None
         assert len(disk.modules) == len(mem.modules)
-        for a, b in zip(mem.modules, disk.modules):
+        for a, b in zip(mem.modules, disk.modules, strict=True):
             assert (a.kind, a.rank, a.alpha, a.scale, a.component) == (b.kind, b.rank, b.alpha, b.scale, b.component)
             assert torch.equal(a.delta(), b.delta())
         copy = disk.with_modules(disk.modules)

@@ -7,8 +7,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lora_tools.diffusers_folder import component_config
 from lora_tools.layouts import TINY
-from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, scheduler_for
 from lora_tools.presets import LIGHTNING
+from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, scheduler_for
 
 torch.manual_seed(0)
 
