@@ -126,7 +126,7 @@ def _cost(shape: tuple[int, ...]) -> float:
     return float(out) * inn * min(out, inn)
 
 
-def _pairs(path: Path) -> list[tuple[str, "object", "object", float]]:
+def _pairs(path: Path) -> list[tuple[str, object, object, float]]:
     """``(name, up, down, scale)`` of every module, 2-D float32 (the LoRA is read in full)."""
     from lora_tools.lora.formats import load_lora
     from lora_tools.ops.lora_pairs import pair_of
