@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SLOW_KINDS = ("slow", "subprocess", "diffusers", "ray", "fs", "large")
 #: Whole files of one kind.
 BY_FILE: dict[str, tuple[str, ...]] = {
-    "test_ray.py": ("ray", "slow"),
+    "test_ray.py": ("ray", "slow", "diffusers"),  # verify jobs, local and on Ray
     "test_faults.py": ("subprocess",),
     "test_demo.py": ("subprocess", "diffusers"),
     "test_examples.py": ("subprocess",),

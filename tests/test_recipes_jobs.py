@@ -124,6 +124,7 @@ def _verify_sets(a: Assets, config: Path, out: Path, *only: str) -> list[str]:
     return args
 
 
+@pytest.mark.diffusers  # a verify job
 def test_publisher_batch_verify_and_publish(recipe_assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tokenizer_config(tmp_path)
     out = tmp_path / "out"
@@ -189,6 +190,7 @@ def test_publisher_batch_verify_and_publish(recipe_assets: Assets, tmp_path: Pat
     assert "3 skipped." in third.stdout and len(calls) == 2, "an unchanged release was uploaded again"
 
 
+@pytest.mark.diffusers  # a verify job
 def test_a_failed_verdict_is_a_failed_job(recipe_assets: Assets, tmp_path: Path) -> None:
     """A model fused at strength 0.5, verified against base + the LoRA at 1.0: the verdict fails."""
     config = tokenizer_config(tmp_path)
