@@ -36,8 +36,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ----------------------------------------------------------------------------------------- speed buckets
 
-#: Markers that take a test out of the default selection (``smoke`` brings one back).
-SLOW_KINDS = ("slow", "subprocess", "diffusers", "ray", "fs", "large")
 #: Whole files of one kind.
 BY_FILE: dict[str, tuple[str, ...]] = {
     "test_ray.py": ("ray", "slow", "diffusers"),  # verify jobs, local and on Ray
@@ -69,6 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 _PYTHON = ("python", "loratool")
 _DIFFUSERS_MODELS = "diffusers.models.modeling_utils"
+_MARK_DIFFUSERS = "mark it @pytest.mark.diffusers (or add its file to conftest.BY_FILE)"
 
 
 def _starts_python(args: object) -> bool:
@@ -94,11 +93,16 @@ def _speed_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
             real(self, args, *rest, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
-    had_models = _DIFFUSERS_MODELS in sys.modules
+    models = sys.modules.get(_DIFFUSERS_MODELS)
+    if "diffusers" not in marks and models is not None:  # loaded by an earlier test: no model may be built
+
+        def refused(self: object, *args: object, **kwargs: object) -> None:
+            raise AssertionError(f"{request.node.nodeid} builds a diffusers model: {_MARK_DIFFUSERS}")
+
+        monkeypatch.setattr(models.ModelMixin, "__init__", refused)
     yield
-    if "diffusers" not in marks and not had_models and _DIFFUSERS_MODELS in sys.modules:
-        pytest.fail(f"{request.node.nodeid} loads diffusers' models: mark it @pytest.mark.diffusers "
-                    "(or give it a fixture conftest.BY_FIXTURE marks)")
+    if "diffusers" not in marks and models is None and _DIFFUSERS_MODELS in sys.modules:
+        pytest.fail(f"{request.node.nodeid} loads diffusers' models: {_MARK_DIFFUSERS}")
 
 
 # ----------------------------------------------------------------------------------------- models
