@@ -431,9 +431,9 @@ def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | N
 def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: int = 0) -> dict[str, object]:
     import torch
 
-    from lora_tools.layouts.sdxl import to_diffusers
     from lora_tools.io.model import open_model
     from lora_tools.io.safetensors import TensorFile
+    from lora_tools.layouts.sdxl import to_diffusers
     from lora_tools.testing.synthetic_lora import LCM_TARGETS
 
     with TensorFile(ours_path) as ours, TensorFile(theirs_path) as theirs, open_model(inp.base) as base:

@@ -46,8 +46,8 @@ PROMPT = "a lighthouse at dusk, photograph"
 def build_inputs(work: Path, size: str) -> tuple[Path, Path, Path]:
     """(base checkpoint, Lightning LoRA, tokenizer folder) of the synthetic model, built once and cached."""
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
-    from lora_tools.layouts.sdxl import config_from_shapes
     from lora_tools.io.safetensors import read_header
+    from lora_tools.layouts.sdxl import config_from_shapes
     from lora_tools.testing.synthetic import write_checkpoint
     from lora_tools.testing.synthetic_lora import write_lightning_lora
 

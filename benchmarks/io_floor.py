@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from fuse_sdxl import cpu_busy_seconds, wait_for_quiet, warm  # noqa: E402
+
 from lora_tools.io.safetensors import read_header  # noqa: E402
 
 

@@ -126,7 +126,7 @@ def _cost(shape: tuple[int, ...]) -> float:
     return float(out) * inn * min(out, inn)
 
 
-def _pairs(path: Path) -> list[tuple[str, "object", "object", float]]:
+def _pairs(path: Path) -> list[tuple[str, object, object, float]]:
     """``(name, up, down, scale)`` of every module, 2-D float32 (the LoRA is read in full)."""
     from lora_tools.lora.load import load_lora
     from lora_tools.lora.pairs import pair_of
@@ -269,9 +269,9 @@ def job_extract(inp: Inputs, args: argparse.Namespace) -> None:
 def job_extract_dense(inp: Inputs, args: argparse.Namespace) -> None:
     import torch
 
-    from lora_tools.lora.lowrank import RankRule, dense_svd
-    from lora_tools.io.model import open_model
     from lora_tools.engine.differences import paired_targets, target_weight
+    from lora_tools.io.model import open_model
+    from lora_tools.lora.lowrank import RankRule, dense_svd
 
     names = {name for name, *_ in _pairs(inp.lora_a)}
     from lora_tools.layouts.targets import TargetIndex

@@ -105,11 +105,11 @@ def main() -> None:
     sampler.phase = "import"
     import torch  # noqa: F401
 
+    import lora_tools.engine.patch as PT
+    import lora_tools.engine.pipeline as S
     import lora_tools.ops.fuse as F
     import lora_tools.ops.fuse_plan as FP
     import lora_tools.output.sinks as O
-    import lora_tools.engine.patch as PT
-    import lora_tools.engine.pipeline as S
     t_import = time.perf_counter()
     out: dict[str, object] = {"import_s": t_import - T0, "rss_after_import": sampler.rss()}
 

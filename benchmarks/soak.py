@@ -28,18 +28,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lora_tools.cli import cli
 from lora_tools.ops.check import check_file

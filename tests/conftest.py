@@ -1,49 +1,222 @@
-"""Shared fixtures: tiny SDXL-topology models built once per session (never downloaded)."""
+"""The suite's shared fixtures and its speed buckets.
+
+Fixtures: models built once per session (never downloaded), in the sizes of ``lora_tools.testing``:
+``micro`` for anything that runs diffusers (verify), ``tiny`` for the rest, and the files the fuse,
+LoRA-op, recipe and reliability tests share. Test modules take them from here, never from another
+module.
+
+Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the default selection is
+``smoke or not (slow or subprocess or diffusers or ray or fs or large)``; ``-m ""`` runs everything.
+:func:`pytest_collection_modifyitems` marks tests by file and by the fixtures they use, and the
+``_speed_guard`` fixture fails a test that starts a Python interpreter or loads diffusers' models
+without its marker, so a new test cannot slip into the fast bucket by mistake.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # the helpers import torch and lora_tools: fixtures import them when first used
+    from tests.fuse_helpers import FuseAssets
+    from tests.recipe_helpers import Assets
+    from tests.reliability_helpers import RunAs, Tmpfs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# ----------------------------------------------------------------------------------------- speed buckets
+
+#: Whole files of one kind.
+BY_FILE: dict[str, tuple[str, ...]] = {
+    "test_ray.py": ("ray", "slow", "diffusers"),  # verify jobs, local and on Ray
+    "test_faults.py": ("subprocess",),
+    "test_demo.py": ("subprocess", "diffusers"),
+    "test_examples.py": ("subprocess",),
+    "test_output_examples.py": ("subprocess",),
+    "test_lora_convert_oracle.py": ("diffusers",),
+    "test_merge_oracle.py": ("diffusers",),
+    "test_sampling.py": ("diffusers",),
+}
+#: Fixtures that make a test one kind, wherever it is.
+BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "run_as": ("fs",),  # a forked child as another user
+    "tmpfs": ("fs",),  # a real mount
+    "read_only_fs": ("fs",),
+    "medium_model": ("large",),  # ~370 MB on disk
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kinds = set(BY_FILE.get(item.path.name, ()))
+        for name in getattr(item, "fixturenames", ()):
+            kinds.update(BY_FIXTURE.get(name, ()))
+        for kind in sorted(kinds):
+            item.add_marker(kind)
+
+
+_PYTHON = ("python", "loratool")
+_DIFFUSERS_MODELS = "diffusers.models.modeling_utils"
+_MARK_DIFFUSERS = "mark it @pytest.mark.diffusers (or add its file to conftest.BY_FILE)"
+
+
+def _starts_python(args: object) -> bool:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)  # type: ignore[call-overload]
+    if not argv:
+        return False
+    exe = os.fsdecode(argv[0])
+    return exe == sys.executable or os.path.basename(exe).startswith(_PYTHON)
+
+
+@pytest.fixture(autouse=True)
+def _speed_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fails a test that does what its markers say it does not: start a Python interpreter without
+    ``subprocess`` (or ``ray``), load diffusers' model code without ``diffusers``."""
+    marks = {m.name for m in request.node.iter_markers()}
+    if not marks & {"subprocess", "ray"}:
+        real = subprocess.Popen.__init__
+
+        def guarded(self: subprocess.Popen[bytes], args: object, *rest: object, **kwargs: object) -> None:
+            if _starts_python(args):
+                raise AssertionError(f"{request.node.nodeid} starts a Python interpreter: mark it "
+                                     "@pytest.mark.subprocess (or add its file to conftest.BY_FILE)")
+            real(self, args, *rest, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    models = sys.modules.get(_DIFFUSERS_MODELS)
+    if "diffusers" not in marks and models is not None:  # loaded by an earlier test: no model may be built
+
+        def refused(self: object, *args: object, **kwargs: object) -> None:
+            raise AssertionError(f"{request.node.nodeid} builds a diffusers model: {_MARK_DIFFUSERS}")
+
+        monkeypatch.setattr(models.ModelMixin, "__init__", refused)
+    yield
+    if "diffusers" not in marks and models is None and _DIFFUSERS_MODELS in sys.modules:
+        pytest.fail(f"{request.node.nodeid} loads diffusers' models: {_MARK_DIFFUSERS}")
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread() -> Iterator[None]:
+    """Tiny matmuls on a busy 2-core box are much faster single-threaded."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_tools.testing import synthetic
 
     return synthetic.write_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-sdxl.safetensors", "tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
-def tiny_diffusers_folder(tmp_path_factory):
+def tiny_diffusers_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_tools.testing import synthetic
 
-    return synthetic.write_diffusers_folder(tmp_path_factory.mktemp("tiny-diffusers") / "tiny-sdxl", "tiny", dtype="fp32")
+    return synthetic.write_diffusers_folder(tmp_path_factory.mktemp("tiny-diffusers") / "tiny-sdxl", "tiny",
+                                            dtype="fp32")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "bad_input_cases: a case of the bad-input matrix (counted in the summary)")
+@pytest.fixture(scope="session")
+def tiny_unet_inputs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A tiny UNet-only fp16 base (seed 0) and a rank-2 LoRA that fits it: the inputs of the bad-input,
+    output-path and fault matrices. Tests read them and must leave them as they are."""
+    from lora_tools.testing.synthetic import write_checkpoint
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    root = tmp_path_factory.mktemp("tiny-unet-inputs")
+    return SimpleNamespace(base=write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",)),
+                           lora=write_lora(root / "lora.safetensors", "tiny", rank=2))
 
 
-_BAD_INPUT_OUTCOMES: dict[str, int] = {}
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> FuseAssets:
+    """The fuse tests' files (tiny fp32 base, its diffusers folder, Lightning and style LoRAs), each built on
+    first use."""
+    from tests.fuse_helpers import FuseAssets
+
+    return FuseAssets(tmp_path_factory.mktemp("fuse_assets"))
 
 
-def pytest_runtest_logreport(report):
-    if report.when == "call" or (report.when == "setup" and report.skipped):
-        if "bad_input_cases" in report.keywords:
-            outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
-            _BAD_INPUT_OUTCOMES[outcome] = _BAD_INPUT_OUTCOMES.get(outcome, 0) + 1
+@pytest.fixture(scope="session")
+def recipe_assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    """The recipe tests' inputs: two tiny bases, a Lightning folder (2/4/8 steps), a style LoRA."""
+    from tests.recipe_helpers import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("recipe-assets"))
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _BAD_INPUT_OUTCOMES:
-        total = sum(_BAD_INPUT_OUTCOMES.values())
-        parts = ", ".join(f"{n} {k}" for k, n in sorted(_BAD_INPUT_OUTCOMES.items()))
-        terminalreporter.write_line(f"bad-input matrix: {total} cases ({parts})")
+@pytest.fixture(scope="session")
+def micro_verify(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What the verify tests run on, in the micro size (a verify run costs seconds): an fp32 base (seed 1),
+    a Lightning 4-step LoRA, the tokenizers a ``--config`` folder holds, the base fused with the LoRA at
+    1.0 and at 0.5, and ``dir``, where tests may add files of their own (each under its own name)."""
+    from lora_tools.io.diffusers_folder import write_byte_tokenizer
+    from lora_tools.ops.fuse import fuse
+    from lora_tools.testing.synthetic import MICRO, write_checkpoint
+    from lora_tools.testing.synthetic_lora import write_lightning_lora
+
+    d = tmp_path_factory.mktemp("verify")
+    base = write_checkpoint(d / "base.safetensors", "micro", dtype="fp32", seed=1)
+    lora = write_lightning_lora(d / "L" / "sdxl_lightning_4step_lora.safetensors", "micro")
+    config = d / "config"  # what a user's --config DIR holds: the tokenizers
+    for name, te in (("tokenizer", MICRO.te1), ("tokenizer_2", MICRO.te2)):
+        write_byte_tokenizer(config / name, te.vocab, te.positions)
+    full = fuse(base, lightning=4, lightning_dir=d / "L", saves=("checkpoint",), output=d / "fused.safetensors")
+    half = fuse(base, lightning=4, lightning_dir=d / "L", lightning_strength=0.5, saves=("checkpoint",),
+                output=d / "half.safetensors")
+    return {"base": base, "lora": lora, "config": config, "fused": full.files[0].path, "half": half.files[0].path,
+            "dir": d}
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """An SDXL-topology model twice as wide as tiny (~370 MB in fp32) and a Lightning-shaped LoRA for it,
+    deleted when the module is done.
+
+    The values do not matter here, so the base is written from constants (fast), not from random numbers.
+    """
+    import dataclasses
+
+    import torch
+
+    from lora_tools.io.safetensors import StreamingWriter, TensorPlan, torch_dtype
+    from lora_tools.layouts import TINY
+    from lora_tools.testing.synthetic import ALL_COMPONENTS, checkpoint_plan
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    d = tmp_path_factory.mktemp("medium")
+    cfg = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, model_channels=64))
+    entries = checkpoint_plan(cfg, ALL_COMPONENTS, "F32")
+    base = d / "medium.safetensors"
+    with StreamingWriter(base, [TensorPlan(k, dt, s) for k, s, dt in entries], {"format": "pt"}) as w:
+        for key, shape, dt in entries:
+            w.write(key, torch.full(shape, 0.01, dtype=torch_dtype(dt)) if dt == "F32"
+                    else torch.zeros(shape, dtype=torch.int64))
+        w.finalize()
+    lora = write_lora(d / "medium-lora.safetensors", cfg, fmt="kohya-diffusers", targets="lightning", rank=4, alpha=4.0)
+    yield SimpleNamespace(base=base, lora=lora)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- environments
 
 
 @pytest.fixture
@@ -56,3 +229,59 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     return cache
+
+
+@pytest.fixture
+def run_as() -> RunAs:
+    """``run_as(uid, gid, argv)``: the CLI in a forked child as that user; its exit code, stdout and stderr."""
+    from tests.reliability_helpers import run_as
+
+    return run_as
+
+
+@pytest.fixture
+def tmpfs() -> Tmpfs:
+    """``with tmpfs(at, options) as folder``: an empty tmpfs mounted at ``at`` (the test is skipped, with the
+    reason, where it cannot be mounted), unmounted afterwards."""
+    return _tmpfs
+
+
+@contextlib.contextmanager
+def _tmpfs(at: Path, options: str) -> Iterator[Path]:
+    at.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("this test mounts a small tmpfs, which needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(at)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_fs(tmp_path: Path, tmpfs: Tmpfs) -> Iterator[Path]:
+    """An empty tmpfs mounted read-only at ``tmp_path / "ro"``."""
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        yield ro
+
+
+# ----------------------------------------------------------------------------------------- the bad-input summary
+
+_BAD_INPUT_OUTCOMES: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        if "bad_input_cases" in report.keywords:
+            outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
+            _BAD_INPUT_OUTCOMES[outcome] = _BAD_INPUT_OUTCOMES.get(outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _BAD_INPUT_OUTCOMES:
+        total = sum(_BAD_INPUT_OUTCOMES.values())
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(_BAD_INPUT_OUTCOMES.items()))
+        terminalreporter.write_line(f"bad-input matrix: {total} cases ({parts})")

@@ -4,13 +4,20 @@ inputs that keep the fault tests quick."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
+
+#: The ``run_as`` fixture's type: ``run_as(uid, gid, argv) -> (exit code, stdout, stderr)``.
+RunAs = Callable[[int, int, list[str]], tuple[int, str, str]]
+#: The ``tmpfs`` fixture's type: ``with tmpfs(at, options) as folder: ...``.
+Tmpfs = Callable[[Path, str], contextlib.AbstractContextManager[Path]]
 
 
 def nobody() -> tuple[int, int] | None:

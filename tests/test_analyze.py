@@ -9,8 +9,8 @@ import pytest
 
 from lora_tools.lora.load import load_lora
 from lora_tools.ops.analyze import analyze_model
-from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
-from tests.test_lora_ops import fused, run_ok
+from tests.fuse_helpers import FuseAssets
+from tests.lora_helpers import fused, run_ok
 
 
 @pytest.mark.slow
@@ -29,6 +29,7 @@ def test_analyze_recovers_the_fused_strength(assets: FuseAssets, tmp_path: Path,
     assert report.interference and all(0.0 <= i.overlap <= 1.0 + 1e-9 for i in report.interference)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_analyze_cli_two_loras(assets: FuseAssets, tmp_path: Path) -> None:
     model = tmp_path / "m.safetensors"
     fused(assets.base, model, f"{assets.lightning_lora}:0.8", f"{assets.style}:0.3")

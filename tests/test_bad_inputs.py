@@ -19,9 +19,10 @@ import random
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,9 +30,8 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.io.safetensors import load_tensors, save_tensors
-from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora, write_lora
-from tests.reliability_helpers import run_as, unprivileged
+from tests.reliability_helpers import RunAs, unprivileged
 
 COUNTED = "bad_input_cases"  # the conftest summary hook counts the tests carrying this marker
 
@@ -251,7 +251,7 @@ def _recipe(name: str, text: str) -> Callable[[Path, Inputs], Path]:
 
 def _alias_bomb() -> str:
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     return "\n".join(["version: 1", *lines, "jobs: []"]).replace("{", "{{").replace("}", "}}") + "\n"
 
@@ -340,7 +340,7 @@ CASES: list[Case] = [
          _same(_CORRUPT + f"tensor '{_K1}' (F16 [2, 3]) needs 12 bytes, its offsets 0..8 span 8.")),
     Case("unknown-dtype", _raw("dtype.safetensors", _entries((_K1, "F13", [2], [0, 8])), b"\0" * 8),
          _same(_CORRUPT + f"tensor '{_K1}' has unknown dtype 'F13'.")),
-    Case("duplicate-keys", _raw("dup.safetensors", '{"%s": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+    Case("duplicate-keys", _raw("dup.safetensors", '{"%s": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '  # noqa: UP031 (JSON: % reads better than doubled braces)
                                                     '"%s": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
                                                     % (_K1, _K1), b"\0" * 8),
          _same(_CORRUPT + f"key '{_K1}' appears twice.")),
@@ -471,10 +471,14 @@ UNREADABLE = Case("an-unreadable-file", _unreadable, _same(_LOCKED))
 
 
 def _params() -> list[object]:
+    """Every case x command; the first case of each command is the default selection's smoke row, the rest
+    of the matrix runs in the full selection (``-m ""``)."""
     params = []
+    smoke: set[str] = set()
     for case in CASES:
         for command, expect in case.expect.items():
-            marks = [getattr(pytest.mark, COUNTED)]
+            marks = [getattr(pytest.mark, COUNTED), pytest.mark.slow if command in smoke else pytest.mark.smoke]
+            smoke.add(command)
             if expect.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=expect.xfail))
             params.append(pytest.param(case, command, expect, id=f"{case.id}-{command}", marks=marks))
@@ -484,12 +488,9 @@ def _params() -> list[object]:
 # --- the runs -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def good(tiny_unet_inputs: SimpleNamespace) -> tuple[Path, Path]:
     """A tiny UNet-only SDXL base and a LoRA that fits it, built once."""
-    root = tmp_path_factory.mktemp("matrix-inputs")
-    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
-    lora = write_lora(root / "lora.safetensors", "tiny", rank=2)
-    return base, lora
+    return tiny_unet_inputs.base, tiny_unet_inputs.lora
 
 
 def _state(paths: list[Path]) -> dict[str, tuple[object, ...]]:
@@ -541,7 +542,7 @@ def test_bad_input(case: Case, command: str, expect: Expect, good: tuple[Path, P
     pytest.param(c, id=f"{UNREADABLE.id}-{c}", marks=[getattr(pytest.mark, COUNTED)] + (
         [pytest.mark.xfail(strict=True, reason=e.xfail)] if e.xfail else []))
     for c, e in UNREADABLE.expect.items()])
-def test_unreadable_file(command: str, good: tuple[Path, Path]) -> None:
+def test_unreadable_file(command: str, good: tuple[Path, Path], run_as: RunAs) -> None:
     ids = unprivileged()  # a plain user: file permissions apply already; root drops to `nobody`
     if ids is None:
         pytest.skip("runs as root and there is no 'nobody' user to drop to: root reads any file")
@@ -578,8 +579,8 @@ def test_lora_named_like_lightning_is_fused_as_lightning_only_with_its_signature
     """``fuse --lora sdxl_lightning_4step_lora.safetensors``: with plain LoRA keys, inspect's warning
     before the fuse and a plain fuse (no Lightning name, record or sampler advice); with the
     Lightning key signature, a Lightning fuse without a warning (the name is not distrusted)."""
-    from lora_tools.provenance import read_record
     from lora_tools.io.safetensors import read_header
+    from lora_tools.provenance import read_record
 
     base = Path(shutil.copyfile(good[0], tmp_path / "base.safetensors"))
     if shaped:

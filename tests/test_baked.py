@@ -10,19 +10,13 @@ from pathlib import Path
 import pytest
 
 from lora_tools.io.model import open_model
-from lora_tools.ops.baked import baked_fit, is_baked
-from lora_tools.presets.local import local_preset_loras
-from lora_tools.presets import PRESETS, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE
-from lora_tools.lora.load import load_lora
 from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
-from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
-    LIGHTNING_LORA,
-    FuseAssets,
-    _single_torch_thread,
-    assets,
-    fill_hub_cache,
-)
-from tests.test_lora_ops import fused, run_fails, run_ok
+from lora_tools.lora.load import load_lora
+from lora_tools.ops.baked import baked_fit, is_baked
+from lora_tools.presets import PRESETS, SDXL_BASE_REPO, SDXL_BASE_UNET_FILE
+from lora_tools.presets.local import local_preset_loras
+from tests.fuse_helpers import LIGHTNING_LORA, FuseAssets, fill_hub_cache
+from tests.lora_helpers import fused, run_fails, run_ok
 
 N_PRESET_LORAS = sum(p.lora_file is not None for p in PRESETS.values())
 
@@ -54,6 +48,7 @@ def test_local_preset_loras_looks_in_the_folder_then_the_cache(assets: FuseAsset
     assert len(both.missing) == N_PRESET_LORAS - 2
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_analyze_without_lora_tries_the_cached_presets(assets: FuseAssets, tmp_path: Path, offline_hub: Path) -> None:
     fill_hub_cache(offline_hub, "ByteDance/SDXL-Lightning", LIGHTNING_LORA, assets.lightning_lora.read_bytes())
     model = tmp_path / "m.safetensors"
@@ -77,6 +72,7 @@ def test_analyze_without_any_candidate_fails_cleanly(assets: FuseAssets, tmp_pat
 # ------------------------------------------------------------------------------------ fuse
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_baked_fit_on_a_sample(assets: FuseAssets, lightning_baked: Path) -> None:
     with load_lora(assets.lightning_lora) as lora, open_model(lightning_baked) as model, \
             open_model(assets.base) as base, open_model(assets.original_unet) as unrelated:
@@ -105,6 +101,7 @@ def test_fuse_refuses_a_preset_already_baked_in(assets: FuseAssets, lightning_ba
     assert out.exists()
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_fuse_finds_the_reference_in_the_hub_cache(assets: FuseAssets, lightning_baked: Path, tmp_path: Path,
                                                    offline_hub: Path) -> None:
     out = tmp_path / "twice.safetensors"
@@ -118,6 +115,7 @@ def test_fuse_finds_the_reference_in_the_hub_cache(assets: FuseAssets, lightning
     assert "(strength 1.00, " in line and "'diffusion_pytorch_model.fp16.safetensors'" in line
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_fuse_into_a_base_without_the_preset_is_not_refused(assets: FuseAssets, tmp_path: Path) -> None:
     styled = _without_record(fused(assets.base, tmp_path / "s0.safetensors", f"{assets.style}:1.0") and
                              tmp_path / "s0.safetensors", tmp_path / "styled.safetensors", assets)

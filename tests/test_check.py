@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from lora_tools.cli import cli
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.ops.check import check_file
 from lora_tools.provenance import build_record, with_record
-from lora_tools.io.safetensors import save_tensors
-from safetensors.torch import save_file
 
 
 def _run(*args: str):

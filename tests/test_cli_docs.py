@@ -60,14 +60,17 @@ def test_the_readme_architecture_names_every_module_and_folder_and_nothing_else(
     assert set(named) == actual, f"missing from the README: {sorted(actual - set(named))}; gone: {sorted(set(named) - actual)}"
 
 
+@pytest.mark.subprocess
+@pytest.mark.smoke
 def test_the_cli_and_inspect_start_without_torch(tmp_path):
     """``loratool --help`` and ``loratool inspect`` read headers only: importing torch (seconds) is for commands
     that compute."""
     import subprocess
     import sys
 
-    from lora_tools.testing.synthetic_lora import make_lora
     from safetensors.torch import save_file
+
+    from lora_tools.testing.synthetic_lora import make_lora
 
     tensors, meta = make_lora("tiny", fmt="kohya")
     save_file(tensors, str(tmp_path / "l.safetensors"), meta)

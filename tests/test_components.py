@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.errors import InvalidFileError
+from lora_tools.io.diffusers_folder import component_weight_files
+from lora_tools.io.model import open_model
 from lora_tools.layouts.components import COMPONENTS, LORA_COMPONENTS, component_label, spelling
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES
-from lora_tools.io.model import open_model
 from lora_tools.testing.synthetic import write_diffusers_folder
 
 DIFFUSERS = Path(__import__("diffusers").__file__).parent

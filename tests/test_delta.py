@@ -10,9 +10,9 @@ from torch import nn
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.lora.delta import (
     dora_apply,
+    loha_delta,
     lokr_delta,
     lokr_scale_applies,
-    loha_delta,
     lora_delta,
     module_scale,
 )
@@ -107,8 +107,8 @@ def test_lora_tucker_mid_matches_three_sequential_convs():
     # And the explicit sum over the core, written with loops over kernel positions.
     ref = torch.empty(out_c, in_c, 3, 3)
     for k in range(3):
-        for l in range(3):
-            ref[:, :, k, l] = up.flatten(1) @ mid[:, :, k, l] @ down.flatten(1)
+        for j in range(3):
+            ref[:, :, k, j] = up.flatten(1) @ mid[:, :, k, j] @ down.flatten(1)
     _close(delta, ref)
 
 
@@ -222,10 +222,10 @@ def test_loha_cp_matches_per_kernel_position_products():
     w2a, w2b, t2 = _randn(r, out_c, g=g), _randn(r, in_c, g=g), _randn(r, r, 3, 3, g=g)
     ref = torch.empty(out_c, in_c, 3, 3)
     for k in range(3):
-        for l in range(3):
-            m1 = w1a.T @ t1[:, :, k, l] @ w1b
-            m2 = w2a.T @ t2[:, :, k, l] @ w2b
-            ref[:, :, k, l] = m1 * m2
+        for j in range(3):
+            m1 = w1a.T @ t1[:, :, k, j] @ w1b
+            m2 = w2a.T @ t2[:, :, k, j] @ w2b
+            ref[:, :, k, j] = m1 * m2
 
     delta = loha_delta(w1a, w1b, w2a, w2b, t1=t1, t2=t2, target_shape=(out_c, in_c, 3, 3))
 
@@ -319,8 +319,8 @@ def test_lokr_tucker_t2_matches_per_kernel_position_products():
     w2a, w2b, t2 = _randn(r, o2, g=g), _randn(r, i2, g=g), _randn(r, r, 3, 3, g=g)
     w2 = torch.empty(o2, i2, 3, 3)
     for k in range(3):
-        for l in range(3):
-            w2[:, :, k, l] = w2a.T @ t2[:, :, k, l] @ w2b
+        for j in range(3):
+            w2[:, :, k, j] = w2a.T @ t2[:, :, k, j] @ w2b
 
     delta = lokr_delta(w1=w1, w2a=w2a, w2b=w2b, t2=t2, target_shape=(6, 4, 3, 3))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from lora_tools.errors import UnsupportedModelError
-from lora_tools.layouts import FULL, TINY
-from lora_tools.layouts.detect import detect_checkpoint
 from lora_tools.io.model import open_model
 from lora_tools.io.safetensors import save_tensors
+from lora_tools.layouts import FULL, TINY
+from lora_tools.layouts.detect import detect_checkpoint
 
 
 def _full_shapes() -> dict[str, tuple[int, ...]]:

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from lora_tools.engine import DenseDifference, LowRank, needs_check, stream, stream_order, stream_pairs
 from lora_tools.errors import NonFiniteError
-from lora_tools.lora.adapter import LoraModule
-from lora_tools.lora.match import MatchedModule
 from lora_tools.io.model import TensorRef, open_model
 from lora_tools.io.sources import StateDictSource
+from lora_tools.lora.adapter import LoraModule
+from lora_tools.lora.match import MatchedModule
 
 
 class CollectSink:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lora_tools.errors import InvalidFileError
+from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.lowrank import RankRule
 from lora_tools.ops.extract import extract_lora
-from lora_tools.io.safetensors import load_tensors, read_header, save_tensors
-from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
-from tests.test_lora_ops import deltas, fused, run_fails, run_ok
+from tests.fuse_helpers import FuseAssets
+from tests.lora_helpers import deltas, fused, run_fails, run_ok
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def tuned(assets: FuseAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_extract_at_the_lora_rank_recovers_the_lora(assets: FuseAssets, tuned: Path) -> None:
     res = extract_lora(tuned, assets.base, RankRule(rank=8))
     with load_lora(assets.lightning_lora) as lora:
@@ -38,6 +39,7 @@ def test_extract_at_the_lora_rank_recovers_the_lora(assets: FuseAssets, tuned: P
     assert res.identical > 0  # every module the LoRA does not touch is left out
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_extract_lower_rank_is_the_truncated_svd(assets: FuseAssets, tuned: Path) -> None:
     res = extract_lora(tuned, assets.base, RankRule(rank=2))
     with load_lora(assets.lightning_lora) as lora:
@@ -55,6 +57,7 @@ def test_extract_lower_rank_is_the_truncated_svd(assets: FuseAssets, tuned: Path
     assert sorted(f.relative_error for f in res.report.modules) == pytest.approx(sorted(rel), rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_extract_cli_writes_a_lora_and_reports(assets: FuseAssets, tuned: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.safetensors"
     rep = json.loads(run_ok("extract", tuned, assets.base, "--rank", "8", "-o", out, "--json").stdout)
@@ -80,6 +83,7 @@ def test_extract_energy_outside_range_is_refused(assets: FuseAssets, tuned: Path
               names="energy must be in (0, 1]")
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_extract_randomized_svd_reports_its_measured_error(assets: FuseAssets, tuned: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every matrix counted as large: torch.svd_lowrank is used, and each reported error is the norm of

@@ -8,8 +8,8 @@ import torch
 
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.lora import delta as d
-from lora_tools.lora.load import load_lora
 from lora_tools.lora.adapter import LoraModule
+from lora_tools.lora.load import load_lora
 from lora_tools.lora.validate import check_factor_shapes, module_problem
 from lora_tools.testing.synthetic_lora import write_lora
 

@@ -13,17 +13,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.provenance import read_record
 from lora_tools.io.safetensors import read_header
-from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets  # noqa: F401  (fixtures)
+from lora_tools.provenance import read_record
+from tests.fuse_helpers import FuseAssets
 from tests.reliability_helpers import write_small_lora, write_tuned
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # and subprocess (conftest.BY_FILE): every test starts a fuse process
 
 FUSE = [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse"]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGKILL: -signal.SIGKILL}
@@ -47,11 +48,16 @@ def wait_ready(proc: subprocess.Popen[str], ready: Path) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("point", ["planning", "mid-stream", "before-rename"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
-                         ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
+#: Every signal at every point; SIGTERM mid-stream (the temp file half written) is the default selection's smoke case.
+_FUSE_CASES = [pytest.param(sig, point, id=f"{sig.name}-{point}",
+                            marks=[pytest.mark.smoke] if (sig, point) == (signal.SIGTERM, "mid-stream") else [])
+               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+               for point in ("planning", "mid-stream", "before-rename")]
+
+
+@pytest.mark.parametrize(("sig", "point"), _FUSE_CASES)
 def test_signal_leaves_nothing(assets: FuseAssets, tmp_path: Path, sig: signal.Signals, point: str) -> None:
-    assets.base, assets.lightning_dir  # built here, not in the child
+    _ = assets.base, assets.lightning_dir  # built here, not in the child
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
@@ -175,7 +181,7 @@ def test_two_runs_claiming_one_output_at_once(assets: FuseAssets, tmp_path: Path
     finally:
         _finish(procs)
     assert sorted(p.returncode for p in procs) == [0, 1], results
-    loser = next(err for p, (_, err) in zip(procs, results) if p.returncode == 1)
+    loser = next(err for p, (_, err) in zip(procs, results, strict=True) if p.returncode == 1)
     assert loser.strip() == f"Error: '{out}' appeared while this run was writing it (another run?): {_LOSER}"
     _assert_one_whole_file(out)
 
@@ -198,11 +204,9 @@ _LORA_CASES = [("rescale", s, p) for s in _SIGNALS for p in _POINTS] + [
 
 
 @pytest.fixture(scope="module")
-def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from lora_tools.testing.synthetic import write_checkpoint
-
+def lora_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_unet_inputs: SimpleNamespace) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora-fault-inputs")
-    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
+    base = tiny_unet_inputs.base
     return {"base": base, "tuned": write_tuned(root / "tuned.safetensors", base),
             "lora": write_small_lora(root / "lora.safetensors")}
 

@@ -24,21 +24,23 @@ import torch
 from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
-from lora_tools.layouts import TINY
+from lora_tools.io.safetensors import (
+    StreamingWriter,
+    TensorFile,
+    load_tensors,
+    read_header,
+    save_tensors,
+    torch_dtype,
+)
 from lora_tools.ops.fuse import fuse
-from lora_tools.io.safetensors import (StreamingWriter, TensorFile, TensorPlan, load_tensors, read_header,
-                                       save_tensors, torch_dtype)
-from lora_tools.testing.synthetic import ALL_COMPONENTS, checkpoint_plan
-from lora_tools.testing.synthetic_lora import make_lora, write_lora
-from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
+from lora_tools.testing.synthetic_lora import make_lora
+from tests.fuse_helpers import (
     BASE_METADATA,
     LIGHTNING_LORA,
     LIGHTNING_UNET_1,
     LIGHTNING_UNET_4,
     REL_TOL,
     FuseAssets,
-    _single_torch_thread,
-    assets,
     compare,
     fill_hub_cache,
     listing,
@@ -111,6 +113,7 @@ def patched_keys() -> set[str]:
     return target_keys("lightning") | target_keys("attn", ALL_TE)
 
 
+@pytest.mark.diffusers
 def test_cli_fuse_equals_diffusers(assets: FuseAssets, runs: SimpleNamespace) -> None:
     ours = to_diffusers(runs.keep)
     for comp in ALL_TE:
@@ -197,6 +200,7 @@ def test_several_outputs_in_one_pass(runs: SimpleNamespace) -> None:
     assert all(torch.equal(standalone[k], v) for k, v in ckpt.items())
 
 
+@pytest.mark.diffusers
 def test_save_unet_loads_strictly_and_equals_diffusers(assets: FuseAssets, runs: SimpleNamespace) -> None:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -211,6 +215,7 @@ def test_save_unet_loads_strictly_and_equals_diffusers(assets: FuseAssets, runs:
     assert record["lightning_steps"] == 4 and record["sampler"] == LIGHTNING_SAMPLER
 
 
+@pytest.mark.diffusers
 def test_save_diffusers_runs_one_step(assets: FuseAssets, runs: SimpleNamespace) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -243,6 +248,7 @@ def _diffusers_unet_plus_difference(base_unet: dict[str, torch.Tensor], tuned: P
     return {k: base_unet[k] + (t[k].float() - o[k].float()) for k in base_unet}
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_method_unet_adds_the_difference(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "diff.safetensors"
     result = fuse_ok(assets.base, "--lightning", "4", "--method", "unet", "--lightning-dir", assets.unet_dir,
@@ -265,6 +271,7 @@ def test_method_unet_adds_the_difference(assets: FuseAssets, tmp_path: Path) -> 
     assert "Use it with:" in result.stdout
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_lightning_1step_uses_x0_unet_and_sample_prediction(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "one.safetensors"
     result = fuse_ok(assets.base, "--lightning", "1", "--lightning-dir", assets.unet_dir,
@@ -286,6 +293,7 @@ def test_lightning_1step_uses_x0_unet_and_sample_prediction(assets: FuseAssets, 
 # ---------------------------------------------------------------------------- the hub (offline, pre-filled cache)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_lightning_from_the_hub_cache(assets: FuseAssets, tmp_path: Path, offline_hub: Path) -> None:
     fill_hub_cache(offline_hub, "ByteDance/SDXL-Lightning", LIGHTNING_LORA, assets.lightning_lora.read_bytes())
     out = tmp_path / "out" / "hub.safetensors"
@@ -323,24 +331,6 @@ def test_lightning_lora_given_with_lora_records_the_sampler(assets: FuseAssets, 
 # ---------------------------------------------------------------------------- interrupts (subprocess)
 
 
-@pytest.fixture(scope="module")
-def medium(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """An SDXL-topology model twice as wide as tiny (~370 MB in fp32) and a Lightning-shaped LoRA for it.
-
-    The values do not matter here, so the base is written from constants (fast), not from random numbers.
-    """
-    d = tmp_path_factory.mktemp("medium")
-    cfg = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, model_channels=64))
-    entries = checkpoint_plan(cfg, ALL_COMPONENTS, "F32")
-    base = d / "medium.safetensors"
-    with StreamingWriter(base, [TensorPlan(k, dt, s) for k, s, dt in entries], {"format": "pt"}) as w:
-        for key, shape, dt in entries:
-            w.write(key, torch.full(shape, 0.01, dtype=torch_dtype(dt)) if dt == "F32" else torch.zeros(shape, dtype=torch.int64))
-        w.finalize()
-    lora = write_lora(d / "medium-lora.safetensors", cfg, fmt="kohya-diffusers", targets="lightning", rank=4, alpha=4.0)
-    return SimpleNamespace(base=base, lora=lora)
-
-
 def _fingerprint(path: Path) -> tuple:
     st = path.stat()
     with open(path, "rb") as f:
@@ -350,19 +340,20 @@ def _fingerprint(path: Path) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, head, tail
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_fuse_leaves_no_output(medium: SimpleNamespace, tmp_path: Path, sig: signal.Signals) -> None:
+def test_interrupted_fuse_leaves_no_output(medium_model: SimpleNamespace, tmp_path: Path, sig: signal.Signals) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
-    before = _fingerprint(medium.base)
+    before = _fingerprint(medium_model.base)
     ready = tmp_path / "mid-stream"
     # The output package's fault hook holds the fuse mid-stream (its temp file half written) until the
     # signal comes, so the signal lands there however fast or loaded the machine is.
     env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready))
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse", str(medium.base),
-         "--lora", str(medium.lora), "-o", str(out), "-q"],
+        [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse", str(medium_model.base),
+         "--lora", str(medium_model.lora), "-o", str(out), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -381,7 +372,7 @@ def test_interrupted_fuse_leaves_no_output(medium: SimpleNamespace, tmp_path: Pa
             proc.kill()
             proc.communicate()
     assert not out.exists()
-    assert _fingerprint(medium.base) == before
+    assert _fingerprint(medium_model.base) == before
     if sig == signal.SIGINT:
         assert proc.returncode == 130, stderr
         assert "Interrupted: nothing was written under the output names." in stderr
@@ -450,6 +441,7 @@ def test_unmatched_modules(assets: FuseAssets, tmp_path: Path) -> None:
     assert {k for k in base if fused[k] != base[k]} == target_keys("attn")
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_existing_output_needs_overwrite(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"an older file")
@@ -641,6 +633,7 @@ def test_library_error_names_the_parameter_and_the_cli_the_flag(assets: FuseAsse
     assert out.read_bytes() == b"an older file"
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_preset_equals_the_lightning_shorthand_and_the_deprecated_keywords(assets: FuseAssets, tmp_path: Path) -> None:
     by_name, by_steps = tmp_path / "by-name.safetensors", tmp_path / "by-steps.safetensors"
     result = fuse_ok(assets.base, "--preset", "lightning-4step", "--preset-dir", assets.lightning_dir, "-o", by_name)
@@ -727,6 +720,7 @@ def _corrupt_before_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StreamingWriter, "_check_written", corrupt_then_check)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_verify_output_rehashes_the_data_before_the_rename(assets: FuseAssets, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     args = (assets.base, "--lora", assets.style, "-q")

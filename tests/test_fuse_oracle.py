@@ -15,22 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_tools.io.safetensors import TensorFile, load_tensors
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import ModuleTarget
 from lora_tools.ops.fuse import fuse
-from lora_tools.io.safetensors import TensorFile, load_tensors
 from lora_tools.testing.synthetic_lora import module_keys, select_targets, write_lora
-from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
-    REL_TOL,
-    FuseAssets,
-    _single_torch_thread,
-    assets,
-    compare,
-    diffusers_fuse,
-    n_targets,
-    target_keys,
-    to_diffusers,
-)
+from tests.fuse_helpers import REL_TOL, FuseAssets, compare, diffusers_fuse, n_targets, target_keys, to_diffusers
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -52,7 +42,9 @@ def test_lightning_targets_include_3x3_convs() -> None:
     assert sum(1 for s in shapes if len(s) == 2) > 100
 
 
-@pytest.mark.parametrize("case", list(DIFFUSERS_FORMATS), ids=list(DIFFUSERS_FORMATS))
+@pytest.mark.diffusers
+@pytest.mark.parametrize("case", [pytest.param(c, id=c, marks=[pytest.mark.smoke] if c == "kohya-sgm" else [])
+                                  for c in DIFFUSERS_FORMATS])  # kohya-sgm: the default selection's oracle
 def test_fuse_equals_diffusers_fuse_lora(assets: FuseAssets, tmp_path: Path, case: str) -> None:
     kwargs = dict(DIFFUSERS_FORMATS[case])
     lora = write_lora(tmp_path / f"{case}.safetensors", "tiny", components=COMPONENTS, **kwargs)
@@ -61,7 +53,7 @@ def test_fuse_equals_diffusers_fuse_lora(assets: FuseAssets, tmp_path: Path, cas
     expected = {c: n_targets(str(kwargs["targets"]), (c,)) for c in COMPONENTS}
     assert all(n > 0 for n in expected.values())
 
-    for strength, oracle in zip(strengths, oracles):
+    for strength, oracle in zip(strengths, oracles, strict=True):
         out = tmp_path / f"fused-{strength}.safetensors"
         result = fuse(assets.base, loras=[(str(lora), strength)], output=out)
         assert result.modules_fused == sum(expected.values())
@@ -87,6 +79,7 @@ def lightning_style_fused(assets: FuseAssets, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.mark.diffusers
 def test_several_loras_equal_diffusers_set_adapters(assets: FuseAssets, lightning_style_fused: Path) -> None:
     oracle = assets.oracle_lightning_style
     ours = to_diffusers(lightning_style_fused)
@@ -103,6 +96,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.mark.diffusers
 def test_diffusers_single_file_unet_loads_our_file(assets: FuseAssets, lightning_style_fused: Path) -> None:
     from diffusers import UNet2DConditionModel
 
@@ -117,6 +111,7 @@ def test_diffusers_single_file_unet_loads_our_file(assets: FuseAssets, lightning
     assert changed == n_targets("lightning")
 
 
+@pytest.mark.diffusers
 def test_diffusers_single_file_pipeline_loads_our_file(assets: FuseAssets, lightning_style_fused: Path) -> None:
     """unet, vae and CLIP-L through StableDiffusionXLPipeline.from_single_file; OpenCLIP-bigG through
     diffusers' converter (its single-file *loader* leaves layers >= 12 of this tiny 32-layer bigG on
@@ -154,6 +149,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
         return {k: bytes(f.read_bytes(k)) for k in f.keys()}
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_comfy_and_peft_raw_fuse_like_kohya_sgm(assets: FuseAssets, tmp_path: Path) -> None:
     common = dict(targets="lightning", components=("unet",), rank=4, alpha=2.0, seed=21)
     outputs = {}
@@ -222,6 +218,7 @@ def _sample_targets(components: tuple[str, ...]) -> list[ModuleTarget]:
 
 
 @pytest.mark.parametrize("algorithm", list(LYCORIS))
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_lycoris_and_dora_equal_dense_reference(assets: FuseAssets, tmp_path: Path, algorithm: str) -> None:
     spec = LYCORIS[algorithm]
     fmt, components = str(spec["fmt"]), tuple(spec["components"])  # type: ignore[arg-type]

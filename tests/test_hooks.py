@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lora_tools.testing import hooks
 
 _KILL = "from lora_tools.testing.hooks import kill_once_progress\nkill_once_progress()(1)\nprint('alive')"
@@ -21,6 +23,7 @@ def test_without_their_variables_the_hooks_do_nothing(monkeypatch) -> None:
     assert hooks.kill_once_progress() is None
 
 
+@pytest.mark.subprocess
 def test_pause_point_announces_itself_and_waits_for_go(tmp_path: Path) -> None:
     ready, go = tmp_path / "ready", tmp_path / "go"
     go.touch()  # already there: the pause ends at once
@@ -32,6 +35,7 @@ def test_pause_point_announces_itself_and_waits_for_go(tmp_path: Path) -> None:
     assert ready.read_text().isdigit()  # the paused process's id, for the test to signal
 
 
+@pytest.mark.subprocess
 def test_kill_once_kills_the_first_process_only(tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     env = dict(os.environ, LORATOOL_TEST_KILL_ONCE=str(marker))

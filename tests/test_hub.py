@@ -299,6 +299,7 @@ sys.exit(result.exit_code)
 """
 
 
+@pytest.mark.subprocess
 def test_unreachable_hub_is_one_line_in_seconds(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """No HF_HUB_OFFLINE and a hub endpoint on a closed loopback port: huggingface_hub would retry
     for about 23 s; one short connect says it is unreachable and the fuse stops at once."""

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 import lora_tools
 from lora_tools.cli import cli
-from lora_tools.layouts import FULL, SGM_PREFIXES, TINY
 from lora_tools.io.safetensors import TensorPlan, build_header, read_header, save_tensors
+from lora_tools.layouts import FULL, SGM_PREFIXES, TINY
 from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
 from lora_tools.testing.synthetic_lora import make_lora, module_keys, select_targets, write_lightning_lora, write_lora
 
@@ -290,6 +290,7 @@ def test_full_size_lightning_shaped_lora(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.large  # ~394 MB in tmp_path, removed when it passes
 def test_full_size_lightning_lora_written_for_real(tmp_path: Path) -> None:
     """The same facts on a file written with real random factors (~394 MB, a few seconds)."""
     path = write_lightning_lora(tmp_path / "lcm_lora_sdxl.safetensors", "full")
@@ -417,6 +418,7 @@ def test_help_shows_example() -> None:
     assert "--json" in result.stdout and "--keys" in result.stdout and "--no-hash" in result.stdout
 
 
+@pytest.mark.subprocess
 def test_inspect_never_imports_torch(lightning_tiny: Path, tiny_ckpt: Path, pipeline_folder: Path) -> None:
     root = pipeline_folder
     code = (

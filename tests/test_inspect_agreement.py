@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.layouts.blocks import BLOCKS
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.scale import module_scale
 from lora_tools.ops.inspect import inspect_path
-from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
 
@@ -52,6 +52,7 @@ def test_scale_is_the_fuse_scale_for_alpha_zero(tmp_path: Path):
     assert lora is not None and set(lora.scales) == want and lora.alphas == {"0": 3}
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_blocks_follow_the_block_scheme(tmp_path: Path):
     path = write_lightning_lora(tmp_path / "l.safetensors", "tiny")
     report = json.loads(_invoke(path, "--json").stdout)["lora"]
@@ -118,6 +119,7 @@ def test_sizes_are_binary_units(tmp_path: Path):
     assert row.split()[1:3] == [f"{size / 1024:.1f}", "KiB,"]
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_lightning_name_without_its_signature_warns(tmp_path: Path):
     path = write_lora(tmp_path / "sdxl_lightning_4step_lora.safetensors", "tiny", targets="attn")
     lora = inspect_path(path).lora

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _LINT = ("import sys\nfrom importlinter.cli import lint_imports\n"
          "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
@@ -21,6 +23,8 @@ def _lint(root: Path) -> subprocess.CompletedProcess[str]:
                           env=dict(os.environ, PYTHONPATH=str(root)), timeout=300)
 
 
+@pytest.mark.subprocess
+@pytest.mark.smoke  # the contract itself runs in the default selection too
 def test_the_package_keeps_its_layer_contract() -> None:
     p = _lint(ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
@@ -33,6 +37,7 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.subprocess
 def test_an_upward_import_inside_a_function_breaks_the_contract(tmp_path: Path) -> None:
     """What the review found: ``output/plan.py`` importing the CLI's byte formatter inside a function."""
     root = _copy(tmp_path)
@@ -45,6 +50,7 @@ def test_an_upward_import_inside_a_function_breaks_the_contract(tmp_path: Path) 
     assert "lora_tools.output is not allowed to import lora_tools.cli" in p.stdout, p.stdout[-3000:]
 
 
+@pytest.mark.subprocess
 def test_a_circle_inside_one_folder_breaks_the_contract(tmp_path: Path) -> None:
     """What the review found: ``ops/analyze.py`` and ``ops/baked.py`` importing each other."""
     root = _copy(tmp_path)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tools.testing import synthetic
 from lora_tools.errors import KeyMismatchError
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.layouts import FULL, TINY, config_from_shapes
 from lora_tools.layouts.sdxl import diffusers_to_sgm_state_dict, sgm_to_diffusers_state_dicts
 from lora_tools.layouts.targets import TargetIndex
-from lora_tools.io.safetensors import load_tensors, read_header
+from lora_tools.testing import synthetic
 
 GOLDEN = Path(__file__).resolve().parents[1] / "lora_tools" / "layouts" / "data" / "sdxl-sgm-keys.json"
 
@@ -59,6 +59,7 @@ def test_config_is_read_back_from_file_shapes(tiny_checkpoint):
     assert config_from_shapes(shapes) == TINY
 
 
+@pytest.mark.diffusers
 def test_tiny_single_file_loads_in_diffusers_from_single_file(tiny_checkpoint, tiny_diffusers_folder):
     """The oracle: diffusers reads our single file into exactly the model of our diffusers folder."""
     from diffusers import StableDiffusionXLPipeline
@@ -73,9 +74,14 @@ def test_tiny_single_file_loads_in_diffusers_from_single_file(tiny_checkpoint, t
         assert diff == [], f"{name}: {len(diff)} tensors differ, first {diff[:3]}"
 
 
+@pytest.mark.diffusers
 def test_sgm_to_diffusers_equals_diffusers_own_conversion(tiny_checkpoint):
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     ckpt = {k: v.float() for k, v in load_tensors(tiny_checkpoint).items()}

@@ -12,19 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
-    REL_TOL,
-    FuseAssets,
-    _single_torch_thread,
-    assets,
-    clean_pipeline,
-    diffusers_fuse,
-    torch_threads,
-)
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.save import save_lora
-from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.testing.synthetic_lora import write_lora
+from tests.fuse_helpers import REL_TOL, FuseAssets, clean_pipeline, diffusers_fuse, torch_threads
 
 COMPONENTS = ("unet", "te1", "te2")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lora_tools.errors import UnsupportedModelError
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.lora.family import HINTS, foreign_format_name, looks_like_flux, sd_family
 from lora_tools.lora.load import load_lora
-from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic_lora import make_lora
 
 

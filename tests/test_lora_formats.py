@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_tools.errors import UnknownFormatError
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.adapter import LoraModule
@@ -17,7 +18,6 @@ from lora_tools.lora.formats import get_format
 from lora_tools.lora.load import detect_format, load_lora
 from lora_tools.lora.save import spell_module
 from lora_tools.lora.spelling import PROCESSOR, SPELLINGS, spell_key
-from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic_lora import select_targets
 
 NAMINGS = ["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"]

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
-from lora_tools.cli import cli
 from lora_tools.errors import InvalidFileError, UsageError
+from lora_tools.io.safetensors import TensorFile, load_tensors, read_header, save_tensors
 from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
@@ -18,76 +17,13 @@ from lora_tools.lora.lowrank import RankRule
 from lora_tools.ops.merge import WeightedLora, merge_loras
 from lora_tools.ops.rescale import rescale_lora
 from lora_tools.ops.resize import resize_lora
-from lora_tools.io.safetensors import TensorFile, load_tensors, read_header, save_tensors
 from lora_tools.testing.synthetic_lora import write_lora
-from tests.fuse_fixtures import (  # noqa: F401  (fixtures)
-    FuseAssets,
-    _single_torch_thread,
-    assets,
-    diffusers_fuse,
-    listing,
-)
+from tests.fuse_helpers import FuseAssets, diffusers_fuse
+from tests.lora_helpers import assert_deltas_close, assert_same_weights, deltas, file_deltas, fused, run_fails, run_ok
 
 _INDEX = TargetIndex(TINY.table)
 KOHYA_META = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_output_name": "style",
               "modelspec.title": "Style", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
-
-
-def deltas(adapter) -> dict[tuple[str, str], torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Every module's scaled dense delta, flattened to 2-D, keyed by (component, SGM key, q/k/v part)."""
-    out = {}
-    for m in adapter.modules:
-        t = _INDEX.lookup(m.component, m.name)
-        assert t is not None, m.name
-        d = m.delta()
-        out[(m.component, t.sgm_key, t.part)] = d.reshape(d.shape[0], -1).double()
-    return out
-
-
-def file_deltas(path: Path) -> dict[tuple[str, str], torch.Tensor]:
-    with load_lora(path) as a:
-        return deltas(a)
-
-
-def run_ok(*args: object) -> Result:
-    result = CliRunner().invoke(cli, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def run_fails(folder: Path, *args: object, names: str) -> str:
-    """A refused command: one ``Error:`` line naming `names`, nothing written, inputs untouched."""
-    before = listing(folder)
-    result = CliRunner().invoke(cli, [*map(str, args)])
-    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert names in lines[0], lines[0]
-    assert listing(folder) == before
-    return lines[0]
-
-
-def assert_deltas_close(ours: dict, ref: dict, rtol: float = 1e-5) -> None:  # type: ignore[type-arg]
-    assert set(ours) == set(ref)
-    for k in ref:
-        scale = float(ref[k].abs().max()) or 1.0
-        assert float((ours[k] - ref[k]).abs().max()) <= rtol * scale, k
-
-
-def fused(base: Path, out: Path, *loras: str) -> dict[str, torch.Tensor]:
-    args: list[object] = ["fuse", base]
-    for spec in loras:
-        args += ["--lora", spec]
-    run_ok(*args, "-o", out, "-q")
-    return load_tensors(out)
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 2e-6) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        scale = float(a[k].abs().max()) or 1.0
-        assert float((a[k].double() - b[k].double()).abs().max()) <= rtol * scale, k
 
 
 # ---------------------------------------------------------------------------------------- rescale
@@ -128,6 +64,7 @@ def test_rescale_per_block_is_the_block_weight_times_delta(assets: FuseAssets, t
               "-o", tmp_path / "x.safetensors", names="matches no module")
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_rescale_cli_fuses_like_the_input_at_that_strength(assets: FuseAssets, tmp_path: Path) -> None:
     tensors, md_in = load_tensors(assets.style), read_header(assets.style).metadata
     src = save_tensors(tmp_path / "style.safetensors", tensors, {**md_in, **KOHYA_META})
@@ -146,6 +83,7 @@ def test_rescale_cli_fuses_like_the_input_at_that_strength(assets: FuseAssets, t
 # ---------------------------------------------------------------------------------------- resize
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_resize_is_the_truncated_svd_of_each_delta(assets: FuseAssets) -> None:
     with load_lora(assets.lightning_lora) as a:
         before = deltas(a)
@@ -170,6 +108,7 @@ def test_resize_is_the_truncated_svd_of_each_delta(assets: FuseAssets) -> None:
         assert fit.retained == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_resize_cli_report_and_rules(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "r.safetensors"
     rep = json.loads(run_ok("resize", assets.lightning_lora, "--energy", "0.9", "-o", out, "--json").stdout)
@@ -210,6 +149,7 @@ def test_merge_concat_is_the_exact_weighted_sum(assets: FuseAssets) -> None:
     assert_deltas_close(merged, ref)  # type: ignore[arg-type]
 
 
+@pytest.mark.diffusers
 def test_merge_concat_fuses_like_diffusers_fusing_both(assets: FuseAssets, tmp_path: Path) -> None:
     merged = tmp_path / "merged.safetensors"
     run_ok("merge", assets.lightning_lora, f"{assets.style}:0.6", "-o", merged)
@@ -218,6 +158,7 @@ def test_merge_concat_fuses_like_diffusers_fusing_both(assets: FuseAssets, tmp_p
     assert_same_weights(ours, ref)
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_merge_svd_is_the_truncated_svd_of_the_sum(assets: FuseAssets, tmp_path: Path) -> None:
     other = write_lora(tmp_path / "o.safetensors", "tiny", fmt="kohya-diffusers", targets="lightning", rank=5,
                        alpha=2.0, dtype="fp32", seed=11)
@@ -254,6 +195,7 @@ def test_merge_refuses_different_architectures(assets: FuseAssets, tmp_path: Pat
 
 
 @pytest.mark.parametrize("to", ["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"])
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_convert_round_trip_is_bit_exact(assets: FuseAssets, tmp_path: Path, to: str) -> None:
     there, back = tmp_path / f"{to}.safetensors", tmp_path / "back.safetensors"
     run_ok("convert", assets.lightning_lora, "--to", to, "-o", there)
@@ -267,6 +209,7 @@ def test_convert_round_trip_is_bit_exact(assets: FuseAssets, tmp_path: Path, to:
     assert_deltas_close(file_deltas(there), file_deltas(assets.lightning_lora), rtol=0)
 
 
+@pytest.mark.diffusers
 def test_converted_files_load_in_diffusers_with_the_same_weights(assets: FuseAssets, tmp_path: Path) -> None:
     # Raw peft files are not a diffusers format: PEFT itself is their oracle (test_lora_convert_oracle.py).
     for src, formats in ((assets.style, ("kohya", "diffusers")), (assets.lightning_lora, ("diffusers", "kohya"))):

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 import lora_tools
 from lora_tools.cli import cli
 from lora_tools.errors import UsageError
+from lora_tools.io.safetensors import read_header
 from lora_tools.lora.load import load_lora
 from lora_tools.provenance import build_record, read_record
-from lora_tools.io.safetensors import read_header
 from lora_tools.testing.synthetic_lora import write_lora
 
 

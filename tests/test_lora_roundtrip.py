@@ -12,13 +12,13 @@ import torch
 
 import lora_tools
 from lora_tools.errors import OutputExistsError, UsageError
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.layouts import TINY
 from lora_tools.lora.adapter import LoraAdapter
 from lora_tools.lora.formats import available_formats
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.save import save_lora
 from lora_tools.provenance import read_record
-from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.testing.synthetic_lora import module_factors, select_targets, write_lora
 
 FORMATS = ["kohya", "kohya-diffusers", "diffusers", "peft", "comfy", "diffusers-legacy"]
@@ -159,7 +159,7 @@ def test_in_memory_and_file_backed_deltas_are_identical(tmp_path: Path) -> None:
     with load_lora(path) as disk:
         assert disk.path == path and mem.path is None
         assert len(disk.modules) == len(mem.modules)
-        for a, b in zip(mem.modules, disk.modules):
+        for a, b in zip(mem.modules, disk.modules, strict=True):
             assert (a.kind, a.rank, a.alpha, a.scale, a.component) == (b.kind, b.rank, b.alpha, b.scale, b.component)
             assert torch.equal(a.delta(), b.delta())
         copy = disk.with_modules(disk.modules)

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
+from lora_tools.io.safetensors import save_tensors
 from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import FULL
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.match import match_lora
-from lora_tools.io.safetensors import save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 
 _NO_SHORTCUT = "SDXL's resnet down_blocks.0.resnets.0 has no conv_shortcut"
@@ -73,6 +73,7 @@ def test_fuse_refuses_with_the_reason_and_allow_unmatched_skips(tmp_path: Path) 
     assert out.is_file()
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_norms_and_embeddings_are_targets_fused_like_the_dense_reference(tmp_path: Path) -> None:
     """Full diffs on norm weights and the token embedding, a LoRA on bigG's position embedding:
     each fused tensor equals W + delta computed in fp64 from the formulas."""
@@ -329,7 +330,7 @@ def test_rescale_scales_a_bias_diff_with_its_module(tmp_path: Path) -> None:
          f"{name}.diff_b": torch.randn(64, generator=g), "lora_unet_input_blocks_1_0_in_layers_2.diff_b": torch.randn(32, generator=g)}
     with load_lora(save_tensors(tmp_path / "l.safetensors", t)) as lora:
         out, _ = rescale_lora(lora, 0.25)
-        for a, b in zip(lora.modules, out.modules):
+        for a, b in zip(lora.modules, out.modules, strict=True):
             assert torch.allclose(b.bias_delta(), 0.25 * a.bias_delta())
             if a.changes_weight:
                 assert torch.allclose(b.delta(), 0.25 * a.delta(), atol=1e-6)

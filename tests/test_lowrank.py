@@ -94,7 +94,7 @@ def test_stack_concat_is_exact_weighted_sum() -> None:
     w = (0.8, -0.3, 1.7)
     up, down = stack_factors([(a[0], a[1], w[0]), (b[0], b[1], w[1]), (c[0], c[1], w[2])])
     assert up.shape == (24, 13) and down.shape == (13, 18)
-    ref = sum(wi * x[0] @ x[1] for wi, x in zip(w, (a, b, c)))
+    ref = sum(wi * x[0] @ x[1] for wi, x in zip(w, (a, b, c), strict=True))
     torch.testing.assert_close(up @ down, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -18,8 +18,8 @@ from lora_tools.layouts import TINY
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.load import load_lora
 from lora_tools.testing.synthetic_lora import write_lora
-from tests.fuse_fixtures import FuseAssets, _single_torch_thread, assets, torch_threads  # noqa: F401  (fixtures)
-from tests.test_lora_ops import assert_same_weights, fused, run_ok
+from tests.fuse_helpers import FuseAssets, torch_threads
+from tests.lora_helpers import assert_same_weights, fused, run_ok
 
 WEIGHTS = (0.7, -0.4)
 _INDEX = TargetIndex(TINY.table)

@@ -17,18 +17,16 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli, error_message
 from lora_tools.errors import OutputError, OutputExistsError, UsageError
-from lora_tools.ops.fuse import fuse
 from lora_tools.io import atomic
+from lora_tools.io.safetensors import StreamingWriter, TensorPlan, load_tensors, read_header
+from lora_tools.ops.fuse import fuse
 from lora_tools.output.plan import WrittenFile, check_output
 from lora_tools.output.sinks import write_safetensors
 from lora_tools.provenance import read_record
-from lora_tools.io.safetensors import StreamingWriter, TensorPlan, load_tensors, read_header
-from tests.fuse_fixtures import _single_torch_thread, assets, listing  # noqa: F401  (fixtures)
-
-from tests.fuse_fixtures import FuseAssets
+from tests.fuse_helpers import FuseAssets, listing
 
 
-def run(*args: object) -> "object":
+def run(*args: object) -> object:
     return CliRunner().invoke(cli, [*map(str, args)])
 
 
@@ -36,7 +34,7 @@ def lightning(assets: FuseAssets) -> list[object]:
     return ["--lightning", "4", "--lightning-dir", assets.lightning_dir]
 
 
-def one_error(result: "object") -> str:
+def one_error(result: object) -> str:
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     lines = result.stderr.splitlines()
@@ -70,6 +68,7 @@ def test_existing_folder_message_does_not_invite_overwrite(assets: FuseAssets, t
     assert "--overwrite" not in line and "not an earlier loratool output" in line
 
 
+@pytest.mark.slow  # over a second on a quiet machine: full selection
 def test_overwrite_replaces_an_earlier_output_of_ours(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "fused-diffusers"
     assert run("fuse", assets.base, *lightning(assets), "--save", "diffusers", "-o", out, "-q").exit_code == 0
@@ -170,6 +169,7 @@ def test_space_of_outputs_on_one_disk_adds_up(tmp_path: Path, monkeypatch: pytes
     atomic.release_space(atomic.reserve_space(tmp_path / "b", 4000), 4000)
 
 
+@pytest.mark.subprocess
 def test_disk_full_mid_write_is_one_line(tmp_path: Path) -> None:
     """RLIMIT_FSIZE stands in for a full disk: the write fails with EFBIG past the limit."""
     code = (
@@ -253,7 +253,7 @@ def test_verify_rehashes_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 # ------------------------------------------------------------------------------- stale temps, names
 def test_stale_temps_of_dead_runs_are_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)  # a process that has ended
     pid = int(dead.stdout)
     out = tmp_path / "m.safetensors"
     stale = tmp_path / f".m.safetensors.{pid}-0{atomic.TEMP_SUFFIX}"

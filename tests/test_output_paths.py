@@ -11,7 +11,6 @@ path-kind cases are in ``test_output.py``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -20,17 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.testing.synthetic import write_checkpoint
-from lora_tools.testing.synthetic_lora import write_lora
-from tests.reliability_helpers import run_as, unprivileged, write_tuned
+from tests.reliability_helpers import RunAs, Tmpfs, unprivileged, write_tuned
 
 
 @dataclass(frozen=True)
@@ -61,20 +60,15 @@ def _name(command: str) -> str:
     return "pipe" if WRITERS[command][1] == "folder" else "out.safetensors"
 
 
-def _build(root: Path) -> Inputs:
-    root.mkdir(parents=True, exist_ok=True)
-    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
-    return Inputs(
-        base=base,
-        tuned=write_tuned(root / "tuned.safetensors", base),
-        full=write_checkpoint(root / "full.safetensors", "tiny", dtype="fp16"),
-        lora=write_lora(root / "lora.safetensors", "tiny", rank=2),
-    )
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
-    return _build(tmp_path_factory.mktemp("output-path-inputs"))
+def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_unet_inputs: SimpleNamespace) -> Inputs:
+    root = tmp_path_factory.mktemp("output-path-inputs")
+    return Inputs(
+        base=tiny_unet_inputs.base,
+        tuned=write_tuned(root / "tuned.safetensors", tiny_unet_inputs.base),
+        full=write_checkpoint(root / "full.safetensors", "tiny", dtype="fp16"),
+        lora=tiny_unet_inputs.lora,
+    )
 
 
 def _state(io: Inputs) -> dict[str, tuple[int, int, str]]:
@@ -100,30 +94,6 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------------------- read-only file system
-@contextlib.contextmanager
-def _tmpfs(at: Path, options: str) -> Iterator[Path]:
-    """An empty tmpfs mounted at ``at`` with ``options`` (the test is skipped, with the reason,
-    where it cannot be mounted), unmounted afterwards."""
-    at.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("this test mounts a small tmpfs, which needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield at
-    finally:
-        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(at)], capture_output=True)
-
-
-@pytest.fixture
-def read_only_fs(tmp_path: Path) -> Iterator[Path]:
-    """An empty tmpfs mounted read-only at ``tmp_path / "ro"``."""
-    with _tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
-        yield ro
-
-
 @pytest.mark.parametrize("nested", [False, True], ids=["in-it", "in-a-new-subfolder"])
 @pytest.mark.parametrize("command", list(WRITERS))
 def test_read_only_file_system(command: str, nested: bool, inputs: Inputs, read_only_fs: Path,
@@ -138,7 +108,7 @@ def test_read_only_file_system(command: str, nested: bool, inputs: Inputs, read_
 
 # ------------------------------------------------------------------------------- unwritable folder
 @pytest.mark.parametrize("command", list(WRITERS))
-def test_unwritable_folder(command: str, inputs: Inputs) -> None:
+def test_unwritable_folder(command: str, inputs: Inputs, run_as: RunAs) -> None:
     """A 0555 folder, written into by a user its permissions apply to (root drops to ``nobody``
     in a forked child: root itself writes into any folder)."""
     ids = unprivileged()
@@ -206,8 +176,8 @@ def test_folder_output_where_a_file_is(inputs: Inputs, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- a real full disk
 @pytest.mark.parametrize("command", ["fuse", "rescale"])
-def test_too_small_disk_is_refused_at_plan_time(command: str, inputs: Inputs, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "small", "size=64k") as small:
+def test_too_small_disk_is_refused_at_plan_time(command: str, inputs: Inputs, tmp_path: Path, tmpfs: Tmpfs) -> None:
+    with tmpfs(tmp_path / "small", "size=64k") as small:
         out = small / _name(command)
         before = _state(inputs)
         line = _one_line(*_run(WRITERS[command][0](inputs, out)))
@@ -216,10 +186,11 @@ def test_too_small_disk_is_refused_at_plan_time(command: str, inputs: Inputs, tm
         assert list(small.iterdir()) == [] and _state(inputs) == before
 
 
-def test_disk_filling_mid_write_is_one_line(inputs: Inputs, tmp_path: Path) -> None:
+@pytest.mark.subprocess
+def test_disk_filling_mid_write_is_one_line(inputs: Inputs, tmp_path: Path, tmpfs: Tmpfs) -> None:
     """The plan fits; then another writer fills the disk while the output is half written (the
     output package's mid-stream hook holds the run there): one line, exit 1, the temp removed."""
-    with _tmpfs(tmp_path / "disk", "size=4m") as disk:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
         out = disk / "out.safetensors"
         ready, go = tmp_path / "ready", tmp_path / "go"
         env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready),

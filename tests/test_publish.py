@@ -14,17 +14,17 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 from lora_tools.cli import cli
-from lora_tools.publish import plan_release, upload_release, write_release
 from lora_tools.errors import UsageError
-from tests.fuse_fixtures import listing
-from tests.recipe_fixtures import Assets, assets  # noqa: F401  (fixture)
+from lora_tools.publish import plan_release, upload_release, write_release
+from tests.fuse_helpers import listing
+from tests.recipe_helpers import Assets
 
 
 @pytest.fixture(scope="module")
-def fused(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def fused(recipe_assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("publish") / "model-lightning-4step.safetensors"
-    result = CliRunner().invoke(cli, ["fuse", str(assets.base_a), "--lightning", "4", "--lightning-dir",
-                                      str(assets.lightning), "--lora", f"{assets.style}:0.6", "-o", str(out), "-q"])
+    result = CliRunner().invoke(cli, ["fuse", str(recipe_assets.base_a), "--lightning", "4", "--lightning-dir",
+                                      str(recipe_assets.lightning), "--lora", f"{recipe_assets.style}:0.6", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -120,10 +120,10 @@ def test_library_api_with_an_injected_api(fused: Path, tmp_path: Path) -> None:
         plan_release(fused, folder=tmp_path / "x")
 
 
-def test_refuses_a_file_not_made_by_loratool(assets: Assets) -> None:  # noqa: F811
-    result = CliRunner().invoke(cli, ["publish", str(assets.base_a), "--dry-run"])
+def test_refuses_a_file_not_made_by_loratool(recipe_assets: Assets) -> None:
+    result = CliRunner().invoke(cli, ["publish", str(recipe_assets.base_a), "--dry-run"])
     assert result.exit_code == 1
-    assert result.stderr.strip() == (f"Error: '{assets.base_a}' has no loratool record: publish releases files "
+    assert result.stderr.strip() == (f"Error: '{recipe_assets.base_a}' has no loratool record: publish releases files "
                                      "made by loratool.")
 
 

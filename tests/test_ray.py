@@ -24,19 +24,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.layouts import TINY
-from lora_tools.layouts.sdxl import SDXLConfig
-from lora_tools.recipes import LocalExecutor, plan_recipe, run_recipe
 from lora_tools.io.safetensors import TensorFile, read_header
-from tests.recipe_fixtures import REPO_RECIPES, tokenizer_config
+from lora_tools.recipes import LocalExecutor, plan_recipe, run_recipe
+from lora_tools.testing.synthetic import MICRO
+from tests.recipe_helpers import REPO_RECIPES, tokenizer_config
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 INSIDE = os.environ.get("LORATOOL_RAY_NETNS") == "1"
@@ -72,7 +71,7 @@ def test_ray_in_a_loopback_only_namespace(tmp_path: Path) -> None:
                     "Ray is never started outside one")
     env = {**os.environ, "LORATOOL_RAY_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider -x "
+    cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -m '' -p no:cacheprovider -x "
            f"--basetemp={tmp_path / 'inner'} {Path(__file__).resolve()}")
     run = subprocess.run(["unshare", "--net", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=900,
                          cwd=Path(__file__).resolve().parents[1])
@@ -89,9 +88,7 @@ _OUTSIDE_ONLY = {"test_ray_in_a_loopback_only_namespace", "test_unreachable_addr
                  "test_task_resources_follow_the_job_kind_and_plan"}
 
 
-# -- the models: the smallest SDXL topology ----------------------------------------------------------------
-MICRO = SDXLConfig(unet=replace(TINY.unet, depths=(0, 1, 1), mid_depth=1), vae=TINY.vae,
-                   te1=replace(TINY.te1, layers=2), te2=replace(TINY.te2, layers=2))
+# -- the models: the smallest SDXL topology (lora_tools.testing's "micro" size) ----------------------------
 
 
 @dataclass(frozen=True)
@@ -254,7 +251,7 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def local_batch(micro: Micro, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The batch's 12 jobs run by the local executor: the files Ray's run must equal."""
-    from tests.fuse_fixtures import torch_threads
+    from tests.fuse_helpers import torch_threads
 
     out = tmp_path_factory.mktemp("local") / "out"
     with torch_threads(1):  # tiny models on a busy 2-core box: far faster single-threaded
@@ -329,7 +326,7 @@ def test_matrix_with_verify_on_ray_gives_the_local_files_and_skips_on_rerun(ray_
             assert mine[key] == theirs[key], (name, key)
         assert [(i["prompt"], i["seed"]) for i in mine["images"]] == [
             (i["prompt"], i["seed"]) for i in theirs["images"]], name
-        for a, b in zip(mine["images"], theirs["images"]):
+        for a, b in zip(mine["images"], theirs["images"], strict=True):
             assert a["psnr_db"] == pytest.approx(b["psnr_db"], rel=1e-3), name
     before = _stamps(remote)
     again = run_recipe(_batch(micro, remote), executor=RayExecutor())

@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
+from lora_tools.io.safetensors import TensorFile, read_header
 from lora_tools.recipes import LocalExecutor, ResolvedJob, plan_recipe, run_recipe
 from lora_tools.recipes.jobs import JobResult
-from lora_tools.io.safetensors import TensorFile, read_header
-from tests.fuse_fixtures import fill_hub_cache, listing, sha256_of
-from tests.recipe_fixtures import REPO_RECIPES, Assets, assets  # noqa: F401  (fixture)
+from tests.fuse_helpers import fill_hub_cache, listing, sha256_of
+from tests.recipe_helpers import REPO_RECIPES, Assets
 
 pytestmark = pytest.mark.slow  # every test here fuses tiny models (a few seconds each on a busy box)
 
@@ -51,29 +51,29 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.safetensors"))}
 
 
-def test_lightning_4step_example_matches_loratool_fuse(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_lightning_4step_example_matches_loratool_fuse(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    dry = invoke("run", REPO_RECIPES / "lightning-4step.yaml", "--dry-run", *sets(assets, base=assets.base_a, output_dir=out))
+    dry = invoke("run", REPO_RECIPES / "lightning-4step.yaml", "--dry-run", *sets(recipe_assets, base=recipe_assets.base_a, output_dir=out))
     lines = dry.stdout.splitlines()
     assert lines[0] == f"Recipe: {REPO_RECIPES / 'lightning-4step.yaml'} (1 jobs, outputs in {out})"
     assert re.fullmatch(r"juggernaut-lightning-4step \(fuse\): run, peak memory about \d+\.\d MiB", lines[1])
     assert re.fullmatch(rf"  -> {re.escape(str(out))}/juggernaut-lightning-4step.safetensors \(about \d+\.\d MiB\)",
                         lines[2])
     assert lines[-1] == "Dry run: nothing was written." and not out.exists()
-    invoke("run", REPO_RECIPES / "lightning-4step.yaml", "-q", *sets(assets, base=assets.base_a, output_dir=out))
+    invoke("run", REPO_RECIPES / "lightning-4step.yaml", "-q", *sets(recipe_assets, base=recipe_assets.base_a, output_dir=out))
     made = out / "juggernaut-lightning-4step.safetensors"
     oracle = tmp_path / "oracle.safetensors"
-    invoke("fuse", assets.base_a, "--lightning", "4", "--lightning-dir", assets.lightning, "-o", oracle, "-q")
+    invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning, "-o", oracle, "-q")
     assert tensor_bytes(made) == tensor_bytes(oracle)
     rec, want = record_of(made), record_of(oracle)
     assert {k: v for k, v in rec.items() if k != "created"} == {k: v for k, v in want.items() if k != "created"}
-    assert rec["lightning_steps"] == 4 and rec["sources"][0]["sha256"] == sha256_of(assets.base_a)
+    assert rec["lightning_steps"] == 4 and rec["sources"][0]["sha256"] == sha256_of(recipe_assets.base_a)
 
 
-def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_publisher_batch_matrix_skips_and_redos(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", "--only", "base_*",  # the fuse jobs
-            *sets(assets, base_a=assets.base_a, base_b=assets.base_b, output_dir=out)]
+            *sets(recipe_assets, base_a=recipe_assets.base_a, base_b=recipe_assets.base_b, output_dir=out)]
     dry = invoke(*args, "--dry-run", "--json")
     plan = json.loads(dry.stdout)
     assert [j["name"] for j in plan["jobs"]] == [f"base_{b}-{s}step" for b in "ab" for s in (2, 4, 8)]
@@ -84,7 +84,7 @@ def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) 
     names = {f"base_{b}-lightning-{s}step.safetensors" for b in "ab" for s in (2, 4, 8)}
     assert set(mtimes(out)) == names
     assert "6 done." in first.stdout
-    for b, base in (("a", assets.base_a), ("b", assets.base_b)):
+    for b, base in (("a", recipe_assets.base_a), ("b", recipe_assets.base_b)):
         for s in (2, 4, 8):
             rec = record_of(out / f"base_{b}-lightning-{s}step.safetensors")
             assert rec["lightning_steps"] == s and rec["output_dtype"] == "F16"
@@ -95,7 +95,7 @@ def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) 
 
     # each output is what `loratool fuse` writes for the same job (here base_b at 8 steps)
     oracle = tmp_path / "oracle" / "base_b-lightning-8step.safetensors"
-    invoke("fuse", assets.base_b, "--lightning", "8", "--lightning-dir", assets.lightning, "--dtype", "fp16",
+    invoke("fuse", recipe_assets.base_b, "--lightning", "8", "--lightning-dir", recipe_assets.lightning, "--dtype", "fp16",
            "-o", oracle, "-q")
     made = out / oracle.name
     assert tensor_bytes(made) == tensor_bytes(oracle)
@@ -107,13 +107,13 @@ def test_publisher_batch_matrix_skips_and_redos(assets: Assets, tmp_path: Path) 
     assert mtimes(out) == before, "a skipped job rewrote its output"
 
 
-def test_changing_one_strength_redoes_exactly_the_affected_jobs(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_changing_one_strength_redoes_exactly_the_affected_jobs(recipe_assets: Assets, tmp_path: Path) -> None:
     recipe = tmp_path / "batch.yaml"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
         output_dir: out
         vars: {{strength_a: 1.0}}
-        inputs: {{a: {assets.base_a}, b: {assets.base_b}, lightning: {assets.lightning}}}
+        inputs: {{a: {recipe_assets.base_a}, b: {recipe_assets.base_b}, lightning: {recipe_assets.lightning}}}
         matrix: {{steps: [2, 4, 8]}}
         jobs:
           - name: a-${{steps}}
@@ -139,22 +139,23 @@ def test_changing_one_strength_redoes_exactly_the_affected_jobs(assets: Assets, 
     assert record_of(out / "a-4.safetensors")["sources"][1]["strength"] == 0.5
 
 
-def test_style_merge_example_matches_loratool_fuse(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_style_merge_example_matches_loratool_fuse(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
     invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q", "--only", "base-lightning-style",
-           *sets(assets, base=assets.base_a, style=assets.style, output_dir=out, style_strength="0.8"))
+           *sets(recipe_assets, base=recipe_assets.base_a, style=recipe_assets.style, output_dir=out, style_strength="0.8"))
     oracle = tmp_path / "oracle.safetensors"
-    invoke("fuse", assets.base_a, "--lightning", "4", "--lightning-dir", assets.lightning,
-           "--lora", f"{assets.style}:0.8", "-o", oracle, "-q")
+    invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning,
+           "--lora", f"{recipe_assets.style}:0.8", "-o", oracle, "-q")
     made = out / "base-lightning-4step-style.safetensors"
     assert tensor_bytes(made) == tensor_bytes(oracle)
     assert record_of(made)["sources"][2]["strength"] == 0.8
 
 
-def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.smoke  # the default selection's Ray-free recipe chain
+def test_distribution_example_chains_jobs(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "dist"
     recipe = ["run", REPO_RECIPES / "distribution.yaml", "-q",
-              *sets(assets, base=assets.base_b, style=assets.style, output_dir=out)]
+              *sets(recipe_assets, base=recipe_assets.base_b, style=recipe_assets.style, output_dir=out)]
     args = [*recipe, "--only", "lightning-4step", "--only", "styled"]  # the fuse jobs (test_recipes_jobs: the others)
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
     assert [(j["name"], j["state"], j["depends_on"]) for j in dry["jobs"]] == [
@@ -163,11 +164,11 @@ def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> Non
     assert set(mtimes(out)) == {"model-lightning-4step.safetensors", "model-lightning-4step-unet.safetensors",
                                 "model-lightning-4step-style.safetensors"}
     oracle_dir = tmp_path / "oracle"
-    invoke("fuse", assets.base_b, "--lightning", "4", "--lightning-dir", assets.lightning, "--dtype", "fp16",
+    invoke("fuse", recipe_assets.base_b, "--lightning", "4", "--lightning-dir", recipe_assets.lightning, "--dtype", "fp16",
            "--save", "checkpoint", "--save", "unet", "-o", oracle_dir / "m.safetensors", "-q")
     assert tensor_bytes(out / "model-lightning-4step.safetensors") == tensor_bytes(oracle_dir / "m.safetensors")
     assert tensor_bytes(out / "model-lightning-4step-unet.safetensors") == tensor_bytes(oracle_dir / "m-unet.safetensors")
-    invoke("fuse", oracle_dir / "m.safetensors", "--lora", f"{assets.style}:0.8", "--dtype", "fp16",
+    invoke("fuse", oracle_dir / "m.safetensors", "--lora", f"{recipe_assets.style}:0.8", "--dtype", "fp16",
            "-o", oracle_dir / "styled.safetensors", "-q")
     assert tensor_bytes(out / "model-lightning-4step-style.safetensors") == tensor_bytes(oracle_dir / "styled.safetensors")
     before = listing(out)
@@ -177,42 +178,42 @@ def test_distribution_example_chains_jobs(assets: Assets, tmp_path: Path) -> Non
     assert [(j["name"], j["state"]) for j in only["jobs"]] == [("styled", "skip")]
 
 
-def test_recipe_show_of_a_fuse_output_rebuilds_it_bit_for_bit(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_recipe_show_of_a_fuse_output_rebuilds_it_bit_for_bit(recipe_assets: Assets, tmp_path: Path) -> None:
     made = tmp_path / "fused.safetensors"
-    invoke("fuse", assets.base_a, "--lightning", "4", "--lightning-dir", assets.lightning,
-           "--lora", f"{assets.style}:0.7", "--dtype", "fp16", "-o", made, "-q")
+    invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning,
+           "--lora", f"{recipe_assets.style}:0.7", "--dtype", "fp16", "-o", made, "-q")
     shown = invoke("recipe", "show", made).stdout
     recipe = tmp_path / "rebuild.yaml"
     recipe.write_text(shown)
-    assert "created:" in shown and sha256_of(assets.style) in shown
-    invoke("run", recipe, "-q", "--set", f"base={assets.base_a}",
-           "--set", f"lora1={assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
-           "--set", f"lora2={assets.style}", "--set", f"output_dir={tmp_path / 'again'}")
+    assert "created:" in shown and sha256_of(recipe_assets.style) in shown
+    invoke("run", recipe, "-q", "--set", f"base={recipe_assets.base_a}",
+           "--set", f"lora1={recipe_assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
+           "--set", f"lora2={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'again'}")
     rebuilt = tmp_path / "again" / "fused.safetensors"
     assert rebuilt.read_bytes() == made.read_bytes()
 
     # and the recipe of that run's output rebuilds it again, elsewhere
     recipe2 = tmp_path / "again.yaml"
     recipe2.write_text(invoke("recipe", "show", rebuilt).stdout)
-    invoke("run", recipe2, "-q", "--set", f"base={assets.base_a}",
-           "--set", f"lora1={assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
-           "--set", f"lora2={assets.style}", "--set", f"output_dir={tmp_path / 'third'}")
+    invoke("run", recipe2, "-q", "--set", f"base={recipe_assets.base_a}",
+           "--set", f"lora1={recipe_assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
+           "--set", f"lora2={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'third'}")
     assert (tmp_path / "third" / "fused.safetensors").read_bytes() == made.read_bytes()
 
 
-def test_recipe_show_pins_refuse_a_changed_input(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_recipe_show_pins_refuse_a_changed_input(recipe_assets: Assets, tmp_path: Path) -> None:
     made = tmp_path / "fused.safetensors"
-    invoke("fuse", assets.base_a, "--lora", f"{assets.style}:0.5", "-o", made, "-q")
+    invoke("fuse", recipe_assets.base_a, "--lora", f"{recipe_assets.style}:0.5", "-o", made, "-q")
     recipe = tmp_path / "rebuild.yaml"
     recipe.write_text(invoke("recipe", "show", made).stdout)
-    result = CliRunner().invoke(cli, ["run", str(recipe), "--set", f"base={assets.base_b}",
-                                      "--set", f"lora1={assets.style}", "--set", f"output_dir={tmp_path / 'x'}"])
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--set", f"base={recipe_assets.base_b}",
+                                      "--set", f"lora1={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'x'}"])
     assert result.exit_code == 1
     assert "--set base: inputs.base: sha256 mismatch" in result.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_hub_input_from_a_prefilled_cache(assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_hub_input_from_a_prefilled_cache(recipe_assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants as hf_constants
 
     home = tmp_path / "hf_home"
@@ -221,23 +222,23 @@ def test_hub_input_from_a_prefilled_cache(assets: Assets, tmp_path: Path, monkey
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     commit = "0123456789abcdef0123456789abcdef01234567"
-    content = assets.style.read_bytes()
+    content = recipe_assets.style.read_bytes()
     fill_hub_cache(home / "hub", "someone/style-lora", "style.safetensors", content, commit=commit)
     recipe = tmp_path / "hub.yaml"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
         inputs:
-          base: {assets.base_a}
-          style: {{hub: someone/style-lora/style.safetensors, revision: {commit}, sha256: "{sha256_of(assets.style)}"}}
+          base: {recipe_assets.base_a}
+          style: {{hub: someone/style-lora/style.safetensors, revision: {commit}, sha256: "{sha256_of(recipe_assets.style)}"}}
         jobs:
           - fuse: {{base: base, loras: [{{lora: style, strength: 0.5}}], output: hub-style.safetensors}}
         """))
     invoke("run", recipe, "-q")
     oracle = tmp_path / "oracle.safetensors"
-    invoke("fuse", assets.base_a, "--lora", f"{assets.style}:0.5", "-o", oracle, "-q")
+    invoke("fuse", recipe_assets.base_a, "--lora", f"{recipe_assets.style}:0.5", "-o", oracle, "-q")
     assert tensor_bytes(tmp_path / "hub-style.safetensors") == tensor_bytes(oracle)
 
-    bad = recipe.read_text().replace(sha256_of(assets.style), "f" * 64)
+    bad = recipe.read_text().replace(sha256_of(recipe_assets.style), "f" * 64)
     recipe.write_text(bad)
     result = CliRunner().invoke(cli, ["run", str(recipe)])
     assert result.exit_code == 1 and "inputs.style: sha256 mismatch" in result.stderr
@@ -247,17 +248,17 @@ def test_hub_input_from_a_prefilled_cache(assets: Assets, tmp_path: Path, monkey
     assert result.exit_code == 1 and f"{recipe}:5:10: inputs.style: Cannot get 'style.safetensors'" in result.stderr
 
 
-def test_a_failed_job_does_not_stop_the_others(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_a_failed_job_does_not_stop_the_others(recipe_assets: Assets, tmp_path: Path) -> None:
     """A job that fails while running fails alone; --fail-fast stops. (An output whose folder is a file
     is refused while planning, before any job runs; a job's own LoRA damaged after planning is not.)"""
     import shutil
 
     style = tmp_path / "style.safetensors"
-    shutil.copyfile(assets.style, style)
+    shutil.copyfile(recipe_assets.style, style)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
-        inputs: {{a: {assets.base_a}, style: {style}, good: {assets.style}}}
+        inputs: {{a: {recipe_assets.base_a}, style: {style}, good: {recipe_assets.style}}}
         jobs:
           - {{name: one, fuse: {{base: a, loras: [style], output: one.safetensors}}}}
           - {{name: two, fuse: {{base: a, loras: [{{lora: good, strength: 0.3}}], output: two.safetensors}}}}
@@ -291,11 +292,11 @@ class RecordingExecutor:
         return LocalExecutor().execute(self.seen, fail_fast=fail_fast, on_event=on_event)
 
 
-def test_library_api_and_a_custom_executor(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_library_api_and_a_custom_executor(recipe_assets: Assets, tmp_path: Path) -> None:
     plan = plan_recipe(REPO_RECIPES / "lightning-4step.yaml",
-                       sets=[f"base={assets.base_b}", f"lightning={assets.lightning}", f"output_dir={tmp_path}"])
+                       sets=[f"base={recipe_assets.base_b}", f"lightning={recipe_assets.lightning}", f"output_dir={tmp_path}"])
     assert plan.checks["juggernaut-lightning-4step"].state == "run"
     executor = RecordingExecutor()
     results = run_recipe(plan, executor=executor)
     assert [r.outcome for r in results] == ["done"] and [j.name for j in executor.seen] == ["juggernaut-lightning-4step"]
-    assert record_of(tmp_path / "juggernaut-lightning-4step.safetensors")["sources"][0]["name"] == assets.base_b.name
+    assert record_of(tmp_path / "juggernaut-lightning-4step.safetensors")["sources"][0]["name"] == recipe_assets.base_b.name

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from lora_tools.cli import cli
 from lora_tools.errors import RecipeError
 from lora_tools.recipes.loader import load_text
-from tests.fuse_fixtures import listing
+from tests.fuse_helpers import listing
 
 
 @pytest.fixture
@@ -217,7 +217,7 @@ jobs:
 
 def test_alias_bomb_refused(work: Path) -> None:
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     msg = refused(work, "\n".join(["version: 1", *lines, "jobs: []"]) + "\n")
     assert msg.startswith("recipe.yaml:")
@@ -229,7 +229,7 @@ def test_alias_bomb_messages_are_exact(work: Path) -> None:
     20000 values (a node of line 2, inside the aliased list); 250 uses of one alias trip the alias bound
     at the 201st (``b: [`` is 4 columns, each ``*a, `` 4 more: 4 + 200 * 4 + 1 = 805)."""
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     msg = refused(work, "\n".join(["version: 1", *lines, "jobs: []"]) + "\n")
     assert msg == "recipe.yaml:2:22: the document expands to more than 20000 values (aliases nested too deep?): refusing it"
@@ -240,7 +240,7 @@ def test_alias_bomb_messages_are_exact(work: Path) -> None:
 def test_alias_bomb_refused_quickly() -> None:
     """Even a bomb under the alias limit is refused by the node bound, without expanding it."""
     lines = ['a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]']
-    for prev, name in zip("abcde", "bcdef"):
+    for prev, name in zip("abcde", "bcdef", strict=True):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     with pytest.raises(RecipeError) as e:
         load_text("\n".join(lines) + "\n", "bomb.yaml")
@@ -303,7 +303,7 @@ def test_recipe_show_of_a_file_without_a_record(work: Path) -> None:
 
 
 def test_every_shipped_recipe_is_run_by_the_tests() -> None:
-    from tests.recipe_fixtures import REPO_RECIPES
+    from tests.recipe_helpers import REPO_RECIPES
 
     tests_text = (Path(__file__).parent / "test_recipes.py").read_text()
     shipped = sorted(p.name for p in REPO_RECIPES.glob("*.yaml"))
@@ -317,7 +317,7 @@ def test_shipped_recipes_validate(tmp_path: Path) -> None:
     from lora_tools.recipes.loader import load_file
     from lora_tools.recipes.run import _validate_job
     from lora_tools.recipes.schema import RecipeHead
-    from tests.recipe_fixtures import REPO_RECIPES
+    from tests.recipe_helpers import REPO_RECIPES
 
     kinds_of: dict[str, set[str]] = {}
     for p in sorted(REPO_RECIPES.glob("*.yaml")):

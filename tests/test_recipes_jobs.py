@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
 from lora_tools.io.safetensors import TensorFile, read_header
-from tests.recipe_fixtures import REPO_RECIPES, Assets, assets, tokenizer_config  # noqa: F401  (fixture)
+from tests.recipe_helpers import REPO_RECIPES, Assets, tokenizer_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,10 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_distribution_resize_and_convert_match_the_commands(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_distribution_resize_and_convert_match_the_commands(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    args = ["run", REPO_RECIPES / "distribution.yaml", "-q", "--set", f"base={assets.base_b}",
-            "--set", f"lightning={assets.lightning}", "--set", f"style={assets.style}", "--set", f"output_dir={out}",
+    args = ["run", REPO_RECIPES / "distribution.yaml", "-q", "--set", f"base={recipe_assets.base_b}",
+            "--set", f"lightning={recipe_assets.lightning}", "--set", f"style={recipe_assets.style}", "--set", f"output_dir={out}",
             "--only", "small-style*", "--only", "lightning-diffusers"]
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
     assert [(j["name"], j["kind"], j["state"], j["depends_on"]) for j in dry["jobs"]] == [
@@ -50,9 +50,9 @@ def test_distribution_resize_and_convert_match_the_commands(assets: Assets, tmp_
     assert "3 done." in first.stdout
     oracle = tmp_path / "oracle"
     oracle.mkdir()
-    invoke("resize", assets.style, "--rank", "2", "--dtype", "fp16", "-o", oracle / "r2.safetensors")
+    invoke("resize", recipe_assets.style, "--rank", "2", "--dtype", "fp16", "-o", oracle / "r2.safetensors")
     invoke("convert", oracle / "r2.safetensors", "--to", "comfy", "-o", oracle / "r2-comfy.safetensors")
-    invoke("convert", assets.lightning / "sdxl_lightning_4step_lora.safetensors", "--to", "peft", "--dtype", "fp16",
+    invoke("convert", recipe_assets.lightning / "sdxl_lightning_4step_lora.safetensors", "--to", "peft", "--dtype", "fp16",
            "-o", oracle / "l-peft.safetensors")
     assert tensor_bytes(out / "style-r2.safetensors") == tensor_bytes(oracle / "r2.safetensors")
     assert tensor_bytes(out / "style-r2-comfy.safetensors") == tensor_bytes(oracle / "r2-comfy.safetensors")
@@ -60,7 +60,7 @@ def test_distribution_resize_and_convert_match_the_commands(assets: Assets, tmp_
     entry = recipe_entry(out / "style-r2.safetensors")
     assert entry["kind"] == "resize" and entry["options"]["rank"] == 2
     assert entry["inputs"] == [{"option": "lora", "name": "style.safetensors",
-                                "sha256": __import__("hashlib").sha256(assets.style.read_bytes()).hexdigest()}]
+                                "sha256": __import__("hashlib").sha256(recipe_assets.style.read_bytes()).hexdigest()}]
     before = mtimes(out)
     again = invoke(*args)
     assert "3 skipped." in again.stdout and mtimes(out) == before
@@ -71,27 +71,27 @@ def test_distribution_resize_and_convert_match_the_commands(assets: Assets, tmp_
     assert dry["jobs"][0]["reason"] == "style-r2.safetensors: options.rank: 2 -> 3"
 
 
-def test_style_merge_example_both_ways_match_the_commands(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_style_merge_example_both_ways_match_the_commands(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q", "--set", f"base={assets.base_a}",
-           "--set", f"lightning={assets.lightning}", "--set", f"style={assets.style}", "--set", f"output_dir={out}")
-    lightning = assets.lightning / "sdxl_lightning_4step_lora.safetensors"
+    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q", "--set", f"base={recipe_assets.base_a}",
+           "--set", f"lightning={recipe_assets.lightning}", "--set", f"style={recipe_assets.style}", "--set", f"output_dir={out}")
+    lightning = recipe_assets.lightning / "sdxl_lightning_4step_lora.safetensors"
     oracle = tmp_path / "oracle"
     oracle.mkdir()
-    invoke("merge", lightning, f"{assets.style}:0.6", "-o", oracle / "merged.safetensors")
+    invoke("merge", lightning, f"{recipe_assets.style}:0.6", "-o", oracle / "merged.safetensors")
     assert tensor_bytes(out / "lightning-4step-style-lora.safetensors") == tensor_bytes(oracle / "merged.safetensors")
-    invoke("fuse", assets.base_a, "--lora", oracle / "merged.safetensors", "-o", oracle / "fused-merged.safetensors", "-q")
+    invoke("fuse", recipe_assets.base_a, "--lora", oracle / "merged.safetensors", "-o", oracle / "fused-merged.safetensors", "-q")
     assert tensor_bytes(out / "base-merged-lora.safetensors") == tensor_bytes(oracle / "fused-merged.safetensors")
-    invoke("fuse", assets.base_a, "--lightning", "4", "--lightning-dir", assets.lightning,
-           "--lora", f"{assets.style}:0.6", "-o", oracle / "fused-two.safetensors", "-q")
+    invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning,
+           "--lora", f"{recipe_assets.style}:0.6", "-o", oracle / "fused-two.safetensors", "-q")
     assert tensor_bytes(out / "base-lightning-4step-style.safetensors") == tensor_bytes(oracle / "fused-two.safetensors")
 
 
-def test_rescale_extract_analyze_jobs(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_rescale_extract_analyze_jobs(recipe_assets: Assets, tmp_path: Path) -> None:
     recipe = tmp_path / "ops.yaml"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
-        inputs: {{base: {assets.base_a}, style: {assets.style}}}
+        inputs: {{base: {recipe_assets.base_a}, style: {recipe_assets.style}}}
         jobs:
           - {{name: half, rescale: {{lora: style, strength: 0.5, output: style-0.5.safetensors}}}}
           - {{name: fused, fuse: {{base: base, loras: [style], output: fused.safetensors}}}}
@@ -101,12 +101,12 @@ def test_rescale_extract_analyze_jobs(assets: Assets, tmp_path: Path) -> None:  
     invoke("run", recipe, "-q")
     oracle = tmp_path / "oracle"
     oracle.mkdir()
-    invoke("rescale", assets.style, "--strength", "0.5", "-o", oracle / "half.safetensors")
+    invoke("rescale", recipe_assets.style, "--strength", "0.5", "-o", oracle / "half.safetensors")
     assert tensor_bytes(tmp_path / "style-0.5.safetensors") == tensor_bytes(oracle / "half.safetensors")
-    invoke("extract", tmp_path / "fused.safetensors", assets.base_a, "--rank", "4", "-o", oracle / "x.safetensors")
+    invoke("extract", tmp_path / "fused.safetensors", recipe_assets.base_a, "--rank", "4", "-o", oracle / "x.safetensors")
     assert tensor_bytes(tmp_path / "extracted.safetensors") == tensor_bytes(oracle / "x.safetensors")
-    cli_report = json.loads(invoke("analyze", tmp_path / "fused.safetensors", "--base", assets.base_a,
-                                   "--lora", assets.style, "--json").stdout)
+    cli_report = json.loads(invoke("analyze", tmp_path / "fused.safetensors", "--base", recipe_assets.base_a,
+                                   "--lora", recipe_assets.style, "--json").stdout)
     job_report = json.loads((tmp_path / "analyze.json").read_text())
     assert {k: v for k, v in job_report.items() if k != "loratool"} == cli_report
     assert job_report["loras"][0]["strength"] == pytest.approx(1.0, abs=1e-3)
@@ -124,17 +124,18 @@ def _verify_sets(a: Assets, config: Path, out: Path, *only: str) -> list[str]:
     return args
 
 
-def test_publisher_batch_verify_and_publish(assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+@pytest.mark.diffusers  # a verify job
+def test_publisher_batch_verify_and_publish(recipe_assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tokenizer_config(tmp_path)
     out = tmp_path / "out"
     chain = ("base_a-4step", "verify-base_a-4step", "publish-base_a-4step")
-    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", *_verify_sets(assets, config, out, *chain)]
+    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", *_verify_sets(recipe_assets, config, out, *chain)]
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
     assert [(j["name"], j["kind"], j["depends_on"]) for j in dry["jobs"]] == [
         ("base_a-4step", "fuse", []), ("verify-base_a-4step", "verify", ["base_a-4step"]),
         ("publish-base_a-4step", "publish", ["base_a-4step", "verify-base_a-4step"])]
     full = json.loads(invoke("run", REPO_RECIPES / "publisher-batch.yaml", "--dry-run", "--json",
-                             *_verify_sets(assets, config, out)).stdout)
+                             *_verify_sets(recipe_assets, config, out)).stdout)
     assert len(full["jobs"]) == 18
     first = invoke(*args)
     assert "3 done." in first.stdout
@@ -144,9 +145,9 @@ def test_publisher_batch_verify_and_publish(assets: Assets, tmp_path: Path, monk
     assert report["settings"]["timesteps"] == [999, 749, 499, 249]
     assert not (out / "release").exists(), "a dry-run publish wrote something"
     # the verify job is `loratool verify` with the same options: same settings, same images, same PSNR
-    fused, lightning = out / "base_a-lightning-4step.safetensors", assets.lightning / "sdxl_lightning_4step_lora.safetensors"
+    fused, lightning = out / "base_a-lightning-4step.safetensors", recipe_assets.lightning / "sdxl_lightning_4step_lora.safetensors"
     oracle = tmp_path / "oracle-verify"
-    invoke("verify", fused, "--against", assets.base_a, "--lora", lightning, "--config", config, "--prompt", "a cat",
+    invoke("verify", fused, "--against", recipe_assets.base_a, "--lora", lightning, "--config", config, "--prompt", "a cat",
            "--seeds", "0", "--size", "32x32", "--device", "cpu", "--dtype", "fp32", "--out", oracle)
     cli_report = json.loads((oracle / "report.json").read_text())
     assert report["settings"] == cli_report["settings"] and report["verdict"] == cli_report["verdict"]
@@ -189,14 +190,15 @@ def test_publisher_batch_verify_and_publish(assets: Assets, tmp_path: Path, monk
     assert "3 skipped." in third.stdout and len(calls) == 2, "an unchanged release was uploaded again"
 
 
-def test_a_failed_verdict_is_a_failed_job(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.diffusers  # a verify job
+def test_a_failed_verdict_is_a_failed_job(recipe_assets: Assets, tmp_path: Path) -> None:
     """A model fused at strength 0.5, verified against base + the LoRA at 1.0: the verdict fails."""
     config = tokenizer_config(tmp_path)
     recipe = tmp_path / "r.yaml"
-    lora = assets.lightning / "sdxl_lightning_4step_lora.safetensors"
+    lora = recipe_assets.lightning / "sdxl_lightning_4step_lora.safetensors"
     recipe.write_text(textwrap.dedent(f"""
         version: 1
-        inputs: {{base: {assets.base_a}, lightning: {assets.lightning}, config: {config}}}
+        inputs: {{base: {recipe_assets.base_a}, lightning: {recipe_assets.lightning}, config: {config}}}
         jobs:
           - {{name: half, fuse: {{base: base, lightning: 4, strength: 0.5, lightning_dir: lightning,
                                   output: half.safetensors}}}}

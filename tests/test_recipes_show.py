@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 
 from lora_tools.cli import cli
 from lora_tools.io.safetensors import read_header
-from tests.recipe_fixtures import Assets, assets  # noqa: F401  (fixture)
+from tests.recipe_helpers import Assets
 
 pytestmark = pytest.mark.slow  # each test runs its command and two recipe rebuilds on tiny models
 
@@ -24,7 +24,7 @@ def invoke(*args: object) -> Result:
 
 
 @pytest.fixture(scope="module")
-def tuned(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def tuned(recipe_assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``base_a`` with three weights changed (one UNet linear, one conv, one te1 projection): extract
     factorises only what differs, so this stays quick."""
     import torch
@@ -32,9 +32,9 @@ def tuned(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:  # 
 
     from lora_tools.io.safetensors import TensorFile
 
-    with TensorFile(assets.base_a) as f:
+    with TensorFile(recipe_assets.base_a) as f:
         tensors = {k: f.tensor(k).clone() for k in f.keys()}
-    meta = dict(read_header(assets.base_a).metadata)
+    meta = dict(read_header(recipe_assets.base_a).metadata)
     changed = [k for k in tensors if k.endswith("attn1.to_q.weight") and k.startswith("model.diffusion_model.")][:1]
     changed += [k for k in tensors if k.endswith("in_layers.2.weight") and k.startswith("model.diffusion_model.")][:1]
     changed += [k for k in tensors if k.endswith("self_attn.q_proj.weight") and "conditioner.embedders.0" in k][:1]
@@ -73,9 +73,9 @@ def rebuild(shown: str, folder: Path, inputs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("command", ["rescale", "resize", "merge", "convert", "extract"])
-def test_recipe_show_of_a_command_output_rebuilds_it_bit_for_bit(assets: Assets, tuned: Path,  # noqa: F811
+def test_recipe_show_of_a_command_output_rebuilds_it_bit_for_bit(recipe_assets: Assets, tuned: Path,
                                                                  tmp_path: Path, command: str) -> None:
-    args, inputs = commands(assets, tuned)[command]
+    args, inputs = commands(recipe_assets, tuned)[command]
     made = tmp_path / f"{command}-out.safetensors"
     report = json.loads(invoke(*args, "-o", made, "--json").stdout)
     if command == "extract":  # what differs, and only that, was extracted (te1 included)
@@ -97,13 +97,13 @@ def test_recipe_show_of_a_command_output_rebuilds_it_bit_for_bit(assets: Assets,
     assert (tmp_path / "third" / made.name).read_bytes() == made.read_bytes()
 
 
-def test_a_run_job_output_equals_the_command_output_but_for_created(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+def test_a_run_job_output_equals_the_command_output_but_for_created(recipe_assets: Assets, tmp_path: Path) -> None:
     """A job and its command write one record (the op's, with the job's recipe entry): only the time differs."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"version: 1\ninputs: {{style: {assets.style}}}\n"
+    recipe.write_text(f"version: 1\ninputs: {{style: {recipe_assets.style}}}\n"
                       "jobs:\n  - {name: half, rescale: {lora: style, strength: 0.5, output: half.safetensors}}\n")
     invoke("run", recipe, "-q")
-    invoke("rescale", assets.style, "--strength", "0.5", "-o", tmp_path / "cli" / "half.safetensors")
+    invoke("rescale", recipe_assets.style, "--strength", "0.5", "-o", tmp_path / "cli" / "half.safetensors")
     job, cmd = (json.loads(read_header(p).metadata["loratool"])
                 for p in (tmp_path / "half.safetensors", tmp_path / "cli" / "half.safetensors"))
     assert {k: v for k, v in job.items() if k != "created"} == {k: v for k, v in cmd.items() if k != "created"}
@@ -115,10 +115,11 @@ def test_a_run_job_output_equals_the_command_output_but_for_created(assets: Asse
 
 def test_recipe_show_of_a_lora_op_record_without_options(tmp_path: Path) -> None:
     """A record of an op without the recipe entry (an older loratool) is one clear line, exit 1."""
-    from lora_tools.provenance import build_record, with_record
-    from lora_tools.io.safetensors import TensorFile
-    from lora_tools.testing.synthetic_lora import write_lora
     from safetensors.torch import save_file
+
+    from lora_tools.io.safetensors import TensorFile
+    from lora_tools.provenance import build_record, with_record
+    from lora_tools.testing.synthetic_lora import write_lora
 
     plain = write_lora(tmp_path / "plain.safetensors", "tiny", rank=2)
     with TensorFile(plain) as f:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lora_tools.io.diffusers_folder import component_config
 from lora_tools.layouts import TINY
-from lora_tools.verify.sampler import pick_device, random_conditioning, run_sampler, sampler_pipeline, build_scheduler
 from lora_tools.presets import LIGHTNING
+from lora_tools.verify.sampler import build_scheduler, pick_device, random_conditioning, run_sampler, sampler_pipeline
+
+if TYPE_CHECKING:  # importing diffusers' models takes seconds: not at collection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 torch.manual_seed(0)
 
 
 def _models() -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     unet = UNet2DConditionModel.from_config(component_config(TINY, "unet")).eval()
     vae = AutoencoderKL.from_config(component_config(TINY, "vae")).eval()
     return unet, vae

@@ -1,4 +1,4 @@
-"""``verify`` on a tiny SDXL-topology model: preset auto-detection, refusals, and one end-to-end
+"""``verify`` on a micro SDXL-topology model: preset auto-detection, refusals, and one end-to-end
 faithfulness run through the CLI (diffusers' runtime ``load_lora_weights`` as the reference)."""
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lora_tools.cli import cli
-from lora_tools.io.diffusers_folder import write_byte_tokenizer
 from lora_tools.errors import UsageError
-from lora_tools.layouts import TINY
-from lora_tools.ops.fuse import fuse
-from lora_tools.testing import synthetic
-from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
+from lora_tools.testing.synthetic_lora import write_lora
 from lora_tools.verify import plan_verify
 from lora_tools.verify.grid import HEADER_HEIGHT, grid_size, label_width
 from lora_tools.verify.workflow import comfy_workflow
@@ -62,33 +58,18 @@ def _assert_comfy_nodes(wf: dict[str, dict[str, object]]) -> None:
             assert inputs["vae"] == [loader, COMFY_CHECKPOINT_OUTPUTS["VAE"]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("verify")
-    base = synthetic.write_checkpoint(d / "base.safetensors", "tiny", dtype="fp32", seed=1)
-    lora = write_lightning_lora(d / "L" / "sdxl_lightning_4step_lora.safetensors", "tiny")
-    config = d / "config"  # what a user's --config DIR holds: the tokenizers
-    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
-        write_byte_tokenizer(config / name, te.vocab, te.positions)
-    full = fuse(base, lightning=4, lightning_dir=d / "L", saves=("checkpoint",), output=d / "fused.safetensors")
-    half = fuse(base, lightning=4, lightning_dir=d / "L", lightning_strength=0.5, saves=("checkpoint",),
-                output=d / "half.safetensors")
-    return {"base": base, "lora": lora, "config": config, "fused": full.files[0].path, "half": half.files[0].path,
-            "dir": d}
-
-
-def test_preset_auto_from_the_fuse_record_and_refusals(tiny: dict[str, Path]) -> None:
-    plan = plan_verify(tiny["fused"], size=(64, 64))
+def test_preset_auto_from_the_fuse_record_and_refusals(micro_verify: dict[str, Path]) -> None:
+    plan = plan_verify(micro_verify["fused"], size=(64, 64))
     assert plan.preset == "lightning-4step" and plan.sampler.steps == 4 and plan.kind == "checkpoint"
     with pytest.raises(UsageError, match="4-step model") as info:
-        plan_verify(tiny["fused"], steps=8)
+        plan_verify(micro_verify["fused"], steps=8)
     assert "force=True" in str(info.value)
-    assert plan_verify(tiny["fused"], steps=8, force=True).sampler.steps == 8
+    assert plan_verify(micro_verify["fused"], steps=8, force=True).sampler.steps == 8
     with pytest.raises(UsageError, match="fused with lightning-4step, not dmd2-4step"):
-        plan_verify(tiny["fused"], preset="dmd2-4step")
+        plan_verify(micro_verify["fused"], preset="dmd2-4step")
     with pytest.raises(UsageError, match="no sampler settings recorded"):
-        plan_verify(tiny["base"])
-    result = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), "--steps", "8"])
+        plan_verify(micro_verify["base"])
+    result = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--steps", "8"])
     assert result.exit_code == 1 and "--force" in result.output and "force=True" not in result.output
 
 
@@ -102,12 +83,13 @@ def test_workflow_uses_only_comfy_nodes() -> None:
                for n in comfy_workflow("m", LIGHTNING[1].sampler, prompt="x").values())
 
 
-@pytest.mark.slow
-def test_verify_against_passes_for_the_fused_file_and_fails_at_another_strength(tiny: dict[str, Path]) -> None:
-    out = tiny["dir"] / "out"
-    args = ["--against", str(tiny["base"]), "--lora", f"{tiny['lora']}:1.0", "--config", str(tiny["config"]),
+@pytest.mark.diffusers
+@pytest.mark.smoke
+def test_verify_against_passes_for_the_fused_file_and_fails_at_another_strength(micro_verify: dict[str, Path]) -> None:
+    out = micro_verify["dir"] / "out"
+    args = ["--against", str(micro_verify["base"]), "--lora", f"{micro_verify['lora']}:1.0", "--config", str(micro_verify["config"]),
             "--size", "32x32", "--prompt", "a cat", "--seeds", "0,1", "--device", "cpu", "--dtype", "fp32"]
-    ok = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), *args, "--out", str(out), "--workflow"])
+    ok = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), *args, "--out", str(out), "--workflow"])
     assert ok.exit_code == 0, ok.output
     assert "Verdict:  PASS" in ok.output
     report = json.loads((out / "report.json").read_text())
@@ -121,15 +103,15 @@ def test_verify_against_passes_for_the_fused_file_and_fails_at_another_strength(
     assert (out / "report.md").is_file() and len(list((out / "images").glob("*.png"))) == 2
     workflow = json.loads((out / "workflow.json").read_text())
     assert {n["class_type"] for n in workflow.values()} <= set(COMFY_NODES)
-    bad = CliRunner().invoke(cli, ["verify", str(tiny["half"]), *args[:-4], "--seeds", "0", "--device", "cpu",
+    bad = CliRunner().invoke(cli, ["verify", str(micro_verify["half"]), *args[:-4], "--seeds", "0", "--device", "cpu",
                                    "--dtype", "fp32"])
     assert bad.exit_code == 1 and "Verdict:  FAIL" in bad.output
 
 
-@pytest.mark.slow
-def test_show_wrong_adds_a_column_rendered_with_the_wrong_settings(tiny: dict[str, Path]) -> None:
-    out = tiny["dir"] / "wrong"
-    run = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "3",
+@pytest.mark.diffusers
+def test_show_wrong_adds_a_column_rendered_with_the_wrong_settings(micro_verify: dict[str, Path]) -> None:
+    out = micro_verify["dir"] / "wrong"
+    run = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "3",
                                    "--device", "cpu", "--dtype", "fp32", "--show-wrong", "--out", str(out)])
     assert run.exit_code == 0, run.output
     grid = Image.open(out / "grid.png").convert("RGB")
@@ -150,13 +132,13 @@ def test_show_wrong_adds_a_column_rendered_with_the_wrong_settings(tiny: dict[st
     measured = json.dumps({k: v for k, v in report.items() if k != "wrong_settings"}).replace(str(out), "OUT")
     assert "wrong" not in measured.lower()  # the wrong column is shown and described, never measured
     with pytest.raises(UsageError, match="output folder"):
-        plan_verify(tiny["fused"], show_wrong=True)
+        plan_verify(micro_verify["fused"], show_wrong=True)
 
 
-def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(tiny: dict[str, Path]) -> None:
-    d = tiny["dir"]
+def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(micro_verify: dict[str, Path]) -> None:
+    d = micro_verify["dir"]
     target = d / "wf.safetensors"
-    args = ["fuse", str(tiny["base"]), "--lightning", "4", "--lightning-dir", str(d / "L"), "-o", str(target), "-q",
+    args = ["fuse", str(micro_verify["base"]), "--lightning", "4", "--lightning-dir", str(d / "L"), "-o", str(target), "-q",
             "--workflow"]
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output
@@ -175,15 +157,15 @@ def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(tiny: dic
     assert again.exit_code == 1 and "wf-workflow.json' already exists" in again.stderr and "--overwrite" in again.stderr
     assert path.read_bytes() == before and not target.exists()
     plain = d / "plain.safetensors"
-    style = write_lora(d / "style.safetensors", "tiny", fmt="kohya", rank=4, alpha=2.0, seed=3)  # no preset's LoRA
-    no_preset = CliRunner().invoke(cli, ["fuse", str(tiny["base"]), "--lora", f"{style}:1.0", "-o", str(plain),
+    style = write_lora(d / "style.safetensors", "micro", fmt="kohya", rank=4, alpha=2.0, seed=3)  # no preset's LoRA
+    no_preset = CliRunner().invoke(cli, ["fuse", str(micro_verify["base"]), "--lora", f"{style}:1.0", "-o", str(plain),
                                          "-q", "--workflow"])
     assert no_preset.exit_code == 1 and "--preset" in no_preset.stderr and no_preset.stdout == ""
     assert not plain.exists() and not (d / "plain-workflow.json").exists()
 
 
-@pytest.mark.slow
-def test_compile_wraps_the_unet_and_reports_compile_time_apart(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.diffusers
+def test_compile_wraps_the_unet_and_reports_compile_time_apart(micro_verify: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """``--compile`` runs the UNet through ``torch.compile`` (here Dynamo with the eager backend: real graph
     capture, no C++ code generation, which takes minutes on CPU), reports the compile time apart from the
     per-image times, and renders what the uncompiled pipeline renders."""
@@ -197,13 +179,13 @@ def test_compile_wraps_the_unet_and_reports_compile_time_apart(tiny: dict[str, P
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    args = ["--config", str(tiny["config"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "0", "--device", "cpu",
+    args = ["--config", str(micro_verify["config"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "0", "--device", "cpu",
             "--dtype", "fp32"]
-    plain, compiled = tiny["dir"] / "plain", tiny["dir"] / "compiled"
-    ok = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), *args, "--out", str(plain)])
+    plain, compiled = micro_verify["dir"] / "plain", micro_verify["dir"] / "compiled"
+    ok = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), *args, "--out", str(plain)])
     assert ok.exit_code == 0, ok.output
     assert calls == []
-    ok = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), *args, "--compile", "--out", str(compiled)])
+    ok = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), *args, "--compile", "--out", str(compiled)])
     assert ok.exit_code == 0, ok.output
     assert calls == [{"type": "UNet2DConditionModel"}]  # the UNet, once, default mode on CPU
     report = json.loads((compiled / "report.json").read_text())

@@ -1,4 +1,4 @@
-"""``verify``'s checks on a tiny SDXL-topology model, beyond the faithfulness run of test_verify.py: the
+"""``verify``'s checks on a micro SDXL-topology model, beyond the faithfulness run of test_verify.py: the
 timesteps each preset actually runs (read off the scheduler used), a NaN in the latents is a failed
 check naming where, no tokenizers offline is one line, the report's fields, the workflow's sampler and
 scheduler names are ComfyUI's own, and a diffusers folder named by its header hash."""
@@ -12,12 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.io.diffusers_folder import write_byte_tokenizer
-from lora_tools.layouts import TINY
 from lora_tools.ops.fuse import fuse
 from lora_tools.presets import PRESETS
-from lora_tools.testing import synthetic
-from lora_tools.testing.synthetic_lora import write_lightning_lora
 from lora_tools.verify import plan_verify, run_verify
 from lora_tools.verify.workflow import comfy_workflow
 
@@ -29,18 +25,6 @@ COMFY_SAMPLER_NAMES = {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmp
 COMFY_SCHEDULER_NAMES = {"normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("verify-checks")
-    base = synthetic.write_checkpoint(d / "base.safetensors", "tiny", dtype="fp32", seed=1)
-    write_lightning_lora(d / "L" / "sdxl_lightning_4step_lora.safetensors", "tiny")
-    config = d / "config"
-    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
-        write_byte_tokenizer(config / name, te.vocab, te.positions)
-    fused = fuse(base, preset="lightning-4step", preset_dir=d / "L", saves=("checkpoint",), output=d / "fused.safetensors")
-    return {"base": base, "config": config, "fused": fused.files[0].path, "dir": d}
-
-
 def test_workflow_sampler_and_scheduler_are_comfy_names() -> None:
     for p in PRESETS.values():
         wf = comfy_workflow("m.safetensors", p.sampler, prompt="a cat")
@@ -50,7 +34,7 @@ def test_workflow_sampler_and_scheduler_are_comfy_names() -> None:
         assert ks["steps"] == p.sampler.steps and ks["cfg"] == p.sampler.comfy_cfg
 
 
-def test_no_tokenizers_offline_is_one_line(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_tokenizers_offline_is_one_line(micro_verify: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real-vocabulary model needs the CLIP tokenizers: without ``config`` and with an empty hub cache,
     one line naming what to provide (the tiny models take the byte tokenizer, so the lookup is called
     here directly); a ``--config`` folder without them is one line from the CLI."""
@@ -67,43 +51,43 @@ def test_no_tokenizers_offline_is_one_line(tiny: dict[str, Path], tmp_path: Path
         "is not in the hub cache; pass --config DIR with a diffusers SDXL folder (tokenizer/, tokenizer_2/).")
     bad = tmp_path / "not-a-config"
     bad.mkdir()
-    result = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), "--config", str(bad), "--size", "32x32",
+    result = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--config", str(bad), "--size", "32x32",
                                       "--device", "cpu", "--prompt", "a cat"])
     assert result.exit_code == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"Error: {bad}: not a diffusers folder with tokenizer and tokenizer_2/")
 
 
-@pytest.mark.slow
+@pytest.mark.diffusers
 @pytest.mark.parametrize(("preset", "timesteps", "prediction"), [
     ("lightning-1step", [999], "sample"),
     ("dmd2-4step", [999, 749, 499, 249], "epsilon"),
     ("lightning-2step", [999, 499], "epsilon"),
 ])
-def test_timesteps_as_run_are_the_presets(tiny: dict[str, Path], preset: str, timesteps: list[int],
+def test_timesteps_as_run_are_the_presets(micro_verify: dict[str, Path], preset: str, timesteps: list[int],
                                           prediction: str) -> None:
     """Read off the scheduler the pipeline actually ran (``report.settings``), not the preset's table."""
-    report = run_verify(plan_verify(tiny["fused"], preset=preset, force=True, prompts=["a cat"], seeds=[0],
-                                    size=(32, 32), config=tiny["config"], device="cpu", dtype="fp32"))
+    report = run_verify(plan_verify(micro_verify["fused"], preset=preset, force=True, prompts=["a cat"], seeds=[0],
+                                    size=(32, 32), config=micro_verify["config"], device="cpu", dtype="fp32"))
     s = report.settings
     assert s["timesteps"] == timesteps and s["steps"] == len(timesteps) and s["prediction_type"] == prediction
     assert s["scheduler"] == PRESETS[preset].sampler.scheduler
     assert len(report.images[0].step_seconds) == len(timesteps)
 
 
-@pytest.mark.slow
-def test_nan_in_the_latents_is_a_failed_check_naming_where(tiny: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.diffusers
+def test_nan_in_the_latents_is_a_failed_check_naming_where(micro_verify: dict[str, Path], tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
     from lora_tools.io.safetensors import read_header
 
-    tensors = load_file(str(tiny["fused"]))
+    tensors = load_file(str(micro_verify["fused"]))
     key = "model.diffusion_model.out.2.weight"  # the UNet's last conv: every latent goes through it
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     broken = tmp_path / "broken.safetensors"
-    save_file(tensors, str(broken), metadata=dict(read_header(tiny["fused"]).metadata))
+    save_file(tensors, str(broken), metadata=dict(read_header(micro_verify["fused"]).metadata))
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["verify", str(broken), "--config", str(tiny["config"]), "--size", "32x32",
+    result = CliRunner().invoke(cli, ["verify", str(broken), "--config", str(micro_verify["config"]), "--size", "32x32",
                                       "--prompt", "a cat", "--seeds", "0", "--device", "cpu", "--dtype", "fp32",
                                       "--out", str(out)])
     assert result.exit_code == 1, result.output
@@ -113,12 +97,12 @@ def test_nan_in_the_latents_is_a_failed_check_naming_where(tiny: dict[str, Path]
     assert report["failures"] == [where] and report["images"] == []
 
 
-@pytest.mark.slow
-def test_report_json_fields(tiny: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.diffusers
+def test_report_json_fields(micro_verify: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    lora = tiny["dir"] / "L" / "sdxl_lightning_4step_lora.safetensors"
-    result = CliRunner().invoke(cli, ["verify", str(tiny["fused"]), "--against", str(tiny["base"]), "--lora",
-                                      f"{lora}:1.0", "--config", str(tiny["config"]), "--size", "32x32",
+    lora = micro_verify["dir"] / "L" / "sdxl_lightning_4step_lora.safetensors"
+    result = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--against", str(micro_verify["base"]), "--lora",
+                                      f"{lora}:1.0", "--config", str(micro_verify["config"]), "--size", "32x32",
                                       "--prompt", "a cat", "--seeds", "5", "--device", "cpu", "--dtype", "fp32",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -127,7 +111,7 @@ def test_report_json_fields(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert r["settings"]["guidance_scale"] == 0.0 and r["settings"]["prediction_type"] == "epsilon"
     import hashlib
 
-    assert r["model"]["sha256"] == hashlib.sha256(tiny["fused"].read_bytes()).hexdigest()
+    assert r["model"]["sha256"] == hashlib.sha256(micro_verify["fused"].read_bytes()).hexdigest()
     (image,) = r["images"]
     assert (image["prompt"], image["seed"]) == ("a cat", 5) and image["seconds"] >= sum(image["step_seconds"])
     assert image["psnr_db"] >= 50 and 0 <= image["max_abs"] < 1e-3 and image["decode_seconds"] > 0
@@ -135,12 +119,12 @@ def test_report_json_fields(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert r["against"]["loras"] == [{"path": str(lora), "strength": 1.0}]
 
 
-@pytest.mark.slow
-def test_a_diffusers_folder_is_named_by_its_header_hash(tiny: dict[str, Path]) -> None:
+@pytest.mark.diffusers
+def test_a_diffusers_folder_is_named_by_its_header_hash(micro_verify: dict[str, Path]) -> None:
     import hashlib
 
-    folder = tiny["dir"] / "fused-folder"
-    fuse(tiny["base"], preset="lightning-4step", preset_dir=tiny["dir"] / "L", saves=("diffusers",), output=folder)
+    folder = micro_verify["dir"] / "fused-folder"
+    fuse(micro_verify["base"], preset="lightning-4step", preset_dir=micro_verify["dir"] / "L", saves=("diffusers",), output=folder)
     plan = plan_verify(folder, prompts=["a cat"], seeds=[0], size=(32, 32), device="cpu", dtype="fp32")
     assert plan.kind == "diffusers" and plan.preset == "lightning-4step"  # auto: the UNet file's record
     report = run_verify(plan)

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tools.io import direct as io_direct
 from lora_tools.engine.buffers import PAGE, BufferRing
+from lora_tools.io import direct as io_direct
 from lora_tools.io.safetensors import StreamingWriter, TensorPlan
-from tests.fuse_fixtures import assets  # noqa: F401  (fixture)
 
 
 def _payloads() -> dict[str, bytes]:
@@ -91,8 +90,9 @@ def test_ring_wraps_around_never_overlaps_and_falls_back_when_full():
     assert not ring._spans
 
 
-@pytest.mark.parametrize("saves", [("checkpoint",), ("unet",), ("checkpoint", "unet", "diffusers")])
-def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path, monkeypatch, saves):  # noqa: F811
+@pytest.mark.parametrize("saves", [("checkpoint",), pytest.param(("unet",), marks=pytest.mark.slow),
+                                   pytest.param(("checkpoint", "unet", "diffusers"), marks=pytest.mark.slow)])
+def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path, monkeypatch, saves):
     """Buffers are in phase with the first output only; the others take the staging copy."""
     from lora_tools.ops.fuse import fuse
 
@@ -108,7 +108,7 @@ def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path,
         pytest.skip("this filesystem refuses O_DIRECT")
     assert [f.kind for f in plain] == [f.kind for f in direct] and len(direct) >= len(saves)
     created = re.compile(rb'created\\": \\"[0-9TZ:-]+')  # the record's time may differ by a second
-    for p, d in zip(plain, direct):
+    for p, d in zip(plain, direct, strict=True):
         a, b = p.path.read_bytes(), d.path.read_bytes()
         start = 8 + int.from_bytes(a[:8], "little")
         assert len(a) == len(b) and a[start:] == b[start:], d.path  # every tensor byte

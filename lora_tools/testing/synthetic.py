@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 
-from lora_tools.layouts.sdxl import SIZES, SDXLConfig, to_diffusers
+from lora_tools.layouts.sdxl import SIZES, TINY, SDXLConfig, to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
 from lora_tools.io.diffusers_folder import ALL_COMPONENTS, write_byte_tokenizer, write_pipeline_configs
 from lora_tools.io.safetensors import DTYPE_ALIASES, StreamingWriter, TensorPlan, torch_dtype
 
-Size = Literal["tiny", "full"]
+Size = Literal["micro", "tiny", "full"]
+#: The smallest SDXL topology our tables and diffusers build: tiny's widths with one transformer block per
+#: attention level and two-layer text encoders. A verify or an oracle on it costs seconds, not most of a minute.
+MICRO = SDXLConfig(unet=replace(TINY.unet, depths=(0, 1, 1), mid_depth=1), vae=TINY.vae,
+                   te1=replace(TINY.te1, layers=2), te2=replace(TINY.te2, layers=2))
 #: Marker tensors that change how loaders treat a checkpoint (domain.md 2.6).
 MARKERS: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {
     "v_pred": ("v_pred", torch.int64, (0,)),
@@ -32,7 +37,9 @@ Progress = Callable[[Iterable[KeyMap]], Iterable[KeyMap]]
 
 
 def config_for(size: Size | SDXLConfig) -> SDXLConfig:
-    return size if isinstance(size, SDXLConfig) else SIZES[size]
+    if isinstance(size, SDXLConfig):
+        return size
+    return MICRO if size == "micro" else SIZES[size]
 
 
 def random_tensor(key: str, shape: tuple[int, ...], *, seed: int = 0) -> torch.Tensor:
@@ -87,7 +94,7 @@ def write_checkpoint(
     """Write a single-file SGM checkpoint (``model.diffusion_model.`` ...), streaming.
 
     Args:
-        size: ``"tiny"``, ``"full"`` or an explicit :class:`SDXLConfig`.
+        size: ``"micro"``, ``"tiny"``, ``"full"`` or an explicit :class:`SDXLConfig`.
         dtype: storage dtype of float tensors (``fp16``, ``bf16``, ``fp32``).
         components: which components to include (``("unet",)`` gives a UNet-only file).
         markers: marker keys to add (``v_pred``, ``ztsnr``, ``edm_vpred``).

@@ -1,11 +1,10 @@
-"""Tiny inputs for the recipe tests: two bases, a Lightning folder (2/4/8 steps), a style LoRA."""
+"""Tiny inputs for the recipe tests: two bases, a Lightning folder (2/4/8 steps), a style LoRA (the
+``recipe_assets`` fixture in conftest.py builds them once per session)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
@@ -34,11 +33,6 @@ def build_assets(root: Path) -> Assets:
         write_lightning_lora(lightning / f"sdxl_lightning_{steps}step_lora.safetensors", "tiny", seed=10 + steps, rank=4)
     style = write_lora(root / "style.safetensors", "tiny", targets="attn", rank=4, seed=7)
     return Assets(root, base_a, base_b, lightning, style)
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return build_assets(tmp_path_factory.mktemp("recipe-assets"))
 
 
 def tokenizer_config(root: Path) -> Path:

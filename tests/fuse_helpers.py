@@ -1,9 +1,9 @@
-"""Shared data and helpers of the fuse tests (test_fuse_oracle.py, test_fuse_cli.py).
+"""Shared data and helpers of the fuse tests (test_fuse_oracle.py, test_fuse_cli.py and the LoRA ops).
 
-Everything expensive is built once per test session and shared by both modules: the tiny fp32
-base checkpoint, the same model as a diffusers folder, the Lightning-shaped LoRA and its
-``--lightning-dir`` folder, and diffusers' own fusion of LoRAs (the oracle). The builders are
-cached at module level, so importing the fixtures into two test modules does not build twice.
+Everything expensive is built once per test session (the ``fuse_assets`` fixture in conftest.py holds
+one :class:`FuseAssets`): the tiny fp32 base checkpoint, the same model as a diffusers folder, the
+Lightning-shaped LoRA and its ``--lightning-dir`` folder, and diffusers' own fusion of LoRAs (the oracle).
+This module holds plain functions and classes only; fixtures live in conftest.py.
 
 The oracle is diffusers: ``StableDiffusionXLPipeline.from_pretrained(folder)`` +
 ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``.
@@ -14,17 +14,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Sequence
 
-import pytest
 import torch
 
+from lora_tools.io.safetensors import load_tensors
 from lora_tools.layouts import TINY
 from lora_tools.layouts.sdxl import sgm_to_diffusers_state_dicts
-from lora_tools.io.safetensors import load_tensors
 from lora_tools.testing.synthetic import write_checkpoint, write_diffusers_folder, write_unet_file
 from lora_tools.testing.synthetic_lora import select_targets, write_lora
 
@@ -137,7 +136,7 @@ def diffusers_fuse(folder: Path, loras: Sequence[tuple[Path, float]], *, scales:
         pipe, clean = clean_pipeline(folder)
         names = [f"l{i}" for i in range(len(loras))]
         try:
-            for name, (path, _) in zip(names, loras):
+            for name, (path, _) in zip(names, loras, strict=True):
                 pipe.load_lora_weights(str(path), adapter_name=name)
             pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
             out = []
@@ -210,29 +209,6 @@ class FuseAssets:
     def oracle_lightning_style(self) -> StateDicts:
         """diffusers: Lightning-shaped LoRA at 1.0 + style LoRA at 0.6, fused."""
         return diffusers_fuse(self.folder, [(self.lightning_lora, 1.0), (self.style, 0.6)])[0]
-
-
-_ASSETS: dict[str, FuseAssets] = {}
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> FuseAssets:
-    if "assets" not in _ASSETS:
-        _ASSETS["assets"] = FuseAssets(tmp_path_factory.mktemp("fuse_assets"))
-    return _ASSETS["assets"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
-
-__all__ = [
-    "BASE_METADATA", "LIGHTNING_LORA", "LIGHTNING_UNET_1", "LIGHTNING_UNET_4", "PIPE_ATTR", "REL_TOL", "FuseAssets",
-    "assets", "compare", "diffusers_fuse", "fill_hub_cache", "listing", "load_pipeline", "n_targets", "our_key", "sha256_of", "snapshot",
-    "target_keys", "to_diffusers", "torch_threads", "_single_torch_thread",
-]
 
 
 def fill_hub_cache(cache: Path, repo_id: str, filename: str, content: bytes,
