@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from lora_tools.errors import DeviceError, LoraToolsError
 
@@ -194,5 +194,16 @@ def _library_of(error: BaseException) -> str:
     return "a library"
 
 
-__all__ = ["Failure", "describe", "describe_os_error", "one_line", "EXIT_INPUT", "EXIT_USAGE", "EXIT_DEVICE",
-           "EXIT_NETWORK", "EXIT_LIBRARY", "EXIT_MEMORY", "EXIT_INTERNAL"]
+__all__ = [
+    "EXIT_DEVICE",
+    "EXIT_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_LIBRARY",
+    "EXIT_MEMORY",
+    "EXIT_NETWORK",
+    "EXIT_USAGE",
+    "Failure",
+    "describe",
+    "describe_os_error",
+    "one_line",
+]

@@ -13,8 +13,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from lora_tools.error_text import (EXIT_DEVICE, EXIT_INPUT, EXIT_INTERNAL, EXIT_LIBRARY, EXIT_MEMORY, EXIT_NETWORK,
-                                   describe)
+from lora_tools.error_text import (
+    EXIT_DEVICE,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_LIBRARY,
+    EXIT_MEMORY,
+    EXIT_NETWORK,
+    describe,
+)
 from lora_tools.errors import DeviceError, HubError, OutputError
 
 
