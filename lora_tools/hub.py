@@ -340,6 +340,9 @@ def resolve_source(src: str, *, revision: str | None = None, hint: Hint | None =
         return local
     if local.is_dir():
         raise UsageError(f"'{src}' is a directory, not a file: name a .safetensors file inside it.")
+    from lora_tools.special_files import refuse_special
+
+    refuse_special(local)
     if not _looks_like_hub_ref(src):
         raise UsageError(f"'{src}' is not a file and not a hub reference (owner/repo/file.safetensors).")
     owner, repo, *rest = src.split("/")

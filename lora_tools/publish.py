@@ -103,6 +103,9 @@ def _model_files(path: Path) -> list[Path]:
         if not files:
             raise UsageError(f"'{path}' holds no .safetensors files to publish.")
         return files
+    from lora_tools.special_files import refuse_special
+
+    refuse_special(path)
     raise UsageError(f"'{path}' does not exist.")
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn
 from lora_tools.errors import (InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError,
                                UnsafeFileError)
 from lora_tools.file_out import BufferedOut, open_out
+from lora_tools.special_files import refuse_special
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +128,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     path = Path(path)
     if path.is_dir():
         raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
+    refuse_special(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -55,6 +55,9 @@ def verify_command(model: Path, preset: str, prompts: tuple[str, ...], prompts_f
 
     texts = list(prompts)
     if prompts_file is not None:
+        from lora_tools.special_files import refuse_special
+
+        refuse_special(prompts_file, "prompt file")
         try:
             texts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:

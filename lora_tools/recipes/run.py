@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from lora_tools.errors import LoraToolsError, RecipeError
+from lora_tools.special_files import special_kind
 from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
 from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob, check_job
@@ -136,6 +137,10 @@ def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, s
                 else Path(spec.path).expanduser()
             if not path.exists():
                 raise RecipeError(f"inputs.{name}: '{spec.path}' does not exist", location=where)
+            kind = special_kind(path)
+            if kind is not None:
+                raise RecipeError(f"inputs.{name}: '{spec.path}' is {kind}, not a regular file or folder",
+                                  location=where)
         if spec.sha256 is not None:
             if not path.is_file():
                 raise RecipeError(f"inputs.{name}: '{path}' is a folder: sha256 pins files only", location=where)
