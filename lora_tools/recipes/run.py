@@ -287,6 +287,9 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
         resolved.append(ResolvedJob(ej.name, job.kind, opts, outputs_of[ej.name], tuple(dict.fromkeys(deps)),
                                     head.created, marks.at(("jobs", ej.index))))
     plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir, outputs_of)
+    from lora_tools.recipes.containment import check_outputs_against_inputs
+
+    check_outputs_against_inputs(plan.jobs, _REFERENCES)
     if only:
         chosen = plan.selected(only)
         if not chosen:
