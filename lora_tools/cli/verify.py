@@ -21,7 +21,7 @@ from lora_tools.errors import Hint, UsageError
 @click.option("--size", type=SIZE, default="1024x1024", show_default=True, help="Image size WxH.")
 @click.option("--steps", type=int, help="Another step count (refused when it contradicts the model, unless --force).")
 @click.option("--force", is_flag=True, help="Sample with a step count or preset that contradicts the model.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(path_type=Path),
               help="Folder for grid.png, each image, report.json and report.md.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
 @click.option("--against", type=click.Path(path_type=Path), help="The base MODEL was fused from (faithfulness check).")
