@@ -18,8 +18,6 @@ from lora_tools.output import atomic
 
 #: What a verify folder of ours holds (besides PNG files in ``images/``).
 VERIFY_FILES = frozenset({"grid.png", "report.json", "report.md", "workflow.json"})
-#: Room the temp name takes beyond the final name (``.NAME.<pid>-<n>.loratool.partial``).
-_TEMP_EXTRA = len(".." + "4294967295-999999" + atomic.TEMP_SUFFIX)
 
 
 def not_ours(folder: Path) -> str | None:
@@ -64,14 +62,9 @@ def check_out_folder(out: Path, *, overwrite: bool, inputs: Iterable[str | os.Pa
         relation = _relation(resolved, Path(p).resolve())
         if relation is not None:
             raise UsageError(f"Refusing to write '{out}': it {relation} the input '{p}'; choose another output folder.")
-    if len(os.fsencode(out.name)) + _TEMP_EXTRA > 255:
-        raise OutputError(f"cannot write '{out}': file name too long (at most {255 - _TEMP_EXTRA} bytes here); "
-                          "choose a shorter name.")
-    anc = out.absolute().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"cannot write '{out}': '{anc}' is a file, not a folder.")
+    from lora_tools.output.plan import check_place
+
+    check_place(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise OutputError(f"cannot write '{out}': it is a file (the output is a folder).")
@@ -81,13 +74,6 @@ def check_out_folder(out: Path, *, overwrite: bool, inputs: Iterable[str | os.Pa
                               "replaced; choose another output folder.")
         if (out / "report.json").exists() and not overwrite:
             raise OutputExistsError(f"{out} already holds a verify report", hint=Hint("overwrite", "to replace it"))
-        anc = out.absolute().parent
-    if not os.access(anc, os.W_OK | os.X_OK):
-        try:
-            read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        raise OutputError(f"cannot write in '{anc}': {'read-only file system' if read_only else 'permission denied'}.")
 
 
 @contextlib.contextmanager
