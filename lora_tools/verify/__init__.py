@@ -122,6 +122,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         if steps < 1:
             raise UsageError(f"steps must be positive, got {steps}.", hint=Hint("steps", "", "N"))
         sampler = dataclasses.replace(sampler, steps=steps, timesteps=None)
+    if not seeds:
+        raise UsageError("no seeds to render.", hint=Hint("seeds", "", "0,1,2"))
     width, height = size
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise UsageError(f"size {width}x{height}: width and height must be positive multiples of 8.",
