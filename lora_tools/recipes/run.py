@@ -343,6 +343,10 @@ def check_all(plan: RecipePlan) -> None:
             plan.checks[job.name] = check_job(job)
         except LoraToolsError as e:
             raise RecipeError(f"job '{job.name}': {e}", location=job.source) from None
+        except OSError as e:  # a name too long, a link loop...: the one boundary's line, at the job
+            from lora_tools.error_text import describe
+
+            raise RecipeError(f"job '{job.name}': {describe(e).message}", location=job.source) from None
 
 
 def run_recipe(plan: RecipePlan, *, executor: Executor | None = None, only: Sequence[str] = (),
