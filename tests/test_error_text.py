@@ -8,6 +8,7 @@ import errno
 import os
 import sys
 import types
+from pathlib import Path
 
 import click
 import pytest
@@ -154,3 +155,22 @@ def test_describe_imports_no_library() -> None:
             "print(sorted(m for m in ('torch', 'pydantic', 'huggingface_hub', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_verify_names_a_missing_device_before_loading_anything(device: str, tmp_path: Path) -> None:
+    import torch
+
+    from lora_tools.cli import cli
+    from lora_tools.testing.synthetic import write_checkpoint
+
+    if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
+    model = write_checkpoint(tmp_path / "m.safetensors", "tiny", dtype="fp16", seed=1)
+    result = CliRunner().invoke(cli, ["verify", str(model), "--preset", "lightning-4step", "--device", device,
+                                      "--size", "32x32", "--out", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_DEVICE, result.output
+    assert result.stderr.startswith(f"Error: device '{device}' is not available: ")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.rstrip().endswith("; pass --device cpu to run elsewhere.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

@@ -164,7 +164,8 @@ REASONS = {
     "name-too-long": ("file name too long",),
     "temp-name-too-long": ("file name too long",),
     "symlink-loop": ("too many levels of symbolic links",),
-    "under-a-file": ("is a file, not a folder", "a part of the path is a file", "a part of the path is not a directory"),
+    "under-a-file": ("is a file, not a folder", "a part of the path is a file",
+                     "a part of the path is not a directory"),
     "wrong-kind": ("it is a directory", "it is a file", "already exists"),
 }
 PATH_CASES = [(c, k) for c in WRITERS for k in REASONS]

@@ -54,10 +54,11 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "file-is-another-jobs-input": (".", "convert: {lora: base, to: peft, output: style.safetensors}\n"
                                    "  - rescale: {lora: style, strength: 0.5, output: s2.safetensors}",
                                    "style.safetensors", "is"),
-    "file-is-an-extract-input": (".", "extract: {tuned: tuned, original: base, rank: 1, output: models/tuned.safetensors}",
-                                 "models/tuned.safetensors", "is"),
+    "file-is-an-extract-input": (".", "extract: {tuned: tuned, original: base, rank: 1, "
+                                      "output: models/tuned.safetensors}", "models/tuned.safetensors", "is"),
     "file-inside-a-folder-input": ("lightning", "rescale: {lora: style, strength: 0.5, output: x.safetensors}\n"
-                                   "  - fuse: {base: base, lightning: 4, lightning_dir: lightning, output: y.safetensors}",
+                                   "  - fuse: {base: base, lightning: 4, lightning_dir: lightning, "
+                                   "output: y.safetensors}",
                                    "lightning", "lies inside"),
     "verify-folder-holds-an-input": (".", "verify: {model: tuned, out: models}", "models/tuned.safetensors", "holds"),
     "verify-folder-is-a-link-to-inputs": (".", "verify: {model: tuned, out: models-link}", "models/tuned.safetensors",
@@ -95,6 +96,7 @@ def test_outputs_beside_the_inputs_are_fine(tmp_path: Path) -> None:
     """``output_dir: .`` with the inputs in it is the common case: only the outputs themselves count."""
     _setup(tmp_path)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(HEAD.format(output_dir=".") + "  - rescale: {lora: style, strength: 0.5, output: s.safetensors}\n")
+    recipe.write_text(HEAD.format(output_dir=".")
+                      + "  - rescale: {lora: style, strength: 0.5, output: s.safetensors}\n")
     result = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
     assert "choose another output name" not in result.stderr, result.stderr

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.testing import synthetic
-from tests.fuse_fixtures import listing
 
 COUNTED = "bad_input_cases"
 
@@ -90,8 +89,8 @@ def test_out_pointed_at_folders_not_ours_removes_nothing(target: str, overwrite:
 def test_out_that_cannot_be_a_folder(case: str, model: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     os.symlink("loop", tmp_path / "loop")
-    out = {"a-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "out", "name-too-long": tmp_path / ("n" * 250),
-           "symlink-loop": tmp_path / "loop" / "out"}[case]
+    out = {"a-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "out",
+           "name-too-long": tmp_path / ("n" * 250), "symlink-loop": tmp_path / "loop" / "out"}[case]
     line = _refused(_argv(model, out), tmp_path)
     expected = {
         "a-file": f"Error: cannot write '{out}': it is a file (the output is a folder).",

@@ -14,7 +14,8 @@ from lora_tools.ops.convert import TARGET_FORMATS
 @click.argument("tuned", type=click.Path(readable=False, path_type=str))
 @click.argument("original", type=click.Path(readable=False, path_type=str))
 @click.option("--rank", type=RANK, help="Fixed rank of every module.")
-@click.option("--energy", type=FRACTION, help="Keep the smallest rank retaining this fraction of each module's difference, (0, 1].")
+@click.option("--energy", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of each module's difference, (0, 1].")
 @click.option("--conv-rank", type=RANK, help="Fixed rank for kxk convolutions (default: the main rule).")
 @click.option("--components", default="unet", show_default=True, help="Comma-separated: unet,te1,te2.")
 @click.option("--format", "fmt", type=click.Choice(TARGET_FORMATS), default="kohya-diffusers", show_default=True,

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
               help="Before renaming each output into place, read it back and check its sha256 (one more pass).")
 @click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
-def fuse_command(base: str, preset: str | None, lightning: str | None, method: str, loras: tuple[str, ...],
-                 preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
+def fuse_command(base: str, preset: str | None, lightning: str | None, method: str,
+                 loras: tuple[tuple[str, float], ...], preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
                  overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
                  original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
                  workflow: bool, quiet: bool) -> None:

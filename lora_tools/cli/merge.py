@@ -16,8 +16,8 @@ from lora_tools.cli._types import FRACTION, LORA_WEIGHT, RANK
 @click.option("--rank", type=RANK, help="Target rank for --method svd (default: the largest input rank).")
 @click.option("--energy", type=FRACTION, help="Retained energy per module for --method svd, (0, 1].")
 @output_options
-def merge_command(loras: tuple[tuple[str, float], ...], method: str, rank: int | None, energy: float | None, output: str,
-                  overwrite: bool, dtype: str, as_json: bool) -> None:
+def merge_command(loras: tuple[tuple[str, float], ...], method: str, rank: int | None, energy: float | None,
+                  output: str, overwrite: bool, dtype: str, as_json: bool) -> None:
     """Merge LoRAs: the result at strength 1.0 is the sum of each LORA at its weight W (default 1).
 
     \b

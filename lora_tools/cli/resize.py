@@ -12,9 +12,11 @@ from lora_tools.cli._types import FRACTION, RANK, SV_RATIO
 @click.command("resize")
 @click.argument("lora", type=click.Path(readable=False, path_type=str))
 @click.option("--rank", type=RANK, help="Fixed target rank.")
-@click.option("--energy", type=FRACTION, help="Keep the smallest rank retaining this fraction of each module's energy, (0, 1].")
+@click.option("--energy", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of each module's energy, (0, 1].")
 @click.option("--sv-ratio", type=SV_RATIO, help="Keep singular values >= s_max / X (kohya's sv_ratio).")
-@click.option("--sv-fro", type=FRACTION, help="Keep the smallest rank retaining this fraction of the Frobenius norm (kohya's sv_fro).")
+@click.option("--sv-fro", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of the Frobenius norm (kohya's sv_fro).")
 @click.option("--conv-rank", type=RANK, help="Fixed rank for kxk convolutions (default: the main rule).")
 @output_options
 def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,

@@ -25,7 +25,8 @@ from lora_tools.errors import Hint, UsageError
               help="Folder for grid.png, each image, report.json and report.md.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
 @click.option("--against", type=click.Path(path_type=Path), help="The base MODEL was fused from (faithfulness check).")
-@click.option("--lora", "loras", multiple=True, metavar="SRC[:S]", type=LORA_STRENGTH, help="A LoRA fused into MODEL, applied to --against at run time.")
+@click.option("--lora", "loras", multiple=True, metavar="SRC[:S]", type=LORA_STRENGTH,
+              help="A LoRA fused into MODEL, applied to --against at run time.")
 @click.option("--base", type=click.Path(path_type=Path), help="The rest of the pipeline for a standalone UNet MODEL.")
 @click.option("--config", type=click.Path(file_okay=False, path_type=Path),
               help="A diffusers SDXL folder with the tokenizers (else the hub cache of the SDXL base).")
@@ -35,9 +36,10 @@ from lora_tools.errors import Hint, UsageError
 @click.option("--show-wrong", is_flag=True, help="Add a column rendered with wrong settings (leading, CFG 7, 30 steps).")
 @click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow.json into --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_command(model: Path, preset: str, prompts: tuple[str, ...], prompts_file: Path | None, seeds: tuple[int, ...], size: tuple[int, int],
+def verify_command(model: Path, preset: str, prompts: tuple[str, ...], prompts_file: Path | None,
+                   seeds: tuple[int, ...], size: tuple[int, int],
                    steps: int | None, force: bool, out: Path | None, overwrite: bool, against: Path | None,
-                   loras: tuple[str, ...], base: Path | None, config: Path | None, device: str, dtype: str,
+                   loras: tuple[tuple[str, float], ...], base: Path | None, config: Path | None, device: str, dtype: str,
                    compile_: bool, show_wrong: bool, workflow: bool, as_json: bool) -> None:
     """Render MODEL with the sampler settings it needs, and with --against check it matches base + runtime LoRAs.
 

@@ -149,8 +149,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     if out_dir is not None:
         from lora_tools.verify.out_folder import check_out_folder
 
-        check_out_folder(out_dir, overwrite=overwrite, inputs=[p for p in (path, base, config, against) if p is not None]
-                         + [p for p, _ in loras])
+        inputs = [p for p in (path, base, config, against) if p is not None] + [p for p, _ in loras]
+        check_out_folder(out_dir, overwrite=overwrite, inputs=inputs)
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
