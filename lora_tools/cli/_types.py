@@ -51,6 +51,10 @@ FRACTION = ValueType("fraction", values.fraction)
 SV_RATIO = ValueType("ratio", values.sv_ratio)
 SEEDS = ValueType("seeds", _keep_parsed(values.seeds, tuple))
 SIZE = ValueType("WxH", _keep_parsed(values.size, tuple))
+#: A preset's strength: a number (``0,6``, ``abc``, ``1e400`` refused here); NaN and Inf pass on to the preset's
+#: own rule, which names the range (``out of range``) or the missing preset.
+PRESET_STRENGTH = ValueType("strength", lambda v: float(v) if str(v).strip().lower() in (
+    "nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity") else values.strength(v))
 #: ``SRC[:S]``: a LoRA (file or hub id) and its strength.
 LORA_STRENGTH = ValueType("SRC[:S]", _keep_parsed(
     lambda v: values.path_number(v, values.strength, 1.0, name="strength"), tuple))
@@ -58,5 +62,5 @@ LORA_STRENGTH = ValueType("SRC[:S]", _keep_parsed(
 LORA_WEIGHT = ValueType("LORA[:W]", _keep_parsed(
     lambda v: values.path_number(v, values.weight, 1.0, name="weight"), tuple))
 
-__all__ = ["ValueType", "flag_of", "STRENGTH", "WEIGHT", "RANK", "FRACTION", "SV_RATIO", "SEEDS", "SIZE",
+__all__ = ["ValueType", "flag_of", "STRENGTH", "PRESET_STRENGTH", "WEIGHT", "RANK", "FRACTION", "SV_RATIO", "SEEDS", "SIZE",
            "LORA_STRENGTH", "LORA_WEIGHT"]

@@ -8,7 +8,7 @@ import click
 
 from lora_tools.cli._output import format_bytes, safe_text
 from lora_tools.cli._progress import byte_progress
-from lora_tools.cli._types import LORA_STRENGTH, STRENGTH
+from lora_tools.cli._types import LORA_STRENGTH, PRESET_STRENGTH
 from lora_tools.errors import Hint, UsageError
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
               help="lora: fuse the preset's LoRA; unet: add (the preset's UNet - SDXL base UNet), Lightning's best quality.")
 @click.option("--lora", "loras", multiple=True, metavar="SRC[:STRENGTH]", type=LORA_STRENGTH,
               help="Extra LoRA: local file or owner/repo/file.safetensors on the hub; strength defaults to 1.0. Repeatable.")
-@click.option("--strength", "preset_strength", type=STRENGTH, default=None,
+@click.option("--strength", "preset_strength", type=PRESET_STRENGTH, default=None,
               help="Strength of the preset's LoRA/difference (default 1.0; needs --preset or --lightning).")
 @click.option("--save", "saves", multiple=True, type=click.Choice(["checkpoint", "unet", "diffusers"]),
               help="What to write (repeatable): whole single file, standalone diffusers UNet, diffusers folder. Default: checkpoint.")
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 @click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
 def fuse_command(base: str, preset: str | None, lightning: str | None, method: str,
-                 loras: tuple[tuple[str, float], ...], preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
+                 loras: tuple[tuple[str, float], ...], preset_strength: float | None, saves: tuple[str, ...],
+                 output: str | None, dtype: str, dry_run: bool,
                  overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
                  original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
                  workflow: bool, quiet: bool) -> None:
