@@ -120,5 +120,9 @@ class RecipeError(LoraToolsError, ValueError):
         return f"{self.location}: {text}" if self.location else text
 
 
+class DeviceError(LoraToolsError, RuntimeError):
+    """The device asked for is not there (CUDA on a torch built without it, MPS off a Mac)."""
+
+
 class ClusterError(LoraToolsError, ConnectionError):
     """A distributed executor cannot reach or join its cluster."""

@@ -17,7 +17,6 @@ and the file and says what to do.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
@@ -51,7 +50,7 @@ __all__ = ["REPO_ID_RE", "TOKENIZER_FILES", "hub_unreachable", "parse_source", "
 _TRUE = {"1", "ON", "YES", "TRUE"}
 #: A hub repository id (``owner/name``), as huggingface_hub validates it.
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,11 +311,10 @@ def parse_source(text: str) -> tuple[str, float]:
     """Split a ``--lora SRC[:STRENGTH]`` value into the source and its strength.
 
     The strength is the part after the last ``:`` when that part is a number; otherwise the whole
-    text is the source and the strength is 1.0. A Windows drive (``C:\\loras\\x.safetensors``) is
-    therefore never mistaken for a strength, and neither is a text that names an existing file.
+    text is the source and the strength is 1.0 (the one rule: :func:`lora_tools.values.path_number`).
 
     Raises:
-        [`UsageError`]: empty source, empty or non-finite strength.
+        [`UsageError`]: empty source, empty, malformed or non-finite strength.
 
     Example:
         ```py
@@ -326,25 +324,9 @@ def parse_source(text: str) -> tuple[str, float]:
         ('ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors', 1.0)
         ```
     """
-    text = text.strip()
-    if not text:
-        raise UsageError("Empty LoRA source: expected PATH or owner/repo/file.safetensors, optionally with :STRENGTH.")
-    if ":" in text and not os.path.exists(text):
-        head, tail = text.rsplit(":", 1)
-        tail = tail.strip()
-        if not tail:
-            raise UsageError(f"'{text}' ends with ':' but gives no strength: write SRC or SRC:STRENGTH (e.g. :0.8).")
-        if _NUMBER.fullmatch(tail):
-            strength = float(tail)
-            if not math.isfinite(strength):
-                raise UsageError(f"Strength in '{text}' must be a finite number.")
-            head = head.strip()
-            if not head:
-                raise UsageError(f"'{text}' gives a strength but no source: write SRC:STRENGTH.")
-            return head, strength
-        if tail.lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
-            raise UsageError(f"Strength in '{text}' must be a finite number.")
-    return text, 1.0
+    from lora_tools import values
+
+    return values.path_number(text, values.strength, 1.0, name="strength")
 
 
 def _looks_like_hub_ref(src: str) -> bool:
@@ -381,6 +363,9 @@ def resolve_source(src: str, *, revision: str | None = None, hint: Hint | None =
         return local
     if local.is_dir():
         raise UsageError(f"'{src}' is a directory, not a file: name a .safetensors file inside it.")
+    from lora_tools.special_files import refuse_special
+
+    refuse_special(local)
     if not _looks_like_hub_ref(src):
         raise UsageError(f"'{src}' is not a file and not a hub reference (owner/repo/file.safetensors).")
     owner, repo, *rest = src.split("/")

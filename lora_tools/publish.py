@@ -90,6 +90,9 @@ def _model_files(path: Path) -> list[Path]:
         if not files:
             raise UsageError(f"'{path}' holds no .safetensors files to publish.")
         return files
+    from lora_tools.special_files import refuse_special
+
+    refuse_special(path)
     raise UsageError(f"'{path}' does not exist.")
 
 
@@ -194,9 +197,10 @@ def check_release_folder(folder: Path, inputs: list[Path], *, overwrite: bool) -
         [`UsageError`]: the folder is an input or holds one.
         [`OutputExistsError`]: it exists and ``overwrite`` was not given, or it is not ours.
     """
-    from lora_tools.output.plan import refuse_input_as_output
+    from lora_tools.output.plan import check_place, refuse_input_as_output
 
     refuse_input_as_output(folder, inputs)
+    check_place(folder)
     if not folder.exists() and not folder.is_symlink():
         return
     if not overwrite:
@@ -301,13 +305,17 @@ def write_release(plan: ReleasePlan) -> Path:
     """Write the release folder (model files hard-linked where possible, else copied), all at once:
     into a recognisable temporary folder beside it, then moved into place. An existing folder is
     replaced only if it is an earlier release of ours (checked again here, just before)."""
-    from lora_tools.io.atomic import claim, create_temp_dir, remove, remove_stale_temps, replace
+    from lora_tools.errors import LoraToolsError
+    from lora_tools.io.atomic import claim, create_temp_dir, output_error, remove, remove_stale_temps, replace
 
     final = plan.folder
     check_release_folder(final, [f.path for f in plan.files] + [src for src, _ in plan.extras], overwrite=True)
     remove_stale_temps(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = create_temp_dir(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = create_temp_dir(final)
+    except OSError as e:  # a name too long for its temp, a read-only disk...: named by the release folder
+        raise output_error(final, e) from None
     old: Path | None = None
     try:
         for f in plan.files:
@@ -324,6 +332,11 @@ def write_release(plan: ReleasePlan) -> Path:
             old = replace(tmp, final)
         else:
             claim(tmp, final)
+    except OSError as e:
+        remove(tmp)
+        if isinstance(e, LoraToolsError):
+            raise
+        raise output_error(final, e) from None
     except BaseException:
         remove(tmp)
         raise

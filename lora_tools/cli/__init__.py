@@ -1,7 +1,9 @@
 """The ``loratool`` command: one click group, one module per command.
 
-Library errors (:class:`~lora_tools.errors.LoraToolsError`) become one ``Error: ...`` line on
-stderr and exit code 1, here and only here. Ctrl-C, SIGTERM and SIGHUP all take one abort path
+Every exception a command raises becomes one ``Error: ...`` line on stderr and its exit code, here
+and only here, through the one boundary :func:`lora_tools.error_text.describe` (library errors exit
+1; OS errors name the path, the reason and a next step; device, network, library, memory and
+internal errors have their own codes). Ctrl-C, SIGTERM and SIGHUP all take one abort path
 (exit 130, 143, 129). ``--debug`` (or ``LORATOOL_DEBUG=1``) shows the
 traceback instead.
 """
@@ -62,10 +64,17 @@ class LoratoolGroup(click.Group):
         previous = _catch_signals()
         try:
             return super().invoke(ctx)
-        except LoraToolsError as e:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one error boundary of the CLI
             if ctx.meta.get("loratool.debug"):
                 raise
-            raise click.ClickException(error_message(e)) from None
+            from lora_tools.error_text import describe
+
+            failure = describe(e, spell_param)
+            clean = click.ClickException(_one_line(failure.message))
+            clean.exit_code = failure.exit_code
+            raise clean from None
         except KeyboardInterrupt as e:
             click.echo("Interrupted: nothing was written under the output names.", err=True)
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))

@@ -6,6 +6,7 @@ import click
 
 from lora_tools.cli._options import emit, output_options
 from lora_tools.cli._output import safe_text
+from lora_tools.cli._types import FRACTION, RANK
 from lora_tools.units import format_bytes
 from lora_tools.ops.convert import TARGET_FORMATS
 
@@ -13,9 +14,10 @@ from lora_tools.ops.convert import TARGET_FORMATS
 @click.command("extract")
 @click.argument("tuned", type=click.Path(readable=False, path_type=str))
 @click.argument("original", type=click.Path(readable=False, path_type=str))
-@click.option("--rank", type=int, help="Fixed rank of every module.")
-@click.option("--energy", type=float, help="Keep the smallest rank retaining this fraction of each module's difference, (0, 1].")
-@click.option("--conv-rank", type=int, help="Fixed rank for kxk convolutions (default: the main rule).")
+@click.option("--rank", type=RANK, help="Fixed rank of every module.")
+@click.option("--energy", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of each module's difference, (0, 1].")
+@click.option("--conv-rank", type=RANK, help="Fixed rank for kxk convolutions (default: the main rule).")
 @click.option("--components", default="unet", show_default=True, help="Comma-separated: unet,te1,te2.")
 @click.option("--format", "fmt", type=click.Choice(TARGET_FORMATS), default="kohya-diffusers", show_default=True,
               help="Format of the written LoRA.")

@@ -9,6 +9,7 @@ import click
 from lora_tools.cli._output import safe_text
 from lora_tools.units import format_bytes
 from lora_tools.cli._progress import byte_progress
+from lora_tools.cli._types import LORA_STRENGTH, PRESET_STRENGTH
 from lora_tools.errors import Hint, UsageError
 
 if TYPE_CHECKING:
@@ -22,9 +23,9 @@ if TYPE_CHECKING:
               help="SDXL-Lightning step count to fuse in: shorthand for --preset lightning-Nstep.")
 @click.option("--method", type=click.Choice(["lora", "unet"]), default="lora", show_default=True,
               help="lora: fuse the preset's LoRA; unet: add (the preset's UNet - SDXL base UNet), Lightning's best quality.")
-@click.option("--lora", "loras", multiple=True, metavar="SRC[:STRENGTH]",
+@click.option("--lora", "loras", multiple=True, metavar="SRC[:STRENGTH]", type=LORA_STRENGTH,
               help="Extra LoRA: local file or owner/repo/file.safetensors on the hub; strength defaults to 1.0. Repeatable.")
-@click.option("--strength", "preset_strength", type=float, default=None,
+@click.option("--strength", "preset_strength", type=PRESET_STRENGTH, default=None,
               help="Strength of the preset's LoRA/difference (default 1.0; needs --preset or --lightning).")
 @click.option("--save", "saves", multiple=True, type=click.Choice(["checkpoint", "unet", "diffusers"]),
               help="What to write (repeatable): whole single file, standalone diffusers UNet, diffusers folder. Default: checkpoint.")
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
               help="Before renaming each output into place, read it back and check its sha256 (one more pass).")
 @click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
-def fuse_command(base: str, preset: str | None, lightning: str | None, method: str, loras: tuple[str, ...],
-                 preset_strength: float | None, saves: tuple[str, ...], output: str | None, dtype: str, dry_run: bool,
+def fuse_command(base: str, preset: str | None, lightning: str | None, method: str,
+                 loras: tuple[tuple[str, float], ...], preset_strength: float | None, saves: tuple[str, ...],
+                 output: str | None, dtype: str, dry_run: bool,
                  overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
                  original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
                  workflow: bool, quiet: bool) -> None:
@@ -63,7 +65,6 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
         loratool fuse juggernaut.safetensors --lightning 4 --lora style.safetensors:0.6 --save checkpoint --save unet
         loratool fuse base.safetensors --lora ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors --dry-run
     """
-    from lora_tools.hub import parse_source
     from lora_tools.ops.fuse_plan import plan_fuse  # torch-free: the LoRA hashing starts before torch loads
 
     if lightning is not None:
@@ -76,7 +77,7 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
                          hint=Hint("preset", "to choose one (or --lightning N)", "NAME"))
     plan = plan_fuse(
         base, preset, method=method,  # type: ignore[arg-type]
-        loras=[parse_source(s) for s in loras], saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
+        loras=list(loras), saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
         preset_strength=preset_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
         revision=revision, preset_dir=preset_dir, original_unet=original_unet, variant=variant,
         hash_base=hash_base, verify_output=verify_output,

@@ -6,28 +6,18 @@ import click
 
 from lora_tools.cli._options import emit, output_options
 from lora_tools.cli._output import safe_text
-
-
-def _split_weight(spec: str) -> tuple[str, float]:
-    """``path[:W]``; a Windows drive colon or a path without a float after the last colon is a path."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+from lora_tools.cli._types import FRACTION, LORA_WEIGHT, RANK
 
 
 @click.command("merge")
-@click.argument("loras", nargs=-1, required=True, metavar="LORA[:W]...")
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:W]...", type=LORA_WEIGHT)
 @click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
               help="concat: exact (ranks add); svd: re-factorise the weighted sum to --rank/--energy.")
-@click.option("--rank", type=int, help="Target rank for --method svd (default: the largest input rank).")
-@click.option("--energy", type=float, help="Retained energy per module for --method svd, (0, 1].")
+@click.option("--rank", type=RANK, help="Target rank for --method svd (default: the largest input rank).")
+@click.option("--energy", type=FRACTION, help="Retained energy per module for --method svd, (0, 1].")
 @output_options
-def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy: float | None, output: str,
-                  overwrite: bool, dtype: str, as_json: bool) -> None:
+def merge_command(loras: tuple[tuple[str, float], ...], method: str, rank: int | None, energy: float | None,
+                  output: str, overwrite: bool, dtype: str, as_json: bool) -> None:
     """Merge LoRAs: the result at strength 1.0 is the sum of each LORA at its weight W (default 1).
 
     \b
@@ -45,7 +35,7 @@ def merge_command(loras: tuple[str, ...], method: str, rank: int | None, energy:
     from lora_tools.ops.merge import WeightedLora, merge_loras
     from lora_tools.recipes.lora_jobs import command_record
 
-    specs = [_split_weight(s) for s in loras]
+    specs = list(loras)
     if len(specs) < 2:
         raise UsageError("merge needs at least two LoRAs")
     rule = RankRule(rank=rank, energy=energy) if (rank is not None or energy is not None) else None

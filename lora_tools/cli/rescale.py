@@ -6,11 +6,13 @@ import click
 
 from lora_tools.cli._options import emit, output_options
 from lora_tools.cli._output import safe_text
+from lora_tools.cli._types import STRENGTH
 
 
 @click.command("rescale")
 @click.argument("lora", type=click.Path(readable=False, path_type=str))
-@click.option("--strength", type=float, required=True, help="The strength to bake in (the new file at 1.0 = the old at S).")
+@click.option("--strength", type=STRENGTH, required=True,
+              help="The strength to bake in (the new file at 1.0 = the old at S).")
 @click.option("--blocks", metavar="SPEC", help="Per-block strengths multiplied in, e.g. 'IN04-IN08:0.5,OUT*:0'.")
 @click.option("--components", help="Comma-separated components the strength applies to (unet,te1,te2); default all.")
 @output_options

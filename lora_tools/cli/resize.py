@@ -6,16 +6,19 @@ import click
 
 from lora_tools.cli._options import emit, output_options
 from lora_tools.cli._output import safe_text
+from lora_tools.cli._types import FRACTION, RANK, SV_RATIO
 from lora_tools.units import format_bytes
 
 
 @click.command("resize")
 @click.argument("lora", type=click.Path(readable=False, path_type=str))
-@click.option("--rank", type=int, help="Fixed target rank.")
-@click.option("--energy", type=float, help="Keep the smallest rank retaining this fraction of each module's energy, (0, 1].")
-@click.option("--sv-ratio", type=float, help="Keep singular values >= s_max / X (kohya's sv_ratio).")
-@click.option("--sv-fro", type=float, help="Keep the smallest rank retaining this fraction of the Frobenius norm (kohya's sv_fro).")
-@click.option("--conv-rank", type=int, help="Fixed rank for kxk convolutions (default: the main rule).")
+@click.option("--rank", type=RANK, help="Fixed target rank.")
+@click.option("--energy", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of each module's energy, (0, 1].")
+@click.option("--sv-ratio", type=SV_RATIO, help="Keep singular values >= s_max / X (kohya's sv_ratio).")
+@click.option("--sv-fro", type=FRACTION,
+              help="Keep the smallest rank retaining this fraction of the Frobenius norm (kohya's sv_fro).")
+@click.option("--conv-rank", type=RANK, help="Fixed rank for kxk convolutions (default: the main rule).")
 @output_options
 def resize_command(lora: str, rank: int | None, energy: float | None, sv_ratio: float | None, sv_fro: float | None,
                    conv_rank: int | None, output: str, overwrite: bool, dtype: str, as_json: bool) -> None:

@@ -25,6 +25,7 @@ from lora_tools.errors import (InvalidFileError, KeyMismatchError, OutputError, 
 from lora_tools.io import atomic
 from lora_tools.io.direct import BufferedOut, open_out
 from lora_tools.testing import hooks
+from lora_tools.special_files import refuse_special
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +130,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     path = Path(path)
     if path.is_dir():
         raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
+    refuse_special(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lora_tools.errors import InvalidFileError, UnsafeFileError
 from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, dtype_name, read_header
+from lora_tools.special_files import refuse_special
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +127,7 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSo
         raise InvalidFileError(f"'{path}' is a directory: pass a .safetensors file (or a diffusers folder where a model is expected).")
     if not path.exists():
         raise InvalidFileError(f"'{path}' does not exist.")
+    refuse_special(path)
     suffix = path.suffix.lower()
     # A pickle under a .safetensors name is refused by read_header (UnsafeFileError), never loaded.
     if suffix in PICKLE_SUFFIXES or (suffix != ".safetensors" and _is_zip(path)):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from lora_tools import provenance
-from lora_tools.errors import Hint, KeyMismatchError, UsageError
+from lora_tools.errors import Hint, KeyMismatchError, NonFiniteError, UsageError
 from lora_tools.layouts.table import SGM_PREFIXES, Component, module_of
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
@@ -190,9 +190,41 @@ def _value(t: PlannedTensor) -> "torch.Tensor":
     want = torch_dtype(t.dtype)
     if t.role == "alpha":
         assert t.module.alpha is not None
-        return torch.tensor(t.module.alpha, dtype=torch.float64).to(want).reshape(t.shape)
-    value = t.module.factor(t.role)
-    return value if value.dtype == want else value.to(want)
+        value = torch.tensor(t.module.alpha, dtype=torch.float64).reshape(t.shape)
+    else:
+        value = t.module.factor(t.role)
+    out = value if value.dtype == want else value.to(want)
+    check_finite(t, value, out)
+    return out
+
+
+def check_finite(t: PlannedTensor, value: "torch.Tensor", out: "torch.Tensor") -> None:
+    """Refuse a derived tensor that holds NaN/Inf, or whose values overflow the output dtype.
+
+    Every tensor of every LoRA writer passes here (:func:`write_plan`, :func:`spelled_tensors`), so
+    no command writes a non-finite LoRA. An overflow is refused, not written wider: the hint names
+    the dtype parameter that writes it wider on purpose.
+
+    Raises:
+        NonFiniteError: names the module, the tensor and the output dtype.
+    """
+    import torch
+
+    if not value.is_floating_point():
+        return
+    where = f"module '{t.module.component}:{t.module.name}' ({t.key})"
+    if bool(torch.isnan(value).any()):
+        raise NonFiniteError(f"the result holds NaN in {where}: nothing was written. Check the strengths, "
+                             "weights and inputs (loratool inspect).")
+    if not bool(torch.isfinite(value).all()):  # computed in its own dtype, and overflowed there
+        name = str(value.dtype).replace("torch.", "")
+        raise NonFiniteError(f"the result overflows {name} in {where}: nothing was written. Use a smaller "
+                             "strength or weight.")
+    if out is not value and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        name = str(out.dtype).replace("torch.", "")
+        raise NonFiniteError(f"the result overflows {name} in {where} (largest |value| "
+                             f"{float(value.abs().max()):.3g}): nothing was written",
+                             hint=Hint("dtype", "to write it wider", "fp32"))
 
 
 def _dtype(have: str, cast: str | None) -> str:

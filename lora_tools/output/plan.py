@@ -132,6 +132,38 @@ class ExistsError(OutputExistsError):
                 f"or {other.render(flag('output') if flag else None)[5:]}.")
 
 
+#: Room a temp name takes beyond its output's name (``.NAME.<pid>-<n>.loratool.partial``, ``-old`` included).
+_TEMP_EXTRA = len(".." + "4294967295-999999-old" + TEMP_SUFFIX)
+
+
+def check_name_length(path: Path, folder: Path) -> None:
+    """Refuse a name that, with the room its temp name takes, is longer than ``folder``'s file system allows."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(path.name)) + _TEMP_EXTRA > name_max:
+        raise OutputError(f"cannot write '{path}': file name too long (at most {name_max - _TEMP_EXTRA} bytes here, "
+                          "room is kept for the temporary name); choose a shorter name.")
+
+
+def check_place(path: Path) -> None:
+    """Check, at plan time, that an output can be made at ``path`` whatever its kind: its name and its
+    temp name fit the file system, no file stands where a folder of its path goes, and the nearest
+    existing folder may be written (the kind and overwrite rules are the caller's).
+
+    Raises:
+        OutputError: the name is too long, a file is in the way, or the folder is read-only or not writable.
+    """
+    anc = existing_ancestor(path)
+    if not anc.is_dir():
+        raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
+    check_name_length(path, anc)
+    if not os.access(anc, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(anc) else "permission denied"
+        raise OutputError(f"cannot write in '{anc}': {why}.")
+
+
 def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
     """Check, at plan time, that ``path`` can become an output of ``kind``.
 
@@ -144,6 +176,7 @@ def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
     anc = existing_ancestor(path)
     if not anc.is_dir():
         raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
+    check_name_length(path, anc)
     if path.name.endswith(TEMP_SUFFIX):
         raise UsageError(f"Refusing to write '{path}': that name is how loratool marks its temporary files.")
     if path.exists() or path.is_symlink():

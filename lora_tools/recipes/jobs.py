@@ -238,14 +238,10 @@ def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
         _register()
     try:
         return ADAPTERS[job.kind].run(job, progress)
-    except LoraToolsError as e:
-        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, str(e))
-    except OSError as e:
-        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, f"{type(e).__name__}: {e}")
-    except (ValueError, RuntimeError) as e:  # raised inside a library (torch, diffusers): this job fails alone
-        text = " ".join(str(e).split())[:300]
-        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs,
-                         f"{job.kind} of '{job.name}' stopped: {type(e).__name__}: {text}")
+    except Exception as e:  # noqa: BLE001 - this job fails alone, with the CLI's one line (error_text.describe)
+        from lora_tools.error_text import describe
+
+        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, describe(e).message)
 
 
 __all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "FuseJob", "ADAPTERS", "check_job", "run_job",

@@ -157,7 +157,12 @@ def load_file(path: str | Path) -> tuple[Any, Marks]:
     Raises:
         [`RecipeError`]: the file cannot be read, or is not a valid recipe document.
     """
+    from lora_tools.special_files import special_kind
+
     p = Path(path)
+    kind = special_kind(p)
+    if kind is not None:
+        raise RecipeError(f"the recipe is {kind}, not a regular file: name a recipe file", location=str(path))
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

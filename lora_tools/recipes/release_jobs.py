@@ -15,7 +15,6 @@ the same card and model files is up to date (and is not uploaded again).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -80,9 +79,11 @@ class VerifyJob:
         state, reason = self._state(job, entry)
         if state == "skip":
             return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
+        from lora_tools.io import atomic
+
         folder = Path(job.outputs[0])
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove_stale_temps(folder)
+        tmp = atomic.temp_path(folder)  # a name the next run cleans if this one is killed
         try:
             report = run_verify(self.plan(job, tmp))
             # the report names its files where they will be, not in the temp folder
@@ -95,8 +96,11 @@ class VerifyJob:
             data = {**report.to_dict(), LORATOOL_METADATA_KEY: record}
             (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
             if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
+                old = atomic.replace(tmp, folder)
+                if old is not None:
+                    atomic.remove(old)
+            else:
+                atomic.claim(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         seconds = time.perf_counter() - start

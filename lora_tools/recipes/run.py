@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from lora_tools.errors import LoraToolsError, RecipeError
+from lora_tools.special_files import special_kind
 from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
 from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob, check_job
@@ -137,6 +138,10 @@ def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, s
                 else Path(spec.path).expanduser()
             if not path.exists():
                 raise RecipeError(f"inputs.{name}: '{spec.path}' does not exist", location=where)
+            kind = special_kind(path)
+            if kind is not None:
+                raise RecipeError(f"inputs.{name}: '{spec.path}' is {kind}, not a regular file or folder",
+                                  location=where)
         if spec.sha256 is not None:
             if not path.is_file():
                 raise RecipeError(f"inputs.{name}: '{path}' is a folder: sha256 pins files only", location=where)
@@ -283,6 +288,9 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
         resolved.append(ResolvedJob(ej.name, job.kind, opts, outputs_of[ej.name], tuple(dict.fromkeys(deps)),
                                     head.created, marks.at(("jobs", ej.index))))
     plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir, outputs_of)
+    from lora_tools.recipes.containment import check_outputs_against_inputs
+
+    check_outputs_against_inputs(plan.jobs, _REFERENCES)
     if only:
         chosen = plan.selected(only)
         if not chosen:
@@ -336,6 +344,10 @@ def check_all(plan: RecipePlan) -> None:
             plan.checks[job.name] = check_job(job)
         except LoraToolsError as e:
             raise RecipeError(f"job '{job.name}': {e}", location=job.source) from None
+        except OSError as e:  # a name too long, a link loop...: the one boundary's line, at the job
+            from lora_tools.error_text import describe
+
+            raise RecipeError(f"job '{job.name}': {describe(e).message}", location=job.source) from None
 
 
 def run_recipe(plan: RecipePlan, *, executor: Executor | None = None, only: Sequence[str] = (),

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from lora_tools.hub import REPO_ID_RE
+from lora_tools.recipes.fields import Fraction, Rank, Seeds, Size, Strength, SvRatio, Weight
 
 #: Job kinds this version runs (one adapter each in :mod:`lora_tools.recipes.jobs`).
 JOB_KINDS = ("fuse", "rescale", "resize", "merge", "convert", "extract", "analyze", "verify", "publish")
@@ -99,7 +100,7 @@ class LoraRef(_Strict):
     """One extra LoRA of a fuse: an input name, a job name or a path, and its strength."""
 
     lora: str
-    strength: float = 1.0
+    strength: Strength = 1.0
 
 
 class FuseOptions(_Strict):
@@ -109,7 +110,7 @@ class FuseOptions(_Strict):
     preset: str | None = None
     lightning: Literal[1, 2, 4, 8] | None = None
     method: Literal["lora", "unet"] = "lora"
-    strength: float = 1.0
+    strength: Strength = 1.0
     loras: list[LoraRef] = Field(default_factory=list)
     saves: list[Literal["checkpoint", "unet"]] = Field(default_factory=lambda: ["checkpoint"])
     output: str
@@ -144,7 +145,7 @@ class RescaleOptions(_Strict):
     """Options of a ``rescale`` job (``loratool rescale``)."""
 
     lora: str
-    strength: float
+    strength: Strength
     blocks: str | None = None
     components: str | None = None
     output: str
@@ -155,11 +156,11 @@ class ResizeOptions(_Strict):
     """Options of a ``resize`` job (``loratool resize``): one rank rule, as the command takes it."""
 
     lora: str
-    rank: int | None = None
-    energy: float | None = None
-    sv_ratio: float | None = None
-    sv_fro: float | None = None
-    conv_rank: int | None = None
+    rank: Rank | None = None
+    energy: Fraction | None = None
+    sv_ratio: SvRatio | None = None
+    sv_fro: Fraction | None = None
+    conv_rank: Rank | None = None
     output: str
     dtype: LoraDtype = "keep"
 
@@ -168,7 +169,7 @@ class WeightedRef(_Strict):
     """One input of a ``merge``: an input name, a job name or a path, and its weight (``LORA[:W]``)."""
 
     lora: str
-    weight: float = 1.0
+    weight: Weight = 1.0
 
 
 class MergeOptions(_Strict):
@@ -176,8 +177,8 @@ class MergeOptions(_Strict):
 
     loras: list[WeightedRef]
     method: Literal["concat", "svd"] = "concat"
-    rank: int | None = None
-    energy: float | None = None
+    rank: Rank | None = None
+    energy: Fraction | None = None
     output: str
     dtype: LoraDtype = "keep"
 
@@ -208,9 +209,9 @@ class ExtractOptions(_Strict):
 
     tuned: str
     original: str
-    rank: int | None = None
-    energy: float | None = None
-    conv_rank: int | None = None
+    rank: Rank | None = None
+    energy: Fraction | None = None
+    conv_rank: Rank | None = None
     components: str = "unet"
     format: LoraFormat = "kohya-diffusers"
     output: str
@@ -240,8 +241,8 @@ class VerifyOptions(_Strict):
     model: str
     preset: str = "auto"
     prompts: list[str] = Field(default_factory=lambda: ["a cat", "a lighthouse at dusk"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    size: str = "1024x1024"
+    seeds: Seeds = Field(default_factory=lambda: [0])
+    size: Size = "1024x1024"
     steps: int | None = None
     force: bool = False
     out: str
@@ -258,13 +259,6 @@ class VerifyOptions(_Strict):
     @classmethod
     def _short_form(cls, v: Any) -> Any:
         return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        if not re.fullmatch(r"\d+x\d+", v.lower()):
-            raise ValueError(f"expected WIDTHxHEIGHT, got '{v}'")
-        return v.lower()
 
 
 class PublishOptions(_Strict):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tools.errors import Hint, NonFiniteError, OutputExistsError, UsageError
+from lora_tools.errors import Hint, NonFiniteError, UsageError
 from lora_tools.presets import PRESETS, AccelerationPreset, SamplerSettings, get_preset, identify_file, sampler_from_record
 from lora_tools.provenance import read_record
 from lora_tools.verify.report import ImageResult, VerifyReport
@@ -122,6 +122,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         if steps < 1:
             raise UsageError(f"steps must be positive, got {steps}.", hint=Hint("steps", "", "N"))
         sampler = dataclasses.replace(sampler, steps=steps, timesteps=None)
+    if not seeds:
+        raise UsageError("no seeds to render.", hint=Hint("seeds", "", "0,1,2"))
     width, height = size
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise UsageError(f"size {width}x{height}: width and height must be positive multiples of 8.",
@@ -144,8 +146,11 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     if out_dir is None and (show_wrong or workflow):
         raise UsageError("the wrong-settings column and the workflow are written into the output folder",
                          hint=Hint("out", "", "DIR"))
-    if out_dir is not None and (out_dir / "report.json").exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already holds a verify report", hint=Hint("overwrite", "to replace it"))
+    if out_dir is not None:
+        from lora_tools.verify.out_folder import check_out_folder
+
+        inputs = [p for p in (path, base, config, against) if p is not None] + [p for p, _ in loras]
+        check_out_folder(out_dir, overwrite=overwrite, inputs=inputs)
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
@@ -247,7 +252,10 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
                           threshold, against, compile_seconds,
                           int(torch.cuda.max_memory_allocated()) if plan.device == "cuda" else None)
     if plan.out is not None:
-        _write_outputs(plan, report, rendered, pipe)
+        from lora_tools.verify.out_folder import written_whole
+
+        with written_whole(plan.out) as dest:
+            _write_outputs(plan, report, rendered, pipe, dest)
     return report
 
 
@@ -259,7 +267,9 @@ def _to_pil(img: Any) -> Any:
 
 
 def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
-                   pipe: Any) -> None:
+                   pipe: Any, dest: Path) -> None:
+    """Write the images, grid, workflow and reports into ``dest`` (the temp folder that becomes ``plan.out``);
+    the report names each file where it will be, under ``plan.out``."""
     from PIL import Image
 
     from lora_tools.verify.grid import make_grid
@@ -267,7 +277,11 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
     from lora_tools.verify.workflow import comfy_workflow
 
     assert plan.out is not None
-    out = plan.out
+    out, final = dest, plan.out
+
+    def shown(p: Path) -> str:
+        return str(final / p.relative_to(out))
+
     (out / "images").mkdir(parents=True, exist_ok=True)
     blank = Image.new("RGB", plan.size, "black")
     rows: list[list[Any]] = []
@@ -277,10 +291,10 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
             im = _to_pil(rendered[r, c][1]) if (r, c) in rendered else blank
             name = out / "images" / f"p{r}-seed{seed}.png"
             im.save(name)
-            report.files.append(str(name))
+            report.files.append(shown(name))
             for result in report.images:
                 if result.prompt == prompt and result.seed == seed:
-                    result.file = str(name)
+                    result.file = shown(name)
             row.append(im)
         rows.append(row)
     columns: list[Any] = list(plan.seeds)
@@ -300,14 +314,14 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
                                  "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
                                  "seed": plan.seeds[0]}
         columns.append(WRONG_COLUMN)
-    report.files.append(str(make_grid(rows, plan.prompts, columns, out / "grid.png")))
+    report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png"))))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
                             width=plan.size[0], height=plan.size[1])
         path = out / "workflow.json"
         path.write_text(json.dumps(wf, indent=2) + "\n")
-        report.files.append(str(path))
-    report.files += [str(out / "report.json"), str(out / "report.md")]
+        report.files.append(shown(path))
+    report.files += [shown(out / "report.json"), shown(out / "report.md")]
     report.write_json(out / "report.json")
     (out / "report.md").write_text(report.markdown())
 

@@ -62,6 +62,9 @@ def model_kind(path: Path) -> str:
             raise InvalidFileError(f"'{path}' is a directory without model_index.json: not a diffusers pipeline folder.")
         return "diffusers"
     if not path.is_file():
+        from lora_tools.special_files import refuse_special
+
+        refuse_special(path)
         raise InvalidFileError(f"'{path}' does not exist.")
     if path.suffix == ".bin":
         return "unet"

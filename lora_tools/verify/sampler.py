@@ -55,6 +55,15 @@ def pick_device(device: str = "auto") -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    from lora_tools.errors import DeviceError, Hint
+
+    way_out = Hint("device", "to run elsewhere", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise DeviceError(f"device 'cuda' is not available: {why}", hint=way_out)
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("device 'mps' is not available: it needs Apple silicon and a torch built with MPS",
+                          hint=way_out)
     return device
 
 
