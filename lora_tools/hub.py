@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["autov2_hash", "hub_unreachable", "parse_source", "resolve_file", "resolve_source", "sha256_file"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
+#: A hub repository id (``owner/name``), as huggingface_hub validates it.
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 

@@ -131,7 +131,7 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         [`OutputExistsError`]: the release folder exists and ``overwrite`` was not given.
     """
     from lora_tools.hub import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
-    from lora_tools.recipes.schema import REPO_ID_RE
+    from lora_tools.hub import REPO_ID_RE
 
     src = Path(path)
     if repo is not None and not REPO_ID_RE.fullmatch(repo):
@@ -231,7 +231,7 @@ def model_card(files: list[ReleaseFile], *, license: str, repo: str | None = Non
     the licenses, hashes and the recipe of each file."""
     import yaml
 
-    from lora_tools.recipes.show import dump_recipe, recipe_from_record
+    from lora_tools.provenance import dump_recipe, recipe_from_record
 
     first = files[0].record
     presets = list(dict.fromkeys(p for f in files for p in _presets(f.record)))

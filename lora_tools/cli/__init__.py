@@ -38,6 +38,7 @@ PARAM_FLAGS: dict[str, str] = {
     "against": "--against",
     "out": "--out",
     "prompt": "--prompt",
+    "saves": "--save",
 }
 
 

@@ -1,0 +1,137 @@
+"""The operation registry is the one declaration: every operation has a command, a recipe kind, a job
+adapter and a record entry, all derived from it; a fuse's record rebuilds it byte for byte."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from lora_tools.cli import cli
+from lora_tools.cli._generate import generated_fields
+from lora_tools.ops.registry import OPS, cli_spec
+from lora_tools.recipes.registry import ADAPTERS
+from lora_tools.recipes.schema import JOB_KINDS, OUTPUT_KEYS, Job
+
+_FLAG = re.compile(r"^  (?:(-\w), )?(--[\w-]+)(?:, (--[\w-]+))?", re.M)
+
+
+def help_flags(name: str) -> set[str]:
+    """The long flags ``loratool NAME --help`` lists (aliases included)."""
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    return {f for m in _FLAG.finditer(result.stdout) for f in m.groups()[1:] if f}
+
+
+def declared_flags(name: str) -> set[str]:
+    """The long flags the operation's options model declares for its command."""
+    op = OPS[name]
+    flags: set[str] = set()
+    for field, info in op.options_model.model_fields.items():
+        spec = cli_spec(info)
+        if spec["argument"] or not spec["command"]:
+            continue
+        flags |= {f for f in (spec["flags"] or ["--" + field.replace("_", "-")]) if f.startswith("--")}
+    return flags
+
+
+def test_every_operation_has_a_command_a_recipe_kind_and_an_adapter() -> None:
+    assert list(JOB_KINDS) == list(OPS)
+    for name, op in OPS.items():
+        assert name in cli.commands, f"no command for {name}"
+        assert name in Job.model_fields, f"no recipe kind for {name}"
+        assert ADAPTERS[name].kind == name
+        assert OUTPUT_KEYS[name] == op.output_keys[0]
+        assert set(op.input_keys) <= set(op.options_model.model_fields)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_help_options_and_recipe_keys_come_from_one_declaration(name: str) -> None:
+    op = OPS[name]
+    command = cli.commands[name]
+    generated = {f.name for f in generated_fields(op)}
+    run_controls = {str(p.name) for p in command.params} - generated
+    control_flags = {f for p in command.params if p.name in run_controls for f in (*p.opts, *p.secondary_opts)
+                     if f.startswith("--")}
+    # --help shows the declared options, plus the command's own run controls (not recorded), and nothing else
+    assert help_flags(name) - control_flags - {"--help"} == declared_flags(name)
+    assert run_controls <= {"overwrite", "as_json", "dry_run", "quiet", "prompts_file", "compile_"}
+    # the recipe job takes exactly the declared options, under the same names
+    recipe_model = Job.model_fields[name].annotation.__args__[0]
+    assert list(recipe_model.model_fields) == list(op.options_model.model_fields)
+    assert generated <= set(recipe_model.model_fields)
+    # and the record entry names every option but the output
+    entry_keys = set(op.options_model.model_fields) - set(op.output_keys)
+    assert generated - set(op.output_keys) <= entry_keys
+
+
+def test_a_recipe_fuse_takes_every_option_of_the_command() -> None:
+    """The drift the registry ended: preset_dir, saves diffusers, verify_output, workflow, hash_base, variant..."""
+    job = Job.model_validate({"fuse": {"base": "b", "preset": "lightning-4step", "preset_dir": "d",
+                                       "saves": ["checkpoint", "diffusers"], "verify_output": True, "workflow": True,
+                                       "hash_base": True, "variant": "fp16", "revision": "main",
+                                       "allow_unmatched": True, "output": "o.safetensors"}})
+    assert job.kind == "fuse" and job.options.saves == ["checkpoint", "diffusers"]
+    old = Job.model_validate({"fuse": {"base": "b", "lightning": 4, "lightning_dir": "d", "output": "o.safetensors"}})
+    assert old.options.preset_dir == "d" and old.options.preset_name == "lightning-4step"
+
+
+def test_fuse_outputs_are_named_once() -> None:
+    from lora_tools.ops.fuse_plan import output_paths
+
+    opts = {"saves": ["checkpoint", "unet", "diffusers"], "output": "/o/m.safetensors"}
+    assert OPS["fuse"].output_paths(opts) == ("/o/m.safetensors", "/o/m-unet.safetensors", "/o/m-diffusers")
+    assert [str(p) for _, p in output_paths(["unet"], "/o/u.safetensors")] == ["/o/u.safetensors"]
+
+
+def invoke(*args: object) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_recipe_show_of_a_fuse_with_every_option_rebuilds_it_byte_for_byte(tmp_path: Path) -> None:
+    """A fuse of a diffusers-folder base (a variant) with a preset dir, a revision and --allow-unmatched:
+    ``recipe show`` gives a recipe that ``loratool run`` turns into the very same file."""
+    from safetensors.torch import save_file
+
+    from lora_tools.safetensors_io import TensorFile, read_header
+    from lora_tools.testing.synthetic import write_diffusers_folder
+    from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
+
+    src = tmp_path / "inputs"
+    base = write_diffusers_folder(src / "pipe", "tiny", dtype="fp32", variant="fp16")
+    lightning = src / "lightning"
+    lightning.mkdir()
+    write_lightning_lora(lightning / "sdxl_lightning_4step_lora.safetensors", "tiny", seed=14, rank=4)
+    style = write_lora(tmp_path / "style.safetensors", "tiny", targets="attn", rank=4, seed=7)
+    with TensorFile(style) as f:  # one module with no target in the base: needs --allow-unmatched
+        tensors = {k: f.tensor(k) for k in f.keys()}
+    down = next(k for k in tensors if k.endswith(".lora_down.weight"))
+    tensors["lora_unet_no_such_block.lora_down.weight"] = tensors[down].clone()
+    tensors["lora_unet_no_such_block.lora_up.weight"] = tensors[down.replace("lora_down", "lora_up")].clone()
+    odd = src / "odd.safetensors"
+    save_file(tensors, str(odd), dict(read_header(style).metadata))
+
+    made = tmp_path / "made" / "fused.safetensors"
+    made.parent.mkdir()
+    invoke("fuse", base, "--variant", "fp16", "--lightning", "4", "--preset-dir", lightning, "--revision", "main",
+           "--allow-unmatched", "--lora", f"{odd}:0.5", "--dtype", "fp16", "-o", made, "-q")
+    record = json.loads(read_header(made).metadata["loratool"])
+    entry = record["recipe"]
+    assert entry["kind"] == "fuse" and record["operation"] == "fuse"
+    assert {k: entry["options"][k] for k in ("variant", "revision", "allow_unmatched", "preset_dir", "lightning")} == {
+        "variant": "fp16", "revision": "main", "allow_unmatched": True, "preset_dir": "lightning", "lightning": 4}
+    assert [(e["option"], e["name"]) for e in entry["inputs"]] == [("base", "pipe"), ("loras", "odd.safetensors"),
+                                                                   ("preset_dir", "lightning")]
+
+    shown = invoke("recipe", "show", made).stdout
+    assert "variant: fp16" in shown and "revision: main" in shown and "allow_unmatched: true" in shown
+    recipe = src / "rebuild.yaml"  # beside the inputs: their names resolve there
+    recipe.write_text(shown)
+    invoke("run", recipe, "-q", "--set", f"output_dir={tmp_path / 'again'}")
+    assert (tmp_path / "again" / "fused.safetensors").read_bytes() == made.read_bytes()
