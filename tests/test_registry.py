@@ -110,7 +110,7 @@ def test_recipe_show_of_a_fuse_with_every_option_rebuilds_it_byte_for_byte(tmp_p
     write_lightning_lora(lightning / "sdxl_lightning_4step_lora.safetensors", "tiny", seed=14, rank=4)
     style = write_lora(tmp_path / "style.safetensors", "tiny", targets="attn", rank=4, seed=7)
     with TensorFile(style) as f:  # one module with no target in the base: needs --allow-unmatched
-        tensors = {k: f.tensor(k) for k in f.keys()}
+        tensors = {k: f.tensor(k) for k in f.keys()}  # noqa: SIM118
     down = next(k for k in tensors if k.endswith(".lora_down.weight"))
     tensors["lora_unet_no_such_block.lora_down.weight"] = tensors[down].clone()
     tensors["lora_unet_no_such_block.lora_up.weight"] = tensors[down.replace("lora_down", "lora_up")].clone()
@@ -124,8 +124,10 @@ def test_recipe_show_of_a_fuse_with_every_option_rebuilds_it_byte_for_byte(tmp_p
     record = json.loads(read_header(made).metadata["loratool"])
     entry = record["recipe"]
     assert entry["kind"] == "fuse" and record["operation"] == "fuse"
-    assert {k: entry["options"][k] for k in ("variant", "revision", "allow_unmatched", "preset_dir", "lightning")} == {
-        "variant": "fp16", "revision": "main", "allow_unmatched": True, "preset_dir": "lightning", "lightning": 4}
+    assert {k: entry["options"][k] for k in ("variant", "revision", "allow_unmatched", "preset_dir", "preset")} == {
+        "variant": "fp16", "revision": "main", "allow_unmatched": True, "preset_dir": "lightning",
+        "preset": "lightning-4step"}  # --lightning 4 is recorded as the preset it names
+    assert record["preset"] == "lightning-4step"
     assert [(e["option"], e["name"]) for e in entry["inputs"]] == [("base", "pipe"), ("loras", "odd.safetensors"),
                                                                    ("preset_dir", "lightning")]
 
@@ -135,3 +137,67 @@ def test_recipe_show_of_a_fuse_with_every_option_rebuilds_it_byte_for_byte(tmp_p
     recipe.write_text(shown)
     invoke("run", recipe, "-q", "--set", f"output_dir={tmp_path / 'again'}")
     assert (tmp_path / "again" / "fused.safetensors").read_bytes() == made.read_bytes()
+
+
+def test_the_public_verbs_are_the_operations_the_commands_run(tmp_path: Path) -> None:
+    """``lora_tools.rescale(...)`` (keywords, a mapping or the options model) writes what ``loratool rescale`` writes."""
+    import lora_tools
+    from lora_tools.safetensors_io import TensorFile, read_header
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    style = write_lora(tmp_path / "style.safetensors", "tiny", targets="attn", rank=2, seed=3)
+    (tmp_path / "cli").mkdir()
+    invoke("rescale", style, "--strength", "0.5", "--components", "unet", "-o", tmp_path / "cli" / "half.safetensors")
+    result = lora_tools.rescale(lora=str(style), strength=0.5, components="unet", output=str(tmp_path / "half.safetensors"))
+    assert result.files == [tmp_path / "half.safetensors"] and result.adapter is not None
+    assert result.report.scaled > 0
+    again = lora_tools.rescale(lora_tools.RescaleOptions(lora=str(style), strength=0.5, components="unet",
+                                                         output=str(tmp_path / "half.safetensors")), overwrite=True)
+    assert again.files == result.files
+
+    def content(path: Path) -> tuple[dict[str, bytes], dict[str, object]]:
+        with TensorFile(path) as f:
+            tensors = {k: bytes(f.read_bytes(k)) for k in f.keys()}  # noqa: SIM118
+        record = json.loads(read_header(path).metadata["loratool"])
+        return tensors, {k: v for k, v in record.items() if k != "created"}
+
+    assert content(tmp_path / "half.safetensors") == content(tmp_path / "cli" / "half.safetensors")
+
+
+def test_import_lora_tools_stays_light() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, lora_tools; lora_tools.rescale; lora_tools.RescaleOptions\n"
+             "print(sorted(m for m in ('torch', 'huggingface_hub', 'numpy') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert p.stdout.strip() == "[]", p.stderr[-500:]
+
+
+@pytest.mark.parametrize("record, label", [
+    ({"operation": "fuse", "preset": "dmd2-4step"}, None),
+    ({"operation": "fuse", "lightning_steps": 4}, "SDXL-Lightning 4-step"),  # a file of an earlier loratool
+    ({"operation": "fuse", "preset": "lightning-8step", "lightning_steps": 8}, "SDXL-Lightning 8-step"),
+])
+def test_inspect_names_the_fused_preset_from_its_row(tmp_path: Path, record: dict[str, object],
+                                                     label: str | None) -> None:
+    import lora_tools
+    from lora_tools.presets import get_preset
+    from lora_tools.testing.synthetic import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "fused.safetensors", "tiny", components=("unet",),
+                            metadata={"loratool": json.dumps(record)})
+    warnings = lora_tools.inspect_path(path).checkpoint.warnings
+    want = label or get_preset(str(record["preset"])).label
+    assert f"{want} is already fused into this file." in warnings
+
+
+def test_release_licenses_come_from_the_preset_rows() -> None:
+    from lora_tools.presets import PRESETS
+
+    assert {p.license for p in PRESETS.values() if p.family == "lightning"} == {"openrail++"}
+    import lora_tools.publish as publish
+
+    assert not hasattr(publish, "PRESET_LICENSES")
+    assert publish._licensed_row("lightning-4step").repo_id == "ByteDance/SDXL-Lightning"
+    assert publish._licensed_row("no-such-preset") is None

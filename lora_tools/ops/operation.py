@@ -102,9 +102,19 @@ class Operation:
     outputs: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     summary: str = ""
 
-    def __call__(self, options: Options | Mapping[str, Any], *, overwrite: bool = False,
-                 created: str | None = None, progress: Callable[[int], None] | None = None) -> OpResult:
-        """Plan, then run (the library call a command and a notebook make)."""
+    def __call__(self, options: Options | Mapping[str, Any] | None = None, /, *, overwrite: bool = False,
+                 created: str | None = None, progress: Callable[[int], None] | None = None,
+                 **fields: Any) -> OpResult:
+        """Plan, then run: the library call a command makes (options as a model, a mapping or keywords).
+
+        Example:
+            >>> from lora_tools import rescale
+            >>> rescale(lora="style.safetensors", strength=0.6, output="style-0.6.safetensors").files
+        """
+        if options is None:
+            options = fields
+        elif fields:
+            raise TypeError(f"{self.name}: give the options as a model or as keywords, not both")
         opts = options if isinstance(options, Options) else self.options_model.model_validate(dict(options))
         planned = self.plan(opts, overwrite=overwrite)
         try:

@@ -317,9 +317,12 @@ def check_all(plan: RecipePlan) -> None:
             raise RecipeError(f"job '{job.name}': {e}", location=job.source) from None
 
 
-def run_recipe(plan: RecipePlan, *, executor: Executor | None = None, only: Sequence[str] = (),
-               fail_fast: bool = False, on_event: EventHook | None = None) -> list[JobResult]:
-    """Run the planned jobs (``only``: name patterns) through ``executor`` (default: local)."""
+def run_recipe(plan: RecipePlan | str | Path, *, executor: Executor | None = None, only: Sequence[str] = (),
+               fail_fast: bool = False, on_event: EventHook | None = None, sets: Sequence[str] = ()) -> list[JobResult]:
+    """Run the planned jobs (``only``: name patterns) through ``executor`` (default: local). ``plan`` may
+    be a recipe file: it is planned first (:func:`plan_recipe` with ``sets`` and ``only``)."""
+    if not isinstance(plan, RecipePlan):
+        plan = plan_recipe(plan, sets=sets, only=only)
     jobs = plan.selected(only)
     return (executor or LocalExecutor()).execute(jobs, fail_fast=fail_fast, on_event=on_event)
 

@@ -130,6 +130,8 @@ def plan(o: FuseOptions, *, overwrite: bool = False) -> FuseOpPlan:
     """Everything a fuse needs, checked (:func:`~lora_tools.ops.fuse_plan.plan_fuse`); nothing written."""
     from lora_tools.ops.fuse_plan import plan_fuse
 
+    if o.lightning is not None:  # the shorthand is recorded as the preset it names
+        o = o.model_copy(update={"preset": o.preset_name, "lightning": None})
     fp = plan_fuse(
         o.base, o.preset_name, method=o.method, loras=[(x.lora, float(x.strength)) for x in o.loras],
         saves=tuple(o.saves) or ("checkpoint",), output=o.output, dtype=o.dtype, preset_strength=o.strength,
