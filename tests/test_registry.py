@@ -140,7 +140,7 @@ def test_recipe_show_of_a_fuse_with_every_option_rebuilds_it_byte_for_byte(tmp_p
 
 
 def test_the_public_verbs_are_the_operations_the_commands_run(tmp_path: Path) -> None:
-    """``lora_tools.rescale(...)`` (keywords, a mapping or the options model) writes what ``loratool rescale`` writes."""
+    """``lora_tools.rescale(...)`` (keywords or the options model) writes what ``loratool rescale`` writes."""
     import lora_tools
     from lora_tools.safetensors_io import TensorFile, read_header
     from lora_tools.testing.synthetic_lora import write_lora
@@ -148,7 +148,8 @@ def test_the_public_verbs_are_the_operations_the_commands_run(tmp_path: Path) ->
     style = write_lora(tmp_path / "style.safetensors", "tiny", targets="attn", rank=2, seed=3)
     (tmp_path / "cli").mkdir()
     invoke("rescale", style, "--strength", "0.5", "--components", "unet", "-o", tmp_path / "cli" / "half.safetensors")
-    result = lora_tools.rescale(lora=str(style), strength=0.5, components="unet", output=str(tmp_path / "half.safetensors"))
+    result = lora_tools.rescale(lora=str(style), strength=0.5, components="unet",
+                                output=str(tmp_path / "half.safetensors"))
     assert result.files == [tmp_path / "half.safetensors"] and result.adapter is not None
     assert result.report.scaled > 0
     again = lora_tools.rescale(lora_tools.RescaleOptions(lora=str(style), strength=0.5, components="unet",
@@ -201,3 +202,70 @@ def test_release_licenses_come_from_the_preset_rows() -> None:
     assert not hasattr(publish, "PRESET_LICENSES")
     assert publish._licensed_row("lightning-4step").repo_id == "ByteDance/SDXL-Lightning"
     assert publish._licensed_row("no-such-preset") is None
+
+
+# ------------------------------------------------------------------ what adding a verb takes: one module, one line
+
+
+def _note_operation():  # type: ignore[no-untyped-def]
+    """A toy verb, declared as a verb module declares one (``lora_tools/ops/verbs/note.py`` would hold this)."""
+    from dataclasses import dataclass
+    from functools import cached_property
+
+    from pydantic import Field
+
+    from lora_tools.ops.operation import Operation, OpResult, Options, cli
+
+    class NoteOptions(Options):
+        lora: str = Field(json_schema_extra=cli(argument=True))
+        text: str = Field(description="What to write about LORA.")
+        output: str = Field(description="The JSON note to write.", json_schema_extra=cli("-o", "--output"))
+
+    @dataclass
+    class Planned:
+        options: NoteOptions
+
+        @cached_property
+        def entry(self) -> dict[str, object]:
+            return NOTE.entry(self.options)
+
+    def plan(o: NoteOptions, *, overwrite: bool = False) -> Planned:
+        return Planned(o)
+
+    def run(planned: Planned, *, created: str | None = None, progress: object = None) -> OpResult:
+        out = Path(planned.options.output)
+        out.write_text(json.dumps({"text": planned.options.text, "loratool": {"recipe": planned.entry}}))
+        return OpResult([out], {"chars": len(planned.options.text)})
+
+    NOTE = Operation("note", NoteOptions, ("lora",), ("output",), "json", plan, run, summary="write a note",
+                     example="loratool note style.safetensors --text 'a style' -o note.json")
+    return NOTE
+
+
+def test_a_new_verb_gets_its_command_recipe_job_and_record_from_its_declaration(tmp_path: Path) -> None:
+    from lora_tools.cli._generate import generic_command
+    from lora_tools.recipes.jobs import ResolvedJob
+    from lora_tools.recipes.registry import adapter_for
+    from lora_tools.recipes.schema import recipe_options_model
+
+    note = _note_operation()
+    command = generic_command(note)  # what cli/__init__ adds for a registered verb without its own module
+    helped = CliRunner().invoke(command, ["--help"]).stdout
+    assert "--text TEXT" in helped and "Example:" in helped and "loratool note style.safetensors" in helped
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"not read")
+    out = tmp_path / "note.json"
+    result = CliRunner().invoke(command, [str(lora), "--text", "a style", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"files": [str(out)], "report": {"chars": 7}}
+    entry = json.loads(out.read_text())["loratool"]["recipe"]
+    assert entry["options"] == {"lora": "style.safetensors", "text": "a style"}
+    assert entry["inputs"][0]["option"] == "lora" and len(entry["inputs"][0]["sha256"]) == 64
+
+    assert list(recipe_options_model(note).model_fields) == ["lora", "text", "output"]
+    job = ResolvedJob("n", "note", {"lora": str(lora), "text": "a style", "output": str(out)}, (str(out),))
+    adapter = adapter_for(note)
+    assert adapter.check(job).state == "skip"  # the command's file is the job's (same entry)
+    job2 = ResolvedJob("n", "note", {"lora": str(lora), "text": "another", "output": str(out)}, (str(out),))
+    assert adapter.check(job2).state == "redo" and adapter.run(job2).outcome == "done"
+    assert json.loads(out.read_text())["text"] == "another"

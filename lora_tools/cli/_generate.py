@@ -215,6 +215,24 @@ def operation_command(op: Operation, *, name: str | None = None,
     return decorate
 
 
+def generic_command(op: Operation) -> click.Command:
+    """The command of an operation that has no hand-written one: its generated options plus
+    ``--overwrite``/``--json``; it runs the operation and prints the files written (or, with ``--json``,
+    them and the report)."""
+    from lora_tools.cli._options import emit
+    from lora_tools.cli._output import safe_text
+
+    def command(options: Any, overwrite: bool, as_json: bool) -> None:
+        result = op(options, overwrite=overwrite)
+        report = result.report.to_dict() if hasattr(result.report, "to_dict") else result.report
+        emit({"files": [str(f) for f in result.files], "report": report}, as_json,
+             [f"Wrote {safe_text(f)}" for f in result.files])
+
+    summary = (op.summary[:1].upper() + op.summary[1:]).rstrip(".") + "." if op.summary else op.name
+    command.__doc__ = f"{summary}\n\n\b\nExample:\n    {op.example or 'loratool ' + op.name + ' --help'}"
+    return operation_command(op, extra=[overwrite_option(), json_option()])(command)
+
+
 def overwrite_option(help: str = "Replace OUTPUT if it exists.") -> click.Option:
     return click.Option(["--overwrite"], is_flag=True, help=help)
 
@@ -229,5 +247,5 @@ def command_flags(command: click.Command) -> dict[str, list[str]]:
             for p in command.params}
 
 
-__all__ = ["TYPE_TABLE", "CliType", "operation_command", "build_options", "generated_fields", "overwrite_option",
-           "json_option", "command_flags"]
+__all__ = ["TYPE_TABLE", "CliType", "operation_command", "generic_command", "build_options", "generated_fields",
+           "overwrite_option", "json_option", "command_flags"]

@@ -87,7 +87,8 @@ class Operation:
         recipe_required: options a recipe must give that the command defaults (a fuse's ``output``).
         outputs: ``outputs(options) -> paths`` when a run writes other paths than its output option's
             value (a fuse's several saves; a dry-run publish nothing).
-        summary: one line for listings.
+        summary: one line for listings (and the help of a command generated for it).
+        example: a command line for that help (``loratool NAME ...``).
     """
 
     name: str
@@ -101,6 +102,7 @@ class Operation:
     recipe_required: tuple[str, ...] = ()
     outputs: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     summary: str = ""
+    example: str = ""
 
     def __call__(self, options: Options | Mapping[str, Any] | None = None, /, *, overwrite: bool = False,
                  created: str | None = None, progress: Callable[[int], None] | None = None,
