@@ -269,3 +269,22 @@ def test_a_new_verb_gets_its_command_recipe_job_and_record_from_its_declaration(
     job2 = ResolvedJob("n", "note", {"lora": str(lora), "text": "another", "output": str(out)}, (str(out),))
     assert adapter.check(job2).state == "redo" and adapter.run(job2).outcome == "done"
     assert json.loads(out.read_text())["text"] == "another"
+
+
+def test_a_fuse_record_of_an_earlier_loratool_still_gives_its_recipe() -> None:
+    """Records written before fuses recorded their entry: the recipe from their sources (lossy, as before)."""
+    from lora_tools.provenance import recipe_from_record
+
+    old = {"operation": "fuse", "lightning_steps": 4, "method": "unet", "output_dtype": "F16",
+           "created": "2026-11-25T23:59:00Z",
+           "sources": [{"role": "base", "name": "juggernaut.safetensors", "sha256": "a" * 64},
+                       {"role": "lora", "name": "style.safetensors", "sha256": "b" * 64, "strength": 0.6},
+                       {"role": "unet-difference", "tuned": "u.safetensors", "original": "o.safetensors",
+                        "strength": 1.0, "preset": "lightning-4step"}]}
+    recipe = recipe_from_record(old, "out/j.safetensors")
+    assert recipe["created"] == "2026-11-25T23:59:00Z"
+    assert recipe["inputs"]["base"] == {"path": "juggernaut.safetensors", "sha256": "a" * 64}
+    (job,) = recipe["jobs"]
+    assert job["fuse"]["preset"] == "lightning-4step" and job["fuse"]["method"] == "unet"
+    assert job["fuse"]["loras"] == [{"lora": "lora1", "strength": 0.6}] and job["fuse"]["dtype"] == "fp16"
+    assert job["fuse"]["output"] == "j.safetensors" and Job.model_validate(job).kind == "fuse"

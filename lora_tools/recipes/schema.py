@@ -12,15 +12,17 @@ A recipe names its inputs once, then jobs that use them by name::
       steps: [2, 4, 8]
     jobs:
       - name: juggernaut-${steps}step
-        fuse: {base: juggernaut, lightning: ${steps}, preset_dir: lightning,
+        fuse: {base: juggernaut, preset: lightning-${steps}step, preset_dir: lightning,
                output: juggernaut-lightning-${steps}step.safetensors}
 
 Job options are the operation's options model (:mod:`lora_tools.ops.registry`), the very declaration
-the command's options are generated from, so they carry the same names (``fuse``: ``preset``, ``lightning``,
-``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output``, ``preset_dir`` ...; ``merge``: ``loras`` with a
-``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``, ``loras``, ``prompts``,
-``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``, ``release_dir``,
-``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``: ``release_dir``).
+the command's options are generated from, so they carry the same names (``fuse``: ``preset``,
+``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output``, ``preset_dir``, ``variant`` ...;
+``merge``: ``loras`` with a ``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``,
+``loras``, ``prompts``, ``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``,
+``release_dir``, ``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``:
+``release_dir``). Deprecated but still read: a fuse's ``lightning_dir`` (read as ``preset_dir``, noted in
+the ``-v`` log); ``lightning: N`` stays the shorthand of ``preset: lightning-Nstep`` (recorded as the latter).
 """
 
 from __future__ import annotations
