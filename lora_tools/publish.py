@@ -27,8 +27,6 @@ from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.io.hashing import sha256_file_and_tensors
 from lora_tools.io.safetensors import read_header
 
-#: Licenses of the presets' own weights (their model cards).
-PRESET_LICENSES = {"lightning": ("ByteDance/SDXL-Lightning", "openrail++")}
 UNKNOWN = "unknown"
 
 
@@ -211,6 +209,18 @@ def check_release_folder(folder: Path, inputs: list[Path], *, overwrite: bool) -
                                 "nothing was removed; choose another release folder.")
 
 
+def _licensed_row(name: str) -> Any:
+    """The preset row called ``name`` when it records the license of its weights (else ``None``)."""
+    from lora_tools.errors import LoraToolsError
+    from lora_tools.presets import get_preset
+
+    try:
+        row = get_preset(name)
+    except LoraToolsError:
+        return None
+    return row if row.license else None
+
+
 def _presets(record: dict[str, Any]) -> list[str]:
     names = [s.get("preset") for s in record.get("sources", []) if isinstance(s, dict) and s.get("preset")]
     return list(dict.fromkeys(str(n) for n in names))
@@ -222,15 +232,14 @@ def model_card(files: list[ReleaseFile], *, license: str, repo: str | None = Non
     the licenses, hashes and the recipe of each file."""
     import yaml
 
-    from lora_tools.recipes.show import dump_recipe, recipe_from_record
+    from lora_tools.provenance import dump_recipe, recipe_from_record
 
     first = files[0].record
     presets = list(dict.fromkeys(p for f in files for p in _presets(f.record)))
     parents = list(base_model)
-    for p in presets:
-        family = p.split("-")[0]
-        if family in PRESET_LICENSES and PRESET_LICENSES[family][0] not in parents:
-            parents.append(PRESET_LICENSES[family][0])
+    for row in filter(None, map(_licensed_row, presets)):
+        if row.repo_id not in parents:
+            parents.append(row.repo_id)
     tags = ["text-to-image", "stable-diffusion-xl", "diffusers", "loratool", "merge"]
     tags += [t for p in presets for t in (p.split("-")[0], p)]
     front: dict[str, Any] = {}
@@ -280,11 +289,9 @@ def model_card(files: list[ReleaseFile], *, license: str, repo: str | None = Non
         lines += ["## Verification", ""] + [f"![{g}]({g})" for g in grids] + [""]
     lines += ["## License", ""]
     lines.append(f"This release: `{license}`" + (" (not known: ask the base model's author)." if license == UNKNOWN else "."))
-    for p in presets:
-        family = p.split("-")[0]
-        if family in PRESET_LICENSES:
-            repo_id, lic = PRESET_LICENSES[family]
-            lines.append(f"It contains weights of [{repo_id}](https://huggingface.co/{repo_id}), licensed `{lic}`.")
+    for row in filter(None, map(_licensed_row, presets)):  # the preset rows record their weights' license
+        lines.append(f"It contains weights of [{row.repo_id}](https://huggingface.co/{row.repo_id}), "
+                     f"licensed `{row.license}`.")
     lines.append("The base model's own license applies to its weights.")
     lines += ["", "## Files and hashes", "", "| file | size | sha256 | AutoV2 | tensor-only sha256 |", "|---|---|---|---|---|"]
     for f in files:

@@ -2,7 +2,7 @@
 ``PATH:NUMBER``. Torch-free and pydantic-free.
 
 The CLI uses them as click parameter types (:mod:`lora_tools.cli._types`), the recipe schema as
-pydantic field types (:mod:`lora_tools.recipes.fields`), so a flag and its recipe key follow one rule.
+pydantic field types (:mod:`lora_tools.ops.fields`), so a flag and its recipe key follow one rule.
 Each parser takes the raw value (the text of a flag, or a YAML number, string or list) and returns
 the value, or raises :class:`BadValue` whose message quotes the bad text; the caller puts the flag
 or the recipe key in front (``--strength: 'nan' is not a finite number``).

@@ -80,3 +80,17 @@ def test_the_cli_and_inspect_start_without_torch(tmp_path):
     for argv in (["--help"], ["inspect", str(tmp_path / "l.safetensors")]):
         p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
         assert p.stdout.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH None"), (argv, p.stdout[-500:], p.stderr[-500:])
+
+
+@pytest.mark.subprocess
+def test_the_cli_starts_without_the_hub_client(tmp_path):
+    """``loratool --help`` loads neither torch nor huggingface_hub. pydantic is allowed: every command's options
+    are generated from its operation's options model (``lora_tools.ops.registry``)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from lora_tools.cli import main; sys.argv = ['loratool', '--help']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('LOADED', sorted(m for m in ('torch', 'huggingface_hub') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert p.stdout.strip().splitlines()[-1] == "LOADED []", (p.stdout[-500:], p.stderr[-500:])

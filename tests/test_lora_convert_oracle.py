@@ -1,6 +1,6 @@
 """A LoRA converted by save_lora loads into diffusers (and PEFT) with the same weights as the original.
 
-The oracle is diffusers' ``load_lora_weights`` + ``fuse_lora`` (tests/fuse_fixtures.py), and for
+The oracle is diffusers' ``load_lora_weights`` + ``fuse_lora`` (tests/fuse_helpers.py), and for
 raw PEFT files PEFT's own ``LoraConfig`` + ``inject_adapter_in_model`` + ``set_peft_model_state_dict``.
 """
 

@@ -186,18 +186,17 @@ def test_recipe_show_of_a_fuse_output_rebuilds_it_bit_for_bit(recipe_assets: Ass
     recipe = tmp_path / "rebuild.yaml"
     recipe.write_text(shown)
     assert "created:" in shown and sha256_of(recipe_assets.style) in shown
-    invoke("run", recipe, "-q", "--set", f"base={recipe_assets.base_a}",
-           "--set", f"lora1={recipe_assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
-           "--set", f"lora2={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'again'}")
+    # the recipe names each input after its option: base, preset_dir (the Lightning folder), lora1 (the style)
+    invoke("run", recipe, "-q", "--set", f"base={recipe_assets.base_a}", "--set", f"preset_dir={recipe_assets.lightning}",
+           "--set", f"lora1={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'again'}")
     rebuilt = tmp_path / "again" / "fused.safetensors"
     assert rebuilt.read_bytes() == made.read_bytes()
 
     # and the recipe of that run's output rebuilds it again, elsewhere
     recipe2 = tmp_path / "again.yaml"
     recipe2.write_text(invoke("recipe", "show", rebuilt).stdout)
-    invoke("run", recipe2, "-q", "--set", f"base={recipe_assets.base_a}",
-           "--set", f"lora1={recipe_assets.lightning / 'sdxl_lightning_4step_lora.safetensors'}",
-           "--set", f"lora2={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'third'}")
+    invoke("run", recipe2, "-q", "--set", f"base={recipe_assets.base_a}", "--set", f"preset_dir={recipe_assets.lightning}",
+           "--set", f"lora1={recipe_assets.style}", "--set", f"output_dir={tmp_path / 'third'}")
     assert (tmp_path / "third" / "fused.safetensors").read_bytes() == made.read_bytes()
 
 

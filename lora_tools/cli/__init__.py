@@ -19,7 +19,7 @@ import threading
 
 import click
 
-from lora_tools import __version__
+from lora_tools._version import __version__
 from lora_tools.errors import LoraToolsError
 
 #: Library parameter -> the CLI flag that sets it: the one place library hints become flags.
@@ -186,3 +186,10 @@ for _command in (inspect_command, check_command, fuse_command, presets_command, 
                  resize_command, merge_command, convert_command, extract_command, analyze_command, run_command,
                  recipe_group, publish_command, demo_command):
     cli.add_command(_command)
+
+from lora_tools.cli._generate import generic_command  # noqa: E402
+from lora_tools.ops.registry import OPS  # noqa: E402
+
+for _op in OPS.values():  # an operation without a hand-written command gets the generated one
+    if _op.name not in cli.commands:
+        cli.add_command(generic_command(_op))

@@ -6,54 +6,23 @@ from typing import TYPE_CHECKING
 
 import click
 
+from lora_tools.cli._generate import operation_command, overwrite_option
 from lora_tools.cli._output import safe_text
 from lora_tools.units import format_bytes
 from lora_tools.cli._progress import byte_progress
-from lora_tools.cli._types import LORA_STRENGTH, PRESET_STRENGTH
 from lora_tools.errors import Hint, UsageError
+from lora_tools.ops.registry import OPS
 
 if TYPE_CHECKING:
     from lora_tools.presets import SamplerSettings
 
 
-@click.command("fuse")
-@click.argument("base", type=click.Path(readable=False, path_type=str))  # checked by plan_fuse: one line, exit 1
-@click.option("--preset", metavar="NAME", help="Acceleration preset to fuse in (e.g. lightning-4step; see loratool presets).")
-@click.option("--lightning", type=click.Choice(["1", "2", "4", "8"]),
-              help="SDXL-Lightning step count to fuse in: shorthand for --preset lightning-Nstep.")
-@click.option("--method", type=click.Choice(["lora", "unet"]), default="lora", show_default=True,
-              help="lora: fuse the preset's LoRA; unet: add (the preset's UNet - SDXL base UNet), Lightning's best quality.")
-@click.option("--lora", "loras", multiple=True, metavar="SRC[:STRENGTH]", type=LORA_STRENGTH,
-              help="Extra LoRA: local file or owner/repo/file.safetensors on the hub; strength defaults to 1.0. Repeatable.")
-@click.option("--strength", "preset_strength", type=PRESET_STRENGTH, default=None,
-              help="Strength of the preset's LoRA/difference (default 1.0; needs --preset or --lightning).")
-@click.option("--save", "saves", multiple=True, type=click.Choice(["checkpoint", "unet", "diffusers"]),
-              help="What to write (repeatable): whole single file, standalone diffusers UNet, diffusers folder. Default: checkpoint.")
-@click.option("-o", "--output", type=click.Path(path_type=str), help="Output path (default: next to BASE, named after what was done).")
-@click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
-              help="dtype of float tensors in the outputs (maths is always fp32).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (matches, outputs, sizes, memory) and write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (inputs are never overwritten).")
-@click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that have no target instead of failing.")
-@click.option("--force", is_flag=True, help="Fuse even into a model lora_tools already fused a preset into.")
-@click.option("--revision", help="Hub revision (commit, tag or branch) for hub downloads.")
-@click.option("--preset-dir", "--lightning-dir", "preset_dir", type=click.Path(file_okay=False, readable=False, path_type=str),
-              help="Local folder holding the preset's files, e.g. ByteDance/SDXL-Lightning's (instead of the hub).")
-@click.option("--original-unet", type=click.Path(dir_okay=False, readable=False, path_type=str),
-              help="The SDXL base UNet (diffusers layout) for --method unet (instead of the hub).")
-@click.option("--variant", help="Weights variant of a diffusers-folder BASE (e.g. fp16).")
-@click.option("--hash-base", is_flag=True,
-              help="Record the base's full sha256 even when it is over 2 GiB (one more pass over the file).")
-@click.option("--verify-output", is_flag=True,
-              help="Before renaming each output into place, read it back and check its sha256 (one more pass).")
-@click.option("--workflow", is_flag=True, help="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside the checkpoint.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, summary only.")
-def fuse_command(base: str, preset: str | None, lightning: str | None, method: str,
-                 loras: tuple[tuple[str, float], ...], preset_strength: float | None, saves: tuple[str, ...],
-                 output: str | None, dtype: str, dry_run: bool,
-                 overwrite: bool, allow_unmatched: bool, force: bool, revision: str | None, preset_dir: str | None,
-                 original_unet: str | None, variant: str | None, hash_base: bool, verify_output: bool,
-                 workflow: bool, quiet: bool) -> None:
+@operation_command(OPS["fuse"], extra=[
+    click.Option(["--dry-run"], is_flag=True, help="Print the plan (matches, outputs, sizes, memory) and write nothing."),
+    overwrite_option("Replace existing outputs (inputs are never overwritten)."),
+    click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar, summary only."),
+])
+def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:  # type: ignore[no-untyped-def]
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -65,51 +34,31 @@ def fuse_command(base: str, preset: str | None, lightning: str | None, method: s
         loratool fuse juggernaut.safetensors --lightning 4 --lora style.safetensors:0.6 --save checkpoint --save unet
         loratool fuse base.safetensors --lora ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors --dry-run
     """
-    from lora_tools.ops.fuse_plan import plan_fuse  # torch-free: the LoRA hashing starts before torch loads
-
-    if lightning is not None:
-        shorthand = f"lightning-{lightning}step"
-        if preset is not None and preset.strip().lower() != shorthand:
-            raise UsageError(f"--lightning {lightning} and --preset {preset} name two presets: give one.")
-        preset = shorthand
-    if preset_strength is not None and preset is None:
-        raise UsageError(f"--strength {preset_strength:g} applies to a preset, and none was given",
+    if options.lightning is not None:
+        shorthand = f"lightning-{options.lightning}step"
+        if options.preset is not None and options.preset.strip().lower() != shorthand:
+            raise UsageError(f"--lightning {options.lightning} and --preset {options.preset} name two presets: give one.")
+        if options.preset is not None:
+            options = options.model_copy(update={"lightning": None})
+    if options.strength is not None and options.preset_name is None:
+        raise UsageError(f"--strength {options.strength:g} applies to a preset, and none was given",
                          hint=Hint("preset", "to choose one (or --lightning N)", "NAME"))
-    plan = plan_fuse(
-        base, preset, method=method,  # type: ignore[arg-type]
-        loras=list(loras), saves=saves or ("checkpoint",), output=output, dtype=dtype,  # type: ignore[arg-type]
-        preset_strength=preset_strength, allow_unmatched=allow_unmatched, force=force, overwrite=overwrite,
-        revision=revision, preset_dir=preset_dir, original_unet=original_unet, variant=variant,
-        hash_base=hash_base, verify_output=verify_output,
-    )
+    op = OPS["fuse"]
+    planned = op.plan(options, overwrite=overwrite)
     try:
-        wf = _plan_workflow(plan, overwrite) if workflow and not dry_run else None
+        plan = planned.plan
         for w in plan.warnings:
             click.echo(f"Warning: {w}", err=True)
         if dry_run:
             _print_plan(plan)
             return
-        from lora_tools.ops.fuse import run_fuse
-
         with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet) as advance:
-            result = run_fuse(plan, progress=advance)
-        _print_summary(plan, result)
-        if wf is not None:
-            from lora_tools.verify.workflow import write_workflow
-
-            click.echo(f"Wrote {safe_text(write_workflow(wf[0], wf[1].name, plan.sampler))} (ComfyUI API-format workflow)")
+            result = op.run(planned, progress=advance)
+        _print_summary(plan, result.extra["fuse"])
+        if planned.workflow is not None:
+            click.echo(f"Wrote {safe_text(planned.workflow)} (ComfyUI API-format workflow)")
     finally:
-        plan.close()
-
-
-def _plan_workflow(plan, overwrite: bool):  # type: ignore[no-untyped-def]
-    """(workflow path, checkpoint path) of ``--workflow``, checked before the fuse writes anything."""
-    from lora_tools.verify.workflow import workflow_file
-
-    ckpt = next((o.path for o in plan.outputs if o.kind == "checkpoint"), None)
-    if ckpt is None:
-        raise UsageError("--workflow loads a single-file checkpoint in ComfyUI: add --save checkpoint.")
-    return workflow_file(ckpt, plan.sampler, overwrite=overwrite), ckpt
+        planned.close()
 
 
 def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]

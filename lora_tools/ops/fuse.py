@@ -97,9 +97,12 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
     return entry
 
 
-def provenance_record(plan: FusePlan, *, created: str | None = None) -> dict[str, object]:
+def provenance_record(plan: FusePlan, *, created: str | None = None,
+                      run_entry: dict[str, object] | None = None) -> dict[str, object]:
     """The ``loratool`` metadata record of a fuse (``created``: its UTC time, default now; a
-    recipe re-run passes the recorded one, so the file comes out bit for bit the same)."""
+    recipe re-run passes the recorded one, so the file comes out bit for bit the same).
+    ``run_entry``: the run's self-describing entry (:func:`lora_tools.provenance.operation_entry`),
+    recorded under ``recipe`` as every operation's is."""
     sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
         entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
@@ -113,7 +116,8 @@ def provenance_record(plan: FusePlan, *, created: str | None = None) -> dict[str
     preset = plan.preset.name if plan.preset is not None else None
     return build_record("fuse", sources=sources, sampler=plan.sampler.to_dict() if plan.sampler is not None else None,
                         preset=preset, method=plan.method, lightning_steps=plan.lightning_steps,
-                        output_dtype=plan.out_dtype or "keep", created=created)
+                        output_dtype=plan.out_dtype or "keep", created=created,
+                        **({"recipe": run_entry} if run_entry is not None else {}))
 
 
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
@@ -159,7 +163,7 @@ def fuse_patches(plan: FusePlan) -> dict[str, list[Contribution]]:
 
 
 def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: StageHook | None = None,
-             created: str | None = None) -> FuseResult:
+             created: str | None = None, run_entry: dict[str, object] | None = None) -> FuseResult:
     """Stream the base once and write every planned output.
 
     Args:
@@ -167,9 +171,10 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
         progress: called with the bytes of each tensor once processed.
         stage_hook: wraps the engine's read/process/write stages (see :func:`lora_tools.engine.stream`).
         created: the UTC time to record (a recipe's, so a rebuild is bit-identical); default now.
+        run_entry: the run's entry to record (see :func:`provenance_record`).
     """
     start = time.perf_counter()
-    record = provenance_record(plan, created=created)
+    record = provenance_record(plan, created=created, run_entry=run_entry)
     patches = fuse_patches(plan)
     order = stream_order(plan.base.refs, patches)
     sinks = _make_sinks(plan, record, order)

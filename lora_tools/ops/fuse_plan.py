@@ -547,25 +547,32 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
             raise UsageError(f"Unknown output kind '{k}' in saves: choose checkpoint, unet or diffusers.")
     if "diffusers" in kinds and set(model.kind.components) != {"unet", "te1", "te2", "vae"}:
         raise UsageError(f"A diffusers folder output needs a full model, '{model.path}' holds only {', '.join(model.kind.components)}.")
-    if output is not None:
-        out = Path(output)
-        folder, stem = out.parent, (out.name if kinds == ["diffusers"] else out.stem)
-    else:
-        folder, stem = model.path.parent, default_stem(model.path, preset, loras, method)
-    specs = []
-    for k in kinds:
-        if k == "checkpoint":
-            path = folder / f"{stem}.safetensors" if not (output and len(kinds) == 1) else Path(output)  # type: ignore[arg-type]
-        elif k == "unet":
-            path = Path(output) if output and len(kinds) == 1 else folder / f"{stem}-unet.safetensors"
-        else:
-            path = Path(output) if output and len(kinds) == 1 else folder / f"{stem}-diffusers"
-        specs.append(OutputSpec(k, path))
+    folder, stem = model.path.parent, (default_stem(model.path, preset, loras, method) if output is None else "")
+    specs = [OutputSpec(k, p) for k, p in output_paths(kinds, output, folder, stem)]
     inputs = [model.path, *(s.adapter.path for s in loras), *(Path(p) for p in protected)]
     for s in specs:
         output_plan.refuse_input_as_output(s.path, inputs)
         output_plan.check_output(s.path, "folder" if s.kind == "diffusers" else "file", overwrite=overwrite)
     return specs
+
+
+def output_paths(saves: Sequence[str], output: str | Path | None, folder: Path | None = None,
+                 stem: str = "") -> list[tuple[str, Path]]:
+    """The path of each output kind of a fuse, in ``saves`` order: the one place fuse outputs are named.
+
+    With one kind, ``output`` is that output's path; with several, ``output`` names the checkpoint and
+    the others go beside it (``STEM-unet.safetensors``, ``STEM-diffusers``). Without ``output``, they
+    are named ``stem`` in ``folder`` (the default name, next to the base).
+    """
+    kinds = list(dict.fromkeys(saves or ("checkpoint",)))
+    if output is not None:
+        out = Path(output)
+        folder, stem = out.parent, (out.name if kinds == ["diffusers"] else out.stem)
+        if len(kinds) == 1:
+            return [(kinds[0], out)]
+    assert folder is not None
+    names = {"checkpoint": f"{stem}.safetensors", "unet": f"{stem}-unet.safetensors", "diffusers": f"{stem}-diffusers"}
+    return [(k, folder / names[k]) for k in kinds]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -577,4 +584,4 @@ def _refuse_input_as_output(path: Path, output: str | Path | None) -> None:
         output_plan.refuse_input_as_output(Path(output), [path])
 
 
-__all__ = ["plan_fuse", "FusePlan", "OutputSpec", "LoraSource", "DiffSource", "SAVE_KINDS", "default_stem"]
+__all__ = ["plan_fuse", "FusePlan", "OutputSpec", "LoraSource", "DiffSource", "SAVE_KINDS", "default_stem", "output_paths"]

@@ -29,6 +29,8 @@ class AccelerationPreset:
         pickle (`bool`): the UNet ships as a torch pickle (``.bin``): load it weights-only.
         label (`str`): the name people use (``"SDXL-Lightning 4-step"``).
         source (`str`): where the row's facts come from (``docs/domain.md`` section and model card).
+        license (`str`, *optional*): the license id of the preset's own weights (its model card), shown in
+            release cards; ``None`` where the row does not record it.
     """
 
     name: str
@@ -44,6 +46,7 @@ class AccelerationPreset:
     pickle: bool = False
     label: str = ""
     source: str = ""
+    license: str | None = None
 
     def __post_init__(self) -> None:
         # Freeze the mapping and normalise hashes to lower case.

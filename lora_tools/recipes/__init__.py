@@ -8,7 +8,8 @@ Example:
 """
 
 from lora_tools.recipes.executor import Executor, LocalExecutor
-from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob, check_job, run_job
+from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob
+from lora_tools.recipes.registry import check_job, run_job
 from lora_tools.recipes.run import RecipePlan, plan_recipe, run_recipe
 from lora_tools.recipes.show import dump_recipe, recipe_from_record, recipe_of_file
 

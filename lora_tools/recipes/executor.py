@@ -3,7 +3,7 @@
 An executor gets the resolved jobs (plain data, see :class:`~lora_tools.recipes.jobs.ResolvedJob`)
 in an order where every job comes after the jobs it depends on, and returns one
 :class:`~lora_tools.recipes.jobs.JobResult` per job. It knows nothing about job kinds: it calls
-:func:`~lora_tools.recipes.jobs.run_job`. A distributed executor (Ray: ``ray.remote(run_job)``,
+:func:`~lora_tools.recipes.registry.run_job`. A distributed executor (Ray: ``ray.remote(run_job)``,
 waiting on a job's dependencies' results) implements the same :class:`Executor` protocol.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, Sequence
 
-from lora_tools.recipes.jobs import JobResult, Progress, ResolvedJob, run_job
+from lora_tools.recipes.jobs import JobResult, Progress, ResolvedJob
+from lora_tools.recipes.registry import run_job
 
 #: ``on_event(job, "start" | "end", result_or_None)``: for progress displays.
 EventHook = Callable[[ResolvedJob, str, "JobResult | None"], None]

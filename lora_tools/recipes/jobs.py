@@ -1,4 +1,7 @@
-"""One adapter per job kind, over the library functions (``fuse`` -> ``plan_fuse``/``run_fuse``).
+"""What every job kind shares: the resolved job, its check and result, and the skip/redo rule.
+
+The adapters (one per kind of output, over the operations of :mod:`lora_tools.ops.registry`) and
+``check_job``/``run_job`` are in :mod:`lora_tools.recipes.registry`.
 
 A :class:`ResolvedJob` is plain, picklable data (absolute paths, validated options), so any
 executor (this process, a pool, a cluster) can ship it to where it runs; :func:`check_job` and
@@ -9,7 +12,6 @@ holds (inputs with sha256, tool version, every option), ``created`` excepted.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Protocol
@@ -138,8 +140,15 @@ def compare_outputs(outputs: tuple[str, ...], expected: Mapping[str, Any]) -> tu
         if record is None:
             raise OutputExistsError(f"'{out}' already exists and was not written by loratool: remove it or choose "
                                     "another output name; a recipe only replaces its own outputs.")
-        note_changes(differ, out, record_diff(strip_created(record), want))
+        note_changes(differ, out, _record_changes(strip_created(record) or {}, want or {}))
     return decide(len(outputs), missing, differ)
+
+
+def _record_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs, said by the record's own fields first; the run entry (``recipe``: the options as
+    given) only when nothing else differs (an option that changes no other field)."""
+    rest = record_diff({k: v for k, v in old.items() if k != "recipe"}, {k: v for k, v in new.items() if k != "recipe"})
+    return rest or record_diff({"recipe": old.get("recipe")}, {"recipe": new.get("recipe")})
 
 
 def note_changes(differ: list[str], output: str, changes: list[str]) -> None:
@@ -157,92 +166,5 @@ def decide(n_outputs: int, missing: list[str], differ: list[str]) -> tuple[State
     return "skip", "up to date"
 
 
-class FuseJob:
-    """``fuse`` jobs: :func:`lora_tools.plan_fuse` then :func:`lora_tools.run_fuse`."""
-
-    kind = "fuse"
-
-    @staticmethod
-    def plan(job: ResolvedJob):  # type: ignore[no-untyped-def]
-        from lora_tools.ops.fuse_plan import plan_fuse
-
-        o = job.options
-        preset = o.get("preset") or (f"lightning-{o['lightning']}step" if o.get("lightning") is not None else None)
-        plan = plan_fuse(
-            o["base"], preset, method=o.get("method", "lora"),
-            loras=[(x["lora"], float(x["strength"])) for x in o.get("loras", [])],
-            saves=tuple(o.get("saves", ["checkpoint"])), output=o["output"], dtype=o.get("dtype", "keep"),
-            preset_strength=float(o.get("strength", 1.0)) if preset is not None else None,
-            allow_unmatched=bool(o.get("allow_unmatched")),
-            force=bool(o.get("force")), overwrite=True, revision=o.get("revision"),
-            preset_dir=o.get("lightning_dir"), original_unet=o.get("original_unet"), variant=o.get("variant"),
-            hash_base=True,
-        )
-        planned = tuple(str(s.path) for s in plan.outputs)
-        if planned != job.outputs:  # the recipe's validation and the library must agree
-            plan.close()
-            raise AssertionError(f"fuse job '{job.name}': outputs {planned} != {job.outputs}")
-        return plan
-
-    def check(self, job: ResolvedJob) -> JobCheck:
-        from lora_tools.ops.fuse import provenance_record
-
-        plan = self.plan(job)
-        try:
-            state, reason = compare_outputs(job.outputs, provenance_record(plan, created=job.created))
-            sizes = {str(s.path): plan.output_bytes(s.kind) for s in plan.outputs}
-            return JobCheck(state, reason, sizes, plan.predicted_peak_bytes())
-        finally:
-            plan.close()
-
-    def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
-        from lora_tools.ops.fuse import provenance_record, run_fuse
-
-        start = time.perf_counter()
-        plan = self.plan(job)
-        try:
-            state, reason = compare_outputs(job.outputs, provenance_record(plan, created=job.created))
-            if state == "skip":
-                return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
-            run_fuse(plan, progress=progress, created=job.created)
-            return JobResult(job.name, "done", time.perf_counter() - start, job.outputs,
-                             reason if state == "redo" else "")
-        finally:
-            plan.close()
-
-
-#: Job kind -> adapter. A new kind adds one adapter here and one options model in the schema.
-ADAPTERS: dict[str, JobAdapter] = {"fuse": FuseJob()}
-
-
-def _register() -> None:
-    from lora_tools.recipes.lora_jobs import AnalyzeJob, ConvertJob, ExtractJob, MergeJob, RescaleJob, ResizeJob
-    from lora_tools.recipes.release_jobs import PublishJob, VerifyJob
-
-    for adapter in (RescaleJob(), ResizeJob(), MergeJob(), ConvertJob(), ExtractJob(), AnalyzeJob(), VerifyJob(),
-                    PublishJob()):
-        ADAPTERS[adapter.kind] = adapter  # type: ignore[assignment]
-
-
-def check_job(job: ResolvedJob) -> JobCheck:
-    """Plan ``job`` and say what running it would do (see :class:`JobCheck`)."""
-    if job.kind not in ADAPTERS:
-        _register()
-    return ADAPTERS[job.kind].check(job)
-
-
-def run_job(job: ResolvedJob, progress: Progress | None = None) -> JobResult:
-    """Run ``job``: a failure becomes a ``failed`` result (the message names the file and the problem)."""
-    start = time.perf_counter()
-    if job.kind not in ADAPTERS:
-        _register()
-    try:
-        return ADAPTERS[job.kind].run(job, progress)
-    except Exception as e:  # noqa: BLE001 - this job fails alone, with the CLI's one line (error_text.describe)
-        from lora_tools.error_text import describe
-
-        return JobResult(job.name, "failed", time.perf_counter() - start, job.outputs, describe(e).message)
-
-
-__all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "FuseJob", "ADAPTERS", "check_job", "run_job",
-           "record_diff", "compare_outputs"]
+__all__ = ["ResolvedJob", "JobCheck", "JobResult", "JobAdapter", "record_diff", "compare_outputs", "decide",
+           "note_changes", "strip_created", "existing_record"]

@@ -4,7 +4,7 @@ Each :class:`~lora_tools.recipes.jobs.ResolvedJob` becomes one Ray task with res
 (fuse, merge, extract: CPUs and the plan's predicted peak memory; verify: one GPU). A job's
 dependencies are passed to its task as object references, so Ray starts it after them; a job whose
 dependency did not finish is ``not run``. Every task calls the same
-:func:`~lora_tools.recipes.jobs.run_job` as the local executor, which writes atomically and skips
+:func:`~lora_tools.recipes.registry.run_job` as the local executor, which writes atomically and skips
 outputs whose recorded recipe matches, so a file is the same bytes whichever executor made it.
 
 Inputs and outputs are paths: every worker must see the same filesystem at the same paths (a shared
@@ -28,7 +28,8 @@ from urllib.parse import urlparse
 
 from lora_tools.errors import ClusterError, UsageError
 from lora_tools.recipes.executor import EventHook
-from lora_tools.recipes.jobs import JobResult, ResolvedJob, run_job
+from lora_tools.recipes.jobs import JobResult, ResolvedJob
+from lora_tools.recipes.registry import run_job
 from lora_tools.testing.hooks import kill_once_progress
 
 logger = logging.getLogger(__name__)

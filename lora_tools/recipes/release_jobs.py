@@ -22,8 +22,9 @@ from typing import Any, Mapping
 
 from lora_tools.errors import OutputExistsError
 from lora_tools.provenance import LORATOOL_METADATA_KEY
+from lora_tools.ops.registry import Operation
 from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob
-from lora_tools.recipes.lora_jobs import compare_entries, job_entry
+from lora_tools.recipes.lora_jobs import compare_entries
 
 
 class VerifyJob:
@@ -31,18 +32,14 @@ class VerifyJob:
 
     kind = "verify"
 
-    @staticmethod
-    def plan(job: ResolvedJob, out: Path | None):  # type: ignore[no-untyped-def]
-        from lora_tools.verify import plan_verify
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        self.kind = op.name
 
-        o = job.options
-        width, height = (int(x) for x in str(o["size"]).split("x"))
-        return plan_verify(o["model"], preset=o["preset"], prompts=list(o["prompts"]), seeds=list(o["seeds"]),
-                           size=(width, height), steps=o.get("steps"), force=bool(o.get("force")), base=o.get("base"),
-                           config=o.get("config"), against=o.get("against"),
-                           loras=[(x["lora"], float(x["strength"])) for x in o.get("loras", [])], device=o["device"],
-                           dtype=o["dtype"], show_wrong=bool(o.get("show_wrong")), workflow=bool(o.get("workflow")),
-                           out=out, overwrite=True)
+    def plan(self, job: ResolvedJob, out: Path | None):  # type: ignore[no-untyped-def]
+        options = self.op.options_model.model_validate(job.options)
+        update = {"out": str(out)} if out is not None else {"out": None, "workflow": False}  # a check writes nothing
+        return self.op.plan(options.model_copy(update=update), overwrite=True)
 
     @staticmethod
     def stored(folder: Path) -> "tuple[dict[str, Any] | None | bool, bool]":
@@ -67,15 +64,14 @@ class VerifyJob:
 
     def check(self, job: ResolvedJob) -> JobCheck:
         self.plan(job, None)
-        state, reason = self._state(job, job_entry(job))
+        state, reason = self._state(job, self.op.entry(job.options))
         return JobCheck(state, reason)  # type: ignore[arg-type]
 
     def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
         from lora_tools.provenance import build_record
-        from lora_tools.verify import run_verify
 
         start = time.perf_counter()
-        entry = job_entry(job)
+        entry = self.op.entry(job.options)
         state, reason = self._state(job, entry)
         if state == "skip":
             return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
@@ -85,7 +81,7 @@ class VerifyJob:
         atomic.remove_stale_temps(folder)
         tmp = atomic.temp_path(folder)  # a name the next run cleans if this one is killed
         try:
-            report = run_verify(self.plan(job, tmp))
+            report = self.op.run(self.plan(job, tmp)).report
             # the report names its files where they will be, not in the temp folder
             report.files = [str(folder / Path(f).relative_to(tmp)) for f in report.files]
             for image in report.images:
@@ -119,18 +115,12 @@ class PublishJob:
 
     kind = "publish"
 
-    @staticmethod
-    def plan(job: ResolvedJob):  # type: ignore[no-untyped-def]
-        from lora_tools.publish import check_upload, plan_release
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        self.kind = op.name
 
-        o = job.options
-        grids = [(str(Path(folder) / "grid.png"), f"{Path(folder).name}-grid.png") for folder in o.get("verify", [])]
-        plan = plan_release(o["path"], repo=o.get("repo"), license=o.get("license"), private=bool(o.get("private")),
-                            folder=o["release_dir"], overwrite=True,
-                            grids=[g for g in grids if Path(g[0]).is_file()] if o.get("verify") else None)
-        if o.get("repo") is not None:
-            check_upload(plan)
-        return plan
+    def plan(self, job: ResolvedJob):  # type: ignore[no-untyped-def]
+        return self.op.plan(self.op.options_model.model_validate(job.options), overwrite=True)
 
     @staticmethod
     def _state(job: ResolvedJob, plan: Any) -> tuple[str, str]:
@@ -154,16 +144,15 @@ class PublishJob:
         return "skip", "up to date"
 
     def check(self, job: ResolvedJob) -> JobCheck:
-        plan = self.plan(job)
+        plan = self.plan(job).plan
         state, reason = self._state(job, plan)
         return JobCheck(state, reason, {str(plan.folder / n): b for n, b in plan.listing()}  # type: ignore[arg-type]
                         if not job.options.get("dry_run") else {})
 
     def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
-        from lora_tools.publish import upload_release, write_release
-
         start = time.perf_counter()
-        plan = self.plan(job)
+        planned = self.plan(job)
+        plan = planned.plan
         state, reason = self._state(job, plan)
         if state == "skip":
             return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
@@ -172,8 +161,8 @@ class PublishJob:
             where = f" and upload them to {plan.repo}" if plan.repo else ""
             return JobResult(job.name, "done", time.perf_counter() - start, (),
                              f"dry run: would write {plan.folder.name}/ ({listing}){where}")
-        folder = write_release(plan)
-        message = f"uploaded to {upload_release(plan, folder)}" if plan.repo else ""
+        result = self.op.run(planned)
+        message = f"uploaded to {result.extra['url']}" if plan.repo else ""
         return JobResult(job.name, "done", time.perf_counter() - start, job.outputs, message)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -20,20 +20,12 @@ from lora_tools.errors import LoraToolsError, RecipeError
 from lora_tools.special_files import special_kind
 from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
-from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob, check_job
+from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob
+from lora_tools.recipes.registry import check_job
 from lora_tools.recipes.loader import Marks, load_file, load_text
+from lora_tools.ops.registry import OPS
 from lora_tools.recipes.schema import OUTPUT_KEYS, FileInput, HubInput, Job, RecipeHead, dotted, error_from_validation
 
-#: Option names of each kind whose values name inputs, jobs or paths.
-#: (``loras`` lists are resolved for every kind that has them.)
-_REFERENCES = {
-    "fuse": ("base", "lightning_dir", "original_unet"),
-    "rescale": ("lora",), "resize": ("lora",), "convert": ("lora",), "merge": (),
-    "extract": ("tuned", "original"),
-    "analyze": ("model", "base"),
-    "verify": ("model", "against", "base", "config"),
-    "publish": ("path",),
-}
 #: Top-level keys ``--set`` may change directly.
 _SETTABLE = ("output_dir", "created")
 
@@ -153,22 +145,10 @@ def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, s
     return out
 
 
-def _fuse_outputs(options: Mapping[str, Any]) -> tuple[str, ...]:
-    out = Path(options["output"])
-    saves = list(dict.fromkeys(options.get("saves") or ["checkpoint"]))
-    if len(saves) == 1:
-        return (str(out),)
-    return tuple(str(out.parent / (f"{out.stem}.safetensors" if k == "checkpoint" else f"{out.stem}-unet.safetensors"))
-                 for k in saves)
-
-
-def _outputs(kind: str, options: Mapping[str, Any]) -> tuple[str, ...]:
-    """What a job writes: a fuse its saved files, a dry-run publish nothing, the others their output."""
-    if kind == "fuse":
-        return _fuse_outputs(options)
-    if kind == "publish" and options.get("dry_run"):
-        return ()
-    return (str(options[OUTPUT_KEYS.get(kind, "output")]),)
+def _references(kind: str) -> tuple[str, ...]:
+    """Options of ``kind`` whose values name an input, a job or a path (``loras`` lists are resolved apart)."""
+    op = OPS[kind]
+    return tuple(k for k in (*op.input_keys, *op.references) if k != "loras")
 
 
 def _validate_job(ej: ExpandedJob, marks: Marks) -> Job:
@@ -229,7 +209,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
             raise RecipeError(f"jobs[{ej.index}].{job.kind}.{key}: '{opts[key]}' leaves the output folder "
                               f"'{output_dir}'" + (f" (job '{ej.name}')" if ej.values else ""), location=out_where)
         opts[key] = str(target)
-        outs = _outputs(job.kind, opts)
+        outs = OPS[job.kind].output_paths(opts)
         for o in outs:
             clash_with = next((w for w in written if w == o or _inside(Path(o), Path(w)) or _inside(Path(w), Path(o))),
                               None)
@@ -271,7 +251,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
                                   f"(inputs and jobs: {known})", location=marks.at(path))
             return str(p.resolve())
 
-        for key in _REFERENCES[job.kind]:
+        for key in _references(job.kind):
             if opts.get(key) is not None:
                 opts[key] = ref(opts[key], ("jobs", ej.index, job.kind, key))
         for i, lora in enumerate(opts.get("loras") or []):
@@ -290,7 +270,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
     plan = RecipePlan(recipe_path, _in_order(resolved, marks), {}, inputs, output_dir, outputs_of)
     from lora_tools.recipes.containment import check_outputs_against_inputs
 
-    check_outputs_against_inputs(plan.jobs, _REFERENCES)
+    check_outputs_against_inputs(plan.jobs, {j.kind: _references(j.kind) for j in plan.jobs})
     if only:
         chosen = plan.selected(only)
         if not chosen:
@@ -350,9 +330,12 @@ def check_all(plan: RecipePlan) -> None:
             raise RecipeError(f"job '{job.name}': {describe(e).message}", location=job.source) from None
 
 
-def run_recipe(plan: RecipePlan, *, executor: Executor | None = None, only: Sequence[str] = (),
-               fail_fast: bool = False, on_event: EventHook | None = None) -> list[JobResult]:
-    """Run the planned jobs (``only``: name patterns) through ``executor`` (default: local)."""
+def run_recipe(plan: RecipePlan | str | Path, *, executor: Executor | None = None, only: Sequence[str] = (),
+               fail_fast: bool = False, on_event: EventHook | None = None, sets: Sequence[str] = ()) -> list[JobResult]:
+    """Run the planned jobs (``only``: name patterns) through ``executor`` (default: local). ``plan`` may
+    be a recipe file: it is planned first (:func:`plan_recipe` with ``sets`` and ``only``)."""
+    if not isinstance(plan, RecipePlan):
+        plan = plan_recipe(plan, sets=sets, only=only)
     jobs = plan.selected(only)
     return (executor or LocalExecutor()).execute(jobs, fail_fast=fail_fast, on_event=on_event)
 

@@ -12,30 +12,44 @@ A recipe names its inputs once, then jobs that use them by name::
       steps: [2, 4, 8]
     jobs:
       - name: juggernaut-${steps}step
-        fuse: {base: juggernaut, lightning: ${steps}, lightning_dir: lightning,
+        fuse: {base: juggernaut, preset: lightning-${steps}step, preset_dir: lightning,
                output: juggernaut-lightning-${steps}step.safetensors}
 
-Job options carry the same names as the command's options (``fuse``: ``lightning``,
-``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output`` ...; ``merge``: ``loras`` with a
-``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``, ``loras``, ``prompts``,
-``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``, ``release_dir``,
-``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``: ``release_dir``).
+Job options are the operation's options model (:mod:`lora_tools.ops.registry`), the very declaration
+the command's options are generated from, so they carry the same names (``fuse``: ``preset``,
+``strength``, ``method``, ``loras``, ``saves``, ``dtype``, ``output``, ``preset_dir``, ``variant`` ...;
+``merge``: ``loras`` with a ``weight`` each, ``method``, ``rank``; ``verify``: ``model``, ``against``,
+``loras``, ``prompts``, ``seeds``, ``size``, ``out`` ...; ``publish``: ``path``, ``repo``, ``license``,
+``release_dir``, ``dry_run``). A job writes ``output`` (``verify``: the folder ``out``; ``publish``:
+``release_dir``). Deprecated but still read: a fuse's ``lightning_dir`` (read as ``preset_dir``, noted in
+the ``-v`` log); ``lightning: N`` stays the shorthand of ``preset: lightning-Nstep`` (recorded as the latter).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, \
+    model_validator
 
 from lora_tools.hub import REPO_ID_RE
-from lora_tools.recipes.fields import Fraction, Rank, Seeds, Size, Strength, SvRatio, Weight
+from lora_tools.ops.registry import OPS, Operation
+from lora_tools.ops.verbs._lora import LoraRef, WeightedRef
+from lora_tools.ops.verbs.analyze import AnalyzeOptions
+from lora_tools.ops.verbs.convert import ConvertOptions
+from lora_tools.ops.verbs.extract import ExtractOptions
+from lora_tools.ops.verbs.fuse import FuseOptions
+from lora_tools.ops.verbs.merge import MergeOptions
+from lora_tools.ops.verbs.publish import PublishOptions
+from lora_tools.ops.verbs.rescale import RescaleOptions
+from lora_tools.ops.verbs.resize import ResizeOptions
+from lora_tools.ops.verbs.verify import VerifyOptions
 
-#: Job kinds this version runs (one adapter each in :mod:`lora_tools.recipes.jobs`).
-JOB_KINDS = ("fuse", "rescale", "resize", "merge", "convert", "extract", "analyze", "verify", "publish")
+#: Job kinds this version runs: the operations of the registry.
+JOB_KINDS = tuple(OPS)
 #: The option naming what a kind writes (a file, or for ``verify``/``publish`` a folder).
-OUTPUT_KEYS = {"verify": "out", "publish": "release_dir"}
+OUTPUT_KEYS = {name: op.output_keys[0] for name, op in OPS.items()}
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 
@@ -96,212 +110,23 @@ class HubInput(_Strict):
         return "/".join(self.hub.split("/")[2:])
 
 
-class LoraRef(_Strict):
-    """One extra LoRA of a fuse: an input name, a job name or a path, and its strength."""
-
-    lora: str
-    strength: Strength = 1.0
-
-
-class FuseOptions(_Strict):
-    """Options of a ``fuse`` job (the names of ``loratool fuse``'s options)."""
-
-    base: str
-    preset: str | None = None
-    lightning: Literal[1, 2, 4, 8] | None = None
-    method: Literal["lora", "unet"] = "lora"
-    strength: Strength = 1.0
-    loras: list[LoraRef] = Field(default_factory=list)
-    saves: list[Literal["checkpoint", "unet"]] = Field(default_factory=lambda: ["checkpoint"])
-    output: str
-    dtype: Literal["keep", "fp16", "bf16", "fp32"] = "keep"
-    allow_unmatched: bool = False
-    force: bool = False
-    revision: str | None = None
-    lightning_dir: str | None = None
-    original_unet: str | None = None
-    variant: str | None = None
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_form(cls, v: Any) -> Any:
-        # ``loras: [style]`` is short for ``[{lora: style}]``
-        return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-    @model_validator(mode="after")
-    def _something(self) -> "FuseOptions":
-        if self.lightning is None and self.preset is None and not self.loras:
-            raise ValueError("nothing to fuse: give preset (or lightning) and/or loras")
-        if self.lightning is not None and self.preset is not None:
-            raise ValueError("give preset or lightning, not both")
-        return self
+def recipe_options_model(op: Operation) -> type[BaseModel]:
+    """The options a recipe job of ``op`` takes: the operation's own model, with the options the command
+    defaults but a recipe must give (a fuse's ``output``) made required."""
+    if not op.recipe_required:
+        return op.options_model
+    fields: dict[str, Any] = {k: (str, Field(description=op.options_model.model_fields[k].description))
+                              for k in op.recipe_required}
+    return create_model(op.options_model.__name__, __base__=op.options_model, **fields)
 
 
-LoraDtype = Literal["keep", "fp16", "bf16", "fp32"]
-LoraFormat = Literal["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"]
-
-
-class RescaleOptions(_Strict):
-    """Options of a ``rescale`` job (``loratool rescale``)."""
-
-    lora: str
-    strength: Strength
-    blocks: str | None = None
-    components: str | None = None
-    output: str
-    dtype: LoraDtype = "keep"
-
-
-class ResizeOptions(_Strict):
-    """Options of a ``resize`` job (``loratool resize``): one rank rule, as the command takes it."""
-
-    lora: str
-    rank: Rank | None = None
-    energy: Fraction | None = None
-    sv_ratio: SvRatio | None = None
-    sv_fro: Fraction | None = None
-    conv_rank: Rank | None = None
-    output: str
-    dtype: LoraDtype = "keep"
-
-
-class WeightedRef(_Strict):
-    """One input of a ``merge``: an input name, a job name or a path, and its weight (``LORA[:W]``)."""
-
-    lora: str
-    weight: Weight = 1.0
-
-
-class MergeOptions(_Strict):
-    """Options of a ``merge`` job (``loratool merge``)."""
-
-    loras: list[WeightedRef]
-    method: Literal["concat", "svd"] = "concat"
-    rank: Rank | None = None
-    energy: Fraction | None = None
-    output: str
-    dtype: LoraDtype = "keep"
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_form(cls, v: Any) -> Any:
-        return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-    @field_validator("loras")
-    @classmethod
-    def _two(cls, v: list[WeightedRef]) -> list[WeightedRef]:
-        if len(v) < 2:
-            raise ValueError("merge needs at least two LoRAs")
-        return v
-
-
-class ConvertOptions(_Strict):
-    """Options of a ``convert`` job (``loratool convert``)."""
-
-    lora: str
-    to: LoraFormat
-    output: str
-    dtype: LoraDtype = "keep"
-
-
-class ExtractOptions(_Strict):
-    """Options of an ``extract`` job (``loratool extract``)."""
-
-    tuned: str
-    original: str
-    rank: Rank | None = None
-    energy: Fraction | None = None
-    conv_rank: Rank | None = None
-    components: str = "unet"
-    format: LoraFormat = "kohya-diffusers"
-    output: str
-    dtype: LoraDtype = "keep"
-
-
-class AnalyzeOptions(_Strict):
-    """Options of an ``analyze`` job (``loratool analyze``); ``output`` is the JSON report it writes."""
-
-    model: str
-    base: str
-    loras: list[str]
-    output: str
-
-    @field_validator("loras")
-    @classmethod
-    def _some(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("analyze needs at least one LoRA")
-        return v
-
-
-class VerifyOptions(_Strict):
-    """Options of a ``verify`` job (``loratool verify``); ``out`` is the folder it writes
-    (``report.json``, ``report.md``, ``grid.png``, ``images/``)."""
-
-    model: str
-    preset: str = "auto"
-    prompts: list[str] = Field(default_factory=lambda: ["a cat", "a lighthouse at dusk"])
-    seeds: Seeds = Field(default_factory=lambda: [0])
-    size: Size = "1024x1024"
-    steps: int | None = None
-    force: bool = False
-    out: str
-    against: str | None = None
-    loras: list[LoraRef] = Field(default_factory=list)
-    base: str | None = None
-    config: str | None = None
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    show_wrong: bool = False
-    workflow: bool = False
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _short_form(cls, v: Any) -> Any:
-        return [{"lora": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-
-class PublishOptions(_Strict):
-    """Options of a ``publish`` job (``loratool publish``); ``release_dir`` is the folder it writes.
-    ``verify`` names verify jobs whose ``grid.png`` joins the release."""
-
-    path: str
-    repo: str | None = None
-    private: bool = False
-    license: str | None = None
-    release_dir: str
-    verify: list[str] = Field(default_factory=list)
-    dry_run: bool = False
-
-    @field_validator("verify", mode="before")
-    @classmethod
-    def _one(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, v: str | None) -> str | None:
-        if v is not None and not REPO_ID_RE.fullmatch(v):
-            raise ValueError(f"expected a hub repository id owner/name, got '{v}'")
-        return v
-
-
-class Job(_Strict):
+class _JobBase(_Strict):
     """One job: an optional ``name`` and exactly one kind key (``fuse: {...}``)."""
 
     name: str | None = None
-    fuse: FuseOptions | None = None
-    rescale: RescaleOptions | None = None
-    resize: ResizeOptions | None = None
-    merge: MergeOptions | None = None
-    convert: ConvertOptions | None = None
-    extract: ExtractOptions | None = None
-    analyze: AnalyzeOptions | None = None
-    verify: VerifyOptions | None = None
-    publish: PublishOptions | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Job":
+    def _one_kind(self) -> "_JobBase":
         kinds = [k for k in JOB_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError(f"a job needs exactly one of: {', '.join(JOB_KINDS)}")
@@ -314,6 +139,11 @@ class Job(_Strict):
     @property
     def options(self) -> BaseModel:
         return getattr(self, self.kind)
+
+
+#: One job: ``name`` and one key per operation of the registry (derived, never listed by hand).
+Job = create_model("Job", __base__=_JobBase,
+                   **{name: (Optional[recipe_options_model(op)], None) for name, op in OPS.items()})  # type: ignore[call-overload]
 
 
 def _input_tag(v: Any) -> str:

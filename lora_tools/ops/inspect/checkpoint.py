@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lora_tools.io.diffusers_folder import component_weight_files
-from lora_tools.errors import InvalidFileError
+from lora_tools.errors import InvalidFileError, LoraToolsError
 from lora_tools.layouts.components import COMPONENTS
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.table import SGM_PREFIXES
@@ -22,7 +22,7 @@ from lora_tools.ops.inspect.report import (
     Provenance,
     TensorEntry,
 )
-from lora_tools.provenance import read_record
+from lora_tools.provenance import fused_preset, read_record
 from lora_tools.io.sources import open_source
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def checkpoint_summary(name: str, sha256: str | None, kind: CheckpointKind, entr
     if prediction not in ("epsilon", "sample"):
         warnings.append(f"The model predicts {prediction}; SDXL-Lightning was distilled for eps-prediction SDXL "
                         f"and will likely misbehave on it.")
-    if provenance and provenance.lightning_steps:
-        warnings.append(f"SDXL-Lightning ({provenance.lightning_steps}-step) is already fused into this file.")
+    if provenance and provenance.preset:
+        warnings.append(f"{_preset_label(provenance.preset)} is already fused into this file.")
     return CheckpointSummary(
         layout="diffusers-folder" if folder is not None else kind.layout,
         architecture=kind.architecture,
@@ -89,6 +89,16 @@ def _component_summary(entries: list[TensorEntry], files: tuple[str, ...] = ()) 
     return ComponentSummary(len(entries), numel_sum(entries), count(e.dtype for e in entries), files)
 
 
+def _preset_label(name: str) -> str:
+    """The name people use for a preset (its row's label), or the recorded name of one no row has."""
+    from lora_tools.presets import get_preset
+
+    try:
+        return get_preset(name).label
+    except LoraToolsError:
+        return name
+
+
 def _provenance(metadata: Mapping[str, str]) -> Provenance | None:
     record = read_record(metadata)
     if record is None:
@@ -105,6 +115,7 @@ def _provenance(metadata: Mapping[str, str]) -> Provenance | None:
         lightning_steps=steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
         sampler=sampler if isinstance(sampler, dict) else None,
         record=record,
+        preset=fused_preset(metadata),
     )
 
 

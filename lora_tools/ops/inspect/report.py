@@ -182,6 +182,7 @@ class Provenance:
     lightning_steps: int | None
     sampler: dict[str, Any] | None
     record: dict[str, Any]
+    preset: str | None = None
 
 
 

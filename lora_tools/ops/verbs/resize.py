@@ -1,0 +1,63 @@
+"""``resize``: a LoRA's rank reduced by optimal truncated SVD (:func:`lora_tools.ops.resize.resize_lora`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pydantic import Field
+
+from lora_tools.ops.fields import Fraction, Rank, SvRatio
+from lora_tools.ops.operation import Operation, OpResult, Options, cli
+from lora_tools.ops.verbs._lora import (
+    LoraDtype,
+    LoraOpPlan,
+    conv_rule,
+    dtype_field,
+    output_field,
+    plan_lora_output,
+    rank_rule,
+    write_result,
+)
+
+INPUT_KEYS = ("lora",)
+OUTPUT_KEYS = ("output",)
+_RULE = ("rank", "energy", "sv_ratio", "sv_fro")
+
+
+class ResizeOptions(Options):
+    """Options of ``resize``: one rank rule, as the command takes it."""
+
+    lora: str = Field(json_schema_extra=cli(argument=True))
+    rank: Rank | None = Field(None, description="Fixed target rank.")
+    energy: Fraction | None = Field(None, description="Keep the smallest rank retaining this fraction of each module's "
+                                 "energy, (0, 1].")
+    sv_ratio: SvRatio | None = Field(None, description="Keep singular values >= s_max / X (kohya's sv_ratio).")
+    sv_fro: Fraction | None = Field(None, description="Keep the smallest rank retaining this fraction of the Frobenius "
+                                 "norm (kohya's sv_fro).")
+    conv_rank: Rank | None = Field(None, description="Fixed rank for kxk convolutions (default: the main rule).")
+    output: str = output_field()
+    dtype: LoraDtype = dtype_field()
+
+
+def plan(o: ResizeOptions, *, overwrite: bool = False) -> LoraOpPlan:
+    """Check the rank rules and the output."""
+    rank_rule(o, _RULE)
+    conv_rule(o)
+    return plan_lora_output(OPERATION, o, [o.lora], overwrite=overwrite)
+
+
+def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[int], None] | None = None) -> OpResult:
+    """Resize and write; the report is a :class:`~lora_tools.ops.resize.FitReport` with the written size."""
+    from lora_tools.lora.load import load_lora
+    from lora_tools.ops.lora_write import tensor_bytes
+    from lora_tools.ops.resize import resize_lora
+
+    o: Any = planned.options
+    with load_lora(o.lora) as adapter:
+        result, report = resize_lora(adapter, rank_rule(o, _RULE), conv_rule=conv_rule(o))
+        report.size_bytes = tensor_bytes(result, planned.output.dtype)
+        return write_result(planned, result, report, created)
+
+
+OPERATION = Operation("resize", ResizeOptions, INPUT_KEYS, OUTPUT_KEYS, "lora", plan, run,
+                      summary="reduce a LoRA's rank")
