@@ -49,7 +49,7 @@ class LoraToolsError(Exception):
         self.message = message
         self.hint = hint
 
-    def render(self, spell_param: "object | None" = None) -> str:
+    def render(self, spell_param: object | None = None) -> str:
         """The message with its hint; ``spell_param(name) -> str | None`` spells a parameter
         (the CLI passes its flag table); the Python keyword form otherwise."""
         if self.hint is None:
@@ -115,7 +115,7 @@ class RecipeError(LoraToolsError, ValueError):
         super().__init__(message, *args, hint=hint)
         self.location = location
 
-    def render(self, spell_param: "object | None" = None) -> str:
+    def render(self, spell_param: object | None = None) -> str:
         text = super().render(spell_param)
         return f"{self.location}: {text}" if self.location else text
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 LORATOOL_METADATA_KEY = "loratool"
 #: Metadata keys a derived LoRA must not inherit (they describe the input's own tensors/record).
@@ -31,7 +32,7 @@ class LoraFile(Protocol):
     """What a source entry reads of an input LoRA (a :class:`~lora_tools.lora.adapter.LoraAdapter`)."""
 
     @property
-    def path(self) -> "str | os.PathLike[str] | None": ...
+    def path(self) -> str | os.PathLike[str] | None: ...
 
     @property
     def format(self) -> str: ...

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lora_tools.errors import Hint, InvalidFileError, OutputExistsError, UsageError
-from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.io.hashing import sha256_file_and_tensors
 from lora_tools.io.safetensors import read_header
+from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 
 UNKNOWN = "unknown"
 
@@ -118,8 +118,8 @@ def plan_release(path: str | Path, *, repo: str | None = None, license: str | No
         [`UsageError`]: nothing to publish, a file without a ``loratool`` record, a malformed repo id.
         [`OutputExistsError`]: the release folder exists and ``overwrite`` was not given.
     """
-    from lora_tools.io.hashing import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
     from lora_tools.hub import REPO_ID_RE
+    from lora_tools.io.hashing import autov2_hash  # noqa: F401  (validates the format of the hashes we print)
 
     src = Path(path)
     if repo is not None and not REPO_ID_RE.fullmatch(repo):

@@ -166,21 +166,21 @@ def main() -> None:
 
 
 # One module per command; their heavy imports (torch, diffusers) stay inside the functions.
+from lora_tools.cli.analyze import analyze_command  # noqa: E402
 from lora_tools.cli.check import check_command  # noqa: E402
+from lora_tools.cli.convert import convert_command  # noqa: E402
 from lora_tools.cli.demo import demo_command  # noqa: E402
+from lora_tools.cli.extract import extract_command  # noqa: E402
 from lora_tools.cli.fuse import fuse_command  # noqa: E402
 from lora_tools.cli.inspect import inspect_command  # noqa: E402
-from lora_tools.cli.rescale import rescale_command  # noqa: E402
-from lora_tools.cli.resize import resize_command  # noqa: E402
 from lora_tools.cli.merge import merge_command  # noqa: E402
-from lora_tools.cli.convert import convert_command  # noqa: E402
-from lora_tools.cli.extract import extract_command  # noqa: E402
-from lora_tools.cli.analyze import analyze_command  # noqa: E402
 from lora_tools.cli.presets import presets_command  # noqa: E402
-from lora_tools.cli.verify import verify_command  # noqa: E402
 from lora_tools.cli.publish import publish_command  # noqa: E402
 from lora_tools.cli.recipe import recipe_group  # noqa: E402
+from lora_tools.cli.rescale import rescale_command  # noqa: E402
+from lora_tools.cli.resize import resize_command  # noqa: E402
 from lora_tools.cli.run import run_command  # noqa: E402
+from lora_tools.cli.verify import verify_command  # noqa: E402
 
 for _command in (inspect_command, check_command, fuse_command, presets_command, verify_command, rescale_command,
                  resize_command, merge_command, convert_command, extract_command, analyze_command, run_command,

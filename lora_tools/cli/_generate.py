@@ -17,8 +17,9 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import click
 

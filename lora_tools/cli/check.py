@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from lora_tools.cli._output import safe_text
-from lora_tools.units import format_bytes
 from lora_tools.ops.check import CheckResult, check_file
+from lora_tools.units import format_bytes
 
 
 @click.command("check")

@@ -24,10 +24,10 @@ def demo_command(folder: Path, no_render: bool) -> None:
         loratool demo
         loratool demo --dir /tmp/lightning-demo
     """
-    from lora_tools.testing import synthetic
     from lora_tools.ops.fuse import fuse
-    from lora_tools.verify.weights import compare_with_runtime_lora
+    from lora_tools.testing import synthetic
     from lora_tools.testing.synthetic_lora import write_lightning_lora, write_lora
+    from lora_tools.verify.weights import compare_with_runtime_lora
 
     _fresh_folder(folder)
     lightning_dir = folder / "SDXL-Lightning"

@@ -8,10 +8,10 @@ import click
 
 from lora_tools.cli._generate import operation_command, overwrite_option
 from lora_tools.cli._output import safe_text
-from lora_tools.units import format_bytes
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
 from lora_tools.ops.registry import OPS
+from lora_tools.units import format_bytes
 
 if TYPE_CHECKING:
     from lora_tools.presets import SamplerSettings
@@ -95,7 +95,7 @@ def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
             click.echo(line)
 
 
-def usage_lines(s: "SamplerSettings") -> list[str]:
+def usage_lines(s: SamplerSettings) -> list[str]:
     """How to sample the result, from the preset's :class:`~lora_tools.presets.SamplerSettings` alone."""
     diffusers = (f"  diffusers: {s.scheduler}.from_config(pipe.scheduler.config, timestep_spacing=\"{s.timestep_spacing}\""
                  + (f", prediction_type=\"{s.prediction_type}\"" if s.prediction_type != "epsilon" else "")

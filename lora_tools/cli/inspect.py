@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 
 from lora_tools.cli._output import safe_text
-from lora_tools.units import format_bytes
 from lora_tools.errors import ShapeMismatchError, UsageError
 from lora_tools.layouts.blocks import block_of
 from lora_tools.layouts.components import component_label
 from lora_tools.lora.validate import FactorProblem, check_factor_shapes, raise_factor_problems
 from lora_tools.ops.inspect import Acceleration, CheckpointSummary, InspectReport, LoraSummary, inspect_path
 from lora_tools.presets import SamplerSettings
+from lora_tools.units import format_bytes
 
 
 @click.command("inspect")

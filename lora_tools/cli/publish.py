@@ -6,8 +6,8 @@ import click
 
 from lora_tools.cli._generate import operation_command, overwrite_option
 from lora_tools.cli._output import safe_text
-from lora_tools.units import format_bytes
 from lora_tools.ops.registry import OPS
+from lora_tools.units import format_bytes
 
 
 @operation_command(OPS["publish"], extra=[overwrite_option("Replace an existing release folder.")])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from lora_tools.cli._generate import json_option, operation_command, overwrite_option
 from lora_tools.cli._options import emit
 from lora_tools.cli._output import safe_text
-from lora_tools.units import format_bytes
 from lora_tools.ops.registry import OPS
+from lora_tools.units import format_bytes
 
 
 @operation_command(OPS["resize"], extra=[overwrite_option(), json_option()])

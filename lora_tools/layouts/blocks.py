@@ -53,9 +53,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from lora_tools.errors import KeyMismatchError, UsageError
 from lora_tools.layouts.table import SGM_PREFIXES, Component
@@ -122,7 +123,7 @@ def block_of_key(key: str) -> str:
     raise KeyMismatchError(f"'{key}' has no SDXL component prefix ({', '.join(SGM_PREFIXES.values())}).")
 
 
-def block_of_diffusers(component: Component, key: str, table: "LayoutTable | None" = None) -> str:
+def block_of_diffusers(component: Component, key: str, table: LayoutTable | None = None) -> str:
     """The block of a diffusers key (``down_blocks.1.attentions.0.proj_in.weight``) or module name.
 
     The key is translated to its single-file key through the layout ``table`` (full-size SDXL

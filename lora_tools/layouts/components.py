@@ -8,9 +8,10 @@ so adding a spelling is one field here, not one edit in five files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 Component = Literal["unet", "vae", "te1", "te2"]
 

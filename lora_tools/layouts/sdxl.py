@@ -3,9 +3,10 @@ config detection from a file's own shapes, and tensor transforms between layouts
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from lora_tools.errors import KeyMismatchError
 from lora_tools.layouts.clip import CLIP_BIGG, CLIP_L, ClipConfig, clip_config_from_shapes, clip_g_table, clip_l_table
@@ -27,7 +28,7 @@ class SDXLConfig:
     te2: ClipConfig = CLIP_BIGG
 
     @cached_property
-    def table(self) -> "LayoutTable":
+    def table(self) -> LayoutTable:
         return LayoutTable(unet_table(self.unet) + vae_table(self.vae) + clip_l_table(self.te1) + clip_g_table(self.te2))
 
 
@@ -99,7 +100,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], components: Iterable[
     )
 
 
-def to_diffusers(row: KeyMap, sgm_tensor: "torch.Tensor") -> "torch.Tensor":
+def to_diffusers(row: KeyMap, sgm_tensor: torch.Tensor) -> torch.Tensor:
     """Turn a single-file tensor into the diffusers tensor of ``row``."""
     if row.transform == "conv1x1_to_linear":
         return sgm_tensor.reshape(sgm_tensor.shape[:2])
@@ -113,7 +114,7 @@ def to_diffusers(row: KeyMap, sgm_tensor: "torch.Tensor") -> "torch.Tensor":
     return sgm_tensor
 
 
-def to_sgm(rows: list[KeyMap], get: Callable[[KeyMap], "torch.Tensor"]) -> "torch.Tensor":
+def to_sgm(rows: list[KeyMap], get: Callable[[KeyMap], torch.Tensor]) -> torch.Tensor:
     """Build one single-file tensor from the diffusers tensors of its rows (all share ``sgm``)."""
     import torch
 
@@ -130,12 +131,12 @@ def to_sgm(rows: list[KeyMap], get: Callable[[KeyMap], "torch.Tensor"]) -> "torc
 
 
 def sgm_to_diffusers_state_dicts(
-    tensors: dict[str, "torch.Tensor"], table: LayoutTable, components: Iterable[Component], *, source: str = "checkpoint"
-) -> dict[Component, dict[str, "torch.Tensor"]]:
+    tensors: dict[str, torch.Tensor], table: LayoutTable, components: Iterable[Component], *, source: str = "checkpoint"
+) -> dict[Component, dict[str, torch.Tensor]]:
     """Convert single-file tensors into one diffusers state dict per component (total)."""
     comps = list(components)
     table.check_total(tensors.keys(), source, comps)
-    out: dict[Component, dict[str, "torch.Tensor"]] = {c: {} for c in comps}
+    out: dict[Component, dict[str, torch.Tensor]] = {c: {} for c in comps}
     for r in table.rows:
         if r.component in out and r.diffusers is not None and r.sgm_key in tensors:
             out[r.component][r.diffusers] = to_diffusers(r, tensors[r.sgm_key])
@@ -143,10 +144,10 @@ def sgm_to_diffusers_state_dicts(
 
 
 def diffusers_to_sgm_state_dict(
-    state_dicts: dict[Component, dict[str, "torch.Tensor"]], table: LayoutTable, *, source: str = "diffusers model"
-) -> dict[str, "torch.Tensor"]:
+    state_dicts: dict[Component, dict[str, torch.Tensor]], table: LayoutTable, *, source: str = "diffusers model"
+) -> dict[str, torch.Tensor]:
     """Convert diffusers state dicts (one per component) into single-file tensors (total)."""
-    out: dict[str, "torch.Tensor"] = {}
+    out: dict[str, torch.Tensor] = {}
     for comp, sd in state_dicts.items():
         rows = table.component_rows(comp)
         want = {r.diffusers for r in rows if r.diffusers is not None}

@@ -9,13 +9,14 @@ memory. Both give the same :meth:`LoraModule.delta`, and both are written by
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Literal
 
 from lora_tools.errors import InvalidFileError
-from lora_tools.layouts.table import Component
 from lora_tools.io.sources import SafetensorsSource, StateDictSource, TensorMeta
+from lora_tools.layouts.table import Component
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ class LoraModule:
     keys: Mapping[str, str]
     alpha: float | None
     rank: int
-    source: "SafetensorsSource | StateDictSource" = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+    source: SafetensorsSource | StateDictSource = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
     naming: str = "kohya"
     spelling: str = "kohya"
     envelope: str | None = None
@@ -63,7 +64,7 @@ class LoraModule:
         """The factor roles this module holds, in file order."""
         return tuple(self.keys)
 
-    def factor(self, role: str) -> "torch.Tensor":
+    def factor(self, role: str) -> torch.Tensor:
         """The factor tensor of ``role``, in its stored dtype."""
         return self.source.tensor(self.keys[role])
 
@@ -85,7 +86,7 @@ class LoraModule:
         """Whether the module changes the bias beside its weight (``.diff_b``/``.b_norm``)."""
         return "diff_b" in self.keys
 
-    def bias_delta(self, shape: tuple[int, ...] | None = None) -> "torch.Tensor":
+    def bias_delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The module's dense float32 bias delta (``diff_b``), not multiplied by a strength.
 
         Not scaled by alpha/rank: ComfyUI adds a bias diff as a plain difference whatever the weight's
@@ -175,7 +176,7 @@ class LoraModule:
         f1, f2 = f1 + (1,) * (n - len(f1)), f2 + (1,) * (n - len(f2))
         return tuple(a * b for a, b in zip(f1, f2))
 
-    def delta(self, shape: tuple[int, ...] | None = None) -> "torch.Tensor":
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The module's dense float32 delta, multiplied by :attr:`scale` (not by a strength).
 
         Needs no base weight. DoRA's magnitude step does (see :func:`lora_tools.lora.delta.dora_apply`):
@@ -189,7 +190,7 @@ class LoraModule:
 
         target = tuple(shape) if shape is not None else self.natural_shape()
 
-        def t(role: str) -> "torch.Tensor | None":
+        def t(role: str) -> torch.Tensor | None:
             return self.factor(role) if role in self.keys else None
 
         if self.kind == "lora":
@@ -211,7 +212,7 @@ class LoraModule:
         return raw
 
 
-def _f32() -> "torch.dtype":
+def _f32() -> torch.dtype:
     import torch
 
     return torch.float32
@@ -249,14 +250,14 @@ class LoraAdapter:
     def close(self) -> None:
         self.source.close()
 
-    def __enter__(self) -> "LoraAdapter":
+    def __enter__(self) -> LoraAdapter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def with_modules(self, modules: Iterable[LoraModule], *, metadata: Mapping[str, str] | None = None,
-                     format: str | None = None) -> "LoraAdapter":
+                     format: str | None = None) -> LoraAdapter:
         """A new in-memory adapter holding ``modules`` (their factors are read now).
 
         Args:
@@ -269,9 +270,9 @@ class LoraAdapter:
                             format or self.format)
 
     @classmethod
-    def from_tensors(cls, factors: Mapping[tuple[Component, str], Mapping[str, "torch.Tensor"]], *,
+    def from_tensors(cls, factors: Mapping[tuple[Component, str], Mapping[str, torch.Tensor]], *,
                      alphas: Mapping[tuple[Component, str], float | None] | None = None,
-                     format: str = "kohya", metadata: Mapping[str, str] | None = None) -> "LoraAdapter":
+                     format: str = "kohya", metadata: Mapping[str, str] | None = None) -> LoraAdapter:
         """Build an in-memory adapter from factor tensors.
 
         Args:
@@ -289,7 +290,7 @@ class LoraAdapter:
 
         fmt = get_format(format)
         alphas = alphas or {}
-        store: dict[str, "torch.Tensor"] = {}
+        store: dict[str, torch.Tensor] = {}
         modules = []
         for (component, name), roles in factors.items():
             keys = {}
@@ -315,7 +316,7 @@ def _one(values: set[str], empty: str) -> str:
 
 
 def _materialise(modules: list[LoraModule], metadata: dict[str, str], fmt: str) -> LoraAdapter:
-    store: dict[str, "torch.Tensor"] = {}
+    store: dict[str, torch.Tensor] = {}
     source = StateDictSource(None, store, metadata)  # type: ignore[arg-type]
     out = []
     seen: set[tuple[str, str]] = set()

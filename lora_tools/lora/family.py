@@ -11,7 +11,8 @@ in SD1.x, 1024 (OpenCLIP-H) in SD2.x. A Flux LoRA names Flux's own blocks at its
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable, Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
 
 from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
 

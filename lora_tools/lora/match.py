@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Literal
 
 from lora_tools.errors import ShapeMismatchError
 from lora_tools.layouts.targets import ModuleTarget, TargetIndex
+from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.family import context_hint, sd_hint
-from lora_tools.lora.adapter import LoraModule, LoraAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +147,7 @@ def _delta_shape(adapter: LoraAdapter, m: LoraModule) -> str:
     return str(list(src.meta(m.keys["diff"]).shape))
 
 
-def module_delta(adapter: LoraAdapter, mm: MatchedModule) -> "torch.Tensor":
+def module_delta(adapter: LoraAdapter, mm: MatchedModule) -> torch.Tensor:
     """The module's dense delta in float32, scaled by alpha/rank (not by strength): :meth:`LoraModule.delta`
     in the target's shape (one rule for the fuse, inspect and every LoRA operation)."""
     return mm.module.delta(mm.target.shape)

@@ -34,12 +34,12 @@ class Pair:
     shape: tuple[int, ...]
 
 
-def module_key(m: "LoraModule") -> tuple[str, str]:
+def module_key(m: LoraModule) -> tuple[str, str]:
     """The identity of a module across LoRAs of one naming family."""
     return (m.component, m.name)
 
 
-def refuse_bias_diff(m: "LoraModule", verb: str) -> None:
+def refuse_bias_diff(m: LoraModule, verb: str) -> None:
     """Resize and merge produce low-rank weight deltas only: a module that also changes its bias
     (``.diff_b``/``.b_norm``) is refused rather than losing that bias diff without a word."""
     if m.changes_bias:
@@ -49,12 +49,12 @@ def refuse_bias_diff(m: "LoraModule", verb: str) -> None:
         )
 
 
-def is_low_rank(m: "LoraModule") -> bool:
+def is_low_rank(m: LoraModule) -> bool:
     """Whether the module is a plain LoRA/LoCon/Tucker pair (not LoHa, LoKr, full, DoRA)."""
     return m.kind == "lora" and not m.is_dora
 
 
-def pair_of(m: "LoraModule") -> Pair:
+def pair_of(m: LoraModule) -> Pair:
     """The module's factors as a 2-D pair (Tucker through its factors); LoRA kind only."""
     if not is_low_rank(m):
         raise UsageError(f"module '{m.name}' is {m.algorithm}, not a plain low-rank pair")
@@ -66,7 +66,7 @@ def pair_of(m: "LoraModule") -> Pair:
     return Pair(u, d, m.scale, shape)
 
 
-def dense_of(m: "LoraModule") -> Tensor:
+def dense_of(m: LoraModule) -> Tensor:
     """The module's scaled delta, flattened to 2-D ``(out, in * kh * kw)``, float32."""
     if m.is_dora:
         raise UsageError(
@@ -86,7 +86,7 @@ def roles_from_pair(up: Tensor, down: Tensor, shape: tuple[int, ...]) -> dict[st
     return {"up": up.contiguous(), "down": down.contiguous()}
 
 
-def check_same_architecture(adapters: list[tuple[str, "LoraAdapter"]]) -> None:
+def check_same_architecture(adapters: list[tuple[str, LoraAdapter]]) -> None:
     """Refuse LoRAs whose common modules target different weight shapes (different models).
 
     Raises:
@@ -105,16 +105,16 @@ def check_same_architecture(adapters: list[tuple[str, "LoraAdapter"]]) -> None:
                 )
 
 
-def respelled(adapter: "LoraAdapter", format: str, label: str) -> "LoraAdapter":
+def respelled(adapter: LoraAdapter, format: str, label: str) -> LoraAdapter:
     """`adapter` with its keys spelled in `format` (in memory; the same factors), for matching modules.
 
     Returns `adapter` itself when it already is in `format`.
     """
     if adapter.format == format:
         return adapter
+    from lora_tools.io.sources import StateDictSource
     from lora_tools.lora.load import load_lora
     from lora_tools.lora.save import spelled_tensors
-    from lora_tools.io.sources import StateDictSource
 
     tensors, metadata = spelled_tensors(adapter, format=format)
     return load_lora(label, source=StateDictSource(Path(label), tensors, metadata))

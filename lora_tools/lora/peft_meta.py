@@ -17,7 +17,8 @@ import json
 import math
 import re
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from lora_tools.layouts.table import Component
 

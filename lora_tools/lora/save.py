@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_tools import provenance
 from lora_tools.errors import Hint, KeyMismatchError, NonFiniteError, UsageError
+from lora_tools.io.safetensors import DTYPE_ALIASES, is_float_dtype
 from lora_tools.layouts.table import SGM_PREFIXES, Component, module_of
 from lora_tools.lora import peft_meta
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
-from lora_tools.lora.scale import module_scale
 from lora_tools.lora.formats import FORMATS, Format, get_format
+from lora_tools.lora.scale import module_scale
 from lora_tools.lora.spelling import NAMINGS, PROCESSOR, spell_key
-from lora_tools.io.safetensors import DTYPE_ALIASES, is_float_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -176,13 +177,13 @@ def write_plan(plan: SavePlan, path: str | os.PathLike[str], *, metadata: Mappin
 
 
 def spelled_tensors(adapter: LoraAdapter, *, format: str | None = None, metadata: Mapping[str, str] | None = None,
-                    dtype: str | None = None) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+                    dtype: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata :func:`save_lora` would write (without its record), in memory."""
     plan = plan_save(adapter, format=format, metadata=metadata, dtype=dtype)
     return {t.key: _value(t) for t in plan.tensors}, plan.metadata
 
 
-def _value(t: PlannedTensor) -> "torch.Tensor":
+def _value(t: PlannedTensor) -> torch.Tensor:
     import torch
 
     from lora_tools.io.safetensors import torch_dtype
@@ -198,7 +199,7 @@ def _value(t: PlannedTensor) -> "torch.Tensor":
     return out
 
 
-def check_finite(t: PlannedTensor, value: "torch.Tensor", out: "torch.Tensor") -> None:
+def check_finite(t: PlannedTensor, value: torch.Tensor, out: torch.Tensor) -> None:
     """Refuse a derived tensor that holds NaN/Inf, or whose values overflow the output dtype.
 
     Every tensor of every LoRA writer passes here (:func:`write_plan`, :func:`spelled_tensors`), so
@@ -286,7 +287,7 @@ def _translate(m: LoraModule, fmt: Format) -> str:
         hint=Hint("format", f"naming a format of the {m.naming} family", "NAME"))
 
 
-def _lookup(component: Component, name: str) -> "ModuleTarget | None":
+def _lookup(component: Component, name: str) -> ModuleTarget | None:
     for index in _indexes():
         t = index.lookup(component, name)
         if t is not None:
@@ -295,7 +296,7 @@ def _lookup(component: Component, name: str) -> "ModuleTarget | None":
 
 
 @lru_cache(maxsize=1)
-def _indexes() -> tuple["TargetIndex", ...]:
+def _indexes() -> tuple[TargetIndex, ...]:
     from lora_tools.layouts.sdxl import FULL, TINY
     from lora_tools.layouts.targets import TargetIndex
 

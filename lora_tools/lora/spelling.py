@@ -11,8 +11,9 @@ ComfyUI's loader (``comfy/lora.py``); tables are written from the formats' defin
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 from lora_tools.layouts.table import Component
 

@@ -12,11 +12,11 @@ job (it needs the base).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from lora_tools.errors import NonFiniteError, ShapeMismatchError
-from lora_tools.lora.adapter import LoraModule, LoraAdapter
+from lora_tools.lora.adapter import LoraAdapter, LoraModule
 
 Shape = tuple[int, ...]
 

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from lora_tools.errors import Hint, UsageError
-from lora_tools.lora.validate import validate_lora
-from lora_tools.lora.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
 from lora_tools.engine.differences import paired_targets, stream_differences
+from lora_tools.errors import Hint, UsageError
+from lora_tools.lora.lowrank import StrengthFit, column_overlap, cosine_similarity, inner_product
 from lora_tools.lora.pairs import is_low_rank, pair_of
+from lora_tools.lora.validate import validate_lora
 
 if TYPE_CHECKING:
+    from lora_tools.io.model import ModelSource
     from lora_tools.layouts.targets import ModuleTarget
     from lora_tools.lora.adapter import LoraAdapter, LoraModule
-    from lora_tools.io.model import ModelSource
 
 
 @dataclass
@@ -87,12 +88,12 @@ class AnalyzeReport:
         return out
 
 
-def _flat(m: "LoraModule", shape: tuple[int, ...]) -> torch.Tensor:
+def _flat(m: LoraModule, shape: tuple[int, ...]) -> torch.Tensor:
     d = m.delta(shape)
     return d.reshape(-1).to(torch.float64)
 
 
-def _energy(m: "LoraModule") -> float:
+def _energy(m: LoraModule) -> float:
     """``||delta||_F^2`` of a module, through its factors when it is a plain pair."""
     if is_low_rank(m):
         p = pair_of(m)
@@ -101,7 +102,7 @@ def _energy(m: "LoraModule") -> float:
     return float(m.delta().double().pow(2).sum())
 
 
-def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str, "LoraAdapter"]], *,
+def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str, LoraAdapter]], *,
                   sample: int | None = None) -> AnalyzeReport:
     """Fit ``model - base`` onto each candidate LoRA's delta by least squares, module by module.
 
@@ -130,7 +131,7 @@ def analyze_model(model: str | Path, base: str | Path, loras: Sequence[tuple[str
         return fit_models(a, b, loras, labels=(Path(model).name, Path(base).name), sample=sample)
 
 
-def fit_models(a: "ModelSource", b: "ModelSource", loras: Sequence[tuple[str, "LoraAdapter"]], *,
+def fit_models(a: ModelSource, b: ModelSource, loras: Sequence[tuple[str, LoraAdapter]], *,
                labels: tuple[str, str], sample: int | None = None) -> AnalyzeReport:
     """:func:`analyze_model` on two open models (``a - b``); `labels` name them in errors."""
     from lora_tools.layouts.targets import TargetIndex
@@ -145,7 +146,7 @@ def fit_models(a: "ModelSource", b: "ModelSource", loras: Sequence[tuple[str, "L
     comps = sorted({m.component for _, ad in loras for m in ad.modules})
     targets = {t.sgm_key + repr(t.part): t for t in paired_targets(a, b, comps, labels)}
     index = TargetIndex(a.cfg.table)
-    by_target: dict[str, list[tuple[int, "LoraModule"]]] = {}
+    by_target: dict[str, list[tuple[int, LoraModule]]] = {}
     for j, (label, ad) in enumerate(loras):
         for m in ad.modules:
             t = index.lookup(m.component, m.name)
@@ -158,7 +159,7 @@ def fit_models(a: "ModelSource", b: "ModelSource", loras: Sequence[tuple[str, "L
         by_target = {k: v for k, v in by_target.items() if k in keep}
     counts = [0] * n
 
-    def fit(t: "ModuleTarget", difference: torch.Tensor) -> None:
+    def fit(t: ModuleTarget, difference: torch.Tensor) -> None:
         mods = by_target[t.sgm_key + repr(t.part)]
         diff = difference.reshape(-1).to(torch.float64)
         flats = [torch.zeros_like(diff) for _ in range(n)]

@@ -11,15 +11,16 @@ no reference (or one of another shape) the check is skipped, and only lora_tools
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from lora_tools.errors import Hint, InvalidFileError, LoraToolsError, UsageError
 from lora_tools.presets.local import reference_base
 
 if TYPE_CHECKING:
-    from lora_tools.lora.adapter import LoraAdapter
     from lora_tools.io.model import ModelSource
+    from lora_tools.lora.adapter import LoraAdapter
     from lora_tools.ops.analyze import LoraFit
     from lora_tools.presets import AccelerationPreset
 
@@ -30,8 +31,8 @@ MIN_STRENGTH = 0.5
 #: ...when the fit also explains this much of the sampled difference (an unrelated change of n
 #: numbers explains about 1/n of it; a fine-tune ten times the preset's delta still leaves ~1 %).
 MIN_EXPLAINED = 0.01
-def baked_fit(model: "ModelSource", reference: "ModelSource", label: str, lora: "LoraAdapter", *,
-              sample: int = SAMPLE_MODULES) -> "LoraFit | None":
+def baked_fit(model: ModelSource, reference: ModelSource, label: str, lora: LoraAdapter, *,
+              sample: int = SAMPLE_MODULES) -> LoraFit | None:
     """How much of `lora` `model` holds over `reference`, fitted on `sample` modules.
 
     Args:
@@ -58,12 +59,12 @@ def baked_fit(model: "ModelSource", reference: "ModelSource", label: str, lora: 
     return report.fits[0]
 
 
-def is_baked(fit: "LoraFit") -> bool:
+def is_baked(fit: LoraFit) -> bool:
     """Whether a fit says the LoRA is in the model (:data:`MIN_STRENGTH`, :data:`MIN_EXPLAINED`)."""
     return fit.strength >= MIN_STRENGTH and fit.explained >= MIN_EXPLAINED
 
 
-def check_not_baked(model: "ModelSource", loras: Sequence[tuple[str, "LoraAdapter", "AccelerationPreset"]], *,
+def check_not_baked(model: ModelSource, loras: Sequence[tuple[str, LoraAdapter, AccelerationPreset]], *,
                     reference: str | Path | None = None, preset_dir: str | Path | None = None,
                     force: bool = False) -> None:
     """Refuse to bake an acceleration preset into a checkpoint that already holds it.

@@ -14,13 +14,14 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_tools.errors import InvalidFileError, LoraToolsError
-from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.io.safetensors import DTYPE_SIZES, SafetensorsHeader, TensorFile, is_float_dtype, read_header
+from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -113,9 +114,9 @@ def _check_record(header: SafetensorsHeader, result: CheckResult) -> None:
 
 def _check_lora_factors(header: SafetensorsHeader, result: CheckResult) -> None:
     """A LoRA's factors must fit each other (up's rank is down's ...); other files have none."""
+    from lora_tools.io.sources import SafetensorsSource
     from lora_tools.lora.load import load_lora
     from lora_tools.lora.validate import check_factor_shapes
-    from lora_tools.io.sources import SafetensorsSource
 
     try:
         adapter = load_lora(header.path, source=SafetensorsSource(header.path, header))

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 TARGET_FORMATS = ("kohya", "kohya-diffusers", "diffusers", "peft", "comfy")
 
 
-def convert_lora(adapter: "LoraAdapter", to: str) -> tuple["LoraAdapter", str]:
+def convert_lora(adapter: LoraAdapter, to: str) -> tuple[LoraAdapter, str]:
     """The LoRA to write in format `to`: the same modules and factors, a ``loratool`` record added.
 
     The key spelling is done by :func:`lora_tools.lora.save.save_lora` when it writes in format `to`.

@@ -9,8 +9,9 @@ matching type of :mod:`lora_tools.cli._types`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from lora_tools.lora.lowrank import DenseSvd, Truncation
 
+
 @dataclass(frozen=True, slots=True)
 class ModuleFit:
     """One module's rank change and what it lost.

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-from lora_tools.io.model import TensorRef
-from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
 from lora_tools.engine.contributions import BiasDiff, module_contribution
+from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
+from lora_tools.io.model import TensorRef
+from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
+from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.output.plan import WrittenFile
 from lora_tools.output.sinks import CheckpointSink, ComponentSink, DiffusersFolderSink, tokenizer_provider
 from lora_tools.presets import SDXL_BASE_REPO, AccelerationPreset
-from lora_tools.output.metadata import output_metadata as build_output_metadata
 from lora_tools.provenance import build_record
-from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 

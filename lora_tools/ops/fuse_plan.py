@@ -8,29 +8,36 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping, Sequence, TypeVar
+from typing import Literal, TypeVar
 
-from lora_tools.errors import (Hint, KeyMismatchError, ShapeMismatchError,
-                               UnsupportedModelError, UsageError)
-from lora_tools.layouts.targets import TargetIndex
-from lora_tools.lora.load import load_lora
-from lora_tools.lora.adapter import LoraAdapter
-from lora_tools.lora.match import LoraMatch, MatchedModule, match_lora
-from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
+from lora_tools.errors import Hint, KeyMismatchError, ShapeMismatchError, UnsupportedModelError, UsageError
 from lora_tools.io import atomic
 from lora_tools.io.model import ModelSource, open_model
-from lora_tools.ops.baked import check_not_baked
-from lora_tools.output import plan as output_plan
-from lora_tools.presets.local import BASE_UNET_NAMES
-from lora_tools.presets import (SDXL_BASE_REPO, SDXL_BASE_UNET_FILE, AccelerationPreset, SamplerSettings,
-                                get_preset, identify_file, lightning_preset)
-from lora_tools.provenance import fused_preset
 from lora_tools.io.safetensors import DTYPE_ALIASES, DTYPE_SIZES
 from lora_tools.io.sources import SafetensorsSource
+from lora_tools.layouts.targets import TargetIndex
+from lora_tools.lora.adapter import LoraAdapter
+from lora_tools.lora.load import load_lora
+from lora_tools.lora.match import LoraMatch, MatchedModule, match_lora
+from lora_tools.lora.validate import raise_factor_problems, raise_non_finite
+from lora_tools.ops.baked import check_not_baked
+from lora_tools.output import plan as output_plan
+from lora_tools.presets import (
+    SDXL_BASE_REPO,
+    SDXL_BASE_UNET_FILE,
+    AccelerationPreset,
+    SamplerSettings,
+    get_preset,
+    identify_file,
+    lightning_preset,
+)
+from lora_tools.presets.local import BASE_UNET_NAMES
+from lora_tools.provenance import fused_preset
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,7 +98,7 @@ class FusePlan:
     overwrite: bool = False
     hash_base: bool = False
     verify_output: bool = False
-    hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
+    hashes: dict[Path, Future[str]] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
 
     @property
     def lightning_steps(self) -> int | None:
@@ -351,7 +358,7 @@ def warn_deprecated(old: str, new: str) -> None:
     warnings.warn(f"plan_fuse({old}=...) is deprecated: use {new}.", DeprecationWarning, stacklevel=4)
 
 
-def _hash_in_background(paths: list[Path]) -> dict[Path, "Future[str]"]:
+def _hash_in_background(paths: list[Path]) -> dict[Path, Future[str]]:
     """sha256 of the LoRA files for the record, hashed beside the checks that read them anyway."""
     from lora_tools.io.hashing import sha256_file
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import Hint, UsageError
 from lora_tools.output.plan import check_output
@@ -57,7 +58,7 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
                       tuple(Path(p) for p in inputs))
 
 
-def write_lora(adapter: "LoraAdapter", out: LoraOutput, *, record: "Mapping[str, Any] | None" = None) -> Path:
+def write_lora(adapter: LoraAdapter, out: LoraOutput, *, record: Mapping[str, Any] | None = None) -> Path:
     """Write `adapter` to the planned output through :func:`~lora_tools.lora.save.save_lora`.
 
     Args:
@@ -81,7 +82,7 @@ def write_lora(adapter: "LoraAdapter", out: LoraOutput, *, record: "Mapping[str,
                      overwrite=out.overwrite, record=rec, inputs=out.inputs)
 
 
-def tensor_bytes(adapter: "LoraAdapter", dtype: str | None) -> int:
+def tensor_bytes(adapter: LoraAdapter, dtype: str | None) -> int:
     """Bytes of the adapter's factor tensors at `dtype` (``None``: as stored)."""
     import torch
 

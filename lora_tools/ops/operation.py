@@ -6,9 +6,10 @@ The table of every operation is :data:`lora_tools.ops.registry.OPS`; each verb m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -66,7 +67,7 @@ class OpResult:
 
     files: list[Path] = field(default_factory=list)
     report: Any = None
-    adapter: "LoraAdapter | None" = None
+    adapter: LoraAdapter | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,7 +42,7 @@ class RescaleReport:
                 "dropped": self.dropped}
 
 
-def _scaled_module(m: "LoraModule", s: float) -> dict[str, torch.Tensor]:
+def _scaled_module(m: LoraModule, s: float) -> dict[str, torch.Tensor]:
     if m.is_dora:
         raise UsageError(
             f"module '{m.name}' is DoRA: its delta is renormalised against the base weight, so no factor "
@@ -60,7 +61,7 @@ def _scaled_module(m: "LoraModule", s: float) -> dict[str, torch.Tensor]:
     return out
 
 
-def block_strength(adapter: "LoraAdapter", blocks: "BlockWeights") -> Callable[["LoraModule"], float]:
+def block_strength(adapter: LoraAdapter, blocks: BlockWeights) -> Callable[[LoraModule], float]:
     """Each module's block weight (the shared SDXL block names), checked to match some module.
 
     Raises:
@@ -83,10 +84,10 @@ def block_strength(adapter: "LoraAdapter", blocks: "BlockWeights") -> Callable[[
     return lambda m: blocks.weight(by_module[(m.component, m.name)])
 
 
-def rescale_lora(adapter: "LoraAdapter", strength: float, *,
-                 module_strength: Callable[["LoraModule"], float] | None = None,
-                 blocks: "BlockWeights | None" = None,
-                 components: Iterable[str] | None = None) -> tuple["LoraAdapter", RescaleReport]:
+def rescale_lora(adapter: LoraAdapter, strength: float, *,
+                 module_strength: Callable[[LoraModule], float] | None = None,
+                 blocks: BlockWeights | None = None,
+                 components: Iterable[str] | None = None) -> tuple[LoraAdapter, RescaleReport]:
     """A LoRA whose delta at strength 1.0 is `strength` times this one's, module by module.
 
     One factor per module is multiplied (``up`` for LoRA/LoCon/Tucker, ``w1a`` for LoHa, ``w1``

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lora_tools.errors import UsageError
-from lora_tools.lora.validate import validate_lora
 from lora_tools.lora.lowrank import RankRule, dense_svd, truncate
-from lora_tools.ops.fit import FitReport, fit_of
 from lora_tools.lora.pairs import (
     dense_of,
     is_low_rank,
@@ -16,14 +14,16 @@ from lora_tools.lora.pairs import (
     refuse_bias_diff,
     roles_from_pair,
 )
+from lora_tools.lora.validate import validate_lora
+from lora_tools.ops.fit import FitReport, fit_of
 from lora_tools.provenance import build_record, derived_metadata, source_entry, with_record
 
 if TYPE_CHECKING:
     from lora_tools.lora.adapter import LoraAdapter
 
 
-def resize_lora(adapter: "LoraAdapter", rule: RankRule, *, conv_rule: RankRule | None = None
-                ) -> tuple["LoraAdapter", FitReport]:
+def resize_lora(adapter: LoraAdapter, rule: RankRule, *, conv_rule: RankRule | None = None
+                ) -> tuple[LoraAdapter, FitReport]:
     """Reduce every module's rank by optimal truncated SVD of its delta.
 
     Plain LoRA/LoCon/Tucker modules go through their factors (QR of ``up`` and ``down``, SVD of

@@ -8,7 +8,8 @@ model-spec keys (``modelspec.*``, as kohya's sd-scripts and ComfyUI write them),
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from lora_tools.provenance import utc_now, with_record
 

@@ -9,9 +9,10 @@ plan time; the writers (:mod:`lora_tools.output.sinks`) then reserve the exact b
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 from lora_tools.errors import Hint, OutputError, OutputExistsError, UsageError
 from lora_tools.io.atomic import TEMP_SUFFIX, existing_ancestor
@@ -123,7 +124,7 @@ class ExistsError(OutputExistsError):
     """An output exists: ``'X' already exists: pass overwrite=True to replace it, or output=PATH
     to choose another name`` (the CLI spells both parameters as its flags)."""
 
-    def render(self, spell_param: "object | None" = None) -> str:
+    def render(self, spell_param: object | None = None) -> str:
         if self.hint is None:
             return self.message
         flag = spell_param if callable(spell_param) else None

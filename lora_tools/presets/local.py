@@ -28,8 +28,8 @@ class PresetFiles:
         missing: the presets with a LoRA file that is in neither.
     """
 
-    found: list[tuple["AccelerationPreset", Path]]
-    missing: list["AccelerationPreset"]
+    found: list[tuple[AccelerationPreset, Path]]
+    missing: list[AccelerationPreset]
 
 
 def local_preset_loras(preset_dir: str | Path | None = None) -> PresetFiles:

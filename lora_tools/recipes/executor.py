@@ -9,7 +9,8 @@ waiting on a job's dependencies' results) implements the same :class:`Executor` 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from lora_tools.recipes.jobs import JobResult, Progress, ResolvedJob
 from lora_tools.recipes.registry import run_job

@@ -12,9 +12,10 @@ holds (inputs with sha256, tool version, every option), ``created`` excepted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 from lora_tools.errors import LoraToolsError, OutputExistsError
 from lora_tools.provenance import read_record

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lora_tools.errors import OutputExistsError
 from lora_tools.ops.registry import Operation
@@ -21,7 +22,7 @@ from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob, decide, note_changes, record_diff
 
 
-def compare_entries(outputs: tuple[str, ...], stored: Mapping[str, "dict[str, Any] | None | bool"],
+def compare_entries(outputs: tuple[str, ...], stored: Mapping[str, dict[str, Any] | None | bool],
                     expected: Mapping[str, Any]) -> tuple[str, str]:
     """``run``/``redo``/``skip`` and why. ``stored[path]``: the recorded entry, ``None`` when the output
     exists without one (never replaced: :class:`OutputExistsError`), ``False`` when it is missing."""
@@ -39,7 +40,7 @@ def compare_entries(outputs: tuple[str, ...], stored: Mapping[str, "dict[str, An
     return decide(len(outputs), missing, differ)
 
 
-def lora_file_entry(path: Path) -> "dict[str, Any] | None | bool":
+def lora_file_entry(path: Path) -> dict[str, Any] | None | bool:
     """The run entry of a safetensors output (``False``: missing; ``None``: not one of ours)."""
     from lora_tools.errors import LoraToolsError
     from lora_tools.io.safetensors import read_header
@@ -54,7 +55,7 @@ def lora_file_entry(path: Path) -> "dict[str, Any] | None | bool":
     return entry if isinstance(entry, dict) else None
 
 
-def json_file_entry(path: Path) -> "dict[str, Any] | None | bool":
+def json_file_entry(path: Path) -> dict[str, Any] | None | bool:
     """The run entry of a JSON report (``False``: missing; ``None``: not one of ours)."""
     if not path.exists():
         return False

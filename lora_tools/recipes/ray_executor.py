@@ -23,7 +23,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from lora_tools.errors import ClusterError, UsageError

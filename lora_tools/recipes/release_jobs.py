@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lora_tools.errors import OutputExistsError
-from lora_tools.provenance import LORATOOL_METADATA_KEY
 from lora_tools.ops.registry import Operation
+from lora_tools.provenance import LORATOOL_METADATA_KEY
 from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob
 from lora_tools.recipes.lora_jobs import compare_entries
 
@@ -42,7 +43,7 @@ class VerifyJob:
         return self.op.plan(options.model_copy(update=update), overwrite=True)
 
     @staticmethod
-    def stored(folder: Path) -> "tuple[dict[str, Any] | None | bool, bool]":
+    def stored(folder: Path) -> tuple[dict[str, Any] | None | bool, bool]:
         """``(recipe entry, passed)`` of an earlier run's ``report.json`` (entry ``False``: no folder)."""
         if not folder.exists():
             return False, False

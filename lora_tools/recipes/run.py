@@ -10,21 +10,22 @@ outputs already hold the same record are skipped, the others run.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from lora_tools.errors import LoraToolsError, RecipeError
-from lora_tools.special_files import special_kind
+from lora_tools.ops.registry import OPS
 from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
 from lora_tools.recipes.jobs import JobCheck, JobResult, ResolvedJob
-from lora_tools.recipes.registry import check_job
 from lora_tools.recipes.loader import Marks, load_file, load_text
-from lora_tools.ops.registry import OPS
+from lora_tools.recipes.registry import check_job
 from lora_tools.recipes.schema import OUTPUT_KEYS, FileInput, HubInput, Job, RecipeHead, dotted, error_from_validation
+from lora_tools.special_files import special_kind
 
 #: Top-level keys ``--set`` may change directly.
 _SETTABLE = ("output_dir", "created")

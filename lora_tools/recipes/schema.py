@@ -30,8 +30,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, \
-    model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from lora_tools.hub import REPO_ID_RE
 from lora_tools.ops.registry import OPS, Operation
@@ -126,7 +135,7 @@ class _JobBase(_Strict):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "_JobBase":
+    def _one_kind(self) -> _JobBase:
         kinds = [k for k in JOB_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError(f"a job needs exactly one of: {', '.join(JOB_KINDS)}")
@@ -157,8 +166,7 @@ def _input_tag(v: Any) -> str:
 
 
 #: An input: a path string, ``{path:, sha256:}`` or ``{hub:, revision:, sha256:}``.
-InputSpec = Annotated[Union[Annotated[str, Tag("str")], Annotated[FileInput, Tag("file")],
-                            Annotated[HubInput, Tag("hub")]], Discriminator(_input_tag)]
+InputSpec = Annotated[Annotated[str, Tag("str")] | Annotated[FileInput, Tag("file")] | Annotated[HubInput, Tag("hub")], Discriminator(_input_tag)]
 #: Union tags pydantic puts into error locations (dropped when errors are shown).
 UNION_TAGS = ("str", "file", "hub")
 
@@ -230,7 +238,7 @@ _EXPECTED = {
 
 
 def error_from_validation(e: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...],
-                          place: Any) -> "tuple[str, str]":
+                          place: Any) -> tuple[str, str]:
     """The first pydantic error as ``(location, message)``: ``jobs[1].fuse.strength: expected a
     number, got 'high'``. ``place(path, key=bool)`` gives ``file:line:column`` of a path."""
     import difflib

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import RecipeError
+from lora_tools.io.safetensors import read_header
 from lora_tools.ops.registry import OPS
 from lora_tools.provenance import dump_recipe, read_record, recipe_from_record
-from lora_tools.io.safetensors import read_header
 
 
 def recipe_of_file(path: str | Path) -> dict[str, Any]:

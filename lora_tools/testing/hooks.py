@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PAUSE_ENV = "LORATOOL_TEST_PAUSE_AT"
 READY_ENV = "LORATOOL_TEST_READY"

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Literal
 
 import torch
 
-from lora_tools.layouts.sdxl import SIZES, TINY, SDXLConfig, to_diffusers
-from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
 from lora_tools.io.diffusers_folder import ALL_COMPONENTS, write_byte_tokenizer, write_pipeline_configs
 from lora_tools.io.safetensors import DTYPE_ALIASES, StreamingWriter, TensorPlan, torch_dtype
+from lora_tools.layouts.sdxl import SIZES, TINY, SDXLConfig, to_diffusers
+from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
 
 Size = Literal["micro", "tiny", "full"]
 #: The smallest SDXL topology our tables and diffusers build: tiny's widths with one transformer block per

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
+from lora_tools.io.safetensors import DTYPE_ALIASES, torch_dtype
 from lora_tools.layouts.sdxl import SDXLConfig
-from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.layouts.table import Component
+from lora_tools.layouts.targets import ModuleTarget, TargetIndex
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.formats import get_format
 from lora_tools.lora.save import plan_save, spell_module, spelled_tensors, write_plan
 from lora_tools.lora.spelling import spell_key
-from lora_tools.io.safetensors import DTYPE_ALIASES, torch_dtype
 from lora_tools.testing.synthetic import Size, config_for
 
 #: Format names (see :data:`lora_tools.lora.formats.FORMATS`; ``kohya-sgm``/``peft-raw`` are old aliases).

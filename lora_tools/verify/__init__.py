@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import Hint, NonFiniteError, UsageError
-from lora_tools.presets import PRESETS, AccelerationPreset, SamplerSettings, get_preset, identify_file, sampler_from_record
+from lora_tools.presets import (
+    PRESETS,
+    AccelerationPreset,
+    SamplerSettings,
+    get_preset,
+    identify_file,
+    sampler_from_record,
+)
 from lora_tools.provenance import read_record
 from lora_tools.verify.report import ImageResult, VerifyReport
 
@@ -87,9 +94,9 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         [`UsageError`]: no settings to be found, contradicting steps or preset, bad sizes or devices.
         [`OutputExistsError`]: ``out`` holds an earlier report and ``overwrite`` is not set.
     """
+    from lora_tools.io.safetensors import read_header
     from lora_tools.verify.pipeline import model_kind
     from lora_tools.verify.sampler import pick_device
-    from lora_tools.io.safetensors import read_header
 
     path = Path(model)
     kind = model_kind(path)

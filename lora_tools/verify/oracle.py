@@ -6,10 +6,12 @@ is :func:`lora_tools.verify.weights.compare_with_runtime_lora`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lora_tools.verify.sampler import quiet_diffusers
+
 
 def apply_runtime_loras(pipe: Any, loras: Sequence[tuple[str | Path, float]]) -> None:
     """Apply ``loras`` to ``pipe`` at run time through diffusers (``load_lora_weights`` +

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import Hint, InvalidFileError, UsageError
-from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.io.safetensors import load_tensors, read_header
+from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.verify.sampler import quiet_diffusers
 
 __all__ = ["LoadedPipeline", "build_pipeline", "find_config_dir", "model_kind", "torch_dtype"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from lora_tools.presets.sampler import SamplerSettings
 
@@ -119,7 +120,7 @@ def sampler_pipeline(unet: Any, vae: Any, sampler: SamplerSettings | Mapping[str
 
 
 def random_conditioning(unet_config: Mapping[str, Any], *, batch: int = 1, seed: int = 0, device: str = "cpu",
-                        dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
+                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded prompt and pooled embeddings (77 tokens) of the widths a UNet's config asks for."""
     import torch
 
@@ -135,11 +136,11 @@ def random_conditioning(unet_config: Mapping[str, Any], *, batch: int = 1, seed:
 class SampleRun:
     """Latents (and images) of one sampler call, and how long it took."""
 
-    latents: "torch.Tensor"
+    latents: torch.Tensor
     seconds: float
 
 
-def run_sampler(pipe: Any, sampler: SamplerSettings | Mapping[str, Any], conditioning: Mapping[str, "torch.Tensor"],
+def run_sampler(pipe: Any, sampler: SamplerSettings | Mapping[str, Any], conditioning: Mapping[str, torch.Tensor],
                 *, size: int, seed: int = 0, decode: bool = True) -> tuple[SampleRun, Any]:
     """One call of the pipeline with the recorded steps and guidance, timed to the last kernel.
 
@@ -168,7 +169,7 @@ def run_sampler(pipe: Any, sampler: SamplerSettings | Mapping[str, Any], conditi
     return SampleRun(final.float().cpu(), time.perf_counter() - start), images
 
 
-def _decode(pipe: Any, latents: "torch.Tensor") -> "torch.Tensor":
+def _decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     import torch
 
     with torch.no_grad():

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.io.safetensors import load_tensors, read_header
+from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.verify.sampler import quiet_diffusers
 
 __all__ = ["FuseCheck", "compare_with_runtime_lora"]

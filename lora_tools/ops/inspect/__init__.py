@@ -94,6 +94,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_tools.errors import InvalidFileError
+from lora_tools.io.sources import SafetensorsSource, StateDictSource, open_source
 from lora_tools.layouts.components import component_label
 from lora_tools.layouts.detect import detect_checkpoint
 from lora_tools.lora.load import load_lora
@@ -122,7 +123,6 @@ from lora_tools.ops.inspect.report import (
     TensorEntry,
     UnmatchedSummary,
 )
-from lora_tools.io.sources import SafetensorsSource, StateDictSource, open_source
 
 __all__ = [
     "Acceleration",

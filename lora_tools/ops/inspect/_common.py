@@ -6,12 +6,13 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from lora_tools.errors import InvalidFileError
-from lora_tools.ops.inspect.report import Container, FileSummary, MetadataSummary, TensorEntry
 from lora_tools.io.sources import SafetensorsSource, StateDictSource
+from lora_tools.ops.inspect.report import Container, FileSummary, MetadataSummary, TensorEntry
 
 #: Files at least this big are hashed only when asked (``with_hash=True``).
 HASH_LIMIT_BYTES = 2 << 30

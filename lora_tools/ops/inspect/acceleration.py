@@ -7,7 +7,7 @@ registry); the key signature is domain.md 1.6.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from lora_tools.layouts.sdxl import SDXLConfig
 from lora_tools.layouts.targets import TargetIndex

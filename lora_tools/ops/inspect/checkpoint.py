@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.errors import InvalidFileError, LoraToolsError
+from lora_tools.io.diffusers_folder import component_weight_files
+from lora_tools.io.sources import open_source
 from lora_tools.layouts.components import COMPONENTS
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.table import SGM_PREFIXES
@@ -23,7 +25,6 @@ from lora_tools.ops.inspect.report import (
     TensorEntry,
 )
 from lora_tools.provenance import fused_preset, read_record
-from lora_tools.io.sources import open_source
 
 logger = logging.getLogger(__name__)
 

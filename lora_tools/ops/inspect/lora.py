@@ -8,25 +8,31 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from lora_tools.errors import ShapeMismatchError, UnsupportedModelError
+from lora_tools.io.sources import SafetensorsSource, StateDictSource
 from lora_tools.layouts.blocks import BLOCKS, block_of
 from lora_tools.layouts.components import LORA_COMPONENTS, component_label
 from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora import match as lora_match
+from lora_tools.lora.adapter import LoraAdapter, LoraModule
 from lora_tools.lora.family import foreign_format_name, sd_hint
 from lora_tools.lora.formats import format_description
-from lora_tools.lora.adapter import LoraModule, LoraAdapter
 from lora_tools.lora.match import LoraMatch, MatchedModule
 from lora_tools.ops.inspect._common import count, fmt_num, natural
 from lora_tools.ops.inspect.acceleration import acceleration, lightning_signature, misleading_name
-from lora_tools.ops.inspect.report import (Acceleration, LoraSummary, MismatchedModule, ModuleTarget, TensorEntry,
-                                           UnmatchedSummary)
-from lora_tools.io.sources import SafetensorsSource, StateDictSource
+from lora_tools.ops.inspect.report import (
+    Acceleration,
+    LoraSummary,
+    MismatchedModule,
+    ModuleTarget,
+    TensorEntry,
+    UnmatchedSummary,
+)
 
 _LAYOUTS: tuple[tuple[str, SDXLConfig], ...] = (("sdxl", FULL), ("sdxl-tiny", TINY))
 

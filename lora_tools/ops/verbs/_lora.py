@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -62,7 +63,7 @@ class LoraOpPlan:
 
     operation: Operation
     options: Any
-    output: "LoraOutput"
+    output: LoraOutput
 
     @cached_property
     def entry(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def plan_lora_output(operation: Operation, options: Any, inputs: Sequence[str], 
     return LoraOpPlan(operation, options, out)
 
 
-def write_result(planned: LoraOpPlan, adapter: "LoraAdapter", report: Any, created: str | None) -> OpResult:
+def write_result(planned: LoraOpPlan, adapter: LoraAdapter, report: Any, created: str | None) -> OpResult:
     """Write ``adapter`` through the one LoRA writer, its record holding the run's entry."""
     from lora_tools.ops.lora_write import write_lora
     from lora_tools.provenance import read_record, stamped

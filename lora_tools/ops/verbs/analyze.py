@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -29,7 +30,7 @@ class AnalyzeOptions(Options):
     output: str | None = Field(None, description="The JSON report to write.", json_schema_extra=cli(command=False))
 
     @model_validator(mode="after")
-    def _some(self) -> "AnalyzeOptions":
+    def _some(self) -> AnalyzeOptions:
         if not self.loras and self.preset_dir is None:
             raise ValueError("analyze needs at least one LoRA (loras) or a preset_dir")
         return self

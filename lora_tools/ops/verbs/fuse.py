@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -86,7 +87,7 @@ class FuseOptions(Options):
         return short_form(v)
 
     @model_validator(mode="after")
-    def _something(self) -> "FuseOptions":
+    def _something(self) -> FuseOptions:
         if self.lightning is None and self.preset is None and not self.loras:
             raise ValueError("nothing to fuse: give preset (or lightning) and/or loras")
         if self.lightning is not None and self.preset is not None:
@@ -105,7 +106,7 @@ class FuseOpPlan:
     workflow file to write beside the checkpoint. ``close()`` it."""
 
     options: FuseOptions
-    plan: "FusePlan"
+    plan: FusePlan
     workflow: Path | None = None
     checkpoint: Path | None = None
 
@@ -150,7 +151,7 @@ def plan(o: FuseOptions, *, overwrite: bool = False) -> FuseOpPlan:
     return planned
 
 
-def _plan_workflow(fp: "FusePlan", overwrite: bool) -> tuple[Path, Path]:
+def _plan_workflow(fp: FusePlan, overwrite: bool) -> tuple[Path, Path]:
     """(workflow path, checkpoint path), checked before the fuse writes anything."""
     from lora_tools.errors import Hint, UsageError
     from lora_tools.verify.workflow import workflow_file
