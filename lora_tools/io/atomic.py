@@ -268,3 +268,31 @@ def existing_ancestor(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def write_text(final: Path, text: str) -> Path:
+    """Write a small text file (a JSON report, a workflow) whole or not at all: into a recognisable
+    temp file beside ``final``, fsynced, then renamed over it. The caller's plan decided that
+    ``final`` may be written or replaced.
+
+    Raises:
+        OutputError: an OS error (no space, permission...), naming ``final``.
+    """
+    remove_stale_temps(final)
+    tmp: Path | None = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = create_temp_file(final)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        tmp = None
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise output_error(final, e) from None
+    finally:
+        if tmp is not None:
+            remove(tmp)
+    return final

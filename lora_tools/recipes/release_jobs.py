@@ -15,7 +15,6 @@ the same card and model files is up to date (and is not uploaded again).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,12 +75,10 @@ class VerifyJob:
         state, reason = self._state(job, entry)
         if state == "skip":
             return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
-        from lora_tools.io import atomic
+        from lora_tools.verify.out_folder import written_whole
 
         folder = Path(job.outputs[0])
-        atomic.remove_stale_temps(folder)
-        tmp = atomic.temp_path(folder)  # a name the next run cleans if this one is killed
-        try:
+        with written_whole(folder) as tmp:  # all or nothing, through the one output path
             report = self.op.run(self.plan(job, tmp)).report
             # the report names its files where they will be, not in the temp folder
             report.files = [str(folder / Path(f).relative_to(tmp)) for f in report.files]
@@ -92,14 +89,6 @@ class VerifyJob:
                                   created=job.created, recipe=entry, passed=report.ok, verdict=report.verdict)
             data = {**report.to_dict(), LORATOOL_METADATA_KEY: record}
             (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-            if folder.exists():
-                old = atomic.replace(tmp, folder)
-                if old is not None:
-                    atomic.remove(old)
-            else:
-                atomic.claim(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         seconds = time.perf_counter() - start
         if not report.ok:
             worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=None)

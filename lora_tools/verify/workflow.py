@@ -9,7 +9,6 @@ to a fused checkpoint (``fuse``'s ``workflow`` option) and :func:`write_workflow
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +75,5 @@ def write_workflow(target: str | Path, checkpoint_name: str, sampler: SamplerSet
     out = Path(target)
     wf = comfy_workflow(checkpoint_name, sampler, prompt=prompt, width=width, height=height,
                         filename_prefix=Path(checkpoint_name).stem)
-    tmp = atomic.create_temp_file(out)
-    try:
-        tmp.write_text(json.dumps(wf, indent=2) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise atomic.output_error(out, e) from None
+    atomic.write_text(out, json.dumps(wf, indent=2) + "\n")
     return out

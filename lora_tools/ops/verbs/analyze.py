@@ -69,29 +69,17 @@ def run(planned: AnalyzePlan, *, created: str | None = None, progress: Callable[
         report = analyze_presets(o.model, o.base, preset_dir=o.preset_dir)
     files: list[Path] = []
     if o.output is not None:
+        from lora_tools.io import atomic
         from lora_tools.provenance import LORATOOL_METADATA_KEY, build_record
 
         record = build_record("analyze", sources=[{"role": "model", "name": Path(o.model).name},
                                                   {"role": "base", "name": Path(o.base).name}],
                               created=created, recipe=planned.entry)
         out = Path(o.output)
-        write_text_atomic(out, json.dumps({**report.to_dict(), LORATOOL_METADATA_KEY: record}, indent=2,
+        atomic.write_text(out, json.dumps({**report.to_dict(), LORATOOL_METADATA_KEY: record}, indent=2,
                                           sort_keys=True) + "\n")
         files.append(out)
     return OpResult(files, report)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp sibling, then rename it over ``path`` (a killed job leaves no half file)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 OPERATION = Operation("analyze", AnalyzeOptions, INPUT_KEYS, OUTPUT_KEYS, "json", plan, run, references=REFERENCES,
