@@ -169,11 +169,13 @@ REASONS = {
                      "a part of the path is not a directory"),
     "wrong-kind": ("it is a directory", "it is a file", "already exists"),
 }
-PATH_CASES = [(c, k) for c in WRITERS for k in REASONS]
+# The default selection keeps one row per command (a name too long); the full selection (-m "") runs them all.
+PATH_CASES = [pytest.param(c, k, id=f"{c}-{k}", marks=() if k == "name-too-long" else pytest.mark.slow)
+              for c in WRITERS for k in REASONS]
 
 
 @pytest.mark.bad_input_cases
-@pytest.mark.parametrize(("command", "fault"), PATH_CASES, ids=[f"{c}-{k}" for c, k in PATH_CASES])
+@pytest.mark.parametrize(("command", "fault"), PATH_CASES)
 def test_path_fault(command: str, fault: str, inputs: Inputs, tmp_path: Path) -> None:
     with _fault(fault, tmp_path, command) as out:
         _check(command, inputs, out, tmp_path, REASONS[fault])
@@ -198,6 +200,7 @@ def _tmpfs(at: Path, options: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(at)], capture_output=True)
 
 
+@pytest.mark.fs  # a real tmpfs mount or another user: the full selection
 @pytest.mark.bad_input_cases
 @pytest.mark.parametrize("command", list(WRITERS))
 def test_read_only_file_system(command: str, inputs: Inputs, tmp_path: Path) -> None:
@@ -214,6 +217,7 @@ def _fill(disk: Path) -> None:
             pass
 
 
+@pytest.mark.fs  # a real tmpfs mount or another user: the full selection
 @pytest.mark.bad_input_cases
 @pytest.mark.parametrize("command", [pytest.param(c, marks=(pytest.mark.slow, pytest.mark.diffusers)) if c == "verify" else c
                                      for c in WRITERS])
@@ -236,6 +240,7 @@ def readable(inputs: Inputs) -> Iterator[Inputs]:
     shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.fs  # a real tmpfs mount or another user: the full selection
 @pytest.mark.bad_input_cases
 @pytest.mark.parametrize("command", list(WRITERS))
 def test_permission_denied(command: str, readable: Inputs) -> None:
