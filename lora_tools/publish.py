@@ -352,8 +352,9 @@ def write_release(plan: ReleasePlan) -> Path:
     return final
 
 
-def check_upload(plan: ReleasePlan) -> None:
-    """Refuse an upload that lacks a repository or a known license (before anything is written).
+def check_upload(plan: ReleasePlan) -> str:
+    """Refuse an upload that lacks a repository or a known license (before anything is written);
+    returns the repository id.
 
     Raises:
         [`UsageError`]: no ``repo``, or the license is unknown.
@@ -363,6 +364,7 @@ def check_upload(plan: ReleasePlan) -> None:
     if plan.license == UNKNOWN:
         raise UsageError("The license of the base model is unknown, and a release needs one",
                          hint=Hint("license", "to name it (e.g. openrail++)", "ID"))
+    return plan.repo
 
 
 def upload_release(plan: ReleasePlan, folder: Path, *, api: HubApi | None = None) -> str:
@@ -371,13 +373,13 @@ def upload_release(plan: ReleasePlan, folder: Path, *, api: HubApi | None = None
     Raises:
         [`UsageError`]: see :func:`check_upload`.
     """
-    check_upload(plan)
+    repo = check_upload(plan)
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi()
-    api.create_repo(plan.repo, private=plan.private, repo_type="model", exist_ok=True)
-    api.upload_folder(repo_id=plan.repo, folder_path=str(folder), repo_type="model",
+    api.create_repo(repo, private=plan.private, repo_type="model", exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
                       commit_message=f"Release {', '.join(f.path.name for f in plan.files)} (loratool)")
     return f"https://huggingface.co/{plan.repo}"
 

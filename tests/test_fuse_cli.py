@@ -787,3 +787,10 @@ def test_method_unet_offline_advice_names_the_preset_folder(assets: FuseAssets, 
                       "-o", tmp_path / "x.safetensors", names="sdxl_lightning_4step_unet.safetensors")
     assert line.endswith("; pass --preset-dir DIR naming a folder that holds the downloaded file."), line
     assert "--lora" not in line
+
+
+def test_method_unet_of_a_preset_without_a_unet_file_is_refused(assets: FuseAssets, tmp_path: Path) -> None:
+    # dmd2-4step ships only a LoRA: a UNet difference has no file to read (was an internal TypeError)
+    line = fuse_fails((tmp_path, assets.root), assets.base, "--preset", "dmd2-4step", "--method", "unet",
+                      "--preset-dir", tmp_path, "-o", tmp_path / "x.safetensors", names="dmd2-4step")
+    assert line == "Error: The preset dmd2-4step ships no UNet file to fuse; pass --method lora to fuse its LoRA.", line

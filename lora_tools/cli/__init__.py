@@ -73,7 +73,7 @@ class LoratoolGroup(click.Group):
 
             failure = describe(e, spell_param)
             clean = click.ClickException(_one_line(failure.message))
-            clean.exit_code = failure.exit_code
+            clean.exit_code = failure.exit_code  # type: ignore[misc]  # click's stubs make it a ClassVar; ours is per failure
             raise clean from None
         except KeyboardInterrupt as e:
             click.echo("Interrupted: nothing was written under the output names.", err=True)

@@ -9,7 +9,7 @@ from lora_tools.ops.registry import OPS
 
 
 @operation_command(OPS["analyze"], extra=[json_option()])
-def analyze_command(options, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def analyze_command(options, as_json: bool) -> None:
     """Find the strength at which each LORA is baked into MODEL (least squares on MODEL - BASE).
 
     Without --lora, the candidates are the acceleration presets whose LoRA files are in

@@ -9,7 +9,7 @@ from lora_tools.ops.registry import OPS
 
 
 @operation_command(OPS["convert"], extra=[overwrite_option(), json_option()])
-def convert_command(options, overwrite: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def convert_command(options, overwrite: bool, as_json: bool) -> None:
     """Write LORA in another format (same factors, keys spelled for the tool the format is for).
 
     \b

@@ -10,7 +10,7 @@ from lora_tools.units import format_bytes
 
 
 @operation_command(OPS["extract"], extra=[overwrite_option(), json_option()])
-def extract_command(options, overwrite: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def extract_command(options, overwrite: bool, as_json: bool) -> None:
     """Extract a LoRA approximating TUNED - ORIGINAL, streaming both models module by module.
 
     \b

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     overwrite_option("Replace existing outputs (inputs are never overwritten)."),
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar, summary only."),
 ])
-def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:  # type: ignore[no-untyped-def]
+def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -61,7 +61,7 @@ def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None: 
         planned.close()
 
 
-def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(plan) -> None:
     click.echo(f"Base:    {safe_text(plan.base.path)} ({plan.base.layout}, {plan.base.kind.architecture}, "
                f"{', '.join(plan.base.kind.components)})")
     for s in plan.loras:
@@ -83,7 +83,7 @@ def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
     click.echo("Dry run: nothing was written.")
 
 
-def _print_summary(plan, result) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(plan, result) -> None:
     from lora_tools.io.hashing import autov2_hash
 
     click.echo(f"Fused {result.modules_fused} modules into {result.tensors_patched} tensors in {result.seconds:.1f} s.")

@@ -125,7 +125,7 @@ def render(report: InspectReport, *, show_keys: bool = False, show_targets: bool
         lines.append(f"  tensors ({len(report.keys)}):")
         names = [safe_text(k.key, 1000) for k in report.keys]
         width = max((len(n) for n in names), default=0)
-        for name, k in zip(names, report.keys):
+        for name, k in zip(names, report.keys, strict=True):
             lines.append(f"    {name:<{width}}  {safe_text(k.dtype):<5} {list(k.shape)}")
     return lines
 

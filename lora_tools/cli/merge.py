@@ -9,7 +9,7 @@ from lora_tools.ops.registry import OPS
 
 
 @operation_command(OPS["merge"], extra=[overwrite_option(), json_option()])
-def merge_command(options, overwrite: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def merge_command(options, overwrite: bool, as_json: bool) -> None:
     """Merge LoRAs: the result at strength 1.0 is the sum of each LORA at its weight W (default 1).
 
     \b

@@ -11,7 +11,7 @@ from lora_tools.units import format_bytes
 
 
 @operation_command(OPS["publish"], extra=[overwrite_option("Replace an existing release folder.")])
-def publish_command(options, overwrite: bool) -> None:  # type: ignore[no-untyped-def]
+def publish_command(options, overwrite: bool) -> None:
     """Prepare a release of PATH (a model file, or a folder of them) and upload it.
 
     The release holds the model file(s), a model card (README.md: what was fused, the settings

@@ -9,7 +9,7 @@ from lora_tools.ops.registry import OPS
 
 
 @operation_command(OPS["rescale"], extra=[overwrite_option(), json_option()])
-def rescale_command(options, overwrite: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def rescale_command(options, overwrite: bool, as_json: bool) -> None:
     """Write LORA with STRENGTH baked in: the new file at strength 1.0 equals LORA at STRENGTH.
 
     \b

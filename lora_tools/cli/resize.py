@@ -10,7 +10,7 @@ from lora_tools.units import format_bytes
 
 
 @operation_command(OPS["resize"], extra=[overwrite_option(), json_option()])
-def resize_command(options, overwrite: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def resize_command(options, overwrite: bool, as_json: bool) -> None:
     """Reduce LORA's rank (fixed or dynamic) through its factors and report the retained energy.
 
     \b

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lora_tools.cli._output import safe_text
 from lora_tools.units import format_bytes
+
+if TYPE_CHECKING:
+    from lora_tools.recipes.executor import Executor
 
 
 @click.command("run")
@@ -49,14 +53,14 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
 
     bars: list = []
 
-    def progress_for(job):  # type: ignore[no-untyped-def]
+    def progress_for(job):
         check = plan.checks.get(job.name)
         total = sum(check.output_bytes.values()) if check else 0
         ctx = byte_progress(total, job.name, enabled=not quiet and not as_json)
         bars.append(ctx)
         return ctx.__enter__()
 
-    def on_event(job, what, result):  # type: ignore[no-untyped-def]
+    def on_event(job, what, result):
         if what == "end":
             while bars:
                 bars.pop().__exit__(None, None, None)
@@ -64,6 +68,7 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
                 click.echo(f"[{result.outcome}] {safe_text(job.name)}" + (f": {safe_text(result.message)}" if result.message else ""),
                            err=True)
 
+    chosen: Executor
     if executor == "ray":
         from lora_tools.recipes.ray_executor import RayExecutor
 
@@ -89,7 +94,7 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
         sys.exit(1)
 
 
-def _print_plan(plan, jobs, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(plan, jobs, as_json: bool) -> None:
     rows = []
     for job in jobs:
         check = plan.checks.get(job.name)
@@ -111,7 +116,7 @@ def _print_plan(plan, jobs, as_json: bool) -> None:  # type: ignore[no-untyped-d
     click.echo("Dry run: nothing was written.")
 
 
-def _print_summary(results) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(results) -> None:
     width = max([len(r.name) for r in results] + [3])
     click.echo(f"{'job':<{width}}  {'state':<8}  {'time':>7}  output")
     for r in results:

@@ -18,7 +18,7 @@ from lora_tools.ops.registry import OPS
     click.Option(["--compile", "compile_"], is_flag=True, help="torch.compile the UNet (compile time reported apart)."),
     json_option("Print the report as JSON."),
 ])
-def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_: bool,  # type: ignore[no-untyped-def]
+def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_: bool,
                    as_json: bool) -> None:
     """Render MODEL with the sampler settings it needs, and with --against check it matches base + runtime LoRAs.
 

@@ -192,7 +192,7 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
     for comp in ("unet", "te1", "te2", "vae"):
         if comp not in headers:
             continue
-        rows = table.component_rows(comp)  # type: ignore[arg-type]
+        rows = table.component_rows(comp)
         want = {r.diffusers for r in rows if r.diffusers}
         have = set(shapes_by_comp[comp]) - {"text_model.embeddings.position_ids"}
         if want != have:

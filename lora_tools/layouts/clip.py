@@ -80,8 +80,8 @@ def clip_g_table(cfg: ClipConfig = CLIP_BIGG) -> list[KeyMap]:
     for n in range(cfg.layers):
         s, d = f"transformer.resblocks.{n}", f"text_model.encoder.layers.{n}"
         for suffix, shape in (("weight", (3 * h, h)), ("bias", (3 * h,))):
-            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                rows.append(KeyMap("te2", f"{s}.attn.in_proj_{suffix}", f"{d}.self_attn.{proj}.{suffix}", shape, "slice", (i, 3)))
+            for i, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
+                rows.append(KeyMap("te2", f"{s}.attn.in_proj_{suffix}", f"{d}.self_attn.{qkv}.{suffix}", shape, "slice", (i, 3)))
         _linear(rows, "te2", f"{s}.attn.out_proj", f"{d}.self_attn.out_proj", (h, h))
         _linear(rows, "te2", f"{s}.ln_1", f"{d}.layer_norm1", (h,))
         _linear(rows, "te2", f"{s}.ln_2", f"{d}.layer_norm2", (h,))

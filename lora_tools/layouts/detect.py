@@ -83,8 +83,8 @@ def detect_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
     unet_p = SGM_PREFIXES["unet"]
     if unet_p + "input_blocks.0.0.weight" not in shapes:
         if any(k.startswith("cond_stage_model.") for k in keys):
-            arch: Architecture = "sd2.x" if any(k.startswith("cond_stage_model.model.") for k in keys) else "sd1.x"
-            return CheckpointKind("sgm", arch, comps, prediction, markers)
+            sd_arch: Architecture = "sd2.x" if any(k.startswith("cond_stage_model.model.") for k in keys) else "sd1.x"
+            return CheckpointKind("sgm", sd_arch, comps, prediction, markers)
         return CheckpointKind("unknown", "unknown", comps, prediction, markers)
     arch = _unet_arch(shapes.get(unet_p + "input_blocks.0.0.weight"), _ctx(shapes, unet_p), shapes.get(unet_p + "label_emb.0.0.weight"))
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and "te1" not in comps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING
 
 from lora_tools.errors import KeyMismatchError
@@ -143,6 +143,13 @@ def sgm_to_diffusers_state_dicts(
     return out
 
 
+def _diffusers_tensor(state_dict: dict[str, torch.Tensor], row: KeyMap) -> torch.Tensor:
+    """The tensor of ``row`` in a diffusers state dict (a row without a diffusers key has none)."""
+    if row.diffusers is None:
+        raise KeyError(row.sgm)
+    return state_dict[row.diffusers]
+
+
 def diffusers_to_sgm_state_dict(
     state_dicts: dict[Component, dict[str, torch.Tensor]], table: LayoutTable, *, source: str = "diffusers model"
 ) -> dict[str, torch.Tensor]:
@@ -161,7 +168,7 @@ def diffusers_to_sgm_state_dict(
         for sgm_key, group in _group_by_sgm(rows).items():
             if group[0].diffusers is None:
                 continue
-            out[sgm_key] = to_sgm(group, lambda r: sd[r.diffusers])  # type: ignore[index]
+            out[sgm_key] = to_sgm(group, partial(_diffusers_tensor, sd))
     return out
 
 

@@ -174,7 +174,7 @@ class LoraModule:
             f2 = (s("w2a")[0], *s("w2b")[1:])
         n = max(len(f1), len(f2))
         f1, f2 = f1 + (1,) * (n - len(f1)), f2 + (1,) * (n - len(f2))
-        return tuple(a * b for a, b in zip(f1, f2))
+        return tuple(a * b for a, b in zip(f1, f2, strict=True))
 
     def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The module's dense float32 delta, multiplied by :attr:`scale` (not by a strength).

@@ -304,7 +304,7 @@ def lokr_delta(
     full2, s2 = _lokr_factor("w2", w2, w2a, w2b, t2)
     n = max(len(s1), len(s2))
     s1p, s2p = s1 + (1,) * (n - len(s1)), s2 + (1,) * (n - len(s2))
-    target = _check_target("lokr", tuple(x * y for x, y in zip(s1p, s2p)), target_shape)
+    target = _check_target("lokr", tuple(x * y for x, y in zip(s1p, s2p, strict=True)), target_shape)
 
     if full1 is not None:
         m1 = _f32(full1)

@@ -29,7 +29,7 @@ def detect_format(keys: list[str], *, source: str = "file") -> str:
     if looks_like_flux(keys):
         raise UnsupportedModelError(flux_message(source, keys))
     parsed = [parse_key(k) for k in keys]
-    left = [k for k, p in zip(keys, parsed) if p is None]
+    left = [k for k, p in zip(keys, parsed, strict=True) if p is None]
     if not left:
         fmt = format_of_keys([p for p in parsed if p is not None])
         if fmt != "mixed":

@@ -28,7 +28,7 @@ class MatchedModule:
     def keys(self) -> tuple[str, ...]:
         """The base tensors (single-file keys) the module changes: its weight unless it holds only a
         bias diff, and its bias when it holds one (``.diff_b``/``.b_norm``)."""
-        keys = (self.target.sgm_key,) if self.module.changes_weight else ()
+        keys: tuple[str, ...] = (self.target.sgm_key,) if self.module.changes_weight else ()
         if self.module.changes_bias and self.target.bias_key is not None:
             keys += (self.target.bias_key,)
         return keys
@@ -57,7 +57,7 @@ class LoraMatch:
     @property
     def naming(self) -> Naming:
         """Which block names the UNet modules use: SGM (``input_blocks``) or diffusers (``down_blocks``)."""
-        kinds = set()
+        kinds: set[Literal["sgm", "diffusers"]] = set()
         for m in self.matched:
             if m.module.component != "unet":
                 continue

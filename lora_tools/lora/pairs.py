@@ -13,6 +13,7 @@ from lora_tools.errors import InvalidFileError, UsageError
 from lora_tools.lora.lowrank import flatten_conv, tucker_to_pair
 
 if TYPE_CHECKING:
+    from lora_tools.layouts.components import Component
     from lora_tools.lora.adapter import LoraAdapter, LoraModule
 
 
@@ -34,7 +35,7 @@ class Pair:
     shape: tuple[int, ...]
 
 
-def module_key(m: LoraModule) -> tuple[str, str]:
+def module_key(m: LoraModule) -> tuple[Component, str]:
     """The identity of a module across LoRAs of one naming family."""
     return (m.component, m.name)
 

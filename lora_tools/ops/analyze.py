@@ -171,7 +171,7 @@ def fit_models(a: ModelSource, b: ModelSource, loras: Sequence[tuple[str, LoraAd
         energy = float(diff @ diff)
         overall.add(gram, rhs, energy)
         blocks.setdefault(t.block, StrengthFit(n)).add(gram, rhs, energy)
-        for j, m in mods:
+        for j, _ in mods:
             per_lora_alone[j].add(gram[j:j + 1, j:j + 1], rhs[j:j + 1], energy)
         for i in range(len(mods)):
             for k in range(i + 1, len(mods)):

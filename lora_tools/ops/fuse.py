@@ -105,8 +105,8 @@ def provenance_record(plan: FusePlan, *, created: str | None = None,
     recorded under ``recipe`` as every operation's is."""
     sources: list[dict[str, object]] = [base_identity(plan)]
     for s in plan.loras:
-        entry: dict[str, object] = {"role": "lora", "name": s.adapter.path.name, "strength": s.strength,
-                                    "format": s.adapter.format, "sha256": plan.sha256_of(s.adapter.path)}
+        entry: dict[str, object] = {"role": "lora", "name": s.path.name, "strength": s.strength,
+                                    "format": s.adapter.format, "sha256": plan.sha256_of(s.path)}
         if s.preset is not None:
             entry["preset"] = s.preset.name
         sources.append(entry)
@@ -123,7 +123,7 @@ def provenance_record(plan: FusePlan, *, created: str | None = None,
 def output_metadata(plan: FusePlan, record: dict[str, object], *, keep_base: bool) -> dict[str, str]:
     stem = plan.base.path.name if plan.base.path.is_dir() else plan.base.path.stem
     title = stem + (f" {preset_title(plan.preset.name)}" if plan.preset is not None else " (fused)")
-    merged = [plan.base.path.name] + [s.adapter.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
+    merged = [plan.base.path.name] + [s.path.name for s in plan.loras] + [d.tuned.path.name for d in plan.diffs]
     return build_output_metadata(record, title=title, merged_from=merged, base_metadata=plan.base.metadata,
                                  keep_base=keep_base,
                                  usage_hint=plan.sampler.describe() if plan.sampler is not None else None,
@@ -192,8 +192,8 @@ def _sdxl_tokenizers() -> dict[str, Path]:
     return tokenizer_files(SDXL_BASE_REPO)
 
 
-def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:  # type: ignore[type-arg]
-    sinks: list = []  # type: ignore[type-arg]
+def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:
+    sinks: list = []
     tokenizers = tokenizer_provider(plan.base, _sdxl_tokenizers) if any(o.kind == "diffusers" for o in plan.outputs) else None
     try:
         for out in plan.outputs:

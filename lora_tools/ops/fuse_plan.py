@@ -62,6 +62,13 @@ class LoraSource:
     preset: AccelerationPreset | None = None
     max_abs: Mapping[str, float] = field(default_factory=dict)  # largest |value| of each factor (by key)
 
+    @property
+    def path(self) -> Path:
+        """The LoRA's file: a fuse reads every LoRA it applies from one."""
+        if self.adapter.path is None:
+            raise ValueError(f"the LoRA '{self.label}' of a fuse has no file")
+        return self.adapter.path
+
 
 @dataclass(frozen=True)
 class DiffSource:
@@ -133,7 +140,7 @@ class FusePlan:
                 if key != mm.keys[0]:  # a module listed under its weight and its bias counts once
                     continue
                 t = mm.target
-                c[(block_of(t.component, t.sgm_key), f"{t.component}:{t.block}")] += 1  # type: ignore[arg-type]
+                c[(block_of(t.component, t.sgm_key), f"{t.component}:{t.block}")] += 1
         order = {b: i for i, b in enumerate(BLOCKS)}
         return dict(sorted(c.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
 
@@ -250,6 +257,8 @@ def plan_fuse(
         raise UsageError(f"Unknown dtype '{dtype}': choose keep, fp16, bf16 or fp32.")
     if accel is not None and accel.lora_file is None and method == "lora":
         method = "unet"  # 1 step exists only as a full UNet (x0 prediction)
+    if accel is not None and accel.unet_file is None and method == "unet":
+        raise UsageError(f"The preset {accel.name} ships no UNet file to fuse", hint=Hint("method", "to fuse its LoRA", "lora"))
     model = open_model(base, variant=variant)
     plan_loras: list[LoraSource] = []
     diffs: list[DiffSource] = []
@@ -279,6 +288,7 @@ def plan_fuse(
                                  hint=Hint("force", "to do it anyway"))
             seen[resolved] = label
         if accel is not None and method == "unet":
+            assert accel.unet_file is not None  # refused above
             tuned = _preset_file(accel, accel.unet_file, folder, revision, resolve_file)
             original = Path(original_unet) if original_unet else _base_unet(folder, revision, resolve_file)
             diffs.append(_diff_source(model, tuned, original, strength, accel))
@@ -342,7 +352,7 @@ def _preset_argument(preset: str | AccelerationPreset | None, lightning: int | N
     return chosen
 
 
-def _first(value: T | None, alias: T | None, *, name: str) -> T | None:
+def _first(value: T, alias: T, *, name: str) -> T:
     """A parameter and its deprecated alias (``lightning_*``); both given must agree."""
     if alias is None:
         return value
@@ -434,7 +444,7 @@ def preset_title(name: str) -> str:
 
 
 def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path | None, revision: str | None,
-                 resolve_file) -> Path:  # type: ignore[no-untyped-def]
+                 resolve_file) -> Path:
     if folder is not None:
         path = Path(folder) / filename
         if not path.exists():
@@ -448,7 +458,7 @@ def _preset_file(preset: AccelerationPreset, filename: str, folder: str | Path |
                         hint=Hint("preset_dir", "naming a folder that holds the downloaded file", "DIR"))
 
 
-def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:  # type: ignore[no-untyped-def]
+def _base_unet(folder: str | Path | None, revision: str | None, resolve_file) -> Path:
     if folder is not None:
         for name in BASE_UNET_NAMES:
             if (Path(folder) / name).exists():
@@ -463,7 +473,7 @@ class _HeldTargets:
     def __init__(self, index: TargetIndex, components: Sequence[str]):
         self._index, self.components = index, tuple(components)
 
-    def lookup(self, component: str, name: str):  # type: ignore[no-untyped-def]
+    def lookup(self, component: str, name: str):
         return self._index.lookup(component, name) if component in self.components else None  # type: ignore[arg-type]
 
     def why_not(self, component: str, name: str) -> str | None:
@@ -527,7 +537,11 @@ def _check_patch_targets(model: ModelSource, patches: dict[str, list[tuple[LoraS
 
 def _diff_source(model: ModelSource, tuned: Path, original: Path, strength: float, preset: AccelerationPreset) -> DiffSource:
     t, o = SafetensorsSource(tuned), SafetensorsSource(original)
-    want = {r.rows[0].diffusers: r for r in model.refs if r.rows and r.rows[0].component == "unet"}
+    want = {}
+    for r in model.refs:
+        dkey = r.rows[0].diffusers if r.rows and r.rows[0].component == "unet" else None
+        if dkey is not None:
+            want[dkey] = r
     for src in (t, o):
         keys = set(src.keys())
         missing = sorted(set(want) - keys)
@@ -548,7 +562,7 @@ def default_stem(base: Path, preset: AccelerationPreset | None, loras: list[Lora
 
 def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path | None, preset: AccelerationPreset | None,
              loras: list[LoraSource], method: Method, overwrite: bool, protected: Sequence[Path] = ()) -> list[OutputSpec]:
-    kinds = list(dict.fromkeys(saves or ("checkpoint",)))
+    kinds: list[SaveKind] = list(dict.fromkeys(saves or ("checkpoint",)))
     for k in kinds:
         if k not in SAVE_KINDS:
             raise UsageError(f"Unknown output kind '{k}' in saves: choose checkpoint, unet or diffusers.")
@@ -556,22 +570,22 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
         raise UsageError(f"A diffusers folder output needs a full model, '{model.path}' holds only {', '.join(model.kind.components)}.")
     folder, stem = model.path.parent, (default_stem(model.path, preset, loras, method) if output is None else "")
     specs = [OutputSpec(k, p) for k, p in output_paths(kinds, output, folder, stem)]
-    inputs = [model.path, *(s.adapter.path for s in loras), *(Path(p) for p in protected)]
+    inputs = [model.path, *(s.path for s in loras), *(Path(p) for p in protected)]
     for s in specs:
         output_plan.refuse_input_as_output(s.path, inputs)
         output_plan.check_output(s.path, "folder" if s.kind == "diffusers" else "file", overwrite=overwrite)
     return specs
 
 
-def output_paths(saves: Sequence[str], output: str | Path | None, folder: Path | None = None,
-                 stem: str = "") -> list[tuple[str, Path]]:
+def output_paths(saves: Sequence[SaveKind], output: str | Path | None, folder: Path | None = None,
+                 stem: str = "") -> list[tuple[SaveKind, Path]]:
     """The path of each output kind of a fuse, in ``saves`` order: the one place fuse outputs are named.
 
     With one kind, ``output`` is that output's path; with several, ``output`` names the checkpoint and
     the others go beside it (``STEM-unet.safetensors``, ``STEM-diffusers``). Without ``output``, they
     are named ``stem`` in ``folder`` (the default name, next to the base).
     """
-    kinds = list(dict.fromkeys(saves or ("checkpoint",)))
+    kinds: list[SaveKind] = list(dict.fromkeys(saves or ("checkpoint",)))
     if output is not None:
         out = Path(output)
         folder, stem = out.parent, (out.name if kinds == ["diffusers"] else out.stem)

@@ -57,7 +57,7 @@ class Payload:
     raw: memoryview | bytearray | None
     tensor: "torch.Tensor | None"
     patched: bool
-    ops: list | None = None  # type: ignore[type-arg]  # row-block patch operations, prepared by the reader
+    ops: list | None = None  # row-block patch operations, prepared by the reader
 
     def as_tensor(self, ref: TensorRef) -> "torch.Tensor":
         if self.tensor is not None:
@@ -292,10 +292,10 @@ class DiffusersFolderSink:
             atomic.remove_stale_temps(path)
             self.tmp = atomic.create_temp_dir(path)
             for comp in ("unet", "vae", "te1", "te2"):
-                folder = self.tmp / DIFFUSERS_FOLDERS[comp]  # type: ignore[index]
+                folder = self.tmp / DIFFUSERS_FOLDERS[comp]
                 folder.mkdir()
                 fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
-                self.sinks.append(ComponentSink(folder / fname, refs, comp, dtype_for,  # type: ignore[arg-type]
+                self.sinks.append(ComponentSink(folder / fname, refs, comp, dtype_for,
                                                 metadata if comp == "unet" else {"format": "pt"}, kind="diffusers",
                                                 verify=verify))
             write_pipeline_configs(self.tmp, model.cfg, scheduler_config)

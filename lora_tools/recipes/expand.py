@@ -106,7 +106,7 @@ def expand_jobs(jobs: list[dict[str, Any]], matrix: Mapping[str, list[Any]], var
         axes = [k for k in matrix if k in used]
         kind = next((k for k in JOB_KINDS if k in job), "job")
         for combo in itertools.product(*(matrix[k] for k in axes)):
-            values = dict(zip(axes, combo))
+            values = dict(zip(axes, combo, strict=True))
             names = {**variables, **values}
             templated = substitute(job, names)
             raw_name = job.get("name")

@@ -18,7 +18,7 @@ class ModelJob:
         self.op = op
         self.kind = op.name
 
-    def plan(self, job: ResolvedJob):  # type: ignore[no-untyped-def]
+    def plan(self, job: ResolvedJob):
         return self.op.plan(self.op.options_model.model_validate(job.options), overwrite=True)
 
     def check(self, job: ResolvedJob) -> JobCheck:

@@ -103,7 +103,7 @@ def record_diff(old: Any, new: Any, path: str = "") -> list[str]:
                 out += record_diff(old[k], new[k], where)
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in record_diff(a, b, f"{path}[{i}]")]
+        return [line for i, (a, b) in enumerate(zip(old, new, strict=True)) for line in record_diff(a, b, f"{path}[{i}]")]
     if old != new:
         def short(v: Any) -> str:
             text = repr(v) if not isinstance(v, str) else v

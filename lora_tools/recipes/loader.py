@@ -115,7 +115,7 @@ class _CountingLoader(yaml.SafeLoader):
     aliases = 0
     display = "recipe"
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_ALIASES:

@@ -74,7 +74,7 @@ class LoraOpJob:
         self.kind = op.name
         self.stored = json_file_entry if op.writes == "json" else lora_file_entry
 
-    def _plan(self, job: ResolvedJob):  # type: ignore[no-untyped-def]
+    def _plan(self, job: ResolvedJob):
         return self.op.plan(self.op.options_model.model_validate(job.options), overwrite=True)
 
     def check(self, job: ResolvedJob) -> JobCheck:

@@ -22,7 +22,7 @@ _BY_OUTPUT: dict[str, type] = {"model": ModelJob, "lora": LoraOpJob, "json": Lor
 
 def adapter_for(op: Operation) -> JobAdapter:
     """The adapter that runs jobs of ``op``."""
-    adapter: JobAdapter = _BY_OUTPUT[op.writes](op)  # type: ignore[assignment]
+    adapter: JobAdapter = _BY_OUTPUT[op.writes](op)
     return adapter
 
 

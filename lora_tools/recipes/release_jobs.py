@@ -36,7 +36,7 @@ class VerifyJob:
         self.op = op
         self.kind = op.name
 
-    def plan(self, job: ResolvedJob, out: Path | None):  # type: ignore[no-untyped-def]
+    def plan(self, job: ResolvedJob, out: Path | None):
         options = self.op.options_model.model_validate(job.options)
         update = {"out": str(out)} if out is not None else {"out": None, "workflow": False}  # a check writes nothing
         return self.op.plan(options.model_copy(update=update), overwrite=True)
@@ -109,7 +109,7 @@ class PublishJob:
         self.op = op
         self.kind = op.name
 
-    def plan(self, job: ResolvedJob):  # type: ignore[no-untyped-def]
+    def plan(self, job: ResolvedJob):
         return self.op.plan(self.op.options_model.model_validate(job.options), overwrite=True)
 
     @staticmethod

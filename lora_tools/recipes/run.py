@@ -77,7 +77,8 @@ def apply_sets(doc: dict[str, Any], sets: Sequence[str], marks: Marks) -> None:
     for item in sets:
         key, value = parse_set(item)
         where = f"--set {key}"
-        inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else {}
+        raw_inputs = doc.get("inputs")
+        inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
         if "." not in key and key in inputs:
             path = str(Path(str(value)).expanduser().resolve())
             pinned = inputs[key].get("sha256") if isinstance(inputs[key], dict) else None
@@ -221,49 +222,50 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
         outputs_of[ej.name] = outs
         ej.raw[job.kind] = opts  # resolved below
 
+    def ref(value: str, path: tuple[Any, ...], own: str, deps: list[str]) -> str:
+        """The path a job's reference ``value`` names; an output of another job adds that job to ``deps``."""
+        if value in inputs:
+            return inputs[value]
+        if value in outputs_of:
+            if value == own:
+                raise RecipeError(f"{dotted(path)}: a job cannot use its own output", location=marks.at(path))
+            if not outputs_of[value]:
+                raise RecipeError(f"{dotted(path)}: job '{value}' writes nothing (a dry run)", location=marks.at(path))
+            deps.append(value)
+            return outputs_of[value][0]
+        head, sep, rest = value.partition("/")
+        if sep and head in inputs and Path(inputs[head]).is_dir():  # a file inside a folder input
+            inner = Path(inputs[head]) / rest
+            if not inner.exists():
+                raise RecipeError(f"{dotted(path)}: '{value}': input '{head}' ({inputs[head]}) holds no '{rest}'",
+                                  location=marks.at(path))
+            return str(inner.resolve())
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else folder / p
+        if not p.exists():
+            known = ", ".join(sorted(inputs) + sorted(outputs_of)) or "none"
+            raise RecipeError(f"{dotted(path)}: '{value}' is not an input, a job or an existing file "
+                              f"(inputs and jobs: {known})", location=marks.at(path))
+        return str(p.resolve())
+
     by_kind = {ej.name: job.kind for ej, job in validated}
     resolved: list[ResolvedJob] = []
     for ej, job in validated:
         opts = ej.raw[job.kind]
         deps: list[str] = []
 
-        def ref(value: str, path: tuple[Any, ...]) -> str:
-            if value in inputs:
-                return inputs[value]
-            if value in outputs_of:
-                if value == ej.name:
-                    raise RecipeError(f"{dotted(path)}: a job cannot use its own output", location=marks.at(path))
-                if not outputs_of[value]:
-                    raise RecipeError(f"{dotted(path)}: job '{value}' writes nothing (a dry run)", location=marks.at(path))
-                deps.append(value)
-                return outputs_of[value][0]
-            head, sep, rest = value.partition("/")
-            if sep and head in inputs and Path(inputs[head]).is_dir():  # a file inside a folder input
-                inner = Path(inputs[head]) / rest
-                if not inner.exists():
-                    raise RecipeError(f"{dotted(path)}: '{value}': input '{head}' ({inputs[head]}) holds no '{rest}'",
-                                      location=marks.at(path))
-                return str(inner.resolve())
-            p = Path(value).expanduser()
-            p = p if p.is_absolute() else folder / p
-            if not p.exists():
-                known = ", ".join(sorted(inputs) + sorted(outputs_of)) or "none"
-                raise RecipeError(f"{dotted(path)}: '{value}' is not an input, a job or an existing file "
-                                  f"(inputs and jobs: {known})", location=marks.at(path))
-            return str(p.resolve())
-
         for key in _references(job.kind):
             if opts.get(key) is not None:
-                opts[key] = ref(opts[key], ("jobs", ej.index, job.kind, key))
+                opts[key] = ref(opts[key], ("jobs", ej.index, job.kind, key), ej.name, deps)
         for i, lora in enumerate(opts.get("loras") or []):
             if isinstance(lora, dict):
-                lora["lora"] = ref(lora["lora"], ("jobs", ej.index, job.kind, "loras", i, "lora"))
+                lora["lora"] = ref(lora["lora"], ("jobs", ej.index, job.kind, "loras", i, "lora"), ej.name, deps)
             else:
-                opts["loras"][i] = ref(lora, ("jobs", ej.index, job.kind, "loras", i))
+                opts["loras"][i] = ref(lora, ("jobs", ej.index, job.kind, "loras", i), ej.name, deps)
         for i, name in enumerate(opts.get("verify") or []) if job.kind == "publish" else ():
-            where = ("jobs", ej.index, job.kind, "verify", i)
+            at = ("jobs", ej.index, job.kind, "verify", i)
             if name not in outputs_of or not name or by_kind.get(name) != "verify":
-                raise RecipeError(f"{dotted(where)}: '{name}' is not a verify job of this recipe", location=marks.at(where))
+                raise RecipeError(f"{dotted(at)}: '{name}' is not a verify job of this recipe", location=marks.at(at))
             deps.append(name)
             opts["verify"][i] = outputs_of[name][0]
         resolved.append(ResolvedJob(ej.name, job.kind, opts, outputs_of[ej.name], tuple(dict.fromkeys(deps)),

@@ -28,7 +28,7 @@ the ``-v`` log); ``lightning: N`` stays the shorthand of ``preset: lightning-Nst
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -62,7 +62,7 @@ OUTPUT_KEYS = {name: op.output_keys[0] for name, op in OPS.items()}
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 
-Scalar = Union[int, float, str, bool]
+Scalar = int | float | str | bool
 
 
 class _Strict(BaseModel):
@@ -108,7 +108,7 @@ class HubInput(_Strict):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str | None) -> str | None:
-        return FileInput._hex(v)  # type: ignore[call-arg]
+        return FileInput._hex(v)
 
     @property
     def repo_id(self) -> str:
@@ -152,7 +152,7 @@ class _JobBase(_Strict):
 
 #: One job: ``name`` and one key per operation of the registry (derived, never listed by hand).
 Job = create_model("Job", __base__=_JobBase,
-                   **{name: (Optional[recipe_options_model(op)], None) for name, op in OPS.items()})  # type: ignore[call-overload]
+                   **{name: (recipe_options_model(op) | None, None) for name, op in OPS.items()})  # type: ignore[call-overload]
 
 
 def _input_tag(v: Any) -> str:

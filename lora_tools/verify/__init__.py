@@ -106,6 +106,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     recorded = sampler_from_record(record)
     recorded_name = _recorded_preset(record)
     chosen: AccelerationPreset | None = None
+    name: str | None
     if preset == "auto":
         if recorded is None:
             chosen = identify_file(str(path))

@@ -18,7 +18,7 @@ def apply_runtime_loras(pipe: Any, loras: Sequence[tuple[str | Path, float]]) ->
     ``set_adapters``), not fused: the reference a fused file must behave like."""
     with quiet_diffusers():
         names = [f"l{i}" for i in range(len(loras))]
-        for name, (path, _) in zip(names, loras):
+        for name, (path, _) in zip(names, loras, strict=True):
             pipe.load_lora_weights(str(path), adapter_name=name)
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
 

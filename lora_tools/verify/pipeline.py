@@ -20,6 +20,7 @@ from typing import Any
 
 from lora_tools.errors import Hint, InvalidFileError, UsageError
 from lora_tools.io.safetensors import load_tensors, read_header
+from lora_tools.layouts.components import Component
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.verify.sampler import quiet_diffusers
 
@@ -120,11 +121,11 @@ def _unet_state(path: Path, cfg: SDXLConfig | None) -> dict[str, Any]:
         if cfg is None:
             raise UsageError(f"{path} has SGM key names: give a single-file checkpoint as its base",
                              hint=Hint("base", "with an SDXL single-file checkpoint", "PATH"))
-        return sgm_to_diffusers_state_dicts(state, cfg.table, ["unet"], source=str(path))["unet"]  # type: ignore[index]
+        return sgm_to_diffusers_state_dicts(state, cfg.table, ["unet"], source=str(path))["unet"]
     return state
 
 
-def _components(state: dict[str, dict[str, Any]], folder: Path, dtype: Any) -> dict[str, Any]:
+def _components(state: dict[Component, dict[str, Any]], folder: Path, dtype: Any) -> dict[str, Any]:
     """diffusers/transformers models built from the configs in ``folder`` (the shared folder writer's)
     and loaded with the converted weights, every tensor of the model present."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -138,7 +139,9 @@ def _components(state: dict[str, dict[str, Any]], folder: Path, dtype: Any) -> d
         te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te1"]))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te2"]))
     models = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
-    for comp, name in (("unet", "unet"), ("vae", "vae"), ("te1", "text_encoder"), ("te2", "text_encoder_2")):
+    parts: tuple[tuple[Component, str], ...] = (("unet", "unet"), ("vae", "vae"), ("te1", "text_encoder"),
+                                                 ("te2", "text_encoder_2"))
+    for comp, name in parts:
         model = models[name]
         own = model.state_dict()
         weights = {k: v.float() for k, v in state[comp].items()}
@@ -160,14 +163,14 @@ def _write_tokenizers(root: Path, cfg: SDXLConfig, config_dir: Path | None) -> N
 
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
 
-    for name, te in zip(_TOKENIZERS, (cfg.te1, cfg.te2)):
+    for name, te in zip(_TOKENIZERS, (cfg.te1, cfg.te2), strict=True):
         if config_dir is not None:
             shutil.copytree(config_dir / name, root / name)
         else:
             write_byte_tokenizer(root / name, te.vocab, te.positions)
 
 
-def pipeline_from_state(state: dict[str, dict[str, Any]], cfg: SDXLConfig, *, config_dir: Path | None,
+def pipeline_from_state(state: dict[Component, dict[str, Any]], cfg: SDXLConfig, *, config_dir: Path | None,
                         dtype: Any, tokenizers: bool = True) -> Any:
     """A ``StableDiffusionXLPipeline`` around converted weights.
 
@@ -258,8 +261,9 @@ def build_pipeline(model: str | Path, *, base: str | Path | None = None, config:
         cfg = config_from_shapes({k: t.shape for k, t in header.tensors.items()})
         needs_files = tokenizers and (config is not None or _needs_tokenizer_files(cfg))
         config_dir = find_config_dir(config) if needs_files else None
-        state = sgm_to_diffusers_state_dicts(load_tensors(path), cfg.table, ["unet", "vae", "te1", "te2"], source=str(path))
-        pipe = pipeline_from_state(state, cfg, config_dir=config_dir, dtype=tdtype,  # type: ignore[arg-type]
+        components = sgm_to_diffusers_state_dicts(load_tensors(path), cfg.table, ["unet", "vae", "te1", "te2"],
+                                                  source=str(path))
+        pipe = pipeline_from_state(components, cfg, config_dir=config_dir, dtype=tdtype,
                                    tokenizers=tokenizers)
         loaded = LoadedPipeline(pipe, kind, cfg, dict(header.metadata))
     loaded.pipe.set_progress_bar_config(disable=True)

@@ -3,6 +3,7 @@ VAE decode apart, and a NaN anywhere reported as where it appeared."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,5 +80,5 @@ def render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tu
     end = time.perf_counter()
     if not torch.isfinite(decoded).all():
         raise NonFiniteError(f"{where}: NaN or Inf in the VAE decode (prompt {prompt!r}, seed {seed}).")
-    steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
+    steps = [b - a for a, b in itertools.pairwise([start, *stamps])]
     return Rendered(latents.float().cpu(), decoded.float().cpu(), end - start, steps, end - before_decode)

@@ -115,7 +115,7 @@ def sampler_pipeline(unet: Any, vae: Any, sampler: SamplerSettings | Mapping[str
     with quiet_diffusers():
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                          tokenizer_2=None, unet=unet, scheduler=build_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # diffusers' lazy exports hide the method from mypy
     return pipe
 
 
@@ -128,8 +128,9 @@ def random_conditioning(unet_config: Mapping[str, Any], *, batch: int = 1, seed:
     pooled_width = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
     embeds = torch.randn(batch, 77, unet_config["cross_attention_dim"], generator=g)
     pooled = torch.randn(batch, pooled_width, generator=g)
-    kw = {"device": device, "dtype": dtype or torch.float32}
-    return {"prompt_embeds": embeds.to(**kw), "pooled_prompt_embeds": pooled.to(**kw)}  # type: ignore[arg-type]
+    dtype = dtype or torch.float32
+    return {"prompt_embeds": embeds.to(device=device, dtype=dtype),
+            "pooled_prompt_embeds": pooled.to(device=device, dtype=dtype)}
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def _compare(base: Path, fused: Path, loras: Sequence[tuple[str | Path, float]],
     cfg = config_from_shapes({k: t.shape for k, t in read_header(base).tensors.items()})
     names = [f"l{i}" for i in range(len(loras))]
     with quiet_diffusers():
-        for name, (path, _) in zip(names, loras):
+        for name, (path, _) in zip(names, loras, strict=True):
             pipe.load_lora_weights(str(path), adapter_name=name)
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)

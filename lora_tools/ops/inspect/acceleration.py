@@ -57,7 +57,7 @@ def acceleration(name: str, sha256: str | None, metadata: Mapping[str, str], sig
     else:
         steps = provenance_steps or _steps_from_metadata(metadata)
         if steps in LIGHTNING:
-            preset, how = LIGHTNING[steps], "metadata"  # type: ignore[index]
+            preset, how = LIGHTNING[steps], "metadata"
     if preset is not None and how is not None:
         by = {"sha256": "its sha256", "filename": "its file name", "metadata": "its metadata"}[how]
         note = f"Identified as SDXL-Lightning {preset.steps}-step by {by}."

@@ -58,7 +58,7 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
     fit = _choose_layout(path, adapter)
     match, cfg = fit.match, fit.cfg
     modules = adapter.modules
-    per_component = {c: 0 for c in LORA_COMPONENTS}
+    per_component: dict[str, int] = {c: 0 for c in LORA_COMPONENTS}
     for m in modules:
         per_component[m.component] = per_component.get(m.component, 0) + 1
     per_block: dict[str, dict[str, int]] = {}
@@ -142,7 +142,7 @@ def _fit(adapter: LoraAdapter, name: str, cfg: SDXLConfig) -> _Fit:
         if target is None or (m.changes_bias and target.bias_key is None):
             unmatched.append(m)
             why = (lora_match.no_bias_reason(target) if target is not None
-                   else index.why_not(m.component, m.name))  # type: ignore[arg-type]
+                   else index.why_not(m.component, m.name))
             if why is not None:
                 reasons[(m.component, m.name)] = why
             continue
