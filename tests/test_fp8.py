@@ -1,0 +1,163 @@
+"""fp8 outputs of ``fuse`` (``--dtype fp8``, scaled and plain), as ComfyUI reads them (see lora_tools/io/fp8.py).
+
+The oracle of each fp8 tensor is computed here from the ``--dtype fp32`` fuse of the same inputs (the exact
+fusion): scaled form ``e4m3fn(fusion / (amax / 448))``, plain form ``e4m3fn(fusion)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+from lora_tools.io.safetensors import TensorFile, load_tensors, read_header
+
+
+def _fuse(inputs: SimpleNamespace, out: Path, *args: str) -> str:
+    r = CliRunner().invoke(cli, ["fuse", str(inputs.base), "--lora", str(inputs.lora), "-o", str(out), "-q", *args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_unet_inputs: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("fp8")
+    o = SimpleNamespace(root=root)
+    o.f32 = root / "f32.safetensors"
+    o.f16 = root / "f16.safetensors"
+    o.scaled = root / "scaled.safetensors"
+    o.plain = root / "plain.safetensors"
+    _fuse(tiny_unet_inputs, o.f32, "--dtype", "fp32")
+    _fuse(tiny_unet_inputs, o.f16, "--dtype", "fp16")
+    o.scaled_out = _fuse(tiny_unet_inputs, o.scaled, "--dtype", "fp8")
+    o.plain_out = _fuse(tiny_unet_inputs, o.plain, "--dtype", "fp8", "--fp8", "plain")
+    return o
+
+
+def _fp8_keys(path: Path) -> list[str]:
+    return [k for k, t in read_header(path).tensors.items() if t.dtype == "F8_E4M3" and not k.endswith("scaled_fp8")]
+
+
+def test_scaled_fp8_is_the_fp32_fusion_rounded_once(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.scaled)
+    keys = _fp8_keys(outputs.scaled)
+    assert keys and all(k.startswith("model.diffusion_model.") and k.endswith(".weight") for k in keys)
+    assert all(fusion[k].dim() in (2, 4) for k in keys)
+    marker = got["model.diffusion_model.scaled_fp8"]
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 0  # comfy/model_detection.py reads its dtype
+    for k in keys:
+        scale = got[k[: -len("weight")] + "scale_weight"]
+        assert scale.dtype == torch.float32 and scale.shape == ()
+        w = fusion[k].float()
+        want_scale = torch.tensor(float(w.abs().max()) / 448.0, dtype=torch.float32)
+        assert float(scale) == float(want_scale), k
+        want = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got[k].view(torch.uint8), want.view(torch.uint8)), k
+        assert torch.equal(got[k].float() * scale, want.float() * scale)  # dequantised, as ComfyUI uses it
+        assert float(got[k].float().abs().max()) == 448.0  # the largest weight on e4m3fn's largest value
+
+
+def test_non_fp8_tensors_are_the_fp16_outputs_bytes(outputs: SimpleNamespace) -> None:
+    h8, h16 = read_header(outputs.scaled), read_header(outputs.f16)
+    fp8 = set(_fp8_keys(outputs.scaled))
+    rest = [k for k in h16.tensors if k not in fp8]
+    assert rest and any(k.endswith(".bias") for k in rest) and any("norm" in k for k in rest)
+    with TensorFile(outputs.scaled) as a, TensorFile(outputs.f16) as b:
+        for k in rest:
+            assert a.info(k).dtype == b.info(k).dtype
+            assert a.read_bytes(k) == b.read_bytes(k), k
+    assert set(h8.tensors) - set(h16.tensors) == {"model.diffusion_model.scaled_fp8"} | {
+        k[: -len("weight")] + "scale_weight" for k in fp8}
+
+
+def test_plain_fp8(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.plain)
+    keys = _fp8_keys(outputs.plain)
+    assert keys == _fp8_keys(outputs.scaled)
+    assert not any(k.endswith(("scale_weight", "scaled_fp8")) for k in got)
+    for k in keys:
+        want = fusion[k].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got[k].view(torch.uint8), want.view(torch.uint8)), k
+
+
+def test_summary_states_size_and_rounding_error(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.scaled)
+    err = ref = 0.0
+    worst = ("", -1.0)
+    for k in _fp8_keys(outputs.scaled):
+        w = fusion[k].float()
+        d = got[k].float() * got[k[: -len("weight")] + "scale_weight"] - w
+        e, r = float(d.pow(2).sum()), float(w.pow(2).sum())
+        err, ref = err + e, ref + r
+        worst = max(worst, (k, (e / r) ** 0.5), key=lambda x: x[1])
+    text = outputs.scaled_out
+    assert f"relative Frobenius error {(err / ref) ** 0.5:.3%}" in text
+    assert f"worst tensor {worst[0]} ({worst[1]:.2%})" in text
+    assert "smaller than in fp16" in text and "fp8 scaled: scaled.safetensors" in text
+
+
+def _data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    return path.stat().st_size - 8 - n
+
+
+def test_dry_run_predicts_the_size(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace, tmp_path: Path) -> None:
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    for form, path in (("scaled", outputs.scaled), ("plain", outputs.plain)):
+        plan = plan_fuse(tiny_unet_inputs.base, loras=[(str(tiny_unet_inputs.lora), 1.0)], dtype="fp8", fp8=form,  # type: ignore[arg-type]
+                         output=tmp_path / "x.safetensors")
+        try:
+            assert plan.output_bytes("checkpoint") == _data_bytes(path)
+            assert plan.fp16_bytes("checkpoint") == _data_bytes(outputs.f16)
+        finally:
+            plan.close()
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                  "fp8", "-o", str(tmp_path / "y.safetensors"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "fp8 scaled;" in r.output and "in fp16" in r.output
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_standalone_unet_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace, tmp_path: Path) -> None:
+    out = tmp_path / "u.safetensors"
+    _fuse(tiny_unet_inputs, out, "--dtype", "fp8", "--save", "unet")
+    got = load_tensors(out)
+    assert got["scaled_fp8"].dtype == torch.float8_e4m3fn
+    keys = _fp8_keys(out)
+    assert keys and all(not k.startswith("model.") for k in keys)
+    assert len(keys) == len(_fp8_keys(outputs.scaled))
+    assert all(k[: -len("weight")] + "scale_weight" in got for k in keys)
+
+
+def test_fp8_diffusers_folder_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                  "fp8", "--save", "diffusers", "-o", str(tmp_path / "d")])
+    assert r.exit_code != 0
+    assert "fp8" in r.output and "diffusers folder" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_record_names_the_fp8_form(outputs: SimpleNamespace) -> None:
+    meta = read_header(outputs.scaled).metadata
+    assert "F8_E4M3 scaled" in json.dumps(meta)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("comfy") is None, reason="ComfyUI is not installed (no 'comfy' package)")
+def test_comfyui_detects_scaled_fp8(outputs: SimpleNamespace) -> None:  # pragma: no cover - needs ComfyUI
+    import comfy.model_detection  # type: ignore[import-not-found]
+
+    sd = load_tensors(outputs.scaled)
+    config = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert config is not None and config.scaled_fp8 == torch.float8_e4m3fn
