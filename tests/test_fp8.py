@@ -161,3 +161,28 @@ def test_comfyui_detects_scaled_fp8(outputs: SimpleNamespace) -> None:  # pragma
     sd = load_tensors(outputs.scaled)
     config = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     assert config is not None and config.scaled_fp8 == torch.float8_e4m3fn
+
+
+def test_recipe_fuse_job_with_dtype_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
+                                        tmp_path: Path) -> None:
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text(f"""version: 1
+output_dir: {tmp_path / 'out'}
+inputs:
+  base: {tiny_unet_inputs.base}
+  lora: {tiny_unet_inputs.lora}
+jobs:
+  - name: small
+    fuse:
+      base: base
+      loras: [lora]
+      dtype: fp8
+      fp8: plain
+      output: small.safetensors
+""")
+    r = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
+    assert r.exit_code == 0, r.output
+    made = tmp_path / "out" / "small.safetensors"
+    with TensorFile(made) as a, TensorFile(outputs.plain) as b:
+        assert a.keys() == b.keys()
+        assert all(a.read_bytes(k) == b.read_bytes(k) for k in a.keys())
