@@ -186,3 +186,44 @@ jobs:
     with TensorFile(made) as a, TensorFile(outputs.plain) as b:
         assert a.keys() == b.keys()
         assert all(a.read_bytes(k) == b.read_bytes(k) for k in a.keys())
+
+
+def test_inspect_shows_the_fp8_layout(outputs: SimpleNamespace) -> None:
+    got = load_tensors(outputs.scaled)
+    scales = [float(v) for k, v in got.items() if k.endswith(".scale_weight")]
+    n = len(_fp8_keys(outputs.scaled))
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.scaled)])
+    assert r.exit_code == 0, r.output
+    assert f"fp8 scaled (e4m3fn): {n} fp8 tensors, scale_weight {min(scales):.3g} .. {max(scales):.3g}" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.plain), "--json"])
+    assert json.loads(r.output)["checkpoint"]["fp8"] == f"fp8 plain (e4m3fn): {n} fp8 tensors"
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.f16), "--json"])
+    assert json.loads(r.output)["checkpoint"]["fp8"] is None
+
+
+def test_fp8_base_is_fused_from_its_dequantised_weights(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
+                                                        tmp_path: Path) -> None:
+    from lora_tools.io.model import open_model
+
+    got = load_tensors(outputs.scaled)
+    with open_model(outputs.scaled) as m:  # every command that opens a model reads weight x scale_weight
+        assert m.fp8 is not None and m.fp8.form == "scaled"
+        assert not any(r.key.endswith(("scale_weight", "scaled_fp8")) for r in m.refs)
+        k = _fp8_keys(outputs.scaled)[0]
+        want = got[k].float() * got[k[: -len("weight")] + "scale_weight"]
+        assert m.ref(k).dtype == "F32" and torch.equal(m.read(m.ref(k)), want)
+    out = tmp_path / "again.safetensors"
+    r = CliRunner().invoke(cli, ["fuse", str(outputs.scaled), "--lora", f"{tiny_unet_inputs.lora}:-1", "--dtype", "fp32",
+                                 "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "inherits their fp8 rounding" in r.output
+    again, base = load_tensors(out), load_tensors(tiny_unet_inputs.base)
+    assert set(again) == set(base)  # the scale and marker tensors are gone
+    for k in _fp8_keys(outputs.scaled):  # fused - LoRA = the base, up to the fp8 rounding
+        w = base[k].float()
+        assert float((again[k] - w).norm() / w.norm()) < 0.08, k
+    keep = tmp_path / "keep.safetensors"  # --dtype keep keeps the base's fp8 form
+    r = CliRunner().invoke(cli, ["fuse", str(outputs.plain), "--lora", str(tiny_unet_inputs.lora), "--force",
+                                 "-o", str(keep), "-q"])
+    assert r.exit_code == 0, r.output
+    assert set(_fp8_keys(keep)) == set(_fp8_keys(outputs.plain)) and "fp8 plain:" in r.output

@@ -288,6 +288,11 @@ def plan_fuse(
     diffs: list[DiffSource] = []
     warnings: list[str] = []
     try:
+        if model.fp8 is not None:  # read as weight x scale_weight (lora_tools.io.fp8); "keep" keeps its fp8 form
+            warnings.append(f"'{model.path}' is {model.fp8.describe()}: it is fused from its dequantised weights, "
+                            "and the result inherits their fp8 rounding.")
+            if dtype == "keep":
+                fp8_form = _fp8_form("fp8", model.fp8.form, saves)
         _check_base(model, accel, force)
         index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
         # (file, strength, label, preset, whether the preset is only inferred from the file name)
@@ -327,7 +332,7 @@ def plan_fuse(
                 _check_base(model, accel, force)
         check_not_baked(model, [(s.label, s.adapter, s.preset) for s in plan_loras if s.preset is not None],
                         reference=original_unet, preset_dir=folder, force=force)
-        warnings[:0] = base_warnings(model, accel)
+        warnings[(0 if model.fp8 is None else 1):0] = base_warnings(model, accel)
         out_dtype = None if dtype in ("keep", "fp8") else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
         outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
