@@ -227,3 +227,25 @@ def test_fp8_base_is_fused_from_its_dequantised_weights(tiny_unet_inputs: Simple
                                  "-o", str(keep), "-q"])
     assert r.exit_code == 0, r.output
     assert set(_fp8_keys(keep)) == set(_fp8_keys(outputs.plain)) and "fp8 plain:" in r.output
+
+
+@pytest.mark.diffusers
+def test_verify_renders_the_fp8_file_against_the_full_precision_one(micro_verify: dict[str, Path]) -> None:
+    from lora_tools.ops.fuse import fuse
+
+    d = micro_verify["dir"]
+    small = fuse(micro_verify["base"], lightning=4, lightning_dir=d / "L", dtype="fp8",
+                 output=d / "fused-fp8.safetensors").files[0].path
+    out = d / "fp8-verdict"
+    r = CliRunner().invoke(cli, ["verify", str(small), "--against", str(micro_verify["fused"]), "--config",
+                                 str(micro_verify["config"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "0",
+                                 "--device", "cpu", "--dtype", "fp32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Verdict:  PASS (PSNR threshold 30 dB for fp32, fp8 scaled weights)" in r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"]["weights"] == "fp8 scaled"
+    psnr = report["images"][0]["psnr_db"]
+    assert 30 <= psnr < 80  # a real change (not bit-identical), within the fp8 threshold
+    nolora = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--against", str(micro_verify["base"]),
+                                      "--size", "32x32", "--device", "cpu"])
+    assert nolora.exit_code != 0 and "needs the LoRAs" in nolora.output  # still required for a full-precision model

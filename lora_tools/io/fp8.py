@@ -179,6 +179,23 @@ def is_fp8_extra(name: str) -> bool:
     return name == MARKER or name.endswith("." + MARKER) or name.endswith("." + SCALE_SUFFIX)
 
 
+def dequantize_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded state dict with its fp8 weights as the fp32 weights they stand for (``weight * scale_weight``,
+    plain fp8 simply widened) and the scale and marker tensors dropped; other tensors as they are. What a
+    reader that computes in fp16/fp32 (diffusers, CPU torch) needs to use an fp8 file."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if is_fp8_extra(k):
+            continue
+        if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            s = state.get(scale_key(k)) if k.endswith(".weight") else None
+            v = dequantize(v, s)
+        out[k] = v
+    return out
+
+
 def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtype: str) -> str:
     """The dtype a tensor takes in an fp8 output: fp8 for the targets, its own for the rest."""
     return FP8_DTYPE if is_fp8_target(component, name, shape) else dtype
@@ -186,4 +203,4 @@ def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtyp
 
 __all__ = ["Fp8Form", "FP8_FORMS", "FP8_DTYPE", "FP8_MAX", "MARKER", "SCALE_SUFFIX", "SGM_UNET_PREFIX", "Fp8Error",
            "Fp8Layout", "is_fp8_target", "scale_key", "marker_key", "scale_for", "quantize", "dequantize", "layout_of",
-           "is_fp8_extra", "output_dtype_of"]
+           "is_fp8_extra", "output_dtype_of", "dequantize_state"]
