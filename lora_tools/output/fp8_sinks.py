@@ -64,8 +64,8 @@ class _Fp8Emitter:
         t = payload.as_tensor(ref)
         if row is not None:
             t = to_diffusers(row, t)
-        q, scale = fp8.quantize(t, self.form)
-        self.error.add(ref.key, t, q, scale)
+        q, scale, rounding = fp8.quantize_measured(t, self.form)
+        self.error.add(ref.key, rounding, scale)
         if scale is not None:
             writer.write(fp8.scale_key(name), torch.tensor(scale, dtype=torch.float32))
         writer.write(name, q.contiguous())
