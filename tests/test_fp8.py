@@ -139,6 +139,14 @@ def test_standalone_unet_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleN
     assert keys and all(not k.startswith("model.") for k in keys)
     assert len(keys) == len(_fp8_keys(outputs.scaled))
     assert all(k[: -len("weight")] + "scale_weight" in got for k in keys)
+    from lora_tools.io.model import open_model
+
+    with open_model(out) as u, open_model(outputs.scaled) as c:  # read back: the same dequantised weights
+        assert u.fp8 is not None and u.fp8.form == "scaled" and u.fp8.tensors == len(keys)
+        fp8_refs = [r for r in u.refs if r.key in set(_fp8_keys(outputs.scaled))]
+        assert len(fp8_refs) == len(keys)
+        for r in fp8_refs:
+            assert torch.equal(u.read(r), c.read(c.ref(r.key))), r.key
 
 
 def test_fp8_diffusers_folder_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ class ModelSource:
         def get(row: KeyMap) -> "torch.Tensor":
             fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
             f = self._file(fname)
-            return bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
+            t = bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
+            return dequantize(t, self.fp8_scales[fkey]) if fkey in self.fp8_scales else t
 
         return to_sgm(list(ref.rows), get)
 
@@ -209,6 +210,8 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
         for h in hs:
             files[str(h.path)] = h
             for k, t in h.tensors.items():
+                if comp == "unet" and is_fp8_extra(k):  # scaled fp8: read with its weight (read_fp8_unet)
+                    continue
                 name = k
                 if comp == "te1" and not k.startswith("text_model."):
                     name = "text_model." + k  # transformers >= 5 saves CLIPTextModel without the prefix
@@ -243,7 +246,32 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
     md = dict(metadata) if layout == "diffusers-unet" else {}
     if layout == "diffusers-unet":
         md = dict(headers["unet"][0].metadata)
-    return ModelSource(path, layout, kind, cfg, md, refs, files, where)
+    model = ModelSource(path, layout, kind, cfg, md, refs, files, where)
+    if any(t.dtype in ("F8_E4M3", "F8_E5M2") for h in headers["unet"] for t in h.tensors.values()):
+        read_fp8_unet(model, headers["unet"])
+    return model
+
+
+def read_fp8_unet(model: ModelSource, headers: list[SafetensorsHeader]) -> None:
+    """:func:`read_fp8_base` for a diffusers-layout UNet (standalone file or a folder's unet/): its fp8
+    weights read as ``weight * scale_weight`` in fp32."""
+    from dataclasses import replace
+
+    scales: dict[str, float] = {}
+    for h in headers:
+        with TensorFile(h.path, h) as f:
+            scales |= {k: float(f.tensor(k).float().reshape(-1)[0]) for k in h.tensors if k.endswith("." + SCALE_SUFFIX)}
+    refs = []
+    for r in model.refs:
+        if r.dtype in ("F8_E4M3", "F8_E5M2") and r.rows and r.rows[0].component == "unet":
+            for row in r.rows:
+                _, fkey = model._where[f"unet:{row.diffusers}"]
+                model.fp8_scales[fkey] = scales.get(scale_key(fkey)) if fkey.endswith(".weight") else None
+            r = replace(r, dtype="F32", nbytes=r.nbytes * 4, raw_ok=False)
+        refs.append(r)
+    model.fp8 = layout_of({k: t.dtype for h in headers for k, t in h.tensors.items()}, scales)
+    model.refs = refs
+    model._by_key = {r.key: r for r in refs}
 
 
 def _config_from_diffusers(path: Path, shapes_by_comp: dict[Component, dict[str, tuple[int, ...]]]) -> SDXLConfig:
