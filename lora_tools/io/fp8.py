@@ -77,7 +77,7 @@ def scale_for(amax: float) -> float:
 def _f32(x: float) -> float:
     import struct
 
-    return struct.unpack("<f", struct.pack("<f", x))[0]  # type: ignore[no-any-return]
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 def quantize(t: torch.Tensor, form: Fp8Form) -> tuple[torch.Tensor, float | None]:

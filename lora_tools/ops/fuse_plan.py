@@ -361,14 +361,14 @@ def _fp8_form(dtype: str, form: str, saves: Sequence[str]) -> Fp8Form | None:
     if "diffusers" in saves:
         raise UsageError("fp8 is written to single files and standalone UNets, not to a diffusers folder",
                          hint=Hint("saves", "to write one of those", "checkpoint"))
-    return form  # type: ignore[return-value]
+    return form
 
 
 def _written(ref: TensorRef, kind: str) -> list[tuple[str, tuple[int, ...]]]:
     """The (name, shape) pairs a base tensor becomes in an output of ``kind``."""
     if kind == "checkpoint":
         return [(ref.key, tuple(ref.shape))]
-    return [(row.diffusers, tuple(row.diffusers_shape)) for row in ref.rows if row.diffusers is not None]  # type: ignore[arg-type]
+    return [(row.diffusers, tuple(row.diffusers_shape)) for row in ref.rows if row.diffusers is not None]
 
 
 def check_free_space(plan: FusePlan) -> None:
