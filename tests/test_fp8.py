@@ -157,6 +157,13 @@ def test_fp8_diffusers_folder_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_plain_without_fp8_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                 "fp16", "--fp8", "plain", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code != 0 and "--dtype fp8" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
 def test_record_names_the_fp8_form(outputs: SimpleNamespace) -> None:
     meta = read_header(outputs.scaled).metadata
     assert "F8_E4M3 scaled" in json.dumps(meta)

@@ -357,6 +357,9 @@ def _fp8_form(dtype: str, form: str, saves: Sequence[str]) -> Fp8Form | None:
     if form not in FP8_FORMS:
         raise UsageError(f"Unknown fp8 form '{form}': choose scaled or plain.")
     if dtype != "fp8":
+        if form == "plain" and dtype != "keep":  # keep: an fp8 base keeps its own form
+            raise UsageError(f"The fp8 form 'plain' applies to fp8 outputs, and the dtype is {dtype}",
+                             hint=Hint("dtype", "for fp8", "fp8"))
         return None
     if "diffusers" in saves:
         raise UsageError("fp8 is written to single files and standalone UNets, not to a diffusers folder",
