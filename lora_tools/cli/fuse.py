@@ -14,6 +14,8 @@ from lora_tools.ops.registry import OPS
 from lora_tools.units import format_bytes
 
 if TYPE_CHECKING:
+    from lora_tools.ops.fuse import FuseResult
+    from lora_tools.ops.fuse_plan import FusePlan
     from lora_tools.presets import SamplerSettings
 
 
@@ -76,7 +78,8 @@ def _print_plan(plan) -> None:
         click.echo(f"Unmatched ({len(plan.unmatched)}): {', '.join(plan.unmatched[:5])}")
     click.echo(f"Tensors patched: {len(plan.patched_keys())} of {len(plan.base.refs)}")
     for o in plan.outputs:
-        click.echo(f"Output:  {safe_text(o.path)} ({o.kind}, about {format_bytes(plan.output_bytes(o.kind))})")
+        click.echo(f"Output:  {safe_text(o.path)} ({o.kind}, about {format_bytes(plan.output_bytes(o.kind))}"
+                   + (f", fp8 {plan.fp8}; {format_bytes(plan.fp16_bytes(o.kind))} in fp16" if plan.fp8 else "") + ")")
     click.echo(f"Predicted peak memory: about {format_bytes(plan.predicted_peak_bytes())}")
     if plan.sampler is not None:
         click.echo(f"Sampler: {plan.sampler.describe()}")
@@ -90,9 +93,29 @@ def _print_summary(plan, result) -> None:
     for f in result.files:  # every weights file, the text encoders of a diffusers folder too
         digest = f" sha256 {f.sha256}, AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else ""
         click.echo(f"Wrote {safe_text(f.path)} ({format_bytes(f.nbytes)}){digest}")
+    if result.fp8_error is not None:
+        for line in fp8_lines(plan, result):
+            click.echo(line)
     if plan.sampler is not None:
         for line in usage_lines(plan.sampler):
             click.echo(line)
+
+
+def fp8_lines(plan: FusePlan, result: FuseResult) -> list[str]:
+    """The fp8 summary: the size saved against fp16, and the weight error of the fp8 rounding."""
+    e = result.fp8_error
+    lines: list[str] = []
+    if e is None:  # not an fp8 fuse
+        return lines
+    for o in plan.outputs:
+        fp16, now = plan.fp16_bytes(o.kind), plan.output_bytes(o.kind)
+        lines.append(f"fp8 {plan.fp8}: {safe_text(o.path.name)} is {format_bytes(now)}, {format_bytes(fp16 - now)} "
+                     f"({100 * (fp16 - now) / fp16:.0f} %) smaller than in fp16" if fp16 else "")
+    worst = f"; worst tensor {safe_text(e.worst[0])} ({e.worst[1]:.2%})" if e.worst else ""
+    lines.append(f"fp8 rounding: {e.tensors} UNet weights, relative Frobenius error {e.relative:.3%}{worst}")
+    if e.saturated:
+        lines.append(f"Warning: {e.saturated} values beyond +-448 were clamped (plain fp8); --fp8 scaled keeps them.")
+    return lines
 
 
 def usage_lines(s: SamplerSettings) -> list[str]:

@@ -183,6 +183,8 @@ def _checkpoint_rows(c: CheckpointSummary) -> list[tuple[str, str]]:
                                                    else f" (from {c.prediction_source.replace('_', ' ')})")),
         ("markers", safe_text(", ".join(c.markers)) or "none"),
     ]
+    if c.fp8:
+        rows.append(("fp8", safe_text(c.fp8)))
     if c.extra_keys:
         shown = ", ".join(safe_text(k, 80) for k in c.extra_keys[:6]) + (", ..." if len(c.extra_keys) > 6 else "")
         rows.append(("extra keys", f"{len(c.extra_keys)}: {shown}"))

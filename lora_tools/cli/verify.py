@@ -68,8 +68,9 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
         for f in report.failures:
             click.echo(f"Failed:   {f}")
         if report.verdict is not None:
+            weights = f", {report.threshold['weights']} weights" if report.threshold.get("weights") else ""
             click.echo(f"Verdict:  {report.verdict.upper()} (PSNR threshold {report.threshold['psnr_db']:g} dB "
-                       f"for {report.dtype})")
+                       f"for {report.dtype}{weights})")
         if out is not None:
             click.echo(f"Wrote:    {safe_text(str(out))}/ (grid.png, images/, report.json, report.md)")
     if not report.ok:

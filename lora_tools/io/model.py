@@ -18,6 +18,7 @@ from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, Unsuppor
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
+from lora_tools.io.fp8 import SCALE_SUFFIX, Fp8Layout, dequantize, is_fp8_extra, layout_of, scale_key
 from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class ModelSource:
         self._headers = files
         self._where = where  # diffusers key (component-qualified) -> (file, key in file)
         self._files: dict[str, TensorFile] = {}
+        self.fp8: Fp8Layout | None = None  # an fp8 base (lora_tools.io.fp8): its weights are read dequantised
+        self.fp8_scales: dict[str, float | None] = {}  # fp8 weight key -> its scale_weight (None: plain)
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -95,12 +98,14 @@ class ModelSource:
 
         if self.layout == "sgm":
             f = self._file(str(self.path))
-            return bytes_to_tensor(f.read_bytes(ref.key), f.info(ref.key))
+            t = bytes_to_tensor(f.read_bytes(ref.key), f.info(ref.key))
+            return dequantize(t, self.fp8_scales[ref.key]) if ref.key in self.fp8_scales else t
 
         def get(row: KeyMap) -> "torch.Tensor":
             fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
             f = self._file(fname)
-            return bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
+            t = bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
+            return dequantize(t, self.fp8_scales[fkey]) if fkey in self.fp8_scales else t
 
         return to_sgm(list(ref.rows), get)
 
@@ -147,7 +152,31 @@ def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
     for info in sorted(header.tensors.values(), key=lambda t: t.begin):
         rows = tuple(table.by_sgm_key.get(info.name, ()))
         refs.append(TensorRef(info.name, info.dtype, info.shape, info.nbytes, rows, True))
-    return ModelSource(path, "sgm", kind, cfg, dict(header.metadata), refs, {str(path): header}, {})
+    model = ModelSource(path, "sgm", kind, cfg, dict(header.metadata), refs, {str(path): header}, {})
+    if any(t.dtype in ("F8_E4M3", "F8_E5M2") for t in header.tensors.values()):
+        read_fp8_base(model, header)
+    return model
+
+
+def read_fp8_base(model: ModelSource, header: SafetensorsHeader) -> None:
+    """Make an fp8 single file read as the weights it stands for: each fp8 weight becomes an fp32 tensor
+    (``weight * scale_weight``, as ComfyUI's comfy/ops.py uses it), the ``scale_weight`` and ``scaled_fp8``
+    tensors are dropped from the model's tensors (see :mod:`lora_tools.io.fp8`)."""
+    from dataclasses import replace
+
+    with TensorFile(model.path, header) as f:
+        scales = {k: float(f.tensor(k).float().reshape(-1)[0]) for k in header.tensors if k.endswith("." + SCALE_SUFFIX)}
+    refs = []
+    for r in model.refs:
+        if is_fp8_extra(r.key):
+            continue
+        if r.dtype in ("F8_E4M3", "F8_E5M2"):
+            model.fp8_scales[r.key] = scales.get(scale_key(r.key)) if r.key.endswith(".weight") else None
+            r = replace(r, dtype="F32", nbytes=r.nbytes * 4, raw_ok=False)
+        refs.append(r)
+    model.fp8 = layout_of({k: t.dtype for k, t in header.tensors.items()}, scales)
+    model.refs = refs
+    model._by_key = {r.key: r for r in refs}
 
 
 def _looks_like_lora(shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -181,6 +210,8 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
         for h in hs:
             files[str(h.path)] = h
             for k, t in h.tensors.items():
+                if comp == "unet" and is_fp8_extra(k):  # scaled fp8: read with its weight (read_fp8_unet)
+                    continue
                 name = k
                 if comp == "te1" and not k.startswith("text_model."):
                     name = "text_model." + k  # transformers >= 5 saves CLIPTextModel without the prefix
@@ -215,7 +246,32 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
     md = dict(metadata) if layout == "diffusers-unet" else {}
     if layout == "diffusers-unet":
         md = dict(headers["unet"][0].metadata)
-    return ModelSource(path, layout, kind, cfg, md, refs, files, where)
+    model = ModelSource(path, layout, kind, cfg, md, refs, files, where)
+    if any(t.dtype in ("F8_E4M3", "F8_E5M2") for h in headers["unet"] for t in h.tensors.values()):
+        read_fp8_unet(model, headers["unet"])
+    return model
+
+
+def read_fp8_unet(model: ModelSource, headers: list[SafetensorsHeader]) -> None:
+    """:func:`read_fp8_base` for a diffusers-layout UNet (standalone file or a folder's unet/): its fp8
+    weights read as ``weight * scale_weight`` in fp32."""
+    from dataclasses import replace
+
+    scales: dict[str, float] = {}
+    for h in headers:
+        with TensorFile(h.path, h) as f:
+            scales |= {k: float(f.tensor(k).float().reshape(-1)[0]) for k in h.tensors if k.endswith("." + SCALE_SUFFIX)}
+    refs = []
+    for r in model.refs:
+        if r.dtype in ("F8_E4M3", "F8_E5M2") and r.rows and r.rows[0].component == "unet":
+            for row in r.rows:
+                _, fkey = model._where[f"unet:{row.diffusers}"]
+                model.fp8_scales[fkey] = scales.get(scale_key(fkey)) if fkey.endswith(".weight") else None
+            r = replace(r, dtype="F32", nbytes=r.nbytes * 4, raw_ok=False)
+        refs.append(r)
+    model.fp8 = layout_of({k: t.dtype for h in headers for k, t in h.tensors.items()}, scales)
+    model.refs = refs
+    model._by_key = {r.key: r for r in refs}
 
 
 def _config_from_diffusers(path: Path, shapes_by_comp: dict[Component, dict[str, tuple[int, ...]]]) -> SDXLConfig:

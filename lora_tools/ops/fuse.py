@@ -11,6 +11,7 @@ from pathlib import Path
 from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
 from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
+from lora_tools.io.fp8 import Fp8Error
 from lora_tools.io.model import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.output.metadata import output_metadata as build_output_metadata
@@ -33,6 +34,7 @@ class FuseResult:
     tensors_patched: int
     seconds: float
     record: dict[str, object] = field(default_factory=dict)
+    fp8_error: Fp8Error | None = None  # the weight error of the fp8 rounding (fp8 outputs only)
 
 
 def fuse(
@@ -53,6 +55,7 @@ def fuse(
     original_unet: str | Path | None = None,
     variant: str | None = None,
     hash_base: bool = False,
+    fp8: str = "scaled",
     progress: Progress | None = None,
     lightning: int | None = None,
     lightning_strength: float | None = None,
@@ -70,7 +73,7 @@ def fuse(
     plan = plan_fuse(base, preset, method=method, loras=loras, saves=saves, output=output, dtype=dtype,
                      preset_strength=preset_strength, preset_dir=preset_dir, allow_unmatched=allow_unmatched,
                      force=force, overwrite=overwrite, revision=revision, original_unet=original_unet,
-                     variant=variant, hash_base=hash_base, lightning=lightning,
+                     variant=variant, hash_base=hash_base, fp8=fp8, lightning=lightning,  # type: ignore[arg-type]
                      lightning_strength=lightning_strength, lightning_dir=lightning_dir)
     try:
         return run_fuse(plan, progress=progress)
@@ -116,7 +119,7 @@ def provenance_record(plan: FusePlan, *, created: str | None = None,
     preset = plan.preset.name if plan.preset is not None else None
     return build_record("fuse", sources=sources, sampler=plan.sampler.to_dict() if plan.sampler is not None else None,
                         preset=preset, method=plan.method, lightning_steps=plan.lightning_steps,
-                        output_dtype=plan.out_dtype or "keep", created=created,
+                        output_dtype=f"F8_E4M3 {plan.fp8}" if plan.fp8 else (plan.out_dtype or "keep"), created=created,
                         **({"recipe": run_entry} if run_entry is not None else {}))
 
 
@@ -177,13 +180,14 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
     record = provenance_record(plan, created=created, run_entry=run_entry)
     patches = fuse_patches(plan)
     order = stream_order(plan.base.refs, patches)
-    sinks = _make_sinks(plan, record, order)
+    fp8_error = Fp8Error() if plan.fp8 is not None else None
+    sinks = _make_sinks(plan, record, order, fp8_error)
     stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
                    stage_hook=stage_hook)
     # A module with a weight delta and a bias diff is two contributions but one module fused.
     both = sum(isinstance(c, BiasDiff) and c.match.module.changes_weight for cs in patches.values() for c in cs)
     return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start,
-                      record)
+                      record, fp8_error)
 
 
 def _sdxl_tokenizers() -> dict[str, Path]:
@@ -192,7 +196,11 @@ def _sdxl_tokenizers() -> dict[str, Path]:
     return tokenizer_files(SDXL_BASE_REPO)
 
 
-def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]) -> list:
+def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef],
+                fp8_error: Fp8Error | None = None) -> list:
+    if plan.fp8 is not None:
+        assert fp8_error is not None
+        return _fp8_sinks(plan, record, order, fp8_error)
     sinks: list = []
     tokenizers = tokenizer_provider(plan.base, _sdxl_tokenizers) if any(o.kind == "diffusers" for o in plan.outputs) else None
     try:
@@ -208,6 +216,25 @@ def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef
                 sinks.append(DiffusersFolderSink(out.path, plan.base, order, plan.output_dtype,
                                                  output_metadata(plan, record, keep_base=False), scheduler_config(plan), tokenizers,
                                                  overwrite=plan.overwrite, verify=plan.verify_output))
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    return sinks
+
+
+def _fp8_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef], error: Fp8Error) -> list:
+    """The sinks of an fp8 fuse (single file and/or standalone UNet; the plan refused a diffusers folder)."""
+    from lora_tools.output.fp8_sinks import Fp8CheckpointSink, Fp8ComponentSink
+
+    assert plan.fp8 is not None
+    sinks: list = []
+    try:
+        for out in plan.outputs:
+            keep_base = out.kind == "checkpoint"
+            sink_type = Fp8CheckpointSink if keep_base else Fp8ComponentSink
+            sinks.append(sink_type(out.path, order, lambda d: d, output_metadata(plan, record, keep_base=keep_base),
+                                   form=plan.fp8, error=error, overwrite=plan.overwrite, verify=plan.verify_output))
     except BaseException:
         for s in sinks:
             s.abort()

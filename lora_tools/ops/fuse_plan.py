@@ -17,7 +17,8 @@ from typing import Literal, TypeVar
 
 from lora_tools.errors import Hint, KeyMismatchError, ShapeMismatchError, UnsupportedModelError, UsageError
 from lora_tools.io import atomic
-from lora_tools.io.model import ModelSource, open_model
+from lora_tools.io.fp8 import Fp8Form
+from lora_tools.io.model import ModelSource, TensorRef, open_model
 from lora_tools.io.safetensors import DTYPE_ALIASES, DTYPE_SIZES
 from lora_tools.io.sources import SafetensorsSource
 from lora_tools.layouts.targets import TargetIndex
@@ -106,6 +107,7 @@ class FusePlan:
     hash_base: bool = False
     verify_output: bool = False
     hashes: dict[Path, Future[str]] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
+    fp8: Fp8Form | None = None  # fp8 outputs (UNet linear/conv weights; see lora_tools.io.fp8), else None
 
     @property
     def lightning_steps(self) -> int | None:
@@ -121,6 +123,8 @@ class FusePlan:
     def output_dtype(self, dtype: str) -> str:
         from lora_tools.io.safetensors import is_float_dtype
 
+        if self.fp8 is not None:  # patched in fp32, rounded to fp8 (or back to their dtype) by the fp8 sinks
+            return "F32" if is_float_dtype(dtype) else dtype
         return self.out_dtype if self.out_dtype and is_float_dtype(dtype) else dtype
 
     def patched_keys(self) -> set[str]:
@@ -145,13 +149,37 @@ class FusePlan:
         return dict(sorted(c.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
 
     def output_bytes(self, kind: SaveKind) -> int:
+        """The data bytes of one output (header not counted)."""
+        from lora_tools.io import fp8
+
         total = 0
         for r in self.base.refs:
             if kind != "checkpoint" and not r.rows:
                 continue
             if kind == "unet" and r.rows[0].component != "unet":
                 continue
-            total += r.nbytes // DTYPE_SIZES[r.dtype] * DTYPE_SIZES[self.output_dtype(r.dtype)]
+            if self.fp8 is None:
+                total += r.nbytes // DTYPE_SIZES[r.dtype] * DTYPE_SIZES[self.output_dtype(r.dtype)]
+                continue
+            for name, shape in _written(r, kind):
+                numel = r.nbytes // DTYPE_SIZES[r.dtype] // max(1, len(r.rows) if kind == "unet" else 1)
+                if fp8.is_fp8_target(r.rows[0].component if r.rows else None, name, shape):
+                    total += numel + (4 if self.fp8 == "scaled" else 0)
+                else:
+                    total += numel * DTYPE_SIZES[r.dtype]
+        return total
+
+    def fp16_bytes(self, kind: SaveKind) -> int:
+        """The data bytes the same output takes with every float tensor in fp16 (what fp8 is compared with)."""
+        from lora_tools.io.safetensors import is_float_dtype
+
+        total = 0
+        for r in self.base.refs:
+            if kind != "checkpoint" and not r.rows:
+                continue
+            if kind == "unet" and r.rows[0].component != "unet":
+                continue
+            total += r.nbytes // DTYPE_SIZES[r.dtype] * (2 if is_float_dtype(r.dtype) else DTYPE_SIZES[r.dtype])
         return total
 
     def predicted_peak_bytes(self) -> int:
@@ -161,7 +189,7 @@ class FusePlan:
         from lora_tools.engine.pipeline import MAX_INFLIGHT_BYTES
 
         largest = max((r.nbytes for r in self.base.refs), default=0)
-        if self.out_dtype is not None:
+        if self.out_dtype is not None or self.fp8 is not None:
             largest *= 3  # an output copy of up to twice the bytes (fp16 -> fp32)
         return _RUNTIME_BYTES + max(RING_BYTES, 2 * MAX_INFLIGHT_BYTES) + largest + 16 * len(self.outputs) * (1 << 20)
 
@@ -193,6 +221,7 @@ def plan_fuse(
     variant: str | None = None,
     hash_base: bool = False,
     verify_output: bool = False,
+    fp8: Fp8Form = "scaled",
     lightning: int | None = None,
     lightning_strength: float | None = None,
     lightning_dir: str | Path | None = None,
@@ -210,7 +239,10 @@ def plan_fuse(
         saves: outputs to write: ``checkpoint`` (single file in the base's layout), ``unet``
             (standalone diffusers-layout UNet), ``diffusers`` (pipeline folder).
         output: output path (the checkpoint's, or the only output's); default next to the base.
-        dtype: ``keep``, ``fp16``, ``bf16`` or ``fp32`` for float tensors of the outputs.
+        dtype: ``keep``, ``fp16``, ``bf16`` or ``fp32`` for float tensors of the outputs; ``fp8``: the UNet's
+            linear and conv weights in float8_e4m3fn (the rest keeps its dtype; see :mod:`lora_tools.io.fp8`).
+        fp8: with ``dtype="fp8"``: ``scaled`` (per-tensor ``scale_weight`` and the ``scaled_fp8`` marker, as
+            ComfyUI reads scaled fp8) or ``plain`` (the weights cast to e4m3fn).
         preset_strength: strength of the preset's LoRA or difference (default 1.0); only with ``preset``.
         preset_dir: a local folder holding the preset's files (instead of the hub).
         allow_unmatched: skip LoRA modules that have no target instead of failing.
@@ -253,8 +285,9 @@ def plan_fuse(
     if accel is None and not loras:
         raise UsageError("Nothing to fuse: no acceleration preset and no LoRA",
                          hint=Hint("preset", "and/or LoRAs", "NAME"))
-    if dtype != "keep" and DTYPE_ALIASES.get(dtype) is None:
-        raise UsageError(f"Unknown dtype '{dtype}': choose keep, fp16, bf16 or fp32.")
+    fp8_form = _fp8_form(dtype, fp8, saves)
+    if dtype not in ("keep", "fp8") and DTYPE_ALIASES.get(dtype) is None:
+        raise UsageError(f"Unknown dtype '{dtype}': choose keep, fp16, bf16, fp32 or fp8.")
     if accel is not None and accel.lora_file is None and method == "lora":
         method = "unet"  # 1 step exists only as a full UNet (x0 prediction)
     if accel is not None and accel.unet_file is None and method == "unet":
@@ -264,6 +297,11 @@ def plan_fuse(
     diffs: list[DiffSource] = []
     warnings: list[str] = []
     try:
+        if model.fp8 is not None:  # read as weight x scale_weight (lora_tools.io.fp8); "keep" keeps its fp8 form
+            warnings.append(f"'{model.path}' is {model.fp8.describe()}: it is fused from its dequantised weights, "
+                            "and the result inherits their fp8 rounding.")
+            if dtype == "keep":
+                fp8_form = _fp8_form("fp8", model.fp8.form, saves)
         _check_base(model, accel, force)
         index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
         # (file, strength, label, preset, whether the preset is only inferred from the file name)
@@ -304,14 +342,14 @@ def plan_fuse(
                 _check_base(model, accel, force)
         check_not_baked(model, [(s.label, s.adapter, s.preset) for s in plan_loras if s.preset is not None],
                         reference=original_unet, preset_dir=folder, force=force)
-        warnings[:0] = base_warnings(model, accel)
-        out_dtype = None if dtype == "keep" else DTYPE_ALIASES[dtype]
+        warnings[(0 if model.fp8 is None else 1):0] = base_warnings(model, accel)
+        out_dtype = None if dtype in ("keep", "fp8") else DTYPE_ALIASES[dtype]
         protected = [d.tuned.path for d in diffs] + [d.original.path for d in diffs]
         outputs = _outputs(model, saves, output, accel, plan_loras, method, overwrite, protected)
         sampler = accel.sampler if accel is not None else None
         unmatched = [f"{s.label}: {m.component}:{m.name}" for s in plan_loras for m in s.match.unmatched]
         plan = FusePlan(model, plan_loras, diffs, outputs, out_dtype, sampler, accel, method, patches,
-                        warnings, unmatched, overwrite, hash_base, verify_output, hashes)
+                        warnings, unmatched, overwrite, hash_base, verify_output, hashes, fp8_form)
         check_free_space(plan)
         return plan
     except BaseException:
@@ -319,6 +357,31 @@ def plan_fuse(
         for s in plan_loras:
             s.adapter.close()
         raise
+
+
+def _fp8_form(dtype: str, form: str, saves: Sequence[str]) -> Fp8Form | None:
+    """The fp8 form of a fuse (``None`` unless ``dtype`` is ``fp8``); fp8 is written to single files and
+    standalone UNets only (diffusers cannot load a scaled fp8 folder)."""
+    from lora_tools.io.fp8 import FP8_FORMS
+
+    if form not in FP8_FORMS:
+        raise UsageError(f"Unknown fp8 form '{form}': choose scaled or plain.")
+    if dtype != "fp8":
+        if form == "plain" and dtype != "keep":  # keep: an fp8 base keeps its own form
+            raise UsageError(f"The fp8 form 'plain' applies to fp8 outputs, and the dtype is {dtype}",
+                             hint=Hint("dtype", "for fp8", "fp8"))
+        return None
+    if "diffusers" in saves:
+        raise UsageError("fp8 is written to single files and standalone UNets, not to a diffusers folder",
+                         hint=Hint("saves", "to write one of those", "checkpoint"))
+    return form
+
+
+def _written(ref: TensorRef, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) pairs a base tensor becomes in an output of ``kind``."""
+    if kind == "checkpoint":
+        return [(ref.key, tuple(ref.shape))]
+    return [(row.diffusers, tuple(row.diffusers_shape)) for row in ref.rows if row.diffusers is not None]
 
 
 def check_free_space(plan: FusePlan) -> None:

@@ -140,7 +140,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         raise UsageError("no prompts to render.", hint=Hint("prompt", "", "TEXT"))
     if against is None and loras:
         raise UsageError("runtime LoRAs need the base they apply to", hint=Hint("against", "with the base", "BASE"))
-    if against is not None and not loras:
+    if against is not None and not loras and _fp8_form(path) is None:  # an fp8 model is checked against its fp16 one
         raise UsageError("a faithfulness check needs the LoRAs the model was fused with",
                          hint=Hint("lora", "for each of them", "SRC[:S]"))
     for p in [x for x in (base, config, against) if x is not None] + [p for p, _ in loras]:
@@ -195,7 +195,7 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     import torch
 
     from lora_tools.io.hashing import header_sha256, sha256_file
-    from lora_tools.verify.oracle import PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
+    from lora_tools.verify.oracle import FP8_PSNR_THRESHOLD_DB, PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
     from lora_tools.verify.pipeline import build_pipeline
     from lora_tools.verify.render import prepare, render
 
@@ -235,6 +235,10 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
         prepare(ref.pipe, plan.sampler)
         limit = PSNR_THRESHOLDS_DB[plan.dtype]
         threshold = {"psnr_db": limit, "on": "final latents", "dtype": plan.dtype}
+        fp8 = _fp8_form(plan.model)
+        if fp8 is not None:  # fp8 weights: the rounding is a real change, judged by its own threshold
+            limit = min(limit, FP8_PSNR_THRESHOLD_DB)
+            threshold |= {"psnr_db": limit, "weights": f"fp8 {fp8}"}
         against = {"base": str(plan.against), "loras": [{"path": str(p), "strength": s} for p, s in plan.loras]}
         worst = math.inf
         for (r, c), (lat, img) in rendered.items():
@@ -337,3 +341,14 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
 def verify_model(model: str | Path, **options: Any) -> VerifyReport:
     """:func:`plan_verify` then :func:`run_verify` (keyword options as in :func:`plan_verify`)."""
     return run_verify(plan_verify(model, **options))
+
+
+def _fp8_form(model: Path) -> str | None:
+    """``scaled``/``plain`` when ``model`` is a single file with fp8 weights (lora_tools.io.fp8), else None."""
+    from lora_tools.io.fp8 import layout_of
+    from lora_tools.io.safetensors import read_header
+
+    if not model.is_file() or model.suffix != ".safetensors":
+        return None
+    layout = layout_of({k: t.dtype for k, t in read_header(model).tensors.items()})
+    return layout.form if layout is not None else None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import Hint, InvalidFileError, UsageError
+from lora_tools.io.fp8 import dequantize_state
 from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.layouts.components import Component
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
@@ -116,7 +117,7 @@ def _unet_state(path: Path, cfg: SDXLConfig | None) -> dict[str, Any]:
         if not isinstance(state, dict):
             raise InvalidFileError(f"{path}: not a state dict.")
     else:
-        state = load_tensors(path)
+        state = dequantize_state(load_tensors(path))
     if any(k.startswith("model.diffusion_model.") for k in state):
         if cfg is None:
             raise UsageError(f"{path} has SGM key names: give a single-file checkpoint as its base",
@@ -261,8 +262,8 @@ def build_pipeline(model: str | Path, *, base: str | Path | None = None, config:
         cfg = config_from_shapes({k: t.shape for k, t in header.tensors.items()})
         needs_files = tokenizers and (config is not None or _needs_tokenizer_files(cfg))
         config_dir = find_config_dir(config) if needs_files else None
-        components = sgm_to_diffusers_state_dicts(load_tensors(path), cfg.table, ["unet", "vae", "te1", "te2"],
-                                                  source=str(path))
+        components = sgm_to_diffusers_state_dicts(dequantize_state(load_tensors(path)), cfg.table,
+                                                  ["unet", "vae", "te1", "te2"], source=str(path))
         pipe = pipeline_from_state(components, cfg, config_dir=config_dir, dtype=tdtype,
                                    tokenizers=tokenizers)
         loaded = LoadedPipeline(pipe, kind, cfg, dict(header.metadata))

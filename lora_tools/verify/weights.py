@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_tools.io.fp8 import dequantize_state
 from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.layouts.sdxl import config_from_shapes, sgm_to_diffusers_state_dicts
 from lora_tools.verify.sampler import quiet_diffusers
@@ -76,9 +77,9 @@ def _compare(base: Path, fused: Path, loras: Sequence[tuple[str | Path, float]],
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
-    before = sgm_to_diffusers_state_dicts(load_tensors(base), cfg.table, ["unet", "te1", "te2"])
+    before = sgm_to_diffusers_state_dicts(dequantize_state(load_tensors(base)), cfg.table, ["unet", "te1", "te2"])
     header = read_header(fused)
-    fused_sd = sgm_to_diffusers_state_dicts(load_tensors(fused), cfg.table, ["unet", "te1", "te2"])
+    fused_sd = sgm_to_diffusers_state_dicts(dequantize_state(load_tensors(fused)), cfg.table, ["unet", "te1", "te2"])
     fused_dtype = next(iter(header.tensors.values())).dtype
     tol = tolerance if tolerance is not None else (1e-6 if fused_dtype == "F32" else 2e-3)
     compared = changed = 0

@@ -91,6 +91,8 @@ is always present; ``null`` where it does not apply.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from lora_tools.errors import InvalidFileError
@@ -187,6 +189,15 @@ def inspect_path(path: str | Path, *, with_hash: bool | None = None) -> InspectR
         src.close()
 
 
+def _fp8_layout(src: SafetensorsSource | StateDictSource, entries: Sequence[TensorEntry]) -> str | None:
+    """The fp8 layout of a checkpoint: plain or scaled, how many fp8 tensors, the range of scale_weight."""
+    from lora_tools.io.fp8 import SCALE_SUFFIX, layout_of
+
+    scales = {e.key: src.scalar(e.key) for e in entries if e.key.endswith("." + SCALE_SUFFIX)}
+    layout = layout_of({e.key: e.dtype for e in entries}, scales)
+    return layout.describe() if layout is not None else None
+
+
 def _inspect_file(path: Path, src: SafetensorsSource | StateDictSource, with_hash: bool | None) -> InspectReport:
     keys = src.keys()
     entries = tuple(tensor_entry(src, k) for k in keys)
@@ -198,6 +209,8 @@ def _inspect_file(path: Path, src: SafetensorsSource | StateDictSource, with_has
     dtypes = count(e.dtype for e in entries)
     if kind.layout != "unknown" or kind.components:
         ckpt = checkpoint_summary(path.name, file.sha256, kind, entries, src.metadata, None)
+        if any(e.dtype in ("F8_E4M3", "F8_E5M2") for e in entries):
+            ckpt = replace(ckpt, fp8=_fp8_layout(src, entries))
         return InspectReport("checkpoint", file, len(entries), numel_sum(entries), dtypes, metadata, None, ckpt, entries)
     adapter = load_lora(path, source=src)
     lora, parameters = lora_summary(path, adapter, file.sha256, {e.key: e for e in entries})

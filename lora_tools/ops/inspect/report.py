@@ -203,6 +203,7 @@ class CheckpointSummary:
     acceleration: Acceleration | None
     provenance: Provenance | None
     warnings: tuple[str, ...]
+    fp8: str | None = None  # the fp8 layout (lora_tools.io.fp8.Fp8Layout.describe()), None without fp8 weights
 
 
 

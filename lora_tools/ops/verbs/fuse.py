@@ -50,9 +50,14 @@ class FuseOptions(Options):
                                   "UNet, diffusers folder. Default: checkpoint.", json_schema_extra=cli("--save"))
     output: str | None = Field(None, description="Output path (default: next to BASE, named after what was done).",
                                json_schema_extra=cli("-o", "--output"))
-    dtype: Literal["keep", "fp16", "bf16", "fp32"] = Field(
-        "keep", description="dtype of float tensors in the outputs (maths is always fp32).",
+    dtype: Literal["keep", "fp16", "bf16", "fp32", "fp8"] = Field(
+        "keep", description="dtype of float tensors in the outputs (maths is always fp32). fp8: the UNet's linear "
+        "and conv weights in float8_e4m3fn, the rest kept (single file and UNet outputs; see --fp8).",
         json_schema_extra=cli(show_default=True))
+    fp8: Literal["scaled", "plain"] = Field(
+        "scaled", description="fp8 form with --dtype fp8: scaled (a per-tensor scale_weight, ComfyUI's scaled fp8: "
+        "small layers keep their precision) or plain (weights cast to e4m3fn, for Forge's and ComfyUI's fp8 "
+        "weight option).", json_schema_extra=cli(show_default=True))
     allow_unmatched: bool = Field(False, description="Skip LoRA modules that have no target instead of failing.")
     force: bool = Field(False, description="Fuse even into a model lora_tools already fused a preset into.")
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch) for hub downloads.")
@@ -139,7 +144,7 @@ def plan(o: FuseOptions, *, overwrite: bool = False) -> FuseOpPlan:
         saves=tuple(o.saves) or ("checkpoint",), output=o.output, dtype=o.dtype, preset_strength=o.strength,
         allow_unmatched=o.allow_unmatched, force=o.force, overwrite=overwrite, revision=o.revision,
         preset_dir=o.preset_dir, original_unet=o.original_unet, variant=o.variant, hash_base=o.hash_base,
-        verify_output=o.verify_output,
+        verify_output=o.verify_output, fp8=o.fp8,
     )
     planned = FuseOpPlan(o, fp)
     if o.workflow:

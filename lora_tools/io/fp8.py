@@ -1,0 +1,231 @@
+"""fp8 (e4m3fn) weights as ComfyUI reads them: which tensors, the per-tensor scale, encode and decode.
+
+Two forms are written (and read):
+
+* ``plain``: the UNet's linear and conv weights stored as ``F8_E4M3``, nothing else. ComfyUI's
+  ``weight_dtype fp8_e4m3fn`` and Forge's fp8 storage load such a file; the values are the weights
+  themselves, so anything beyond e4m3fn's range (+-448) saturates.
+* ``scaled`` (the default): the same tensors stored as ``round(w / scale)`` with one fp32 scalar
+  ``<module>.scale_weight`` next to each ``<module>.weight``, and an empty ``F8_E4M3`` marker tensor
+  ``<unet prefix>scaled_fp8``. The rules follow ComfyUI's own source (read, not copied):
+
+  - ``comfy/model_detection.py`` (``model_config_from_unet``): the key ``{unet_key_prefix}scaled_fp8``
+    marks a scaled checkpoint; the marker's *dtype* names the fp8 format (an fp32 marker means
+    e4m3fn) and a 2-element marker turns fp8 matrix multiplication off, so ours is empty (0 elements).
+  - ``comfy/ops.py`` (``scaled_fp8_ops``): every Linear/Conv layer of the diffusion model owns a
+    ``scale_weight`` parameter (a 0-dim fp32 scalar, 1.0 when the file has none) and uses
+    ``weight * scale_weight`` as its weight; LoRA patches are applied to that product and divided
+    back by the scale.
+  - The published fp8 SDXL checkpoints keep norms, biases, the VAE and the text encoders in their
+    dtype: only 2-D (linear) and 4-D (conv) UNet weights are fp8 (:func:`is_fp8_target`).
+
+The scale is chosen from the tensor's largest magnitude, ``amax / 448``, so the largest weight lands
+on e4m3fn's largest finite value and the rest use the whole range; an all-zero tensor gets 1.0.
+The default is ``scaled`` because a per-tensor scale keeps the small-magnitude layers (most of
+SDXL's weights are below 0.1, where plain e4m3fn has few steps left) about as precise as the large
+ones, and ComfyUI then recognises the file as scaled fp8 rather than a plain fp8 cast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+Fp8Form = Literal["scaled", "plain"]
+FP8_FORMS: tuple[Fp8Form, ...] = ("scaled", "plain")
+#: The safetensors dtype of the fp8 tensors (torch.float8_e4m3fn).
+FP8_DTYPE = "F8_E4M3"
+#: Largest finite float8_e4m3fn value.
+FP8_MAX = 448.0
+#: Name of the scaled form's marker tensor after the UNet's key prefix (comfy/model_detection.py).
+MARKER = "scaled_fp8"
+#: Suffix of the per-tensor scale next to ``<module>.weight`` (comfy/ops.py scaled_fp8_ops).
+SCALE_SUFFIX = "scale_weight"
+#: Where ComfyUI looks for the UNet in a single file (its ``unet_key_prefix`` for SGM checkpoints).
+SGM_UNET_PREFIX = "model.diffusion_model."
+
+
+def is_fp8_target(component: str | None, name: str, shape: Sequence[int]) -> bool:
+    """Whether a tensor goes to fp8: a UNet linear (2-D) or conv (4-D) weight; never a norm, bias,
+    VAE or text-encoder tensor."""
+    return component == "unet" and name.endswith(".weight") and len(shape) in (2, 4)
+
+
+def scale_key(weight_key: str) -> str:
+    """``a.b.weight`` -> ``a.b.scale_weight`` (ComfyUI's parameter name, comfy/ops.py)."""
+    return weight_key[: -len("weight")] + SCALE_SUFFIX
+
+
+def marker_key(prefix: str) -> str:
+    """The scaled form's marker: ``model.diffusion_model.scaled_fp8`` in a single file, ``scaled_fp8``
+    in a standalone UNet."""
+    return prefix + MARKER
+
+
+def scale_for(amax: float) -> float:
+    """The per-tensor scale of a tensor whose largest magnitude is ``amax``: ``amax / 448`` (as an fp32
+    value), 1.0 for an all-zero tensor."""
+    scale = float(_f32(amax / FP8_MAX))
+    return scale if scale > 0.0 and math.isfinite(scale) else 1.0
+
+
+def _f32(x: float) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def quantize(t: torch.Tensor, form: Fp8Form) -> tuple[torch.Tensor, float | None]:
+    """``t`` (any float dtype; computed in fp32) as float8_e4m3fn, rounded once (nearest, ties to
+    even), with its scale (``None`` for ``plain``). Values beyond +-448 saturate (torch's cast would
+    make them NaN)."""
+    q, scale, _ = quantize_measured(t, form)
+    return q, scale
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """What one tensor's fp8 rounding did: squared Frobenius norms of the error and of the tensor,
+    and how many values saturated at +-448."""
+
+    err_sq: float
+    ref_sq: float
+    saturated: int = 0
+
+
+def quantize_measured(t: torch.Tensor, form: Fp8Form) -> tuple[torch.Tensor, float | None, Rounding]:
+    """:func:`quantize` and its error, in one fp32 working copy (a few passes over the tensor, no more
+    allocations): the fuse of a 5 GB UNet pays for it in seconds."""
+    import torch
+
+    x = t.to(torch.float32, copy=True)
+    if x.numel() == 0:
+        return x.to(torch.float8_e4m3fn), (1.0 if form == "scaled" else None), Rounding(0.0, 0.0)
+    lo, hi = x.aminmax()
+    amax = max(-float(lo), float(hi))
+    ref_sq = float(torch.linalg.vector_norm(x)) ** 2
+    if form == "scaled":
+        scale = scale_for(amax)
+        x.div_(scale)
+        x.clamp_(-FP8_MAX, FP8_MAX)  # amax / scale may round a hair above 448
+        q = x.to(torch.float8_e4m3fn)
+        err_sq = float(torch.linalg.vector_norm(x.sub_(q.to(torch.float32)))) ** 2 * scale * scale
+        return q, scale, Rounding(err_sq, ref_sq)
+    if amax <= FP8_MAX:
+        q = x.to(torch.float8_e4m3fn)
+        err_sq = float(torch.linalg.vector_norm(x.sub_(q.to(torch.float32)))) ** 2
+        return q, None, Rounding(err_sq, ref_sq)
+    saturated = int((x.abs() > FP8_MAX).sum())
+    q = x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    err_sq = float(torch.linalg.vector_norm(x.sub_(q.to(torch.float32)))) ** 2
+    return q, None, Rounding(err_sq, ref_sq, saturated)
+
+
+def dequantize(q: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight an fp8 tensor stands for: ``q * scale`` (as comfy/ops.py computes it)."""
+    import torch
+
+    w = q.to(torch.float32)
+    if scale is None:
+        return w
+    s = scale if isinstance(scale, float) else float(scale.to(torch.float32).reshape(()))
+    return w * s
+
+
+@dataclass
+class Fp8Error:
+    """The weight error of the fp8 rounding, accumulated while streaming: relative Frobenius error of
+    all fp8 tensors together (``||dequant - w|| / ||w||``) and the worst single tensor."""
+
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    tensors: int = 0
+    saturated: int = 0  # values clamped to +-448 (plain form only)
+    worst: tuple[str, float] | None = None
+    scales: list[float] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def add(self, name: str, r: Rounding, scale: float | None) -> None:
+        """Account one tensor (once per name, however many outputs write it)."""
+        if name in self._seen:
+            return
+        self._seen.add(name)
+        self.err_sq += r.err_sq
+        self.ref_sq += r.ref_sq
+        self.tensors += 1
+        self.saturated += r.saturated
+        if scale is not None:
+            self.scales.append(scale)
+        rel = math.sqrt(r.err_sq / r.ref_sq) if r.ref_sq > 0 else 0.0
+        if self.worst is None or rel > self.worst[1]:
+            self.worst = (name, rel)
+
+    @property
+    def relative(self) -> float:
+        """Relative Frobenius error of all fp8 tensors together."""
+        return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """How a file stores fp8 weights: ``form`` (``plain``/``scaled``), how many fp8 tensors, the
+    range of their scales (scaled form)."""
+
+    form: Fp8Form
+    tensors: int
+    scale_range: tuple[float, float] | None = None
+
+    def describe(self) -> str:
+        text = f"fp8 {self.form} (e4m3fn): {self.tensors} fp8 tensors"
+        if self.scale_range is not None:
+            text += f", scale_weight {self.scale_range[0]:.3g} .. {self.scale_range[1]:.3g}"
+        return text
+
+
+def layout_of(dtypes: Mapping[str, str], scales: Mapping[str, float] | None = None) -> Fp8Layout | None:
+    """The fp8 layout of a file from its tensors' dtypes (name -> safetensors dtype) and, for the scale
+    range, the values of its ``scale_weight`` tensors; ``None`` when it holds no fp8 weight."""
+    n = sum(1 for k, d in dtypes.items() if d in ("F8_E4M3", "F8_E5M2") and not k.endswith(MARKER))
+    if n == 0:
+        return None
+    scaled = any(k == MARKER or k.endswith("." + MARKER) for k in dtypes) or any(k.endswith("." + SCALE_SUFFIX)
+                                                                                  for k in dtypes)
+    rng = (min(scales.values()), max(scales.values())) if scaled and scales else None
+    return Fp8Layout("scaled" if scaled else "plain", n, rng)
+
+
+def is_fp8_extra(name: str) -> bool:
+    """The marker and scale tensors of the scaled form: not weights of the model."""
+    return name == MARKER or name.endswith("." + MARKER) or name.endswith("." + SCALE_SUFFIX)
+
+
+def dequantize_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded state dict with its fp8 weights as the fp32 weights they stand for (``weight * scale_weight``,
+    plain fp8 simply widened) and the scale and marker tensors dropped; other tensors as they are. What a
+    reader that computes in fp16/fp32 (diffusers, CPU torch) needs to use an fp8 file."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if is_fp8_extra(k):
+            continue
+        if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            s = state.get(scale_key(k)) if k.endswith(".weight") else None
+            v = dequantize(v, s)
+        out[k] = v
+    return out
+
+
+def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtype: str) -> str:
+    """The dtype a tensor takes in an fp8 output: fp8 for the targets, its own for the rest."""
+    return FP8_DTYPE if is_fp8_target(component, name, shape) else dtype
+
+
+__all__ = ["Fp8Form", "FP8_FORMS", "FP8_DTYPE", "FP8_MAX", "MARKER", "SCALE_SUFFIX", "SGM_UNET_PREFIX", "Fp8Error",
+           "Fp8Layout", "Rounding", "quantize_measured", "is_fp8_target", "scale_key", "marker_key", "scale_for", "quantize", "dequantize", "layout_of",
+           "is_fp8_extra", "output_dtype_of", "dequantize_state"]

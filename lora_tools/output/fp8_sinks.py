@@ -1,0 +1,123 @@
+"""The fp8 outputs of a fuse: a single file or a standalone UNet whose UNet linear/conv weights are
+float8_e4m3fn (:mod:`lora_tools.io.fp8` holds the rules and the encoding).
+
+The engine hands these sinks every float tensor it patched in fp32 (the fusion, exact), and the
+untouched ones as read; each fp8 target is rounded to fp8 once, here, from that fp32 value. The
+other tensors keep their dtype and go through the ordinary sink path (byte copies when untouched).
+In the scaled form the file also plans ``<module>.scale_weight`` (fp32 scalar, written just before
+its weight) and the empty ``scaled_fp8`` marker (the first tensor of the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_tools.errors import NonFiniteError
+from lora_tools.io import fp8
+from lora_tools.io.model import TensorRef
+from lora_tools.io.safetensors import StreamingWriter, TensorPlan, torch_dtype
+from lora_tools.layouts.sdxl import to_diffusers
+from lora_tools.layouts.table import KeyMap
+from lora_tools.output.sinks import CheckpointSink, ComponentSink, DtypeFor, Payload, _emit, _FileSink
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _component(ref: TensorRef) -> str | None:
+    return ref.rows[0].component if ref.rows else None
+
+
+class _Fp8Emitter:
+    """Plans and writes the tensors of one fp8 output file."""
+
+    def __init__(self, form: fp8.Fp8Form, keep: DtypeFor, error: fp8.Fp8Error, marker_prefix: str):
+        self.form, self.keep, self.error, self.marker_prefix = form, keep, error, marker_prefix
+
+    def plans(self, entries: Sequence[tuple[str, str | None, str, tuple[int, ...]]]) -> list[TensorPlan]:
+        """(name, component, dtype, shape) of each tensor, in order -> the file's plan."""
+        out = [TensorPlan(fp8.marker_key(self.marker_prefix), fp8.FP8_DTYPE, (0,))] if self.form == "scaled" else []
+        for name, component, dtype, shape in entries:
+            if fp8.is_fp8_target(component, name, shape):
+                if self.form == "scaled":
+                    out.append(TensorPlan(fp8.scale_key(name), "F32", ()))
+                out.append(TensorPlan(name, fp8.FP8_DTYPE, shape))
+            else:
+                out.append(TensorPlan(name, self.keep(dtype), shape))
+        return out
+
+    def start(self, writer: StreamingWriter) -> None:
+        if self.form == "scaled":
+            writer.write(fp8.marker_key(self.marker_prefix), b"")
+
+    def emit(self, writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, row: KeyMap | None,
+             shape: tuple[int, ...]) -> None:
+        if not fp8.is_fp8_target(_component(ref), name, shape):
+            _emit(writer, name, ref, payload, self.keep(ref.dtype), row)
+            if payload.patched and payload.tensor is not None:
+                _check_kept(name, payload.tensor, self.keep(ref.dtype))
+            return
+        import torch
+
+        t = payload.as_tensor(ref)
+        if row is not None:
+            t = to_diffusers(row, t)
+        q, scale, rounding = fp8.quantize_measured(t, self.form)
+        self.error.add(ref.key, rounding, scale)
+        if scale is not None:
+            writer.write(fp8.scale_key(name), torch.tensor(scale, dtype=torch.float32))
+        writer.write(name, q.contiguous())
+
+
+def _check_kept(name: str, t: torch.Tensor, dtype: str) -> None:
+    """A patched tensor kept in fp16/bf16 must still be finite there (the engine computed it in fp32)."""
+    import torch
+
+    if dtype in ("F16", "BF16") and not bool(torch.isfinite(t.to(torch_dtype(dtype))).all()):
+        raise NonFiniteError(f"Fusing produced values beyond the range of {dtype} in '{name}'.")
+
+
+class Fp8CheckpointSink(CheckpointSink):
+    """The whole single file, its UNet weights in fp8 (``model.diffusion_model.scaled_fp8`` marker)."""
+
+    def __init__(self, path: Path, refs: Sequence[TensorRef], keep: DtypeFor, metadata: Mapping[str, str], *,
+                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False):
+        self.fp8 = _Fp8Emitter(form, keep, error, fp8.SGM_UNET_PREFIX)
+        plans = self.fp8.plans([(r.key, _component(r), r.dtype, r.shape) for r in refs])
+        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify)
+        self.fp8.start(self.writer)
+
+    def position(self, ref: TensorRef) -> int | None:
+        return None if fp8.is_fp8_target(_component(ref), ref.key, ref.shape) else super().position(ref)
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
+
+
+class Fp8ComponentSink(ComponentSink):
+    """A standalone diffusers-layout UNet, its linear/conv weights in fp8 (``scaled_fp8`` marker)."""
+
+    def __init__(self, path: Path, refs: Sequence[TensorRef], keep: DtypeFor, metadata: Mapping[str, str], *,
+                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False):
+        self.component = "unet"
+        self.kind = "unet"
+        self.fp8 = _Fp8Emitter(form, keep, error, "")
+        entries = [(row.diffusers, "unet", r.dtype, row.diffusers_shape) for r in refs if self.wants(r)
+                   for row in r.rows]
+        plans = self.fp8.plans(entries)  # type: ignore[arg-type]
+        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify)
+        self.fp8.start(self.writer)
+
+    def position(self, ref: TensorRef) -> int | None:
+        return None
+
+    def add(self, ref: TensorRef, payload: Payload) -> None:
+        if not self.wants(ref):
+            return
+        for row in ref.rows:
+            self.fp8.emit(self.writer, row.diffusers, ref, payload, row, row.diffusers_shape)  # type: ignore[arg-type]
+
+
+__all__ = ["Fp8CheckpointSink", "Fp8ComponentSink"]

@@ -1,0 +1,266 @@
+"""fp8 outputs of ``fuse`` (``--dtype fp8``, scaled and plain), as ComfyUI reads them (see lora_tools/io/fp8.py).
+
+The oracle of each fp8 tensor is computed here from the ``--dtype fp32`` fuse of the same inputs (the exact
+fusion): scaled form ``e4m3fn(fusion / (amax / 448))``, plain form ``e4m3fn(fusion)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+from lora_tools.io.safetensors import TensorFile, load_tensors, read_header
+
+
+def _fuse(inputs: SimpleNamespace, out: Path, *args: str) -> str:
+    r = CliRunner().invoke(cli, ["fuse", str(inputs.base), "--lora", str(inputs.lora), "-o", str(out), "-q", *args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_unet_inputs: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("fp8")
+    o = SimpleNamespace(root=root)
+    o.f32 = root / "f32.safetensors"
+    o.f16 = root / "f16.safetensors"
+    o.scaled = root / "scaled.safetensors"
+    o.plain = root / "plain.safetensors"
+    _fuse(tiny_unet_inputs, o.f32, "--dtype", "fp32")
+    _fuse(tiny_unet_inputs, o.f16, "--dtype", "fp16")
+    o.scaled_out = _fuse(tiny_unet_inputs, o.scaled, "--dtype", "fp8")
+    o.plain_out = _fuse(tiny_unet_inputs, o.plain, "--dtype", "fp8", "--fp8", "plain")
+    return o
+
+
+def _fp8_keys(path: Path) -> list[str]:
+    return [k for k, t in read_header(path).tensors.items() if t.dtype == "F8_E4M3" and not k.endswith("scaled_fp8")]
+
+
+def test_scaled_fp8_is_the_fp32_fusion_rounded_once(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.scaled)
+    keys = _fp8_keys(outputs.scaled)
+    assert keys and all(k.startswith("model.diffusion_model.") and k.endswith(".weight") for k in keys)
+    assert all(fusion[k].dim() in (2, 4) for k in keys)
+    marker = got["model.diffusion_model.scaled_fp8"]
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 0  # comfy/model_detection.py reads its dtype
+    for k in keys:
+        scale = got[k[: -len("weight")] + "scale_weight"]
+        assert scale.dtype == torch.float32 and scale.shape == ()
+        w = fusion[k].float()
+        want_scale = torch.tensor(float(w.abs().max()) / 448.0, dtype=torch.float32)
+        assert float(scale) == float(want_scale), k
+        want = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got[k].view(torch.uint8), want.view(torch.uint8)), k
+        assert torch.equal(got[k].float() * scale, want.float() * scale)  # dequantised, as ComfyUI uses it
+        assert float(got[k].float().abs().max()) == 448.0  # the largest weight on e4m3fn's largest value
+
+
+def test_non_fp8_tensors_are_the_fp16_outputs_bytes(outputs: SimpleNamespace) -> None:
+    h8, h16 = read_header(outputs.scaled), read_header(outputs.f16)
+    fp8 = set(_fp8_keys(outputs.scaled))
+    rest = [k for k in h16.tensors if k not in fp8]
+    assert rest and any(k.endswith(".bias") for k in rest) and any("norm" in k for k in rest)
+    with TensorFile(outputs.scaled) as a, TensorFile(outputs.f16) as b:
+        for k in rest:
+            assert a.info(k).dtype == b.info(k).dtype
+            assert a.read_bytes(k) == b.read_bytes(k), k
+    assert set(h8.tensors) - set(h16.tensors) == {"model.diffusion_model.scaled_fp8"} | {
+        k[: -len("weight")] + "scale_weight" for k in fp8}
+
+
+def test_plain_fp8(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.plain)
+    keys = _fp8_keys(outputs.plain)
+    assert keys == _fp8_keys(outputs.scaled)
+    assert not any(k.endswith(("scale_weight", "scaled_fp8")) for k in got)
+    for k in keys:
+        want = fusion[k].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got[k].view(torch.uint8), want.view(torch.uint8)), k
+
+
+def test_summary_states_size_and_rounding_error(outputs: SimpleNamespace) -> None:
+    fusion = load_tensors(outputs.f32)
+    got = load_tensors(outputs.scaled)
+    err = ref = 0.0
+    worst = ("", -1.0)
+    for k in _fp8_keys(outputs.scaled):
+        w = fusion[k].float()
+        d = got[k].float() * got[k[: -len("weight")] + "scale_weight"] - w
+        e, r = float(d.pow(2).sum()), float(w.pow(2).sum())
+        err, ref = err + e, ref + r
+        worst = max(worst, (k, (e / r) ** 0.5), key=lambda x: x[1])
+    text = outputs.scaled_out
+    assert f"relative Frobenius error {(err / ref) ** 0.5:.3%}" in text
+    assert f"worst tensor {worst[0]} ({worst[1]:.2%})" in text
+    assert "smaller than in fp16" in text and "fp8 scaled: scaled.safetensors" in text
+
+
+def _data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    return path.stat().st_size - 8 - n
+
+
+def test_dry_run_predicts_the_size(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace, tmp_path: Path) -> None:
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    for form, path in (("scaled", outputs.scaled), ("plain", outputs.plain)):
+        plan = plan_fuse(tiny_unet_inputs.base, loras=[(str(tiny_unet_inputs.lora), 1.0)], dtype="fp8", fp8=form,  # type: ignore[arg-type]
+                         output=tmp_path / "x.safetensors")
+        try:
+            assert plan.output_bytes("checkpoint") == _data_bytes(path)
+            assert plan.fp16_bytes("checkpoint") == _data_bytes(outputs.f16)
+        finally:
+            plan.close()
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                  "fp8", "-o", str(tmp_path / "y.safetensors"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "fp8 scaled;" in r.output and "in fp16" in r.output
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_standalone_unet_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace, tmp_path: Path) -> None:
+    out = tmp_path / "u.safetensors"
+    _fuse(tiny_unet_inputs, out, "--dtype", "fp8", "--save", "unet")
+    got = load_tensors(out)
+    assert got["scaled_fp8"].dtype == torch.float8_e4m3fn
+    keys = _fp8_keys(out)
+    assert keys and all(not k.startswith("model.") for k in keys)
+    assert len(keys) == len(_fp8_keys(outputs.scaled))
+    assert all(k[: -len("weight")] + "scale_weight" in got for k in keys)
+    from lora_tools.io.model import open_model
+
+    with open_model(out) as u, open_model(outputs.scaled) as c:  # read back: the same dequantised weights
+        assert u.fp8 is not None and u.fp8.form == "scaled" and u.fp8.tensors == len(keys)
+        fp8_refs = [r for r in u.refs if r.key in set(_fp8_keys(outputs.scaled))]
+        assert len(fp8_refs) == len(keys)
+        for r in fp8_refs:
+            assert torch.equal(u.read(r), c.read(c.ref(r.key))), r.key
+
+
+def test_fp8_diffusers_folder_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                  "fp8", "--save", "diffusers", "-o", str(tmp_path / "d")])
+    assert r.exit_code != 0
+    assert "fp8" in r.output and "diffusers folder" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_plain_without_fp8_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                 "fp16", "--fp8", "plain", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code != 0 and "--dtype fp8" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_record_names_the_fp8_form(outputs: SimpleNamespace) -> None:
+    meta = read_header(outputs.scaled).metadata
+    assert "F8_E4M3 scaled" in json.dumps(meta)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("comfy") is None, reason="ComfyUI is not installed (no 'comfy' package)")
+def test_comfyui_detects_scaled_fp8(outputs: SimpleNamespace) -> None:  # pragma: no cover - needs ComfyUI
+    import comfy.model_detection  # type: ignore[import-not-found]
+
+    sd = load_tensors(outputs.scaled)
+    config = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert config is not None and config.scaled_fp8 == torch.float8_e4m3fn
+
+
+def test_recipe_fuse_job_with_dtype_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
+                                        tmp_path: Path) -> None:
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text(f"""version: 1
+output_dir: {tmp_path / 'out'}
+inputs:
+  base: {tiny_unet_inputs.base}
+  lora: {tiny_unet_inputs.lora}
+jobs:
+  - name: small
+    fuse:
+      base: base
+      loras: [lora]
+      dtype: fp8
+      fp8: plain
+      output: small.safetensors
+""")
+    r = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
+    assert r.exit_code == 0, r.output
+    made = tmp_path / "out" / "small.safetensors"
+    with TensorFile(made) as a, TensorFile(outputs.plain) as b:
+        assert a.keys() == b.keys()
+        assert all(a.read_bytes(k) == b.read_bytes(k) for k in a.keys())
+
+
+def test_inspect_shows_the_fp8_layout(outputs: SimpleNamespace) -> None:
+    got = load_tensors(outputs.scaled)
+    scales = [float(v) for k, v in got.items() if k.endswith(".scale_weight")]
+    n = len(_fp8_keys(outputs.scaled))
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.scaled)])
+    assert r.exit_code == 0, r.output
+    assert f"fp8 scaled (e4m3fn): {n} fp8 tensors, scale_weight {min(scales):.3g} .. {max(scales):.3g}" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.plain), "--json"])
+    assert json.loads(r.output)["checkpoint"]["fp8"] == f"fp8 plain (e4m3fn): {n} fp8 tensors"
+    r = CliRunner().invoke(cli, ["inspect", str(outputs.f16), "--json"])
+    assert json.loads(r.output)["checkpoint"]["fp8"] is None
+
+
+def test_fp8_base_is_fused_from_its_dequantised_weights(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
+                                                        tmp_path: Path) -> None:
+    from lora_tools.io.model import open_model
+
+    got = load_tensors(outputs.scaled)
+    with open_model(outputs.scaled) as m:  # every command that opens a model reads weight x scale_weight
+        assert m.fp8 is not None and m.fp8.form == "scaled"
+        assert not any(r.key.endswith(("scale_weight", "scaled_fp8")) for r in m.refs)
+        k = _fp8_keys(outputs.scaled)[0]
+        want = got[k].float() * got[k[: -len("weight")] + "scale_weight"]
+        assert m.ref(k).dtype == "F32" and torch.equal(m.read(m.ref(k)), want)
+    out = tmp_path / "again.safetensors"
+    r = CliRunner().invoke(cli, ["fuse", str(outputs.scaled), "--lora", f"{tiny_unet_inputs.lora}:-1", "--dtype", "fp32",
+                                 "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "inherits their fp8 rounding" in r.output
+    again, base = load_tensors(out), load_tensors(tiny_unet_inputs.base)
+    assert set(again) == set(base)  # the scale and marker tensors are gone
+    for k in _fp8_keys(outputs.scaled):  # fused - LoRA = the base, up to the fp8 rounding
+        w = base[k].float()
+        assert float((again[k] - w).norm() / w.norm()) < 0.08, k
+    keep = tmp_path / "keep.safetensors"  # --dtype keep keeps the base's fp8 form
+    r = CliRunner().invoke(cli, ["fuse", str(outputs.plain), "--lora", str(tiny_unet_inputs.lora), "--force",
+                                 "-o", str(keep), "-q"])
+    assert r.exit_code == 0, r.output
+    assert set(_fp8_keys(keep)) == set(_fp8_keys(outputs.plain)) and "fp8 plain:" in r.output
+
+
+@pytest.mark.diffusers
+def test_verify_renders_the_fp8_file_against_the_full_precision_one(micro_verify: dict[str, Path]) -> None:
+    from lora_tools.ops.fuse import fuse
+
+    d = micro_verify["dir"]
+    small = fuse(micro_verify["base"], lightning=4, lightning_dir=d / "L", dtype="fp8",
+                 output=d / "fused-fp8.safetensors").files[0].path
+    out = d / "fp8-verdict"
+    r = CliRunner().invoke(cli, ["verify", str(small), "--against", str(micro_verify["fused"]), "--config",
+                                 str(micro_verify["config"]), "--size", "32x32", "--prompt", "a cat", "--seeds", "0",
+                                 "--device", "cpu", "--dtype", "fp32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Verdict:  PASS (PSNR threshold 30 dB for fp32, fp8 scaled weights)" in r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"]["weights"] == "fp8 scaled"
+    psnr = report["images"][0]["psnr_db"]
+    assert 30 <= psnr < 80  # a real change (not bit-identical), within the fp8 threshold
+    nolora = CliRunner().invoke(cli, ["verify", str(micro_verify["fused"]), "--against", str(micro_verify["base"]),
+                                      "--size", "32x32", "--device", "cpu"])
+    assert nolora.exit_code != 0 and "needs the LoRAs" in nolora.output  # still required for a full-precision model
