@@ -51,7 +51,9 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
         raise UsageError("--workflow writes into the output folder.", hint=Hint("out", "", "DIR"))
     op = OPS["verify"]
     planned = op.plan(options, overwrite=overwrite, compile=compile_)
-    report = op.run(planned).report
+    if not as_json:
+        _announce(planned.plan)
+    report = op.run(planned, steps=None if as_json else _step_line).report
     plan, model, out = planned.plan, options.model, options.out
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -74,3 +76,29 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
             click.echo(f"Wrote:    {safe_text(str(out))}/ (grid.png, images/, report.json, report.md)")
     if not report.ok:
         raise SystemExit(1)
+
+
+def _announce(plan) -> None:  # type: ignore[no-untyped-def]
+    """One line before anything loads: what will be rendered, and about how long it takes on a CPU."""
+    w, h = plan.size
+    line = f"Plan:     {plan.renders} renders of {plan.sampler.steps} steps at {w}x{h} on {plan.device}"
+    seconds = plan.predicted_cpu_seconds()
+    if seconds is not None and plan.device == "cpu":
+        line += f", about {_duration(seconds)} on this CPU (model loading apart)"
+    click.echo(line, err=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def _step_line(what: str, step: int, steps: int) -> None:
+    """Per-step progress on stderr: rewritten in place on a terminal, a line per step otherwise."""
+    import sys
+
+    if sys.stderr.isatty():
+        click.echo(f"\r  {what}: step {step}/{steps}", err=True, nl=step == steps)
+    else:
+        click.echo(f"  {what}: step {step}/{steps}", err=True)

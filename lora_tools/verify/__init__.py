@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from lora_tools.presets import (
     sampler_from_record,
 )
 from lora_tools.provenance import read_record
+from lora_tools.verify.cost import UnetScale, predicted_cpu_seconds, unet_scale
 from lora_tools.verify.report import ImageResult, VerifyReport
 
 __all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
@@ -73,10 +74,29 @@ class VerifyPlan:
     workflow: bool
     out: Path | None
     metadata: dict[str, str]
+    unet: UnetScale | None = None
+
+    @property
+    def renders(self) -> int:
+        """Images rendered: prompts x seeds, twice with ``against``, plus the wrong-settings column."""
+        n = len(self.prompts) * len(self.seeds) * (2 if self.against is not None else 1)
+        return n + (len(self.prompts) if self.show_wrong else 0)
+
+    @property
+    def unet_steps(self) -> int:
+        """UNet evaluations of the run (CFG doubles each step)."""
+        main = len(self.prompts) * len(self.seeds) * (2 if self.against is not None else 1)
+        per = self.sampler.steps * (2 if self.sampler.guidance_scale > 1 else 1)
+        wrong = len(self.prompts) * WRONG_SETTINGS.steps * 2 if self.show_wrong else 0
+        return main * per + wrong
+
+    def predicted_cpu_seconds(self) -> float | None:
+        """About how long the renders take on a CPU in fp32 (``None`` when the UNet's size is unknown)."""
+        return None if self.unet is None else predicted_cpu_seconds(self.unet, self.size, self.unet_steps, self.renders)
 
 
 def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[str] = DEFAULT_PROMPTS,
-                seeds: Sequence[int] = (0,), size: tuple[int, int] = (1024, 1024), steps: int | None = None,
+                seeds: Sequence[int] = (0,), size: tuple[int, int] | None = None, steps: int | None = None,
                 force: bool = False, base: str | Path | None = None, config: str | Path | None = None,
                 against: str | Path | None = None, loras: Sequence[tuple[str | Path, float]] = (),
                 device: str = "auto", dtype: str = "auto", compile: bool = False, show_wrong: bool = False,
@@ -86,6 +106,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     Args:
         model: fused single-file checkpoint, standalone UNet (with ``base``) or diffusers folder.
         preset: ``"auto"`` (the settings fuse recorded in the file, else the file's identity) or a name.
+        size: ``(width, height)``; ``None``: the model's native size (1024x1024 for an SDXL-sized UNet, 64x64
+            for a test-sized one, decided from the UNet's width).
         steps: another step count; refused when it contradicts the model unless ``force``.
         against, loras: render BASE with ``loras`` applied at run time and compare with ``model``.
         out: folder for the grid, the images, ``report.json`` and ``report.md``.
@@ -101,7 +123,11 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     path = Path(model)
     kind = model_kind(path)
     meta_file = path / "unet" / "diffusion_pytorch_model.safetensors" if kind == "diffusers" else path
-    metadata = dict(read_header(meta_file).metadata) if meta_file.is_file() and meta_file.suffix != ".bin" else {}
+    header = read_header(meta_file) if meta_file.is_file() and meta_file.suffix != ".bin" else None
+    metadata = dict(header.metadata) if header is not None else {}
+    unet = unet_scale(header) if header is not None else None
+    if size is None:
+        size = unet.native_size if unet is not None else (1024, 1024)
     record = read_record(metadata)
     recorded = sampler_from_record(record)
     recorded_name = _recorded_preset(record)
@@ -161,7 +187,13 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
-                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata)
+                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet)
+
+
+def _step(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(what, done, total)
 
 
 def _recorded_preset(record: dict[str, Any] | None) -> str | None:
@@ -186,8 +218,9 @@ def compile_unet(unet: Any, device: str) -> Any:
     return torch.compile(unet)
 
 
-def run_verify(plan: VerifyPlan) -> VerifyReport:
+def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
     """Render the plan's prompts x seeds, compare with the reference if any, write the outputs.
+    ``progress(what, step, steps)`` is called after each UNet step (``what`` names the render).
 
     A NaN in latents or images is a failed check (``report.failures`` says where), not an exception.
     """
@@ -215,7 +248,8 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     for r, prompt in enumerate(plan.prompts):
         for c, seed in enumerate(plan.seeds):
             try:
-                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model))
+                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model),
+                             _step(progress, f"model, prompt {r + 1}/{len(plan.prompts)}, seed {seed}"))
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
@@ -239,7 +273,9 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
         for (r, c), (lat, img) in rendered.items():
             try:
                 ref_one = render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
-                                 f"{plan.against} + runtime LoRAs")
+                                 f"{plan.against} + runtime LoRAs",
+                                 _step(progress, f"base + LoRAs, prompt {r + 1}/{len(plan.prompts)}, "
+                                       f"seed {plan.seeds[c]}"))
                 rlat, rimg = ref_one.latents, ref_one.image
             except NonFiniteError as e:
                 failures.append(str(e))
