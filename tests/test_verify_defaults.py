@@ -42,14 +42,18 @@ def test_sdxl_at_1024_is_predicted_in_minutes_on_a_cpu() -> None:
 
 
 @pytest.mark.diffusers
-def test_verify_prints_its_cost_and_each_step_on_stderr(micro_verify: dict[str, Path]) -> None:
+def test_verify_prints_its_cost_and_each_step_on_stderr(micro_verify: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.cli import _progress
+
+    monkeypatch.setattr(_progress, "on_terminal", lambda: True)  # progress is for terminals, not logs
     args = ["verify", str(micro_verify["fused"]), "--prompt", "a cat", "--config", str(micro_verify["config"]),
             "--device", "cpu"]
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output
-    lines = run.stderr.splitlines()
+    lines = run.stderr.split("\n")
     assert lines[0].startswith("Plan:     1 renders of 4 steps at 64x64 on cpu, about ")
-    assert [x for x in lines if "step " in x] == [f"  model, prompt 1/1, seed 0: step {i}/4" for i in range(1, 5)]
+    assert lines[1].split("\r")[1:] == [f"  model, prompt 1/1, seed 0: step {i}/4" for i in range(1, 5)]
     assert "step 1/4" not in run.stdout
     as_json = CliRunner().invoke(cli, [*args, "--json"])
     assert as_json.exit_code == 0 and as_json.stderr == ""

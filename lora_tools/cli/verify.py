@@ -51,9 +51,12 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
         raise UsageError("--workflow writes into the output folder.", hint=Hint("out", "", "DIR"))
     op = OPS["verify"]
     planned = op.plan(options, overwrite=overwrite, compile=compile_)
-    if not as_json:
+    from lora_tools.cli._progress import on_terminal
+
+    show = not as_json and on_terminal()
+    if show:
         _announce(planned.plan)
-    report = op.run(planned, steps=None if as_json else _step_line).report
+    report = op.run(planned, steps=_step_line if show else None).report
     plan, model, out = planned.plan, options.model, options.out
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -79,7 +82,8 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
 
 
 def _announce(plan) -> None:  # type: ignore[no-untyped-def]
-    """One line before anything loads: what will be rendered, and about how long it takes on a CPU."""
+    """One line on stderr (a terminal) before anything loads: what will be rendered, and about how long it takes
+    on a CPU."""
     w, h = plan.size
     line = f"Plan:     {plan.renders} renders of {plan.sampler.steps} steps at {w}x{h} on {plan.device}"
     seconds = plan.predicted_cpu_seconds()
@@ -95,10 +99,5 @@ def _duration(seconds: float) -> str:
 
 
 def _step_line(what: str, step: int, steps: int) -> None:
-    """Per-step progress on stderr: rewritten in place on a terminal, a line per step otherwise."""
-    import sys
-
-    if sys.stderr.isatty():
-        click.echo(f"\r  {what}: step {step}/{steps}", err=True, nl=step == steps)
-    else:
-        click.echo(f"  {what}: step {step}/{steps}", err=True)
+    """Per-step progress on stderr (a terminal), rewritten in place; the render's last step ends the line."""
+    click.echo(f"\r  {what}: step {step}/{steps}", err=True, nl=step == steps)
