@@ -92,6 +92,11 @@ def write_result(planned: LoraOpPlan, adapter: LoraAdapter, report: Any, created
     from lora_tools.ops.lora_write import write_lora
     from lora_tools.provenance import read_record, stamped
 
+    if not adapter.modules:
+        from lora_tools.errors import UsageError
+
+        raise UsageError(f"{planned.operation.name} would write a LoRA with no modules to "
+                         f"'{planned.output.path}': nothing was written.")
     record = stamped(read_record(adapter.metadata), planned.entry, created)
     path = write_lora(adapter, planned.output, record=record)
     if getattr(report, "size_bytes", None) is not None:
