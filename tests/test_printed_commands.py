@@ -82,3 +82,22 @@ def test_the_demo_verify_command_runs_as_printed(tmp_path: Path, monkeypatch: py
     assert commands == printed_commands(readme_demo_block())  # the README shows exactly what the demo prints
     verified = _run(commands[1])
     assert "Verdict:  PASS" in verified
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_the_repo_recipes_say_where_their_outputs_go(recipe: str) -> None:
+    """A recipe in the clone, run as its comment says, writes into the user's folder, not recipes/out/."""
+    text = (RECIPES / recipe).read_text()
+    runs = [line for line in text.splitlines() if line.startswith("#   loratool run") and "..." not in line]
+    assert runs and all("--set output_dir=" in line for line in runs), runs
+    assert "give the same model" not in text
+
+
+def test_the_readme_recipe_commands_write_where_they_read() -> None:
+    text = README.read_text()
+    for line in text.splitlines():
+        if line.startswith("loratool run recipes/") and "--set base" in line:
+            assert "--set output_dir=out" in line, line
