@@ -66,3 +66,8 @@ def test_help_has_no_markup_and_no_cut_summaries() -> None:
     root = _ok(["--help"])
     assert "..." not in root.split("Commands:")[1].replace("(SDXL-Lightning...)", "")
     assert "Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into" in root
+
+
+def test_lora_with_a_strength_has_one_metavar() -> None:
+    for name in ("fuse", "verify"):
+        assert "--lora SRC[:STRENGTH]" in _ok([name, "--help"]), name

@@ -167,7 +167,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         raise UsageError("runtime LoRAs need the base they apply to", hint=Hint("against", "with the base", "BASE"))
     if against is not None and not loras:
         raise UsageError("a faithfulness check needs the LoRAs the model was fused with",
-                         hint=Hint("lora", "for each of them", "SRC[:S]"))
+                         hint=Hint("lora", "for each of them", "SRC[:STRENGTH]"))
     for p in [x for x in (base, config, against) if x is not None] + [p for p, _ in loras]:
         if not Path(p).exists():
             raise UsageError(f"'{p}' does not exist.")

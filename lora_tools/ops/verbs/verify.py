@@ -40,7 +40,7 @@ class VerifyOptions(Options):
     out: str | None = Field(None, description="Folder for grid.png, each image, report.json and report.md.")
     against: str | None = Field(None, description="The base MODEL was fused from (faithfulness check).")
     loras: list[LoraRef] = Field(default_factory=list, description="A LoRA fused into MODEL, applied to --against at "
-                                 "run time.", json_schema_extra=cli("--lora", metavar="SRC[:S]", kind="lora_ref"))
+                                 "run time.", json_schema_extra=cli("--lora", metavar="SRC[:STRENGTH]", kind="lora_ref"))
     base: str | None = Field(None, description="The rest of the pipeline for a standalone UNet MODEL.")
     config: str | None = Field(None, description="A diffusers SDXL folder with the tokenizers (else the hub cache of "
                                "the SDXL base).", json_schema_extra=cli(folder=True))
