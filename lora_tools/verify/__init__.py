@@ -245,6 +245,7 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
     failures: list[str] = []
     images: list[ImageResult] = []
     rendered: dict[tuple[int, int], tuple[Any, Any]] = {}
+    references: dict[tuple[int, int], Any] = {}  # the base + runtime LoRAs' images, for the comparison picture
     for r, prompt in enumerate(plan.prompts):
         for c, seed in enumerate(plan.seeds):
             try:
@@ -277,6 +278,7 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
                                  _step(progress, f"base + LoRAs, prompt {r + 1}/{len(plan.prompts)}, "
                                        f"seed {plan.seeds[c]}"))
                 rlat, rimg = ref_one.latents, ref_one.image
+                references[r, c] = rimg
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
@@ -298,7 +300,7 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
         from lora_tools.verify.out_folder import written_whole
 
         with written_whole(plan.out) as dest:
-            _write_outputs(plan, report, rendered, pipe, dest)
+            _write_outputs(plan, report, rendered, pipe, dest, references)
     return report
 
 
@@ -309,8 +311,19 @@ def _to_pil(img: Any) -> Any:
     return Image.fromarray(arr)
 
 
+def grid_title(plan: VerifyPlan, report: VerifyReport) -> str:
+    """The pictures' title: model, preset, sampler settings and, with a reference, the verdict and worst PSNR."""
+    s = report.settings
+    parts = [plan.model.name, plan.preset or "recorded settings",
+             f"{s['scheduler']} {plan.sampler.timestep_spacing}, {s['steps']} steps, CFG {s['guidance_scale']:g}"]
+    if report.verdict is not None:
+        worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=float("nan"))
+        parts.append(f"{report.verdict.upper()} vs base + LoRAs: PSNR {worst:.1f} dB")
+    return " | ".join(parts)
+
+
 def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
-                   pipe: Any, dest: Path) -> None:
+                   pipe: Any, dest: Path, references: dict[tuple[int, int], Any] | None = None) -> None:
     """Write the images, grid, workflow and reports into ``dest`` (the temp folder that becomes ``plan.out``);
     the report names each file where it will be, under ``plan.out``."""
     from PIL import Image
@@ -357,7 +370,17 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
                                  "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
                                  "seed": plan.seeds[0]}
         columns.append(WRONG_COLUMN)
-    report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png"))))
+    title = grid_title(plan, report)
+    report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png", title=title))))
+    pairs = sorted(k for k in (references or {}) if k in rendered)
+    if pairs:
+        from lora_tools.verify.grid import make_comparison
+
+        assert references is not None
+        labels = [f"{plan.prompts[r]} (seed {plan.seeds[c]})" for r, c in pairs]
+        comparison = make_comparison([_to_pil(rendered[k][1]) for k in pairs], [_to_pil(references[k]) for k in pairs],
+                                     labels, out / "comparison.png", title=title)
+        report.files.append(shown(Path(comparison)))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
                             width=plan.size[0], height=plan.size[1])
