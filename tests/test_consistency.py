@@ -71,3 +71,13 @@ def test_help_has_no_markup_and_no_cut_summaries() -> None:
 def test_lora_with_a_strength_has_one_metavar() -> None:
     for name in ("fuse", "verify"):
         assert "--lora SRC[:STRENGTH]" in _ok([name, "--help"]), name
+
+
+@pytest.mark.parametrize("argv", [["publish", "nothere.safetensors", "--dry-run"],
+                                  ["rescale", "nothere.safetensors", "--strength", "1", "-o", "x.safetensors"],
+                                  ["fuse", "nothere.safetensors", "--lightning", "4"]])
+def test_a_missing_input_is_one_line_and_exit_1_everywhere(argv: list[str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(cli, argv)
+    assert run.exit_code == 1 and run.stderr == "Error: 'nothere.safetensors' does not exist.\n"
