@@ -275,10 +275,10 @@ def _lbw_vector(spec: str) -> list[tuple[str, float]] | None:
         raise BlockSpecError(f"'{spec}' has {n} bare numbers: a LoRA Block Weight vector for SDXL has 12 "
                              "(BASE,IN04,IN05,IN07,IN08,MID,OUT00-OUT05) or 20 (BASE,IN00-IN08,MID,OUT00-OUT08); "
                              "one bare number sets every block; or give PATTERN:WEIGHT entries.")
-    for e, v in zip(entries, values):
+    for e, v in zip(entries, values, strict=True):
         if not math.isfinite(v):
             raise BlockSpecError(f"Weight '{e}' in '{spec}' is not finite.")
-    return list(zip(LBW_VECTORS[n], values))
+    return list(zip(LBW_VECTORS[n], values, strict=True))
 
 
 def _expand(pattern: str, entry: str) -> tuple[str, ...]:

@@ -74,7 +74,7 @@ def make_comparison(model: Sequence[Any], reference: Sequence[Any], labels: Sequ
     from PIL import ImageChops
 
     rows = [[m, r, ImageChops.difference(m, r).point(lambda v: min(255, v * DIFF_GAIN))]
-            for m, r in zip(model, reference)]
+            for m, r in zip(model, reference, strict=True)]
     columns = ["fused model", "base + LoRAs", f"difference x{DIFF_GAIN}"]
     return make_grid(rows, labels, columns, path, title=title)
 
