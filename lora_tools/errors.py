@@ -7,6 +7,7 @@ derive from the matching builtin, so callers can catch either. The CLI turns the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -26,12 +27,20 @@ class Hint:
     param: str
     purpose: str = ""
     value: str | None = None
+    #: The other parameters of which exactly one is needed (``pass exactly one of ...``), e.g. the rank rules.
+    alternatives: tuple[str, ...] = ()
 
-    def render(self, spelling: str | None = None) -> str:
-        """``pass <spelling> <purpose>``; ``spelling`` defaults to the Python keyword form."""
+    def render(self, spelling: str | None = None, spell: Callable[[str], str | None] | None = None) -> str:
+        """``pass <spelling> <purpose>``; ``spelling`` defaults to the Python keyword form. A spelling that is
+        not a flag (an argument such as ``LORA[:W]``) takes no value after it. With ``alternatives``,
+        ``spell`` spells each (``None``: not a parameter of that caller, left out)."""
+        if self.alternatives:
+            names = [self.param, *self.alternatives]
+            parts = [f"{n}=..." for n in names] if spell is None else [x for x in map(spell, names) if x]
+            return f"pass exactly one of {', '.join(parts)} {self.purpose}".rstrip()
         if spelling is None:
             spelling = f"{self.param}={self.value if self.value is not None else 'True'}"
-        elif self.value is not None:
+        elif self.value is not None and spelling.startswith("-"):
             spelling = f"{spelling} {self.value}"
         return f"pass {spelling} {self.purpose}".rstrip()
 
@@ -54,8 +63,11 @@ class LoraToolsError(Exception):
         (the CLI passes its flag table); the Python keyword form otherwise."""
         if self.hint is None:
             return self.message
-        spelling = spell_param(self.hint.param) if callable(spell_param) else None
-        return f"{self.message.rstrip('.')}; {self.hint.render(spelling)}."
+        spell = spell_param if callable(spell_param) else None
+        spelling = spell(self.hint.param) if spell is not None else None
+        if spell is not None and spelling == "" and not self.hint.alternatives:
+            return self.message  # the caller has no such parameter: no way out to name
+        return f"{self.message.rstrip('.')}; {self.hint.render(spelling, spell)}."
 
     def __str__(self) -> str:
         return self.render()

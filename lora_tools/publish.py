@@ -250,7 +250,7 @@ def model_card(files: list[ReleaseFile], *, license: str, repo: str | None = Non
                   "tags": list(dict.fromkeys(tags)), "license": license})
     title = repo.split("/")[-1] if repo else files[0].path.stem
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
-    lines += ["Made with [loratool](https://github.com/) from the records in the files' metadata.", ""]
+    lines += ["Made with loratool (the `lora-tools` Python package) from the records in the files' metadata.", ""]
     lines += ["## What was fused", ""]
     for f in files:
         lines.append(f"**{f.path.name}**" + (f" ({f.record.get('method')} method)" if f.record.get("method") else "") + ":")

@@ -16,26 +16,19 @@ from lora_tools.presets import LIGHTNING, PRESETS, SamplerSettings, get_preset, 
 from lora_tools.verify.sampler import build_scheduler, timesteps_run
 
 _ROOT = Path(__file__).resolve().parents[1]
-#: Where ``shared/docs/domain.md`` may be: beside the clone (CI: ``../shared``), or beside the folder of
-#: git worktrees (``../../shared``); the first that exists is read.
-DOMAIN_CANDIDATES = [_ROOT.parent / "shared" / "docs" / "domain.md", _ROOT.parent.parent / "shared" / "docs" / "domain.md"]
-DOMAIN = next((p for p in DOMAIN_CANDIDATES if p.is_file()), DOMAIN_CANDIDATES[0])
-DOMAIN_TEXT = DOMAIN.read_text() if DOMAIN.is_file() else ""
+#: The facts the registry is checked against, in the repository (sections 1.1-1.3, 4 and 7.2 of the design notes).
+DOMAIN = _ROOT / "tests" / "data" / "preset_facts.md"
+DOMAIN_TEXT = DOMAIN.read_text()
 
 
 def _row(model: str) -> str:
-    """The domain.md section-4 table row whose first cell starts with ``model``."""
+    """The section-4 table row whose first cell starts with ``model``."""
     for line in DOMAIN_TEXT.splitlines():
         if line.startswith((f"| **{model}", f"| {model}")):
             return line
-    raise AssertionError(f"no row for {model} in domain.md")
+    raise AssertionError(f"no row for {model} in {DOMAIN.name}")
 
 
-needs_domain = pytest.mark.skipif(not DOMAIN_TEXT, reason="shared/docs/domain.md not found; looked at "
-                                  + " and ".join(str(p) for p in DOMAIN_CANDIDATES))
-
-
-@needs_domain
 class TestAgainstDomainText:
     def test_every_file_name_is_in_the_text(self) -> None:
         for p in PRESETS.values():

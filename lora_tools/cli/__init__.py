@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import click
 
@@ -44,9 +45,48 @@ PARAM_FLAGS: dict[str, str] = {
 }
 
 
+#: Library parameter -> the names an operation's options may give it (``save_lora(format=)`` is convert's ``to``).
+PARAM_ALIASES: dict[str, tuple[str, ...]] = {
+    "lora": ("loras",),
+    "format": ("to",),
+    "prompt": ("prompts",),
+    "saves": ("save",),
+    "output": ("output",),
+    "lightning_dir": ("preset_dir",),
+}
+
+
 def spell_param(name: str) -> str:
     """The CLI flag for a library parameter (the parameter name as a flag where none is listed)."""
     return PARAM_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def command_speller(command: click.Command | None) -> Callable[[str], str]:
+    """How a library parameter is spelled in ``command``'s own words: its option's flag (``--to`` for
+    convert's format), its argument (``LORA[:W]...``), or ``""`` when the command has no such parameter
+    (the hint is left out rather than name a flag the command does not have). Commands that declare no
+    operation (``run``, ``inspect``...) spell with :data:`PARAM_FLAGS`."""
+    if command is None or command.name not in _operation_names():
+        return spell_param
+    by_name = {p.name: p for p in command.params if p.name}
+
+    def spell(name: str) -> str:
+        for candidate in (name, *PARAM_ALIASES.get(name, ())):
+            param = by_name.get(candidate)
+            if isinstance(param, click.Option):
+                longs = [o for o in param.opts if o.startswith("--")]
+                return (longs or param.opts)[0] if name != "output" else param.opts[0]
+            if isinstance(param, click.Argument):
+                return param.make_metavar(click.Context(command))
+        return ""
+
+    return spell
+
+
+def _operation_names() -> set[str]:
+    from lora_tools.ops.registry import OPS
+
+    return set(OPS)
 
 
 def error_message(error: LoraToolsError) -> str:
@@ -60,6 +100,14 @@ class LoratoolGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command with its whole first sentence (click cuts summaries at the terminal's width), wrapped."""
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context) -> object:
         previous = _catch_signals()
         try:
@@ -71,7 +119,7 @@ class LoratoolGroup(click.Group):
                 raise
             from lora_tools.error_text import describe
 
-            failure = describe(e, spell_param)
+            failure = describe(e, command_speller(self.commands.get(ctx.invoked_subcommand or "")))
             clean = click.ClickException(_one_line(failure.message))
             clean.exit_code = failure.exit_code  # type: ignore[misc]  # click's stubs make it a ClassVar; ours is per failure
             raise clean from None

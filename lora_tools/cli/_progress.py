@@ -7,6 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+def on_terminal() -> bool:
+    """Progress shows only when stderr is a terminal (logs and pipes get the results, not the progress)."""
+    return sys.stderr.isatty()
+
+
 @contextmanager
 def byte_progress(total: int, desc: str, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """Yield an ``advance(nbytes)`` callback driving a tqdm bar on stderr."""

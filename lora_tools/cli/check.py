@@ -18,7 +18,8 @@ from lora_tools.units import format_bytes
 @click.option("--hash", "hash_data", is_flag=True,
               help="Also read every tensor: the file's sha256, short reads, NaN/Inf (one pass over each file).")
 def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> None:
-    """Check that each safetensors FILE is complete and internally consistent.
+    """Check that each safetensors FILE is complete and internally consistent (a diffusers folder: each of its
+    safetensors files).
 
     The header must follow the safetensors rules (tensors tiling the data section exactly, unique
     keys, known dtypes, sizes matching shapes) and a loratool record must be readable. Exit
@@ -29,7 +30,7 @@ def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> No
         loratool check juggernaut-lightning-4step.safetensors
         loratool check --hash --json downloads/*.safetensors
     """
-    results = [check_file(p, hash_data=hash_data) for p in paths]
+    results = [check_file(p, hash_data=hash_data) for p in _files(paths)]
     if as_json:
         click.echo(json.dumps({"ok": all(r.ok for r in results), "files": [r.to_dict() for r in results]}, indent=2))
     else:
@@ -40,6 +41,17 @@ def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> No
                 click.echo(f"Error: {safe_text(problem, limit=400)}", err=True)
     if not all(r.ok for r in results):
         raise SystemExit(1)
+
+
+def _files(paths: tuple[Path, ...]) -> list[Path]:
+    """The paths, a diffusers folder (``model_index.json``) replaced by its safetensors files."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir() and (p / "model_index.json").is_file():
+            out += sorted(p.rglob("*.safetensors")) or [p]
+        else:
+            out.append(p)
+    return out
 
 
 def render_ok(result: CheckResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def demo_command(folder: Path, no_render: bool) -> None:
     click.echo(f"   {info['format']} format, {info['modules']} UNet modules, rank {ranks}, alpha {alphas}: "
                f"{info['acceleration']['label']} (identified by {info['acceleration']['identified_by']})")
 
-    click.echo("3. Fusing: loratool fuse community-checkpoint.safetensors --lightning 4 --lora style-lora.safetensors:0.6 "
-               "--save checkpoint --save unet --save diffusers")
+    click.echo("3. Fusing: " + command("fuse", base, "--lightning", "4", "--preset-dir", lightning_dir,
+                                       "--lora", f"{style}:0.6", "--save", "checkpoint", "--save", "unet",
+                                       "--save", "diffusers", "--overwrite"))
     result = fuse(base, "lightning-4step", preset_dir=lightning_dir, loras=[(str(style), 0.6)],
                   saves=("checkpoint", "unet", "diffusers"))
     for f in result.files:
@@ -67,7 +69,7 @@ def demo_command(folder: Path, no_render: bool) -> None:
 
     if not no_render:
         _verify_step(folder, ckpt, base, [(lora, 1.0), (style, 0.6)])
-    click.echo("Done. Open the files above, or run: loratool inspect " + str(ckpt))
+    click.echo("Done. Open the files above, or run: " + command("inspect", ckpt))
 
 
 def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, float]]) -> None:
@@ -75,10 +77,11 @@ def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, 
     from lora_tools.verify import plan_verify, run_verify
 
     out = folder / "verify"
-    flags = " ".join(f"--lora {p.name}:{s:g}" for p, s in loras)
-    click.echo(f"5. Verifying: loratool verify {fused.name} --against {base.name} {flags} "
-               f"--size {DEMO_SIZE}x{DEMO_SIZE} --dtype fp32 --out {out}")
-    plan = plan_verify(fused, prompts=("a lighthouse at dusk",), seeds=(0,), size=(DEMO_SIZE, DEMO_SIZE),
+    flags = [arg for p, s in loras for arg in ("--lora", f"{p}:{s:g}")]
+    click.echo("5. Verifying: " + command("verify", fused, "--against", base, *flags, "--prompt", DEMO_PROMPT,
+                                          "--size", f"{DEMO_SIZE}x{DEMO_SIZE}", "--device", "cpu", "--dtype", "fp32",
+                                          "--out", out, "--overwrite"))
+    plan = plan_verify(fused, prompts=(DEMO_PROMPT,), seeds=(0,), size=(DEMO_SIZE, DEMO_SIZE),
                        against=base, loras=loras, device="cpu", dtype="fp32", out=out)
     report = run_verify(plan)
     s = report.settings
@@ -93,6 +96,15 @@ def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, 
     if not report.ok:
         raise click.ClickException("the fused file does not render like the base with its LoRAs at run time")
 
+
+def command(verb: str, *args: object) -> str:
+    """The ``loratool`` command line the demo runs, as the user can paste it from where they ran the demo
+    (paths as they were given, so relative to the current folder; quoted for a POSIX shell)."""
+    return shlex.join(["loratool", verb, *(str(a) for a in args)])
+
+
+#: The prompt of the demo's verify step.
+DEMO_PROMPT = "a lighthouse at dusk"
 
 #: Image size of the demo's verify step (tiny model, tiny images: the demo is a test too).
 DEMO_SIZE = 32

@@ -20,6 +20,7 @@ def extract_command(options, overwrite: bool, as_json: bool) -> None:
     result = OPS["extract"](options, overwrite=overwrite)
     path, rep, identical = result.files[0], result.report, result.extra["identical"]
     emit({"output": str(path), "identical_modules": identical, **rep.to_dict()}, as_json,
-         [f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "
+         [f"TUNED {safe_text(options.tuned)} minus ORIGINAL {safe_text(options.original)}:",
+          f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "
           f"retained energy {rep.retained_energy:.2%}, largest relative error {rep.max_relative_error:.3g}; "
           f"{identical} modules identical in both models."])

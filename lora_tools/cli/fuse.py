@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from lora_tools.cli._generate import operation_command, overwrite_option
+from lora_tools.cli._generate import json_option, operation_command, overwrite_option
 from lora_tools.cli._output import safe_text
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
@@ -23,8 +25,10 @@ if TYPE_CHECKING:
     click.Option(["--dry-run"], is_flag=True, help="Print the plan (matches, outputs, sizes, memory) and write nothing."),
     overwrite_option("Replace existing outputs (inputs are never overwritten)."),
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar, summary only."),
+    json_option("Print the plan (with --dry-run) or what was written as JSON on stdout."),
 ])
-def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:
+def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool,
+                 as_json: bool) -> None:
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -46,16 +50,24 @@ def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:
         raise UsageError(f"--strength {options.strength:g} applies to a preset, and none was given",
                          hint=Hint("preset", "to choose one (or --lightning N)", "NAME"))
     op = OPS["fuse"]
-    planned = op.plan(options, overwrite=overwrite)
+    # A dry run plans as if replacing, then says which outputs exist and would need --overwrite.
+    planned = op.plan(options, overwrite=overwrite or dry_run)
     try:
         plan = planned.plan
         for w in plan.warnings:
             click.echo(f"Warning: {w}", err=True)
         if dry_run:
-            _print_plan(plan)
+            existing = [] if overwrite else [o.path for o in plan.outputs if Path(o.path).exists()]
+            if as_json:
+                click.echo(json.dumps(_plan_dict(plan, existing), indent=2))
+            else:
+                _print_plan(plan, existing)
             return
-        with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet) as advance:
+        with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet and not as_json) as advance:
             result = op.run(planned, progress=advance)
+        if as_json:
+            click.echo(json.dumps(_result_dict(plan, result.extra["fuse"], planned.workflow), indent=2))
+            return
         _print_summary(plan, result.extra["fuse"])
         if planned.workflow is not None:
             click.echo(f"Wrote {safe_text(planned.workflow)} (ComfyUI API-format workflow)")
@@ -63,7 +75,26 @@ def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool) -> None:
         planned.close()
 
 
-def _print_plan(plan) -> None:
+def _plan_dict(plan, existing: list[Path]) -> dict[str, Any]:
+    return {"dry_run": True, "base": str(plan.base.path),
+            "loras": [{"path": str(s.adapter.path), "strength": s.strength, "matched": len(s.match.matched),
+                       "unmatched": len(s.match.unmatched)} for s in plan.loras],
+            "tensors_patched": len(plan.patched_keys()),
+            "outputs": [{"path": str(o.path), "kind": o.kind, "bytes": plan.output_bytes(o.kind),
+                         "exists": Path(o.path) in existing} for o in plan.outputs],
+            "needs_overwrite": [str(p) for p in existing], "predicted_peak_bytes": plan.predicted_peak_bytes(),
+            "sampler": plan.sampler.describe() if plan.sampler is not None else None}
+
+
+def _result_dict(plan, result, workflow: Path | None) -> dict[str, Any]:
+    return {"files": [{"path": str(f.path), "kind": f.kind, "bytes": f.nbytes, "sha256": f.sha256}
+                      for f in result.files],
+            "modules_fused": result.modules_fused, "tensors_patched": result.tensors_patched,
+            "seconds": result.seconds, "workflow": str(workflow) if workflow is not None else None,
+            "sampler": plan.sampler.describe() if plan.sampler is not None else None}
+
+
+def _print_plan(plan, existing: list[Path]) -> None:
     click.echo(f"Base:    {safe_text(plan.base.path)} ({plan.base.layout}, {plan.base.kind.architecture}, "
                f"{', '.join(plan.base.kind.components)})")
     for s in plan.loras:
@@ -83,6 +114,8 @@ def _print_plan(plan) -> None:
     click.echo(f"Predicted peak memory: about {format_bytes(plan.predicted_peak_bytes())}")
     if plan.sampler is not None:
         click.echo(f"Sampler: {plan.sampler.describe()}")
+    if existing:
+        click.echo(f"Exists:  {', '.join(safe_text(p) for p in existing)} (a real run needs --overwrite)")
     click.echo("Dry run: nothing was written.")
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli._generate import operation_command, overwrite_option
+from lora_tools.cli._generate import json_option, operation_command, overwrite_option
 from lora_tools.cli._output import safe_text
 from lora_tools.ops.registry import OPS
 from lora_tools.units import format_bytes
 
 
-@operation_command(OPS["publish"], extra=[overwrite_option("Replace an existing release folder.")])
-def publish_command(options, overwrite: bool) -> None:
+@operation_command(OPS["publish"], extra=[overwrite_option("Replace an existing release folder."),
+                                           json_option("Print the release (folder, files, license, URL) as JSON.")])
+def publish_command(options, overwrite: bool, as_json: bool) -> None:
     """Prepare a release of PATH (a model file, or a folder of them) and upload it.
 
     The release holds the model file(s), a model card (README.md: what was fused, the settings
@@ -27,6 +28,9 @@ def publish_command(options, overwrite: bool) -> None:
     plan, repo = planned.plan, options.repo
     for w in plan.warnings:
         click.echo(f"Warning: {w} (pass --license ID).", err=True)
+    if as_json:
+        _publish_json(op, planned, options)
+        return
     click.echo(f"Release folder: {safe_text(plan.folder)}" + (f" -> https://huggingface.co/{repo}" if repo else ""))
     for name, nbytes in plan.listing():
         click.echo(f"  {safe_text(name)} ({format_bytes(nbytes)})")
@@ -38,3 +42,17 @@ def publish_command(options, overwrite: bool) -> None:
     click.echo(f"Wrote {safe_text(result.files[0])}")
     if repo is not None:
         click.echo(f"Uploaded to {result.extra['url']}")
+
+
+def _publish_json(op, planned, options) -> None:
+    import json
+
+    plan = planned.plan
+    report = {"folder": str(plan.folder), "repo": options.repo, "license": plan.license,
+              "files": [{"name": name, "bytes": nbytes} for name, nbytes in plan.listing()],
+              "dry_run": bool(options.dry_run), "written": None, "url": None}
+    if not options.dry_run:
+        result = op.run(planned)
+        report["written"] = str(result.files[0])
+        report["url"] = result.extra.get("url") if options.repo is not None else None
+    click.echo(json.dumps(report, indent=2))

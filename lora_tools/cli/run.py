@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[str, ...], fail_fast: bool,
                 as_json: bool, quiet: bool, executor: str, address: str | None, max_in_flight: int | None,
                 retries: int) -> None:
-    """Run the jobs of RECIPE (a YAML file, ``version: 1``).
+    """Run the jobs of RECIPE (a YAML file that starts with "version: 1").
 
     \b
     Example:

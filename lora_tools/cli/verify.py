@@ -51,7 +51,12 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
         raise UsageError("--workflow writes into the output folder.", hint=Hint("out", "", "DIR"))
     op = OPS["verify"]
     planned = op.plan(options, overwrite=overwrite, compile=compile_)
-    report = op.run(planned).report
+    from lora_tools.cli._progress import on_terminal
+
+    show = not as_json and on_terminal()
+    if show:
+        _announce(planned.plan)
+    report = op.run(planned, steps=_step_line if show else None).report
     plan, model, out = planned.plan, options.model, options.out
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -75,3 +80,25 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
             click.echo(f"Wrote:    {safe_text(str(out))}/ (grid.png, images/, report.json, report.md)")
     if not report.ok:
         raise SystemExit(1)
+
+
+def _announce(plan) -> None:
+    """One line on stderr (a terminal) before anything loads: what will be rendered, and about how long it takes
+    on a CPU."""
+    w, h = plan.size
+    line = f"Plan:     {plan.renders} renders of {plan.sampler.steps} steps at {w}x{h} on {plan.device}"
+    seconds = plan.predicted_cpu_seconds()
+    if seconds is not None and plan.device == "cpu":
+        line += f", about {_duration(seconds)} on this CPU (model loading apart)"
+    click.echo(line, err=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def _step_line(what: str, step: int, steps: int) -> None:
+    """Per-step progress on stderr (a terminal), rewritten in place; the render's last step ends the line."""
+    click.echo(f"\r  {what}: step {step}/{steps}", err=True, nl=step == steps)

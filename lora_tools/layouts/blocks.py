@@ -36,7 +36,8 @@ How the names relate to the peers:
   supermerger and merge-block-weighted fold ``time_embed``/``out`` into neighbouring weights; we
   name them (``TIME``, ``LABEL``, ``OUT``) so they can be set on their own. LoRA Block Weight's
   12-weight SDXL preset names the attention blocks ``IN04 IN05 IN07 IN08 MID OUT00``-``OUT05``;
-  ``MID`` is accepted as an alias of ``M00``.
+  ``MID`` is accepted as an alias of ``M00``. A spec of 12 or 20 bare numbers is read as such a
+  vector (:data:`LBW_VECTORS`); SD1.x's 17 and 26 and LoRA Block Weight's preset names are refused.
 
 Per-block weights are written as a spec, parsed by :func:`parse_block_weights`::
 
@@ -220,11 +221,21 @@ def parse_block_weights(spec: str, *, default: float = 1.0) -> BlockWeights:
         raise BlockSpecError("Empty block-weight spec: give PATTERN:WEIGHT entries.")
     weights = {b: default for b in BLOCKS}
     explicit: set[str] = set()
+    vector = _lbw_vector(spec)
+    if vector is not None:
+        for name, w in vector:
+            for b in ALIASES.get(name, (name,)):
+                weights[b] = w
+                explicit.add(b)
+        return BlockWeights(spec, default, MappingProxyType(weights), frozenset(explicit))
     for raw in spec.split(","):
         entry = raw.strip()
         if not entry:
             raise BlockSpecError(f"Empty entry in block-weight spec '{spec}'.")
         pattern, sep, value = entry.rpartition(":")
+        if entry.upper() in LBW_PRESETS or pattern.strip().upper() in LBW_PRESETS:
+            raise BlockSpecError(f"'{entry}' is a LoRA Block Weight preset name, which differ between installs: give "
+                                 "its numbers (12 or 20 for SDXL) or PATTERN:WEIGHT entries such as 'IN*:1,M00:0'.")
         if not sep:
             pattern, value = "*", entry
         blocks = _expand(pattern.strip(), entry)
@@ -233,6 +244,41 @@ def parse_block_weights(spec: str, *, default: float = 1.0) -> BlockWeights:
             weights[b] = w
             explicit.add(b)
     return BlockWeights(spec, default, MappingProxyType(weights), frozenset(explicit))
+
+
+#: A1111 "LoRA Block Weight" vectors for SDXL, by length: which of our blocks each number weighs
+#: (``BASE``: both text encoders). Blocks a vector does not name keep the default weight.
+LBW_VECTORS: Mapping[int, tuple[str, ...]] = MappingProxyType({
+    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6))),
+    20: ("BASE", *(f"IN{i:02d}" for i in range(N_IN)), "M00", *(f"OUT{i:02d}" for i in range(N_OUT))),
+})
+#: Vector lengths of SD1.x block weights (17: LoRA Block Weight, 26: every block), refused for SDXL.
+SD15_VECTOR_LENGTHS = (17, 26)
+#: LoRA Block Weight's preset names (their numbers are user-editable, so we do not guess them).
+LBW_PRESETS = frozenset({"NONE", "ALL", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5"})
+
+
+def _lbw_vector(spec: str) -> list[tuple[str, float]] | None:
+    """A spec of bare numbers only (more than one) as a LoRA Block Weight vector, or ``None``."""
+    entries = [e.strip() for e in spec.split(",")]
+    if len(entries) < 2 or any(":" in e or not e for e in entries):
+        return None
+    try:
+        values = [float(e) for e in entries]
+    except ValueError:
+        return None
+    n = len(values)
+    if n in SD15_VECTOR_LENGTHS:
+        raise BlockSpecError(f"'{spec}' has {n} numbers, a LoRA Block Weight vector for SD1.x; an SDXL vector has "
+                             "12 (BASE,IN04,IN05,IN07,IN08,MID,OUT00-OUT05) or 20 (BASE,IN00-IN08,MID,OUT00-OUT08).")
+    if n not in LBW_VECTORS:
+        raise BlockSpecError(f"'{spec}' has {n} bare numbers: a LoRA Block Weight vector for SDXL has 12 "
+                             "(BASE,IN04,IN05,IN07,IN08,MID,OUT00-OUT05) or 20 (BASE,IN00-IN08,MID,OUT00-OUT08); "
+                             "one bare number sets every block; or give PATTERN:WEIGHT entries.")
+    for e, v in zip(entries, values, strict=True):
+        if not math.isfinite(v):
+            raise BlockSpecError(f"Weight '{e}' in '{spec}' is not finite.")
+    return list(zip(LBW_VECTORS[n], values, strict=True))
 
 
 def _expand(pattern: str, entry: str) -> tuple[str, ...]:

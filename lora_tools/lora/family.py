@@ -11,7 +11,7 @@ in SD1.x, 1024 (OpenCLIP-H) in SD2.x. A Flux LoRA names Flux's own blocks at its
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
@@ -54,6 +54,28 @@ def sd_family(modules: Iterable[LoraModule]) -> Family | None:
             if len(shape) == 2 and shape[1] in CONTEXT_WIDTH:
                 return CONTEXT_WIDTH[shape[1]]
     return "sd1.x/sd2.x"
+
+
+#: What trainers write about the model a LoRA was trained on (kohya sd-scripts, SAI model spec).
+BASE_MODEL_KEYS = ("ss_base_model_version", "modelspec.architecture")
+_FOREIGN_BASES: tuple[tuple[str, str], ...] = (
+    ("sd_v1", "SD1.x"), ("sd_1", "SD1.x"), ("stable-diffusion-v1", "SD1.x"), ("sd_v2", "SD2.x"), ("sd_2", "SD2.x"),
+    ("stable-diffusion-v2", "SD2.x"), ("sd3", "SD3"), ("stable-diffusion-v3", "SD3"), ("flux", "Flux"),
+)
+
+
+def metadata_base(metadata: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """``(family, key, value)`` when the metadata says the LoRA was trained for a model other than SDXL
+    (``ss_base_model_version: sd_v1``, ``modelspec.architecture: stable-diffusion-v1/lora``), else ``None``."""
+    for key in BASE_MODEL_KEYS:
+        value = str(metadata.get(key, "")).strip()
+        low = value.lower()
+        if not low or "xl" in low:
+            continue
+        for prefix, family in _FOREIGN_BASES:
+            if low.startswith(prefix):
+                return family, key, value
+    return None
 
 
 def sd_hint(modules: Iterable[LoraModule]) -> str | None:

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lora_tools.errors import ShapeMismatchError, UsageError
+from lora_tools.errors import Hint, ShapeMismatchError, UsageError
 
 __all__ = [
     "DenseSvd",
@@ -70,9 +70,8 @@ class RankRule:
     def __post_init__(self) -> None:
         chosen = [n for n in ("rank", "energy", "sv_ratio", "sv_fro") if getattr(self, n) is not None]
         if len(chosen) != 1:
-            raise UsageError(
-                "choose exactly one of rank, energy, sv_ratio, sv_fro"
-                + (f" (got {', '.join(chosen)})" if chosen else ""))
+            raise UsageError("more than one rank rule was given" if chosen else "no rank rule was given",
+                             hint=Hint("rank", "", "N", alternatives=("energy", "sv_ratio", "sv_fro")))
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"rank must be >= 1, got {self.rank}")
         for name in ("energy", "sv_fro"):

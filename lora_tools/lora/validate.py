@@ -220,5 +220,23 @@ def validate_lora(adapter: LoraAdapter, *, verb: str) -> dict[str, float]:
         >>> validate_lora(load_lora("nan.safetensors"), verb="rescale")
         NonFiniteError: 'nan.safetensors' holds NaN or Inf values (first in 'lora_unet_..._to_k.lora_up.weight'): refusing to rescale it.
     """
+    raise_foreign_base(adapter, verb=verb)
     raise_factor_problems(adapter)
     return raise_non_finite(adapter, verb=verb)
+
+
+def raise_foreign_base(adapter: LoraAdapter, *, verb: str) -> None:
+    """Refuse a LoRA whose metadata says it was trained for another model than SDXL (SD1.x...): its text
+    encoder keys may fit SDXL's CLIP-L by shape, and the result would apply to the wrong model.
+
+    Raises:
+        UnsupportedModelError: ``ss_base_model_version`` or ``modelspec.architecture`` names another model.
+    """
+    from lora_tools.errors import UnsupportedModelError
+    from lora_tools.lora.family import metadata_base
+
+    found = metadata_base(adapter.metadata)
+    if found is not None:
+        family, key, value = found
+        raise UnsupportedModelError(f"'{adapter.path}' was trained for {family} ({key} '{value}'), not SDXL: "
+                                    f"refusing to {verb} it.")

@@ -41,7 +41,7 @@ class FitReport:
 
     Attributes:
         modules: one entry per module.
-        size_bytes: the new LoRA's tensor bytes at the output dtype (set by the caller).
+        size_bytes: the written file's size in bytes (set by the caller).
     """
 
     modules: list[ModuleFit] = field(default_factory=list)

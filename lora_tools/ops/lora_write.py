@@ -58,6 +58,35 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
                       tuple(Path(p) for p in inputs))
 
 
+_FLOAT_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+_WIDTH = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def input_dtype(inputs: Sequence[str | Path]) -> str | None:
+    """The float dtype most tensors of ``inputs`` are stored in (the wider one on a tie); a diffusers folder is
+    read through its UNet file; ``None`` when no input can be read (the factors' own dtype is kept then)."""
+    from lora_tools.io.safetensors import read_header
+
+    counts: dict[str, int] = {}
+    for src in inputs:
+        path = Path(src)
+        if path.is_dir():
+            path = path / "unet" / "diffusion_pytorch_model.safetensors"
+        if not path.is_file() or path.suffix != ".safetensors":
+            continue
+        try:
+            header = read_header(path)
+        except Exception:  # noqa: BLE001 - an unreadable input is reported by the operation itself
+            continue
+        for t in header.tensors.values():
+            name = _FLOAT_DTYPES.get(t.dtype)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda d: (counts[d], _WIDTH[d]))
+
+
 def write_lora(adapter: LoraAdapter, out: LoraOutput, *, record: Mapping[str, Any] | None = None) -> Path:
     """Write `adapter` to the planned output through :func:`~lora_tools.lora.save.save_lora`.
 

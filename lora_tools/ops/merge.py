@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
-from lora_tools.errors import UsageError
+from lora_tools.errors import Hint, UsageError
 from lora_tools.lora.validate import validate_lora
 from lora_tools.lora.lowrank import RankRule, dense_svd, stack_factors, truncate
 from lora_tools.lora.pairs import (
@@ -82,11 +82,13 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
     from lora_tools.lora.adapter import LoraAdapter
 
     if len(inputs) < 2:
-        raise UsageError("merge needs at least two LoRAs")
+        raise UsageError("merge needs at least two LoRAs", hint=Hint("loras", "with another LoRA", "PATH"))
     if method not in ("concat", "svd"):
-        raise UsageError(f"unknown merge method {method!r}; expected concat or svd")
+        raise UsageError(f"unknown merge method {method!r}; expected concat or svd",
+                         hint=Hint("method", "concat or svd", "NAME"))
     if method == "concat" and rule is not None:
-        raise UsageError("concat is exact and keeps every rank; a target rank needs method svd")
+        raise UsageError("concat is exact and keeps every rank; a target rank needs method svd",
+                         hint=Hint("method", "to re-factorise to that rank", "svd"))
     for w in inputs:
         validate_lora(w.adapter, verb="merge")
     sources = [source_entry(w.adapter, strength=w.weight) for w in inputs]
@@ -107,7 +109,7 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
             if method == "concat" and not is_low_rank(m):
                 raise UsageError(
                     f"'{w.label}': module '{m.name}' is {m.algorithm}, which has no up/down factors to "
-                    "concatenate; use method svd (it merges through the dense delta)"
+                    "concatenate", hint=Hint("method", "(it merges through the dense delta)", "svd")
                 )
         shape = tuple(terms[0][1].natural_shape())
         if all(is_low_rank(m) for _, m in terms):

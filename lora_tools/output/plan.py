@@ -165,6 +165,10 @@ def check_place(path: Path) -> None:
         raise OutputError(f"cannot write in '{anc}': {why}.")
 
 
+#: File names that promise a pickle (torch.save) checkpoint: never given to the safetensors we write.
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+
+
 def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
     """Check, at plan time, that ``path`` can become an output of ``kind``.
 
@@ -180,6 +184,9 @@ def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
     check_name_length(path, anc)
     if path.name.endswith(TEMP_SUFFIX):
         raise UsageError(f"Refusing to write '{path}': that name is how loratool marks its temporary files.")
+    if kind == "file" and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"Refusing to write '{path}': loratool writes safetensors, and a {path.suffix} name says "
+                         "pickle to the tools that load it", hint=Hint("output", "ending in .safetensors", "PATH"))
     if path.exists() or path.is_symlink():
         if kind == "file" and path.is_dir():
             raise OutputError(f"cannot write '{path}': it is a directory (the output is a file).")

@@ -13,7 +13,7 @@ from lora_tools.presets.preset import AccelerationPreset
 from lora_tools.presets.sampler import SamplerSettings
 
 DMD2_REPO = "tianweiy/DMD2"
-_SOURCE = "domain.md 4, 7.2: tianweiy/DMD2 model card snippet; tianweiy/DMD2 issue 5"
+_SOURCE = "huggingface.co/tianweiy/DMD2 (model card); github.com/tianweiy/DMD2 issue 5; arXiv:2405.14867"
 
 DMD2_4STEP = AccelerationPreset(
     name="dmd2-4step", family="dmd2", steps=4, repo_id=DMD2_REPO,

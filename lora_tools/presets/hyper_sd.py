@@ -24,7 +24,7 @@ _SHA256 = {
     "Hyper-SDXL-8steps-CFG-lora.safetensors": "55b51334c85061afff5eff7c550b61963c8b8607a5868bbe4f26db49374719b1",
     "Hyper-SDXL-12steps-CFG-lora.safetensors": "0b97f447b5878323a28fbe7c51ba7acebd21f4d77552ba77b04b11c8911825b6",
 }
-_SOURCE = "domain.md 4, 7.2: ByteDance/Hyper-SD model card; Fooocus set_hyper_sd_defaults"
+_SOURCE = "huggingface.co/ByteDance/Hyper-SD (model card); Fooocus set_hyper_sd_defaults; arXiv:2404.13686"
 
 
 def _known(*files: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ LCM_LORA = AccelerationPreset(
                             guidance_scale=1.0, guidance_range=(1.0, 2.0), prediction_type="epsilon",
                             comfy_sampler="lcm", comfy_scheduler="sgm_uniform", comfy_cfg=1.0, comfy_sampling="lcm"),
     known_sha256={"pytorch_lora_weights.safetensors": "a764e6859b6e04047cd761c08ff0cee96413a8e004c9f07707530cd776b19141"},
-    label="LCM-LoRA SDXL", source="domain.md 4, 7.2: diffusers inference_with_lcm.md; refiners loras.py (sha256); "
-                                  "Fooocus set_lcm_defaults")
+    label="LCM-LoRA SDXL", source="huggingface.co/latent-consistency/lcm-lora-sdxl (model card); diffusers docs inference_with_lcm; "
+                                  "arXiv:2311.05556; Fooocus set_lcm_defaults")
 
 ROWS: tuple[AccelerationPreset, ...] = (LCM_LORA,)

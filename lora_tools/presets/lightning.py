@@ -49,7 +49,7 @@ def lightning_row(steps: int) -> AccelerationPreset:
         ),
         known_sha256=_SHA256.get(steps, {}),
         label=f"SDXL-Lightning {steps}-step" + (" (x0 UNet)" if x0 else ""),
-        source="domain.md 1.1-1.3, 4: ByteDance/SDXL-Lightning model card; Fooocus set_lightning_defaults",
+        source="huggingface.co/ByteDance/SDXL-Lightning (model card); arXiv:2402.13929; Fooocus set_lightning_defaults",
         license="openrail++",
     )
 

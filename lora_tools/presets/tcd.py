@@ -19,6 +19,7 @@ TCD_LORA = AccelerationPreset(
     sampler=SamplerSettings(scheduler="TCDScheduler", timestep_spacing=None, steps=4, steps_range=(4, 8),
                             eta=0.3, guidance_scale=0.0, prediction_type="epsilon", comfy_sampler="euler",
                             comfy_scheduler="sgm_uniform", comfy_cfg=1.0, comfy_node="the ComfyUI-TCD custom node"),
-    label="TCD-SDXL LoRA", source="domain.md 4: diffusers inference_with_tcd_lora.md, api/schedulers/tcd.md")
+    label="TCD-SDXL LoRA", source="huggingface.co/h1t/TCD-SDXL-LoRA (model card); diffusers docs inference_with_tcd_lora; "
+                                  "arXiv:2402.19159")
 
 ROWS: tuple[AccelerationPreset, ...] = (TCD_LORA,)

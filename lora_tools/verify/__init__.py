@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from lora_tools.presets import (
     sampler_from_record,
 )
 from lora_tools.provenance import read_record
+from lora_tools.verify.cost import UnetScale, predicted_cpu_seconds, unet_scale
 from lora_tools.verify.report import ImageResult, VerifyReport
 
 __all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
@@ -73,10 +74,29 @@ class VerifyPlan:
     workflow: bool
     out: Path | None
     metadata: dict[str, str]
+    unet: UnetScale | None = None
+
+    @property
+    def renders(self) -> int:
+        """Images rendered: prompts x seeds, twice with ``against``, plus the wrong-settings column."""
+        n = len(self.prompts) * len(self.seeds) * (2 if self.against is not None else 1)
+        return n + (len(self.prompts) if self.show_wrong else 0)
+
+    @property
+    def unet_steps(self) -> int:
+        """UNet evaluations of the run (CFG doubles each step)."""
+        main = len(self.prompts) * len(self.seeds) * (2 if self.against is not None else 1)
+        per = self.sampler.steps * (2 if self.sampler.guidance_scale > 1 else 1)
+        wrong = len(self.prompts) * WRONG_SETTINGS.steps * 2 if self.show_wrong else 0
+        return main * per + wrong
+
+    def predicted_cpu_seconds(self) -> float | None:
+        """About how long the renders take on a CPU in fp32 (``None`` when the UNet's size is unknown)."""
+        return None if self.unet is None else predicted_cpu_seconds(self.unet, self.size, self.unet_steps, self.renders)
 
 
 def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[str] = DEFAULT_PROMPTS,
-                seeds: Sequence[int] = (0,), size: tuple[int, int] = (1024, 1024), steps: int | None = None,
+                seeds: Sequence[int] = (0,), size: tuple[int, int] | None = None, steps: int | None = None,
                 force: bool = False, base: str | Path | None = None, config: str | Path | None = None,
                 against: str | Path | None = None, loras: Sequence[tuple[str | Path, float]] = (),
                 device: str = "auto", dtype: str = "auto", compile: bool = False, show_wrong: bool = False,
@@ -86,6 +106,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     Args:
         model: fused single-file checkpoint, standalone UNet (with ``base``) or diffusers folder.
         preset: ``"auto"`` (the settings fuse recorded in the file, else the file's identity) or a name.
+        size: ``(width, height)``; ``None``: the model's native size (1024x1024 for an SDXL-sized UNet, 64x64
+            for a test-sized one, decided from the UNet's width).
         steps: another step count; refused when it contradicts the model unless ``force``.
         against, loras: render BASE with ``loras`` applied at run time and compare with ``model``.
         out: folder for the grid, the images, ``report.json`` and ``report.md``.
@@ -101,7 +123,11 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     path = Path(model)
     kind = model_kind(path)
     meta_file = path / "unet" / "diffusion_pytorch_model.safetensors" if kind == "diffusers" else path
-    metadata = dict(read_header(meta_file).metadata) if meta_file.is_file() and meta_file.suffix != ".bin" else {}
+    header = read_header(meta_file) if meta_file.is_file() and meta_file.suffix != ".bin" else None
+    metadata = dict(header.metadata) if header is not None else {}
+    unet = unet_scale(header) if header is not None else None
+    if size is None:
+        size = unet.native_size if unet is not None else (1024, 1024)
     record = read_record(metadata)
     recorded = sampler_from_record(record)
     recorded_name = _recorded_preset(record)
@@ -142,7 +168,7 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
         raise UsageError("runtime LoRAs need the base they apply to", hint=Hint("against", "with the base", "BASE"))
     if against is not None and not loras and _fp8_form(path) is None:  # an fp8 model is checked against its fp16 one
         raise UsageError("a faithfulness check needs the LoRAs the model was fused with",
-                         hint=Hint("lora", "for each of them", "SRC[:S]"))
+                         hint=Hint("lora", "for each of them", "SRC[:STRENGTH]"))
     for p in [x for x in (base, config, against) if x is not None] + [p for p, _ in loras]:
         if not Path(p).exists():
             raise UsageError(f"'{p}' does not exist.")
@@ -162,7 +188,13 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
-                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata)
+                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet)
+
+
+def _step(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(what, done, total)
 
 
 def _recorded_preset(record: dict[str, Any] | None) -> str | None:
@@ -187,8 +219,9 @@ def compile_unet(unet: Any, device: str) -> Any:
     return torch.compile(unet)
 
 
-def run_verify(plan: VerifyPlan) -> VerifyReport:
+def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
     """Render the plan's prompts x seeds, compare with the reference if any, write the outputs.
+    ``progress(what, step, steps)`` is called after each UNet step (``what`` names the render).
 
     A NaN in latents or images is a failed check (``report.failures`` says where), not an exception.
     """
@@ -213,10 +246,12 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
     failures: list[str] = []
     images: list[ImageResult] = []
     rendered: dict[tuple[int, int], tuple[Any, Any]] = {}
+    references: dict[tuple[int, int], Any] = {}  # the base + runtime LoRAs' images, for the comparison picture
     for r, prompt in enumerate(plan.prompts):
         for c, seed in enumerate(plan.seeds):
             try:
-                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model))
+                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model),
+                             _step(progress, f"model, prompt {r + 1}/{len(plan.prompts)}, seed {seed}"))
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
@@ -244,8 +279,11 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
         for (r, c), (lat, img) in rendered.items():
             try:
                 ref_one = render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
-                                 f"{plan.against} + runtime LoRAs")
+                                 f"{plan.against} + runtime LoRAs",
+                                 _step(progress, f"base + LoRAs, prompt {r + 1}/{len(plan.prompts)}, "
+                                       f"seed {plan.seeds[c]}"))
                 rlat, rimg = ref_one.latents, ref_one.image
+                references[r, c] = rimg
             except NonFiniteError as e:
                 failures.append(str(e))
                 continue
@@ -267,7 +305,7 @@ def run_verify(plan: VerifyPlan) -> VerifyReport:
         from lora_tools.verify.out_folder import written_whole
 
         with written_whole(plan.out) as dest:
-            _write_outputs(plan, report, rendered, pipe, dest)
+            _write_outputs(plan, report, rendered, pipe, dest, references)
     return report
 
 
@@ -278,8 +316,19 @@ def _to_pil(img: Any) -> Any:
     return Image.fromarray(arr)
 
 
+def grid_title(plan: VerifyPlan, report: VerifyReport) -> str:
+    """The pictures' title: model, preset, sampler settings and, with a reference, the verdict and worst PSNR."""
+    s = report.settings
+    parts = [plan.model.name, plan.preset or "recorded settings",
+             f"{s['scheduler']} {plan.sampler.timestep_spacing}, {s['steps']} steps, CFG {s['guidance_scale']:g}"]
+    if report.verdict is not None:
+        worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=float("nan"))
+        parts.append(f"{report.verdict.upper()} vs base + LoRAs: PSNR {worst:.1f} dB")
+    return " | ".join(parts)
+
+
 def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
-                   pipe: Any, dest: Path) -> None:
+                   pipe: Any, dest: Path, references: dict[tuple[int, int], Any] | None = None) -> None:
     """Write the images, grid, workflow and reports into ``dest`` (the temp folder that becomes ``plan.out``);
     the report names each file where it will be, under ``plan.out``."""
     from PIL import Image
@@ -326,7 +375,17 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
                                  "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
                                  "seed": plan.seeds[0]}
         columns.append(WRONG_COLUMN)
-    report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png"))))
+    title = grid_title(plan, report)
+    report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png", title=title))))
+    pairs = sorted(k for k in (references or {}) if k in rendered)
+    if pairs:
+        from lora_tools.verify.grid import make_comparison
+
+        assert references is not None
+        labels = [f"{plan.prompts[r]} (seed {plan.seeds[c]})" for r, c in pairs]
+        comparison = make_comparison([_to_pil(rendered[k][1]) for k in pairs], [_to_pil(references[k]) for k in pairs],
+                                     labels, out / "comparison.png", title=title)
+        report.files.append(shown(Path(comparison)))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
                             width=plan.size[0], height=plan.size[1])

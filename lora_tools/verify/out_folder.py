@@ -18,7 +18,7 @@ from lora_tools.io import atomic
 from lora_tools.testing.hooks import pause_point
 
 #: What a verify folder of ours holds (besides PNG files in ``images/``).
-VERIFY_FILES = frozenset({"grid.png", "report.json", "report.md", "workflow.json"})
+VERIFY_FILES = frozenset({"grid.png", "comparison.png", "report.json", "report.md", "workflow.json"})
 
 
 def not_ours(folder: Path) -> str | None:

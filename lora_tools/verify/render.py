@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,10 @@ def prepare(pipe: Any, sampler: SamplerSettings) -> None:
         pipe.vae.to(torch.float32)
 
 
-def render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tuple[int, int], where: str) -> Rendered:
+def render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tuple[int, int], where: str,
+           step_done: Callable[[int, int], None] | None = None) -> Rendered:
     """Render ``prompt`` with ``seed`` (CPU generator: the same noise on every device) at ``size`` (width, height).
+    ``step_done(done, total)`` is called after each UNet step.
 
     Raises:
         [`NonFiniteError`]: NaN or Inf in the latents after the UNet or in the decoded image; the
@@ -62,6 +65,8 @@ def render(pipe: Any, sampler: SamplerSettings, prompt: str, seed: int, size: tu
     def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         sync()
         stamps.append(time.perf_counter())
+        if step_done is not None:
+            step_done(len(stamps), sampler.steps)
         return kwargs
 
     generator = torch.Generator("cpu").manual_seed(seed)

@@ -75,14 +75,26 @@ class VerifyReport:
         return path
 
     def markdown(self) -> str:
+        """The report for people: what was checked, with which settings, and the verdict first."""
         s = self.settings
-        lines = [f"# verify {Path(str(self.model.get('path', ''))).name}", "",
-                 f"- preset: {self.preset or 'none'}", f"- scheduler: {s.get('scheduler')} {s.get('options')}",
-                 f"- timesteps run: {s.get('timesteps')}", f"- steps: {s.get('steps')}, guidance_scale: "
-                 f"{s.get('guidance_scale')}, prediction_type: {s.get('prediction_type')}",
-                 f"- device: {self.device}, dtype: {self.dtype}"]
-        if self.verdict is not None:
-            lines.append(f"- verdict: **{self.verdict}** (threshold {self.threshold})")
+        name = Path(str(self.model.get("path", ""))).name
+        options = ", ".join(f"{k}={v}" for k, v in (s.get("options") or {}).items())
+        lines = [f"# Verification of {name}", ""]
+        if self.verdict is not None and self.threshold is not None:
+            worst = min((i.psnr_db for i in self.images if i.psnr_db is not None), default=float("nan"))
+            lines += [f"**Verdict: {self.verdict.upper()}.** The model renders like its base with the LoRAs applied "
+                      f"at run time: worst PSNR {worst:.1f} dB on the {self.threshold.get('on', 'final latents')}, "
+                      f"threshold {self.threshold.get('psnr_db'):g} dB for {self.threshold.get('dtype', self.dtype)}.",
+                      ""]
+        lines += ["## Settings", "",
+                  f"- Preset: {self.preset or 'the settings recorded in the file'}",
+                  f"- Scheduler: {s.get('scheduler')}" + (f" ({options})" if options else ""),
+                  f"- Steps: {s.get('steps')} (timesteps {', '.join(str(t) for t in s.get('timesteps') or [])}), "
+                  f"guidance scale {s.get('guidance_scale'):g}, prediction type {s.get('prediction_type')}",
+                  f"- Ran on {self.device} in {self.dtype}"]
+        if self.against is not None:
+            loras = ", ".join(f"{Path(str(x['path'])).name} at {x['strength']:g}" for x in self.against.get("loras", []))
+            lines.append(f"- Compared with: {Path(str(self.against.get('base'))).name} + {loras} (runtime LoRAs)")
         for failure in self.failures:
             lines.append(f"- failed: {failure}")
         if self.wrong_settings is not None:
@@ -90,10 +102,14 @@ class VerifyReport:
             lines.append(f"- wrong settings column (what the model was not made for): {w['scheduler']}, "
                          f"timestep_spacing {w['timestep_spacing']}, {w['steps']} steps, guidance_scale "
                          f"{w['guidance_scale']:g}, seed {w['seed']}")
-        lines += ["", "| prompt | seed | seconds | PSNR latents (dB) | PSNR image (dB) | max abs |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Images", "", "| prompt | seed | seconds | PSNR latents (dB) | PSNR image (dB) | max abs |",
+                  "|---|---|---|---|---|---|"]
         for i in self.images:
             lines.append(f"| {i.prompt} | {i.seed} | {i.seconds:.3f} | {_cell(i.psnr_db)} | {_cell(i.image_psnr_db)} | "
                          f"{_cell(i.max_abs)} |")
+        pictures = [f for f in ("grid.png", "comparison.png") if any(str(x).endswith(f) for x in self.files)]
+        if pictures:
+            lines += ["", *(f"![{p[:-4]}]({p})" for p in pictures)]
         return "\n".join(lines) + "\n"
 
 

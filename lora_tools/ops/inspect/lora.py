@@ -20,7 +20,7 @@ from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora import match as lora_match
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
-from lora_tools.lora.family import foreign_format_name, sd_hint
+from lora_tools.lora.family import foreign_format_name, metadata_base, sd_hint
 from lora_tools.lora.formats import format_description
 from lora_tools.lora.match import LoraMatch, MatchedModule
 from lora_tools.ops.inspect._common import count, fmt_num, natural
@@ -55,7 +55,12 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
         [`UnsupportedModelError`]: no module has an SDXL target.
         [`ShapeMismatchError`]: modules resolve by name but none fits by shape.
     """
+    foreign = metadata_base(adapter.metadata)
     fit = _choose_layout(path, adapter)
+    if foreign is not None and not any(mm.module.component == "unet" for mm in fit.match.matched):
+        family, key, value = foreign
+        raise UnsupportedModelError(f"'{path}' is a LoRA for {family} ({key} '{value}'), not SDXL: only its text "
+                                    "encoder keys resemble SDXL's CLIP-L; it does not fit SDXL.")
     match, cfg = fit.match, fit.cfg
     modules = adapter.modules
     per_component: dict[str, int] = {c: 0 for c in LORA_COMPONENTS}
@@ -81,6 +86,8 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
         warnings.append(f"{len(mismatched)} module(s) do not fit the SDXL ({fit.layout}) weights they name: "
                         f"{', '.join(x.module for x in mismatched[:5])}"
                         f"{', ...' if len(mismatched) > 5 else ''}.")
+    if foreign is not None:
+        warnings.append(f"its metadata says it was trained for {foreign[0]} ({foreign[1]} '{foreign[2]}'), not SDXL.")
     name_warning = misleading_name(accel, path.name)
     if name_warning:
         warnings.append(name_warning)

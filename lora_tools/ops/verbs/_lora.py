@@ -22,7 +22,7 @@ LoraFormat = Literal["kohya", "kohya-diffusers", "diffusers", "peft", "comfy"]
 
 #: The options every LoRA-writing verb ends with (``-o/--output``, ``--dtype``).
 OUTPUT_HELP = "The LoRA file to write (never one of the inputs)."
-DTYPE_HELP = "dtype of the written factors (maths is always fp32)."
+DTYPE_HELP = "dtype of the written factors; keep: the input's (maths is always fp32)."
 
 
 def output_field() -> Any:
@@ -76,10 +76,14 @@ class LoraOpPlan:
 
 def plan_lora_output(operation: Operation, options: Any, inputs: Sequence[str], *, format: str | None = None,
                      overwrite: bool = False) -> LoraOpPlan:
-    """Check the output before any maths (:func:`lora_tools.ops.lora_write.plan_output`)."""
-    from lora_tools.ops.lora_write import plan_output
+    """Check the output before any maths (:func:`lora_tools.ops.lora_write.plan_output`); ``dtype: keep`` is the
+    inputs' dtype (the maths runs in fp32: keeping the factors' dtype would write fp32 from fp16 inputs)."""
+    from lora_tools.ops.lora_write import input_dtype, plan_output
 
-    out = plan_output(options.output, list(inputs), format=format, dtype=options.dtype, overwrite=overwrite)
+    dtype = getattr(options, "dtype", None)
+    if dtype in (None, "keep"):
+        dtype = input_dtype(inputs) or dtype
+    out = plan_output(options.output, list(inputs), format=format, dtype=dtype, overwrite=overwrite)
     return LoraOpPlan(operation, options, out)
 
 
@@ -88,8 +92,15 @@ def write_result(planned: LoraOpPlan, adapter: LoraAdapter, report: Any, created
     from lora_tools.ops.lora_write import write_lora
     from lora_tools.provenance import read_record, stamped
 
+    if not adapter.modules:
+        from lora_tools.errors import UsageError
+
+        raise UsageError(f"{planned.operation.name} would write a LoRA with no modules to "
+                         f"'{planned.output.path}': nothing was written.")
     record = stamped(read_record(adapter.metadata), planned.entry, created)
     path = write_lora(adapter, planned.output, record=record)
+    if getattr(report, "size_bytes", None) is not None:
+        report.size_bytes = Path(path).stat().st_size  # the size printed is the file's, header included
     return OpResult([Path(path)], report, adapter)
 
 

@@ -47,6 +47,7 @@ def plan(o: ExtractOptions, *, overwrite: bool = False) -> LoraOpPlan:
     """Check the rank rules and the output."""
     rank_rule(o, ("rank", "energy"))
     conv_rule(o)
+    _check_order(o.tuned, o.original)
     return plan_lora_output(OPERATION, o, [o.tuned, o.original], format=o.format,
                             overwrite=overwrite)
 
@@ -59,10 +60,38 @@ def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[
     o: Any = planned.options
     result = extract_lora(o.tuned, o.original, rank_rule(o, ("rank", "energy")),
                           components=components_of(o.components) or ["unet"], conv_rule=conv_rule(o), progress=progress)
+    if not result.adapter.modules:
+        from lora_tools.errors import UsageError
+
+        raise UsageError(f"'{o.tuned}' and '{o.original}' do not differ in any {o.components} module "
+                         f"({result.identical} identical): there is no LoRA to extract, nothing was written.")
     result.report.size_bytes = tensor_bytes(result.adapter, planned.output.dtype)
     out = write_result(planned, result.adapter, result.report, created)
     out.extra["identical"] = result.identical
     return out
+
+
+def _check_order(tuned: str, original: str) -> None:
+    """Refuse ORIGINAL made by ``loratool fuse`` when TUNED was not: the arguments are swapped (the LoRA would be
+    the negated difference). TUNED comes first, as kohya's ``--model_tuned``/``--model_org``."""
+    from pathlib import Path
+
+    from lora_tools.errors import UsageError
+    from lora_tools.io.safetensors import read_header
+    from lora_tools.provenance import read_record
+
+    def made_by(model: str) -> str | None:
+        path = Path(model)
+        path = path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+        try:
+            record = read_record(read_header(path).metadata)
+        except Exception:  # noqa: BLE001 - an unreadable model is reported when it is opened
+            return None
+        return record.get("operation") if record else None
+
+    if made_by(original) == "fuse" and made_by(tuned) is None:
+        raise UsageError(f"ORIGINAL '{original}' was made by loratool fuse and TUNED '{tuned}' was not: the order is "
+                         "TUNED ORIGINAL (the fine-tuned model first); swap them.")
 
 
 OPERATION = Operation("extract", ExtractOptions, INPUT_KEYS, OUTPUT_KEYS, "lora", plan, run,

@@ -20,7 +20,7 @@ class PublishOptions(Options):
     """Options of ``publish``; ``release_dir`` is the folder it writes. ``verify`` (recipes) names verify jobs
     whose ``grid.png`` joins the release."""
 
-    path: str = Field(json_schema_extra=cli(argument=True, exists=True))
+    path: str = Field(json_schema_extra=cli(argument=True))
     repo: str | None = Field(None, description="Hub repository (owner/name) to upload to.",
                              json_schema_extra=cli(metavar="ID"))
     private: bool = Field(False, description="Create the repository private.")

@@ -32,14 +32,15 @@ class VerifyOptions(Options):
                                json_schema_extra=cli("--prompt", metavar="TEXT"))
     seeds: Seeds = Field(default_factory=lambda: [0], description="Seeds, comma separated.",
                          json_schema_extra=cli(kind="seeds", show_default=True))
-    size: Size = Field("1024x1024", description="Image size WxH.", json_schema_extra=cli(kind="size", show_default=True))
+    size: Size | None = Field(None, description="Image size WxH (default: the model's own, 1024x1024 for an SDXL-sized "
+                              "UNet, 64x64 for a test-sized one).", json_schema_extra=cli(kind="size"))
     steps: int | None = Field(None, description="Another step count (refused when it contradicts the model, "
                               "unless --force).")
     force: bool = Field(False, description="Sample with a step count or preset that contradicts the model.")
     out: str | None = Field(None, description="Folder for grid.png, each image, report.json and report.md.")
     against: str | None = Field(None, description="The base MODEL was fused from (faithfulness check).")
     loras: list[LoraRef] = Field(default_factory=list, description="A LoRA fused into MODEL, applied to --against at "
-                                 "run time.", json_schema_extra=cli("--lora", metavar="SRC[:S]", kind="lora_ref"))
+                                 "run time.", json_schema_extra=cli("--lora", metavar="SRC[:STRENGTH]", kind="lora_ref"))
     base: str | None = Field(None, description="The rest of the pipeline for a standalone UNet MODEL.")
     config: str | None = Field(None, description="A diffusers SDXL folder with the tokenizers (else the hub cache of "
                                "the SDXL base).", json_schema_extra=cli(folder=True))
@@ -90,7 +91,7 @@ def plan(o: VerifyOptions, *, overwrite: bool = False, compile: bool = False) ->
     if o.workflow and o.out is None:
         raise UsageError("the workflow is written into the output folder.", hint=Hint("out", "", "DIR"))
     vp = plan_verify(Path(o.model), preset=o.preset, prompts=list(o.prompts), seeds=tuple(o.seeds),
-                     size=parse_size(o.size), steps=o.steps, force=o.force,
+                     size=parse_size(o.size) if o.size is not None else None, steps=o.steps, force=o.force,
                      base=Path(o.base) if o.base is not None else None,
                      config=Path(o.config) if o.config is not None else None,
                      against=Path(o.against) if o.against is not None else None,
@@ -100,12 +101,13 @@ def plan(o: VerifyOptions, *, overwrite: bool = False, compile: bool = False) ->
     return VerifyOpPlan(o, vp)
 
 
-def run(planned: VerifyOpPlan, *, created: str | None = None,
-        progress: Callable[[int], None] | None = None) -> OpResult:
-    """Render and compare; the report is a :class:`~lora_tools.verify.report.VerifyReport` (``ok``, ``verdict``)."""
+def run(planned: VerifyOpPlan, *, created: str | None = None, progress: Callable[[int], None] | None = None,
+        steps: Callable[[str, int, int], None] | None = None) -> OpResult:
+    """Render and compare; the report is a :class:`~lora_tools.verify.report.VerifyReport` (``ok``, ``verdict``).
+    ``steps(what, step, total)`` is called after each UNet step."""
     from lora_tools.verify import run_verify
 
-    report = run_verify(planned.plan)
+    report = run_verify(planned.plan, steps)
     return OpResult([Path(planned.options.out)] if planned.options.out is not None else [], report)
 
 
