@@ -143,7 +143,8 @@ def test_standalone_unet_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleN
 
     with open_model(out) as u, open_model(outputs.scaled) as c:  # read back: the same dequantised weights
         assert u.fp8 is not None and u.fp8.form == "scaled" and u.fp8.tensors == len(keys)
-        fp8_refs = [r for r in u.refs if r.key in set(_fp8_keys(outputs.scaled))]
+        scaled_keys = set(_fp8_keys(outputs.scaled))
+        fp8_refs = [r for r in u.refs if r.key in scaled_keys]
         assert len(fp8_refs) == len(keys)
         for r in fp8_refs:
             assert torch.equal(u.read(r), c.read(c.ref(r.key))), r.key
