@@ -92,6 +92,7 @@ class FusePlan:
     hash_base: bool = False
     verify_output: bool = False
     hashes: dict[Path, "Future[str]"] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
+    hash_output: bool | None = None  # sha256 each output while writing it; None: outputs up to 2 GiB only
 
     @property
     def lightning_steps(self) -> int | None:
