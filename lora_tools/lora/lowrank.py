@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ from lora_tools.errors import ShapeMismatchError, UsageError
 
 __all__ = [
     "DenseSvd",
+    "ModulePool",
     "RankRule",
     "StrengthFit",
     "Truncation",
@@ -44,6 +46,7 @@ __all__ = [
     "choose_rank",
     "map_modules",
     "module_threads",
+    "randomized_svd",
     "stack_factors",
     "truncate",
     "tucker_to_pair",
@@ -58,6 +61,21 @@ R = TypeVar("R")
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
+
+
+def _one_thread(fn: Callable[[T], R]) -> Callable[[T], R]:
+    """``fn`` run with one torch (OpenMP, MKL) thread on the thread that calls it: a new thread
+    starts with the OpenMP default, and MKL would otherwise split a LAPACK call on it (results
+    then depend on timing)."""
+    def run(x: T) -> R:
+        if torch.get_num_threads() != 1 or not getattr(_local, "one", False):
+            torch.set_num_threads(1)
+            _local.one = True
+        return fn(x)
+    return run
+
+
+_local = threading.local()
 
 
 @contextmanager
@@ -102,7 +120,7 @@ def map_modules(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None
         if n <= 1:
             return [fn(x) for x in items]
         with ThreadPoolExecutor(n, thread_name_prefix="loratool-maths") as pool:
-            return list(pool.map(fn, items))
+            return list(pool.map(_one_thread(fn), items))
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +343,47 @@ def tucker_to_pair(up: Tensor, mid: Tensor, down: Tensor) -> tuple[Tensor, Tenso
     return up2, m.reshape(m.shape[0], -1), (int(up.shape[0]), int(down2.shape[1])) + tuple(mid.shape[2:])
 
 
+class ModulePool(Generic[T, R]):
+    """Per-module work fed one item at a time (e.g. while a model streams in), run on every core
+    with one torch thread each; ``done(result)`` is called on the feeding thread, in the order
+    the items came, and at most ``depth`` items wait or run at once (memory stays bounded).
+
+    Example:
+        >>> with ModulePool(factorise, results.append) as pool:
+        ...     for x in stream():
+        ...         pool.submit(x)
+    """
+
+    def __init__(self, fn: Callable[[T], R], done: Callable[[R], None], *, depth: int | None = None):
+        self.fn, self.done, self.depth = fn, done, depth
+        self._run = _one_thread(fn)
+        self._pending: deque[Future[R]] = deque()
+
+    def __enter__(self) -> "ModulePool[T, R]":
+        self._threads = module_threads()
+        cores = self._threads.__enter__()
+        self._pool = ThreadPoolExecutor(cores, thread_name_prefix="loratool-maths")
+        self.depth = self.depth or 2 * cores
+        return self
+
+    def submit(self, item: T) -> None:
+        self._pending.append(self._pool.submit(self._run, item))
+        while len(self._pending) > (self.depth or 1):
+            self.done(self._pending.popleft().result())
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                while self._pending:
+                    self.done(self._pending.popleft().result())
+        finally:
+            for f in self._pending:
+                f.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._threads.__exit__(None, None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Dense matrices (extract)
 # --------------------------------------------------------------------------------------------
@@ -387,30 +446,25 @@ def dense_svd(matrix: Tensor, rule: RankRule, *, method: str = "auto", oversampl
     if matrix.ndim != 2:
         raise ShapeMismatchError(f"dense_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
     a = _f32(matrix)
-    total = float(a.double().pow(2).sum())
+    total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2  # fp64 sum, no fp64 copy
     small = min(a.shape)
     if method not in ("auto", "full", "randomized"):
         raise UsageError(f"unknown svd method {method!r}; expected auto, full or randomized")
     use_full = method == "full" or (method == "auto" and a.numel() <= RANDOMIZED_MIN_ELEMENTS)
     if not use_full:
         target = rule.rank if rule.rank is not None else max(8, small // 16)
-        gen_state = torch.random.get_rng_state()
-        try:
-            while True:
-                q = min(small, target + oversample)
-                if q >= small:
-                    use_full = True
-                    break
-                torch.manual_seed(seed)
-                u, s, v = torch.svd_lowrank(a, q=q, niter=power_iters)
-                k = choose_rank(s, rule) if rule.rank is not None else _dynamic_rank_on_sketch(s, total, rule)
-                if k is not None:
-                    k = min(k, q)
-                    up, down = _split(u, s, v.T, k)
-                    break
-                target *= 2
-        finally:
-            torch.random.set_rng_state(gen_state)
+        while True:
+            q = min(small, target + oversample)
+            if q >= small:
+                use_full = True
+                break
+            u, s, v = randomized_svd(a, q, power_iters, seed)
+            k = choose_rank(s, rule) if rule.rank is not None else _dynamic_rank_on_sketch(s, total, rule)
+            if k is not None:
+                k = min(k, q)
+                up, down = _split(u, s, v.T, k)
+                break
+            target *= 2
     if use_full:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         k = choose_rank(s, rule)
@@ -418,8 +472,35 @@ def dense_svd(matrix: Tensor, rule: RankRule, *, method: str = "auto", oversampl
         name = "full"
     else:
         name = "randomized"
-    err = float((a - up @ down).double().norm())
+    residual = torch.addmm(a, up, down, alpha=-1)  # a - up @ down, one pass, no second temporary
+    err = float(torch.linalg.vector_norm(residual, dtype=torch.float64))
     return DenseSvd(up=up, down=down, rank=k, method=name, total_energy=total, error=err)
+
+
+def randomized_svd(a: Tensor, q: int, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``q`` randomized SVD ``a ~ u diag(s) v^T`` (Halko, Martinsson and Tropp 2011,
+    algorithms 4.4 and 5.1: a Gaussian sketch, ``power_iters`` subspace iterations with
+    re-orthonormalisation, the exact SVD of the small projection).
+
+    The sketch comes from a generator of its own seeded with ``seed``, so results are
+    reproducible and the call is safe beside others on other threads (it neither reads nor
+    moves torch's global random state). With the same seed the sketch is the one
+    ``torch.manual_seed(seed); torch.svd_lowrank(a, q, power_iters)`` draws.
+
+    Returns:
+        ``u`` ``(m, q)``, ``s`` ``(q,)`` descending, ``v`` ``(n, q)``.
+    """
+    m, n = a.shape
+    x = a.mH if m < n else a  # tall
+    gen = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(x.shape[1], q, dtype=x.dtype, generator=gen)
+    basis = torch.linalg.qr(x @ sketch).Q
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(x.mH @ basis).Q
+        basis = torch.linalg.qr(x @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mH @ x, full_matrices=False)
+    left, right = basis @ u, vh.mH
+    return (right, s, left) if m < n else (left, s, right)
 
 
 def _dynamic_rank_on_sketch(s: Tensor, total: float, rule: RankRule) -> int | None:
