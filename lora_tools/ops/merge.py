@@ -9,7 +9,7 @@ import torch
 
 from lora_tools.errors import UsageError
 from lora_tools.lora.validate import validate_lora
-from lora_tools.lora.lowrank import RankRule, dense_svd, map_modules, stack_factors, truncate
+from lora_tools.lora.lowrank import RankRule, dense_svd, map_modules, module_threads, stack_factors, truncate
 from lora_tools.lora.pairs import (
     check_same_architecture,
     dense_of,
@@ -98,8 +98,9 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
         raise UsageError(f"unknown merge method {method!r}; expected concat or svd")
     if method == "concat" and rule is not None:
         raise UsageError("concat is exact and keeps every rank; a target rank needs method svd")
-    for w in inputs:
-        validate_lora(w.adapter, verb="merge")
+    with module_threads():  # many small reductions: one torch thread (see map_modules)
+        for w in inputs:
+            validate_lora(w.adapter, verb="merge")
     sources = [source_entry(w.adapter, strength=w.weight) for w in inputs]
     first_format = inputs[0].adapter.format
     inputs = [WeightedLora(respelled(w.adapter, first_format, w.label), w.weight, w.label) for w in inputs]
