@@ -13,7 +13,13 @@ import torch
 from lora_tools.io.safetensors import load_tensors
 from lora_tools.lora import lowrank
 from lora_tools.lora.load import load_lora
-from lora_tools.lora.lowrank import ModulePool, RankRule, dense_svd, map_modules, randomized_svd
+from lora_tools.lora.lowrank import (
+    ModulePool,
+    RankRule,
+    dense_svd,
+    map_modules,
+    randomized_svd,
+)
 from lora_tools.output import sinks
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import write_lightning_lora
