@@ -78,6 +78,23 @@ def _one_thread(fn: Callable[[T], R]) -> Callable[[T], R]:
 _local = threading.local()
 
 
+def _share_heap() -> None:
+    """Let worker threads allocate from the main heap (glibc: ``M_ARENA_MAX`` = 1, where available).
+
+    glibc gives each new thread a heap (arena) of its own and keeps what is freed there for that
+    thread; per-module temporaries of tens of MB on every worker then stay resident (extract at
+    full size: 2.8 GB instead of 1.7 GB). Large allocations are rare here, so one shared heap
+    costs no measurable lock contention.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def module_threads() -> Iterator[int]:
     """One torch thread per task while inside, and the number of cores to spread tasks over.
@@ -360,10 +377,11 @@ class ModulePool(Generic[T, R]):
         self._pending: deque[Future[R]] = deque()
 
     def __enter__(self) -> "ModulePool[T, R]":
+        _share_heap()
         self._threads = module_threads()
         cores = self._threads.__enter__()
         self._pool = ThreadPoolExecutor(cores, thread_name_prefix="loratool-maths")
-        self.depth = self.depth or 2 * cores
+        self.depth = self.depth or cores + 1
         return self
 
     def submit(self, item: T) -> None:
@@ -472,9 +490,23 @@ def dense_svd(matrix: Tensor, rule: RankRule, *, method: str = "auto", oversampl
         name = "full"
     else:
         name = "randomized"
-    residual = torch.addmm(a, up, down, alpha=-1)  # a - up @ down, one pass, no second temporary
-    err = float(torch.linalg.vector_norm(residual, dtype=torch.float64))
+    err = _residual_norm(a, up, down)
     return DenseSvd(up=up, down=down, rank=k, method=name, total_energy=total, error=err)
+
+
+#: Rows of the residual formed at once (``_residual_norm``): about 1 MiB of fp32, cache-sized.
+_RESIDUAL_ELEMS = 256 * 1024
+
+
+def _residual_norm(a: Tensor, up: Tensor, down: Tensor) -> float:
+    """``||a - up @ down||_F``, measured (not inferred from singular values), a cache-sized row
+    block at a time: no temporary the size of ``a``."""
+    step = max(1, _RESIDUAL_ELEMS // max(1, a.shape[1]))
+    total = 0.0
+    for r0 in range(0, a.shape[0], step):
+        block = torch.addmm(a[r0:r0 + step], up[r0:r0 + step], down, alpha=-1)
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
 
 
 def randomized_svd(a: Tensor, q: int, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
