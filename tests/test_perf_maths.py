@@ -5,6 +5,7 @@ rule (outputs over the limit are hashed only when asked; the bytes never depend 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -184,4 +185,38 @@ def test_module_threads_nest() -> None:
         with lowrank.module_threads() as inner:
             assert inner == before and torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_the_fuse_output_does_not_depend_on_the_compute_threads(models: tuple[Path, Path, Path, Path],
+                                                                  tmp_path: Path) -> None:
+    from lora_tools.engine import pipeline
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    base, lora_a, lora_b, _ = models
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2):  # 1: the sequential pipeline; 2: two tensors patched at once (two compute threads)
+            _threads(n)
+            plan = plan_fuse(base, loras=[(str(lora_a), 0.8), (str(lora_b), -0.3)], output=tmp_path / f"t{n}.safetensors")
+            calls: list[int] = []
+            real = pipeline._run_parallel
+
+            def spy(*args: object, **kwargs: object) -> None:
+                calls.append(int(kwargs["workers"]))  # type: ignore[call-overload]
+                real(*args, **kwargs)  # type: ignore[arg-type]
+
+            pipeline._run_parallel = spy  # type: ignore[assignment]
+            try:
+                outputs.append((run_fuse(plan, created="2026-01-01T00:00:00Z").files[0].path, calls))
+            finally:
+                pipeline._run_parallel = real  # type: ignore[assignment]
+                plan.close()
+    finally:
+        _threads(before)
+    (one, seq_calls), (two, par_calls) = outputs
+    assert seq_calls == [] and par_calls == [min(2, os.cpu_count() or 1)] or (os.cpu_count() or 1) < 2
+    assert one.read_bytes() == two.read_bytes()
     assert torch.get_num_threads() == before
