@@ -303,7 +303,7 @@ def truncate(up: Tensor, down: Tensor, rule: RankRule, *, scale: float = 1.0) ->
     core = scale * (ru @ rd.T)  # (r', r'')
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     k = choose_rank(s, rule)
-    new_up, new_down = _split(qu @ u, s, vh @ qd.T, k)
+    new_up, new_down = _split(qu @ u[:, :k], s, vh[:k] @ qd.T, k)  # only the kept directions are formed
     return Truncation(up=new_up, down=new_down, singular_values=s, rank=k)
 
 
