@@ -181,6 +181,26 @@ def job_pycopy(base: Path, out: Path, direct: bool | None = None) -> dict[str, o
     return {"read_s": read_s, "write_s": write_s, "fsync_s": fsync_s, "total_s": time.perf_counter() - t0, "writer": mode}
 
 
+def job_fuse_hash(base: Path, lora_dir: Path, out: Path) -> dict[str, object]:
+    """``loratool fuse`` as a library call with the output's sha256 computed while writing
+    (``FusePlan.hash_output``: what a big output costs when its sha256/AutoV2 is asked for)."""
+    t0 = time.perf_counter()
+    import gc
+
+    gc.freeze()
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    plan = plan_fuse(base, "lightning-4step", preset_dir=lora_dir, output=out, overwrite=True)
+    plan.hash_output = True
+    try:
+        res = run_fuse(plan)
+    finally:
+        plan.close()
+    assert res.files[0].sha256, "no sha256: this library predates FusePlan.hash_output"
+    return {"total_s": time.perf_counter() - t0, "autov2": res.files[0].sha256[:10]}
+
+
 def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[str, float]:
     """diffusers' UNet-only path: load the UNet from the single file, fuse the LoRA, save it."""
     t0 = time.perf_counter()
@@ -218,6 +238,8 @@ def run_job(argv: list[str]) -> None:  # noqa: C901
         res = job_pycopy(Path(rest[0]), Path(rest[1]))
     elif name == "pycopy-buffered":
         res = job_pycopy(Path(rest[0]), Path(rest[1]), direct=False)
+    elif name == "fuse-hash":
+        res = job_fuse_hash(Path(rest[0]), Path(rest[1]), Path(rest[2]))
     elif name == "diffusers":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         res = job_diffusers(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
@@ -403,6 +425,9 @@ def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | N
             out / "pycopy.safetensors", "whole file"),
         Job("fuse", "loratool fuse (whole checkpoint)", fuse + ["-o", str(out / "fused.safetensors")],
             out / "fused.safetensors", "whole file"),
+        Job("fuse-hash", "loratool fuse (whole checkpoint) + the output's sha256 (AutoV2) while writing",
+            me + ["fuse-hash", str(inp.base), str(inp.lora_dir), str(out / "fused-hash.safetensors")],
+            out / "fused-hash.safetensors", "whole file"),
     ]
     if baseline is not None:
         rev, root = baseline
@@ -540,8 +565,9 @@ def fmt_rss(n: int) -> str:
 def table(jobs: list[Job], base_bytes: int) -> str:
     by = {j.key: j for j in jobs}
     cp, floor = by["cp"].wall, by["pycopy"].wall
-    lines = ["| job | writes | wall s | x durable cp | x I/O floor | peak RSS | CPU s (job) | other busy cores | free RAM at start, GB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    peer = by["diffusers"].wall if "diffusers" in by and by["diffusers"].runs else None
+    lines = ["| job | writes | wall s | x durable cp | x I/O floor | diffusers' time / this | peak RSS | CPU s (job) | other busy cores | free RAM at start, GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in jobs:
         spread = ""
         if len(j.runs) > 1:
@@ -550,7 +576,8 @@ def table(jobs: list[Job], base_bytes: int) -> str:
         other = max(r.other_load for r in j.runs)
         frees = [r.mem_free / GB for r in j.runs]
         free = f"{min(frees):.1f}" if len(frees) == 1 else f"{min(frees):.1f}-{max(frees):.1f}"
-        lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | "
+        vs_peer = f"{peer / j.wall:.2f}" if peer is not None else "-"
+        lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | {vs_peer} | "
                      f"{fmt_rss(j.peak)} | {cpu:.1f} | {other:.2f} | {free} |")
     return "\n".join(lines)
 
@@ -581,6 +608,20 @@ def targets(jobs: list[Job]) -> list[tuple[str, bool, str]]:
         r = fuse.wall / floor.wall
         out.append(("whole-checkpoint fuse <= 1.25x the I/O floor (page-cache reads, O_DIRECT writes + fsync)",
                     r <= 1.25, f"{fuse.wall:.1f} s / {floor.wall:.1f} s = {r:.2f}x"))
+    hashed = by.get("fuse-hash")
+    if floor is not None:  # issue 23: the user waits for the disk, not for the CPU
+        if fuse is not None:
+            r = fuse.wall / floor.wall
+            out.append(("issue 23: whole-checkpoint fuse <= 1.05x the I/O floor (no output hash)", r <= 1.05,
+                        f"{fuse.wall:.2f} s / {floor.wall:.2f} s = {r:.2f}x"))
+        if hashed is not None:
+            r = hashed.wall / floor.wall
+            out.append(("issue 23: whole-checkpoint fuse <= 1.20x the I/O floor, output sha256 included", r <= 1.20,
+                        f"{hashed.wall:.2f} s / {floor.wall:.2f} s = {r:.2f}x"))
+    ours23 = [j for j in (fuse, hashed) if j is not None]
+    if ours23:
+        out.append(("issue 23: fuse peak RSS <= 700 MB", max(j.peak for j in ours23) <= 700e6,
+                    ", ".join(f"{fmt_rss(j.peak)} ({j.key})" for j in ours23)))
     before = by.get("fuse-baseline")
     if fuse is not None and before is not None:
         out.append(("fuse no slower than before (alternating runs)", fuse.wall <= before.wall * 1.02,

@@ -319,24 +319,48 @@ def run_job(args: argparse.Namespace) -> None:
 # the run
 
 
-def measure(name: str, args: argparse.Namespace, log_dir: Path) -> dict[str, object]:
-    """Run one job in a fresh process: its result, wall time and peak RSS."""
-    rss_file = log_dir / f"{name}.rss"
+def baseline_root(cache: Path, rev: str) -> Path:
+    """lora_tools/ as it was at git revision ``rev`` (``git archive``), for the before/after jobs."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: not a commit of this repository")
+    root = cache / "snapshots" / f"rev-{sha.stdout.strip()[:12]}"
+    if not (root / "lora_tools").is_dir():
+        tmp = root.with_name(root.name + ".tmp")
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha.stdout.strip(), "lora_tools"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(root)
+    return root
+
+
+def measure(name: str, args: argparse.Namespace, log_dir: Path, library: Path | None = None,
+            label: str | None = None) -> dict[str, object]:
+    """Run one job in a fresh process: its result, wall time and peak RSS (``library``: import
+    lora_tools from there instead of this checkout)."""
+    label = label or name
+    rss_file = log_dir / f"{label}.rss"
+    env = _env()
+    if library is not None:
+        env["PYTHONPATH"] = str(library)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--job", name, "--size", args.size,
            "--cache-dir", str(args.cache_dir), "--threads", str(args.threads), "--rank", str(args.rank),
            "--dense-every", str(args.dense_every), "--dense-seconds", str(args.dense_seconds)]
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *cmd], capture_output=True,
-                          text=True, env=_env(), cwd=REPO)
+                          text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t
-    (log_dir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    (log_dir / f"{label}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"job {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(MARK))
     result: dict[str, object] = json.loads(line[len(MARK):])
     kb = int(rss_file.read_text().split()[-1])
     result.update(wall_s=wall, peak_rss=kb * (1 if sys.platform == "darwin" else 1024))
-    _say(f"{name}: {result['op_s']:.2f} s (job {wall:.1f} s, peak RSS {result['peak_rss'] / GB:.2f} GB)")
+    _say(f"{label}: {result['op_s']:.2f} s (job {wall:.1f} s, peak RSS {result['peak_rss'] / GB:.2f} GB, "
+         f"load {os.getloadavg()[0]:.1f})")
     return result
 
 
@@ -372,6 +396,23 @@ def goals(res: dict[str, dict[str, object]]) -> list[str]:
             f"({'met' if int(e['peak_rss']) < 2 * GB else 'NOT met'})"]  # type: ignore[call-overload]
 
 
+def before_after(res: dict[str, dict[str, object]], before: dict[str, dict[str, object]], rev: str) -> str:
+    """Issue 23: the same operations with the library at ``rev``, measured alternately in this run."""
+    lines = [f"Before/after (issue 23), lora_tools at `{rev}` vs now, alternating in this run:", "",
+             "| operation | before (s) | now (s) | speedup | before: peak RSS | now: peak RSS | before: fit | now: fit | goal |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    goal = {"merge": 8.0, "extract": 60.0}
+    for name, b in before.items():
+        o = res[name]
+        ob, oo = float(b["op_s"]), float(o["op_s"])  # type: ignore[arg-type]
+
+        def fit(x: dict[str, object]) -> str:
+            return f"retained {float(x['retained_energy']):.6f}, max rel. error {float(x['max_relative_error']):.4g}"  # type: ignore[arg-type]
+        lines.append(f"| {name} | {ob:.2f} | {oo:.2f} | {ob / max(oo, 1e-9):.2f}x | {_gb(b['peak_rss'])} | {_gb(o['peak_rss'])} | "
+                     f"{fit(b)} | {fit(o)} | <= {goal[name]:.0f} s: {'met' if oo <= goal[name] else 'NOT met'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["tiny", "full"], default="full")
@@ -384,6 +425,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="markdown output (default: benchmarks/LORA_OPS.md at full size)")
     ap.add_argument("--job", choices=sorted(JOBS), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run merge and extract with lora_tools as it was at this git revision (before/after in one run)")
+    ap.add_argument("--only", nargs="+", choices=sorted(JOBS), help="run only these jobs")
     args = ap.parse_args()
     args.cache_dir = args.cache_dir.resolve()
     if args.dense_every is None:
@@ -395,7 +439,20 @@ def main() -> None:
     inp = ensure_inputs(args.cache_dir, args.size)
     log_dir = inp.root / "lora_ops-logs"
     log_dir.mkdir(exist_ok=True)
-    res = {name: measure(name, args, log_dir) for name in JOBS}
+    names = [n for n in JOBS if not args.only or n in args.only]
+    before: dict[str, dict[str, object]] = {}
+    if args.baseline:
+        root = baseline_root(args.cache_dir, args.baseline)
+        res = {}
+        for name in names:  # before and after alternate, so both see the same machine
+            if name in ("merge", "extract"):
+                before[name] = measure(name, args, log_dir, library=root, label=f"{name}-before")
+            res[name] = measure(name, args, log_dir)
+    else:
+        res = {name: measure(name, args, log_dir) for name in names}
+    if args.only:
+        print(json.dumps({"after": res, "before": before}, indent=1, default=str))
+        return
     text = table(res, args)
     head = (f"# LoRA operations: ours vs dense ({args.size} size)\n\n"
             f"`python benchmarks/lora_ops.py --size {args.size}` on {platform.machine()} "
@@ -407,6 +464,8 @@ def main() -> None:
             "fixed sample of modules, scaled to all of them by the SVD cost model out x in x min(out, in). "
             "Peak RSS is the job process's `ru_maxrss`.\n\n")
     body = head + text + "\n\nGoals (issue #8):\n\n" + "\n".join(goals(res)) + "\n"
+    if before:
+        body += "\n" + before_after(res, before, args.baseline) + "\n"
     print(body)
     out = args.out or (HERE / "LORA_OPS.md" if args.size == "full" else inp.root / "LORA_OPS.md")
     out.write_text(body)

@@ -13,8 +13,9 @@ transposed. A module's bias diff is its own contribution to the bias tensor (:cl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lora_tools.lora import delta as d
 from lora_tools.lora.match import module_delta
@@ -22,9 +23,9 @@ from lora_tools.lora.match import module_delta
 if TYPE_CHECKING:
     import torch
 
-    from lora_tools.lora.adapter import LoraModule, LoraAdapter
-    from lora_tools.lora.match import MatchedModule
     from lora_tools.io.sources import TensorSource
+    from lora_tools.lora.adapter import LoraAdapter, LoraModule
+    from lora_tools.lora.match import MatchedModule
 
 #: ``op(block, r0, r1)`` adds a contribution to the fp32 rows ``[r0, r1)`` held in ``block``.
 BlockOp = Callable[["torch.Tensor", int, int], None]
@@ -37,24 +38,24 @@ class Contribution(Protocol):
     def block_op(self, shape: tuple[int, int]) -> BlockOp | None:
         """The row-block operation (its inputs read now), or ``None`` when only :meth:`apply_whole` works."""
 
-    def apply_whole(self, weight: "torch.Tensor") -> None:
+    def apply_whole(self, weight: torch.Tensor) -> None:
         """Add the contribution to the whole fp32 tensor ``weight`` (in the base's shape), in place."""
 
     def delta_bound(self) -> float | None:
         """An upper bound of ``|change|`` for every element, or ``None`` when unknown."""
 
 
-def read_factor(module: "LoraModule", adapter: "LoraAdapter", role: str) -> "torch.Tensor":
+def read_factor(module: LoraModule, adapter: LoraAdapter, role: str) -> torch.Tensor:
     """The one place the engine reads a LoRA factor (``up``, ``down``, ``dora_scale``...)."""
     return module.factor(role)
 
 
-def dense_delta(adapter: "LoraAdapter", match: "MatchedModule") -> "torch.Tensor":
+def dense_delta(adapter: LoraAdapter, match: MatchedModule) -> torch.Tensor:
     """The one place the engine builds a module's dense delta (fp32, alpha/rank applied)."""
     return module_delta(adapter, match)
 
 
-def _transposed(match: "MatchedModule") -> bool:
+def _transposed(match: MatchedModule) -> bool:
     """Whether the target is stored transposed (a target without the attribute, as duck-typed
     targets of other callers, is not)."""
     return bool(getattr(match.target, "transposed", False))
@@ -72,14 +73,14 @@ class LowRank:
         max_abs: ``(max|up|, max|down|)`` measured beforehand, which bounds the change; ``None`` when unknown.
     """
 
-    adapter: "LoraAdapter"
-    match: "MatchedModule"
+    adapter: LoraAdapter
+    match: MatchedModule
     scale: float
     rows: slice | None = None
     max_abs: tuple[float, float] | None = None
 
     @property
-    def module(self) -> "LoraModule":
+    def module(self) -> LoraModule:
         return self.match.module
 
     def _plain(self) -> bool:
@@ -106,7 +107,7 @@ class LowRank:
                 up, down = down.t().contiguous(), up.t().contiguous()
             alpha = self.scale * d.module_scale(self.module.alpha, self.module.rank)
 
-            def add_lora(block: "torch.Tensor", r0: int, r1: int) -> None:
+            def add_lora(block: torch.Tensor, r0: int, r1: int) -> None:
                 a, b = max(r0, first), min(r1, first + count)
                 if a < b:
                     block[a - r0:b - r0].addmm_(up[a - first:b - first], down, alpha=alpha)
@@ -115,13 +116,13 @@ class LowRank:
         dense = (dense.t().contiguous() if transposed else dense).reshape(count, -1)
         strength = self.scale
 
-        def add_dense(block: "torch.Tensor", r0: int, r1: int) -> None:
+        def add_dense(block: torch.Tensor, r0: int, r1: int) -> None:
             a, b = max(r0, first), min(r1, first + count)
             if a < b:
                 block[a - r0:b - r0].add_(dense[a - first:b - first], alpha=strength)
         return add_dense
 
-    def apply_whole(self, weight: "torch.Tensor") -> None:
+    def apply_whole(self, weight: torch.Tensor) -> None:
         import torch
 
         view = weight if self.rows is None else weight[self.rows]
@@ -154,8 +155,8 @@ class BiasDiff:
         rows: the rows of the bias it changes (one part of a fused qkv bias), or ``None`` for all.
     """
 
-    adapter: "LoraAdapter"
-    match: "MatchedModule"
+    adapter: LoraAdapter
+    match: MatchedModule
     scale: float
     rows: slice | None = None
 
@@ -164,13 +165,13 @@ class BiasDiff:
         dense = self.match.module.bias_delta().reshape(stop - first, -1)
         strength = self.scale
 
-        def add_bias(block: "torch.Tensor", r0: int, r1: int) -> None:
+        def add_bias(block: torch.Tensor, r0: int, r1: int) -> None:
             a, b = max(r0, first), min(r1, stop)
             if a < b:
                 block[a - r0:b - r0].add_(dense[a - first:b - first], alpha=strength)
         return add_bias
 
-    def apply_whole(self, weight: "torch.Tensor") -> None:
+    def apply_whole(self, weight: torch.Tensor) -> None:
         view = weight if self.rows is None else weight[self.rows]
         view.add_(self.match.module.bias_delta().reshape(view.shape), alpha=self.scale)
 
@@ -178,7 +179,7 @@ class BiasDiff:
         return None
 
 
-def module_contribution(adapter: "LoraAdapter", match: "MatchedModule", key: str, scale: float,
+def module_contribution(adapter: LoraAdapter, match: MatchedModule, key: str, scale: float,
                         rows: slice | None = None, max_abs: tuple[float, float] | None = None) -> Contribution:
     """What one matched LoRA module adds to the base tensor ``key`` (one of ``match.keys``): its
     weight delta (:class:`LowRank`) or, on its bias, its bias diff (:class:`BiasDiff`)."""
@@ -198,8 +199,8 @@ class DenseDifference:
         scale: the multiplier of the difference.
     """
 
-    tuned: "TensorSource"
-    original: "TensorSource"
+    tuned: TensorSource
+    original: TensorSource
     key: str
     scale: float
 
@@ -210,11 +211,11 @@ class DenseDifference:
         o = self.original.tensor(self.key).reshape(shape[0], -1)
         s = self.scale
 
-        def add_diff(block: "torch.Tensor", r0: int, r1: int) -> None:
+        def add_diff(block: torch.Tensor, r0: int, r1: int) -> None:
             block.add_(t[r0:r1].to(torch.float32) - o[r0:r1].to(torch.float32), alpha=s)
         return add_diff
 
-    def apply_whole(self, weight: "torch.Tensor") -> None:
+    def apply_whole(self, weight: torch.Tensor) -> None:
         flat = weight.view(weight.shape[0], -1)
         self.block_op((flat.shape[0], flat.shape[1]))(flat, 0, flat.shape[0])
 

@@ -4,7 +4,8 @@ analyze and the baked-in check read models this way)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,12 +18,12 @@ if TYPE_CHECKING:
 _COMPONENTS = ("unet", "te1", "te2")
 
 
-def target_weight(model: "ModelSource", t: "ModuleTarget") -> torch.Tensor:
+def target_weight(model: ModelSource, t: ModuleTarget) -> torch.Tensor:
     """The float32 base weight a module target changes (its row block for fused q/k/v)."""
     return target_part(model.read(model.ref(t.sgm_key)), t)
 
 
-def target_part(weight: torch.Tensor, t: "ModuleTarget") -> torch.Tensor:
+def target_part(weight: torch.Tensor, t: ModuleTarget) -> torch.Tensor:
     """The float32 part of a stored tensor that module target `t` changes, in the target's shape."""
     w = weight.to(torch.float32)
     if t.part is not None:
@@ -31,8 +32,8 @@ def target_part(weight: torch.Tensor, t: "ModuleTarget") -> torch.Tensor:
     return w.reshape(t.shape)
 
 
-def paired_targets(tuned: "ModelSource", original: "ModelSource", components: Iterable[str],
-                   labels: tuple[str, str]) -> list["ModuleTarget"]:
+def paired_targets(tuned: ModelSource, original: ModelSource, components: Iterable[str],
+                   labels: tuple[str, str]) -> list[ModuleTarget]:
     """The module targets both models hold, checked to have the same shapes.
 
     Raises:
@@ -63,8 +64,8 @@ def paired_targets(tuned: "ModelSource", original: "ModelSource", components: It
     return out
 
 
-def stream_differences(tuned: "ModelSource", original: "ModelSource", targets: Sequence["ModuleTarget"],
-                       consume: Callable[["ModuleTarget", torch.Tensor], None], *,
+def stream_differences(tuned: ModelSource, original: ModelSource, targets: Sequence[ModuleTarget],
+                       consume: Callable[[ModuleTarget, torch.Tensor], None], *,
                        progress: Callable[[int], None] | None = None) -> int:
     """Call ``consume(target, tuned - original)`` for every target, reading both models side by side.
 
@@ -77,7 +78,7 @@ def stream_differences(tuned: "ModelSource", original: "ModelSource", targets: S
     """
     from lora_tools.engine import stream_pairs
 
-    by_key: dict[str, list["ModuleTarget"]] = {}
+    by_key: dict[str, list[ModuleTarget]] = {}
     for t in targets:
         by_key.setdefault(t.sgm_key, []).append(t)
 

@@ -10,7 +10,8 @@ norms) sends the tensor down the plain path: the whole tensor in fp32.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lora_tools.engine.contributions import BlockOp, Contribution
 from lora_tools.errors import NonFiniteError
@@ -47,7 +48,7 @@ def block_ops(contributions: Sequence[Contribution], shape: Sequence[int]) -> li
     return ops
 
 
-def needs_check(contributions: Sequence[Contribution], base_dtype: "torch.dtype", out_dtype: "torch.dtype") -> bool:
+def needs_check(contributions: Sequence[Contribution], base_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether the result must be scanned for NaN/Inf/overflow.
 
     Not when the base is already in the output dtype and the contributions' bounds (each one's
@@ -66,8 +67,8 @@ def needs_check(contributions: Sequence[Contribution], base_dtype: "torch.dtype"
     return not total < safe
 
 
-def patch_tensor(key: str, contributions: Sequence[Contribution], base: "torch.Tensor", out_dtype: "torch.dtype",
-                 ops: list[BlockOp] | None = None, *, check: bool | None = None) -> tuple["torch.Tensor", int]:
+def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Tensor, out_dtype: torch.dtype,
+                 ops: list[BlockOp] | None = None, *, check: bool | None = None) -> tuple[torch.Tensor, int]:
     """The patched tensor in ``out_dtype`` and the number of contributions applied.
 
     Args:
@@ -111,7 +112,7 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: "torch.T
     return out, len(ops)
 
 
-def _check(block: "torch.Tensor", key: str, limit: float, out_dtype: "torch.dtype") -> None:
+def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) -> None:
     import torch
 
     lo, hi = torch.aminmax(block)
@@ -121,8 +122,8 @@ def _check(block: "torch.Tensor", key: str, limit: float, out_dtype: "torch.dtyp
                              f"in '{key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
 
 
-def _patch_whole(key: str, contributions: Sequence[Contribution], base: "torch.Tensor",
-                 out_dtype: "torch.dtype") -> tuple["torch.Tensor", int]:
+def _patch_whole(key: str, contributions: Sequence[Contribution], base: torch.Tensor,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Whole-tensor fp32 path (DoRA's norms span the whole weight); always scanned."""
     import torch
 

@@ -8,8 +8,9 @@ the read-ahead and write-behind budgets plus the tensor being computed, whatever
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,8 +29,17 @@ def run_pipeline(
     size: Callable[[T], int],
     on_done: Callable[[T], None] | None = None,
     budget: int = MAX_INFLIGHT_BYTES,
+    workers: int = 1,
 ) -> None:
-    """``write(item, process(item, read(item)))`` for every item, in order, overlapped."""
+    """``write(item, process(item, read(item)))`` for every item, in order, overlapped.
+
+    With ``workers`` > 1, that many items are processed at once on threads of their own (their
+    ``process`` calls must be independent); reads and writes stay in order.
+    """
+    if workers > 1:
+        _run_parallel(items, read=read, process=process, write=write, size=size, on_done=on_done, budget=budget,
+                      workers=workers)
+        return
     reads: deque[tuple[T, Future[R]]] = deque()
     writes: deque[tuple[int, Future[None]]] = deque()
     pending_read = pending_write = 0
@@ -68,6 +78,59 @@ def run_pipeline(
         except BaseException:
             for _, f in reads:
                 f.cancel()
+            for _, f in writes:
+                f.cancel()
+            raise
+
+
+def _run_parallel(items: Sequence[T], *, read: Callable[[T], R], process: Callable[[T, R], W],
+                  write: Callable[[T, W], None], size: Callable[[T], int], on_done: Callable[[T], None] | None,
+                  budget: int, workers: int) -> None:
+    reads: deque[tuple[T, Future[R]]] = deque()
+    procs: deque[tuple[T, Future[W]]] = deque()
+    writes: deque[tuple[int, Future[None]]] = deque()
+    pending_read = pending_write = 0
+    source: Iterable[T] = iter(items)
+    exhausted = False
+    with ThreadPoolExecutor(1, thread_name_prefix="loratool-read") as reader, \
+            ThreadPoolExecutor(workers, thread_name_prefix="loratool-compute") as computer, \
+            ThreadPoolExecutor(1, thread_name_prefix="loratool-write") as writer:
+        try:
+            while True:
+                while not exhausted and (not reads or pending_read < budget):
+                    nxt = next(source, None)  # type: ignore[call-overload]
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    reads.append((nxt, reader.submit(read, nxt)))
+                    pending_read += size(nxt)
+                # keep every worker busy: hand them the next items as soon as they are read
+                while reads and len(procs) < workers and (not procs or reads[0][1].done()):
+                    item, fut = reads.popleft()
+                    data = fut.result()
+                    pending_read -= size(item)
+                    procs.append((item, computer.submit(process, item, data)))
+                    del data
+                if not procs:
+                    break
+                item, pf = procs.popleft()
+                result = pf.result()
+                n = size(item)
+                writes.append((n, writer.submit(write, item, result)))
+                del result
+                pending_write += n
+                while writes and (pending_write > budget or writes[0][1].done()):
+                    done_n, wf = writes.popleft()
+                    wf.result()
+                    pending_write -= done_n
+                if on_done is not None:
+                    on_done(item)
+            while writes:
+                writes.popleft()[1].result()
+        except BaseException:
+            for queue in (reads, procs):
+                for _, f in queue:
+                    f.cancel()
             for _, f in writes:
                 f.cancel()
             raise

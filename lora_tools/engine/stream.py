@@ -1,7 +1,7 @@
 """Stream a model once into any set of sinks, patching the tensors that receive contributions.
 
 One thread reads ahead into a page-aligned ring (each tensor in phase with its place in the
-first sink's file, so the O_DIRECT writer sends it from there uncopied), the calling thread
+first sink's file, so the O_DIRECT writer sends it from there uncopied), one thread per core
 patches in fp32 row blocks, one thread hands every tensor to every sink, in order.
 :func:`stream_pairs` reads two models side by side, a few tensors in memory.
 """
@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
 from lora_tools.io.model import ModelSource, TensorRef
-from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
 from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
+from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +72,7 @@ def stream_order(refs: Sequence[TensorRef], patched: Iterable[str]) -> list[Tens
 def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], sinks: Sequence[Sink], *,
            out_dtype: Callable[[str], str], order: Sequence[TensorRef] | None = None,
            progress: Progress | None = None, check_overflow: Literal["auto", "always"] = "auto",
-           stage_hook: StageHook | None = None) -> StreamStats:
+           stage_hook: StageHook | None = None, compute_workers: int | None = None) -> StreamStats:
     """Stream ``model`` once into ``sinks``, adding ``patches[key]`` to each listed tensor.
 
     Args:
@@ -85,6 +87,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         check_overflow: ``"auto"`` scans results for NaN/Inf/overflow unless the contributions'
             bounds rule it out; ``"always"`` scans every patched tensor.
         stage_hook: wraps each pipeline stage (``"read"``, ``"process"``, ``"write"``), e.g. to time it.
+        compute_workers: tensors patched at once, one torch thread each (default: torch's thread
+            count, at most the cores).
 
     Returns:
         :class:`StreamStats` with the files the sinks wrote.
@@ -99,6 +103,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         order = stream_order(model.refs, patches)
     order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. a UNet-only output reads no VAE
     stats = {"contributions": 0, "tensors": 0}
+    stats_lock = threading.Lock()
+    local = threading.local()
     buffers = BufferRing()
     first = sinks[0] if sinks else None
 
@@ -121,9 +127,13 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         source = payload.as_tensor(ref)
         target = torch_dtype(out_dtype(ref.dtype))
         check = True if check_overflow == "always" else None
+        if not getattr(local, "threads_set", False):  # a new compute thread: one torch thread (see below)
+            torch.set_num_threads(1)
+            local.threads_set = True
         out, applied = patch_tensor(ref.key, contribs, source, target, payload.ops, check=check)
-        stats["contributions"] += applied
-        stats["tensors"] += 1
+        with stats_lock:
+            stats["contributions"] += applied
+            stats["tensors"] += 1
         if out is source:  # the read buffer now holds the result
             return Payload(payload.raw, out, True)
         if payload.raw is not None:
@@ -141,11 +151,15 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         stages = {name: stage_hook(name, fn) for name, fn in stages.items()}
     gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core stays free for reading, writing, hashing
+    # Every core patches a tensor of its own, on one torch thread each: row-block GEMMs are too
+    # small to share between OpenMP threads (their hand-offs and spinning would take the time
+    # the reader and writer threads need). Each tensor's result does not depend on the number.
+    workers = max(1, min(threads, os.cpu_count() or 1)) if compute_workers is None else compute_workers
+    torch.set_num_threads(1)
     try:
         pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
                               size=lambda r: r.nbytes, on_done=(lambda r: progress(r.nbytes)) if progress else None,
-                              budget=pipeline.MAX_INFLIGHT_BYTES)
+                              budget=pipeline.MAX_INFLIGHT_BYTES, workers=workers)
         files = finalize_all(sinks)  # all outputs of the run, or none
     except BaseException:
         for s in sinks:
@@ -162,7 +176,7 @@ PairKey = Union[str, tuple[str, str]]
 
 
 def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],
-                 consume: Callable[[str, "torch.Tensor", "torch.Tensor"], None], *,
+                 consume: Callable[[str, torch.Tensor, torch.Tensor], None], *,
                  progress: Progress | None = None, budget: int | None = None) -> int:
     """Read two models side by side and hand each pair of tensors to ``consume``, in order.
 
@@ -188,10 +202,10 @@ def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],
     def size(item: tuple[str, str]) -> int:
         return size_a(item[0]) + size_b(item[1])
 
-    def read(item: tuple[str, str]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def read(item: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
         return read_a(item[0]), read_b(item[1])
 
-    def process(item: tuple[str, str], pair: tuple["torch.Tensor", "torch.Tensor"]) -> None:
+    def process(item: tuple[str, str], pair: tuple[torch.Tensor, torch.Tensor]) -> None:
         consume(item[0], pair[0], pair[1])
 
     pipeline.run_pipeline(items, read=read, process=process, write=lambda item, _: None, size=size,
@@ -200,7 +214,7 @@ def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],
     return len(items)
 
 
-def _reader(src: PairSource) -> tuple[Callable[[str], "torch.Tensor"], Callable[[str], int]]:
+def _reader(src: PairSource) -> tuple[Callable[[str], torch.Tensor], Callable[[str], int]]:
     if isinstance(src, ModelSource):
         return (lambda k: src.read(src.ref(k))), (lambda k: src.ref(k).nbytes)
 

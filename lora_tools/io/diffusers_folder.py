@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from lora_tools.errors import InvalidFileError
 from lora_tools.layouts.components import COMPONENTS

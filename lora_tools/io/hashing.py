@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lora_tools.errors import UsageError
 

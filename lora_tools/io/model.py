@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, UnsupportedModelError
+from lora_tools.io.diffusers_folder import component_weight_files
+from lora_tools.io.fp8 import SCALE_SUFFIX, Fp8Layout, dequantize, is_fp8_extra, layout_of, scale_key
+from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
-from lora_tools.io.fp8 import SCALE_SUFFIX, Fp8Layout, dequantize, is_fp8_extra, layout_of, scale_key
-from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ class ModelSource:
             f = self._files[name] = TensorFile(name, self._headers[name])
         return f
 
-    def read_raw(self, ref: TensorRef, into: "bytearray | memoryview | None" = None) -> "bytearray | memoryview":
+    def read_raw(self, ref: TensorRef, into: bytearray | memoryview | None = None) -> bytearray | memoryview:
         """The SGM tensor's bytes (only where ``ref.raw_ok``), optionally into a given buffer."""
         if self.layout == "sgm":
             f, key = self._file(str(self.path)), ref.key
@@ -92,7 +92,7 @@ class ModelSource:
         f.read_into(key, buf)
         return buf
 
-    def read(self, ref: TensorRef) -> "torch.Tensor":
+    def read(self, ref: TensorRef) -> torch.Tensor:
         """The SGM tensor (a fresh tensor owning its memory)."""
         from lora_tools.io.safetensors import bytes_to_tensor
 
@@ -101,7 +101,7 @@ class ModelSource:
             t = bytes_to_tensor(f.read_bytes(ref.key), f.info(ref.key))
             return dequantize(t, self.fp8_scales[ref.key]) if ref.key in self.fp8_scales else t
 
-        def get(row: KeyMap) -> "torch.Tensor":
+        def get(row: KeyMap) -> torch.Tensor:
             fname, fkey = self._where[f"{row.component}:{row.diffusers}"]
             f = self._file(fname)
             t = bytes_to_tensor(f.read_bytes(fkey), f.info(fkey))
@@ -114,7 +114,7 @@ class ModelSource:
             f.close()
         self._files.clear()
 
-    def __enter__(self) -> "ModelSource":
+    def __enter__(self) -> ModelSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

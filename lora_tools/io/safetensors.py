@@ -15,17 +15,24 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from lora_tools.errors import (InvalidFileError, KeyMismatchError, OutputError, OutputExistsError, ShapeMismatchError,
-                               UnsafeFileError)
+from lora_tools.errors import (
+    InvalidFileError,
+    KeyMismatchError,
+    OutputError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnsafeFileError,
+)
 from lora_tools.io import atomic
 from lora_tools.io.direct import BufferedOut, open_out
-from lora_tools.testing import hooks
 from lora_tools.special_files import refuse_special
+from lora_tools.testing import hooks
 
 if TYPE_CHECKING:
     import torch
@@ -262,7 +269,7 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorInfo]) -> int:
     return pos
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     """Map a safetensors dtype name to a torch dtype."""
     import torch
 
@@ -277,7 +284,7 @@ def torch_dtype(name: str) -> "torch.dtype":
     return table[name]
 
 
-def dtype_name(dtype: "torch.dtype") -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """Map a torch dtype to its safetensors dtype name."""
     import torch
 
@@ -310,7 +317,7 @@ class TensorFile:
         self.path = self.header.path
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
-    def __enter__(self) -> "TensorFile":
+    def __enter__(self) -> TensorFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -336,7 +343,7 @@ class TensorFile:
         self.read_into(name, buf)
         return buf
 
-    def read_into(self, name: str, buf: "bytearray | memoryview") -> None:
+    def read_into(self, name: str, buf: bytearray | memoryview) -> None:
         """Read the raw bytes of one tensor into ``buf`` (exactly its size)."""
         info = self.info(name)
         assert self._fd is not None, "file is closed"
@@ -350,7 +357,7 @@ class TensorFile:
                 raise InvalidFileError(f"'{self.path}' is truncated while reading '{name}'.")
             pos += chunk
 
-    def tensor(self, name: str) -> "torch.Tensor":
+    def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor that owns its memory)."""
         info = self.info(name)
         if info.dtype not in DTYPE_SIZES:
@@ -358,7 +365,7 @@ class TensorFile:
         return bytes_to_tensor(self.read_bytes(name), info)
 
 
-def bytes_to_tensor(buf: "bytearray | memoryview", info: TensorInfo) -> "torch.Tensor":
+def bytes_to_tensor(buf: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
     """A tensor over ``buf``'s memory (which must be aligned for the dtype)."""
     import torch
 
@@ -368,7 +375,7 @@ def bytes_to_tensor(buf: "bytearray | memoryview", info: TensorInfo) -> "torch.T
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
-def tensor_to_bytes(t: "torch.Tensor") -> memoryview:
+def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (no copy when already contiguous)."""
     import torch
 
@@ -477,7 +484,7 @@ class StreamingWriter:
         self._mid = len(self.plans) // 2
         self._put(memoryview(self._header))
 
-    def __enter__(self) -> "StreamingWriter":
+    def __enter__(self) -> StreamingWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -492,7 +499,7 @@ class StreamingWriter:
     def next_name(self) -> str | None:
         return self.plans[self._index].name if self._index < len(self.plans) else None
 
-    def write(self, name: str, data: "torch.Tensor | bytes | bytearray | memoryview") -> None:
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
         """Append the next tensor; ``name`` must be the next one in the plan."""
         if self._index >= len(self.plans) or self.plans[self._index].name != name:
             raise KeyMismatchError(f"writing '{name}' out of order into '{self.path}' (expected {self.next_name!r}).")
@@ -615,17 +622,17 @@ class StreamingWriter:
 
 
 _HASH_ASIDE_BYTES = 1 << 20
-_HASH_EXECUTOR: "ThreadPoolExecutor | None" = None
+_HASH_EXECUTOR: ThreadPoolExecutor | None = None
 
 
-def _hash_executor() -> "ThreadPoolExecutor":
+def _hash_executor() -> ThreadPoolExecutor:
     global _HASH_EXECUTOR
     if _HASH_EXECUTOR is None:
         _HASH_EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="loratool-hash")
     return _HASH_EXECUTOR
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None) -> Path:
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Write a small dict of tensors atomically (for LoRAs and test fixtures)."""
     plans = [TensorPlan(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
     with StreamingWriter(Path(path), plans, metadata) as w:
@@ -634,7 +641,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tens
         return w.finalize()
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
+def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read every tensor of a (small) safetensors file."""
     with TensorFile(path) as f:
         return {k: f.tensor(k) for k in f.keys()}

@@ -39,7 +39,7 @@ class TensorSource(Protocol):
 
     def keys(self) -> list[str]: ...
     def meta(self, key: str) -> TensorMeta: ...
-    def tensor(self, key: str) -> "torch.Tensor": ...
+    def tensor(self, key: str) -> torch.Tensor: ...
     def scalar(self, key: str) -> float: ...
     def close(self) -> None: ...
 
@@ -65,7 +65,7 @@ class SafetensorsSource:
             self._file = TensorFile(self.path, self.header)
         return self._file
 
-    def tensor(self, key: str) -> "torch.Tensor":
+    def tensor(self, key: str) -> torch.Tensor:
         return self._open().tensor(key)
 
     def raw(self, key: str) -> bytearray:
@@ -98,7 +98,7 @@ class SafetensorsSource:
 class StateDictSource:
     """Tensors already in memory (legacy pickle files loaded with ``weights_only=True``)."""
 
-    def __init__(self, path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
         self.path = path
         self.tensors = tensors
         self.metadata = metadata or {}
@@ -110,7 +110,7 @@ class StateDictSource:
         t = self.tensors[key]
         return TensorMeta(dtype_name(t.dtype), tuple(t.shape))
 
-    def tensor(self, key: str) -> "torch.Tensor":
+    def tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
 
     def scalar(self, key: str) -> float:
@@ -152,7 +152,7 @@ def _unpickler_reason(text: str) -> str:
     return (found.group(1).strip() if found else lines[0] if lines else "unsupported pickle")[:160]
 
 
-def load_pickle_weights(path: Path) -> dict[str, "torch.Tensor"]:
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a legacy PyTorch file with ``weights_only=True``; refuse anything needing code."""
     import pickle
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from lora_tools.lora.lowrank import RankRule, dense_svd
-from lora_tools.lora.pairs import roles_from_pair
 from lora_tools.engine.differences import paired_targets, stream_differences
+from lora_tools.lora.lowrank import DenseSvd, ModulePool, RankRule, dense_svd
+from lora_tools.lora.pairs import roles_from_pair
 from lora_tools.ops.fit import FitReport, fit_of
 from lora_tools.provenance import build_record, with_record
 
@@ -29,7 +30,7 @@ class ExtractResult:
         identical: modules whose difference is exactly zero (left out).
     """
 
-    adapter: "LoraAdapter"
+    adapter: LoraAdapter
     report: FitReport
     identical: int
 
@@ -55,8 +56,8 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
     Raises:
         InvalidFileError: the models are of different architectures or shapes.
     """
-    from lora_tools.lora.adapter import LoraAdapter
     from lora_tools.io.model import open_model
+    from lora_tools.lora.adapter import LoraAdapter
 
     labels = (Path(tuned).name, Path(original).name)
     report = FitReport()
@@ -66,20 +67,29 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
     with open_model(tuned) as a, open_model(original) as b:
         targets = paired_targets(a, b, components, labels)
 
-        def take(t: "ModuleTarget", diff: torch.Tensor) -> None:
-            nonlocal identical
+        def factorise(item: tuple[ModuleTarget, torch.Tensor]) -> tuple[ModuleTarget, DenseSvd | None]:
+            t, diff = item
             if not bool(diff.any()):
-                identical += 1
-                return
+                return t, None
             conv = len(t.shape) == 4 and t.shape[2] * t.shape[3] > 1
             r = conv_rule if conv and conv_rule is not None else rule
-            d = dense_svd(diff.reshape(diff.shape[0], -1), r)
+            return t, dense_svd(diff.reshape(diff.shape[0], -1), r)
+
+        def keep(result: tuple[ModuleTarget, DenseSvd | None]) -> None:
+            nonlocal identical
+            t, d = result
+            if d is None:
+                identical += 1
+                return
             report.modules.append(fit_of(t.diffusers_module, 0, d, d.method))
             key = (t.component, t.diffusers_module)
             factors[key] = roles_from_pair(d.up, d.down, tuple(t.shape))
             alphas[key] = float(d.rank)
 
-        stream_differences(a, b, targets, take, progress=progress)
+        # The reader thread reads ahead while every core factorises a module (one torch thread
+        # each); the results are kept in module order, so the output does not depend on timing.
+        with ModulePool(factorise, keep) as pool:
+            stream_differences(a, b, targets, lambda t, diff: pool.submit((t, diff)), progress=progress)
     record = build_record("extract", sources=[{"role": "tuned", "name": labels[0]},
                                               {"role": "original", "name": labels[1]}],
                           params={"rule": rule.describe(), "components": list(components)},

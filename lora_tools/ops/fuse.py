@@ -207,15 +207,15 @@ def _make_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef
         for out in plan.outputs:
             if out.kind == "checkpoint":  # a diffusers base becomes the SGM keys of every component it holds
                 sinks.append(CheckpointSink(out.path, order, plan.output_dtype, output_metadata(plan, record, keep_base=True),
-                                            overwrite=plan.overwrite, verify=plan.verify_output))
+                                            overwrite=plan.overwrite, verify=plan.verify_output, hash=plan.hash_output))
             elif out.kind == "unet":
                 sinks.append(ComponentSink(out.path, order, "unet", plan.output_dtype, output_metadata(plan, record, keep_base=False),
-                                           overwrite=plan.overwrite, verify=plan.verify_output))
+                                           overwrite=plan.overwrite, verify=plan.verify_output, hash=plan.hash_output))
             else:
                 assert tokenizers is not None
                 sinks.append(DiffusersFolderSink(out.path, plan.base, order, plan.output_dtype,
                                                  output_metadata(plan, record, keep_base=False), scheduler_config(plan), tokenizers,
-                                                 overwrite=plan.overwrite, verify=plan.verify_output))
+                                                 overwrite=plan.overwrite, verify=plan.verify_output, hash=plan.hash_output))
     except BaseException:
         for s in sinks:
             s.abort()

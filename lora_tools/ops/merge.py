@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from lora_tools.errors import Hint, UsageError
-from lora_tools.lora.validate import validate_lora
-from lora_tools.lora.lowrank import RankRule, dense_svd, stack_factors, truncate
+from lora_tools.lora.lowrank import RankRule, dense_svd, map_modules, module_threads, stack_factors, truncate
 from lora_tools.lora.pairs import (
     check_same_architecture,
     dense_of,
@@ -20,7 +20,8 @@ from lora_tools.lora.pairs import (
     respelled,
     roles_from_pair,
 )
-from lora_tools.ops.fit import FitReport, fit_of
+from lora_tools.lora.validate import validate_lora
+from lora_tools.ops.fit import FitReport, ModuleFit, fit_of
 from lora_tools.provenance import build_record, derived_metadata, source_entry, with_record
 
 if TYPE_CHECKING:
@@ -39,12 +40,23 @@ class WeightedLora:
         label: how reports and errors name it (its file name).
     """
 
-    adapter: "LoraAdapter"
+    adapter: LoraAdapter
     weight: float = 1.0
     label: str = "lora"
 
 
-def _terms(inputs: Sequence[WeightedLora]) -> dict[tuple[str, str], list[tuple[WeightedLora, "LoraModule"]]]:
+@dataclass(frozen=True, slots=True)
+class _Merged:
+    """One merged module: its factors, weight shape and (svd) fit."""
+
+    key: tuple[str, str]
+    up: torch.Tensor
+    down: torch.Tensor
+    shape: tuple[int, ...]
+    fit: ModuleFit | None
+
+
+def _terms(inputs: Sequence[WeightedLora]) -> dict[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]:
     by_key: dict[tuple[str, str], list[tuple[WeightedLora, LoraModule]]] = {}
     for w in inputs:
         for m in w.adapter.modules:
@@ -53,7 +65,7 @@ def _terms(inputs: Sequence[WeightedLora]) -> dict[tuple[str, str], list[tuple[W
 
 
 def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat",
-                rule: RankRule | None = None) -> tuple["LoraAdapter", FitReport | None]:
+                rule: RankRule | None = None) -> tuple[LoraAdapter, FitReport | None]:
     """Merge LoRAs so that the result at strength 1.0 is the weighted sum of their deltas.
 
     ``concat`` is exact: per module, ``up = [w1 s1 up1, w2 s2 up2, ...]`` and
@@ -89,8 +101,9 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
     if method == "concat" and rule is not None:
         raise UsageError("concat is exact and keeps every rank; a target rank needs method svd",
                          hint=Hint("method", "to re-factorise to that rank", "svd"))
-    for w in inputs:
-        validate_lora(w.adapter, verb="merge")
+    with module_threads():  # many small reductions: one torch thread (see map_modules)
+        for w in inputs:
+            validate_lora(w.adapter, verb="merge")
     sources = [source_entry(w.adapter, strength=w.weight) for w in inputs]
     first_format = inputs[0].adapter.format
     inputs = [WeightedLora(respelled(w.adapter, first_format, w.label), w.weight, w.label) for w in inputs]
@@ -101,7 +114,7 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
     if method == "svd" and rule is None:
         rule = RankRule(rank=max(m.rank for w in inputs for m in w.adapter.modules))
     report = FitReport() if method == "svd" else None
-    factors, alphas = {}, {}
+    work: list[tuple[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]] = []
     for key, terms in _terms(inputs).items():
         for w, m in terms:
             if m.is_dora:
@@ -111,26 +124,39 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
                     f"'{w.label}': module '{m.name}' is {m.algorithm}, which has no up/down factors to "
                     "concatenate", hint=Hint("method", "(it merges through the dense delta)", "svd")
                 )
+        work.append((key, terms))
+
+    def merge_module(item: tuple[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]) -> _Merged:
+        key, terms = item
         shape = tuple(terms[0][1].natural_shape())
+        fit = None
         if all(is_low_rank(m) for _, m in terms):
             pairs = [(pair_of(m), w.weight) for w, m in terms]
             up, down = stack_factors([(p.up, p.down, p.scale * wt) for p, wt in pairs])
             if method == "svd":
-                assert rule is not None and report is not None
+                assert rule is not None
                 t = truncate(up, down, rule)
-                report.modules.append(fit_of(key[1], int(up.shape[1]), t, "factors"))
+                fit = fit_of(key[1], int(up.shape[1]), t, "factors")
                 up, down = t.up, t.down
         else:
-            assert rule is not None and report is not None
+            assert rule is not None
             total = sum(w.weight * dense_of(m) for w, m in terms)
             assert isinstance(total, torch.Tensor)
             d = dense_svd(total, rule)
-            report.modules.append(fit_of(key[1], max(m.rank for _, m in terms), d, d.method))
+            fit = fit_of(key[1], max(m.rank for _, m in terms), d, d.method)
             up, down = d.up, d.down
-        if up.shape[1] == 0:
+        return _Merged(key, up, down, shape, fit)
+
+    # Modules are independent: spread over the cores, one torch thread each (concat is only copies).
+    merged = map_modules(merge_module, work) if method == "svd" else [merge_module(x) for x in work]
+    factors, alphas = {}, {}
+    for r in merged:
+        if report is not None and r.fit is not None:
+            report.modules.append(r.fit)
+        if r.up.shape[1] == 0:
             continue
-        factors[key] = roles_from_pair(up, down, shape)
-        alphas[key] = float(up.shape[1])
+        factors[r.key] = roles_from_pair(r.up, r.down, r.shape)
+        alphas[r.key] = float(r.up.shape[1])
     first = inputs[0].adapter
     metadata = derived_metadata(first.metadata)
     ranks = [int(f["down"].shape[0]) for f in factors.values()]

@@ -14,20 +14,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from lora_tools.io.diffusers_folder import write_pipeline_configs
 from lora_tools.errors import OutputError, OutputExistsError
+from lora_tools.io import atomic
+from lora_tools.io.diffusers_folder import write_pipeline_configs
+from lora_tools.io.model import ModelSource, TensorRef
+from lora_tools.io.safetensors import StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name, torch_dtype
 from lora_tools.layouts.sdxl import to_diffusers
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, Component, KeyMap
-from lora_tools.io.model import ModelSource, TensorRef
-from lora_tools.io import atomic
-from lora_tools.testing import hooks
 from lora_tools.output.plan import WrittenFile, check_output, refuse_input_as_output
-from lora_tools.io.safetensors import (StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name,
-                                       torch_dtype)
+from lora_tools.testing import hooks
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ class Sink(Protocol):
 
     def wants(self, ref: TensorRef) -> bool: ...
     def position(self, ref: TensorRef) -> int | None: ...
-    def add(self, ref: TensorRef, payload: "Payload") -> None: ...
+    def add(self, ref: TensorRef, payload: Payload) -> None: ...
     def complete(self) -> None: ...
     def commit(self) -> list[WrittenFile]: ...
     def rollback(self) -> None: ...
@@ -55,11 +55,11 @@ class Payload:
     """One base tensor on its way out: its original bytes, or a (patched) tensor."""
 
     raw: memoryview | bytearray | None
-    tensor: "torch.Tensor | None"
+    tensor: torch.Tensor | None
     patched: bool
     ops: list | None = None  # row-block patch operations, prepared by the reader
 
-    def as_tensor(self, ref: TensorRef) -> "torch.Tensor":
+    def as_tensor(self, ref: TensorRef) -> torch.Tensor:
         if self.tensor is not None:
             return self.tensor
         assert self.raw is not None
@@ -84,14 +84,32 @@ def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, 
     writer.write(name, t.contiguous())
 
 
+#: Outputs up to this size are sha256-hashed while written by default (the summary's sha256 and
+#: AutoV2). Above it the hash is left to whoever asks: hashing runs at 1 to 1.7 GB/s per core, so
+#: a 7 GB checkpoint costs 4 to 7 s of CPU, as much as the rest of a fuse on 2 cores (the same
+#: rule as the record's full sha256 of the base, ``ops/fuse.py`` ``HASH_BASE_LIMIT``).
+FULL_HASH_MAX_BYTES = 2 << 30
+
+
+def wants_hash(plans: Sequence[TensorPlan], hash: bool | None, verify: bool) -> bool:
+    """Whether an output of ``plans`` is hashed while written: as asked, else when it is small
+    (or verified: the check compares against that hash)."""
+    if verify:
+        return True
+    if hash is not None:
+        return hash
+    return sum(p.nbytes for p in plans) <= FULL_HASH_MAX_BYTES
+
+
 class _FileSink:
-    """One safetensors output file, hashed while written, finalised in two phases."""
+    """One safetensors output file, hashed while written (see :func:`wants_hash`), finalised in two phases."""
 
     kind: str
 
     def __init__(self, path: Path, plans: list[TensorPlan], dtype_for: DtypeFor, metadata: Mapping[str, str],
-                 *, overwrite: bool = True, verify: bool = False):
-        self.writer = StreamingWriter(path, plans, dict(metadata), hash=True, overwrite=overwrite, verify=verify)
+                 *, overwrite: bool = True, verify: bool = False, hash: bool | None = True):
+        self.writer = StreamingWriter(path, plans, dict(metadata), hash=wants_hash(plans, hash, verify),
+                                      overwrite=overwrite, verify=verify)
         self.dtype_for = dtype_for
         self._old: Path | None = None
         self._committed = False
@@ -151,11 +169,11 @@ class LoraFileSink(_FileSink):
                  overwrite: bool = False, verify: bool = False):
         super().__init__(path, plans, lambda d: d, metadata, overwrite=overwrite, verify=verify)
 
-    def add_tensor(self, name: str, tensor: "torch.Tensor") -> None:
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(name, tensor.contiguous())
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: "Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]",
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False, verify: bool = False,
                       inputs: Sequence[Path] = (), kind: str = "lora") -> WrittenFile:
     """Write tensors to one safetensors file through the one output path.
@@ -224,9 +242,9 @@ class CheckpointSink(_FileSink):
     kind = "checkpoint"
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], dtype_for: DtypeFor, metadata: Mapping[str, str],
-                 *, overwrite: bool = True, verify: bool = False):
+                 *, overwrite: bool = True, verify: bool = False, hash: bool | None = None):
         super().__init__(path, [TensorPlan(r.key, dtype_for(r.dtype), r.shape) for r in refs], dtype_for, metadata,
-                         overwrite=overwrite, verify=verify)
+                         overwrite=overwrite, verify=verify, hash=hash)
 
     def wants(self, ref: TensorRef) -> bool:
         return True
@@ -243,12 +261,13 @@ class ComponentSink(_FileSink):
     """One component in diffusers layout (a standalone UNet file, or one file of a folder)."""
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], component: Component, dtype_for: DtypeFor,
-                 metadata: Mapping[str, str], kind: str = "unet", *, overwrite: bool = True, verify: bool = False):
+                 metadata: Mapping[str, str], kind: str = "unet", *, overwrite: bool = True, verify: bool = False,
+                 hash: bool | None = None):
         self.component = component
         self.kind = kind
         plans = [TensorPlan(row.diffusers, dtype_for(r.dtype), row.diffusers_shape)  # type: ignore[arg-type]
                  for r in refs if self.wants(r) for row in r.rows]
-        super().__init__(path, plans, dtype_for, metadata, overwrite=overwrite, verify=verify)
+        super().__init__(path, plans, dtype_for, metadata, overwrite=overwrite, verify=verify, hash=hash)
 
     def wants(self, ref: TensorRef) -> bool:
         return bool(ref.rows) and ref.rows[0].component == self.component and ref.rows[0].diffusers is not None
@@ -277,7 +296,7 @@ class DiffusersFolderSink:
 
     def __init__(self, path: Path, model: ModelSource, refs: Sequence[TensorRef], dtype_for: DtypeFor,
                  metadata: Mapping[str, str], scheduler_config: Mapping[str, object], tokenizers: Callable[[Path], None],
-                 *, overwrite: bool = True, verify: bool = False):
+                 *, overwrite: bool = True, verify: bool = False, hash: bool | None = None):
         self.path = path
         self.overwrite = overwrite
         self.model = model
@@ -297,7 +316,7 @@ class DiffusersFolderSink:
                 fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
                 self.sinks.append(ComponentSink(folder / fname, refs, comp, dtype_for,
                                                 metadata if comp == "unet" else {"format": "pt"}, kind="diffusers",
-                                                verify=verify))
+                                                verify=verify, hash=hash))
             write_pipeline_configs(self.tmp, model.cfg, scheduler_config)
             tokenizers(self.tmp)
         except OSError as e:

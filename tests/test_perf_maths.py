@@ -1,0 +1,222 @@
+"""The fast paths of issue 23 give the results of the plain ones: the randomized SVD against the exact
+one, the per-module thread pool against a sequential run (bit for bit), and the fuse's output hash
+rule (outputs over the limit are hashed only when asked; the bytes never depend on it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_tools.io.safetensors import load_tensors
+from lora_tools.lora import lowrank
+from lora_tools.lora.load import load_lora
+from lora_tools.lora.lowrank import (
+    ModulePool,
+    RankRule,
+    dense_svd,
+    map_modules,
+    randomized_svd,
+)
+from lora_tools.output import sinks
+from lora_tools.testing.synthetic import write_checkpoint
+from lora_tools.testing.synthetic_lora import write_lightning_lora
+
+
+def _spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(1280, 2048), (2048, 640)])
+@pytest.mark.parametrize("spectrum", ["lora-plus-rounding", "power-law", "flat-tail"])
+def test_randomized_svd_is_as_accurate_as_the_exact_svd(shape: tuple[int, int], spectrum: str) -> None:
+    m, n = shape
+    k = min(m, n)
+    i = torch.arange(1, k + 1, dtype=torch.float64)
+    s = {"lora-plus-rounding": torch.where(i <= 64, 1.0 / i, 1e-4 * torch.ones_like(i)),  # a fused rank-64 LoRA
+         "power-law": i ** -1.0,  # a real fine-tune's difference decays slowly
+         "flat-tail": torch.where(i <= 64, 2.0 - i / 64, 0.05 * torch.ones_like(i))}[spectrum]
+    a = _spectrum_matrix(m, n, s, seed=k)
+    optimal = float(s[64:].norm())  # Eckart-Young: the best rank-64 error
+    exact = dense_svd(a, RankRule(rank=64), method="full")
+    fast = dense_svd(a, RankRule(rank=64), method="randomized")
+    assert fast.method == "randomized" and fast.rank == 64
+    assert exact.error == pytest.approx(optimal, rel=1e-3)
+    # the measured residual of the randomized factors is within 1 % of the optimal one
+    assert fast.error <= 1.01 * exact.error + 1e-6 * float(s[0])
+    assert fast.total_energy == pytest.approx(float((s ** 2).sum()), rel=1e-5)
+    _, sv, _ = randomized_svd(a, 74)
+    assert torch.allclose(sv[:32].double(), s[:32], rtol=1e-3, atol=1e-6)  # the leading singular values
+
+
+def test_randomized_svd_is_torchs_sketch_and_leaves_the_global_random_state_alone() -> None:
+    a = torch.randn(700, 300, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    u, s, v = randomized_svd(a, 20, 2, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        ru, rs, rv = torch.svd_lowrank(a, q=20, niter=2)
+    assert torch.allclose(s, rs, rtol=1e-5) and torch.allclose((u * s) @ v.T, (ru * rs) @ rv.T, atol=1e-4)
+    wide_u, wide_s, wide_v = randomized_svd(a.T.contiguous(), 20, 2, seed=7)
+    assert wide_u.shape == (300, 20) and wide_v.shape == (700, 20)
+    assert torch.allclose(wide_s, s, rtol=1e-4)
+
+
+def test_the_module_pool_gives_the_sequential_results_in_order_bit_for_bit() -> None:
+    mats = [torch.randn(300 + 7 * i, 200, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def work(x: torch.Tensor) -> torch.Tensor:
+        return dense_svd(x, RankRule(rank=8), method="randomized").up
+
+    before = torch.get_num_threads()
+    seq = [work(x) for x in mats]
+    par = map_modules(work, mats, workers=3)
+    got: list[torch.Tensor] = []
+    with ModulePool(work, got.append, depth=2) as pool:
+        for x in mats:
+            pool.submit(x)
+    assert all(torch.equal(a, b) for a, b in zip(seq, par)) and all(torch.equal(a, b) for a, b in zip(seq, got))
+    assert len(got) == len(mats) and torch.get_num_threads() == before  # the thread setting comes back
+
+
+def test_the_module_pool_stops_on_the_first_error() -> None:
+    def work(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad module")
+        return x
+
+    got: list[int] = []
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="bad module"):
+        with ModulePool(work, got.append, depth=1) as pool:
+            for x in range(8):
+                pool.submit(x)
+    assert got == [0, 1, 2] and torch.get_num_threads() == before
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    from lora_tools.ops.fuse import fuse
+
+    root = tmp_path_factory.mktemp("perf")
+    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp32")
+    lora_a = write_lightning_lora(root / "a.safetensors", "tiny", seed=0, rank=8)
+    lora_b = write_lightning_lora(root / "b.safetensors", "tiny", seed=1, rank=8)
+    tuned = root / "tuned.safetensors"
+    fuse(base, loras=[(str(lora_a), 1.0)], output=tuned)
+    return Path(base), Path(lora_a), Path(lora_b), tuned
+
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def _factors(adapter: object) -> dict[str, torch.Tensor]:
+    return {f"{m.name}.{role}": m.factor(role).clone() for m in adapter.modules for role in m.roles}  # type: ignore[attr-defined]
+
+
+def test_svd_merge_and_extract_do_not_depend_on_the_number_of_cores(models: tuple[Path, Path, Path, Path]) -> None:
+    from lora_tools.ops.extract import extract_lora
+    from lora_tools.ops.merge import WeightedLora, merge_loras
+
+    base, lora_a, lora_b, tuned = models
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):  # 1: the plain sequential loop; more: the pool
+            _threads(n)
+            with load_lora(lora_a) as a, load_lora(lora_b) as b:
+                merged, report = merge_loras([WeightedLora(a, 1.0, "a"), WeightedLora(b, 0.5, "b")], method="svd",
+                                             rule=RankRule(rank=6))
+                m = _factors(merged)
+            assert report is not None
+            ex = extract_lora(tuned, base, RankRule(rank=8))
+            results.append((m, [(f.name, f.relative_error) for f in report.modules], _factors(ex.adapter),
+                            [(f.name, f.relative_error) for f in ex.report.modules]))
+    finally:
+        _threads(before)
+    first = results[0]
+    assert first[0] and first[2]
+    for other in results[1:]:
+        for i in (0, 2):
+            assert list(other[i]) == list(first[i])
+            assert all(torch.equal(other[i][k], first[i][k]) for k in first[i])
+        assert other[1] == first[1] and other[3] == first[3]
+
+
+def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    base, lora_a, _, _ = models
+    plans = [sinks.TensorPlan("w", "F16", (4, 4))]
+    assert sinks.wants_hash(plans, None, False)  # small: hashed by default
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 16)  # every output is now "big"
+    assert not sinks.wants_hash(plans, None, False)
+    assert sinks.wants_hash(plans, True, False) and sinks.wants_hash(plans, None, True)
+    written = {}
+    for name, ask in (("default", None), ("asked", True)):
+        plan = plan_fuse(base, loras=[(str(lora_a), 1.0)], output=tmp_path / f"{name}.safetensors")
+        plan.hash_output = ask
+        try:
+            written[name] = run_fuse(plan, created="2026-01-01T00:00:00Z").files[0]
+        finally:
+            plan.close()
+    assert written["default"].sha256 is None and written["default"].autov2 is None
+    digest = hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
+    assert written["asked"].sha256 == digest and written["asked"].autov2 == digest[:10]
+    assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()  # same file, hash or not
+    assert load_tensors(written["default"].path).keys() == load_tensors(base).keys()
+
+
+def test_module_threads_nest() -> None:
+    before = torch.get_num_threads()
+    with lowrank.module_threads() as outer:
+        assert torch.get_num_threads() == 1 and outer == before
+        with lowrank.module_threads() as inner:
+            assert inner == before and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_the_fuse_output_does_not_depend_on_the_compute_threads(models: tuple[Path, Path, Path, Path],
+                                                                  tmp_path: Path) -> None:
+    from lora_tools.engine import pipeline
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    base, lora_a, lora_b, _ = models
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2):  # 1: the sequential pipeline; 2: two tensors patched at once (two compute threads)
+            _threads(n)
+            plan = plan_fuse(base, loras=[(str(lora_a), 0.8), (str(lora_b), -0.3)], output=tmp_path / f"t{n}.safetensors")
+            calls: list[int] = []
+            real = pipeline._run_parallel
+
+            def spy(*args: object, **kwargs: object) -> None:
+                calls.append(int(kwargs["workers"]))  # type: ignore[call-overload]
+                real(*args, **kwargs)  # type: ignore[arg-type]
+
+            pipeline._run_parallel = spy  # type: ignore[assignment]
+            try:
+                outputs.append((run_fuse(plan, created="2026-01-01T00:00:00Z").files[0].path, calls))
+            finally:
+                pipeline._run_parallel = real  # type: ignore[assignment]
+                plan.close()
+    finally:
+        _threads(before)
+    (one, seq_calls), (two, par_calls) = outputs
+    assert seq_calls == [] and par_calls == [min(2, os.cpu_count() or 1)] or (os.cpu_count() or 1) < 2
+    assert one.read_bytes() == two.read_bytes()
+    assert torch.get_num_threads() == before
