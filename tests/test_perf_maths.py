@@ -83,7 +83,8 @@ def test_the_module_pool_gives_the_sequential_results_in_order_bit_for_bit() -> 
     with ModulePool(work, got.append, depth=2) as pool:
         for x in mats:
             pool.submit(x)
-    assert all(torch.equal(a, b) for a, b in zip(seq, par)) and all(torch.equal(a, b) for a, b in zip(seq, got))
+    assert all(torch.equal(a, b) for a, b in zip(seq, par, strict=True)) and all(
+        torch.equal(a, b) for a, b in zip(seq, got, strict=True))
     assert len(got) == len(mats) and torch.get_num_threads() == before  # the thread setting comes back
 
 
@@ -204,7 +205,7 @@ def test_the_fuse_output_does_not_depend_on_the_compute_threads(models: tuple[Pa
             calls: list[int] = []
             real = pipeline._run_parallel
 
-            def spy(*args: object, **kwargs: object) -> None:
+            def spy(*args: object, calls: list[int] = calls, real: object = real, **kwargs: object) -> None:
                 calls.append(int(kwargs["workers"]))  # type: ignore[call-overload]
                 real(*args, **kwargs)  # type: ignore[arg-type]
 

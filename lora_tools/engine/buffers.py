@@ -61,9 +61,9 @@ class BufferRing:
         own = aligned_buffer(-(-(nbytes + PAGE) // PAGE) * PAGE)
         return memoryview(own)[phase % PAGE:phase % PAGE + nbytes]
 
-    def give(self, view: memoryview) -> None:
+    def give(self, view: memoryview | bytearray) -> None:
         """Hand a view back once nothing reads it any more (views not from the ring are ignored)."""
-        if view.obj is not self._block:
+        if not isinstance(view, memoryview) or view.obj is not self._block:
             return
         start = address(view) - self._base
         with self._lock:

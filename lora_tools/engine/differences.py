@@ -46,7 +46,7 @@ def paired_targets(tuned: ModelSource, original: ModelSource, components: Iterab
     for c in comps:
         if c not in _COMPONENTS:
             raise UsageError(f"unknown component {c!r}; expected unet, te1 or te2")
-        for label, model in zip(labels, (tuned, original)):
+        for label, model in zip(labels, (tuned, original), strict=True):
             if c not in model.components:
                 raise UsageError(f"'{label}' has no {c}")
     out = []

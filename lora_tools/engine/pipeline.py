@@ -78,8 +78,8 @@ def run_pipeline(
         except BaseException:
             for _, f in reads:
                 f.cancel()
-            for _, f in writes:
-                f.cancel()
+            for _, wf in writes:
+                wf.cancel()
             raise
 
 
@@ -131,6 +131,6 @@ def _run_parallel(items: Sequence[T], *, read: Callable[[T], R], process: Callab
             for queue in (reads, procs):
                 for _, f in queue:
                     f.cancel()
-            for _, f in writes:
-                f.cancel()
+            for _, wf in writes:
+                wf.cancel()
             raise

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import BufferRing
@@ -171,8 +171,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
 
 
-PairSource = Union[ModelSource, "TensorSource"]
-PairKey = Union[str, tuple[str, str]]
+PairSource: TypeAlias = "ModelSource | TensorSource"
+PairKey: TypeAlias = "str | tuple[str, str]"
 
 
 def stream_pairs(a: PairSource, b: PairSource, keys: Iterable[PairKey],

@@ -298,9 +298,9 @@ def _unet_sgm_shapes(diffusers_shapes: dict[str, tuple[int, ...]]) -> dict[str, 
     out: dict[str, tuple[int, ...]] = {}
     simple = {"conv_in.weight": "input_blocks.0.0.weight", "conv_out.weight": "out.2.weight",
               "add_embedding.linear_1.weight": "label_emb.0.0.weight"}
-    for d, s in simple.items():
+    for d, sgm in simple.items():
         if d in diffusers_shapes:
-            out[p + s] = diffusers_shapes[d]
+            out[p + sgm] = diffusers_shapes[d]
     level = 0
     while f"down_blocks.{level}.resnets.0.conv1.weight" in diffusers_shapes:
         idx = level * 3 + 1

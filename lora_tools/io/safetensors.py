@@ -382,7 +382,8 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    # numpy's stubs do not declare the buffer protocol that ndarray implements
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -491,6 +491,7 @@ def dense_svd(matrix: Tensor, rule: RankRule, *, method: str = "auto", oversampl
     else:
         name = "randomized"
     err = _residual_norm(a, up, down)
+    assert k is not None  # the full SVD always chooses a rank; a sketch loop leaves only with one
     return DenseSvd(up=up, down=down, rank=k, method=name, total_energy=total, error=err)
 
 

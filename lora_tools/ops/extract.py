@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_tools.engine.differences import paired_targets, stream_differences
+from lora_tools.layouts.table import Component
 from lora_tools.lora.lowrank import DenseSvd, ModulePool, RankRule, dense_svd
 from lora_tools.lora.pairs import roles_from_pair
 from lora_tools.ops.fit import FitReport, fit_of
@@ -61,8 +62,8 @@ def extract_lora(tuned: str | Path, original: str | Path, rule: RankRule, *,
 
     labels = (Path(tuned).name, Path(original).name)
     report = FitReport()
-    factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    alphas: dict[tuple[str, str], float | None] = {}
+    factors: dict[tuple[Component, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[Component, str], float | None] = {}
     identical = 0
     with open_model(tuned) as a, open_model(original) as b:
         targets = paired_targets(a, b, components, labels)

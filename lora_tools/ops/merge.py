@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from lora_tools.errors import Hint, UsageError
+from lora_tools.layouts.table import Component
 from lora_tools.lora.lowrank import RankRule, dense_svd, map_modules, module_threads, stack_factors, truncate
 from lora_tools.lora.pairs import (
     check_same_architecture,
@@ -49,15 +50,15 @@ class WeightedLora:
 class _Merged:
     """One merged module: its factors, weight shape and (svd) fit."""
 
-    key: tuple[str, str]
+    key: tuple[Component, str]
     up: torch.Tensor
     down: torch.Tensor
     shape: tuple[int, ...]
     fit: ModuleFit | None
 
 
-def _terms(inputs: Sequence[WeightedLora]) -> dict[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]:
-    by_key: dict[tuple[str, str], list[tuple[WeightedLora, LoraModule]]] = {}
+def _terms(inputs: Sequence[WeightedLora]) -> dict[tuple[Component, str], list[tuple[WeightedLora, LoraModule]]]:
+    by_key: dict[tuple[Component, str], list[tuple[WeightedLora, LoraModule]]] = {}
     for w in inputs:
         for m in w.adapter.modules:
             by_key.setdefault(module_key(m), []).append((w, m))
@@ -114,7 +115,7 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
     if method == "svd" and rule is None:
         rule = RankRule(rank=max(m.rank for w in inputs for m in w.adapter.modules))
     report = FitReport() if method == "svd" else None
-    work: list[tuple[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]] = []
+    work: list[tuple[tuple[Component, str], list[tuple[WeightedLora, LoraModule]]]] = []
     for key, terms in _terms(inputs).items():
         for w, m in terms:
             if m.is_dora:
@@ -126,7 +127,7 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
                 )
         work.append((key, terms))
 
-    def merge_module(item: tuple[tuple[str, str], list[tuple[WeightedLora, LoraModule]]]) -> _Merged:
+    def merge_module(item: tuple[tuple[Component, str], list[tuple[WeightedLora, LoraModule]]]) -> _Merged:
         key, terms = item
         shape = tuple(terms[0][1].natural_shape())
         fit = None
@@ -149,7 +150,8 @@ def merge_loras(inputs: Sequence[WeightedLora], *, method: MergeMethod = "concat
 
     # Modules are independent: spread over the cores, one torch thread each (concat is only copies).
     merged = map_modules(merge_module, work) if method == "svd" else [merge_module(x) for x in work]
-    factors, alphas = {}, {}
+    factors: dict[tuple[Component, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[Component, str], float | None] = {}
     for r in merged:
         if report is not None and r.fit is not None:
             report.modules.append(r.fit)

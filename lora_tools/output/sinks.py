@@ -35,19 +35,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Sink(Protocol):
-    """What the streaming engine writes into (every output kind implements it)."""
+class Finalisable(Protocol):
+    """An output that is finalised all or nothing with the others of its run (:func:`finalize_all`)."""
 
     kind: str
 
-    def wants(self, ref: TensorRef) -> bool: ...
-    def position(self, ref: TensorRef) -> int | None: ...
-    def add(self, ref: TensorRef, payload: Payload) -> None: ...
     def complete(self) -> None: ...
     def commit(self) -> list[WrittenFile]: ...
     def rollback(self) -> None: ...
     def cleanup(self) -> None: ...
     def abort(self) -> None: ...
+
+
+class Sink(Finalisable, Protocol):
+    """What the streaming engine writes into (every output kind implements it)."""
+
+    def wants(self, ref: TensorRef) -> bool: ...
+    def position(self, ref: TensorRef) -> int | None: ...
+    def add(self, ref: TensorRef, payload: Payload) -> None: ...
 
 
 @dataclass
@@ -211,10 +216,10 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.
         raise
 
 
-def finalize_all(sinks: Sequence[Sink]) -> list[WrittenFile]:
+def finalize_all(sinks: Sequence[Finalisable]) -> list[WrittenFile]:
     """Finalise every output of one run, or none: complete all (fsync, checks), then rename
     all; if any step fails, the outputs renamed so far are rolled back and every temp removed."""
-    committed: list[Sink] = []
+    committed: list[Finalisable] = []
     try:
         for s in sinks:
             s.complete()
