@@ -74,7 +74,7 @@ def _full_diff_adapter(fmt: str) -> LoraAdapter:
     return LoraAdapter.from_tensors(factors, format="diffusers")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [pytest.param("fp32", marks=pytest.mark.slow), "fp16"])  # fp32: full selection
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_same_format_is_bit_exact(tmp_path: Path, fmt: str, dtype: str) -> None:
     alpha = None if fmt == "diffusers-legacy" else 2.0

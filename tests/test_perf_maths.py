@@ -33,7 +33,7 @@ def _spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor
     return ((u * s) @ v.T).float()
 
 
-@pytest.mark.parametrize("shape", [(1280, 2048), (2048, 640)])
+@pytest.mark.parametrize("shape", [(1280, 2048), pytest.param((2048, 640), marks=pytest.mark.slow)])
 @pytest.mark.parametrize("spectrum", ["lora-plus-rounding", "power-law", "flat-tail"])
 def test_randomized_svd_is_as_accurate_as_the_exact_svd(shape: tuple[int, int], spectrum: str) -> None:
     m, n = shape
@@ -124,6 +124,7 @@ def _factors(adapter: object) -> dict[str, torch.Tensor]:
     return {f"{m.name}.{role}": m.factor(role).clone() for m in adapter.modules for role in m.roles}  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # full SVDs of every module, twice: the full selection
 def test_svd_merge_and_extract_do_not_depend_on_the_number_of_cores(models: tuple[Path, Path, Path, Path]) -> None:
     from lora_tools.ops.extract import extract_lora
     from lora_tools.ops.merge import WeightedLora, merge_loras
