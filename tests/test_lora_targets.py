@@ -147,7 +147,8 @@ def test_text_projection_is_a_transposed_target(table) -> None:  # type: ignore[
     assert t not in index.targets  # look-up only: extract and the synthetic LoRAs walk the trainer set
 
 
-@pytest.mark.parametrize("naming", ["kohya", "comfy", "diffusers"])
+@pytest.mark.parametrize("naming", ["kohya", pytest.param("comfy", marks=pytest.mark.slow),
+                                    pytest.param("diffusers", marks=pytest.mark.slow)])  # one naming by default
 def test_text_projection_lora_lands_transposed_on_a_single_file(tmp_path: Path, sgm_base: Path, naming: str) -> None:
     """OpenCLIP stores text_projection as P with x @ P; the LoRA's delta is on W = P.T (diffusers
     and ComfyUI's Linear): P' = (P.T + s * delta).T, checked in fp64."""

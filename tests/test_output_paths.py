@@ -141,7 +141,8 @@ def test_unwritable_folder(command: str, inputs: Inputs, run_as: RunAs) -> None:
 
 
 # ------------------------------------------------------------------------------- path kinds
-@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("overwrite", [pytest.param(False, id="plain", marks=pytest.mark.slow),
+                                       pytest.param(True, id="overwrite")])  # plain: the full selection
 @pytest.mark.parametrize("command", FILE_WRITERS)
 def test_output_that_is_a_directory(command: str, overwrite: bool, inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "taken.safetensors"
