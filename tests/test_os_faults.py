@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.testing.synthetic import write_checkpoint
-from tests.reliability_helpers import run_as, unprivileged, write_small_lora, write_tuned
+from tests.reliability_helpers import Tmpfs, run_as, unprivileged, write_small_lora, write_tuned
 
 COUNTED = "bad_input_cases"
 
@@ -185,26 +184,11 @@ def test_path_fault(command: str, fault: str, inputs: Inputs, tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------------------- mounted file systems
-@contextlib.contextmanager
-def _tmpfs(at: Path, options: str) -> Iterator[Path]:
-    at.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("this test mounts a small tmpfs, which needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield at
-    finally:
-        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(at)], capture_output=True)
-
-
 @pytest.mark.fs  # a real tmpfs mount or another user: the full selection
 @pytest.mark.bad_input_cases
 @pytest.mark.parametrize("command", list(WRITERS))
-def test_read_only_file_system(command: str, inputs: Inputs, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+def test_read_only_file_system(command: str, inputs: Inputs, tmp_path: Path, tmpfs: Tmpfs) -> None:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         _check(command, inputs, ro / "new" / _name(command), ro, ("read-only file system",))
 
 
@@ -221,8 +205,8 @@ def _fill(disk: Path) -> None:
 @pytest.mark.bad_input_cases
 @pytest.mark.parametrize("command", [pytest.param(c, marks=(pytest.mark.slow, pytest.mark.diffusers)) if c == "verify" else c
                                      for c in WRITERS])
-def test_full_disk(command: str, inputs: Inputs, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "disk", "size=64k") as disk:
+def test_full_disk(command: str, inputs: Inputs, tmp_path: Path, tmpfs: Tmpfs) -> None:
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
         _fill(disk)
         _check(command, inputs, disk / _name(command), disk, ("no space left", "not enough space"))
         assert [p.name for p in disk.iterdir()] == ["filler"]
