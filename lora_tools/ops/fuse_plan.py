@@ -149,16 +149,17 @@ class FusePlan:
         order = {b: i for i, b in enumerate(BLOCKS)}
         return dict(sorted(c.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
 
+    def _refs_written(self, kind: SaveKind) -> list[TensorRef]:
+        """The base tensors an output of ``kind`` holds (a UNet: the UNet's only)."""
+        return [r for r in self.base.refs
+                if kind == "checkpoint" or (r.rows and (kind != "unet" or r.rows[0].component == "unet"))]
+
     def output_bytes(self, kind: SaveKind) -> int:
         """The data bytes of one output (header not counted)."""
         from lora_tools.io import fp8
 
         total = 0
-        for r in self.base.refs:
-            if kind != "checkpoint" and not r.rows:
-                continue
-            if kind == "unet" and r.rows[0].component != "unet":
-                continue
+        for r in self._refs_written(kind):
             if self.fp8 is None:
                 total += r.nbytes // DTYPE_SIZES[r.dtype] * DTYPE_SIZES[self.output_dtype(r.dtype)]
                 continue
@@ -175,11 +176,7 @@ class FusePlan:
         from lora_tools.io.safetensors import is_float_dtype
 
         total = 0
-        for r in self.base.refs:
-            if kind != "checkpoint" and not r.rows:
-                continue
-            if kind == "unet" and r.rows[0].component != "unet":
-                continue
+        for r in self._refs_written(kind):
             total += r.nbytes // DTYPE_SIZES[r.dtype] * (2 if is_float_dtype(r.dtype) else DTYPE_SIZES[r.dtype])
         return total
 
