@@ -5,19 +5,24 @@ Two forms are written (and read):
 * ``plain``: the UNet's linear and conv weights stored as ``F8_E4M3``, nothing else. ComfyUI's
   ``weight_dtype fp8_e4m3fn`` and Forge's fp8 storage load such a file; the values are the weights
   themselves, so anything beyond e4m3fn's range (+-448) saturates.
-* ``scaled`` (the default): the same tensors stored as ``round(w / scale)`` with one fp32 scalar
-  ``<module>.scale_weight`` next to each ``<module>.weight``, and an empty ``F8_E4M3`` marker tensor
-  ``<unet prefix>scaled_fp8``. The rules follow ComfyUI's own source (read, not copied):
+* ``scaled`` (the default): the UNet's linear weights stored as ``round(w / scale)`` with one fp32 scalar
+  ``<module>.scale_weight`` next to each ``<module>.weight``, and a 2-element ``F8_E4M3`` marker tensor
+  ``<unet prefix>scaled_fp8``. The rules follow ComfyUI's own source (read, not copied; checked against
+  it by tests/test_comfyui.py):
 
   - ``comfy/model_detection.py`` (``model_config_from_unet``): the key ``{unet_key_prefix}scaled_fp8``
     marks a scaled checkpoint; the marker's *dtype* names the fp8 format (an fp32 marker means
-    e4m3fn) and a 2-element marker turns fp8 matrix multiplication off, so ours is empty (0 elements).
-  - ``comfy/ops.py`` (``scaled_fp8_ops``): every Linear/Conv layer of the diffusion model owns a
-    ``scale_weight`` parameter (a 0-dim fp32 scalar, 1.0 when the file has none) and uses
-    ``weight * scale_weight`` as its weight; LoRA patches are applied to that product and divided
-    back by the scale.
+    e4m3fn) and a 2-element marker turns ComfyUI's fp8 matrix multiplication off. Ours has 2 elements:
+    with it on, ComfyUI would also round the *activations* to fp8 (clamped to +-448, no calibrated input
+    scale in the file) on GPUs that can, which the weight-error figures and ``verify``'s verdict do not
+    measure, and it would log every layer's ``scale_input`` as missing.
+  - ``comfy/ops.py`` (``scaled_fp8_ops``): only its ``Linear`` owns a ``scale_weight`` parameter (a 0-dim
+    fp32 scalar) and uses ``weight * scale_weight`` as its weight; LoRA patches are applied to that
+    product and divided back by the scale. Its ``Conv2d`` has no scale: a scaled conv weight would load
+    as ``round(w / scale)`` itself and its ``scale_weight`` be dropped as an unexpected key. So the scaled
+    form keeps the conv weights (13 % of SDXL's UNet) in their dtype (:func:`is_fp8_target`).
   - The published fp8 SDXL checkpoints keep norms, biases, the VAE and the text encoders in their
-    dtype: only 2-D (linear) and 4-D (conv) UNet weights are fp8 (:func:`is_fp8_target`).
+    dtype: only UNet weights are fp8.
 
 The scale is chosen from the tensor's largest magnitude, ``amax / 448``, so the largest weight lands
 on e4m3fn's largest finite value and the rest use the whole range; an all-zero tensor gets 1.0.
@@ -46,14 +51,18 @@ FP8_MAX = 448.0
 MARKER = "scaled_fp8"
 #: Suffix of the per-tensor scale next to ``<module>.weight`` (comfy/ops.py scaled_fp8_ops).
 SCALE_SUFFIX = "scale_weight"
+#: The scaled form's marker has 2 elements: ComfyUI then computes with the weights dequantised (no fp8 matmul).
+MARKER_SHAPE = (2,)
 #: Where ComfyUI looks for the UNet in a single file (its ``unet_key_prefix`` for SGM checkpoints).
 SGM_UNET_PREFIX = "model.diffusion_model."
 
 
-def is_fp8_target(component: str | None, name: str, shape: Sequence[int]) -> bool:
-    """Whether a tensor goes to fp8: a UNet linear (2-D) or conv (4-D) weight; never a norm, bias,
-    VAE or text-encoder tensor."""
-    return component == "unet" and name.endswith(".weight") and len(shape) in (2, 4)
+def is_fp8_target(component: str | None, name: str, shape: Sequence[int], form: Fp8Form) -> bool:
+    """Whether a tensor goes to fp8 in ``form``: a UNet linear (2-D) weight, and in the plain form a UNet
+    conv (4-D) weight too (ComfyUI's scaled-fp8 ops scale linear layers only); never a norm, bias, VAE or
+    text-encoder tensor."""
+    dims = (2, 4) if form == "plain" else (2,)
+    return component == "unet" and name.endswith(".weight") and len(shape) in dims
 
 
 def scale_key(weight_key: str) -> str:
@@ -221,11 +230,11 @@ def dequantize_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtype: str) -> str:
-    """The dtype a tensor takes in an fp8 output: fp8 for the targets, its own for the rest."""
-    return FP8_DTYPE if is_fp8_target(component, name, shape) else dtype
+def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtype: str, form: Fp8Form) -> str:
+    """The dtype a tensor takes in an fp8 output of ``form``: fp8 for the targets, its own for the rest."""
+    return FP8_DTYPE if is_fp8_target(component, name, shape, form) else dtype
 
 
-__all__ = ["Fp8Form", "FP8_FORMS", "FP8_DTYPE", "FP8_MAX", "MARKER", "SCALE_SUFFIX", "SGM_UNET_PREFIX", "Fp8Error",
+__all__ = ["Fp8Form", "FP8_FORMS", "FP8_DTYPE", "FP8_MAX", "MARKER", "SCALE_SUFFIX", "SGM_UNET_PREFIX", "MARKER_SHAPE", "Fp8Error",
            "Fp8Layout", "Rounding", "quantize_measured", "is_fp8_target", "scale_key", "marker_key", "scale_for", "quantize", "dequantize", "layout_of",
            "is_fp8_extra", "output_dtype_of", "dequantize_state"]

@@ -107,7 +107,7 @@ class FusePlan:
     hash_base: bool = False
     verify_output: bool = False
     hashes: dict[Path, Future[str]] = field(default_factory=dict)  # sha256 of LoRA files, computed while planning
-    fp8: Fp8Form | None = None  # fp8 outputs (UNet linear/conv weights; see lora_tools.io.fp8), else None
+    fp8: Fp8Form | None = None  # fp8 outputs (UNet linear weights, plain: conv too; lora_tools.io.fp8), else None
     hash_output: bool | None = None  # sha256 each output while writing it; None: outputs up to 2 GiB only
 
     @property
@@ -156,16 +156,18 @@ class FusePlan:
 
     def output_bytes(self, kind: SaveKind) -> int:
         """The data bytes of one output (header not counted)."""
+        import math
+
         from lora_tools.io import fp8
 
-        total = 0
+        total = math.prod(fp8.MARKER_SHAPE) if self.fp8 == "scaled" else 0  # the scaled form's marker
         for r in self._refs_written(kind):
             if self.fp8 is None:
                 total += r.nbytes // DTYPE_SIZES[r.dtype] * DTYPE_SIZES[self.output_dtype(r.dtype)]
                 continue
             for name, shape in _written(r, kind):
                 numel = r.nbytes // DTYPE_SIZES[r.dtype] // max(1, len(r.rows) if kind == "unet" else 1)
-                if fp8.is_fp8_target(r.rows[0].component if r.rows else None, name, shape):
+                if fp8.is_fp8_target(r.rows[0].component if r.rows else None, name, shape, self.fp8):
                     total += numel + (4 if self.fp8 == "scaled" else 0)
                 else:
                     total += numel * DTYPE_SIZES[r.dtype]
@@ -238,9 +240,10 @@ def plan_fuse(
             (standalone diffusers-layout UNet), ``diffusers`` (pipeline folder).
         output: output path (the checkpoint's, or the only output's); default next to the base.
         dtype: ``keep``, ``fp16``, ``bf16`` or ``fp32`` for float tensors of the outputs; ``fp8``: the UNet's
-            linear and conv weights in float8_e4m3fn (the rest keeps its dtype; see :mod:`lora_tools.io.fp8`).
+            linear weights (plain form: and conv weights) in float8_e4m3fn (the rest keeps its dtype; see
+            :mod:`lora_tools.io.fp8`).
         fp8: with ``dtype="fp8"``: ``scaled`` (per-tensor ``scale_weight`` and the ``scaled_fp8`` marker, as
-            ComfyUI reads scaled fp8) or ``plain`` (the weights cast to e4m3fn).
+            ComfyUI reads scaled fp8; linear weights only, as ComfyUI scales only those) or ``plain`` (the weights cast to e4m3fn).
         preset_strength: strength of the preset's LoRA or difference (default 1.0); only with ``preset``.
         preset_dir: a local folder holding the preset's files (instead of the hub).
         allow_unmatched: skip LoRA modules that have no target instead of failing.

@@ -1,15 +1,16 @@
-"""The fp8 outputs of a fuse: a single file or a standalone UNet whose UNet linear/conv weights are
-float8_e4m3fn (:mod:`lora_tools.io.fp8` holds the rules and the encoding).
+"""The fp8 outputs of a fuse: a single file or a standalone UNet whose UNet linear weights (and, in the plain
+form, conv weights) are float8_e4m3fn (:mod:`lora_tools.io.fp8` holds the rules and the encoding).
 
 The engine hands these sinks every float tensor it patched in fp32 (the fusion, exact), and the
 untouched ones as read; each fp8 target is rounded to fp8 once, here, from that fp32 value. The
 other tensors keep their dtype and go through the ordinary sink path (byte copies when untouched).
 In the scaled form the file also plans ``<module>.scale_weight`` (fp32 scalar, written just before
-its weight) and the empty ``scaled_fp8`` marker (the first tensor of the file).
+its weight) and the 2-element ``scaled_fp8`` marker (the first tensor of the file).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,9 +39,10 @@ class _Fp8Emitter:
 
     def plans(self, entries: Sequence[tuple[str, str | None, str, tuple[int, ...]]]) -> list[TensorPlan]:
         """(name, component, dtype, shape) of each tensor, in order -> the file's plan."""
-        out = [TensorPlan(fp8.marker_key(self.marker_prefix), fp8.FP8_DTYPE, (0,))] if self.form == "scaled" else []
+        out = ([TensorPlan(fp8.marker_key(self.marker_prefix), fp8.FP8_DTYPE, fp8.MARKER_SHAPE)]
+               if self.form == "scaled" else [])
         for name, component, dtype, shape in entries:
-            if fp8.is_fp8_target(component, name, shape):
+            if fp8.is_fp8_target(component, name, shape, self.form):
                 if self.form == "scaled":
                     out.append(TensorPlan(fp8.scale_key(name), "F32", ()))
                 out.append(TensorPlan(name, fp8.FP8_DTYPE, shape))
@@ -50,11 +52,11 @@ class _Fp8Emitter:
 
     def start(self, writer: StreamingWriter) -> None:
         if self.form == "scaled":
-            writer.write(fp8.marker_key(self.marker_prefix), b"")
+            writer.write(fp8.marker_key(self.marker_prefix), bytes(math.prod(fp8.MARKER_SHAPE)))
 
     def emit(self, writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, row: KeyMap | None,
              shape: tuple[int, ...]) -> None:
-        if not fp8.is_fp8_target(_component(ref), name, shape):
+        if not fp8.is_fp8_target(_component(ref), name, shape, self.form):
             _emit(writer, name, ref, payload, self.keep(ref.dtype), row)
             if payload.patched and payload.tensor is not None:
                 _check_kept(name, payload.tensor, self.keep(ref.dtype))
@@ -90,14 +92,14 @@ class Fp8CheckpointSink(CheckpointSink):
         self.fp8.start(self.writer)
 
     def position(self, ref: TensorRef) -> int | None:
-        return None if fp8.is_fp8_target(_component(ref), ref.key, ref.shape) else super().position(ref)
+        return None if fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.fp8.form) else super().position(ref)
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
 
 
 class Fp8ComponentSink(ComponentSink):
-    """A standalone diffusers-layout UNet, its linear/conv weights in fp8 (``scaled_fp8`` marker)."""
+    """A standalone diffusers-layout UNet, its linear (plain: and conv) weights in fp8 (``scaled_fp8`` marker)."""
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], keep: DtypeFor, metadata: Mapping[str, str], *,
                  form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False):
