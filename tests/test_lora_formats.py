@@ -16,7 +16,7 @@ from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora.adapter import LoraModule
 from lora_tools.lora.formats import get_format
 from lora_tools.lora.load import detect_format, load_lora
-from lora_tools.lora.save import spell_module
+from lora_tools.lora.save import spell_module, spelled_tensors
 from lora_tools.lora.spelling import PROCESSOR, SPELLINGS, spell_key
 from lora_tools.testing.synthetic_lora import select_targets
 
@@ -80,6 +80,13 @@ def test_legacy_processor_keys_with_alpha(tmp_path: Path) -> None:
     with load_lora(save_tensors(tmp_path / "p.safetensors", tensors)) as lora:
         (m,) = lora.modules
         assert (lora.format, m.name, m.alpha, m.scale) == ("diffusers-legacy", t.diffusers_module, 1.0, 0.5)
+    # ComfyUI reads the alpha as "<its module name>.alpha" only: we read that too, and write it
+    tensors = {f"unet.{stem}.processor.to_k_lora.up.weight": up, f"unet.{stem}.processor.to_k_lora.down.weight": down,
+               f"unet.{stem}.processor.to_k.alpha": torch.tensor(1.0)}
+    with load_lora(save_tensors(tmp_path / "c.safetensors", tensors)) as lora:
+        (m,) = lora.modules
+        assert (lora.format, m.name, m.alpha, m.scale) == ("diffusers-legacy", t.diffusers_module, 1.0, 0.5)
+        assert spelled_tensors(lora, format="diffusers-legacy")[0].keys() == tensors.keys()
     tensors = {f"unet.{stem}.to_k_lora.up.weight": up, f"unet.{stem}.to_k_lora.down.weight": down,
                f"unet.{stem}.to_k_lora.alpha": torch.tensor(1.0)}
     with load_lora(save_tensors(tmp_path / "u.safetensors", tensors)) as lora:

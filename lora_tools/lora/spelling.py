@@ -62,8 +62,11 @@ for _s in SPELLINGS.values():
         inv.setdefault(_role, _suffix)
     _INVERSE[_s.name] = inv
 
-#: diffusers' attention-processor spelling: ``<attn>.processor.to_q_lora.down.weight``.
-_PROCESSOR = re.compile(r"^(?P<stem>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<suffix>down\.weight|up\.weight|alpha)$")
+#: diffusers' attention-processor spelling: ``<attn>.processor.to_q_lora.down.weight``; its alpha is read as
+#: ``<attn>.processor.to_q.alpha`` (where ComfyUI's ``load_lora`` reads it: ``<its module name>.alpha``, and
+#: where we write it) or ``<attn>.processor.to_q_lora.alpha``.
+_PROCESSOR = re.compile(r"^(?P<stem>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)"
+                        r"(?:_lora\.(?P<suffix>down\.weight|up\.weight|alpha)|\.(?P<alpha>alpha))$")
 _PROCESSOR_ROLE = {"down.weight": "down", "up.weight": "up", "alpha": "alpha"}
 PROCESSOR = "legacy-processor"
 
@@ -164,7 +167,7 @@ def _split_rest(rest: str, underscored: bool) -> tuple[str, str, str] | None:
         m = _PROCESSOR.match(rest)
         if m:
             proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-            return f"{m['stem']}.{proj}", _PROCESSOR_ROLE[m["suffix"]], PROCESSOR
+            return f"{m['stem']}.{proj}", "alpha" if m["alpha"] else _PROCESSOR_ROLE[m["suffix"]], PROCESSOR
     best: tuple[str, str, str] | None = None
     best_len = -1
     for sp in SPELLINGS.values():
@@ -210,6 +213,8 @@ def spell_key(envelope: str, module: str, role: str, spelling: str, kind: str = 
         suffix = spelling_suffix(spelling, role)
         if suffix is None or proj not in ("to_q", "to_k", "to_v", "to_out"):
             return None
+        if role == "alpha":  # ComfyUI reads "<its module name>.alpha" and nothing else
+            return f"{envelope}{stem}.processor.{proj}.alpha"
         return f"{envelope}{stem}.processor.{proj}_lora.{suffix}"
     suffix = spelling_suffix(spelling, role)
     if suffix is None:
