@@ -247,7 +247,17 @@ def _same_family(m: LoraModule, fmt: Format) -> bool:
 
 
 def spell_module(m: LoraModule, fmt: Format) -> tuple[str, str, str]:
-    """``(envelope, module name, spelling)`` of ``m`` in ``fmt``."""
+    """``(envelope, module name, spelling)`` of ``m`` in ``fmt``.
+
+    A LoCon-Tucker module (one with a ``mid`` factor) is spelled kohya's way (``lora_up``/``lora_down``/
+    ``lora_mid``) in every format: ComfyUI's ``load_lora`` reads ``lora_mid`` only beside ``lora_up``, and no
+    other spelling has a mid factor (diffusers cannot load Tucker modules at all).
+    """
+    envelope, name, spelling = _spell_module(m, fmt)
+    return envelope, name, "kohya" if "mid" in m.keys and spelling != PROCESSOR else spelling
+
+
+def _spell_module(m: LoraModule, fmt: Format) -> tuple[str, str, str]:
     if _same_family(m, fmt) and m.envelope is not None:
         spelling = m.spelling if m.spelling != "mixed" else fmt.spelling
         return m.envelope, m.name, spelling

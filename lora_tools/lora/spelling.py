@@ -64,9 +64,10 @@ for _s in SPELLINGS.values():
 
 #: diffusers' attention-processor spelling: ``<attn>.processor.to_q_lora.down.weight``; its alpha is read as
 #: ``<attn>.processor.to_q.alpha`` (where ComfyUI's ``load_lora`` reads it: ``<its module name>.alpha``, and
-#: where we write it) or ``<attn>.processor.to_q_lora.alpha``.
+#: where we write it) or ``<attn>.processor.to_q_lora.alpha``; a DoRA magnitude as ``<attn>.processor.to_q.dora_scale``
+#: (ComfyUI's ``<its module name>.dora_scale``).
 _PROCESSOR = re.compile(r"^(?P<stem>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)"
-                        r"(?:_lora\.(?P<suffix>down\.weight|up\.weight|alpha)|\.(?P<alpha>alpha))$")
+                        r"(?:_lora\.(?P<suffix>down\.weight|up\.weight|alpha)|\.(?P<plain>alpha|dora_scale))$")
 _PROCESSOR_ROLE = {"down.weight": "down", "up.weight": "up", "alpha": "alpha"}
 PROCESSOR = "legacy-processor"
 
@@ -167,7 +168,7 @@ def _split_rest(rest: str, underscored: bool) -> tuple[str, str, str] | None:
         m = _PROCESSOR.match(rest)
         if m:
             proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-            return f"{m['stem']}.{proj}", "alpha" if m["alpha"] else _PROCESSOR_ROLE[m["suffix"]], PROCESSOR
+            return f"{m['stem']}.{proj}", m["plain"] or _PROCESSOR_ROLE[m["suffix"]], PROCESSOR
     best: tuple[str, str, str] | None = None
     best_len = -1
     for sp in SPELLINGS.values():
@@ -210,11 +211,13 @@ def spell_key(envelope: str, module: str, role: str, spelling: str, kind: str = 
         stem, _, proj = module.rpartition(".")
         if proj == "0" and stem.endswith(".to_out"):
             stem, proj = stem[: -len(".to_out")], "to_out"
-        suffix = spelling_suffix(spelling, role)
-        if suffix is None or proj not in ("to_q", "to_k", "to_v", "to_out"):
+        if proj not in ("to_q", "to_k", "to_v", "to_out"):
             return None
-        if role == "alpha":  # ComfyUI reads "<its module name>.alpha" and nothing else
-            return f"{envelope}{stem}.processor.{proj}.alpha"
+        if role in ("alpha", "dora_scale"):  # ComfyUI reads "<its module name>.alpha" (.dora_scale) only
+            return f"{envelope}{stem}.processor.{proj}.{role}"
+        suffix = spelling_suffix(spelling, role)
+        if suffix is None:
+            return None
         return f"{envelope}{stem}.processor.{proj}_lora.{suffix}"
     suffix = spelling_suffix(spelling, role)
     if suffix is None:

@@ -118,8 +118,11 @@ def module_problem(module: LoraModule, shapes: Mapping[str, Shape]) -> FactorPro
     try:
         _RULES[module.kind](shapes)
         if "dora_scale" in shapes and module.kind == "lora":
-            out, scale = shapes["up"][0], shapes["dora_scale"]
-            _need(math.prod(scale) == out, f"dora_scale {scale} does not have one value per output ({out})")
+            out, inp, scale = shapes["up"][0], shapes["down"][1], shapes["dora_scale"]
+            if module.dora_axis == "in":  # LyCORIS without wd_on_out: (1, in[, 1, 1]), read by ComfyUI too
+                _need(math.prod(scale) == inp, f"dora_scale {scale} does not have one value per input ({inp})")
+            else:
+                _need(math.prod(scale) == out, f"dora_scale {scale} does not have one value per output ({out})")
     except _Misfit as e:
         return FactorProblem(module.component, module.name, str(e))
     return None
