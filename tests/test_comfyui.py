@@ -110,3 +110,156 @@ def test_every_format_comfyui_reads_loads_completely_and_equally(
         tensors = _dora_per_input(tensors)
     n = assert_same_as_comfyui(comfy, micro, tensors, metadata, f"{fmt}-{algorithm}", strength=0.7)
     assert n >= 100
+
+
+def test_dora_per_output_axis_comfyui_normalises_the_base_weight(comfy: SimpleNamespace, micro: SimpleNamespace) -> None:
+    """DoRA magnitudes per output channel (kohya/LyCORIS ``wd_on_out``, the default): ComfyUI loads every key
+    but divides by the norm of the *base* weight W, where DoRA (the paper, PEFT, LyCORIS, and we) divides by
+    the norm of the combined weight W + delta. Pinned here: both results, from the same W + delta (ComfyUI's
+    own, applying the file without its magnitudes)."""
+    tensors, metadata = make_lora("micro", fmt="kohya", algorithm="dora", targets="attn", components=("unet",),
+                                  rank=4, alpha=2.0, seed=22)
+    path = micro.dir / "dora-out.safetensors"
+    save_tensors(path, tensors, metadata)
+    theirs, unloaded = comfy_apply_lora(comfy, micro.state, tensors)
+    assert unloaded == []
+    combined, _ = comfy_apply_lora(comfy, micro.state, {k: v for k, v in tensors.items() if "dora_scale" not in k})
+    ours = comfy_state(comfy, _fuse(micro.base, path, micro.dir / "dora-out-fused.safetensors", 1.0))
+    base = comfy_state(comfy, micro.state)
+    eps = torch.finfo(torch.float32).eps
+    assert set(theirs) == set(combined) and len(theirs) > 20
+    for k, wc in combined.items():
+        module = "lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        m = tensors[f"{module}.dora_scale"].reshape(-1, 1)
+        dora = wc * m / (wc.norm(dim=1, keepdim=True) + eps)
+        comfy_way = wc * m / (base[k].norm(dim=1, keepdim=True) + eps)
+        assert torch.allclose(ours[k], dora, rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(theirs[k], comfy_way, rtol=1e-5, atol=1e-6), k
+        assert not torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-5), k  # the difference is real
+
+
+def test_diffusers_and_peft_formats_comfyui_reads_in_part(comfy: SimpleNamespace, micro: SimpleNamespace) -> None:
+    """ComfyUI has no SDXL key map for diffusers' PEFT-era names of the UNet's attention projections
+    (``unet.<block>.attn1.to_q.lora_A.weight``: only the old ``.processor.to_q`` form) nor for raw PEFT's
+    ``base_model.model.``, and it ignores the ``lora_adapter_metadata`` alphas. The README says to convert
+    such files to kohya (``loratool convert --format kohya``) for ComfyUI; this pins what ComfyUI drops."""
+    tensors, _ = make_lora("micro", fmt="diffusers", targets="all", components=COMPONENTS, rank=4, alpha=4.0)
+    _, unloaded = comfy_apply_lora(comfy, micro.state, tensors)
+    attn = {k for k in tensors if k.startswith("unet.") and ".attn" in k and ".to_" in k}
+    assert attn and set(unloaded) == attn
+    tensors, _ = make_lora("micro", fmt="peft", targets="all", components=("unet",), rank=4, alpha=4.0)
+    _, unloaded = comfy_apply_lora(comfy, micro.state, tensors)
+    assert set(unloaded) == set(tensors)
+    converted = _convert(micro.dir, tensors, "kohya")
+    theirs, unloaded = comfy_apply_lora(comfy, micro.state, converted)
+    assert unloaded == [] and len(theirs) == len(tensors) // 2
+
+
+def _convert(folder: Path, tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    src, dst = folder / f"to-{fmt}-in.safetensors", folder / f"to-{fmt}-out.safetensors"
+    save_tensors(src, tensors, {"format": "pt"})
+    r = CliRunner().invoke(cli, ["convert", str(src), "--to", fmt, "-o", str(dst), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    return load_tensors(dst)
+
+
+# ----------------------------------------------------------------------------------------- namings ComfyUI reads
+
+_DOWN_UP = (".lora_down.weight", ".lora_up.weight")
+#: Factor spellings ComfyUI's LoRA adapter reads (comfy/weight_adapter/lora.py), as (down, up) suffixes.
+SPELLINGS = {
+    "kohya": _DOWN_UP,
+    "peft": (".lora_A.weight", ".lora_B.weight"),
+    "peft-default": (".lora_A.default.weight", ".lora_B.default.weight"),
+    "legacy": (".lora.down.weight", ".lora.up.weight"),
+    "linear-layer": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+}
+#: Namings ComfyUI maps for SDXL (comfy/lora.py model_lora_keys_unet/_clip): (format we write, envelope
+#: renames) -> the same modules under another envelope.
+NAMINGS = {
+    "kohya-sgm": ("kohya", {}),
+    "kohya-diffusers": ("kohya-diffusers", {}),
+    "lycoris": ("kohya-diffusers", {"lora_unet_": "lycoris_"}),
+    "kohya-te": ("kohya", {"lora_te1_": "lora_te_"}),
+    "comfy": ("comfy", {}),
+}
+
+
+def _respell(tensors: dict[str, torch.Tensor], renames: dict[str, str], spelling: str) -> dict[str, torch.Tensor]:
+    down, up = SPELLINGS[spelling]
+    out = {}
+    for k, v in tensors.items():
+        for a, b in renames.items():
+            if k.startswith(a):
+                k = b + k[len(a):]
+        k = k.replace(_DOWN_UP[0], down).replace(_DOWN_UP[1], up)
+        out[k] = v
+    return out
+
+
+NAMING_CASES = [(n, s) for n in NAMINGS for s in SPELLINGS]
+
+
+@pytest.mark.parametrize(("naming", "spelling"), NAMING_CASES, ids=[f"{n}-{s}" for n, s in NAMING_CASES])
+def test_every_naming_and_spelling_comfyui_reads_we_read_alike(
+        comfy: SimpleNamespace, micro: SimpleNamespace, naming: str, spelling: str) -> None:
+    fmt, renames = NAMINGS[naming]
+    components = ("unet", "te1") if naming == "kohya-te" else COMPONENTS
+    tensors, metadata = make_lora("micro", fmt=fmt, targets="all", components=components,  # type: ignore[arg-type]
+                                  rank=4, alpha=2.0, seed=23)
+    tensors = _respell(tensors, renames, spelling)
+    assert_same_as_comfyui(comfy, micro, tensors, metadata, f"{naming}-{spelling}", strength=0.8)
+
+
+def test_attention_processor_files_without_envelope(comfy: SimpleNamespace, micro: SimpleNamespace) -> None:
+    """diffusers' old ``unet.save_attn_procs()`` files: diffusers UNet names with no ``unet.`` in front
+    (``down_blocks.1....attn1.processor.to_q_lora.down.weight``), which ComfyUI maps too."""
+    tensors, metadata = make_lora("micro", fmt="diffusers-legacy", targets="all", components=("unet",), rank=4,
+                                  alpha=2.0, seed=24)
+    tensors = {k[len("unet."):]: v for k, v in tensors.items()}
+    assert_same_as_comfyui(comfy, micro, tensors, metadata, "attn-procs", strength=0.9)
+
+
+def _pair(g: torch.Generator, out: int, inp: int, rank: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rank, inp, generator=g) * 0.1, torch.randn(out, rank, generator=g) * 0.1
+
+
+def test_text_projection_embeddings_and_full_diffs(comfy: SimpleNamespace, micro: SimpleNamespace) -> None:
+    """What ComfyUI reads beyond the usual modules on SDXL: OpenCLIP-bigG's ``text_projection`` (as
+    ``lora_te2_text_projection``, and as Stable Cascade's ``lora_prior_te_text_projection``; ComfyUI's weight
+    is the transposed single-file matrix), the token and position embeddings under ComfyUI's generic
+    ``text_encoders.`` names, and LyCORIS full differences on weights and biases (``diff``/``diff_b``,
+    ``w_norm``/``b_norm``) of norms and convs."""
+    g = torch.Generator().manual_seed(9)
+    st = micro.state
+    proj = st["conditioner.embedders.1.model.text_projection"].shape  # (hidden, projection) in the single file
+    tok1 = st["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"].shape
+    pos2 = st["conditioner.embedders.1.model.positional_embedding"].shape
+    cases: dict[str, dict[str, torch.Tensor]] = {}
+    down, up = _pair(g, proj[1], proj[0])
+    cases["te2-text-projection"] = {"lora_te2_text_projection.lora_down.weight": down,
+                                    "lora_te2_text_projection.lora_up.weight": up,
+                                    "lora_te2_text_projection.alpha": torch.tensor(1.0)}
+    cases["prior-te-text-projection"] = {k.replace("lora_te2_", "lora_prior_te_"): v
+                                         for k, v in cases["te2-text-projection"].items()}
+    down, up = _pair(g, tok1[0], tok1[1])
+    d2, u2 = _pair(g, pos2[0], pos2[1])
+    e1 = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding"
+    e2 = "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding"
+    cases["embeddings"] = {f"{e1}.lora_down.weight": down, f"{e1}.lora_up.weight": up,
+                           f"{e2}.lora_down.weight": d2, f"{e2}.lora_up.weight": u2}
+    norm, conv = "input_blocks.1.0.in_layers.0", "input_blocks.1.0.in_layers.2"
+    full = {}
+    for prefix in ("lora_unet_", "diffusion_model."):
+        sep = "_" if prefix == "lora_unet_" else "."
+        n, c = norm.replace(".", sep), conv.replace(".", sep)
+        w = st[f"{SGM_UNET}{norm}.weight"]
+        full[f"{prefix}{n}.w_norm"] = torch.randn(w.shape, generator=g) * 0.01
+        full[f"{prefix}{n}.b_norm"] = torch.randn(w.shape, generator=g) * 0.01
+        cw = st[f"{SGM_UNET}{conv}.weight"]
+        full[f"{prefix}{c}.diff"] = torch.randn(cw.shape, generator=g) * 0.01
+        full[f"{prefix}{c}.diff_b"] = torch.randn(cw.shape[0], generator=g) * 0.01
+        cases[f"full-{prefix.rstrip('_.')}"] = full
+        full = {}
+    for name, tensors in cases.items():
+        assert assert_same_as_comfyui(comfy, micro, tensors, {"format": "pt"}, name, strength=0.8) >= 1, name

@@ -121,6 +121,11 @@ _DIFFUSERS_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "co
                          "time_embedding", "add_embedding")
 
 
+#: How keys of diffusers' old ``unet.save_attn_procs()`` files begin (UNet module names without envelope;
+#: ComfyUI maps them too).
+_BARE_UNET_ROOTS = tuple(f"{r}." for r in _DIFFUSERS_UNET_ROOTS)
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedKey:
     """One key split into its parts."""
@@ -160,6 +165,10 @@ def parse_key(key: str) -> ParsedKey | None:
         if family == "kohya" and comp == "unet" and module.startswith(_DIFFUSERS_UNET_ROOTS):
             naming = "kohya-diffusers"
         return ParsedKey(comp, env, module, role, naming, spelling)
+    if key.startswith(_BARE_UNET_ROOTS):  # diffusers' unet.save_attn_procs(): UNet names, no envelope
+        hit = _split_rest(key, False)
+        if hit is not None:
+            return ParsedKey("unet", "", hit[0], hit[1], "diffusers", hit[2])
     return None
 
 
