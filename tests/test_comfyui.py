@@ -173,6 +173,7 @@ SPELLINGS = {
     "peft-default": (".lora_A.default.weight", ".lora_B.default.weight"),
     "legacy": (".lora.down.weight", ".lora.up.weight"),
     "linear-layer": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    "bare": (".lora_A", ".lora_B"),  # Mochi's trainer
 }
 #: Namings ComfyUI maps for SDXL (comfy/lora.py model_lora_keys_unet/_clip): (format we write, envelope
 #: renames) -> the same modules under another envelope.

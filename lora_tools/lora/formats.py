@@ -130,7 +130,7 @@ def format_of_keys(parsed: list[ParsedKey]) -> str:
         # LyCORIS roles have no legacy suffix: a legacy file's LoCon/LoHa keys use kohya's. Only a
         # PEFT-spelled key makes it a current diffusers file.
         spellings = {p.spelling for p in parsed if p.naming == "diffusers"}
-        if "diffusers-legacy" in families and not spellings & {"peft", "peft-default"}:
+        if "diffusers-legacy" in families and not spellings & {"peft", "peft-default", "peft-bare"}:
             return "diffusers-legacy"
         return "diffusers"
     return sorted(families)[0] if len(families) == 1 else "mixed"

@@ -50,6 +50,8 @@ SPELLINGS: dict[str, Spelling] = {s.name: s for s in (
                       "alpha": "alpha"}),
     Spelling("peft-default", {"lora_A.default.weight": "down", "lora_B.default.weight": "up",
                               "lora_magnitude_vector.default.weight": "dora_scale", "alpha": "alpha"}),
+    # Mochi's trainer (ComfyUI reads it for every model): PEFT's names without ".weight".
+    Spelling("peft-bare", {"lora_A": "down", "lora_B": "up", "alpha": "alpha"}),
     Spelling("legacy-lora", {"lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha"}),
     Spelling("legacy-linear", {"lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
                                "alpha": "alpha"}),
