@@ -77,7 +77,7 @@ def comfyui() -> types.SimpleNamespace:
         args.cpu = True  # before comfy.model_management picks a device
         args.disable_xformers = True
         names = ("comfy.sd", "comfy.lora", "comfy.lora_convert", "comfy.utils", "comfy.model_detection",
-                 "comfy.supported_models", "comfy.model_patcher", "comfy.model_management")
+                 "comfy.model_base", "comfy.supported_models", "comfy.model_patcher", "comfy.model_management")
         mods = {n.split(".")[-1]: importlib.import_module(n) for n in names}
     except ImportError as e:
         pytest.skip(f"ComfyUI's modules do not import here ({e}); install its requirements "

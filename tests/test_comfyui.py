@@ -264,3 +264,87 @@ def test_text_projection_embeddings_and_full_diffs(comfy: SimpleNamespace, micro
         full = {}
     for name, tensors in cases.items():
         assert assert_same_as_comfyui(comfy, micro, tensors, {"format": "pt"}, name, strength=0.8) >= 1, name
+
+
+# ----------------------------------------------------------------------------------------- fp8 single files
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def comfy_log() -> Iterator[list[str]]:
+    handler = _LogLines()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("form", ["scaled", "plain"])
+def test_fp8_single_file_loads_in_comfyuis_checkpoint_loader(comfy: SimpleNamespace, tmp_path: Path, form: str,
+                                                             comfy_log: list[str]) -> None:
+    """``fuse --dtype fp8`` (both forms) through ``comfy.sd.load_checkpoint_guess_config``: an SDXL model, the
+    scaled form recognised as scaled fp8 (weight-only: no fp8 matmul), every UNet weight loaded (no missing
+    or unexpected key) and the weight ComfyUI computes with equal to ours, ``q * scale_weight``."""
+    base = write_checkpoint(tmp_path / "base.safetensors", "tiny", dtype="fp16", seed=4)
+    lora = tmp_path / "lora.safetensors"
+    tensors, metadata = make_lora("tiny", fmt="kohya-diffusers", targets="lightning", rank=4, alpha=2.0, seed=5)
+    save_tensors(lora, tensors, metadata)
+    out = tmp_path / f"fused-{form}.safetensors"
+    r = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), "--dtype", "fp8", "--fp8", form,
+                                 "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    ours = dequantize_state(load_tensors(out))
+    with registered_tiny_sdxl(comfy, load_tensors(out)):
+        model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(out), output_vae=False, output_clip=False)
+    config = model.model.model_config
+    assert isinstance(model.model, comfy.model_base.SDXL) and isinstance(config, comfy.supported_models.SDXL)
+    problems = [line for line in comfy_log if line.startswith(("unet missing", "unet unexpected"))]
+    assert problems == [], problems[0][:300]
+    if form == "scaled":
+        assert config.scaled_fp8 == torch.float8_e4m3fn and config.optimizations["fp8"] is False
+    else:
+        assert config.scaled_fp8 is None
+        assert comfy.utils.weight_dtype(load_tensors(out), SGM_UNET) == torch.float8_e4m3fn
+    n = scaled = 0
+    for name, module in model.model.diffusion_model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        used = weight.to(torch.float32)
+        scale = getattr(module, "scale_weight", None)
+        if scale is not None:
+            used = used * scale.to(torch.float32)
+            scaled += 1
+        assert torch.equal(used, ours[f"{SGM_UNET}{name}.weight"].to(torch.float32)), name
+        n += 1
+    assert n > 900 and (scaled > 500 if form == "scaled" else scaled == 0)
+
+
+@pytest.mark.parametrize("form", ["scaled", "plain"])
+def test_full_size_fp8_layout_is_comfyuis_sdxl(comfy: SimpleNamespace, form: str) -> None:
+    """The full-size SDXL layout our fp8 writer plans (names, dtypes, shapes; meta tensors, no data) is
+    detected by ComfyUI's own, unmodified model table as SDXL, and the scaled form as scaled fp8."""
+    from lora_tools.io.fp8 import Fp8Error
+    from lora_tools.layouts.sdxl import FULL
+    from lora_tools.output.fp8_sinks import _Fp8Emitter
+    from lora_tools.testing.synthetic import ALL_COMPONENTS, checkpoint_plan
+
+    component = {r.sgm_key: r.component for r in FULL.table.rows}
+    entries = [(k, component[k], dt, shape) for k, shape, dt in checkpoint_plan(FULL, ALL_COMPONENTS, "F16")]
+    plans = _Fp8Emitter(form, lambda d: d, Fp8Error(), SGM_UNET).plans(entries)  # type: ignore[arg-type]
+    dtypes = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "F8_E4M3": torch.float8_e4m3fn}
+    state = {p.name: torch.empty(p.shape, dtype=dtypes[p.dtype], device="meta") for p in plans}
+    config = comfy.model_detection.model_config_from_unet(dict(state), SGM_UNET)
+    assert type(config) is comfy.supported_models.SDXL
+    assert config.scaled_fp8 == (torch.float8_e4m3fn if form == "scaled" else None)
+    assert comfy.utils.weight_dtype(state, SGM_UNET) == torch.float8_e4m3fn
