@@ -180,3 +180,28 @@ def comfy_apply_lora(c: types.SimpleNamespace, checkpoint: Mapping[str, torch.Te
         weight = state[target].clone()
         out[target] = c.lora.calculate_weight([(strength, patch, 1.0, None, None)], weight, target)
     return out, unloaded
+
+
+_EXTRA_NODES: list[str] = []
+
+
+def validate_workflow(ns: types.SimpleNamespace, workflow: Mapping[str, Any], checkpoints: Path) -> tuple[bool, Any]:
+    """ComfyUI's own ``execution.validate_prompt`` of an API-format workflow, with ComfyUI's built-in nodes
+    and its bundled extra nodes (``comfy_extras``: ModelSamplingDiscrete...) loaded and ``checkpoints``
+    registered as a checkpoint folder. Returns ``(valid, error)``, with each failing node's errors."""
+    import asyncio
+    import uuid
+
+    folder_paths = importlib.import_module("folder_paths")
+    if not _EXTRA_NODES:
+        asyncio.run(ns.nodes.init_builtin_extra_nodes())
+        _EXTRA_NODES.append("loaded")
+    before = folder_paths.folder_names_and_paths["checkpoints"]
+    folder_paths.folder_names_and_paths["checkpoints"] = ([str(checkpoints)], before[1])  # this folder only
+    folder_paths.filename_list_cache.clear()
+    try:
+        result = asyncio.run(ns.execution.validate_prompt(str(uuid.uuid4()), dict(workflow), None))
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = before
+        folder_paths.filename_list_cache.clear()
+    return bool(result[0]), (result[1], result[3])

@@ -30,7 +30,8 @@ from lora_tools.io.fp8 import dequantize_state
 from lora_tools.io.safetensors import load_tensors, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora
-from tests.comfyui_helpers import SGM_UNET, comfy_apply_lora, comfy_state, comfyui, registered_tiny_sdxl
+from tests.comfyui_helpers import (SGM_UNET, comfy_apply_lora, comfy_state, comfyui, comfyui_nodes, registered_tiny_sdxl,
+                                   validate_workflow)
 
 pytestmark = pytest.mark.slow
 
@@ -348,3 +349,46 @@ def test_full_size_fp8_layout_is_comfyuis_sdxl(comfy: SimpleNamespace, form: str
     assert type(config) is comfy.supported_models.SDXL
     assert config.scaled_fp8 == (torch.float8_e4m3fn if form == "scaled" else None)
     assert comfy.utils.weight_dtype(state, SGM_UNET) == torch.float8_e4m3fn
+
+
+# ----------------------------------------------------------------------------------------- the workflow we write
+
+
+def test_every_presets_workflow_passes_comfyuis_prompt_validation(comfy: SimpleNamespace, tmp_path: Path) -> None:
+    """``comfy_workflow`` for every preset, through ComfyUI's ``execution.validate_prompt`` (node classes,
+    input names and types, links, sampler/scheduler names from ComfyUI's own lists, the checkpoint name)."""
+    from lora_tools.presets import PRESETS
+    from lora_tools.verify.workflow import comfy_workflow
+
+    ns = comfyui_nodes()
+    (tmp_path / "fused.safetensors").write_bytes(b"")
+    seen = set()
+    for name, preset in PRESETS.items():
+        wf = comfy_workflow("fused.safetensors", preset.sampler, prompt="a photo of a cat", seed=7, width=768,
+                            height=1024)
+        ok, error = validate_workflow(ns, wf, tmp_path)
+        assert ok, f"{name}: {error}"
+        seen.add(preset.sampler.comfy_model_sampling)
+    assert {"eps", "x0"} <= seen
+    wf["6"]["inputs"]["scheduler"] = "no_such_scheduler"  # the validation is real
+    assert not validate_workflow(ns, wf, tmp_path)[0]
+
+
+def test_fuse_workflow_file_passes_comfyuis_prompt_validation(comfy: SimpleNamespace, micro: SimpleNamespace,
+                                                             tmp_path: Path) -> None:
+    """The file ``fuse --workflow`` writes beside the fused checkpoint, as written, validated by ComfyUI with
+    the fused file in its checkpoint folder."""
+    import json
+
+    from lora_tools.testing.synthetic_lora import write_lightning_lora
+
+    ns = comfyui_nodes()
+    for steps in (2, 8):
+        write_lightning_lora(tmp_path / "L" / f"sdxl_lightning_{steps}step_lora.safetensors", "micro", rank=4)
+        out = tmp_path / f"fused-{steps}.safetensors"
+        r = CliRunner().invoke(cli, ["fuse", str(micro.base), "--lightning", str(steps), "--lightning-dir",
+                                     str(tmp_path / "L"), "-o", str(out), "-q", "--workflow"])
+        assert r.exit_code == 0, r.output
+        wf = json.loads((tmp_path / f"fused-{steps}-workflow.json").read_text())
+        ok, error = validate_workflow(ns, wf, tmp_path)
+        assert ok, error
