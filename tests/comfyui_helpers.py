@@ -37,16 +37,20 @@ SGM_UNET = "model.diffusion_model."
 _MODULES: types.SimpleNamespace | None = None
 
 
-def _stub_torchvision() -> None:
+@contextlib.contextmanager
+def _torchvision_stand_in() -> Iterator[None]:
     """ComfyUI imports ``torchvision.transforms`` at module level for models we never build (Cosmos, Stable
     Cascade). PyPI's torchvision wheels need CUDA torch; with a CPU-only torch they cannot be imported, so
-    an empty stand-in is installed when (and only when) the real one does not import."""
+    an empty stand-in is in ``sys.modules`` while ComfyUI's modules import (and only where the real one does
+    not import), and removed afterwards so that nothing else in the session sees it."""
     try:
         import torchvision  # noqa: F401
+
+        yield
         return
     except Exception:  # noqa: BLE001 - any failure: not importable here
         sys.modules.pop("torchvision", None)
-    import transformers  # decides "is torchvision available" once, before the stand-in exists
+    import transformers  # decides "is torchvision available" before the stand-in exists
 
     del transformers
     tv = types.ModuleType("torchvision")
@@ -54,6 +58,12 @@ def _stub_torchvision() -> None:
     tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
     sys.modules["torchvision"] = tv
     sys.modules["torchvision.transforms"] = tv.transforms  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for name in ("torchvision", "torchvision.transforms"):
+            if sys.modules.get(name) in (tv, tv.transforms):  # type: ignore[attr-defined]
+                del sys.modules[name]
 
 
 def comfyui() -> types.SimpleNamespace:
@@ -72,13 +82,13 @@ def comfyui() -> types.SimpleNamespace:
     except ImportError as e:
         pytest.skip(f"ComfyUI is not importable ({e}); set {ENV} to a ComfyUI checkout to run these tests")
     try:
-        _stub_torchvision()
-        args = importlib.import_module("comfy.cli_args").args
-        args.cpu = True  # before comfy.model_management picks a device
-        args.disable_xformers = True
-        names = ("comfy.sd", "comfy.lora", "comfy.lora_convert", "comfy.utils", "comfy.model_detection",
-                 "comfy.model_base", "comfy.supported_models", "comfy.model_patcher", "comfy.model_management")
-        mods = {n.split(".")[-1]: importlib.import_module(n) for n in names}
+        with _torchvision_stand_in():
+            args = importlib.import_module("comfy.cli_args").args
+            args.cpu = True  # before comfy.model_management picks a device
+            args.disable_xformers = True
+            names = ("comfy.sd", "comfy.lora", "comfy.lora_convert", "comfy.utils", "comfy.model_detection",
+                     "comfy.model_base", "comfy.supported_models", "comfy.model_patcher", "comfy.model_management")
+            mods = {n.split(".")[-1]: importlib.import_module(n) for n in names}
     except ImportError as e:
         pytest.skip(f"ComfyUI's modules do not import here ({e}); install its requirements "
                     "(einops, torchsde, transformers, av, aiohttp, ...)")
@@ -91,8 +101,9 @@ def comfyui_nodes() -> types.SimpleNamespace:
     """ComfyUI's ``nodes`` and ``execution`` modules (its built-in nodes and prompt validation)."""
     c = comfyui()
     try:
-        nodes = importlib.import_module("nodes")
-        execution = importlib.import_module("execution")
+        with _torchvision_stand_in():
+            nodes = importlib.import_module("nodes")
+            execution = importlib.import_module("execution")
     except ImportError as e:
         pytest.skip(f"ComfyUI's nodes do not import here ({e}); install its requirements (av, aiohttp, ...)")
     return types.SimpleNamespace(nodes=nodes, execution=execution, comfy=c)
@@ -194,7 +205,8 @@ def validate_workflow(ns: types.SimpleNamespace, workflow: Mapping[str, Any], ch
 
     folder_paths = importlib.import_module("folder_paths")
     if not _EXTRA_NODES:
-        asyncio.run(ns.nodes.init_builtin_extra_nodes())
+        with _torchvision_stand_in():
+            asyncio.run(ns.nodes.init_builtin_extra_nodes())
         _EXTRA_NODES.append("loaded")
     before = folder_paths.folder_names_and_paths["checkpoints"]
     folder_paths.folder_names_and_paths["checkpoints"] = ([str(checkpoints)], before[1])  # this folder only

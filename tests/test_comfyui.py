@@ -30,8 +30,15 @@ from lora_tools.io.fp8 import dequantize_state
 from lora_tools.io.safetensors import load_tensors, save_tensors
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora
-from tests.comfyui_helpers import (SGM_UNET, comfy_apply_lora, comfy_state, comfyui, comfyui_nodes, registered_tiny_sdxl,
-                                   validate_workflow)
+from tests.comfyui_helpers import (
+    SGM_UNET,
+    comfy_apply_lora,
+    comfy_state,
+    comfyui,
+    comfyui_nodes,
+    registered_tiny_sdxl,
+    validate_workflow,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +99,7 @@ def _dora_per_input(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     case where ComfyUI normalises the combined weight, as DoRA defines (see the per-output test below)."""
     out = dict(tensors)
     g = torch.Generator().manual_seed(5)
-    for k, v in tensors.items():
+    for k in tensors:
         if k.endswith("dora_scale"):
             stem = k[: -len(".dora_scale")]  # processor spelling: <attn>.processor.to_q_lora.down.weight
             down = next(t for n, t in tensors.items()
