@@ -297,7 +297,7 @@ def comfy_log() -> Iterator[list[str]]:
         root.removeHandler(handler)
 
 
-@pytest.mark.parametrize("form", ["scaled", "plain"])
+@pytest.mark.parametrize("form", ["scaled", "plain", "fp16"])
 def test_fp8_single_file_loads_in_comfyuis_checkpoint_loader(comfy: SimpleNamespace, tmp_path: Path, form: str,
                                                              comfy_log: list[str]) -> None:
     """``fuse --dtype fp8`` (both forms) through ``comfy.sd.load_checkpoint_guess_config``: an SDXL model, the
@@ -308,8 +308,8 @@ def test_fp8_single_file_loads_in_comfyuis_checkpoint_loader(comfy: SimpleNamesp
     tensors, metadata = make_lora("tiny", fmt="kohya-diffusers", targets="lightning", rank=4, alpha=2.0, seed=5)
     save_tensors(lora, tensors, metadata)
     out = tmp_path / f"fused-{form}.safetensors"
-    r = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), "--dtype", "fp8", "--fp8", form,
-                                 "-o", str(out), "-q"])
+    dtype = ["--dtype", "fp16"] if form == "fp16" else ["--dtype", "fp8", "--fp8", form]  # fp16: the reference
+    r = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), *dtype, "-o", str(out), "-q"])
     assert r.exit_code == 0, r.output
     ours = dequantize_state(load_tensors(out))
     with registered_tiny_sdxl(comfy, load_tensors(out)):
@@ -322,7 +322,8 @@ def test_fp8_single_file_loads_in_comfyuis_checkpoint_loader(comfy: SimpleNamesp
         assert config.scaled_fp8 == torch.float8_e4m3fn and config.optimizations["fp8"] is False
     else:
         assert config.scaled_fp8 is None
-        assert comfy.utils.weight_dtype(load_tensors(out), SGM_UNET) == torch.float8_e4m3fn
+        want = torch.float16 if form == "fp16" else torch.float8_e4m3fn
+        assert comfy.utils.weight_dtype(load_tensors(out), SGM_UNET) == want
     n = scaled = 0
     for name, module in model.model.diffusion_model.named_modules():
         weight = getattr(module, "weight", None)
