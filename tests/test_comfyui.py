@@ -400,3 +400,27 @@ def test_fuse_workflow_file_passes_comfyuis_prompt_validation(comfy: SimpleNames
         wf = json.loads((tmp_path / f"fused-{steps}-workflow.json").read_text())
         ok, error = validate_workflow(ns, wf, tmp_path)
         assert ok, error
+
+
+@pytest.mark.parametrize("form", ["scaled", "plain"])
+def test_full_size_fp8_standalone_unet_in_comfyui(comfy: SimpleNamespace, form: str) -> None:
+    """A standalone UNet (``--save unet``, diffusers layout, as SDXL-Lightning ships its UNets): ComfyUI's
+    diffusers-UNet path detects SDXL but neither reads the ``scaled_fp8`` marker nor keeps ``scale_weight``
+    (it maps the diffusers keys it knows and leaves the rest over). So the plain form loads as it is, and
+    the scaled form is *not* read as scaled: the README says to use the single file or ``--fp8 plain``."""
+    from lora_tools.io.fp8 import Fp8Error
+    from lora_tools.layouts.sdxl import FULL
+    from lora_tools.output.fp8_sinks import _Fp8Emitter
+
+    rows = [r for r in FULL.table.component_rows("unet") if r.diffusers is not None]
+    entries = [(r.diffusers, "unet", "F16", r.diffusers_shape) for r in rows]
+    plans = _Fp8Emitter(form, lambda d: d, Fp8Error(), "").plans(entries)  # type: ignore[arg-type]
+    dtypes = {"F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}
+    state = {p.name: torch.empty(p.shape, dtype=dtypes[p.dtype], device="meta") for p in plans}
+    assert comfy.model_detection.model_config_from_unet(dict(state), "") is None  # not the SGM layout
+    config = comfy.model_detection.model_config_from_diffusers_unet(dict(state))
+    assert type(config) is comfy.supported_models.SDXL
+    assert config.scaled_fp8 is None  # the marker is not read on this path, in either form
+    mapped = set(comfy.utils.unet_to_diffusers(config.unet_config))
+    left_over = {k for k in state if k not in mapped}
+    assert left_over == ({k for k in state if k.endswith(("scale_weight", "scaled_fp8"))} if form == "scaled" else set())
