@@ -407,7 +407,8 @@ def test_full_size_fp8_standalone_unet_in_comfyui(comfy: SimpleNamespace, form: 
     """A standalone UNet (``--save unet``, diffusers layout, as SDXL-Lightning ships its UNets): ComfyUI's
     diffusers-UNet path detects SDXL but neither reads the ``scaled_fp8`` marker nor keeps ``scale_weight``
     (it maps the diffusers keys it knows and leaves the rest over). So the plain form loads as it is, and
-    the scaled form is *not* read as scaled: the README says to use the single file or ``--fp8 plain``."""
+    the scaled form is *not* read as scaled: which is why fuse writes a standalone UNet plain and refuses
+    ``--fp8 scaled --save unet``."""
     from lora_tools.io.fp8 import Fp8Error
     from lora_tools.layouts.sdxl import FULL
     from lora_tools.output.fp8_sinks import _Fp8Emitter

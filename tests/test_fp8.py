@@ -133,24 +133,32 @@ def test_dry_run_predicts_the_size(tiny_unet_inputs: SimpleNamespace, outputs: S
     assert not (tmp_path / "y.safetensors").exists()
 
 
-def test_standalone_unet_fp8(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace, tmp_path: Path) -> None:
+def test_standalone_unet_fp8_is_plain(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
+                                      tmp_path: Path) -> None:
+    """A standalone UNet gets the plain form by default (ComfyUI reads the scaled form in single files only)."""
     out = tmp_path / "u.safetensors"
     _fuse(tiny_unet_inputs, out, "--dtype", "fp8", "--save", "unet")
     got = load_tensors(out)
-    assert got["scaled_fp8"].dtype == torch.float8_e4m3fn
+    assert "scaled_fp8" not in got and not any(k.endswith("scale_weight") for k in got)
     keys = _fp8_keys(out)
     assert keys and all(not k.startswith("model.") for k in keys)
-    assert len(keys) == len(_fp8_keys(outputs.scaled))
-    assert all(k[: -len("weight")] + "scale_weight" in got for k in keys)
+    assert len(keys) == len(_fp8_keys(outputs.plain))
     from lora_tools.io.model import open_model
 
-    with open_model(out) as u, open_model(outputs.scaled) as c:  # read back: the same dequantised weights
-        assert u.fp8 is not None and u.fp8.form == "scaled" and u.fp8.tensors == len(keys)
-        scaled_keys = set(_fp8_keys(outputs.scaled))
-        fp8_refs = [r for r in u.refs if r.key in scaled_keys]
+    with open_model(out) as u, open_model(outputs.plain) as c:  # read back: the same weights as the single file's
+        assert u.fp8 is not None and u.fp8.form == "plain" and u.fp8.tensors == len(keys)
+        plain_keys = set(_fp8_keys(outputs.plain))
+        fp8_refs = [r for r in u.refs if r.key in plain_keys]
         assert len(fp8_refs) == len(keys)
         for r in fp8_refs:
             assert torch.equal(u.read(r), c.read(c.ref(r.key))), r.key
+
+
+def test_scaled_standalone_unet_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["fuse", str(tiny_unet_inputs.base), "--lora", str(tiny_unet_inputs.lora), "--dtype",
+                                 "fp8", "--fp8", "scaled", "--save", "unet", "-o", str(tmp_path / "u.safetensors")])
+    assert r.exit_code != 0 and "--fp8 plain" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
 
 
 def test_fp8_diffusers_folder_is_refused(tiny_unet_inputs: SimpleNamespace, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def fuse(
     original_unet: str | Path | None = None,
     variant: str | None = None,
     hash_base: bool = False,
-    fp8: str = "scaled",
+    fp8: str | None = None,
     progress: Progress | None = None,
     lightning: int | None = None,
     lightning_strength: float | None = None,

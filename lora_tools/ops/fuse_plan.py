@@ -221,7 +221,7 @@ def plan_fuse(
     variant: str | None = None,
     hash_base: bool = False,
     verify_output: bool = False,
-    fp8: Fp8Form = "scaled",
+    fp8: Fp8Form | None = None,
     lightning: int | None = None,
     lightning_strength: float | None = None,
     lightning_dir: str | Path | None = None,
@@ -302,7 +302,7 @@ def plan_fuse(
             warnings.append(f"'{model.path}' is {model.fp8.describe()}: it is fused from its dequantised weights, "
                             "and the result inherits their fp8 rounding.")
             if dtype == "keep":
-                fp8_form = _fp8_form("fp8", model.fp8.form, saves)
+                fp8_form = _fp8_form("fp8", fp8 or model.fp8.form, saves)
         _check_base(model, accel, force)
         index = _HeldTargets(TargetIndex(model.cfg.table), model.kind.components)
         # (file, strength, label, preset, whether the preset is only inferred from the file name)
@@ -360,12 +360,14 @@ def plan_fuse(
         raise
 
 
-def _fp8_form(dtype: str, form: str, saves: Sequence[str]) -> Fp8Form | None:
+def _fp8_form(dtype: str, form: str | None, saves: Sequence[str]) -> Fp8Form | None:
     """The fp8 form of a fuse (``None`` unless ``dtype`` is ``fp8``); fp8 is written to single files and
-    standalone UNets only (diffusers cannot load a scaled fp8 folder)."""
+    standalone UNets only (diffusers cannot load a scaled fp8 folder). Without a form: scaled, or plain when a
+    standalone UNet is written, as ComfyUI reads the scaled form (its marker, ``scale_weight``) in single files only
+    and would load a scaled diffusers-layout UNet's weights unscaled."""
     from lora_tools.io.fp8 import FP8_FORMS
 
-    if form not in FP8_FORMS:
+    if form is not None and form not in FP8_FORMS:
         raise UsageError(f"Unknown fp8 form '{form}': choose scaled or plain.")
     if dtype != "fp8":
         if form == "plain" and dtype != "keep":  # keep: an fp8 base keeps its own form
@@ -375,7 +377,12 @@ def _fp8_form(dtype: str, form: str, saves: Sequence[str]) -> Fp8Form | None:
     if "diffusers" in saves:
         raise UsageError("fp8 is written to single files and standalone UNets, not to a diffusers folder",
                          hint=Hint("saves", "to write one of those", "checkpoint"))
-    return form
+    if "unet" in saves:
+        if form == "scaled":
+            raise UsageError("Scaled fp8 is written to single files only: ComfyUI reads a standalone UNet's "
+                             "scale_weight as unscaled weights", hint=Hint("fp8", "for a standalone UNet", "plain"))
+        return "plain"
+    return "scaled" if form is None else form  # type: ignore[return-value]
 
 
 def _written(ref: TensorRef, kind: str) -> list[tuple[str, tuple[int, ...]]]:

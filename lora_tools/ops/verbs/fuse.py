@@ -54,10 +54,11 @@ class FuseOptions(Options):
         "keep", description="dtype of float tensors in the outputs (maths is always fp32). fp8: the UNet's linear "
         "weights (plain: conv too) in float8_e4m3fn, the rest kept (single file and UNet outputs; see --fp8).",
         json_schema_extra=cli(show_default=True))
-    fp8: Literal["scaled", "plain"] = Field(
-        "scaled", description="fp8 form with --dtype fp8: scaled (a per-tensor scale_weight, ComfyUI's scaled fp8: "
-        "small layers keep their precision; convs stay in their dtype, as ComfyUI scales linear layers only) or plain (weights cast to e4m3fn, for Forge's and ComfyUI's fp8 "
-        "weight option).", json_schema_extra=cli(show_default=True))
+    fp8: Literal["scaled", "plain"] | None = Field(
+        None, description="fp8 form with --dtype fp8: scaled (a per-tensor scale_weight, ComfyUI's scaled fp8: "
+        "small layers keep their precision; convs stay in their dtype, as ComfyUI scales linear layers only) or plain "
+        "(weights cast to e4m3fn, for Forge's and ComfyUI's fp8 weight option). Default: scaled for a single file, "
+        "plain when a standalone UNet is written (ComfyUI reads scaled fp8 in single files only).")
     allow_unmatched: bool = Field(False, description="Skip LoRA modules that have no target instead of failing.")
     force: bool = Field(False, description="Fuse even into a model lora_tools already fused a preset into.")
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch) for hub downloads.")
