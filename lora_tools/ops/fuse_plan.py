@@ -382,7 +382,7 @@ def _fp8_form(dtype: str, form: str | None, saves: Sequence[str]) -> Fp8Form | N
             raise UsageError("Scaled fp8 is written to single files only: ComfyUI reads a standalone UNet's "
                              "scale_weight as unscaled weights", hint=Hint("fp8", "for a standalone UNet", "plain"))
         return "plain"
-    return "scaled" if form is None else form  # type: ignore[return-value]
+    return "scaled" if form is None else form
 
 
 def _written(ref: TensorRef, kind: str) -> list[tuple[str, tuple[int, ...]]]:
