@@ -93,8 +93,5 @@ def dense_of_numel(shape: tuple[int, ...]) -> int:
 
 
 def _capped(rule: RankRule, cap: int) -> RankRule:
-    """`rule` with its dynamic rank capped at `cap` (a fixed rank above it keeps the module's rank)."""
-    if rule.rank is not None:
-        return RankRule(rank=min(rule.rank, cap)) if cap > 0 else rule
-    return RankRule(energy=rule.energy, sv_ratio=rule.sv_ratio, sv_fro=rule.sv_fro,
-                    max_rank=min(cap, rule.max_rank) if rule.max_rank else cap)
+    """`rule` with its rank capped at `cap` (a fixed rank above it keeps the module's rank)."""
+    return rule.capped(cap) if cap > 0 else rule
