@@ -31,6 +31,10 @@ def resize_lora(adapter: LoraAdapter, rule: RankRule, *, conv_rule: RankRule | N
     their dense delta. Each output module is a plain LoRA pair with alpha = its new rank (scale
     1), the singular values split evenly between ``up`` and ``down``.
 
+    kohya's dynamic rules (``sv_ratio``, ``sv_fro``, ``sv_cumulative``) keep kohya's rank module by module
+    (:func:`lora_tools.lora.lowrank.choose_rank`), capped at the module's own rank: where kohya's count + 1 exceeds
+    it, kohya keeps a direction of singular value ~0, which changes nothing. A zero delta is dropped (kohya: rank 1).
+
     Args:
         adapter: the input LoRA.
         rule: the rank rule for linear (and 1x1) modules.
