@@ -40,7 +40,7 @@ def _words(command: click.Command) -> set[str]:
 
 
 def test_the_library_names_hint_params() -> None:
-    assert {"overwrite", "lora", "format", "rank", "energy", "sv_ratio", "sv_fro", "method"} <= hint_params()
+    assert {"overwrite", "lora", "format", "rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "method"} <= hint_params()
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -74,6 +74,6 @@ def test_messages_name_the_commands_own_flags(tmp_path: Path) -> None:
     extract = _error(["extract", str(lora), str(other), "--rank", "4", "--energy", "0.5", "-o", str(tmp_path / "x")])
     assert "pass exactly one of --rank, --energy." in extract and "sv" not in extract
     resize = _error(["resize", str(lora), "-o", str(tmp_path / "r.safetensors")])
-    assert "pass exactly one of --rank, --energy, --sv-ratio, --sv-fro." in resize
+    assert "pass exactly one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative." in resize
     merge = _error(["merge", str(lora), str(other), "--rank", "4", "-o", str(tmp_path / "m.safetensors")])
     assert "pass --method svd" in merge

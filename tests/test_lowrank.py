@@ -73,17 +73,19 @@ def test_rank_rules_follow_kohya_definitions() -> None:
     for f in (0.5, 0.8, 0.95, 0.99, 1.0):
         k = choose_rank(s, RankRule(energy=f))
         assert float(cum[k - 1]) >= f - 1e-9 and (k == 1 or float(cum[k - 2]) < f)
-    # sv_fro: retained Frobenius norm sqrt(cum) >= X
+    # sv_fro (kohya's): one more than the smallest rank whose retained Frobenius norm sqrt(cum) >= X
     k = choose_rank(s, RankRule(sv_fro=0.99))
-    assert math.sqrt(float(cum[k - 1])) >= 0.99 and math.sqrt(float(cum[k - 2])) < 0.99
-    # sv_ratio: keep s >= s_max / X
-    assert choose_rank(s, RankRule(sv_ratio=4.0)) == 2
+    assert math.sqrt(float(cum[k - 2])) >= 0.99 and math.sqrt(float(cum[k - 3])) < 0.99
+    # sv_ratio (kohya's): one more than the number of s > s_max / X
+    assert choose_rank(s, RankRule(sv_ratio=4.0)) == 3
     assert choose_rank(s, RankRule(sv_ratio=10.0)) == 4
+    assert choose_rank(s, RankRule(sv_ratio=4.0, max_rank=2)) == 2
     assert choose_rank(s, RankRule(energy=1.0, max_rank=2)) == 2
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"rank": 2, "energy": 0.5}, {"energy": 0.0}, {"energy": 1.5},
-                                    {"sv_fro": -0.1}, {"rank": 0}, {"sv_ratio": 0.5}])
+                                    {"sv_fro": -0.1}, {"rank": 0}, {"sv_ratio": 0.5},
+                                    {"sv_cumulative": 1.5}, {"sv_fro": 0.5, "sv_cumulative": 0.5}])
 def test_bad_rank_rules_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(UsageError):
         RankRule(**kwargs)  # type: ignore[arg-type]

@@ -119,6 +119,8 @@ FLAGS: dict[str, tuple[str, list[str]]] = {
     "resize --energy": ("--energy", ["resize", L, "--energy", "{v}", "-o", "o.safetensors"]),
     "resize --sv-ratio": ("--sv-ratio", ["resize", L, "--sv-ratio", "{v}", "-o", "o.safetensors"]),
     "resize --sv-fro": ("--sv-fro", ["resize", L, "--sv-fro", "{v}", "-o", "o.safetensors"]),
+    "resize --sv-cumulative": ("--sv-cumulative", ["resize", L, "--sv-cumulative", "{v}", "-o", "o.safetensors"]),
+    "resize --max-rank": ("--max-rank", ["resize", L, "--sv-fro", "0.9", "--max-rank", "{v}", "-o", "o.safetensors"]),
     "resize --conv-rank": ("--conv-rank", ["resize", L, "--rank", "2", "--conv-rank", "{v}", "-o", "o.safetensors"]),
     "extract --rank": ("--rank", ["extract", B, B, "--rank", "{v}", "-o", "o.safetensors"]),
     "extract --energy": ("--energy", ["extract", B, B, "--energy", "{v}", "-o", "o.safetensors"]),
@@ -135,7 +137,8 @@ OUT_OF_RANGE = {
     "merge --rank": ["0", "-3", "2.5"], "resize --rank": ["0", "2.5"], "extract --rank": ["0"],
     "resize --conv-rank": ["0"], "extract --conv-rank": ["0"],
     "merge --energy": ["0", "1.5"], "resize --energy": ["0", "-0.5", "1.01"], "extract --energy": ["2"],
-    "resize --sv-fro": ["0", "1.5"], "resize --sv-ratio": ["0.5"],
+    "resize --sv-fro": ["0", "1.5"], "resize --sv-ratio": ["0.5"], "resize --sv-cumulative": ["0", "1.5"],
+    "resize --max-rank": ["0", "2.5"],
 }
 #: ``0,6`` is a good seed list (seeds 0 and 6).
 CLI_CASES = [(flag, v) for flag in FLAGS for v in [*BAD_NUMBERS, *OUT_OF_RANGE.get(flag, [])]
@@ -193,6 +196,10 @@ KEYS: dict[str, tuple[str, str]] = {
     "resize.energy": ("resize: {lora: style, energy: {v}, output: o.safetensors}", "jobs[0].resize.energy"),
     "resize.sv_ratio": ("resize: {lora: style, sv_ratio: {v}, output: o.safetensors}", "jobs[0].resize.sv_ratio"),
     "resize.sv_fro": ("resize: {lora: style, sv_fro: {v}, output: o.safetensors}", "jobs[0].resize.sv_fro"),
+    "resize.sv_cumulative": ("resize: {lora: style, sv_cumulative: {v}, output: o.safetensors}",
+                             "jobs[0].resize.sv_cumulative"),
+    "resize.max_rank": ("resize: {lora: style, sv_fro: 0.9, max_rank: {v}, output: o.safetensors}",
+                        "jobs[0].resize.max_rank"),
     "resize.conv_rank": ("resize: {lora: style, rank: 2, conv_rank: {v}, output: o.safetensors}",
                          "jobs[0].resize.conv_rank"),
     "extract.rank": ("extract: {tuned: base, original: base, rank: {v}, output: o.safetensors}",
@@ -211,6 +218,7 @@ RECIPE_OUT_OF_RANGE = {
     "verify.size": [("33x32", "'33x32'")],
     "resize.rank": [("0", "'0'"), ("2.5", "'2.5'")], "merge.rank": [("-1", "'-1'")], "extract.rank": [("0", "'0'")],
     "resize.energy": [("1.5", "'1.5'"), ("0", "'0'")], "resize.sv_ratio": [("0.5", "'0.5'")],
+    "resize.sv_cumulative": [("1.5", "'1.5'")], "resize.max_rank": [("0", "'0'")],
 }
 RECIPE_CASES = [(key, text, shown) for key in KEYS
                 for text, shown in [*YAML_NUMBERS.values(), *RECIPE_OUT_OF_RANGE.get(key, [])]

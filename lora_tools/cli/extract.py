@@ -19,8 +19,13 @@ def extract_command(options, overwrite: bool, as_json: bool) -> None:
     """
     result = OPS["extract"](options, overwrite=overwrite)
     path, rep, identical = result.files[0], result.report, result.extra["identical"]
-    emit({"output": str(path), "identical_modules": identical, **rep.to_dict()}, as_json,
-         [f"TUNED {safe_text(options.tuned)} minus ORIGINAL {safe_text(options.original)}:",
-          f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "
-          f"retained energy {rep.retained_energy:.2%}, largest relative error {rep.max_relative_error:.3g}; "
-          f"{identical} modules identical in both models."])
+    left_out = result.extra["left_out"]
+    lines = [f"TUNED {safe_text(options.tuned)} minus ORIGINAL {safe_text(options.original)}:",
+             f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "
+             f"retained energy {rep.retained_energy:.2%}, largest relative error {rep.max_relative_error:.3g}; "
+             f"{identical} modules identical in both models."]
+    if left_out:
+        parts = ", ".join(f"{g} {v['energy']:.3g} ({v['share']:.2%})" for g, v in left_out.items())
+        lines.append(f"Left out (kohya's and A1111/Forge's loaders drop them; --include adds them), energy of the "
+                     f"difference (squared Frobenius norm, share of the whole): {parts}.")
+    emit({"output": str(path), "identical_modules": identical, **rep.to_dict(), "left_out": left_out}, as_json, lines)

@@ -151,6 +151,7 @@ def _lora_rows(lora: LoraSummary) -> list[tuple[str, str]]:
         rows.append(("unmatched", "none"))
     rows += _acceleration_rows(lora.acceleration)
     rows.append(("applies to", lora.applies_to))
+    rows += [(f"{name} sees", text) for name, text in (("A1111/Forge", lora.loaders.get("a1111_forge")),) if text]
     for w in lora.warnings:
         rows.append(("warning", safe_text(w, 400)))
     return rows

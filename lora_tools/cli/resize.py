@@ -13,10 +13,15 @@ from lora_tools.units import format_bytes
 def resize_command(options, overwrite: bool, as_json: bool) -> None:
     """Reduce LORA's rank (fixed or dynamic) through its factors and report the retained energy.
 
+    --sv-ratio, --sv-fro and --sv-cumulative are kohya sd-scripts' dynamic rules (resize_lora.py
+    --dynamic_method), counted exactly as kohya does, one rank more than the count; --max-rank is
+    kohya's --new_rank. --energy is our own rule (the count alone, on squared singular values).
+
     \b
     Example:
         loratool resize lightning.safetensors --rank 16 -o lightning-r16.safetensors
         loratool resize style.safetensors --energy 0.99 -o style-small.safetensors
+        loratool resize style.safetensors --sv-fro 0.9 --max-rank 32 -o style-kohya.safetensors
     """
     result = OPS["resize"](options, overwrite=overwrite)
     path, report = result.files[0], result.report

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 from lora_tools.layouts.detect import SD1_HINT, looks_like_sd1
 
 if TYPE_CHECKING:
-    from lora_tools.lora.adapter import LoraModule
+    from lora_tools.layouts.targets import TargetIndex
+    from lora_tools.lora.adapter import LoraAdapter, LoraModule
 
 Family = Literal["sd1.x", "sd2.x", "sd1.x/sd2.x"]
 
@@ -118,5 +120,84 @@ def flux_message(source: str, keys: list[str]) -> str:
     return f"'{source}' is a Flux LoRA (first key: {flux_keys(keys)[0]}), which does not fit SDXL."
 
 
-__all__ = ["CONTEXT_WIDTH", "HINTS", "Family", "context_hint", "flux_keys", "flux_message", "foreign_format_name", "looks_like_flux",
+def a1111_version(metadata: Mapping[str, str]) -> tuple[str, str]:
+    """What A1111/Forge's built-in LoRA loader takes a LoRA for, and why: ``(SDXL | SD2 | SD1 | Unknown, reason)``.
+
+    Its rule (``extensions-builtin/Lora/network.py``): ``ss_base_model_version`` starting with ``sdxl_`` is SDXL;
+    else ``ss_v2`` equal to ``True`` is SD2; else any metadata at all is SD1; none is Unknown. By default it lists a
+    LoRA only with checkpoints of its version (Unknown: with every one, unless hidden by a setting).
+    """
+    version = str(metadata.get("ss_base_model_version", ""))
+    if version.startswith("sdxl_"):
+        return "SDXL", f"ss_base_model_version '{version}'"
+    if str(metadata.get("ss_v2", "")) == "True":
+        return "SD2", "ss_v2 'True'"
+    if metadata:
+        return "SD1", ("metadata without an sdxl_ ss_base_model_version" if not version
+                       else f"ss_base_model_version '{version}'")
+    return "Unknown", "no metadata"
+
+
+def loaders_view(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What each loader will take a LoRA for, one sentence each (``inspect`` shows it)."""
+    version, why = a1111_version(metadata)
+    listed = ("listed with every checkpoint (unless hidden for unknown versions)" if version == "Unknown"
+              else f"listed only with {version} checkpoints")
+    return {
+        "a1111_forge": f"{version} ({why}): {listed}",
+        "comfyui": "by its keys: ComfyUI loads any LoRA whose keys name the model's weights, whatever the metadata",
+        "kohya": "by its keys: kohya's loader (networks/lora.py) reads no version from the metadata",
+    }
+
+
+#: The model a LoRA is for, as :func:`made_for` tells it.
+Base = Literal["sdxl", "sd1", "sd2"]
+
+
+def made_for(adapter: LoraAdapter) -> Base | None:
+    """The model ``adapter`` was made for, from what it holds; ``None`` when it cannot be told (never guessed).
+
+    In order: its metadata (``ss_base_model_version`` ``sdxl_...``, ``modelspec.architecture``
+    ``stable-diffusion-xl...``, or another family :func:`metadata_base` names); SD1.x/SD2.x-only blocks or an
+    SD1.x/SD2.x context width (:func:`sd_family`, :data:`CONTEXT_WIDTH`); then SDXL when it adapts the second
+    text encoder (OpenCLIP-G, SDXL's only) or a UNet module named in SDXL's layout.
+    """
+    md = adapter.metadata
+    if (str(md.get("ss_base_model_version", "")).startswith("sdxl_")
+            or str(md.get("modelspec.architecture", "")).startswith("stable-diffusion-xl")):
+        return "sdxl"
+    named = metadata_base(md)
+    if named is not None:
+        return {"SD1.x": "sd1", "SD2.x": "sd2"}.get(named[0])  # type: ignore[return-value]
+    modules = adapter.modules
+    family = sd_family(modules) or _context_family(modules)
+    if family is not None:
+        return {"sd1.x": "sd1", "sd2.x": "sd2"}.get(family)  # type: ignore[return-value]
+    if any(m.component == "te2" for m in modules):
+        return "sdxl"
+    index = _sdxl_index()
+    if any(m.component == "unet" and index.lookup(m.component, m.name) is not None for m in modules):
+        return "sdxl"
+    return None
+
+
+def _context_family(modules: Iterable[LoraModule]) -> Family | None:
+    """SD1.x/SD2.x from a UNet cross-attention key/value module's input width (768/1024; SDXL's is 2048)."""
+    for m in modules:
+        if m.component == "unet" and m.kind == "lora" and "down" in m.keys and _CROSS_KV.search(m.name):
+            shape = m.factor_shape("down")
+            if len(shape) == 2 and shape[1] in CONTEXT_WIDTH:
+                return CONTEXT_WIDTH[shape[1]]
+    return None
+
+
+@lru_cache(maxsize=1)
+def _sdxl_index() -> TargetIndex:
+    from lora_tools.layouts.sdxl import FULL
+    from lora_tools.layouts.targets import TargetIndex
+
+    return TargetIndex(FULL.table)
+
+
+__all__ = ["CONTEXT_WIDTH", "Base", "a1111_version", "loaders_view", "made_for", "HINTS", "Family", "context_hint", "flux_keys", "flux_message", "foreign_format_name", "looks_like_flux",
            "sd_family", "sd_hint"]

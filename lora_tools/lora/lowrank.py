@@ -10,10 +10,15 @@ the small ``r x r`` core ``scale Ru Rd^T = U S V^T`` gives the exact SVD of the 
 ``(Qu U) S (Qd V)^T``. Truncating it is therefore the optimal rank-``k`` approximation
 (Eckart-Young), at ``O((out + in) r^2)`` cost instead of ``O(out in min(out, in))``.
 
-Rank rules follow kohya sd-scripts' ``networks/resize_lora.py``: ``sv_ratio`` keeps the singular
-values larger than ``s_max / X``; ``sv_fro`` keeps the smallest rank whose retained Frobenius
-norm is at least ``X`` of the total (``sqrt`` of retained energy); ``energy`` keeps the smallest
-rank whose retained squared Frobenius norm (energy) is at least ``F``.
+Rank rules. ``rank`` is a fixed rank; ``energy`` (ours) keeps the smallest rank whose retained
+squared Frobenius norm (energy) is at least ``F``. ``sv_ratio``, ``sv_fro`` and ``sv_cumulative`` are
+kohya sd-scripts' dynamic rules (``networks/resize_lora.py``), exactly as kohya counts them: an
+index from the singular values ``S`` (``sv_ratio``: how many ``S > s_max / X``; ``sv_fro``: the
+smallest ``i`` with ``sum(S[:i]^2) / sum(S^2) >= X^2``, the threshold on ``S^2`` being the square of
+the Frobenius fraction; ``sv_cumulative``: the smallest ``i`` with ``sum(S[:i]) / sum(S) >= X``, on
+``S`` itself, not squared), at least 1, then ONE MORE rank is kept (kohya's ``index + 1``), capped at
+the number of singular values and at ``max_rank`` (kohya's ``--new_rank``); a module whose largest
+singular value is at most ``1e-6`` keeps rank 1.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ __all__ = [
     "flatten_conv",
     "inner_product",
     "choose_rank",
+    "kohya_index",
     "map_modules",
     "module_threads",
     "randomized_svd",
@@ -141,52 +147,102 @@ def map_modules(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None
             return list(pool.map(_one_thread(fn), items))
 
 
+#: kohya's ``MIN_SV``: a module whose largest singular value is at most this keeps rank 1 under kohya's rules.
+KOHYA_MIN_SV = 1e-6
+#: The rules named after kohya's ``--dynamic_method`` values, counted as kohya counts them.
+KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
+_RULES = ("rank", "energy", *KOHYA_RULES)
+
+
 @dataclass(frozen=True, slots=True)
 class RankRule:
-    """How to choose the kept rank from singular values; exactly one field is set.
+    """How to choose the kept rank from singular values; exactly one rule field is set.
 
     Attributes:
         rank: a fixed rank (capped at the number of singular values).
-        energy: keep the smallest rank retaining at least this fraction of the squared Frobenius
-            norm, in ``(0, 1]``.
-        sv_ratio: keep singular values ``>= s_max / sv_ratio`` (``sv_ratio >= 1``).
-        sv_fro: keep the smallest rank retaining at least this fraction of the Frobenius norm,
-            in ``(0, 1]``.
-        max_rank: an upper cap applied to the dynamic rules (for example the input's rank).
+        energy: ours: keep the smallest rank retaining at least this fraction of the squared
+            Frobenius norm, in ``(0, 1]``.
+        sv_ratio: kohya's: one more than the number of singular values ``> s_max / sv_ratio``
+            (``sv_ratio >= 1``).
+        sv_fro: kohya's: one more than the smallest rank retaining at least this fraction of the
+            Frobenius norm (``X^2`` of the squared norm), in ``(0, 1]``.
+        sv_cumulative: kohya's: one more than the smallest rank whose singular values sum to at
+            least this fraction of their total, in ``(0, 1]``.
+        max_rank: an upper cap applied to the dynamic rules (kohya's ``--new_rank``, the input's rank).
     """
 
     rank: int | None = None
     energy: float | None = None
     sv_ratio: float | None = None
     sv_fro: float | None = None
+    sv_cumulative: float | None = None
     max_rank: int | None = None
 
     def __post_init__(self) -> None:
-        chosen = [n for n in ("rank", "energy", "sv_ratio", "sv_fro") if getattr(self, n) is not None]
+        chosen = [n for n in _RULES if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise UsageError("more than one rank rule was given" if chosen else "no rank rule was given",
-                             hint=Hint("rank", "", "N", alternatives=("energy", "sv_ratio", "sv_fro")))
+                             hint=Hint("rank", "", "N",
+                                       alternatives=("energy", "sv_ratio", "sv_fro", "sv_cumulative")))
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"rank must be >= 1, got {self.rank}")
-        for name in ("energy", "sv_fro"):
+        for name in ("energy", "sv_fro", "sv_cumulative"):
             v = getattr(self, name)
             if v is not None and not (0.0 < v <= 1.0):
                 raise UsageError(f"{name} must be in (0, 1], got {v}")
         if self.sv_ratio is not None and not self.sv_ratio >= 1.0:
             raise UsageError(f"sv_ratio must be >= 1, got {self.sv_ratio}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise UsageError(f"max_rank must be >= 1, got {self.max_rank}")
+
+    @property
+    def kohya(self) -> bool:
+        """Whether this is one of kohya's dynamic rules (counted with kohya's ``+1``)."""
+        return any(getattr(self, n) is not None for n in KOHYA_RULES)
+
+    def capped(self, cap: int) -> RankRule:
+        """This rule with its rank capped at ``cap`` (a fixed rank: ``min(rank, cap)``; a dynamic rule: ``max_rank``)."""
+        if self.rank is not None:
+            return RankRule(rank=min(self.rank, cap))
+        fields = {n: getattr(self, n) for n in _RULES if getattr(self, n) is not None}
+        return RankRule(**fields, max_rank=min(cap, self.max_rank) if self.max_rank else cap)
 
     def describe(self) -> dict[str, float | int]:
         """The rule as a plain dict (for reports and provenance records)."""
-        return {k: v for k, v in (("rank", self.rank), ("energy", self.energy), ("sv_ratio", self.sv_ratio),
-                                  ("sv_fro", self.sv_fro)) if v is not None}
+        return {k: getattr(self, k) for k in (*_RULES, "max_rank") if getattr(self, k) is not None}
 
 
-def choose_rank(s: Tensor, rule: RankRule) -> int:
+def kohya_index(s: Tensor, rule: RankRule, *, total: float | None = None) -> int | None:
+    """kohya's index (before its ``+1``) of a dynamic rule, from descending singular values ``s``.
+
+    ``total`` is the sum of all squared singular values when ``s`` is only the head of the spectrum
+    (a randomized sketch); then ``None`` means the index may lie beyond ``s`` (and ``sv_cumulative``,
+    which needs the sum of every singular value, always answers ``None``).
+    """
+    s = s.to(torch.float64)
+    if rule.sv_ratio is not None:
+        return int((s > s[0] / rule.sv_ratio).sum())
+    if rule.sv_fro is not None:
+        sq = s * s
+        cum = torch.cumsum(sq, 0) / (sq.sum() if total is None else total)
+        i = int(torch.searchsorted(cum, torch.tensor(rule.sv_fro ** 2, dtype=torch.float64))) + 1
+    else:
+        assert rule.sv_cumulative is not None
+        if total is not None:
+            return None
+        cum = torch.cumsum(s, 0) / s.sum()
+        i = int(torch.searchsorted(cum, torch.tensor(rule.sv_cumulative, dtype=torch.float64))) + 1
+    return i if total is None or i <= s.numel() else None
+
+
+def choose_rank(s: Tensor, rule: RankRule, *, scale: float = 1.0) -> int:
     """The number of singular values to keep under `rule`.
 
     Args:
         s: singular values, descending, 1-D.
         rule: the rank rule.
+        scale: ``s`` are the singular values of ``scale * M``; kohya's zero-module test
+            (``s_max(M) <= 1e-6``: rank 1) is on ``M``'s, as kohya resizes the unscaled ``up @ down``.
 
     Returns:
         The kept rank, between 1 and ``len(s)`` (0 only when ``s`` is empty or all zero).
@@ -199,22 +255,18 @@ def choose_rank(s: Tensor, rule: RankRule) -> int:
         return 0
     if rule.rank is not None:
         k = min(rule.rank, n)
-    else:
+    elif rule.energy is not None:
         sq = s * s
         cum = torch.cumsum(sq, 0) / sq.sum()
-        if rule.energy is not None:
-            target = rule.energy
-        elif rule.sv_fro is not None:
-            target = rule.sv_fro ** 2
-        else:
-            target = None
-        if target is not None:
-            # smallest k with cum[k-1] >= target (tolerance for target == 1.0 vs rounding)
-            k = int(torch.searchsorted(cum, torch.tensor(target - 1e-12, dtype=torch.float64))) + 1
-        else:
-            assert rule.sv_ratio is not None
-            k = int((s >= s[0] / rule.sv_ratio).sum())
-        k = max(1, min(k, n))
+        # smallest k with cum[k-1] >= target (tolerance for target == 1.0 vs rounding)
+        k = int(torch.searchsorted(cum, torch.tensor(rule.energy - 1e-12, dtype=torch.float64))) + 1
+    elif float(s[0]) / abs(scale) <= KOHYA_MIN_SV:
+        k = 1
+    else:
+        index = kohya_index(s, rule)
+        assert index is not None
+        k = max(1, index) + 1
+    k = max(1, min(k, n))
     if rule.max_rank is not None:
         k = min(k, rule.max_rank)
     return k
@@ -302,7 +354,7 @@ def truncate(up: Tensor, down: Tensor, rule: RankRule, *, scale: float = 1.0) ->
     qd, rd = torch.linalg.qr(down.T)  # (in, r''), (r'', r)
     core = scale * (ru @ rd.T)  # (r', r'')
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    k = choose_rank(s, rule)
+    k = choose_rank(s, rule, scale=scale)
     new_up, new_down = _split(qu @ u[:, :k], s, vh[:k] @ qd.T, k)  # only the kept directions are formed
     return Truncation(up=new_up, down=new_down, singular_values=s, rank=k)
 
@@ -540,16 +592,19 @@ def _dynamic_rank_on_sketch(s: Tensor, total: float, rule: RankRule) -> int | No
     """Rank for a dynamic rule from a partial spectrum, or None if the sketch is too small."""
     if total == 0.0:
         return 1
-    sq = s.double() ** 2
-    cum = torch.cumsum(sq, 0) / total
-    if rule.sv_ratio is not None:
-        kept = int((s >= s[0] / rule.sv_ratio).sum())
-        return kept if kept < s.numel() else None  # the cut may lie beyond the sketch
-    target = rule.energy if rule.energy is not None else rule.sv_fro ** 2  # type: ignore[operator]
-    hit = (cum >= target - 1e-12).nonzero()
-    if hit.numel() == 0:
-        return None
-    k = int(hit[0]) + 1
+    if rule.kohya:
+        if float(s[0]) <= KOHYA_MIN_SV:
+            return 1
+        index = kohya_index(s, rule, total=total)
+        if index is None or index + 1 >= s.numel():  # the count may go on beyond the sketch
+            return None
+        k = max(1, index) + 1
+    else:
+        cum = torch.cumsum(s.double() ** 2, 0) / total
+        hit = (cum >= rule.energy - 1e-12).nonzero()  # type: ignore[operator]
+        if hit.numel() == 0:
+            return None
+        k = int(hit[0]) + 1
     return min(k, rule.max_rank) if rule.max_rank is not None else k
 
 

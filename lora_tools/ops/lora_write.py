@@ -88,7 +88,9 @@ def input_dtype(inputs: Sequence[str | Path]) -> str | None:
 
 
 def write_lora(adapter: LoraAdapter, out: LoraOutput, *, record: Mapping[str, Any] | None = None) -> Path:
-    """Write `adapter` to the planned output through :func:`~lora_tools.lora.save.save_lora`.
+    """Write `adapter` to the planned output through :func:`~lora_tools.lora.save.save_lora`, saying which model
+    it is for (:func:`lora_tools.lora.family.made_for`, :func:`lora_tools.output.metadata.lora_base_metadata`):
+    every LoRA-writing operation (rescale, resize, merge, convert, extract) writes through here.
 
     Args:
         adapter: the derived LoRA.
@@ -100,14 +102,17 @@ def write_lora(adapter: LoraAdapter, out: LoraOutput, *, record: Mapping[str, An
     Raises:
         UsageError: `adapter` carries no record and none is given (a derived LoRA always has one).
     """
+    from lora_tools.lora.family import made_for
     from lora_tools.lora.save import save_lora
+    from lora_tools.output.metadata import lora_base_metadata
     from lora_tools.provenance import read_record
 
     rec = record if record is not None else read_record(adapter.metadata)
     if rec is None:
         raise UsageError("a derived LoRA needs the loratool record of the operation that made it",
                          hint=Hint(param="record", purpose="from lora_tools.provenance.build_record"))
-    return save_lora(adapter, out.path, format=out.format, metadata=adapter.metadata, dtype=out.dtype,
+    metadata = lora_base_metadata(adapter.metadata, made_for(adapter), title=out.path.stem)
+    return save_lora(adapter, out.path, format=out.format, metadata=metadata, dtype=out.dtype,
                      overwrite=out.overwrite, record=rec, inputs=out.inputs)
 
 

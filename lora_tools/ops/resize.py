@@ -31,6 +31,10 @@ def resize_lora(adapter: LoraAdapter, rule: RankRule, *, conv_rule: RankRule | N
     their dense delta. Each output module is a plain LoRA pair with alpha = its new rank (scale
     1), the singular values split evenly between ``up`` and ``down``.
 
+    kohya's dynamic rules (``sv_ratio``, ``sv_fro``, ``sv_cumulative``) keep kohya's rank module by module
+    (:func:`lora_tools.lora.lowrank.choose_rank`), capped at the module's own rank: where kohya's count + 1 exceeds
+    it, kohya keeps a direction of singular value ~0, which changes nothing. A zero delta is dropped (kohya: rank 1).
+
     Args:
         adapter: the input LoRA.
         rule: the rank rule for linear (and 1x1) modules.
@@ -93,8 +97,5 @@ def dense_of_numel(shape: tuple[int, ...]) -> int:
 
 
 def _capped(rule: RankRule, cap: int) -> RankRule:
-    """`rule` with its dynamic rank capped at `cap` (a fixed rank above it keeps the module's rank)."""
-    if rule.rank is not None:
-        return RankRule(rank=min(rule.rank, cap)) if cap > 0 else rule
-    return RankRule(energy=rule.energy, sv_ratio=rule.sv_ratio, sv_fro=rule.sv_fro,
-                    max_rank=min(cap, rule.max_rank) if rule.max_rank else cap)
+    """`rule` with its rank capped at `cap` (a fixed rank above it keeps the module's rank)."""
+    return rule.capped(cap) if cap > 0 else rule

@@ -1,4 +1,5 @@
-"""The ``__metadata__`` of every file lora_tools writes: built by one function.
+"""The ``__metadata__`` of every file lora_tools writes: built by one function (and, for LoRAs, what model
+they are for: :func:`lora_base_metadata`).
 
 It holds the base's own metadata (for a single-file checkpoint) or just ``format: pt``, the SAI
 model-spec keys (``modelspec.*``, as kohya's sd-scripts and ComfyUI write them), and the
@@ -16,6 +17,39 @@ from lora_tools.provenance import utc_now, with_record
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 SDXL_LORA_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+#: What a LoRA for each model says it is for, in the keys the loaders and sites read: kohya sd-scripts'
+#: ``ss_base_model_version`` (A1111/Forge show a LoRA with an SDXL checkpoint only when it starts with ``sdxl_``;
+#: any other metadata means SD1, ``ss_v2: True`` SD2) and the SAI model spec's ``modelspec.architecture`` with
+#: its implementation and resolution (kohya's ``sai_model_spec.py`` values; ComfyUI's model managers and Civitai
+#: read these). SD2 has no architecture here: 512 (eps) and 768-v cannot be told apart from a LoRA.
+LORA_BASES: dict[str, dict[str, str]] = {
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+             "modelspec.architecture": SDXL_LORA_ARCHITECTURE, "modelspec.implementation": SGM_IMPLEMENTATION,
+             "modelspec.resolution": "1024x1024"},
+    "sd1": {"ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
+            "modelspec.resolution": "512x512"},
+    "sd2": {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
+}
+
+
+def lora_base_metadata(metadata: Mapping[str, str], base: str | None, *, title: str) -> dict[str, str]:
+    """``metadata`` with the keys saying which model the LoRA is for (:data:`LORA_BASES`) where it lacks them.
+
+    Keys the LoRA already has are kept (an SDXL LoRA trained on ``sdxl_base_v0-9`` stays so); ``base`` ``None``
+    (not known) adds nothing. With a model-spec architecture come ``modelspec.sai_model_spec`` and
+    ``modelspec.title`` (the spec's required keys).
+    """
+    out = dict(metadata)
+    if base is None:
+        return out
+    for key, value in LORA_BASES[base].items():
+        out.setdefault(key, value)
+    if "modelspec.architecture" in out:
+        out.setdefault("modelspec.sai_model_spec", "1.0.0")
+        out.setdefault("modelspec.title", title)
+    return out
 
 
 def output_metadata(record: Mapping[str, Any], *, title: str, merged_from: Sequence[str] = (),

@@ -61,6 +61,9 @@ is always present; ``null`` where it does not apply.
     ``sampler`` (the preset's settings, see :class:`~lora_tools.presets.SamplerSettings`) and
     ``sampler_summary`` (one line), ``note``.
   - ``applies_to``: one sentence built from the facts above.
+  - ``loaders``: what each loader will take the LoRA for, one sentence each: ``a1111_forge`` (A1111/Forge's
+    version rule on the metadata: SDXL, SD2, SD1 or Unknown, and the checkpoints it is listed with),
+    ``comfyui`` and ``kohya`` (both load by keys).
   - ``mismatched``: modules whose names resolve to an SDXL weight their factors do not fit:
     ``module`` (``component:name``), ``target`` (single-file key), ``message``; ``[]`` when all fit.
     The CLI prints the report and exits with status 1 when this is not empty.

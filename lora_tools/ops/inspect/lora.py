@@ -20,7 +20,7 @@ from lora_tools.layouts.sdxl import FULL, TINY, SDXLConfig
 from lora_tools.layouts.targets import TargetIndex
 from lora_tools.lora import match as lora_match
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
-from lora_tools.lora.family import foreign_format_name, metadata_base, sd_hint
+from lora_tools.lora.family import foreign_format_name, loaders_view, metadata_base, sd_hint
 from lora_tools.lora.formats import format_description
 from lora_tools.lora.match import LoraMatch, MatchedModule
 from lora_tools.ops.inspect._common import count, fmt_num, natural
@@ -113,6 +113,7 @@ def lora_summary(path: Path, adapter: LoraAdapter, sha256: str | None,
         naming=adapter.naming,
         spellings=count(m.spelling for m in modules),
         targets=_module_targets(fit),
+        loaders=loaders_view(adapter.metadata),
     )
     return summary, parameters
 

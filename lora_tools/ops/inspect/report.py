@@ -159,6 +159,7 @@ class LoraSummary:
     naming: str = ""
     spellings: dict[str, int] = field(default_factory=dict)
     targets: tuple[ModuleTarget, ...] = ()
+    loaders: dict[str, str] = field(default_factory=dict)
 
 
 

@@ -37,6 +37,10 @@ class ExtractOptions(Options):
     conv_rank: Rank | None = Field(None, description="Fixed rank for kxk convolutions (default: the main rule).")
     components: str = Field("unet", description="Comma-separated: unet,te1,te2.",
                             json_schema_extra=cli(show_default=True))
+    include: str | None = Field(None, description="Also extract these UNet modules, which kohya's and A1111/Forge's "
+                                "LoRA loaders drop (left out by default, their energy reported): comma-separated "
+                                "time_embedding,label_embedding,conv_in,conv_out, or all.",
+                                json_schema_extra=cli(metavar="GROUPS"))
     format: LoraFormat = Field("kohya-diffusers", description="Format of the written LoRA.",
                                json_schema_extra=cli(show_default=True))
     output: str = output_field()
@@ -45,21 +49,26 @@ class ExtractOptions(Options):
 
 def plan(o: ExtractOptions, *, overwrite: bool = False) -> LoraOpPlan:
     """Check the rank rules and the output."""
+    from lora_tools.ops.extract import include_groups
+
     rank_rule(o, ("rank", "energy"))
     conv_rule(o)
+    include_groups(o.include)
     _check_order(o.tuned, o.original)
     return plan_lora_output(OPERATION, o, [o.tuned, o.original], format=o.format,
                             overwrite=overwrite)
 
 
 def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[int], None] | None = None) -> OpResult:
-    """Extract and write; the report is the fit, ``extra["identical"]`` the modules equal in both models."""
-    from lora_tools.ops.extract import extract_lora
+    """Extract and write; the report is the fit, ``extra["identical"]`` the modules equal in both models,
+    ``extra["left_out"]`` each module group left out with its share of the difference's energy."""
+    from lora_tools.ops.extract import extract_lora, include_groups
     from lora_tools.ops.lora_write import tensor_bytes
 
     o: Any = planned.options
     result = extract_lora(o.tuned, o.original, rank_rule(o, ("rank", "energy")),
-                          components=components_of(o.components) or ["unet"], conv_rule=conv_rule(o), progress=progress)
+                          components=components_of(o.components) or ["unet"], conv_rule=conv_rule(o),
+                          include=include_groups(o.include), progress=progress)
     if not result.adapter.modules:
         from lora_tools.errors import UsageError
 
@@ -68,6 +77,7 @@ def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[
     result.report.size_bytes = tensor_bytes(result.adapter, planned.output.dtype)
     out = write_result(planned, result.adapter, result.report, created)
     out.extra["identical"] = result.identical
+    out.extra["left_out"] = result.left_out_report()
     return out
 
 

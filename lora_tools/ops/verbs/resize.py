@@ -22,19 +22,25 @@ from lora_tools.ops.verbs._lora import (
 
 INPUT_KEYS = ("lora",)
 OUTPUT_KEYS = ("output",)
-_RULE = ("rank", "energy", "sv_ratio", "sv_fro")
+_RULE = ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative")
 
 
 class ResizeOptions(Options):
-    """Options of ``resize``: one rank rule, as the command takes it."""
+    """Options of ``resize``: one rank rule, as the command takes it (``energy`` is ours; ``sv_*`` are kohya's
+    ``resize_lora.py --dynamic_method`` rules, which keep one rank more than their count, as kohya does)."""
 
     lora: str = Field(json_schema_extra=cli(argument=True))
     rank: Rank | None = Field(None, description="Fixed target rank.")
-    energy: Fraction | None = Field(None, description="Keep the smallest rank retaining this fraction of each module's "
-                                 "energy, (0, 1].")
-    sv_ratio: SvRatio | None = Field(None, description="Keep singular values >= s_max / X (kohya's sv_ratio).")
-    sv_fro: Fraction | None = Field(None, description="Keep the smallest rank retaining this fraction of the Frobenius "
-                                 "norm (kohya's sv_fro).")
+    energy: Fraction | None = Field(None, description="Ours (not kohya's): keep the smallest rank retaining this "
+                                 "fraction of each module's energy (squared Frobenius norm), (0, 1].")
+    sv_ratio: SvRatio | None = Field(None, description="kohya's sv_ratio, exactly: 1 + the number of singular values "
+                                     "> s_max / X.")
+    sv_fro: Fraction | None = Field(None, description="kohya's sv_fro, exactly: 1 + the smallest rank retaining this "
+                                 "fraction of the Frobenius norm (X^2 of the energy).")
+    sv_cumulative: Fraction | None = Field(None, description="kohya's sv_cumulative, exactly: 1 + the smallest rank "
+                                           "whose singular values sum to this fraction of their total.")
+    max_rank: Rank | None = Field(None, description="Upper rank of the dynamic rules (kohya's --new_rank with a "
+                                  "dynamic method; default: each module's own rank).")
     conv_rank: Rank | None = Field(None, description="Fixed rank for kxk convolutions (default: the main rule).")
     output: str = output_field()
     dtype: LoraDtype = dtype_field()
@@ -42,7 +48,7 @@ class ResizeOptions(Options):
 
 def plan(o: ResizeOptions, *, overwrite: bool = False) -> LoraOpPlan:
     """Check the rank rules and the output."""
-    rank_rule(o, _RULE)
+    _rule(o)
     conv_rule(o)
     return plan_lora_output(OPERATION, o, [o.lora], overwrite=overwrite)
 
@@ -55,9 +61,22 @@ def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[
 
     o: Any = planned.options
     with load_lora(o.lora) as adapter:
-        result, report = resize_lora(adapter, rank_rule(o, _RULE), conv_rule=conv_rule(o))
+        result, report = resize_lora(adapter, _rule(o), conv_rule=conv_rule(o))
         report.size_bytes = tensor_bytes(result, planned.output.dtype)
         return write_result(planned, result, report, created)
+
+
+def _rule(o: Any) -> Any:
+    """The options' rank rule, capped at ``max_rank`` (refused beside a fixed rank: it caps the dynamic rules)."""
+    rule = rank_rule(o, _RULE)
+    if o.max_rank is None:
+        return rule
+    if rule.rank is not None:
+        from lora_tools.errors import Hint, UsageError
+
+        raise UsageError("a maximum rank caps the dynamic rules, not a fixed rank",
+                         hint=Hint("max_rank", "only with a dynamic rule", "N"))
+    return rule.capped(o.max_rank)
 
 
 OPERATION = Operation("resize", ResizeOptions, INPUT_KEYS, OUTPUT_KEYS, "lora", plan, run,
