@@ -130,6 +130,13 @@ class Components:
         self.dtype = dtype
         self.device = device
 
+    def config(self, component: Component) -> Any:
+        """The component's config as its model holds it (a ``FrozenDict`` for diffusers models, read by attribute)."""
+        from diffusers.configuration_utils import FrozenDict
+
+        config = self._configs[component]
+        return FrozenDict(config) if isinstance(config, dict) else config
+
     def empty(self, component: Component) -> Any:
         """The component's model with no weights (parameters on ``meta``): its config and structure."""
         with quiet_diffusers():
