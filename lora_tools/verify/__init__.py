@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tools.errors import Hint, UsageError
+from lora_tools.errors import Hint, MemoryNeedError, UsageError
 from lora_tools.presets import (
     PRESETS,
     AccelerationPreset,
@@ -25,7 +25,16 @@ from lora_tools.presets import (
     sampler_from_record,
 )
 from lora_tools.provenance import read_record
-from lora_tools.verify.cost import UnetScale, predicted_cpu_seconds, unet_scale
+from lora_tools.verify.cost import (
+    MemoryPrediction,
+    UnetScale,
+    available_memory,
+    headers_of,
+    model_params,
+    predicted_cpu_seconds,
+    predicted_memory,
+    unet_scale,
+)
 from lora_tools.verify.report import ImageResult, VerifyReport
 
 __all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
@@ -74,6 +83,7 @@ class VerifyPlan:
     out: Path | None
     metadata: dict[str, str]
     unet: UnetScale | None = None
+    memory: MemoryPrediction | None = None
 
     @property
     def renders(self) -> int:
@@ -175,6 +185,9 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     run_dtype = dtype if dtype != "auto" else ("fp16" if run_device == "cuda" else "fp32")
     if run_dtype not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
+    memory = _predicted_memory(path, kind, base, against, run_dtype, (width, height), sampler, show_wrong)
+    if run_device == "cpu":
+        _refuse_if_too_big(path, memory, run_dtype, (width, height))
     out_dir = Path(out) if out is not None else None
     if out_dir is None and (show_wrong or workflow):
         raise UsageError("the wrong-settings column and the workflow are written into the output folder",
@@ -187,7 +200,36 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
-                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet)
+                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet, memory)
+
+
+def _predicted_memory(path: Path, kind: str, base: str | Path | None, against: str | Path | None, dtype: str,
+                      size: tuple[int, int], sampler: SamplerSettings, show_wrong: bool) -> MemoryPrediction:
+    """The run's peak memory: the model's, or the reference's when it is bigger (they run one after the other)."""
+    guided = sampler.guidance_scale > 1 or show_wrong
+    models = [headers_of(path, kind, Path(base) if base is not None else None)]
+    if against is not None:
+        ref = Path(against)
+        models.append(headers_of(ref, "diffusers" if ref.is_dir() else "checkpoint"))
+    return max((predicted_memory(model_params(h), dtype, size, guided) for h in models), key=lambda m: m.peak)
+
+
+def _refuse_if_too_big(path: Path, memory: MemoryPrediction, dtype: str, size: tuple[int, int]) -> None:
+    """One line when the predicted peak is above the available memory, naming what to change: the size when the
+    activations are most of it, else a half-precision dtype, else the device."""
+    from lora_tools.units import format_bytes
+
+    available = available_memory()
+    if available is None or memory.peak <= available:
+        return
+    if memory.activations > memory.weights:
+        hint = Hint("size", "for a smaller image", "WxH")
+    elif dtype == "fp32":
+        hint = Hint("dtype", "to halve the weights", "bf16")
+    else:
+        hint = Hint("device", "to run on a GPU", "cuda")
+    raise MemoryNeedError(f"{path}: verify needs about {format_bytes(memory.peak)} ({memory.stage} in {dtype} at "
+                          f"{size[0]}x{size[1]}), {format_bytes(available)} of memory is available", hint=hint)
 
 
 def _step(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
