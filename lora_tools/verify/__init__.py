@@ -185,7 +185,8 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     run_dtype = dtype if dtype != "auto" else ("fp16" if run_device == "cuda" else "fp32")
     if run_dtype not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
-    memory = _predicted_memory(path, kind, base, against, run_dtype, (width, height), sampler, show_wrong)
+    memory = _predicted_memory(path, kind, base, against, [Path(p) for p, _ in loras], run_dtype, (width, height),
+                               sampler, show_wrong)
     if run_device == "cpu":
         _refuse_if_too_big(path, memory, run_dtype, (width, height))
     out_dir = Path(out) if out is not None else None
@@ -203,15 +204,21 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
                       run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet, memory)
 
 
-def _predicted_memory(path: Path, kind: str, base: str | Path | None, against: str | Path | None, dtype: str,
-                      size: tuple[int, int], sampler: SamplerSettings, show_wrong: bool) -> MemoryPrediction:
-    """The run's peak memory: the model's, or the reference's when it is bigger (they run one after the other)."""
+def _predicted_memory(path: Path, kind: str, base: str | Path | None, against: str | Path | None, loras: list[Path],
+                      dtype: str, size: tuple[int, int], sampler: SamplerSettings, show_wrong: bool) -> MemoryPrediction:
+    """The run's peak memory: the model's, or the reference's when it is bigger (they run one after the other); the
+    reference holds its runtime LoRAs beside its models too (as read, and as layers in the run's dtype)."""
     guided = sampler.guidance_scale > 1 or show_wrong
-    models = [headers_of(path, kind, Path(base) if base is not None else None)]
-    if against is not None:
-        ref = Path(against)
-        models.append(headers_of(ref, "diffusers" if ref.is_dir() else "checkpoint"))
-    return max((predicted_memory(model_params(h), dtype, size, guided) for h in models), key=lambda m: m.peak)
+    model = predicted_memory(model_params(headers_of(path, kind, Path(base) if base is not None else None)), dtype,
+                             size, guided)
+    if against is None:
+        return model
+    ref_path = Path(against)
+    ref = predicted_memory(model_params(headers_of(ref_path, "diffusers" if ref_path.is_dir() else "checkpoint")),
+                           dtype, size, guided)
+    lora_bytes = sum(p.stat().st_size for p in loras if p.is_file())
+    ref = dataclasses.replace(ref, peak=ref.peak + lora_bytes * 3)
+    return max(model, ref, key=lambda m: m.peak)
 
 
 def _refuse_if_too_big(path: Path, memory: MemoryPrediction, dtype: str, size: tuple[int, int]) -> None:
