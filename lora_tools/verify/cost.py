@@ -77,14 +77,17 @@ def header_path(model: Path, kind: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- memory
 
-#: Resident memory of the process before any model loads (Python, torch, diffusers, transformers), measured.
-RUNTIME_BYTES = 1_000_000_000
+#: Resident memory of the process beside the models (Python, torch, diffusers, transformers, the allocator's
+#: slack): full-size SDXL in fp32 at 256x256 peaks at 11.46 GB with 10.27 GB of UNet weights (benchmarks/
+#: verify_memory.py), a micro model at 0.56 GB.
+RUNTIME_BYTES = 900_000_000
 #: Activations of one UNet evaluation per image pixel and batch item, for an SDXL-wide UNet in fp32 (scaled by
-#: the UNet's width and the dtype's size). An upper estimate: CPU attention runs in blocks, so no attention
-#: matrix of the whole image is held.
+#: the UNet's width and the dtype's size): an estimate from the tensor sizes (the widest feature maps, 320
+#: channels at 1/8 of the image, several held at once), not measured at 1024x1024 on this 2-core machine.
 UNET_BYTES_PER_PIXEL = 1200.0
-#: Activations of the VAE decode per image pixel for SDXL's VAE (128 channels at full resolution), in fp32.
-VAE_BYTES_PER_PIXEL = 2600.0
+#: Activations of the VAE decode per image pixel for SDXL's VAE (128 channels at full resolution), in fp32:
+#: measured 4200 at 512x512 (1.1 GB).
+VAE_BYTES_PER_PIXEL = 4400.0
 #: The environment variable that overrides the available memory (bytes, or with a K/M/G/T suffix): for tests, and
 #: for a machine whose limit the kernel's count does not show (a container's cgroup).
 AVAILABLE_MEMORY_ENV = "LORATOOL_AVAILABLE_MEMORY"
