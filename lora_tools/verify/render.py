@@ -159,7 +159,7 @@ def render_staged(parts: Any, jobs: Sequence[Job], size: tuple[int, int],
             if job.sampler != settings:
                 pipe.scheduler = build_scheduler(job.sampler, pipe.scheduler.config)
                 settings = job.sampler
-            if i == 0 and compile_unet is not None and jobs:
+            if i == 0 and compile_unet is not None:
                 start = time.perf_counter()
                 pipe.unet = compile_unet(pipe.unet)
                 _sample(pipe, job, embeds[job.prompt][0], size, None)
