@@ -9,6 +9,11 @@ and the scheduler config) comes from ``config`` (a diffusers folder, as the user
 or from the hub cache of ``stabilityai/stable-diffusion-xl-base-1.0``; small-vocabulary synthetic
 models take the byte tokenizer, as fuse's folders do. Offline with none of these, one error says
 what to provide. Nothing here reads ``lora_tools.testing``.
+
+Each model is built empty and filled one tensor at a time from the file
+(:mod:`lora_tools.verify.components`): :func:`open_parts` gives a pipeline whose models are loaded only
+while a stage of the render needs them (:class:`ModelParts`, what ``verify`` runs);
+:func:`build_pipeline` loads all four at once (the weights oracle, the GPU benchmark).
 """
 
 from __future__ import annotations
