@@ -18,7 +18,7 @@ Exit codes (the README's Reliability section lists them too):
       off a Mac)
 4     the network failed inside a library (connection refused, timeout, TLS)
 5     a library failed inside its own code (torch, diffusers, transformers, safetensors)
-6     out of memory
+6     out of memory (or refused before loading: ``verify``'s predicted peak is above the available memory)
 70    an internal error (a bug): a short line; ``--debug`` shows the traceback
 129/130/143  SIGHUP / SIGINT / SIGTERM (nothing left under the output names)
 ====  ==================================================================================
@@ -139,6 +139,8 @@ def describe(error: BaseException, spell_param: Callable[[str], str] | None = No
     """
     if isinstance(error, DeviceError):
         return Failure(one_line(error.render(spell_param), None), EXIT_DEVICE, "device")
+    if isinstance(error, LoraToolsError) and isinstance(error, MemoryError):  # a run refused for its predicted peak
+        return Failure(one_line(error.render(spell_param), None), EXIT_MEMORY, "memory")
     if isinstance(error, LoraToolsError):
         return Failure(one_line(error.render(spell_param), None), EXIT_INPUT, "input")
     text = one_line(str(error))

@@ -136,5 +136,9 @@ class DeviceError(LoraToolsError, RuntimeError):
     """The device asked for is not there (CUDA on a torch built without it, MPS off a Mac)."""
 
 
+class MemoryNeedError(LoraToolsError, MemoryError):
+    """A run would need more memory than there is, known before anything loads (exit 6, as out of memory)."""
+
+
 class ClusterError(LoraToolsError, ConnectionError):
     """A distributed executor cannot reach or join its cluster."""

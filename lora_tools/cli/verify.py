@@ -90,6 +90,10 @@ def _announce(plan) -> None:
     seconds = plan.predicted_cpu_seconds()
     if seconds is not None and plan.device == "cpu":
         line += f", about {_duration(seconds)} on this CPU (model loading apart)"
+    if plan.memory is not None and plan.device == "cpu":
+        from lora_tools.units import format_bytes
+
+        line += f", peak memory about {format_bytes(plan.memory.peak)} ({plan.memory.stage})"
     click.echo(line, err=True)
 
 

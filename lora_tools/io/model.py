@@ -9,6 +9,7 @@ and one tensor at a time (raw bytes where the layouts agree byte for byte).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.io.fp8 import SCALE_SUFFIX, Fp8Layout, dequantize, is_fp8_extra, layout_of, scale_key
 from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
-from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_sgm
+from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_diffusers, to_sgm
 from lora_tools.layouts.table import DIFFUSERS_FOLDERS, SGM_PREFIXES, Component, KeyMap
 
 if TYPE_CHECKING:
@@ -108,6 +109,23 @@ class ModelSource:
             return dequantize(t, self.fp8_scales[fkey]) if fkey in self.fp8_scales else t
 
         return to_sgm(list(ref.rows), get)
+
+    def component_tensors(self, component: Component) -> Iterator[tuple[str, torch.Tensor]]:
+        """The diffusers tensors of one component, one at a time, in reading order: ``(diffusers key, tensor)``.
+
+        Each single-file tensor is read once (fp8 weights dequantised, see :meth:`read`) and becomes the
+        diffusers tensors of its rows (OpenCLIP's fused q/k/v gives three); nothing else of the model is
+        held, so a caller that puts each tensor into its module as it comes holds one copy of the weights.
+        """
+        for ref in self.refs:
+            rows = [r for r in ref.rows if r.component == component and r.diffusers is not None]
+            if not rows:
+                continue
+            t = self.read(ref)
+            for row in rows:
+                assert row.diffusers is not None
+                yield row.diffusers, to_diffusers(row, t)
+            del t
 
     def close(self) -> None:
         for f in self._files.values():

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tools.errors import Hint, NonFiniteError, UsageError
+from lora_tools.errors import Hint, MemoryNeedError, UsageError
 from lora_tools.presets import (
     PRESETS,
     AccelerationPreset,
@@ -26,7 +25,16 @@ from lora_tools.presets import (
     sampler_from_record,
 )
 from lora_tools.provenance import read_record
-from lora_tools.verify.cost import UnetScale, predicted_cpu_seconds, unet_scale
+from lora_tools.verify.cost import (
+    MemoryPrediction,
+    UnetScale,
+    available_memory,
+    headers_of,
+    model_params,
+    predicted_cpu_seconds,
+    predicted_memory,
+    unet_scale,
+)
 from lora_tools.verify.report import ImageResult, VerifyReport
 
 __all__ = ["DEFAULT_PROMPTS", "WRONG_COLUMN", "WRONG_SETTINGS", "VerifyPlan", "VerifyReport", "plan_verify", "run_verify", "verify_model"]
@@ -75,6 +83,7 @@ class VerifyPlan:
     out: Path | None
     metadata: dict[str, str]
     unet: UnetScale | None = None
+    memory: MemoryPrediction | None = None
 
     @property
     def renders(self) -> int:
@@ -176,6 +185,10 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     run_dtype = dtype if dtype != "auto" else ("fp16" if run_device == "cuda" else "fp32")
     if run_dtype not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"Unknown dtype '{dtype}': choose auto, fp16, bf16 or fp32.", hint=Hint("dtype", "", "DTYPE"))
+    memory = _predicted_memory(path, kind, base, against, [Path(p) for p, _ in loras], run_dtype, (width, height),
+                               sampler, show_wrong)
+    if run_device == "cpu":
+        _refuse_if_too_big(path, memory, run_dtype, (width, height))
     out_dir = Path(out) if out is not None else None
     if out_dir is None and (show_wrong or workflow):
         raise UsageError("the wrong-settings column and the workflow are written into the output folder",
@@ -188,7 +201,42 @@ def plan_verify(model: str | Path, *, preset: str = "auto", prompts: Sequence[st
     return VerifyPlan(path, kind, name, sampler, tuple(prompts), tuple(int(s) for s in seeds), (width, height),
                       Path(base) if base else None, Path(config) if config else None,
                       Path(against) if against else None, tuple((Path(p), float(s)) for p, s in loras),
-                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet)
+                      run_device, run_dtype, compile, show_wrong, workflow, out_dir, metadata, unet, memory)
+
+
+def _predicted_memory(path: Path, kind: str, base: str | Path | None, against: str | Path | None, loras: list[Path],
+                      dtype: str, size: tuple[int, int], sampler: SamplerSettings, show_wrong: bool) -> MemoryPrediction:
+    """The run's peak memory: the model's, or the reference's when it is bigger (they run one after the other); the
+    reference holds its runtime LoRAs beside its models too (as read, and as layers in the run's dtype)."""
+    guided = sampler.guidance_scale > 1 or show_wrong
+    model = predicted_memory(model_params(headers_of(path, kind, Path(base) if base is not None else None)), dtype,
+                             size, guided)
+    if against is None:
+        return model
+    ref_path = Path(against)
+    ref = predicted_memory(model_params(headers_of(ref_path, "diffusers" if ref_path.is_dir() else "checkpoint")),
+                           dtype, size, guided)
+    lora_bytes = sum(p.stat().st_size for p in loras if p.is_file())
+    ref = dataclasses.replace(ref, peak=ref.peak + lora_bytes * 3)
+    return max(model, ref, key=lambda m: m.peak)
+
+
+def _refuse_if_too_big(path: Path, memory: MemoryPrediction, dtype: str, size: tuple[int, int]) -> None:
+    """One line when the predicted peak is above the available memory, naming what to change: the size when the
+    activations are most of it, else a half-precision dtype, else the device."""
+    from lora_tools.units import format_bytes
+
+    available = available_memory()
+    if available is None or memory.peak <= available:
+        return
+    if memory.activations > memory.weights:
+        hint = Hint("size", "for a smaller image", "WxH")
+    elif dtype == "fp32":
+        hint = Hint("dtype", "to halve the weights", "bf16")
+    else:
+        hint = Hint("device", "to run on a GPU", "cuda")
+    raise MemoryNeedError(f"{path}: verify needs about {format_bytes(memory.peak)} ({memory.stage} in {dtype} at "
+                          f"{size[0]}x{size[1]}), {format_bytes(available)} of memory is available", hint=hint)
 
 
 def _step(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
@@ -223,51 +271,54 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
     """Render the plan's prompts x seeds, compare with the reference if any, write the outputs.
     ``progress(what, step, steps)`` is called after each UNet step (``what`` names the render).
 
-    A NaN in latents or images is a failed check (``report.failures`` says where), not an exception.
+    One model is in memory at a time (:func:`lora_tools.verify.render.render_staged`): the text encoders, then the
+    UNet, then the VAE, of the model, then of the reference. A NaN in latents or images is a failed check
+    (``report.failures`` says where), not an exception.
     """
     import torch
 
     from lora_tools.io.hashing import header_sha256, sha256_file
-    from lora_tools.verify.oracle import FP8_PSNR_THRESHOLD_DB, PSNR_THRESHOLDS_DB, apply_runtime_loras, psnr_db
-    from lora_tools.verify.pipeline import build_pipeline
-    from lora_tools.verify.render import prepare, render
+    from lora_tools.verify.oracle import FP8_PSNR_THRESHOLD_DB, PSNR_THRESHOLDS_DB, psnr_db, runtime_lora_loader
+    from lora_tools.verify.pipeline import open_parts
+    from lora_tools.verify.render import Job, render_staged
 
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    loaded = build_pipeline(plan.model, base=plan.base, config=plan.config, dtype=plan.dtype, device=plan.device)
-    pipe = loaded.pipe
-    prepare(pipe, plan.sampler)
-    compile_seconds = None
-    if plan.compile:
-        start = time.perf_counter()
-        pipe.unet = compile_unet(pipe.unet, plan.device)
-        render(pipe, plan.sampler, plan.prompts[0], plan.seeds[0], plan.size, str(plan.model))  # compile, untimed
-        compile_seconds = time.perf_counter() - start
+    cells = [(r, c) for r in range(len(plan.prompts)) for c in range(len(plan.seeds))]
+    jobs = [Job(plan.prompts[r], plan.seeds[c], plan.sampler, str(plan.model),
+                _step(progress, f"model, prompt {r + 1}/{len(plan.prompts)}, seed {plan.seeds[c]}")) for r, c in cells]
+    if plan.show_wrong:  # wrong settings may well break a model: shown, not a failed check
+        jobs += [Job(prompt, plan.seeds[0], WRONG_SETTINGS, "wrong settings") for prompt in plan.prompts]
+    parts = open_parts(plan.model, base=plan.base, config=plan.config, dtype=plan.dtype, device=plan.device)
+    try:
+        run = render_staged(parts, jobs, plan.size,
+                            (lambda unet: compile_unet(unet, plan.device)) if plan.compile else None)
+    finally:
+        parts.close()
+    main, wrong = run.results[:len(cells)], run.results[len(cells):]
     failures: list[str] = []
     images: list[ImageResult] = []
     rendered: dict[tuple[int, int], tuple[Any, Any]] = {}
     references: dict[tuple[int, int], Any] = {}  # the base + runtime LoRAs' images, for the comparison picture
-    for r, prompt in enumerate(plan.prompts):
-        for c, seed in enumerate(plan.seeds):
-            try:
-                one = render(pipe, plan.sampler, prompt, seed, plan.size, str(plan.model),
-                             _step(progress, f"model, prompt {r + 1}/{len(plan.prompts)}, seed {seed}"))
-            except NonFiniteError as e:
-                failures.append(str(e))
-                continue
-            rendered[r, c] = one.latents, one.image
-            images.append(ImageResult(prompt, seed, one.seconds, one.step_seconds, decode_seconds=one.decode_seconds))
-    timesteps = [int(t) for t in pipe.scheduler.timesteps.tolist()]
-    settings = {"scheduler": type(pipe.scheduler).__name__, "options": plan.sampler.scheduler_options()
+    for (r, c), result in zip(cells, main, strict=True):
+        one = result.rendered
+        if one is None:
+            failures.append(str(result.error))
+            continue
+        rendered[r, c] = one.latents, one.image
+        images.append(ImageResult(plan.prompts[r], plan.seeds[c], one.seconds, one.step_seconds,
+                                  decode_seconds=one.decode_seconds))
+    scheduler = main[0].scheduler
+    timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+    settings = {"scheduler": type(scheduler).__name__, "options": plan.sampler.scheduler_options()
                 | ({"timesteps": list(plan.sampler.timesteps)} if plan.sampler.timesteps else {})
                 | ({"eta": plan.sampler.eta} if plan.sampler.eta is not None else {}),
                 "timesteps": timesteps, "steps": len(timesteps), "guidance_scale": plan.sampler.guidance_scale,
-                "prediction_type": pipe.scheduler.config.prediction_type}
+                "prediction_type": scheduler.config.prediction_type}
     verdict = threshold = against = None
     if plan.against is not None:
-        ref = build_pipeline(plan.against, config=plan.config, dtype=plan.dtype, device=plan.device)
-        apply_runtime_loras(ref.pipe, plan.loras)
-        prepare(ref.pipe, plan.sampler)
+        ref = open_parts(plan.against, config=plan.config, dtype=plan.dtype, device=plan.device)
+        ref.on_load = runtime_lora_loader(plan.loras, ref.components.config("unet"))
         limit = PSNR_THRESHOLDS_DB[plan.dtype]
         threshold = {"psnr_db": limit, "on": "final latents", "dtype": plan.dtype}
         fp8 = _fp8_form(plan.model)
@@ -275,23 +326,27 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
             limit = min(limit, FP8_PSNR_THRESHOLD_DB)
             threshold |= {"psnr_db": limit, "weights": f"fp8 {fp8}"}
         against = {"base": str(plan.against), "loras": [{"path": str(p), "strength": s} for p, s in plan.loras]}
+        pairs = list(rendered)
+        ref_jobs = [Job(plan.prompts[r], plan.seeds[c], plan.sampler, f"{plan.against} + runtime LoRAs",
+                        _step(progress, f"base + LoRAs, prompt {r + 1}/{len(plan.prompts)}, seed {plan.seeds[c]}"))
+                    for r, c in pairs]
+        try:
+            ref_run = render_staged(ref, ref_jobs, plan.size) if ref_jobs else None
+        finally:
+            ref.close()
         worst = math.inf
-        for (r, c), (lat, img) in rendered.items():
-            try:
-                ref_one = render(ref.pipe, plan.sampler, plan.prompts[r], plan.seeds[c], plan.size,
-                                 f"{plan.against} + runtime LoRAs",
-                                 _step(progress, f"base + LoRAs, prompt {r + 1}/{len(plan.prompts)}, "
-                                       f"seed {plan.seeds[c]}"))
-                rlat, rimg = ref_one.latents, ref_one.image
-                references[r, c] = rimg
-            except NonFiniteError as e:
-                failures.append(str(e))
+        for (r, c), ref_result in zip(pairs, ref_run.results if ref_run is not None else [], strict=True):
+            if ref_result.rendered is None:
+                failures.append(str(ref_result.error))
                 continue
-            result = next(i for i in images if i.prompt == plan.prompts[r] and i.seed == plan.seeds[c])
-            result.psnr_db = psnr_db(lat, rlat)
-            result.image_psnr_db = psnr_db(img, rimg)
-            result.max_abs = float((lat - rlat).abs().max())
-            worst = min(worst, result.psnr_db if not math.isnan(result.psnr_db) else -math.inf)
+            lat, img = rendered[r, c]
+            rlat, rimg = ref_result.rendered.latents, ref_result.rendered.image
+            references[r, c] = rimg
+            shown = next(i for i in images if i.prompt == plan.prompts[r] and i.seed == plan.seeds[c])
+            shown.psnr_db = psnr_db(lat, rlat)
+            shown.image_psnr_db = psnr_db(img, rimg)
+            shown.max_abs = float((lat - rlat).abs().max())
+            worst = min(worst, shown.psnr_db if not math.isnan(shown.psnr_db) else -math.inf)
         verdict = "pass" if not failures and worst >= limit else "fail"
     model_id: dict[str, Any] = {"path": str(plan.model), "kind": plan.kind}
     if plan.model.is_file():
@@ -299,13 +354,21 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
     else:  # a diffusers folder: its weight files' headers (names, shapes, offsets, metadata) identify it cheaply
         model_id["header_sha256"] = header_sha256(sorted(plan.model.rglob("*.safetensors")))
     report = VerifyReport(model_id, plan.preset, settings, plan.device, plan.dtype, images, failures, verdict,
-                          threshold, against, compile_seconds,
+                          threshold, against, run.compile_seconds,
                           int(torch.cuda.max_memory_allocated()) if plan.device == "cuda" else None)
+    if plan.show_wrong:
+        report.wrong_settings = {"non_finite": [str(w.error) for w in wrong if w.error is not None],
+                                 "scheduler": type(wrong[0].scheduler).__name__,
+                                 "timestep_spacing": WRONG_SETTINGS.timestep_spacing, "steps": WRONG_SETTINGS.steps,
+                                 "guidance_scale": WRONG_SETTINGS.guidance_scale,
+                                 "timesteps": [int(t) for t in wrong[0].scheduler.timesteps.tolist()],
+                                 "seed": plan.seeds[0]}
     if plan.out is not None:
         from lora_tools.verify.out_folder import written_whole
 
+        wrong_images = [w.rendered.image if w.rendered is not None else None for w in wrong]
         with written_whole(plan.out) as dest:
-            _write_outputs(plan, report, rendered, pipe, dest, references)
+            _write_outputs(plan, report, rendered, wrong_images, dest, references)
     return report
 
 
@@ -328,13 +391,13 @@ def grid_title(plan: VerifyPlan, report: VerifyReport) -> str:
 
 
 def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
-                   pipe: Any, dest: Path, references: dict[tuple[int, int], Any] | None = None) -> None:
+                   wrong: list[Any], dest: Path, references: dict[tuple[int, int], Any] | None = None) -> None:
     """Write the images, grid, workflow and reports into ``dest`` (the temp folder that becomes ``plan.out``);
-    the report names each file where it will be, under ``plan.out``."""
+    the report names each file where it will be, under ``plan.out``. ``wrong``: the wrong-settings column's
+    images (``None`` where one broke)."""
     from PIL import Image
 
     from lora_tools.verify.grid import make_grid
-    from lora_tools.verify.render import prepare, render
     from lora_tools.verify.workflow import comfy_workflow
 
     assert plan.out is not None
@@ -360,20 +423,8 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
         rows.append(row)
     columns: list[Any] = list(plan.seeds)
     if plan.show_wrong:
-        prepare(pipe, WRONG_SETTINGS)
-        broken: list[str] = []  # wrong settings may well break a model: shown, not a failed check
-        for r, prompt in enumerate(plan.prompts):
-            try:
-                wrong = render(pipe, WRONG_SETTINGS, prompt, plan.seeds[0], plan.size, "wrong settings")
-                rows[r].append(_to_pil(wrong.image))
-            except NonFiniteError as e:
-                broken.append(str(e))
-                rows[r].append(blank)
-        report.wrong_settings = {"non_finite": broken, "scheduler": type(pipe.scheduler).__name__,
-                                 "timestep_spacing": WRONG_SETTINGS.timestep_spacing, "steps": WRONG_SETTINGS.steps,
-                                 "guidance_scale": WRONG_SETTINGS.guidance_scale,
-                                 "timesteps": [int(t) for t in pipe.scheduler.timesteps.tolist()],
-                                 "seed": plan.seeds[0]}
+        for r, image in enumerate(wrong):
+            rows[r].append(_to_pil(image) if image is not None else blank)
         columns.append(WRONG_COLUMN)
     title = grid_title(plan, report)
     report.files.append(shown(Path(make_grid(rows, plan.prompts, columns, out / "grid.png", title=title))))

@@ -6,7 +6,7 @@ is :func:`lora_tools.verify.weights.compare_with_runtime_lora`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,43 @@ def apply_runtime_loras(pipe: Any, loras: Sequence[tuple[str | Path, float]]) ->
         for name, (path, _) in zip(names, loras, strict=True):
             pipe.load_lora_weights(str(path), adapter_name=name)
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+
+
+def runtime_lora_loader(loras: Sequence[tuple[str | Path, float]], unet_config: Any) -> Callable[[Any, str], None]:
+    """What :func:`apply_runtime_loras` does, one model at a time: called with the pipeline and the attribute of a
+    model just loaded (:class:`lora_tools.verify.pipeline.ModelParts`' ``on_load``), it gives that model the LoRAs'
+    layers through diffusers' own loaders and sets their strengths. ``unet_config``: the UNet's config (kohya-named
+    LoRAs are mapped by it) while the UNet itself is not loaded."""
+    names = [f"l{i}" for i in range(len(loras))]
+    strengths = dict(zip(names, (float(s) for _, s in loras), strict=True))
+
+    def on_load(pipe: Any, attr: str) -> None:
+        if not loras or attr not in ("unet", "text_encoder", "text_encoder_2"):
+            return
+        from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+        model = getattr(pipe, attr)
+        with quiet_diffusers():
+            for name, (path, _) in zip(names, loras, strict=True):
+                state, alphas, metadata = pipe.lora_state_dict(str(path), unet_config=unet_config,
+                                                               return_lora_metadata=True)
+                if attr == "unet":
+                    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=model, adapter_name=name,
+                                             metadata=metadata, _pipeline=pipe)
+                else:
+                    pipe.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=model, prefix=attr,
+                                                     lora_scale=pipe.lora_scale, adapter_name=name,
+                                                     metadata=metadata, _pipeline=pipe)
+            present = [n for n in names if n in getattr(model, "peft_config", {})]
+            if not present:
+                return
+            weights = [strengths[n] for n in present]
+            if attr == "unet":
+                model.set_adapters(present, weights)
+            else:
+                set_adapters_for_text_encoder(present, model, weights)
+
+    return on_load
 
 
 def psnr_db(ours: Any, ref: Any) -> float:

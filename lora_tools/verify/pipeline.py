@@ -9,23 +9,36 @@ and the scheduler config) comes from ``config`` (a diffusers folder, as the user
 or from the hub cache of ``stabilityai/stable-diffusion-xl-base-1.0``; small-vocabulary synthetic
 models take the byte tokenizer, as fuse's folders do. Offline with none of these, one error says
 what to provide. Nothing here reads ``lora_tools.testing``.
+
+Each model is built empty and filled one tensor at a time from the file
+(:mod:`lora_tools.verify.components`): :func:`open_parts` gives a pipeline whose models are loaded only
+while a stage of the render needs them (:class:`ModelParts`, what ``verify`` runs);
+:func:`build_pipeline` loads all four at once (the weights oracle, the GPU benchmark).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import Hint, InvalidFileError, UsageError
-from lora_tools.io.fp8 import dequantize_state
-from lora_tools.io.safetensors import load_tensors, read_header
+from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG, write_pipeline_configs
+from lora_tools.io.fp8 import is_fp8_extra
+from lora_tools.io.model import ModelSource, open_model
+from lora_tools.io.safetensors import read_header
 from lora_tools.layouts.components import Component
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, sgm_to_diffusers_state_dicts
+from lora_tools.verify.components import PIPELINE_PARTS, Components
 from lora_tools.verify.sampler import quiet_diffusers
 
-__all__ = ["LoadedPipeline", "build_pipeline", "find_config_dir", "model_kind", "torch_dtype"]
+__all__ = ["LoadedPipeline", "ModelParts", "build_pipeline", "find_config_dir", "model_kind", "open_parts",
+           "torch_dtype"]
+
+ALL_COMPONENTS: tuple[Component, ...] = ("unet", "vae", "te1", "te2")
 
 _TOKENIZERS = ("tokenizer", "tokenizer_2")
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -109,52 +122,18 @@ def find_config_dir(config: str | Path | None) -> Path:
 
 
 def _unet_state(path: Path, cfg: SDXLConfig | None) -> dict[str, Any]:
-    """A standalone UNet file's weights with diffusers names (SGM names converted)."""
-    if path.suffix == ".bin":
-        import torch
+    """A pickled (``.bin``) UNet's weights with diffusers names (SGM names converted)."""
+    import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=True)  # a pickle: weights only, never code
-        if not isinstance(state, dict):
-            raise InvalidFileError(f"{path}: not a state dict.")
-    else:
-        state = dequantize_state(load_tensors(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # a pickle: weights only, never code
+    if not isinstance(state, dict):
+        raise InvalidFileError(f"{path}: not a state dict.")
     if any(k.startswith("model.diffusion_model.") for k in state):
         if cfg is None:
             raise UsageError(f"{path} has SGM key names: give a single-file checkpoint as its base",
                              hint=Hint("base", "with an SDXL single-file checkpoint", "PATH"))
         return sgm_to_diffusers_state_dicts(state, cfg.table, ["unet"], source=str(path))["unet"]
     return state
-
-
-def _components(state: dict[Component, dict[str, Any]], folder: Path, dtype: Any) -> dict[str, Any]:
-    """diffusers/transformers models built from the configs in ``folder`` (the shared folder writer's)
-    and loaded with the converted weights, every tensor of the model present."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lora_tools.layouts.table import DIFFUSERS_FOLDERS
-
-    with quiet_diffusers():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / DIFFUSERS_FOLDERS["unet"]))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / DIFFUSERS_FOLDERS["vae"]))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te1"]))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / DIFFUSERS_FOLDERS["te2"]))
-    models = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
-    parts: tuple[tuple[Component, str], ...] = (("unet", "unet"), ("vae", "vae"), ("te1", "text_encoder"),
-                                                 ("te2", "text_encoder_2"))
-    for comp, name in parts:
-        model = models[name]
-        own = model.state_dict()
-        weights = {k: v.float() for k, v in state[comp].items()}
-        if comp in ("te1", "te2") and not any(k in own for k in weights):
-            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-        missing = [k for k in own if k not in weights and not k.endswith("position_ids")]
-        if missing:
-            raise InvalidFileError(f"converted {comp} weights lack {len(missing)} tensors (first: {missing[0]}).")
-        model.load_state_dict(weights, strict=False)
-        with quiet_diffusers():
-            models[name] = model.to(dtype).eval()
-    return models
 
 
 def _write_tokenizers(root: Path, cfg: SDXLConfig, config_dir: Path | None) -> None:
@@ -171,40 +150,119 @@ def _write_tokenizers(root: Path, cfg: SDXLConfig, config_dir: Path | None) -> N
             write_byte_tokenizer(root / name, te.vocab, te.positions)
 
 
-def pipeline_from_state(state: dict[Component, dict[str, Any]], cfg: SDXLConfig, *, config_dir: Path | None,
-                        dtype: Any, tokenizers: bool = True) -> Any:
-    """A ``StableDiffusionXLPipeline`` around converted weights.
+@dataclass
+class ModelParts:
+    """A model's pipeline whose four models are loaded only while a stage of the render needs them.
 
-    The pipeline's files (``model_index.json``, every component's config, the scheduler config and
-    the tokenizers) are written into a temporary folder by the writer of ``fuse --save diffusers``
-    (:func:`lora_tools.io.diffusers_folder.write_pipeline_configs`), and the pipeline is loaded from
-    it with the weights passed in: one folder writer for both. Tokenizers (and the scheduler config)
-    come from ``config_dir``; without it, small-vocabulary models get the byte tokenizer; with
-    ``tokenizers=False`` there are none (weights-only work).
+    ``pipe`` is a ``StableDiffusionXLPipeline`` with its tokenizers and scheduler; its ``text_encoder``,
+    ``text_encoder_2``, ``unet`` and ``vae`` are ``None`` until :meth:`use` loads them, each from the model file
+    (:class:`~lora_tools.verify.components.Components`), and dropped again when the next stage does not name them.
+
+    Attributes:
+        pipe: the pipeline.
+        components: where each model's weights come from.
+        kind, cfg, metadata: as in :class:`LoadedPipeline`.
+        on_load: called with the pipeline and the attribute just loaded (runtime LoRAs are applied there).
     """
-    import tempfile
 
-    with quiet_diffusers():
-        from diffusers import StableDiffusionXLPipeline
+    pipe: Any
+    components: Components
+    kind: str
+    cfg: SDXLConfig | None
+    metadata: dict[str, str]
+    on_load: Callable[[Any, str], None] | None = None
 
-    from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG, write_pipeline_configs
+    def use(self, *parts: str, vae_fp32: bool = True) -> None:
+        """Hold exactly the models named (pipeline attributes): the others are dropped first, then the missing
+        ones loaded (the VAE in fp32 with ``vae_fp32``: SDXL's overflows in fp16)."""
+        import gc
 
+        import torch
+
+        for attr in PIPELINE_PARTS:
+            if attr not in parts and getattr(self.pipe, attr, None) is not None:
+                setattr(self.pipe, attr, None)
+        gc.collect()
+        for attr in parts:
+            if getattr(self.pipe, attr, None) is None:
+                dtype = torch.float32 if attr == "vae" and vae_fp32 else None
+                setattr(self.pipe, attr, self.components.load(PIPELINE_PARTS[attr], dtype))
+                if self.on_load is not None:
+                    self.on_load(self.pipe, attr)
+
+    def close(self) -> None:
+        """Drop every model and close the model files."""
+        self.use()
+        self.components.close()
+
+
+def open_parts(model: str | Path, *, base: str | Path | None = None, config: str | Path | None = None,
+               dtype: str = "fp32", device: str = "cpu", tokenizers: bool = True) -> ModelParts:
+    """The :class:`ModelParts` of ``model``, with no model loaded yet (arguments as in :func:`build_pipeline`).
+
+    Raises:
+        [`UsageError`]: a UNet without ``base``, or no tokenizers to be found.
+        [`InvalidFileError`]: the model is not an SDXL checkpoint, UNet or folder.
+    """
+    path = Path(model)
+    kind = model_kind(path)
+    tdtype = torch_dtype(dtype)
+    if kind == "diffusers":
+        unet_file = path / "unet" / "diffusion_pytorch_model.safetensors"
+        folder_metadata = read_header(unet_file).metadata if unet_file.is_file() else {}
+        components = Components(path, dict.fromkeys(ALL_COMPONENTS, path), dtype=tdtype, device=device)
+        pipe = _empty_pipeline(path, components, {} if tokenizers else _NO_TOKENIZERS)
+        return ModelParts(pipe, components, kind, None, dict(folder_metadata))
+    if kind == "unet":
+        if base is None:
+            raise UsageError(f"{path} is a standalone UNet: the text encoders and the VAE must come from a base model",
+                             hint=Hint("base", "with an SDXL checkpoint or diffusers folder", "PATH"))
+        parts = open_parts(base, config=config, dtype=dtype, device=device, tokenizers=tokenizers)
+        unet: ModelSource | Callable[[], Any]
+        if path.suffix == ".bin":
+            cfg = parts.cfg
+            unet = lambda: _unet_state(path, cfg).items()  # noqa: E731 - read when the UNet stage comes
+            metadata: dict[str, str] = {}
+        else:
+            unet = open_model(path)
+            metadata = dict(read_header(path).metadata)
+        parts.components.weights["unet"] = unet
+        return ModelParts(parts.pipe, parts.components, "unet", parts.cfg, metadata)
+    header = read_header(path)
+    cfg = config_from_shapes({k: t.shape for k, t in header.tensors.items()})
+    cfg.table.check_total([k for k in header.tensors if not is_fp8_extra(k)], str(path), ALL_COMPONENTS)
+    needs_files = tokenizers and (config is not None or _needs_tokenizer_files(cfg))
+    config_dir = find_config_dir(config) if needs_files else None
     scheduler_config: dict[str, Any] = dict(SCHEDULER_CONFIG)
     if config_dir is not None:
         scheduler_file = config_dir / "scheduler" / "scheduler_config.json"
         if scheduler_file.is_file():
             scheduler_config = json.loads(scheduler_file.read_text())
+    source = open_model(path)
     with tempfile.TemporaryDirectory(prefix="loratool-verify-") as tmp:
         root = Path(tmp)
         write_pipeline_configs(root, cfg, scheduler_config)
-        models = _components(state, root, dtype)
-        extra: dict[str, Any] = {}
         if tokenizers:
             _write_tokenizers(root, cfg, config_dir)
-        else:
-            extra = {"tokenizer": None, "tokenizer_2": None}
-        with quiet_diffusers():
-            pipe = StableDiffusionXLPipeline.from_pretrained(root, local_files_only=True, **models, **extra)
+        components = Components(root, dict.fromkeys(ALL_COMPONENTS, source), dtype=tdtype, device=device)
+        pipe = _empty_pipeline(root, components, {} if tokenizers else _NO_TOKENIZERS)
+    return ModelParts(pipe, components, kind, cfg, dict(header.metadata))
+
+
+_NO_TOKENIZERS = {"tokenizer": None, "tokenizer_2": None}
+
+
+def _empty_pipeline(root: Path, components: Components, extra: dict[str, Any]) -> Any:
+    """The pipeline of the folder ``root`` (tokenizers, scheduler) around empty models, which are then dropped:
+    it is built with each model's config (the VAE's scale factor...), and holds no weights."""
+    with quiet_diffusers():
+        from diffusers import StableDiffusionXLPipeline
+
+        empties = {attr: components.empty(comp) for attr, comp in PIPELINE_PARTS.items()}
+        pipe = StableDiffusionXLPipeline.from_pretrained(root, local_files_only=True, **empties, **extra)
+    for attr in PIPELINE_PARTS:
+        setattr(pipe, attr, None)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -231,43 +289,7 @@ def build_pipeline(model: str | Path, *, base: str | Path | None = None, config:
         [`UsageError`]: a UNet without ``base``, or no tokenizers to be found.
         [`InvalidFileError`]: the model is not an SDXL checkpoint, UNet or folder.
     """
-    with quiet_diffusers():  # importing the pipeline makes transformers talk about torchvision
-        from diffusers import StableDiffusionXLPipeline
-
-    path = Path(model)
-    kind = model_kind(path)
-    tdtype = torch_dtype(dtype)
-    if kind == "diffusers":
-        with quiet_diffusers():
-            pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=tdtype, local_files_only=True)
-        unet_file = path / "unet" / "diffusion_pytorch_model.safetensors"
-        metadata = read_header(unet_file).metadata if unet_file.is_file() else {}
-        loaded = LoadedPipeline(pipe, kind, None, dict(metadata))
-    elif kind == "unet":
-        if base is None:
-            raise UsageError(f"{path} is a standalone UNet: the text encoders and the VAE must come from a base model",
-                             hint=Hint("base", "with an SDXL checkpoint or diffusers folder", "PATH"))
-        loaded = build_pipeline(base, config=config, dtype="fp32", device="cpu", tokenizers=tokenizers)
-        state = _unet_state(path, loaded.cfg)
-        missing, unexpected = loaded.pipe.unet.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise InvalidFileError(f"{path}: does not fit the base's UNet ({len(missing)} missing, "
-                                   f"{len(unexpected)} unexpected keys).")
-        metadata = read_header(path).metadata if path.suffix != ".bin" else {}
-        with quiet_diffusers():
-            loaded.pipe.to(dtype=tdtype)
-        loaded = LoadedPipeline(loaded.pipe, "unet", loaded.cfg, dict(metadata))
-    else:
-        header = read_header(path)
-        cfg = config_from_shapes({k: t.shape for k, t in header.tensors.items()})
-        needs_files = tokenizers and (config is not None or _needs_tokenizer_files(cfg))
-        config_dir = find_config_dir(config) if needs_files else None
-        components = sgm_to_diffusers_state_dicts(dequantize_state(load_tensors(path)), cfg.table,
-                                                  ["unet", "vae", "te1", "te2"], source=str(path))
-        pipe = pipeline_from_state(components, cfg, config_dir=config_dir, dtype=tdtype,
-                                   tokenizers=tokenizers)
-        loaded = LoadedPipeline(pipe, kind, cfg, dict(header.metadata))
-    loaded.pipe.set_progress_bar_config(disable=True)
-    with quiet_diffusers():
-        loaded.pipe.to(device)
-    return loaded
+    parts = open_parts(model, base=base, config=config, dtype=dtype, device=device, tokenizers=tokenizers)
+    parts.use(*PIPELINE_PARTS, vae_fp32=False)
+    parts.components.close()
+    return LoadedPipeline(parts.pipe, parts.kind, parts.cfg, parts.metadata)
