@@ -23,4 +23,4 @@ def extract_command(options, overwrite: bool, as_json: bool) -> None:
          [f"TUNED {safe_text(options.tuned)} minus ORIGINAL {safe_text(options.original)}:",
           f"Wrote {safe_text(path)} ({format_bytes(rep.size_bytes or 0)}): {len(rep.modules)} modules, "
           f"retained energy {rep.retained_energy:.2%}, largest relative error {rep.max_relative_error:.3g}; "
-          f"{identical} modules identical in both models."])
+          f"{identical} modules identical in both models."], [path])
