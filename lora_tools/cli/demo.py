@@ -60,11 +60,10 @@ def demo_command(folder: Path, no_render: bool) -> None:
                                 "--overwrite"))
     result = fuse(base, "lightning-4step", preset_dir=lightning_dir, loras=[(str(style), STYLE_STRENGTH)],
                   saves=("checkpoint", "unet", "diffusers"))
-    for f in result.files:
-        if f.kind != "diffusers" or f.path.parent.name == "unet":
-            say(f"   wrote {f.path} ({f.nbytes / 2**20:.1f} MiB)")
+    shown = [f for f in result.files if f.kind != "diffusers" or f.path.parent.name == "unet"]
+    say(*(f"   wrote {f.path} ({f.nbytes / 2**20:.1f} MiB)" for f in shown))
     say(f"   {result.modules_fused} modules fused into {result.tensors_patched} tensors in {result.seconds:.2f} s")
-    written(f.path for f in result.files)
+    written(f.path for f in shown)
 
     say("4. Checking the fused file against diffusers (load_lora_weights + fuse_lora on the base)")
     ckpt = next(f.path for f in result.files if f.kind == "checkpoint")
