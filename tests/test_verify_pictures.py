@@ -10,7 +10,16 @@ from click.testing import CliRunner
 from PIL import Image, ImageChops
 
 from lora_tools.cli import cli
-from lora_tools.verify.grid import DIFF_GAIN, font_size, grid_size, header_height, label_width, make_grid
+from lora_tools.verify.grid import (
+    DIFF_GAIN,
+    TITLE_LINES,
+    font_size,
+    grid_size,
+    header_height,
+    label_width,
+    make_comparison,
+    make_grid,
+)
 
 
 def test_labels_scale_with_the_images(tmp_path: Path) -> None:
@@ -21,6 +30,26 @@ def test_labels_scale_with_the_images(tmp_path: Path) -> None:
     assert grid.size == grid_size(1, 1, (32, 32))
     title_band = grid.crop((0, 0, grid.width, font_size(32) + 4))
     assert title_band.getextrema() != ((255, 255),) * 3  # something is written there
+
+
+def test_a_long_title_keeps_its_verdict_and_every_column_its_label(tmp_path: Path) -> None:
+    """At the demo's 32 px cells: the title's three lines (the verdict on its own, in green) fit a grid made wide
+    enough for them, and each of the three columns has a label above it."""
+    title = ("community-checkpoint-lightning-4step-style-lora.safetensors | lightning-4step | "
+             "EulerDiscreteScheduler trailing, 4 steps, CFG 0 | PASS vs base + LoRAs: PSNR 83.5 dB (threshold 50 dB)")
+    cell = Image.new("RGB", (32, 32), "gray")
+    picture = Image.open(make_comparison([cell], [cell], ["a cat (seed 0)"], tmp_path / "c.png", title=title))
+    picture = picture.convert("RGB")
+    assert picture.size == grid_size(1, 3, (32, 32)) and picture.width >= 400
+    line = font_size(32) + 4
+    bands = [picture.crop((0, 2 + i * line, picture.width, 2 + (i + 1) * line)) for i in range(TITLE_LINES)]
+    green = [any(g > 80 and r < 60 and b < 60 for r, g, b in band.getdata()) for band in bands]
+    assert green == [False, False, True]  # the verdict is the third line, and only it is green
+    assert all(band.getbbox() is not None for band in (ImageChops.invert(b) for b in bands))  # no empty line
+    left, top = label_width(32), header_height(32)
+    for c in range(3):
+        label = picture.crop((left + c * 32, 2 + TITLE_LINES * line, left + (c + 1) * 32, top)).convert("L")
+        assert min(label.getdata()) < 128, f"column {c} has no label"
 
 
 @pytest.mark.diffusers
