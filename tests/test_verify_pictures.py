@@ -36,7 +36,7 @@ def test_a_long_title_keeps_its_verdict_and_every_column_its_label(tmp_path: Pat
     """At the demo's 32 px cells: the title's three lines (the verdict on its own, in green) fit a grid made wide
     enough for them, and each of the three columns has a label above it."""
     title = ("community-checkpoint-lightning-4step-style-lora.safetensors | lightning-4step | "
-             "EulerDiscreteScheduler trailing, 4 steps, CFG 0 | PASS vs base + LoRAs: PSNR 83.5 dB (threshold 50 dB)")
+             "EulerDiscreteScheduler trailing, 4 steps, CFG 0 | PASS: PSNR 83.5 dB (threshold 50 dB) vs base + LoRAs")
     cell = Image.new("RGB", (32, 32), "gray")
     picture = Image.open(make_comparison([cell], [cell], ["a cat (seed 0)"], tmp_path / "c.png", title=title))
     picture = picture.convert("RGB")

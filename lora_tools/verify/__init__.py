@@ -323,8 +323,8 @@ def grid_title(plan: VerifyPlan, report: VerifyReport) -> str:
              f"{s['scheduler']} {plan.sampler.timestep_spacing}, {s['steps']} steps, CFG {s['guidance_scale']:g}"]
     if report.verdict is not None:
         worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=float("nan"))
-        parts.append(f"{report.verdict.upper()} vs {_reference_label(plan)}: PSNR {worst:.1f} dB (threshold "
-                     f"{report.threshold['psnr_db']:g} dB)" if report.threshold else "")
+        threshold = f" (threshold {report.threshold['psnr_db']:g} dB)" if report.threshold else ""
+        parts.append(f"{report.verdict.upper()}: PSNR {worst:.1f} dB{threshold} vs {_reference_label(plan)}")
     return " | ".join(p for p in parts if p)
 
 

@@ -107,6 +107,8 @@ def _title_lines(title: str, width: float, measure: Callable[[str], float]) -> l
             lines[-1] = joined
         else:
             lines += _lines(part, width, measure, TITLE_LINES)
+    if len(lines) > TITLE_LINES:  # what does not fit ends the last line in "…"
+        lines[TITLE_LINES - 1] = _cut(" ".join(lines[TITLE_LINES - 1:]) + "…", width, measure, suffix="…")
     return lines[:TITLE_LINES]
 
 
