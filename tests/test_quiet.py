@@ -2,10 +2,11 @@
 path per line (``recipe show``: the recipe itself); a command that writes nothing prints nothing; errors still print.
 
 The table below has one row per command; a command added without a row fails
-:func:`test_every_command_has_a_row`, so a new command cannot miss ``-q``."""
+:func:`test_every_command_has_a_row`, so a new command cannot miss ``-q`` (nor ``--json``, parsed for each)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,3 +115,12 @@ def test_quiet_prints_only_what_was_written(name: str, inputs: Inputs, tmp_path:
         assert named == made, f"-q names {named}, the run made {made}"
         for p in lines:  # what -q prints, the summary names too (run's table: by file name)
             assert str(loud_dir / Path(p).relative_to(quiet_dir)) in loud or (name == "run" and Path(p).name in loud), p
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=HEAVY.get(n, ())) for n in sorted(ROWS)])
+def test_json_parses_on_every_command(name: str, inputs: Inputs, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv, _ = ROWS[name]
+    report = json.loads(_invoke([*argv(inputs, tmp_path), "--json"])[0])
+    assert report, f"loratool {name} --json printed an empty report"

@@ -70,3 +70,21 @@ def test_against_writes_both_sides_and_a_difference_map(micro_verify: dict[str, 
     md = (out / "report.md").read_text()
     assert "**Verdict: FAIL.**" in md and "{" not in md and "![comparison](comparison.png)" in md
     assert f"- Compared with: {micro_verify['base'].name} + {micro_verify['lora'].name} at 1" in md
+
+
+def test_the_readme_shows_the_demo_comparison_picture() -> None:
+    """docs/verify-grid.png (``python docs/make_images.py``): in the README, small, and the comparison grid of the
+    demo's verify step at 128x128: title with a green verdict, three columns, the difference map dark."""
+    root = Path(__file__).resolve().parents[1]
+    assert "](docs/verify-grid.png)" in (root / "README.md").read_text()
+    path = root / "docs" / "verify-grid.png"
+    assert path.stat().st_size < 300_000
+    picture = Image.open(path).convert("RGB")
+    assert picture.size == grid_size(1, 3, (128, 128))
+    line = font_size(128) + 4
+    verdict = picture.crop((0, 2 + 2 * line, picture.width, 2 + 3 * line))
+    assert any(g > 80 and r < 60 and b < 60 for r, g, b in verdict.getdata())
+    left, top = label_width(128), header_height(128)
+    model, reference, diff = (picture.crop((left + i * 128, top, left + (i + 1) * 128, top + 128)) for i in range(3))
+    assert len(set(model.getdata())) > 1000 and len(set(reference.getdata())) > 1000  # renders, not blanks
+    assert max(max(px) for px in diff.getdata()) < 64  # fused and runtime LoRAs agree: the x10 difference is dark

@@ -23,12 +23,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 QUIET_HELP = "Print only what was written, one path per line (no progress, no summary); errors still print."
 
 _QUIET = "loratool.quiet"
+_JSON = "loratool.json"
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     if value:
-        ctx.meta[_QUIET] = True
+        ctx.meta[_JSON if param.name == "as_json" else _QUIET] = True
     return value
+
+
+def json_flag(func: F) -> F:
+    """Decorator: ``--json`` on a hand-written command that prints as it goes (:func:`say` is silent under it);
+    the function gets ``as_json`` and prints the JSON itself."""
+    return click.option("--json", "as_json", is_flag=True, callback=_remember,
+                        help="Print what was done as JSON on stdout (instead of the steps).")(func)
 
 
 def quiet_param() -> click.Option:
@@ -44,20 +52,24 @@ def quiet_flag(func: F) -> F:
 
 def is_quiet() -> bool:
     """Whether the running command was given ``-q``."""
+    return _meta(_QUIET)
+
+
+def _meta(key: str) -> bool:
     ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and ctx.meta.get(_QUIET))
+    return bool(ctx is not None and ctx.meta.get(key))
 
 
 def say(*lines: str, err: bool = False) -> None:
-    """Human lines (a summary, a listing): printed unless ``-q``."""
-    if not is_quiet():
+    """Human lines (a summary, a listing): printed unless ``-q`` (or :func:`json_flag`'s ``--json``)."""
+    if not is_quiet() and not _meta(_JSON):
         for line in lines:
             click.echo(line, err=err)
 
 
 def written(paths: Iterable[object]) -> None:
     """Under ``-q``, what was written, one per line (without ``-q`` the summary already names it)."""
-    if is_quiet():
+    if is_quiet() and not _meta(_JSON):
         for p in paths:
             click.echo(str(p))
 
@@ -73,4 +85,4 @@ def emit(report: dict[str, Any], as_json: bool, lines: list[str], paths: Iterabl
         say(*lines)
 
 
-__all__ = ["QUIET_HELP", "emit", "is_quiet", "quiet_flag", "quiet_param", "say", "written"]
+__all__ = ["QUIET_HELP", "emit", "is_quiet", "json_flag", "quiet_flag", "quiet_param", "say", "written"]

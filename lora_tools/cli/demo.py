@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from lora_tools.cli._options import quiet_flag, say, written
+from lora_tools.cli._options import json_flag, quiet_flag, say, written
 from lora_tools.errors import UsageError
 
 if TYPE_CHECKING:
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
               show_default=True, help="Where to build the synthetic models and write the results.")
 @click.option("--no-render", is_flag=True, help="Skip the verify steps (the 4-step renders with diffusers).")
+@json_flag
 @quiet_flag
-def demo_command(folder: Path, no_render: bool) -> None:
+def demo_command(folder: Path, no_render: bool, as_json: bool) -> None:
     """Build a tiny synthetic SDXL checkpoint and a Lightning-shaped LoRA, then inspect, fuse (fp16 and fp8), check
     and verify them.
 
@@ -56,8 +58,8 @@ def demo_command(folder: Path, no_render: bool) -> None:
     say(f"   {info['format']} format, {info['modules']} UNet modules, rank {ranks}, alpha {alphas}: "
         f"{info['acceleration']['label']} (identified by {info['acceleration']['identified_by']})")
 
-    say("3. Fusing: " + command("fuse", *_fuse_args(base, lightning_dir, style), "--save", "checkpoint", "--save", "unet", "--save", "diffusers",
-                                "--overwrite"))
+    say("3. Fusing: " + command("fuse", *_fuse_args(base, lightning_dir, style), "--save", "checkpoint", "--save",
+                                "unet", "--save", "diffusers", "--overwrite"))
     result = fuse(base, "lightning-4step", preset_dir=lightning_dir, loras=[(str(style), STYLE_STRENGTH)],
                   saves=("checkpoint", "unet", "diffusers"))
     shown = [f for f in result.files if f.kind != "diffusers" or f.path.parent.name == "unet"]
@@ -73,12 +75,17 @@ def demo_command(folder: Path, no_render: bool) -> None:
     if not check.ok:
         raise click.ClickException("the fused file does not match diffusers' own fusion")
 
+    done: dict[str, Any] = {"folder": str(folder), "files": [str(f.path) for f in shown],
+                            "diffusers_check": {"tensors_compared": check.tensors_compared,
+                                                "max_relative_difference": check.max_rel_diff, "ok": check.ok}}
     if not no_render:
-        _verify_step(folder, ckpt, base, [(lora, 1.0), (style, STYLE_STRENGTH)])
-    fp8 = _fp8_step(5 if no_render else 6, base, lightning_dir, style, ckpt)
+        done["verify"] = _verify_step(folder, ckpt, base, [(lora, 1.0), (style, STYLE_STRENGTH)]).to_dict()
+    fp8, done["fp8"] = _fp8_step(5 if no_render else 6, base, lightning_dir, style, ckpt)
     if not no_render:
-        _verify_fp8_step(folder, fp8, ckpt)
+        done["verify_fp8"] = _verify_fp8_step(folder, fp8, ckpt).to_dict()
     say("Done. Open the files above, or run: " + command("inspect", ckpt))
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
 
 
 def _fuse_args(base: Path, lightning_dir: Path, style: Path) -> list[object]:
@@ -86,9 +93,9 @@ def _fuse_args(base: Path, lightning_dir: Path, style: Path) -> list[object]:
     return [base, "--lightning", "4", "--preset-dir", lightning_dir, "--lora", f"{style}:{STYLE_STRENGTH:g}"]
 
 
-def _fp8_step(step: int, base: Path, lightning_dir: Path, style: Path, fp16: Path) -> Path:
-    """Step 5 (6 after verify): the same fuse in scaled fp8 (``--dtype fp8``): its size against fp16 and the weight error of the
-    rounding."""
+def _fp8_step(step: int, base: Path, lightning_dir: Path, style: Path, fp16: Path) -> tuple[Path, dict[str, Any]]:
+    """Step 5 (6 after verify): the same fuse in scaled fp8 (``--dtype fp8``): its size against fp16 and the weight
+    error of the rounding."""
     from lora_tools.cli.fuse import fp8_lines
     from lora_tools.ops.fuse import run_fuse
     from lora_tools.ops.fuse_plan import plan_fuse
@@ -104,10 +111,13 @@ def _fp8_step(step: int, base: Path, lightning_dir: Path, style: Path, fp16: Pat
         plan.close()
     say(*(f"   {line}" for line in fp8_lines(plan, result) if line))
     written([out])
-    return out
+    e = result.fp8_error
+    assert e is not None
+    return out, {"file": str(out), "bytes": out.stat().st_size, "fp16_bytes": fp16.stat().st_size,
+                 "relative_error": e.relative, "worst": list(e.worst) if e.worst else None}
 
 
-def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, float]]) -> None:
+def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, float]]) -> VerifyReport:
     """Step 5: ``loratool verify`` on the fused file against the base + the LoRAs at run time (fp32, tiny images)."""
     from lora_tools.verify import plan_verify, run_verify
 
@@ -122,9 +132,10 @@ def _verify_step(folder: Path, fused: Path, base: Path, loras: list[tuple[Path, 
     say(f"   {s['scheduler']}, timesteps {s['timesteps']}, CFG {s['guidance_scale']:g}: "
         f"latents PSNR {_worst(report):.1f} dB against the runtime LoRAs")
     _verdict(report, out, "the fused file does not render like the base with its LoRAs at run time")
+    return report
 
 
-def _verify_fp8_step(folder: Path, fp8: Path, fp16: Path) -> None:
+def _verify_fp8_step(folder: Path, fp8: Path, fp16: Path) -> VerifyReport:
     """Step 7: ``loratool verify`` on the fp8 file against the fp16 one (same prompt, seed and settings)."""
     from lora_tools.verify import plan_verify, run_verify
 
@@ -136,6 +147,7 @@ def _verify_fp8_step(folder: Path, fp8: Path, fp16: Path) -> None:
     report = run_verify(plan)
     say(f"   latents PSNR {_worst(report):.1f} dB against the fp16 file")
     _verdict(report, out, "the fp8 file does not render like the fp16 one")
+    return report
 
 
 def _worst(report: VerifyReport) -> float:
