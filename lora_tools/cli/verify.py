@@ -29,6 +29,7 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
     Example:
         loratool verify juggernaut-lightning-4step.safetensors --out check/
         loratool verify fused.safetensors --against base.safetensors --lora sdxl_lightning_4step_lora.safetensors
+        loratool verify fused-fp8.safetensors --against fused.safetensors   # an fp8 file against its fp16 one
     """
     import json
 
