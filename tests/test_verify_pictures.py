@@ -88,3 +88,22 @@ def test_the_readme_shows_the_demo_comparison_picture() -> None:
     model, reference, diff = (picture.crop((left + i * 128, top, left + (i + 1) * 128, top + 128)) for i in range(3))
     assert len(set(model.getdata())) > 1000 and len(set(reference.getdata())) > 1000  # renders, not blanks
     assert max(max(px) for px in diff.getdata()) < 64  # fused and runtime LoRAs agree: the x10 difference is dark
+
+
+def test_report_md_names_what_an_fp8_file_was_checked_against() -> None:
+    """An fp8 file against its fp16 one: the report names that file, not "its base with the LoRAs" (there are
+    none), and a failed verdict says the model does not render like it."""
+    from lora_tools.verify.report import ImageResult, VerifyReport
+
+    settings = {"scheduler": "EulerDiscreteScheduler", "steps": 4, "timesteps": [999, 749, 499, 249],
+                "guidance_scale": 0.0, "prediction_type": "epsilon"}
+    image = ImageResult("a cat", 0, 1.0, [0.25] * 4, psnr_db=41.7)
+    against = {"base": "/x/fused.safetensors", "loras": []}
+    threshold = {"psnr_db": 30.0, "weights": "fp8 scaled"}
+    report = VerifyReport({"path": "/x/fused-fp8.safetensors"}, "lightning-4step", settings, "cpu", "fp32", [image],
+                          verdict="pass", threshold=threshold, against=against)
+    md = report.markdown()
+    assert "The model renders like fused.safetensors: worst PSNR 41.7 dB" in md and "runtime LoRAs" not in md
+    assert "- Compared with: fused.safetensors\n" in md
+    report.verdict = "fail"
+    assert "**Verdict: FAIL.** The model does not render like fused.safetensors" in report.markdown()

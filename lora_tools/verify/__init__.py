@@ -393,7 +393,7 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
         labels = [f"{plan.prompts[r]} (seed {plan.seeds[c]})" for r, c in pairs]
         comparison = make_comparison([_to_pil(rendered[k][1]) for k in pairs], [_to_pil(references[k]) for k in pairs],
                                      labels, out / "comparison.png", title=title,
-                                     reference_label="base + LoRAs" if plan.loras else "reference")
+                                     reference_label="base + LoRAs" if plan.loras else "ref. file")
         report.files.append(shown(Path(comparison)))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],
