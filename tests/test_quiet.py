@@ -122,5 +122,10 @@ def test_json_parses_on_every_command(name: str, inputs: Inputs, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     argv, _ = ROWS[name]
-    report = json.loads(_invoke([*argv(inputs, tmp_path), "--json"])[0])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    report = json.loads(_invoke([*argv(inputs, tmp_path / "a"), "--json"])[0])
     assert report, f"loratool {name} --json printed an empty report"
+    quiet = json.loads(_invoke([*argv(inputs, tmp_path / "b"), "--json", "-q"])[0])  # -q leaves --json as it is
+    assert (sorted(quiet) if isinstance(quiet, dict) else len(quiet)) == (
+        sorted(report) if isinstance(report, dict) else len(report))
