@@ -60,7 +60,8 @@ ROWS: dict[str, Row] = {
 }
 #: Rows that render or load diffusers' models, or take over a second: the full selection.
 HEAVY = {"verify": (pytest.mark.diffusers, pytest.mark.slow), "demo": (pytest.mark.diffusers, pytest.mark.slow),
-         "extract": (pytest.mark.slow,), "merge": (pytest.mark.slow,), "fuse": (pytest.mark.slow,)}
+         "extract": (pytest.mark.slow,), "merge": (pytest.mark.slow,), "fuse": (pytest.mark.slow,),
+         "analyze": (pytest.mark.slow,)}
 
 
 def test_every_command_has_a_row() -> None:
