@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from lora_tools.cli.demo import DEMO_SIZE
-from lora_tools.verify.grid import grid_size
+from lora_tools.verify.grid import TITLE_LINES, font_size, grid_size, header_height, label_width
 
 
 def _demo(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -20,6 +21,7 @@ def _demo(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # two verify steps (fused vs runtime LoRAs, fp8 vs fp16): over two minutes on a busy CPU
 def test_demo_runs_offline_and_prints_only_its_own_steps(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
     run = _demo(folder)
@@ -39,9 +41,50 @@ def test_demo_runs_offline_and_prints_only_its_own_steps(tmp_path: Path) -> None
     noise = [line for line in (run.stdout + run.stderr).splitlines()
              if line.startswith(("Loading", "[transformers]", "No LoRA keys")) or "Warning" in line]
     assert noise == []
+    _check_comparison(folder / "verify")
+    fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
+    assert f"6. Fusing in fp8 (half the size, for small GPUs): loratool fuse {folder}" in out
+    assert f"7. Verifying fp8 against fp16: loratool verify {fp8} --against {fused}" in out
+    assert "Verdict: PASS (threshold 30 dB for fp32, fp8 scaled weights)" in out
+    fp8_report = json.loads((folder / "verify-fp8" / "report.json").read_text())
+    assert fp8_report["verdict"] == "pass" and fp8_report["threshold"]["weights"] == "fp8 scaled"
+    assert fp8_report["against"]["base"] == str(fused) and fp8_report["against"]["loras"] == []
+    _check_comparison(folder / "verify-fp8")
     again = _demo(folder, "--no-render")  # its own folder: emptied and rebuilt
     assert again.returncode == 0, again.stderr
     assert not (folder / "verify").exists() and "Verifying" not in again.stdout
+
+
+def _check_comparison(out: Path) -> None:
+    """The comparison picture: the title (verdict in green), three labelled columns, the model's image in the first,
+    a rendered reference in the second, and their difference in the third."""
+    picture = Image.open(out / "comparison.png").convert("RGB")
+    assert picture.size == grid_size(1, 3, (DEMO_SIZE, DEMO_SIZE))
+    left, top, line = label_width(DEMO_SIZE), header_height(DEMO_SIZE), font_size(DEMO_SIZE) + 4
+    title = picture.crop((0, 0, picture.width, 2 + TITLE_LINES * line))
+    assert any(g > 80 and r < 60 and b < 60 for r, g, b in title.getdata()), "no green PASS line in the title"
+    cells = [picture.crop((left + i * DEMO_SIZE, top, left + (i + 1) * DEMO_SIZE, top + DEMO_SIZE)) for i in range(3)]
+    labels = [picture.crop((left + i * DEMO_SIZE, 2 + TITLE_LINES * line, left + (i + 1) * DEMO_SIZE, top))
+              for i in range(3)]
+    assert all(min(label.convert("L").getdata()) < 128 for label in labels), "a column has no label"
+    assert cells[0].tobytes() == Image.open(out / "images" / "p0-seed0.png").convert("RGB").tobytes()
+    assert len(set(cells[1].getdata())) > 16  # rendered, not blank
+    assert max(max(px) for px in cells[2].getdata()) < 255  # the sides agree: the x10 difference is not saturated
+
+
+def test_demo_without_renders_fuses_fp8_too(tmp_path: Path) -> None:
+    """``--no-render`` skips both verify steps; the fp8 fuse (size saved, weight error) still runs, step 5."""
+    folder = tmp_path / "demo"
+    run = _demo(folder, "--no-render")
+    assert run.returncode == 0, run.stderr
+    fused = folder / "community-checkpoint-lightning-4step-style-lora.safetensors"
+    fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
+    assert f"5. Fusing in fp8 (half the size, for small GPUs): loratool fuse {folder}" in run.stdout
+    assert f"--dtype fp8 -o {fp8} --overwrite" in run.stdout and "Verifying" not in run.stdout
+    saved = fused.stat().st_size - fp8.stat().st_size
+    assert 0.4 < saved / fused.stat().st_size < 0.6
+    assert f"fp8 scaled: {fp8.name} is " in run.stdout and "smaller than in fp16" in run.stdout
+    assert "fp8 rounding: 794 UNet weights, relative Frobenius error " in run.stdout
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:

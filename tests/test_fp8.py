@@ -20,7 +20,7 @@ from lora_tools.io.safetensors import TensorFile, load_tensors, read_header
 
 
 def _fuse(inputs: SimpleNamespace, out: Path, *args: str) -> str:
-    r = CliRunner().invoke(cli, ["fuse", str(inputs.base), "--lora", str(inputs.lora), "-o", str(out), "-q", *args])
+    r = CliRunner().invoke(cli, ["fuse", str(inputs.base), "--lora", str(inputs.lora), "-o", str(out), *args])
     assert r.exit_code == 0, r.output
     return r.output
 
@@ -247,7 +247,7 @@ def test_fp8_base_is_fused_from_its_dequantised_weights(tiny_unet_inputs: Simple
         assert float((again[k] - w).norm() / w.norm()) < 0.08, k
     keep = tmp_path / "keep.safetensors"  # --dtype keep keeps the base's fp8 form
     r = CliRunner().invoke(cli, ["fuse", str(outputs.plain), "--lora", str(tiny_unet_inputs.lora), "--force",
-                                 "-o", str(keep), "-q"])
+                                 "-o", str(keep)])  # the summary (no -q: it prints only the paths written)
     assert r.exit_code == 0, r.output
     assert set(_fp8_keys(keep)) == set(_fp8_keys(outputs.plain)) and "fp8 plain:" in r.output
 

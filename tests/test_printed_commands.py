@@ -45,12 +45,14 @@ def test_the_demo_commands_run_as_printed(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = _run(["demo", "--no-render"])
     commands = printed_commands(out)
-    assert [c[0] for c in commands] == ["fuse", "inspect"], out
+    assert [c[0] for c in commands] == ["fuse", "fuse", "inspect"], out
     fused = tmp_path / "demo-output" / "community-checkpoint-lightning-4step-style-lora.safetensors"
-    before = fused.stat().st_mtime_ns
+    fp8 = fused.with_name(fused.stem + "-fp8.safetensors")
+    before, before_fp8 = fused.stat().st_mtime_ns, fp8.stat().st_mtime_ns
     for argv in commands:
         _run(argv)
     assert fused.stat().st_mtime_ns != before  # the printed fuse really ran again
+    assert fp8.stat().st_mtime_ns != before_fp8 and fp8.stat().st_size < fused.stat().st_size * 0.6  # and the fp8 one
 
 
 def test_the_readme_demo_block_is_what_the_demo_prints() -> None:
@@ -58,17 +60,21 @@ def test_the_readme_demo_block_is_what_the_demo_prints() -> None:
 
     block = readme_demo_block()
     commands = printed_commands(block)
-    assert [c[0] for c in commands] == ["fuse", "verify", "inspect"]
+    assert [c[0] for c in commands] == ["fuse", "verify", "fuse", "verify", "inspect"]
     folder = Path("demo-output")
     base, lightning = folder / "community-checkpoint.safetensors", folder / "SDXL-Lightning"
     style = folder / "style-lora.safetensors"
     fused = folder / "community-checkpoint-lightning-4step-style-lora.safetensors"
+    fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
     assert commands[0] == shlex.split(command("fuse", base, "--lightning", "4", "--preset-dir", lightning, "--lora",
                                               f"{style}:0.6", "--save", "checkpoint", "--save", "unet", "--save",
                                               "diffusers", "--overwrite"))[1:]
+    assert commands[2] == shlex.split(command("fuse", base, "--lightning", "4", "--preset-dir", lightning, "--lora",
+                                              f"{style}:0.6", "--dtype", "fp8", "-o", fp8, "--overwrite"))[1:]
+    assert commands[3][:4] == ["verify", str(fp8), "--against", str(fused)] and "--lora" not in commands[3]
     assert commands[1][:2] == ["verify", str(fused)] and f"{DEMO_SIZE}x{DEMO_SIZE}" in commands[1]
     assert DEMO_PROMPT in commands[1] and str(lightning / "sdxl_lightning_4step_lora.safetensors:1") in commands[1]
-    assert commands[2] == ["inspect", str(fused)]
+    assert commands[4] == ["inspect", str(fused)]
 
 
 @pytest.mark.slow
@@ -78,10 +84,12 @@ def test_the_demo_verify_command_runs_as_printed(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = _run(["demo"])
     commands = printed_commands(out)
-    assert [c[0] for c in commands] == ["fuse", "verify", "inspect"], out
+    assert [c[0] for c in commands] == ["fuse", "verify", "fuse", "verify", "inspect"], out
     assert commands == printed_commands(readme_demo_block())  # the README shows exactly what the demo prints
     verified = _run(commands[1])
     assert "Verdict:  PASS" in verified
+    verified_fp8 = _run(commands[3])
+    assert "Verdict:  PASS (PSNR threshold 30 dB for fp32, fp8 scaled weights)" in verified_fp8
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -134,7 +134,7 @@ def _batch(m: Micro, out: Path, *only: str, base_b: Path | None = None,  # type:
 
 
 def _lightning_recipe(m: Micro, out: Path) -> list[str]:
-    return [str(REPO_RECIPES / "lightning-4step.yaml"), "-q", "--set", f"base={m.base_a}",
+    return [str(REPO_RECIPES / "lightning-4step.yaml"), "--set", f"base={m.base_a}",
             "--set", f"lightning={m.lightning}", "--set", f"output_dir={out}"]
 
 

@@ -60,7 +60,7 @@ def test_lightning_4step_example_matches_loratool_fuse(recipe_assets: Assets, tm
     assert re.fullmatch(rf"  -> {re.escape(str(out))}/juggernaut-lightning-4step.safetensors \(about \d+\.\d MiB\)",
                         lines[2])
     assert lines[-1] == "Dry run: nothing was written." and not out.exists()
-    invoke("run", REPO_RECIPES / "lightning-4step.yaml", "-q", *sets(recipe_assets, base=recipe_assets.base_a, output_dir=out))
+    invoke("run", REPO_RECIPES / "lightning-4step.yaml", *sets(recipe_assets, base=recipe_assets.base_a, output_dir=out))
     made = out / "juggernaut-lightning-4step.safetensors"
     oracle = tmp_path / "oracle.safetensors"
     invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning, "-o", oracle, "-q")
@@ -72,7 +72,7 @@ def test_lightning_4step_example_matches_loratool_fuse(recipe_assets: Assets, tm
 
 def test_publisher_batch_matrix_skips_and_redos(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", "--only", "base_*",  # the fuse jobs
+    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "--only", "base_*",  # the fuse jobs
             *sets(recipe_assets, base_a=recipe_assets.base_a, base_b=recipe_assets.base_b, output_dir=out)]
     dry = invoke(*args, "--dry-run", "--json")
     plan = json.loads(dry.stdout)
@@ -122,7 +122,7 @@ def test_changing_one_strength_redoes_exactly_the_affected_jobs(recipe_assets: A
           - name: b-${{steps}}
             fuse: {{base: b, lightning: "${{steps}}", lightning_dir: lightning, output: "b-${{steps}}.safetensors"}}
         """))
-    invoke("run", recipe, "-q")
+    invoke("run", recipe)
     out = tmp_path / "out"
     before = mtimes(out)
     assert len(before) == 6
@@ -131,7 +131,7 @@ def test_changing_one_strength_redoes_exactly_the_affected_jobs(recipe_assets: A
     assert states == {"a-2": "redo", "a-4": "redo", "a-8": "redo", "b-2": "skip", "b-4": "skip", "b-8": "skip"}
     reason = next(j["reason"] for j in dry["jobs"] if j["name"] == "a-4")
     assert reason == "a-4.safetensors: sources[1].strength: 1.0 -> 0.5"
-    result = invoke("run", recipe, "--set", "strength_a=0.5", "-q")
+    result = invoke("run", recipe, "--set", "strength_a=0.5")
     after = mtimes(out)
     changed = {n for n in after if after[n] != before[n]}
     assert changed == {"a-2.safetensors", "a-4.safetensors", "a-8.safetensors"}
@@ -141,7 +141,7 @@ def test_changing_one_strength_redoes_exactly_the_affected_jobs(recipe_assets: A
 
 def test_style_merge_example_matches_loratool_fuse(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "-q", "--only", "base-lightning-style",
+    invoke("run", REPO_RECIPES / "lightning-style-merge.yaml", "--only", "base-lightning-style",
            *sets(recipe_assets, base=recipe_assets.base_a, style=recipe_assets.style, output_dir=out, style_strength="0.8"))
     oracle = tmp_path / "oracle.safetensors"
     invoke("fuse", recipe_assets.base_a, "--lightning", "4", "--lightning-dir", recipe_assets.lightning,
@@ -154,7 +154,7 @@ def test_style_merge_example_matches_loratool_fuse(recipe_assets: Assets, tmp_pa
 @pytest.mark.smoke  # the default selection's Ray-free recipe chain
 def test_distribution_example_chains_jobs(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    recipe = ["run", REPO_RECIPES / "distribution.yaml", "-q",
+    recipe = ["run", REPO_RECIPES / "distribution.yaml",
               *sets(recipe_assets, base=recipe_assets.base_b, style=recipe_assets.style, output_dir=out)]
     args = [*recipe, "--only", "lightning-4step", "--only", "styled"]  # the fuse jobs (test_recipes_jobs: the others)
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)

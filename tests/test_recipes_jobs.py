@@ -39,7 +39,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 def test_distribution_resize_and_convert_match_the_commands(recipe_assets: Assets, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    args = ["run", REPO_RECIPES / "distribution.yaml", "-q", "--set", f"base={recipe_assets.base_b}",
+    args = ["run", REPO_RECIPES / "distribution.yaml", "--set", f"base={recipe_assets.base_b}",
             "--set", f"lightning={recipe_assets.lightning}", "--set", f"style={recipe_assets.style}", "--set", f"output_dir={out}",
             "--only", "small-style*", "--only", "lightning-diffusers"]
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
@@ -110,7 +110,7 @@ def test_rescale_extract_analyze_jobs(recipe_assets: Assets, tmp_path: Path) -> 
     job_report = json.loads((tmp_path / "analyze.json").read_text())
     assert {k: v for k, v in job_report.items() if k != "loratool"} == cli_report
     assert job_report["loras"][0]["strength"] == pytest.approx(1.0, abs=1e-3)
-    again = invoke("run", recipe, "-q")
+    again = invoke("run", recipe)
     assert "4 skipped." in again.stdout
 
 
@@ -129,7 +129,7 @@ def test_publisher_batch_verify_and_publish(recipe_assets: Assets, tmp_path: Pat
     config = tokenizer_config(tmp_path)
     out = tmp_path / "out"
     chain = ("base_a-4step", "verify-base_a-4step", "publish-base_a-4step")
-    args = ["run", REPO_RECIPES / "publisher-batch.yaml", "-q", *_verify_sets(recipe_assets, config, out, *chain)]
+    args = ["run", REPO_RECIPES / "publisher-batch.yaml", *_verify_sets(recipe_assets, config, out, *chain)]
     dry = json.loads(invoke(*args, "--dry-run", "--json").stdout)
     assert [(j["name"], j["kind"], j["depends_on"]) for j in dry["jobs"]] == [
         ("base_a-4step", "fuse", []), ("verify-base_a-4step", "verify", ["base_a-4step"]),

@@ -110,7 +110,7 @@ def test_a_run_job_output_equals_the_command_output_but_for_created(recipe_asset
     # and a re-run of the recipe takes the command's file as up to date (same entry)
     (tmp_path / "half.safetensors").unlink()
     (tmp_path / "cli" / "half.safetensors").rename(tmp_path / "half.safetensors")
-    assert "1 skipped." in invoke("run", recipe, "-q").stdout
+    assert "1 skipped." in invoke("run", recipe).stdout
 
 
 def test_recipe_show_of_a_lora_op_record_without_options(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def test_show_wrong_adds_a_column_rendered_with_the_wrong_settings(micro_verify:
 def test_fuse_workflow_writes_the_comfy_workflow_beside_the_checkpoint(micro_verify: dict[str, Path]) -> None:
     d = micro_verify["dir"]
     target = d / "wf.safetensors"
-    args = ["fuse", str(micro_verify["base"]), "--lightning", "4", "--lightning-dir", str(d / "L"), "-o", str(target), "-q",
+    args = ["fuse", str(micro_verify["base"]), "--lightning", "4", "--lightning-dir", str(d / "L"), "-o", str(target),
             "--workflow"]
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import click
 
 from lora_tools.cli import _types
+from lora_tools.cli._options import quiet_param
 from lora_tools.ops.registry import Operation, cli_spec
 
 
@@ -200,11 +201,13 @@ def _one(f: _Field, value: Any) -> Any:
 def operation_command(op: Operation, *, name: str | None = None,
                       extra: Sequence[click.Parameter] = ()) -> Callable[[Callable[..., Any]], click.Command]:
     """A click command whose options are generated from ``op``'s options model, plus the run controls
-    ``extra``; the decorated function gets the built options model, then the run controls by name."""
+    ``extra`` and ``-q`` (:func:`lora_tools.cli._options.quiet_param`, the same on every command); the decorated
+    function gets the built options model, then the run controls by name."""
     fields = generated_fields(op)
+    extra = [*extra, quiet_param()]
 
     def decorate(func: Callable[..., Any]) -> click.Command:
-        extra_names = [p.name for p in extra]
+        extra_names = [p.name for p in extra if p.expose_value]
 
         def callback(**kwargs: Any) -> Any:
             controls = {n: kwargs.pop(n) for n in extra_names if n is not None}
@@ -228,7 +231,7 @@ def generic_command(op: Operation) -> click.Command:
         result = op(options, overwrite=overwrite)
         report = result.report.to_dict() if hasattr(result.report, "to_dict") else result.report
         emit({"files": [str(f) for f in result.files], "report": report}, as_json,
-             [f"Wrote {safe_text(f)}" for f in result.files])
+             [f"Wrote {safe_text(f)}" for f in result.files], result.files)
 
     summary = (op.summary[:1].upper() + op.summary[1:]).rstrip(".") + "." if op.summary else op.name
     command.__doc__ = f"{summary}\n\n\b\nExample:\n    {op.example or 'loratool ' + op.name + ' --help'}"

@@ -8,8 +8,11 @@ from contextlib import contextmanager
 
 
 def on_terminal() -> bool:
-    """Progress shows only when stderr is a terminal (logs and pipes get the results, not the progress)."""
-    return sys.stderr.isatty()
+    """Progress shows only when stderr is a terminal (logs and pipes get the results, not the progress), and
+    not under ``-q``."""
+    from lora_tools.cli._options import is_quiet
+
+    return sys.stderr.isatty() and not is_quiet()
 
 
 @contextmanager
@@ -17,7 +20,7 @@ def byte_progress(total: int, desc: str, *, enabled: bool = True) -> Iterator[Ca
     """Yield an ``advance(nbytes)`` callback driving a tqdm bar on stderr."""
     from tqdm import tqdm
 
-    show = enabled and sys.stderr.isatty()
+    show = enabled and on_terminal()
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
               file=sys.stderr, leave=False) as bar:
         yield bar.update

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lora_tools.cli._options import quiet_flag, say
 from lora_tools.cli._output import safe_text
 from lora_tools.ops.check import CheckResult, check_file
 from lora_tools.units import format_bytes
@@ -17,6 +18,7 @@ from lora_tools.units import format_bytes
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a verdict per file.")
 @click.option("--hash", "hash_data", is_flag=True,
               help="Also read every tensor: the file's sha256, short reads, NaN/Inf (one pass over each file).")
+@quiet_flag
 def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> None:
     """Check that each safetensors FILE is complete and internally consistent (a diffusers folder: each of its
     safetensors files).
@@ -36,7 +38,7 @@ def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> No
     else:
         for r in results:
             if r.ok:
-                click.echo(render_ok(r))
+                say(render_ok(r))
             for problem in r.problems:
                 click.echo(f"Error: {safe_text(problem, limit=400)}", err=True)
     if not all(r.ok for r in results):

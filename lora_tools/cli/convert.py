@@ -19,4 +19,4 @@ def convert_command(options, overwrite: bool, as_json: bool) -> None:
     result = OPS["convert"](options, overwrite=overwrite)
     path, report = result.files[0], result.report
     emit({"output": str(path), **report}, as_json,
-         [f"Wrote {safe_text(path)}: {report['modules']} modules, {safe_text(report['from'])} -> {report['to']}."])
+         [f"Wrote {safe_text(path)}: {report['modules']} modules, {safe_text(report['from'])} -> {report['to']}."], [path])

@@ -28,4 +28,5 @@ def extract_command(options, overwrite: bool, as_json: bool) -> None:
         parts = ", ".join(f"{g} {v['energy']:.3g} ({v['share']:.2%})" for g, v in left_out.items())
         lines.append(f"Left out (kohya's and A1111/Forge's loaders drop them; --include adds them), energy of the "
                      f"difference (squared Frobenius norm, share of the whole): {parts}.")
-    emit({"output": str(path), "identical_modules": identical, **rep.to_dict(), "left_out": left_out}, as_json, lines)
+    emit({"output": str(path), "identical_modules": identical, **rep.to_dict(), "left_out": left_out}, as_json, lines,
+         [path])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lora_tools.cli._generate import json_option, operation_command, overwrite_option
+from lora_tools.cli._options import is_quiet, written
 from lora_tools.cli._output import safe_text
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
@@ -24,11 +25,9 @@ if TYPE_CHECKING:
 @operation_command(OPS["fuse"], extra=[
     click.Option(["--dry-run"], is_flag=True, help="Print the plan (matches, outputs, sizes, memory) and write nothing."),
     overwrite_option("Replace existing outputs (inputs are never overwritten)."),
-    click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar, summary only."),
     json_option("Print the plan (with --dry-run) or what was written as JSON on stdout."),
 ])
-def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool,
-                 as_json: bool) -> None:
+def fuse_command(options, dry_run: bool, overwrite: bool, as_json: bool) -> None:
     """Fuse an acceleration preset (SDXL-Lightning...) and/or LoRAs into BASE and save standalone model files.
 
     BASE is a single-file SDXL checkpoint, a diffusers UNet file or a diffusers folder.
@@ -60,15 +59,19 @@ def fuse_command(options, dry_run: bool, overwrite: bool, quiet: bool,
             existing = [] if overwrite else [o.path for o in plan.outputs if Path(o.path).exists()]
             if as_json:
                 click.echo(json.dumps(_plan_dict(plan, existing), indent=2))
-            else:
+            elif not is_quiet():  # a dry run writes nothing: under -q it prints nothing
                 _print_plan(plan, existing)
             return
-        with byte_progress(plan.base.total_bytes(), "fusing", enabled=not quiet and not as_json) as advance:
+        with byte_progress(plan.base.total_bytes(), "fusing", enabled=not as_json) as advance:
             result = op.run(planned, progress=advance)
         if as_json:
             click.echo(json.dumps(_result_dict(plan, result.extra["fuse"], planned.workflow), indent=2))
             return
-        _print_summary(plan, result.extra["fuse"])
+        fused = result.extra["fuse"]
+        if is_quiet():
+            written([*(f.path for f in fused.files), *([planned.workflow] if planned.workflow is not None else [])])
+            return
+        _print_summary(plan, fused)
         if planned.workflow is not None:
             click.echo(f"Wrote {safe_text(planned.workflow)} (ComfyUI API-format workflow)")
     finally:

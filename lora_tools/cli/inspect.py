@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lora_tools.cli._options import quiet_flag, say
 from lora_tools.cli._output import safe_text
 from lora_tools.errors import ShapeMismatchError, UsageError
 from lora_tools.layouts.blocks import block_of
@@ -25,6 +26,7 @@ from lora_tools.units import format_bytes
               help="Also list every LoRA module with its naming, factor spelling and the tensors it changes.")
 @click.option("--hash/--no-hash", "with_hash", default=None,
               help="Compute sha256 and AutoV2 (default: only for files under 2 GiB).")
+@quiet_flag
 def inspect_command(path: Path, as_json: bool, show_keys: bool, show_targets: bool, with_hash: bool | None) -> None:
     """Show what a LoRA, checkpoint or diffusers folder holds, from its headers alone.
 
@@ -44,13 +46,11 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, show_targets: bo
                                             for p in problems]
         click.echo(json.dumps(d, indent=2))
     else:
-        for line in render(report, show_keys=show_keys, show_targets=show_targets):
-            click.echo(line)
+        say(*render(report, show_keys=show_keys, show_targets=show_targets))
         if problems:
-            click.echo(f"  modules whose factors do not fit each other ({len(problems)}):")
-            for line in _aligned([(f"{p.component}:{safe_text(p.module, 120)}", safe_text(p.reason, 400))
-                                  for p in problems], indent=4):
-                click.echo(line)
+            say(f"  modules whose factors do not fit each other ({len(problems)}):",
+                *_aligned([(f"{p.component}:{safe_text(p.module, 120)}", safe_text(p.reason, 400))
+                           for p in problems], indent=4))
     if misfit is not None:
         raise misfit
     if report.lora is not None and report.lora.mismatched:

@@ -26,4 +26,4 @@ def merge_command(options, overwrite: bool, as_json: bool) -> None:
         data.update(report.to_dict())
         line += (f", retained energy {report.retained_energy:.2%}, "
                  f"largest relative error {report.max_relative_error:.3g}")
-    emit(data, as_json, [line + "."])
+    emit(data, as_json, [line + "."], [path])

@@ -6,10 +6,13 @@ import json
 
 import click
 
+from lora_tools.cli._options import quiet_flag, say
+
 
 @click.command("presets")
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per preset) instead of text.")
+@quiet_flag
 def presets_command(name: str | None, as_json: bool) -> None:
     """List the acceleration presets (SDXL-Lightning, Hyper-SD, LCM, TCD, DMD2) and their sampler settings.
 
@@ -30,17 +33,17 @@ def presets_command(name: str | None, as_json: bool) -> None:
     if not name:
         width = max(len(p.name) for p in rows)
         for p in rows:
-            click.echo(f"{p.name:<{width}}  {p.label}: {p.sampler.describe()}")
+            say(f"{p.name:<{width}}  {p.label}: {p.sampler.describe()}")
         return
     p = rows[0]
-    click.echo(f"{p.name}: {p.label} ({p.family}, {p.steps} step{'s' if p.steps != 1 else ''}, {p.kind})")
-    click.echo(f"  repo       {p.repo_id}")
+    say(f"{p.name}: {p.label} ({p.family}, {p.steps} step{'s' if p.steps != 1 else ''}, {p.kind})")
+    say(f"  repo       {p.repo_id}")
     for title, f in (("lora", p.lora_file), ("unet", p.unet_file), ("checkpoint", p.checkpoint_file)):
         if f:
-            click.echo(f"  {title:<10} {f}" + (f"  sha256 {p.known_sha256[f]}" if f in p.known_sha256 else ""))
+            say(f"  {title:<10} {f}" + (f"  sha256 {p.known_sha256[f]}" if f in p.known_sha256 else ""))
     for f in p.extra_files:
-        click.echo(f"  also       {f}")
+        say(f"  also       {f}")
     if p.pickle:
-        click.echo("  note       a torch pickle: loaded weights-only")
-    click.echo(f"  sample     {p.sampler.describe()}")
-    click.echo(f"  source     {p.source}")
+        say("  note       a torch pickle: loaded weights-only")
+    say(f"  sample     {p.sampler.describe()}")
+    say(f"  source     {p.source}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lora_tools.cli._generate import json_option, operation_command, overwrite_option
+from lora_tools.cli._options import say, written
 from lora_tools.cli._output import safe_text
 from lora_tools.ops.registry import OPS
 from lora_tools.units import format_bytes
@@ -31,17 +32,17 @@ def publish_command(options, overwrite: bool, as_json: bool) -> None:
     if as_json:
         _publish_json(op, planned, options)
         return
-    click.echo(f"Release folder: {safe_text(plan.folder)}" + (f" -> https://huggingface.co/{repo}" if repo else ""))
-    for name, nbytes in plan.listing():
-        click.echo(f"  {safe_text(name)} ({format_bytes(nbytes)})")
-    click.echo(f"License: {safe_text(plan.license)}")
+    say(f"Release folder: {safe_text(plan.folder)}" + (f" -> https://huggingface.co/{repo}" if repo else ""),
+        *(f"  {safe_text(name)} ({format_bytes(nbytes)})" for name, nbytes in plan.listing()),
+        f"License: {safe_text(plan.license)}")
     if options.dry_run:
-        click.echo("Dry run: nothing was written or uploaded.")
+        say("Dry run: nothing was written or uploaded.")
         return
     result = op.run(planned)
-    click.echo(f"Wrote {safe_text(result.files[0])}")
+    say(f"Wrote {safe_text(result.files[0])}")
     if repo is not None:
-        click.echo(f"Uploaded to {result.extra['url']}")
+        say(f"Uploaded to {result.extra['url']}")
+    written([result.files[0], *([result.extra["url"]] if repo is not None else [])])
 
 
 def _publish_json(op, planned, options) -> None:

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from lora_tools.cli._options import quiet_flag
+
 
 @click.group("recipe")
 def recipe_group() -> None:
@@ -20,6 +22,7 @@ def recipe_group() -> None:
 @recipe_group.command("show")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the recipe as JSON instead of YAML.")
+@quiet_flag  # the recipe is what this command gives: -q prints it too (README "Quiet output")
 def show_command(file: str, as_json: bool) -> None:
     """Print the recipe that made FILE (from its loratool record; also for `loratool fuse` outputs).
 

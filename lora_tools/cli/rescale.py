@@ -21,4 +21,4 @@ def rescale_command(options, overwrite: bool, as_json: bool) -> None:
     path, report = result.files[0], result.report
     emit({"output": str(path), **report.to_dict()}, as_json,
          [f"Wrote {safe_text(path)}: {report.scaled} modules scaled by {options.strength:g}, "
-          f"{report.unchanged} unchanged, {report.dropped} dropped."])
+          f"{report.unchanged} unchanged, {report.dropped} dropped."], [path])

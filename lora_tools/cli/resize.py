@@ -29,4 +29,4 @@ def resize_command(options, overwrite: bool, as_json: bool) -> None:
     lines = [f"Wrote {safe_text(path)} ({format_bytes(report.size_bytes)}): {len(report.modules)} modules, "
              f"retained energy {report.retained_energy:.2%}, largest relative error {report.max_relative_error:.3g}"
              + (f" ({safe_text(worst.name)})" if worst else "") + "."]
-    emit({"output": str(path), **report.to_dict()}, as_json, lines)
+    emit({"output": str(path), **report.to_dict()}, as_json, lines, [path])

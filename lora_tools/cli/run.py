@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from lora_tools.cli._options import is_quiet, quiet_flag, written
 from lora_tools.cli._output import safe_text
 from lora_tools.units import format_bytes
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
               help="Override an input's path (NAME=PATH, its sha256 pin kept), a var, output_dir, or any dotted key. Repeatable.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed job (default: run the others).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or the results as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@quiet_flag
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where jobs run: this process, or Ray tasks (pip install 'lora-tools[ray]').")
 @click.option("--address", metavar="ADDR", help="With --executor ray: join this cluster (HOST:PORT, ray://HOST:PORT, auto); "
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="With --executor ray: how often a job whose worker died is run again.")
 def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[str, ...], fail_fast: bool,
-                as_json: bool, quiet: bool, executor: str, address: str | None, max_in_flight: int | None,
+                as_json: bool, executor: str, address: str | None, max_in_flight: int | None,
                 retries: int) -> None:
     """Run the jobs of RECIPE (a YAML file that starts with "version: 1").
 
@@ -46,8 +47,10 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
 
     plan = plan_recipe(recipe, sets=sets, only=only)
     jobs = plan.jobs
+    quiet = is_quiet()
     if dry_run:
-        _print_plan(plan, jobs, as_json)
+        if as_json or not quiet:  # a dry run writes nothing: under -q it prints nothing
+            _print_plan(plan, jobs, as_json)
         return
     from lora_tools.cli._progress import byte_progress
 
@@ -86,6 +89,11 @@ def run_command(recipe: str, dry_run: bool, only: tuple[str, ...], sets: tuple[s
         click.echo(json.dumps({"results": [{"name": r.name, "outcome": r.outcome, "seconds": round(r.seconds, 3),
                                             "outputs": list(r.outputs), "message": r.message} for r in results]},
                               indent=2))
+    elif quiet:  # the outputs of the jobs that ran; each failure as an error
+        written(o for r in results if r.outcome == "done" for o in r.outputs)
+        for r in results:
+            if r.outcome == "failed":
+                click.echo(f"Error: {safe_text(r.name)}: {safe_text(r.message)}", err=True)
     else:
         _print_summary(results)
     if any(r.outcome in ("failed", "not run") for r in results):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from lora_tools.cli._generate import json_option, operation_command, overwrite_option
+from lora_tools.cli._options import is_quiet, written
 from lora_tools.errors import Hint, UsageError
 from lora_tools.ops.registry import OPS
 
@@ -28,6 +29,7 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
     Example:
         loratool verify juggernaut-lightning-4step.safetensors --out check/
         loratool verify fused.safetensors --against base.safetensors --lora sdxl_lightning_4step_lora.safetensors
+        loratool verify fused-fp8.safetensors --against fused.safetensors   # an fp8 file against its fp16 one
     """
     import json
 
@@ -60,6 +62,14 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
     plan, model, out = planned.plan, options.model, options.out
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+    elif is_quiet():  # what was written, and what failed (as errors)
+        written([out] if out is not None else [])
+        for f in report.failures:
+            click.echo(f"Error: {f}", err=True)
+        if report.verdict == "fail" and not report.failures:
+            worst = min(i.psnr_db for i in report.images if i.psnr_db is not None)
+            click.echo(f"Error: verdict FAIL: PSNR {worst:.1f} dB, threshold {report.threshold['psnr_db']:g} dB "
+                       f"for {report.dtype}.", err=True)
     else:
         s = report.settings
         click.echo(f"Model:    {safe_text(str(model))} ({plan.kind}, preset {plan.preset or 'from record'})")
@@ -77,9 +87,16 @@ def verify_command(options, prompts_file: Path | None, overwrite: bool, compile_
             click.echo(f"Verdict:  {report.verdict.upper()} (PSNR threshold {report.threshold['psnr_db']:g} dB "
                        f"for {report.dtype}{weights})")
         if out is not None:
-            click.echo(f"Wrote:    {safe_text(str(out))}/ (grid.png, images/, report.json, report.md)")
+            names = sorted({Path(f).name if Path(f).parent == Path(out) else Path(f).parent.name + "/"
+                            for f in report.files}, key=_file_order)
+            click.echo(f"Wrote:    {safe_text(str(out))}/ ({', '.join(names)})")
     if not report.ok:
         raise SystemExit(1)
+
+
+def _file_order(name: str) -> tuple[int, str]:
+    """The pictures first, then the images, then the reports."""
+    return (0 if name.endswith(".png") else 1 if name.endswith("/") else 2, name)
 
 
 def _announce(plan) -> None:

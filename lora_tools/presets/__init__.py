@@ -3,7 +3,7 @@
 One table, :data:`PRESETS`, keyed by name (``"lightning-4step"``, ``"hyper-sd-8step-cfg"``,
 ``"dmd2-4step"`` ...). Each :class:`AccelerationPreset` names the hub files of one model and the
 :class:`SamplerSettings` its model card prescribes; one module per family holds the rows and says
-where their facts come from (``docs/domain.md`` sections 1, 4 and 7.2).
+where their facts come from (each row's ``source``: model cards, papers, diffusers' docs).
 
 Identification (:func:`identify_file`) goes by sha256 first, then by hub repository and file
 name; a base name shared by two families (LCM-LoRA and TCD both ship
@@ -56,13 +56,13 @@ FAMILIES: dict[str, tuple[AccelerationPreset, ...]] = {
 #: Every preset by name.
 PRESETS: dict[str, AccelerationPreset] = {p.name: p for rows in FAMILIES.values() for p in rows}
 
-#: The diffusers module suffixes of the LCM-LoRA SDXL training script's target list (domain.md 1.2):
+#: The diffusers module suffixes of the LCM-LoRA SDXL training script's target list (diffusers' ``train_lcm_distill_lora_sdxl.py``):
 #: 788 UNet modules on SDXL. SDXL-Lightning, LCM-LoRA and DMD2 LoRAs all cover exactly this set.
 LCM_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                                 "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
                                 "upsamplers.0.conv", "time_emb_proj")
 
-#: Key signature name -> the families whose LoRAs have it (domain.md 1.6: kohya keys, UNet only,
+#: Key signature name -> the families whose LoRAs have it (kohya keys, UNet only,
 #: diffusers names, the LCM target set, one rank, alpha everywhere). Keys cannot tell these apart.
 KEY_SIGNATURES: dict[str, tuple[str, ...]] = {"lcm-target-set": ("lightning", "lcm", "dmd2")}
 
@@ -123,7 +123,7 @@ def identify_file(filename: str, sha256: str | None = None) -> AccelerationPrese
     (case-insensitive); where two presets share that name (``pytorch_lora_weights.safetensors``),
     the hub repository in ``filename`` (``"h1t/TCD-SDXL-LoRA/pytorch_lora_weights.safetensors"``,
     or a hub cache path ``.../models--h1t--TCD-SDXL-LoRA/snapshots/<rev>/...``) must decide.
-    The step count of these LoRAs cannot be read from their keys (domain.md 1.6).
+    The step count of these LoRAs cannot be read from their keys (every step count has the same ones).
 
     Args:
         filename (`str`): a path, a hub reference or a bare name.

@@ -1,6 +1,6 @@
 """DMD2 SDXL (``tianweiy/DMD2``).
 
-Facts (``docs/domain.md`` 4 and 7.2, from the model card snippet): the 4-step LoRA is fused at 1.0
+Facts (from the model card snippet, huggingface.co/tianweiy/DMD2): the 4-step LoRA is fused at 1.0
 and sampled with ``LCMScheduler``, ``guidance_scale=0`` and explicit ``timesteps=[999, 749, 499, 249]``
 ("LCMScheduler's default timesteps are different from the one we used for training"); the 1-step
 UNet with ``timesteps=[399]``, shipped as a ``.bin`` pickle (load weights-only). The author suggests

@@ -1,6 +1,6 @@
 """Hyper-SD SDXL (``ByteDance/Hyper-SD``).
 
-Facts (``docs/domain.md`` 4 and 7.2, from the Hyper-SD model card): the N-step LoRAs use
+Facts (from the Hyper-SD model card, huggingface.co/ByteDance/Hyper-SD): the N-step LoRAs use
 ``DDIMScheduler(timestep_spacing="trailing")``, steps = N, ``guidance_scale=0``; ByteDance's ComfyUI
 workflows use DDIM (or Euler) + ``sgm_uniform``; SDXL LoRAs fuse at 1.0 (Fooocus uses the 4-step
 LoRA at 0.8). The 1-step LoRA is "unified" (1-8 steps) with ``TCDScheduler`` and ``eta`` (1.0 for
@@ -16,7 +16,7 @@ from lora_tools.presets.sampler import SamplerSettings
 
 HYPER_SD_REPO = "ByteDance/Hyper-SD"
 
-# domain.md 7.2 (a third-party pinned model list, cross-checked against refiners' LCM value).
+# A third-party pinned model list (refiners'), cross-checked against its LCM value.
 _SHA256 = {
     "Hyper-SDXL-1step-lora.safetensors": "c912df184c5116792d2c604d26c6bc2aa916685f4a793755255cda1c43a3c78a",
     "Hyper-SDXL-4steps-lora.safetensors": "12f81a27d00a751a40d68fd15597091896c5a90f3bd632fb6c475607cbdad76e",

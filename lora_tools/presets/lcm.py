@@ -1,6 +1,6 @@
 """LCM-LoRA SDXL (``latent-consistency/lcm-lora-sdxl``).
 
-Facts (``docs/domain.md`` 4 and 7.2; diffusers ``inference_with_lcm.md``): ``LCMScheduler``, about
+Facts (the model card, huggingface.co/latent-consistency/lcm-lora-sdxl; diffusers ``inference_with_lcm.md``): ``LCMScheduler``, about
 4 (2-8) steps, guidance 1.0 (off) up to 2.0 ("best values between 1.0 and 2.0"). ComfyUI has a
 native ``lcm`` sampler (with ``ModelSamplingDiscrete`` ``lcm``); Fooocus uses weight 1.0, CFG 1.0.
 The file name ``pytorch_lora_weights.safetensors`` is shared with TCD: identify by sha256 or repo.

@@ -1,6 +1,6 @@
 """SDXL-Lightning (``ByteDance/SDXL-Lightning``): 1/2/4/8 steps; 1 step is an x0 UNet only.
 
-Facts (``docs/domain.md`` 1.1-1.3 and 4, from the model card): Diffusers ``EulerDiscreteScheduler``
+Facts (from the model card, huggingface.co/ByteDance/SDXL-Lightning): Diffusers ``EulerDiscreteScheduler``
 with ``timestep_spacing="trailing"``, steps equal to the checkpoint's, ``guidance_scale=0``; the
 1-step model adds ``prediction_type="sample"``. ComfyUI: Euler + ``sgm_uniform``, CFG 1.0, LoRA
 strength 1.0 (Fooocus). LoRAs exist for 2, 4 and 8 steps only.
@@ -13,7 +13,7 @@ from lora_tools.presets.sampler import SamplerSettings
 
 LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 
-# sha256 at hub revision c9a24f48e1c025556787b0c58dd67a091ece2e44 (refiners; domain.md 1.2, 1.3).
+# sha256 at hub revision c9a24f48e1c025556787b0c58dd67a091ece2e44 (as refiners' model list pins them).
 _SHA256: dict[int, dict[str, str]] = {
     1: {
         "sdxl_lightning_1step_unet_x0.safetensors": "14d53ad5b440a37fc0f429d595d96bf144c5dd842aa5747383e6098c9dbfa644",

@@ -28,7 +28,7 @@ class AccelerationPreset:
         extra_files (`tuple[str, ...]`): further files of the same model (an fp16 copy).
         pickle (`bool`): the UNet ships as a torch pickle (``.bin``): load it weights-only.
         label (`str`): the name people use (``"SDXL-Lightning 4-step"``).
-        source (`str`): where the row's facts come from (``docs/domain.md`` section and model card).
+        source (`str`): where the row's facts come from (public ones: model cards, papers, docs).
         license (`str`, *optional*): the license id of the preset's own weights (its model card), shown in
             release cards; ``None`` where the row does not record it.
     """

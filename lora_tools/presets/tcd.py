@@ -1,6 +1,6 @@
 """TCD-SDXL LoRA (``h1t/TCD-SDXL-LoRA``).
 
-Facts (``docs/domain.md`` 4; diffusers ``inference_with_tcd_lora.md``, ``api/schedulers/tcd.md``):
+Facts (the model card, huggingface.co/h1t/TCD-SDXL-LoRA; diffusers ``inference_with_tcd_lora.md``, ``api/schedulers/tcd.md``):
 ``TCDScheduler``, 4-8 steps, ``guidance_scale=0``, ``eta`` 0-1 with 0.3 recommended; ComfyUI through
 the ComfyUI-TCD custom node. The file name ``pytorch_lora_weights.safetensors`` is shared with
 LCM-LoRA: identify by sha256 or repo.

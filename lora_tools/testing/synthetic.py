@@ -27,7 +27,7 @@ Size = Literal["micro", "tiny", "full"]
 #: attention level and two-layer text encoders. A verify or an oracle on it costs seconds, not most of a minute.
 MICRO = SDXLConfig(unet=replace(TINY.unet, depths=(0, 1, 1), mid_depth=1), vae=TINY.vae,
                    te1=replace(TINY.te1, layers=2), te2=replace(TINY.te2, layers=2))
-#: Marker tensors that change how loaders treat a checkpoint (domain.md 2.6).
+#: Marker tensors that change how loaders treat a checkpoint (ComfyUI's and A1111's model detection read them).
 MARKERS: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {
     "v_pred": ("v_pred", torch.int64, (0,)),
     "ztsnr": ("ztsnr", torch.int64, (0,)),

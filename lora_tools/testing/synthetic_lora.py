@@ -30,7 +30,7 @@ LoraFormat = Literal["kohya", "kohya-diffusers", "diffusers", "peft", "comfy", "
 Algorithm = Literal["lora", "lora-tucker", "loha", "lokr", "dora"]
 TargetSet = Literal["lightning", "attn", "all"]
 
-#: The LCM-LoRA SDXL training script's default targets (domain.md 1.2): 788 modules on SDXL.
+#: The LCM-LoRA SDXL training script's default targets (diffusers' ``train_lcm_distill_lora_sdxl.py``): 788 modules on SDXL.
 LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 _ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

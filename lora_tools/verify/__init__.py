@@ -386,8 +386,16 @@ def grid_title(plan: VerifyPlan, report: VerifyReport) -> str:
              f"{s['scheduler']} {plan.sampler.timestep_spacing}, {s['steps']} steps, CFG {s['guidance_scale']:g}"]
     if report.verdict is not None:
         worst = min((i.psnr_db for i in report.images if i.psnr_db is not None), default=float("nan"))
-        parts.append(f"{report.verdict.upper()} vs base + LoRAs: PSNR {worst:.1f} dB")
-    return " | ".join(parts)
+        threshold = f" (threshold {report.threshold['psnr_db']:g} dB)" if report.threshold else ""
+        parts.append(f"{report.verdict.upper()}: PSNR {worst:.1f} dB{threshold} vs {_reference_label(plan)}")
+    return " | ".join(p for p in parts if p)
+
+
+def _reference_label(plan: VerifyPlan) -> str:
+    """What the model is compared with: the base with its runtime LoRAs, or the file itself (an fp8 model's
+    fp16 counterpart)."""
+    assert plan.against is not None
+    return "base + LoRAs" if plan.loras else plan.against.name
 
 
 def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[int, int], tuple[Any, Any]],
@@ -435,7 +443,8 @@ def _write_outputs(plan: VerifyPlan, report: VerifyReport, rendered: dict[tuple[
         assert references is not None
         labels = [f"{plan.prompts[r]} (seed {plan.seeds[c]})" for r, c in pairs]
         comparison = make_comparison([_to_pil(rendered[k][1]) for k in pairs], [_to_pil(references[k]) for k in pairs],
-                                     labels, out / "comparison.png", title=title)
+                                     labels, out / "comparison.png", title=title,
+                                     reference_label="base + LoRAs" if plan.loras else "ref. file")
         report.files.append(shown(Path(comparison)))
     if plan.workflow:
         wf = comfy_workflow(plan.model.name, plan.sampler, prompt=plan.prompts[0], seed=plan.seeds[0],

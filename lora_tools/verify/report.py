@@ -82,8 +82,12 @@ class VerifyReport:
         lines = [f"# Verification of {name}", ""]
         if self.verdict is not None and self.threshold is not None:
             worst = min((i.psnr_db for i in self.images if i.psnr_db is not None), default=float("nan"))
-            lines += [f"**Verdict: {self.verdict.upper()}.** The model renders like its base with the LoRAs applied "
-                      f"at run time: worst PSNR {worst:.1f} dB on the {self.threshold.get('on', 'final latents')}, "
+            against = self.against or {}
+            reference = ("its base with the LoRAs applied at run time" if against.get("loras")
+                         else Path(str(against.get("base", "the reference"))).name)
+            verb = "renders like" if self.verdict == "pass" else "does not render like"
+            lines += [f"**Verdict: {self.verdict.upper()}.** The model {verb} {reference}: "
+                      f"worst PSNR {worst:.1f} dB on the {self.threshold.get('on', 'final latents')}, "
                       f"threshold {self.threshold.get('psnr_db'):g} dB for {self.threshold.get('dtype', self.dtype)}.",
                       ""]
         lines += ["## Settings", "",
@@ -94,7 +98,8 @@ class VerifyReport:
                   f"- Ran on {self.device} in {self.dtype}"]
         if self.against is not None:
             loras = ", ".join(f"{Path(str(x['path'])).name} at {x['strength']:g}" for x in self.against.get("loras", []))
-            lines.append(f"- Compared with: {Path(str(self.against.get('base'))).name} + {loras} (runtime LoRAs)")
+            base = Path(str(self.against.get("base"))).name
+            lines.append(f"- Compared with: {base} + {loras} (runtime LoRAs)" if loras else f"- Compared with: {base}")
         for failure in self.failures:
             lines.append(f"- failed: {failure}")
         if self.wrong_settings is not None:

@@ -1,7 +1,7 @@
 """What inspect knows about acceleration models (Lightning...): by sha256, file name, metadata or keys.
 
 Identification by file goes through :func:`lora_tools.presets.identify_file` (the one preset
-registry); the key signature is domain.md 1.6.
+registry); the key signature is :func:`lightning_signature`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lora_tools.lora.match import LoraMatch
 from lora_tools.ops.inspect.report import Acceleration
 from lora_tools.presets import LIGHTNING, AccelerationPreset, identify_file
 
-#: The LCM-LoRA SDXL training script's default targets (domain.md 1.2); the same list as
+#: The LCM-LoRA SDXL training script's default targets (diffusers' ``train_lcm_distill_lora_sdxl.py``); the same list as
 #: ``lora_tools.testing.synthetic_lora.LCM_TARGETS``, repeated here because that module imports torch.
 LIGHTNING_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
@@ -28,7 +28,7 @@ _STEPS_METADATA_KEYS = ("ss_output_name", "modelspec.title", "modelspec.descript
 
 
 def lightning_signature(adapter: LoraAdapter, match: LoraMatch, cfg: SDXLConfig) -> bool:
-    """domain.md 1.6: kohya keys, UNet only, diffusers names, exactly the LCM target set,
+    """Kohya keys, UNet only, diffusers names, exactly the LCM target set,
     one rank, alpha on every module.
     """
     modules = adapter.modules

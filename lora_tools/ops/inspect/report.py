@@ -117,7 +117,7 @@ class Acceleration:
         preset: preset name (``"lightning-4step"``) or ``None``.
         steps: the step count, or ``None`` when unknown (keys alone never tell it).
         identified_by: ``sha256``, ``filename``, ``metadata`` or ``keys``.
-        key_signature: the LoRA has the Lightning/LCM/DMD2 key signature (domain.md 1.6).
+        key_signature: the LoRA has the Lightning/LCM/DMD2 key signature (kohya keys, UNet only, the LCM target set).
         sampler: the preset's sampler settings as a dict, or ``None``.
         sampler_summary: the same on one line, or ``None``.
         note: one sentence for people.
