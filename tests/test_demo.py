@@ -43,7 +43,7 @@ def test_demo_runs_offline_and_prints_only_its_own_steps(tmp_path: Path) -> None
     assert noise == []
     _check_comparison(folder / "verify")
     fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"6. Fusing in fp8 (half the size, for small GPUs): loratool fuse {folder}" in out
+    assert f"6. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {folder}" in out
     assert f"7. Verifying fp8 against fp16: loratool verify {fp8} --against {fused}" in out
     assert "Verdict: PASS (threshold 30 dB for fp32, fp8 scaled weights)" in out
     fp8_report = json.loads((folder / "verify-fp8" / "report.json").read_text())
@@ -79,12 +79,12 @@ def test_demo_without_renders_fuses_fp8_too(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     fused = folder / "community-checkpoint-lightning-4step-style-lora.safetensors"
     fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"5. Fusing in fp8 (half the size, for small GPUs): loratool fuse {folder}" in run.stdout
+    assert f"5. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {folder}" in run.stdout
     assert f"--dtype fp8 -o {fp8} --overwrite" in run.stdout and "Verifying" not in run.stdout
     saved = fused.stat().st_size - fp8.stat().st_size
-    assert 0.4 < saved / fused.stat().st_size < 0.6
+    assert 0.3 < saved / fused.stat().st_size < 0.6  # linear weights in fp8; convs stay fp16 (ComfyUI scales linear layers only)
     assert f"fp8 scaled: {fp8.name} is " in run.stdout and "smaller than in fp16" in run.stdout
-    assert "fp8 rounding: 794 UNet weights, relative Frobenius error " in run.stdout
+    assert "fp8 rounding: 743 UNet weights, relative Frobenius error " in run.stdout
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_the_demo_commands_run_as_printed(tmp_path: Path, monkeypatch: pytest.Mo
     for argv in commands:
         _run(argv)
     assert fused.stat().st_mtime_ns != before  # the printed fuse really ran again
-    assert fp8.stat().st_mtime_ns != before_fp8 and fp8.stat().st_size < fused.stat().st_size * 0.6  # and the fp8 one
+    assert fp8.stat().st_mtime_ns != before_fp8 and fp8.stat().st_size < fused.stat().st_size * 0.65  # and the fp8 one (convs stay fp16)
 
 
 def test_the_readme_demo_block_is_what_the_demo_prints() -> None:

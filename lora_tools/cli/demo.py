@@ -101,7 +101,7 @@ def _fp8_step(step: int, base: Path, lightning_dir: Path, style: Path, fp16: Pat
     from lora_tools.ops.fuse_plan import plan_fuse
 
     out = fp16.with_name(fp16.stem + "-fp8" + fp16.suffix)
-    say(f"{step}. Fusing in fp8 (half the size, for small GPUs): "
+    say(f"{step}. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): "
         + command("fuse", *_fuse_args(base, lightning_dir, style), "--dtype", "fp8", "-o", out, "--overwrite"))
     plan = plan_fuse(base, "lightning-4step", preset_dir=lightning_dir, loras=[(str(style), STYLE_STRENGTH)],
                      dtype="fp8", output=out)
