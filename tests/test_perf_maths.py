@@ -180,6 +180,73 @@ def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, P
     assert load_tensors(written["default"].path).keys() == load_tensors(base).keys()
 
 
+@pytest.mark.slow
+def test_big_inputs_are_pinned_by_a_sampled_sha256_unless_asked(models: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's run entry pins an input over the limit by its size and a sampled sha256 (the
+    CLI fuse then reads no byte of a 7 GB base twice); --hash-base asks for the full sha256,
+    --hash-output for the output's, both as ``sha256sum`` gives them."""
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+    from lora_tools.io import hashing
+    from lora_tools.io.safetensors import read_header
+    from lora_tools.provenance import read_record
+
+    base, lora_a, _, _ = models
+    full = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (base, lora_a)}
+    monkeypatch.setattr(hashing, "FULL_HASH_MAX_BYTES", lora_a.stat().st_size)  # the base is now "big", the LoRA not
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 16)
+    hashed: list[Path] = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p, **kw: hashed.append(Path(p)) or real(p, **kw))
+    records, stdout = {}, {}
+    for name, flags in (("default", []), ("asked", ["--hash-base", "--hash-output"])):
+        out = tmp_path / f"{name}.safetensors"
+        hashed.clear()
+        res = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora_a), "-o", str(out), *flags],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        records[name], stdout[name] = read_record(read_header(out).metadata), res.stdout
+        assert base not in hashed or name == "asked"
+        assert hashed.count(base) == (name == "asked")  # never twice (record sources and run entry share it)
+    pins = {name: {i["option"]: i for i in r["recipe"]["inputs"]} for name, r in records.items()}
+    assert pins["default"]["base"] == {"option": "base", "name": "base.safetensors", "size": base.stat().st_size,
+                                       "sampled_sha256": hashing.sampled_sha256(base)}
+    assert pins["default"]["loras"]["sha256"] == full[lora_a] == pins["asked"]["loras"]["sha256"]
+    assert pins["asked"]["base"] == {"option": "base", "name": "base.safetensors", "sha256": full[base]}
+    source = {name: next(s for s in r["sources"] if s["role"] == "base") for name, r in records.items()}
+    assert "sha256" not in source["default"] and source["default"]["sampled_sha256"] == hashing.sampled_sha256(base)
+    assert source["asked"]["sha256"] == full[base]
+    assert "sha256" not in stdout["default"]
+    digest = hashlib.sha256((tmp_path / "asked.safetensors").read_bytes()).hexdigest()
+    assert f"sha256 {digest}, AutoV2 {digest[:10]}" in stdout["asked"]
+
+
+def test_the_sampled_sha256_sees_the_header_and_the_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.io import hashing
+
+    monkeypatch.setattr(hashing, "SAMPLE_STRIDE", 1 << 16)
+    monkeypatch.setattr(hashing, "SAMPLE_BYTES", 1 << 10)
+    path = tmp_path / "m.safetensors"
+    header = b'{"w":{"dtype":"U8","shape":[300000],"data_offsets":[0,300000]}}'
+    data = bytearray(os.urandom(300000))
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    first = hashing.sampled_sha256(path)
+    seen = {}
+    for name, at in (("header", 9), ("sample", 8 + len(header) + (1 << 16) - 8 - len(header) + 5),
+                     ("last", 8 + len(header) + 300000 - 1), ("between", 8 + len(header) + 3 * (1 << 16) // 2)):
+        raw = bytearray(path.read_bytes())
+        raw[at] ^= 1
+        path.write_bytes(raw)
+        seen[name] = hashing.sampled_sha256(path) != first
+        raw[at] ^= 1
+        path.write_bytes(raw)
+    assert seen == {"header": True, "sample": True, "last": True, "between": False}
+    assert hashing.sampled_sha256(path) == first
+    assert hashing.file_pin(path, full=True) == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def test_module_threads_nest() -> None:
     before = torch.get_num_threads()
     with lowrank.module_threads() as outer:

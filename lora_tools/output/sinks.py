@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lora_tools.errors import OutputError, OutputExistsError
-from lora_tools.io import atomic
+from lora_tools.io import atomic, hashing
 from lora_tools.io.diffusers_folder import write_pipeline_configs
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name, torch_dtype
@@ -90,10 +90,9 @@ def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, 
 
 
 #: Outputs up to this size are sha256-hashed while written by default (the summary's sha256 and
-#: AutoV2). Above it the hash is left to whoever asks: hashing runs at 1 to 1.7 GB/s per core, so
-#: a 7 GB checkpoint costs 4 to 7 s of CPU, as much as the rest of a fuse on 2 cores (the same
-#: rule as the record's full sha256 of the base, ``ops/fuse.py`` ``HASH_BASE_LIMIT``).
-FULL_HASH_MAX_BYTES = 2 << 30
+#: AutoV2). Above it the hash is left to whoever asks (the same rule as the records' input pins,
+#: :func:`lora_tools.io.hashing.file_pin`).
+FULL_HASH_MAX_BYTES = hashing.FULL_HASH_MAX_BYTES
 
 
 def wants_hash(plans: Sequence[TensorPlan], hash: bool | None, verify: bool) -> bool:
