@@ -236,7 +236,8 @@ def _fp8_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]
             keep_base = out.kind == "checkpoint"
             sink_type = Fp8CheckpointSink if keep_base else Fp8ComponentSink
             sinks.append(sink_type(out.path, order, lambda d: d, output_metadata(plan, record, keep_base=keep_base),
-                                   form=plan.fp8, error=error, overwrite=plan.overwrite, verify=plan.verify_output))
+                                   form=plan.fp8, error=error, overwrite=plan.overwrite, verify=plan.verify_output,
+                                   hash=plan.hash_output))
     except BaseException:
         for s in sinks:
             s.abort()

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_tools.errors import OutputError, OutputExistsError
 from lora_tools.io import atomic, hashing
@@ -48,7 +48,11 @@ class Finalisable(Protocol):
 
 
 class Sink(Finalisable, Protocol):
-    """What the streaming engine writes into (every output kind implements it)."""
+    """What the streaming engine writes into (every output kind implements it).
+
+    A sink may also have ``prepare(ref, payload) -> None``: the engine calls it on the compute
+    threads, before :meth:`add` (on the one writer thread), to encode the tensor there (fp8).
+    """
 
     def wants(self, ref: TensorRef) -> bool: ...
     def position(self, ref: TensorRef) -> int | None: ...
@@ -63,11 +67,13 @@ class Payload:
     tensor: torch.Tensor | None
     patched: bool
     ops: list | None = None  # row-block patch operations, prepared by the reader
+    amax: float | None = None  # the patched tensor's largest magnitude, where the engine measured it
+    encoded: Any = None  # what a sink's ``prepare`` made of it (the fp8 sinks: the rounded tensor)
 
     def as_tensor(self, ref: TensorRef) -> torch.Tensor:
         if self.tensor is not None:
             return self.tensor
-        assert self.raw is not None
+        assert self.raw is not None and not self.patched, f"'{ref.key}': its patched value was dropped"
         return bytes_to_tensor(self.raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, ref.nbytes))
 
 
