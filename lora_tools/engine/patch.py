@@ -69,7 +69,7 @@ def needs_check(contributions: Sequence[Contribution], base_dtype: torch.dtype, 
 
 def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Tensor, out_dtype: torch.dtype,
                  ops: list[BlockOp] | None = None, *, check: bool | None = None,
-                 amax: list[float] | None = None) -> tuple[torch.Tensor, int]:
+                 amax: list[float] | None = None, into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The patched tensor in ``out_dtype`` and the number of contributions applied.
 
     Args:
@@ -81,6 +81,8 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         check: scan the result for NaN/Inf/overflow; ``None`` applies :func:`needs_check`.
         amax: when the result is scanned, receives its largest magnitude (measured by the scan, while
             each block is in the cache: the fp8 rounding needs it).
+        into: where to put the result when it is not written back into ``base`` (``out_dtype``,
+            ``base``'s shape, contiguous: e.g. a reused scratch); default: a new tensor.
 
     When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
     block is read before it is overwritten), so no second buffer is needed.
@@ -98,7 +100,13 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         check = needs_check(contributions, base.dtype, out_dtype)
     rows = base.shape[0]
     src = base.reshape(rows, -1)
-    out = base if base.dtype == out_dtype and base.is_contiguous() else torch.empty(base.shape, dtype=out_dtype)
+    if base.dtype == out_dtype and base.is_contiguous():
+        out = base
+    elif into is not None:
+        assert into.dtype == out_dtype and into.shape == base.shape and into.is_contiguous()
+        out = into
+    else:
+        out = torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
     step = max(1, BLOCK_ELEMS // src.shape[1])
     buf = torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)

@@ -29,6 +29,7 @@ ones, and ComfyUI then recognises the file as scaled fp8 rather than a plain fp8
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -102,7 +103,7 @@ class Rounding:
 CHUNK_ELEMS = 256 * 1024
 
 
-def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None
+def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None, consume: bool = False
                       ) -> tuple[torch.Tensor, float | None, Rounding]:
     """:func:`quantize` and its error, measured in the same pass.
 
@@ -110,6 +111,7 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
     here), chunk by chunk through cache-sized scratch buffers: no full-size temporary, and the
     rounded values are widened back with a bit trick (:func:`_widen_magnitude`) instead of torch's
     fp8 -> fp32 cast, five times slower. Rounding a 5 GB UNet costs a few seconds of one core.
+    With ``consume``, a contiguous fp32 ``t`` is worked on in place (its values are lost).
     """
     import torch
 
@@ -128,15 +130,18 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
     else:
         clamp = saturating = not amax <= FP8_MAX
     codes = q.view(-1).view(torch.uint8)
-    x_buf = torch.empty(min(n, CHUNK_ELEMS), dtype=torch.float32)
-    back_buf = torch.empty_like(x_buf)
-    bits_buf = torch.empty(x_buf.shape, dtype=torch.int16)
+    x_buf, back_buf, bits_buf = _chunk_buffers()
+    in_place = consume and t.dtype == torch.float32 and t.is_contiguous()
     err_sq = ref_sq = 0.0
     saturated = 0
     for i in range(0, n, CHUNK_ELEMS):
         j = min(n, i + CHUNK_ELEMS)
-        x, back, bits = x_buf[:j - i], back_buf[:j - i], bits_buf[:j - i]
-        x.copy_(flat[i:j])
+        back, bits = back_buf[:j - i], bits_buf[:j - i]
+        if in_place:
+            x = flat[i:j]
+        else:
+            x = x_buf[:j - i]
+            x.copy_(flat[i:j])
         ref_sq += float(torch.dot(x, x))
         if scale is not None:
             x.div_(scale)
@@ -154,6 +159,20 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
     if scale is not None:
         err_sq *= scale * scale
     return q, scale, Rounding(err_sq, ref_sq, saturated)
+
+
+_local = threading.local()
+
+
+def _chunk_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's scratch for :func:`quantize_measured` (fp32, fp32, int16; one chunk each), kept."""
+    import torch
+
+    bufs = getattr(_local, "buffers", None)
+    if bufs is None:
+        x = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
+        bufs = _local.buffers = (x, torch.empty_like(x), torch.empty(CHUNK_ELEMS, dtype=torch.int16))
+    return bufs
 
 
 def _widen_magnitude(codes: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,10 @@ class _Fp8Emitter:
         is then dropped (it is four times the size of its fp8 form)."""
         if not fp8.is_fp8_target(_component(ref), ref.key, ref.shape) or _rounded(payload, self.form):
             return
-        payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax))
-        if payload.patched and all(row.transform in _SAME_VALUES for row in ref.rows):
+        drop = payload.patched and payload.tensor is not None and all(row.transform in _SAME_VALUES for row in ref.rows)
+        payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax,
+                                                             consume=drop))
+        if drop:
             payload.tensor = None
 
     def emit(self, writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, row: KeyMap | None,
