@@ -180,6 +180,64 @@ def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, P
     assert load_tensors(written["default"].path).keys() == load_tensors(base).keys()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form,spread", [("scaled", 0.02), ("plain", 0.02), ("plain", 300.0)])
+def test_chunked_fp8_rounding_gives_the_plain_casts_bits_and_error(dtype: torch.dtype, form: str, spread: float,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.io import fp8
+
+    monkeypatch.setattr(fp8, "CHUNK_ELEMS", 1000)  # several chunks, a short last one
+    codes = torch.arange(256, dtype=torch.uint8)
+    widened = fp8._widen_magnitude(codes, torch.empty(256, dtype=torch.int16), torch.empty(256))
+    exact = codes.view(torch.float8_e4m3fn).float().abs() / 256
+    assert torch.equal(widened[~exact.isnan()], exact[~exact.isnan()])  # every code but NaN
+    w = (torch.randn(70, 9, 3, 3, generator=torch.Generator().manual_seed(1)) * spread).to(dtype)
+    w.view(-1)[5] = 0.0
+    q, scale, rounding = fp8.quantize_measured(w, form)  # type: ignore[arg-type]
+    x = w.double()
+    s = 1.0 if scale is None else scale
+    want = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn) if scale is not None else \
+        w.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert q.shape == w.shape and torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    err = float(((want.double() * s - x) ** 2).sum())
+    assert rounding.err_sq == pytest.approx(err, rel=1e-5) and rounding.ref_sq == pytest.approx(float((x ** 2).sum()), rel=1e-5)
+    assert rounding.saturated == int((x.abs() > 448).sum()) * (scale is None)
+    consumed = w.float().clone()
+    q2, scale2, _ = fp8.quantize_measured(consumed, form, amax=float(w.float().abs().max()), consume=True)  # type: ignore[arg-type]
+    assert scale2 == scale and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+
+
+def test_fp8_outputs_follow_the_hash_rule_and_round_the_fusion_once(models: tuple[Path, Path, Path, Path],
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 outputs over the limit are hashed only when asked (they always were); on an fp32 base the
+    fusion is rounded in place in the read buffer, and the file holds e4m3fn(fusion / scale) all the same."""
+    from lora_tools.io import fp8
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    base, lora_a, _, tuned = models  # tuned: the same fusion in fp32
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 16)
+    written = {}
+    for name, ask in (("default", None), ("asked", True)):
+        plan = plan_fuse(base, loras=[(str(lora_a), 1.0)], output=tmp_path / f"{name}.safetensors", dtype="fp8")
+        plan.hash_output = ask
+        try:
+            written[name] = run_fuse(plan, created="2026-01-01T00:00:00Z").files[0]
+        finally:
+            plan.close()
+    assert written["default"].sha256 is None
+    assert written["asked"].sha256 == hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
+    assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()
+    got, fusion = load_tensors(written["default"].path), load_tensors(tuned)
+    keys = [k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and v.numel()]
+    assert len(keys) > 10
+    for k in keys:
+        w = fusion[k]
+        scale = torch.tensor(float(w.abs().max()) / 448.0, dtype=torch.float32)
+        assert float(got[fp8.scale_key(k)]) == float(scale)
+        assert torch.equal(got[k].view(torch.uint8), (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 @pytest.mark.slow
 def test_big_inputs_are_pinned_by_a_sampled_sha256_unless_asked(models: tuple[Path, Path, Path, Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
