@@ -169,7 +169,7 @@ def _chunk_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import torch
 
     bufs = getattr(_local, "buffers", None)
-    if bufs is None:
+    if bufs is None or bufs[0].numel() != CHUNK_ELEMS:
         x = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
         bufs = _local.buffers = (x, torch.empty_like(x), torch.empty(CHUNK_ELEMS, dtype=torch.int16))
     return bufs
