@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,14 +158,16 @@ def _file_names(value: Any) -> Any:
 
 def operation_entry(operation: str, options: Mapping[str, Any], input_keys: tuple[str, ...] | list[str],
                     path_keys: tuple[str, ...] | list[str] = (),
-                    output_keys: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+                    output_keys: tuple[str, ...] | list[str] = (), *, full_hash: bool | None = None,
+                    sha256: Callable[[Path], str] | None = None) -> dict[str, Any]:
     """The self-describing entry of one run, recorded under ``recipe`` in every output's record:
     ``{"kind", "version", "options", "inputs": [{"option", "name", "sha256"}]}``.
 
     Options name files by their file names (never absolute paths), so an output is the same bytes
-    whichever folder or executor made it; each input file is pinned by its sha256 (folders and hub
-    references by name only). The options naming the outputs (``output_keys``) are left out: a file is
-    the same bytes whatever its name (a recipe rebuilding it names it after the file).
+    whichever folder or executor made it; each input file is pinned by its sha256, or, over 2 GiB
+    unless ``full_hash``, by its size and a sampled sha256 (:func:`lora_tools.io.hashing.file_pin`;
+    folders and hub references by name only). The options naming the outputs (``output_keys``) are
+    left out: a file is the same bytes whatever its name (a recipe rebuilding it names it after the file).
     :func:`recipe_from_record` turns it back into a recipe without knowing the operation.
 
     Args:
@@ -173,11 +175,12 @@ def operation_entry(operation: str, options: Mapping[str, Any], input_keys: tupl
         options: every option (``model_dump()`` of its options model); paths as given.
         input_keys: the options naming the files it reads, in order.
         path_keys: every option naming a file or folder (recorded by file name).
+        full_hash: ``True``: every input file's full sha256, whatever its size.
+        sha256: computes a file's sha256 (default :func:`~lora_tools.io.hashing.sha256_file`; e.g. the
+            hashes a plan already computed in the background).
     """
-    from pathlib import Path
-
     from lora_tools._version import __version__
-    from lora_tools.io.hashing import sha256_file
+    from lora_tools.io.hashing import file_pin, sha256_file
 
     inputs = []
     for key in input_keys:
@@ -185,7 +188,7 @@ def operation_entry(operation: str, options: Mapping[str, Any], input_keys: tupl
             path = Path(p)
             entry: dict[str, Any] = {"option": key, "name": path.name}
             if path.is_file():
-                entry["sha256"] = sha256_file(path)
+                entry.update(file_pin(path, full=full_hash, sha256=sha256 or sha256_file))
             inputs.append(entry)
     named = {k: (_file_names(v) if k in path_keys else _named(v))
              for k, v in options.items() if k not in output_keys}

@@ -180,6 +180,131 @@ def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, P
     assert load_tensors(written["default"].path).keys() == load_tensors(base).keys()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form,spread", [("scaled", 0.02), ("plain", 0.02), ("plain", 300.0)])
+def test_chunked_fp8_rounding_gives_the_plain_casts_bits_and_error(dtype: torch.dtype, form: str, spread: float,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.io import fp8
+
+    monkeypatch.setattr(fp8, "CHUNK_ELEMS", 1000)  # several chunks, a short last one
+    codes = torch.arange(256, dtype=torch.uint8)
+    widened = fp8._widen_magnitude(codes, torch.empty(256, dtype=torch.int16), torch.empty(256))
+    exact = codes.view(torch.float8_e4m3fn).float().abs() / 256
+    assert torch.equal(widened[~exact.isnan()], exact[~exact.isnan()])  # every code but NaN
+    w = (torch.randn(70, 9, 3, 3, generator=torch.Generator().manual_seed(1)) * spread).to(dtype)
+    w.view(-1)[5] = 0.0
+    q, scale, rounding = fp8.quantize_measured(w, form)  # type: ignore[arg-type]
+    x = w.double()
+    s = 1.0 if scale is None else scale
+    want = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn) if scale is not None else \
+        w.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert q.shape == w.shape and torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    err = float(((want.double() * s - x) ** 2).sum())
+    assert rounding.err_sq == pytest.approx(err, rel=1e-5) and rounding.ref_sq == pytest.approx(float((x ** 2).sum()), rel=1e-5)
+    assert rounding.saturated == int((x.abs() > 448).sum()) * (scale is None)
+    consumed = w.float().clone()
+    q2, scale2, _ = fp8.quantize_measured(consumed, form, amax=float(w.float().abs().max()), consume=True)  # type: ignore[arg-type]
+    assert scale2 == scale and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+
+
+def test_fp8_outputs_follow_the_hash_rule_and_round_the_fusion_once(models: tuple[Path, Path, Path, Path],
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 outputs over the limit are hashed only when asked (they always were); on an fp32 base the
+    fusion is rounded in place in the read buffer, and the file holds e4m3fn(fusion / scale) all the same."""
+    from lora_tools.io import fp8
+    from lora_tools.ops.fuse import run_fuse
+    from lora_tools.ops.fuse_plan import plan_fuse
+
+    base, lora_a, _, tuned = models  # tuned: the same fusion in fp32
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 16)
+    written = {}
+    for name, ask in (("default", None), ("asked", True)):
+        plan = plan_fuse(base, loras=[(str(lora_a), 1.0)], output=tmp_path / f"{name}.safetensors", dtype="fp8")
+        plan.hash_output = ask
+        try:
+            written[name] = run_fuse(plan, created="2026-01-01T00:00:00Z").files[0]
+        finally:
+            plan.close()
+    assert written["default"].sha256 is None
+    assert written["asked"].sha256 == hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
+    assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()
+    got, fusion = load_tensors(written["default"].path), load_tensors(tuned)
+    keys = [k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and v.numel()]
+    assert len(keys) > 10
+    for k in keys:
+        w = fusion[k]
+        scale = torch.tensor(float(w.abs().max()) / 448.0, dtype=torch.float32)
+        assert float(got[fp8.scale_key(k)]) == float(scale)
+        assert torch.equal(got[k].view(torch.uint8), (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.slow
+def test_big_inputs_are_pinned_by_a_sampled_sha256_unless_asked(models: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's run entry pins an input over the limit by its size and a sampled sha256 (the
+    CLI fuse then reads no byte of a 7 GB base twice); --hash-base asks for the full sha256,
+    --hash-output for the output's, both as ``sha256sum`` gives them."""
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+    from lora_tools.io import hashing
+    from lora_tools.io.safetensors import read_header
+    from lora_tools.provenance import read_record
+
+    base, lora_a, _, _ = models
+    full = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (base, lora_a)}
+    monkeypatch.setattr(hashing, "FULL_HASH_MAX_BYTES", lora_a.stat().st_size)  # the base is now "big", the LoRA not
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 16)
+    hashed: list[Path] = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p, **kw: hashed.append(Path(p)) or real(p, **kw))
+    records, stdout = {}, {}
+    for name, flags in (("default", []), ("asked", ["--hash-base", "--hash-output"])):
+        out = tmp_path / f"{name}.safetensors"
+        hashed.clear()
+        res = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora_a), "-o", str(out), *flags],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        records[name], stdout[name] = read_record(read_header(out).metadata), res.stdout
+        assert base not in hashed or name == "asked"
+        assert hashed.count(base) == (name == "asked")  # never twice (record sources and run entry share it)
+    pins = {name: {i["option"]: i for i in r["recipe"]["inputs"]} for name, r in records.items()}
+    assert pins["default"]["base"] == {"option": "base", "name": "base.safetensors", "size": base.stat().st_size,
+                                       "sampled_sha256": hashing.sampled_sha256(base)}
+    assert pins["default"]["loras"]["sha256"] == full[lora_a] == pins["asked"]["loras"]["sha256"]
+    assert pins["asked"]["base"] == {"option": "base", "name": "base.safetensors", "sha256": full[base]}
+    source = {name: next(s for s in r["sources"] if s["role"] == "base") for name, r in records.items()}
+    assert "sha256" not in source["default"] and source["default"]["sampled_sha256"] == hashing.sampled_sha256(base)
+    assert source["asked"]["sha256"] == full[base]
+    assert "sha256" not in stdout["default"]
+    digest = hashlib.sha256((tmp_path / "asked.safetensors").read_bytes()).hexdigest()
+    assert f"sha256 {digest}, AutoV2 {digest[:10]}" in stdout["asked"]
+
+
+def test_the_sampled_sha256_sees_the_header_and_the_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.io import hashing
+
+    monkeypatch.setattr(hashing, "SAMPLE_STRIDE", 1 << 16)
+    monkeypatch.setattr(hashing, "SAMPLE_BYTES", 1 << 10)
+    path = tmp_path / "m.safetensors"
+    header = b'{"w":{"dtype":"U8","shape":[300000],"data_offsets":[0,300000]}}'
+    data = bytearray(os.urandom(300000))
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    first = hashing.sampled_sha256(path)
+    seen = {}
+    for name, at in (("header", 9), ("sample", 8 + len(header) + (1 << 16) - 8 - len(header) + 5),
+                     ("last", 8 + len(header) + 300000 - 1), ("between", 8 + len(header) + 3 * (1 << 16) // 2)):
+        raw = bytearray(path.read_bytes())
+        raw[at] ^= 1
+        path.write_bytes(raw)
+        seen[name] = hashing.sampled_sha256(path) != first
+        raw[at] ^= 1
+        path.write_bytes(raw)
+    assert seen == {"header": True, "sample": True, "last": True, "between": False}
+    assert hashing.sampled_sha256(path) == first
+    assert hashing.file_pin(path, full=True) == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def test_module_threads_nest() -> None:
     before = torch.get_num_threads()
     with lowrank.module_threads() as outer:
@@ -204,21 +329,21 @@ def test_the_fuse_output_does_not_depend_on_the_compute_threads(models: tuple[Pa
             _threads(n)
             plan = plan_fuse(base, loras=[(str(lora_a), 0.8), (str(lora_b), -0.3)], output=tmp_path / f"t{n}.safetensors")
             calls: list[int] = []
-            real = pipeline._run_parallel
+            real = pipeline.run_pipeline
 
             def spy(*args: object, calls: list[int] = calls, real: object = real, **kwargs: object) -> None:
                 calls.append(int(kwargs["workers"]))  # type: ignore[call-overload]
                 real(*args, **kwargs)  # type: ignore[arg-type]
 
-            pipeline._run_parallel = spy  # type: ignore[assignment]
+            pipeline.run_pipeline = spy  # type: ignore[assignment]
             try:
                 outputs.append((run_fuse(plan, created="2026-01-01T00:00:00Z").files[0].path, calls))
             finally:
-                pipeline._run_parallel = real  # type: ignore[assignment]
+                pipeline.run_pipeline = real  # type: ignore[assignment]
                 plan.close()
     finally:
         _threads(before)
     (one, seq_calls), (two, par_calls) = outputs
-    assert seq_calls == [] and par_calls == [min(2, os.cpu_count() or 1)] or (os.cpu_count() or 1) < 2
+    assert seq_calls == [1] and par_calls == [min(2, os.cpu_count() or 1)] or (os.cpu_count() or 1) < 2
     assert one.read_bytes() == two.read_bytes()
     assert torch.get_num_threads() == before

@@ -68,7 +68,8 @@ def needs_check(contributions: Sequence[Contribution], base_dtype: torch.dtype, 
 
 
 def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Tensor, out_dtype: torch.dtype,
-                 ops: list[BlockOp] | None = None, *, check: bool | None = None) -> tuple[torch.Tensor, int]:
+                 ops: list[BlockOp] | None = None, *, check: bool | None = None,
+                 amax: list[float] | None = None, into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The patched tensor in ``out_dtype`` and the number of contributions applied.
 
     Args:
@@ -78,6 +79,10 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         out_dtype: the result's dtype.
         ops: from :func:`block_ops` (computed here when not given).
         check: scan the result for NaN/Inf/overflow; ``None`` applies :func:`needs_check`.
+        amax: when the result is scanned, receives its largest magnitude (measured by the scan, while
+            each block is in the cache: the fp8 rounding needs it).
+        into: where to put the result when it is not written back into ``base`` (``out_dtype``,
+            ``base``'s shape, contiguous: e.g. a reused scratch); default: a new tensor.
 
     When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
     block is read before it is overwritten), so no second buffer is needed.
@@ -90,16 +95,23 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
     if ops is None:
         ops = block_ops(contributions, base.shape)
         if ops is None:
-            return _patch_whole(key, contributions, base, out_dtype)
+            return _patch_whole(key, contributions, base, out_dtype, amax)
     if check is None:
         check = needs_check(contributions, base.dtype, out_dtype)
     rows = base.shape[0]
     src = base.reshape(rows, -1)
-    out = base if base.dtype == out_dtype and base.is_contiguous() else torch.empty(base.shape, dtype=out_dtype)
+    if base.dtype == out_dtype and base.is_contiguous():
+        out = base
+    elif into is not None:
+        assert into.dtype == out_dtype and into.shape == base.shape and into.is_contiguous()
+        out = into
+    else:
+        out = torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
     step = max(1, BLOCK_ELEMS // src.shape[1])
     buf = torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
     limit = torch.finfo(out_dtype).max
+    largest = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         block = buf[: r1 - r0]
@@ -107,12 +119,15 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         for op in ops:
             op(block, r0, r1)
         if check:
-            _check(block, key, limit, out_dtype)
+            largest = max(largest, _check(block, key, limit, out_dtype))
         dst[r0:r1].copy_(block)
+    if check and amax is not None and rows and src.shape[1]:
+        amax.append(largest)
     return out, len(ops)
 
 
-def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) -> None:
+def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) -> float:
+    """Raise unless every value of ``block`` is finite and within ``limit``; its largest magnitude."""
     import torch
 
     lo, hi = torch.aminmax(block)
@@ -120,17 +135,21 @@ def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) 
     if not (-limit <= lo_v and hi_v <= limit):  # also false for NaN
         raise NonFiniteError(f"Fusing produced NaN/Inf or values beyond the range of {str(out_dtype).replace('torch.', '')} "
                              f"in '{key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
+    return max(-lo_v, hi_v)
 
 
 def _patch_whole(key: str, contributions: Sequence[Contribution], base: torch.Tensor,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+                 out_dtype: torch.dtype, amax: list[float] | None = None) -> tuple[torch.Tensor, int]:
     """Whole-tensor fp32 path (DoRA's norms span the whole weight); always scanned."""
     import torch
 
     w = base.to(torch.float32, copy=True)
     for c in contributions:
         c.apply_whole(w)
-    _check(w, key, torch.finfo(out_dtype).max, out_dtype)
+    if w.numel():
+        largest = _check(w, key, torch.finfo(out_dtype).max, out_dtype)
+        if amax is not None:
+            amax.append(largest)
     return w.to(out_dtype), len(contributions)
 
 

@@ -1,8 +1,8 @@
 """Overlap reading, maths and writing, with a bounded number of bytes in flight.
 
-One thread reads ahead (plain positional reads release the GIL), the calling thread computes
-(torch releases the GIL and uses its own threads), one thread writes in order. Memory stays at
-the read-ahead and write-behind budgets plus the tensor being computed, whatever the model size.
+One thread reads ahead (plain positional reads release the GIL), the calling thread or a few
+worker threads compute (torch releases the GIL), one thread writes in order. Memory stays at
+the read-ahead and write-behind budgets plus the tensors being computed, whatever the model size.
 """
 
 from __future__ import annotations
@@ -34,58 +34,9 @@ def run_pipeline(
     """``write(item, process(item, read(item)))`` for every item, in order, overlapped.
 
     With ``workers`` > 1, that many items are processed at once on threads of their own (their
-    ``process`` calls must be independent); reads and writes stay in order.
+    ``process`` calls must be independent); with one, on the calling thread. Reads and writes stay
+    in order.
     """
-    if workers > 1:
-        _run_parallel(items, read=read, process=process, write=write, size=size, on_done=on_done, budget=budget,
-                      workers=workers)
-        return
-    reads: deque[tuple[T, Future[R]]] = deque()
-    writes: deque[tuple[int, Future[None]]] = deque()
-    pending_read = pending_write = 0
-    source: Iterable[T] = iter(items)
-    exhausted = False
-    with ThreadPoolExecutor(1, thread_name_prefix="loratool-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="loratool-write") as writer:
-        try:
-            while True:
-                while not exhausted and (not reads or pending_read < budget):
-                    nxt = next(source, None)  # type: ignore[call-overload]
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    reads.append((nxt, reader.submit(read, nxt)))
-                    pending_read += size(nxt)
-                if not reads:
-                    break
-                item, fut = reads.popleft()
-                data = fut.result()
-                pending_read -= size(item)
-                result = process(item, data)
-                del data
-                n = size(item)
-                writes.append((n, writer.submit(write, item, result)))
-                del result
-                pending_write += n
-                while writes and (pending_write > budget or writes[0][1].done()):
-                    done_n, wf = writes.popleft()
-                    wf.result()
-                    pending_write -= done_n
-                if on_done is not None:
-                    on_done(item)
-            while writes:
-                writes.popleft()[1].result()
-        except BaseException:
-            for _, f in reads:
-                f.cancel()
-            for _, wf in writes:
-                wf.cancel()
-            raise
-
-
-def _run_parallel(items: Sequence[T], *, read: Callable[[T], R], process: Callable[[T, R], W],
-                  write: Callable[[T, W], None], size: Callable[[T], int], on_done: Callable[[T], None] | None,
-                  budget: int, workers: int) -> None:
     reads: deque[tuple[T, Future[R]]] = deque()
     procs: deque[tuple[T, Future[W]]] = deque()
     writes: deque[tuple[int, Future[None]]] = deque()
@@ -93,8 +44,16 @@ def _run_parallel(items: Sequence[T], *, read: Callable[[T], R], process: Callab
     source: Iterable[T] = iter(items)
     exhausted = False
     with ThreadPoolExecutor(1, thread_name_prefix="loratool-read") as reader, \
-            ThreadPoolExecutor(workers, thread_name_prefix="loratool-compute") as computer, \
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratool-compute") as computer, \
             ThreadPoolExecutor(1, thread_name_prefix="loratool-write") as writer:
+
+        def start(item: T, data: R) -> Future[W]:
+            if workers > 1:
+                return computer.submit(process, item, data)
+            done: Future[W] = Future()  # one worker: the calling thread processes (no hand-off)
+            done.set_result(process(item, data))
+            return done
+
         try:
             while True:
                 while not exhausted and (not reads or pending_read < budget):
@@ -109,7 +68,7 @@ def _run_parallel(items: Sequence[T], *, read: Callable[[T], R], process: Callab
                     item, fut = reads.popleft()
                     data = fut.result()
                     pending_read -= size(item)
-                    procs.append((item, computer.submit(process, item, data)))
+                    procs.append((item, start(item, data)))
                     del data
                 if not procs:
                     break

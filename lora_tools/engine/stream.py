@@ -120,25 +120,49 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
             return Payload(model.read_raw(ref, into), None, False, ops)
         return Payload(None, model.read(ref), False, ops)
 
+    preparers = [p for p in (getattr(s, "prepare", None) for s in sinks) if p is not None]
+
     def process(ref: TensorRef, payload: Payload) -> Payload:
-        contribs = patches.get(ref.key)
-        if contribs is None:
-            return payload
-        source = payload.as_tensor(ref)
-        target = torch_dtype(out_dtype(ref.dtype))
-        check = True if check_overflow == "always" else None
         if not getattr(local, "threads_set", False):  # a new compute thread: one torch thread (see below)
             torch.set_num_threads(1)
             local.threads_set = True
-        out, applied = patch_tensor(ref.key, contribs, source, target, payload.ops, check=check)
+        contribs = patches.get(ref.key)
+        if contribs is not None:
+            payload = _patch(ref, contribs, payload)
+        for prepare in preparers:  # encodings (fp8) on the compute threads, not on the writer's
+            prepare(ref, payload)
+        if payload.tensor is not None and getattr(local, "scratch", None) is not None \
+                and payload.tensor.untyped_storage().data_ptr() == local.scratch.untyped_storage().data_ptr():
+            local.scratch = None  # the result still goes out as it is: the scratch goes with it
+        return payload
+
+    def _scratch(source: torch.Tensor, target: torch.dtype) -> torch.Tensor | None:
+        """A result tensor that a sink's ``prepare`` encodes and drops (fp8) lives in one buffer per
+        compute thread, reused from tensor to tensor: no fresh pages to fault in and zero each time."""
+        if source.dtype == target and source.is_contiguous():
+            return None  # patched in place
+        n = source.numel()
+        scratch = getattr(local, "scratch", None)
+        if scratch is None or scratch.dtype != target or scratch.numel() < n:
+            scratch = local.scratch = torch.empty(n, dtype=target)
+        return scratch[:n].view(source.shape)
+
+    def _patch(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload) -> Payload:
+        source = payload.as_tensor(ref)
+        target = torch_dtype(out_dtype(ref.dtype))
+        check = True if check_overflow == "always" else None
+        amax: list[float] = []
+        into = _scratch(source, target) if preparers else None
+        out, applied = patch_tensor(ref.key, contribs, source, target, payload.ops, check=check, amax=amax, into=into)
         with stats_lock:
             stats["contributions"] += applied
             stats["tensors"] += 1
+        largest = amax[0] if amax else None
         if out is source:  # the read buffer now holds the result
-            return Payload(payload.raw, out, True)
+            return Payload(payload.raw, out, True, amax=largest)
         if payload.raw is not None:
             buffers.give(payload.raw)
-        return Payload(None, out, True)
+        return Payload(None, out, True, amax=largest)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:

@@ -4,13 +4,24 @@ AutoV2 short hash model sites show. Standard library only."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lora_tools.errors import UsageError
 
-__all__ = ["autov2_hash", "header_sha256", "sha256_file", "sha256_file_and_tensors"]
+__all__ = ["FULL_HASH_MAX_BYTES", "autov2_hash", "file_pin", "header_sha256", "sampled_sha256", "sha256_file",
+           "sha256_file_and_tensors"]
+
+#: Files up to this size are pinned by their full sha256 in records (and outputs up to it hashed
+#: while written). Above it the full hash is left to whoever asks: sha256 runs at 1 to 1.7 GB/s
+#: per core, so a 7 GB checkpoint costs 4 to 7 s of CPU, as much as a whole fuse on 2 cores.
+FULL_HASH_MAX_BYTES = 2 << 30
+#: :func:`sampled_sha256` reads this many bytes at every multiple of the stride (and the last ones).
+SAMPLE_BYTES = 64 << 10
+SAMPLE_STRIDE = 16 << 20
+_MAX_HEADER = 100 << 20
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -60,3 +71,33 @@ def sha256_file_and_tensors(path: Path) -> tuple[str, str]:
             full.update(chunk)
             tensors.update(chunk)
     return full.hexdigest(), tensors.hexdigest()
+
+
+def sampled_sha256(path: Path) -> str:
+    """A cheap content fingerprint of a big file: the sha256 of its size, its safetensors header
+    (when it has one) and :data:`SAMPLE_BYTES` at every :data:`SAMPLE_STRIDE` plus its last bytes
+    (about 0.4 % of the file). Any re-save, fine-tune or changed metadata changes it; an edit of a
+    few bytes between the samples does not (:func:`sha256_file` sees every byte)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        head = os.pread(f.fileno(), 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 0 < n <= min(_MAX_HEADER, size - 8):
+            digest.update(os.pread(f.fileno(), n, 8))
+        offsets = list(range(0, size, SAMPLE_STRIDE)) + [max(0, size - SAMPLE_BYTES)]
+        for at in offsets:
+            digest.update(os.pread(f.fileno(), SAMPLE_BYTES, at))
+    return digest.hexdigest()
+
+
+def file_pin(path: Path, *, full: bool | None = None, sha256: Callable[[Path], str] = sha256_file) -> dict[str, object]:
+    """How a record pins an input file: ``{"sha256"}`` (the whole file's) when it is at most
+    :data:`FULL_HASH_MAX_BYTES` or ``full`` is asked; else ``{"size", "sampled_sha256"}``
+    (:func:`sampled_sha256`: milliseconds instead of seconds per GB). ``sha256`` computes the full
+    hash (e.g. one already computed in the background)."""
+    size = path.stat().st_size
+    if full or (full is None and size <= FULL_HASH_MAX_BYTES):
+        return {"sha256": sha256(path)}
+    return {"size": size, "sampled_sha256": sampled_sha256(path)}

@@ -12,6 +12,7 @@ from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, 
 from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
 from lora_tools.io.fp8 import Fp8Error
+from lora_tools.io.hashing import FULL_HASH_MAX_BYTES
 from lora_tools.io.model import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
 from lora_tools.output.metadata import output_metadata as build_output_metadata
@@ -82,21 +83,22 @@ def fuse(
 
 
 #: Bases up to this size get a full sha256 in the record by default (a separate pass over the file).
-HASH_BASE_LIMIT = 2 << 30
+HASH_BASE_LIMIT = FULL_HASH_MAX_BYTES
 
 
 def base_identity(plan: FusePlan) -> dict[str, object]:
     """How the record names the base: file name, size, a sha256 of its header, and its full
-    sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU)."""
-    from lora_tools.io.hashing import header_sha256, sha256_file
+    sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU), else a
+    sampled sha256 (:func:`~lora_tools.io.hashing.file_pin`)."""
+    from lora_tools.io.hashing import file_pin, header_sha256
 
     base = plan.base
     entry: dict[str, object] = {"role": "base", "name": base.path.name, "layout": base.layout}
     files = sorted({str(h.path) for h in base.headers()})
     entry["size"] = sum(Path(f).stat().st_size for f in files)
     entry["header_sha256"] = header_sha256([Path(f) for f in files])
-    if base.layout != "diffusers-folder" and (plan.hash_base or int(entry["size"]) <= HASH_BASE_LIMIT):  # type: ignore[call-overload]
-        entry["sha256"] = sha256_file(base.path)
+    if base.layout != "diffusers-folder":
+        entry.update(file_pin(base.path, full=True if plan.hash_base else None, sha256=plan.sha256_of))
     return entry
 
 
@@ -234,7 +236,8 @@ def _fp8_sinks(plan: FusePlan, record: dict[str, object], order: list[TensorRef]
             keep_base = out.kind == "checkpoint"
             sink_type = Fp8CheckpointSink if keep_base else Fp8ComponentSink
             sinks.append(sink_type(out.path, order, lambda d: d, output_metadata(plan, record, keep_base=keep_base),
-                                   form=plan.fp8, error=error, overwrite=plan.overwrite, verify=plan.verify_output))
+                                   form=plan.fp8, error=error, overwrite=plan.overwrite, verify=plan.verify_output,
+                                   hash=plan.hash_output))
     except BaseException:
         for s in sinks:
             s.abort()

@@ -119,7 +119,10 @@ class FusePlan:
         from lora_tools.io.hashing import sha256_file
 
         future = self.hashes.get(path)
-        return future.result() if future is not None else sha256_file(path)
+        if future is None:  # hashed once, whoever asks (the record's sources, its run entry)
+            future = self.hashes[path] = Future()
+            future.set_result(sha256_file(path))
+        return future.result()
 
     def output_dtype(self, dtype: str) -> str:
         from lora_tools.io.safetensors import is_float_dtype

@@ -138,14 +138,15 @@ class Operation:
         """Every option whose value names a file or folder (inputs, references, outputs)."""
         return tuple(dict.fromkeys((*self.input_keys, *self.references, *self.output_keys)))
 
-    def entry(self, options: Options | Mapping[str, Any]) -> dict[str, Any]:
+    def entry(self, options: Options | Mapping[str, Any], *, sha256: Callable[[Path], str] | None = None) -> dict[str, Any]:
         """The record entry of a run with ``options`` (see :func:`lora_tools.provenance.operation_entry`):
-        every input and reference named with its option, files pinned by sha256."""
+        every input and reference named with its option, files pinned by sha256 (over 2 GiB by a
+        sampled one, unless the options ask for ``hash_base``). ``sha256``: hashes already at hand."""
         from lora_tools.provenance import operation_entry
 
         values = options.model_dump() if isinstance(options, BaseModel) else dict(options)
         return operation_entry(self.name, values, (*self.input_keys, *self.references), self.path_keys,
-                               self.output_keys)
+                               self.output_keys, full_hash=True if values.get("hash_base") else None, sha256=sha256)
 
 
 __all__ = ["Operation", "OpResult", "Options", "cli", "cli_spec", "Writes"]

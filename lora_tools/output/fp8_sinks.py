@@ -54,6 +54,18 @@ class _Fp8Emitter:
         if self.form == "scaled":
             writer.write(fp8.marker_key(self.marker_prefix), bytes(math.prod(fp8.MARKER_SHAPE)))
 
+    def prepare(self, ref: TensorRef, payload: Payload) -> None:
+        """Round an fp8 target once, on a compute thread (every fp8 output of the run takes that
+        rounding), with the largest magnitude the engine measured while patching; the fp32 result
+        is then dropped (it is four times the size of its fp8 form)."""
+        if not fp8.is_fp8_target(_component(ref), ref.key, ref.shape) or _rounded(payload, self.form):
+            return
+        drop = payload.patched and payload.tensor is not None and all(row.transform in _SAME_VALUES for row in ref.rows)
+        payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax,
+                                                             consume=drop))
+        if drop:
+            payload.tensor = None
+
     def emit(self, writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, row: KeyMap | None,
              shape: tuple[int, ...]) -> None:
         if not fp8.is_fp8_target(_component(ref), name, shape, self.form):
@@ -63,14 +75,27 @@ class _Fp8Emitter:
             return
         import torch
 
-        t = payload.as_tensor(ref)
-        if row is not None:
-            t = to_diffusers(row, t)
-        q, scale, rounding = fp8.quantize_measured(t, self.form)
+        if _rounded(payload, self.form) and (row is None or row.transform in _SAME_VALUES):
+            _, q, scale, rounding = payload.encoded
+            if row is not None:
+                q = to_diffusers(row, q)
+        else:  # not prepared, or its values move (a slice of the tensor has a scale of its own)
+            t = payload.as_tensor(ref)
+            if row is not None:
+                t = to_diffusers(row, t)
+            q, scale, rounding = fp8.quantize_measured(t, self.form)
         self.error.add(ref.key, rounding, scale)
         if scale is not None:
             writer.write(fp8.scale_key(name), torch.tensor(scale, dtype=torch.float32))
         writer.write(name, q.contiguous())
+
+
+#: Layout transforms that keep every value and the tensor's size (the rounding of the whole tensor holds).
+_SAME_VALUES = ("rename", "conv1x1_to_linear")
+
+
+def _rounded(payload: Payload, form: fp8.Fp8Form) -> bool:
+    return payload.encoded is not None and payload.encoded[0] == form
 
 
 def _check_kept(name: str, t: torch.Tensor, dtype: str) -> None:
@@ -85,14 +110,18 @@ class Fp8CheckpointSink(CheckpointSink):
     """The whole single file, its UNet weights in fp8 (``model.diffusion_model.scaled_fp8`` marker)."""
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], keep: DtypeFor, metadata: Mapping[str, str], *,
-                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False):
+                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False,
+                 hash: bool | None = None):
         self.fp8 = _Fp8Emitter(form, keep, error, fp8.SGM_UNET_PREFIX)
         plans = self.fp8.plans([(r.key, _component(r), r.dtype, r.shape) for r in refs])
-        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify)
+        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify, hash=hash)
         self.fp8.start(self.writer)
 
     def position(self, ref: TensorRef) -> int | None:
         return None if fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.fp8.form) else super().position(ref)
+
+    def prepare(self, ref: TensorRef, payload: Payload) -> None:
+        self.fp8.prepare(ref, payload)
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
@@ -102,18 +131,23 @@ class Fp8ComponentSink(ComponentSink):
     """A standalone diffusers-layout UNet, its linear (plain: and conv) weights in fp8 (``scaled_fp8`` marker)."""
 
     def __init__(self, path: Path, refs: Sequence[TensorRef], keep: DtypeFor, metadata: Mapping[str, str], *,
-                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False):
+                 form: fp8.Fp8Form, error: fp8.Fp8Error, overwrite: bool = True, verify: bool = False,
+                 hash: bool | None = None):
         self.component = "unet"
         self.kind = "unet"
         self.fp8 = _Fp8Emitter(form, keep, error, "")
         entries = [(row.diffusers, "unet", r.dtype, row.diffusers_shape) for r in refs if self.wants(r)
                    for row in r.rows]
         plans = self.fp8.plans(entries)  # type: ignore[arg-type]
-        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify)
+        _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify, hash=hash)
         self.fp8.start(self.writer)
 
     def position(self, ref: TensorRef) -> int | None:
         return None
+
+    def prepare(self, ref: TensorRef, payload: Payload) -> None:
+        if self.wants(ref):
+            self.fp8.prepare(ref, payload)
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         if not self.wants(ref):

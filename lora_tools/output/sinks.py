@@ -17,10 +17,10 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_tools.errors import OutputError, OutputExistsError
-from lora_tools.io import atomic
+from lora_tools.io import atomic, hashing
 from lora_tools.io.diffusers_folder import write_pipeline_configs
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name, torch_dtype
@@ -48,7 +48,11 @@ class Finalisable(Protocol):
 
 
 class Sink(Finalisable, Protocol):
-    """What the streaming engine writes into (every output kind implements it)."""
+    """What the streaming engine writes into (every output kind implements it).
+
+    A sink may also have ``prepare(ref, payload) -> None``: the engine calls it on the compute
+    threads, before :meth:`add` (on the one writer thread), to encode the tensor there (fp8).
+    """
 
     def wants(self, ref: TensorRef) -> bool: ...
     def position(self, ref: TensorRef) -> int | None: ...
@@ -63,11 +67,13 @@ class Payload:
     tensor: torch.Tensor | None
     patched: bool
     ops: list | None = None  # row-block patch operations, prepared by the reader
+    amax: float | None = None  # the patched tensor's largest magnitude, where the engine measured it
+    encoded: Any = None  # what a sink's ``prepare`` made of it (the fp8 sinks: the rounded tensor)
 
     def as_tensor(self, ref: TensorRef) -> torch.Tensor:
         if self.tensor is not None:
             return self.tensor
-        assert self.raw is not None
+        assert self.raw is not None and not self.patched, f"'{ref.key}': its patched value was dropped"
         return bytes_to_tensor(self.raw, TensorInfo(ref.key, ref.dtype, ref.shape, 0, ref.nbytes))
 
 
@@ -90,10 +96,9 @@ def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, 
 
 
 #: Outputs up to this size are sha256-hashed while written by default (the summary's sha256 and
-#: AutoV2). Above it the hash is left to whoever asks: hashing runs at 1 to 1.7 GB/s per core, so
-#: a 7 GB checkpoint costs 4 to 7 s of CPU, as much as the rest of a fuse on 2 cores (the same
-#: rule as the record's full sha256 of the base, ``ops/fuse.py`` ``HASH_BASE_LIMIT``).
-FULL_HASH_MAX_BYTES = 2 << 30
+#: AutoV2). Above it the hash is left to whoever asks (the same rule as the records' input pins,
+#: :func:`lora_tools.io.hashing.file_pin`).
+FULL_HASH_MAX_BYTES = hashing.FULL_HASH_MAX_BYTES
 
 
 def wants_hash(plans: Sequence[TensorPlan], hash: bool | None, verify: bool) -> bool:

@@ -70,6 +70,8 @@ class FuseOptions(Options):
     variant: str | None = Field(None, description="Weights variant of a diffusers-folder BASE (e.g. fp16).")
     hash_base: bool = Field(False, description="Record the base's full sha256 even when it is over 2 GiB (one more "
                             "pass over the file).")
+    hash_output: bool = Field(False, description="sha256 (and AutoV2) of each output, computed while it is written "
+                              "(default: only for outputs up to 2 GiB; about 1 s of CPU per GB).")
     verify_output: bool = Field(False, description="Before renaming each output into place, read it back and check "
                                 "its sha256 (one more pass).")
     workflow: bool = Field(False, description="Also write a ComfyUI API-format workflow (NAME-workflow.json) beside "
@@ -118,7 +120,7 @@ class FuseOpPlan:
 
     @cached_property
     def entry(self) -> dict[str, Any]:
-        return OPERATION.entry(self.options)
+        return OPERATION.entry(self.options, sha256=self.plan.sha256_of)  # the LoRAs' hashes, taken while planning
 
     @property
     def outputs(self) -> list[Path]:
@@ -147,6 +149,8 @@ def plan(o: FuseOptions, *, overwrite: bool = False) -> FuseOpPlan:
         preset_dir=o.preset_dir, original_unet=o.original_unet, variant=o.variant, hash_base=o.hash_base,
         verify_output=o.verify_output, fp8=o.fp8,
     )
+    if o.hash_output:
+        fp.hash_output = True
     planned = FuseOpPlan(o, fp)
     if o.workflow:
         try:
