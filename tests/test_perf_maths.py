@@ -229,7 +229,7 @@ def test_fp8_outputs_follow_the_hash_rule_and_round_the_fusion_once(models: tupl
     assert written["asked"].sha256 == hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
     assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()
     got, fusion = load_tensors(written["default"].path), load_tensors(tuned)
-    keys = [k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and v.numel()]
+    keys = [k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and not k.endswith(fp8.MARKER)]
     assert len(keys) > 10
     for k in keys:
         w = fusion[k]

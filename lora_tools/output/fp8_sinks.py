@@ -58,7 +58,7 @@ class _Fp8Emitter:
         """Round an fp8 target once, on a compute thread (every fp8 output of the run takes that
         rounding), with the largest magnitude the engine measured while patching; the fp32 result
         is then dropped (it is four times the size of its fp8 form)."""
-        if not fp8.is_fp8_target(_component(ref), ref.key, ref.shape) or _rounded(payload, self.form):
+        if not fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.form) or _rounded(payload, self.form):
             return
         drop = payload.patched and payload.tensor is not None and all(row.transform in _SAME_VALUES for row in ref.rows)
         payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax,
