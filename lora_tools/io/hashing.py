@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_tools.errors import UsageError
+from lora_tools.io.remote import open_read
 
 __all__ = ["autov2_hash", "header_sha256", "sha256_file", "sha256_file_and_tensors"]
 
@@ -20,7 +21,7 @@ def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
     digest = hashlib.sha256()
     buf = bytearray(max(1, chunk))
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open_read(path) as f:
         while n := f.readinto(view):
             digest.update(view[:n])
     return digest.hexdigest()
@@ -42,7 +43,7 @@ def header_sha256(files: Sequence[Path]) -> str:
     ``report.json`` name a model without hashing gigabytes)."""
     digest = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
+        with open_read(f) as fh:
             n = int.from_bytes(fh.read(8), "little")
             digest.update(fh.read(n))
     return digest.hexdigest()
@@ -51,7 +52,7 @@ def header_sha256(files: Sequence[Path]) -> str:
 def sha256_file_and_tensors(path: Path) -> tuple[str, str]:
     """The sha256 of a safetensors file, and the sha256 of its tensor data alone (after the header)."""
     full, tensors = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         head = f.read(8)
         n = int.from_bytes(head, "little")
         header = f.read(n)

@@ -89,12 +89,13 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
     """How the record names the base: file name, size, a sha256 of its header, and its full
     sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU)."""
     from lora_tools.io.hashing import header_sha256, sha256_file
+    from lora_tools.io.remote import as_path
 
     base = plan.base
     entry: dict[str, object] = {"role": "base", "name": base.path.name, "layout": base.layout}
     files = sorted({str(h.path) for h in base.headers()})
-    entry["size"] = sum(Path(f).stat().st_size for f in files)
-    entry["header_sha256"] = header_sha256([Path(f) for f in files])
+    entry["size"] = sum(as_path(f).stat().st_size for f in files)
+    entry["header_sha256"] = header_sha256([as_path(f) for f in files])
     if base.layout != "diffusers-folder" and (plan.hash_base or int(entry["size"]) <= HASH_BASE_LIMIT):  # type: ignore[call-overload]
         entry["sha256"] = sha256_file(base.path)
     return entry
