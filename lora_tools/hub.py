@@ -37,7 +37,7 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
-from lora_tools.errors import Hint, HubError, InvalidFileError, UsageError
+from lora_tools.errors import Hint, HubError, UsageError
 
 #: What a missing hub file suggests by default: pass the file, once downloaded, as a LoRA.
 LORA_HINT = Hint("lora", "with the downloaded file", "PATH")
@@ -358,13 +358,6 @@ def resolve_source(src: str, *, revision: str | None = None, hint: Hint | None =
     """
     if not src or not src.strip():
         raise UsageError("Empty source: expected a file path or owner/repo/file.safetensors.")
-    from lora_tools.io import remote
-
-    if remote.is_url(src):
-        obj = remote.as_path(src)
-        if not obj.exists():
-            raise InvalidFileError(f"'{obj}' does not exist.")
-        return obj
     local = Path(src).expanduser()
     if local.is_file():
         return local

@@ -128,6 +128,8 @@ class LoratoolGroup(click.Group):
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         finally:
             _restore_signals(previous)
+            if ctx.meta.get("loratool.debug"):
+                _say_object_requests()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -168,6 +170,16 @@ def _catch_signals() -> dict[int, object]:
 def _restore_signals(previous: dict[int, object]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)  # type: ignore[arg-type]
+
+
+def _say_object_requests() -> None:
+    """With ``--debug``: how many object-store requests the command sent, by kind (none: nothing said)."""
+    from lora_tools.io.remote import request_counts
+
+    counts = request_counts()
+    if counts:
+        click.echo(f"debug: {sum(counts.values())} object-store requests ("
+                   + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ")", err=True)
 
 
 def _one_line(message: str) -> str:

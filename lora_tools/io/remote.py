@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PosixPath, PurePath
 from typing import Any
@@ -71,6 +70,15 @@ def as_path(value: str | os.PathLike[str]) -> Path:
     if isinstance(value, ObjectPath):
         return value
     return ObjectPath(url_of(value)) if is_url(value) else Path(value)
+
+
+def place(value: str | os.PathLike[str], folder: Path) -> Path:
+    """Where ``value`` names a file: a URL as it is, a local path with ``~`` expanded, relative to ``folder``,
+    resolved."""
+    if is_url(value):
+        return as_path(value)
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else folder / p).resolve()
 
 
 def split(url: str | os.PathLike[str]) -> tuple[str, str]:
@@ -205,6 +213,29 @@ def read_into(path: str | os.PathLike[str], offset: int, view: memoryview) -> No
     view[:] = data
 
 
+def _first_bytes(url: str) -> tuple[int, bytes]:
+    """``(object size, its first FIRST_READ bytes)`` in one ranged GET (the size from its Content-Range)."""
+    from fsspec.asyn import sync
+
+    bucket, key = split(url)
+    fs = _fs()
+    _count("GET")
+    try:
+        resp = fs.call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{FIRST_READ - 1}")
+        data = sync(fs.loop, resp["Body"].read)
+    except FileNotFoundError:
+        raise InvalidFileError(f"'{url}' does not exist.") from None
+    except Exception as e:  # noqa: BLE001 - an empty object has no byte 0 (InvalidRange): its HEAD says so
+        info = head(url)
+        if info is None:
+            raise InvalidFileError(f"'{url}' does not exist.") from None
+        if info["size"]:
+            raise _store_error(url, e, "read") from None
+        return 0, b""
+    total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+    return (int(total) if total.isdigit() else len(data)), bytes(data)
+
+
 class RangeReader:
     """An object read by byte ranges, in windows: a read that starts outside the current window fetches
     :data:`WINDOW_BYTES` from there in one GET (tensors are read in file order, so the next few small ones
@@ -243,11 +274,7 @@ def header_bytes(path: str | os.PathLike[str]) -> tuple[int, bytes, bytes]:
         InvalidFileError: no such object, or it cannot be read.
     """
     url = url_of(path)
-    info = head(url)
-    if info is None:
-        raise InvalidFileError(f"'{url}' does not exist.")
-    size = int(info["size"])
-    first = read_range(url, 0, min(size, FIRST_READ)) if size else b""
+    size, first = _first_bytes(url)
     if len(first) < 8:
         return size, first, b""
     n = int.from_bytes(first[:8], "little")
@@ -428,7 +455,3 @@ def refuse_folder(path: str | os.PathLike[str], param: str = "output") -> None:
                          hint=Hint(param, "naming a local folder", "PATH"))
 
 
-def walk_counts() -> Iterator[str]:
-    """``KIND=N`` for every kind of request sent so far (for ``--debug``)."""
-    for kind, n in sorted(request_counts().items()):
-        yield f"{kind}={n}"

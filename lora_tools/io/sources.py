@@ -126,6 +126,8 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSo
     path = as_path(path)
     if is_url(path) and path.suffix.lower() in PICKLE_SUFFIXES:
         raise InvalidFileError(f"'{path}' is a {path.suffix} object: objects are read as safetensors only.")
+    if is_url(path):
+        return SafetensorsSource(path)  # its header read says when there is no such object
     if path.is_dir():
         raise InvalidFileError(f"'{path}' is a directory: pass a .safetensors file (or a diffusers folder where a model is expected).")
     if not path.exists():

@@ -19,7 +19,7 @@ from lora_tools.errors import Hint, KeyMismatchError, ShapeMismatchError, Unsupp
 from lora_tools.io import atomic
 from lora_tools.io.fp8 import Fp8Form
 from lora_tools.io.model import ModelSource, TensorRef, open_model
-from lora_tools.io.remote import as_path
+from lora_tools.io.remote import as_path, is_url
 from lora_tools.io.safetensors import DTYPE_ALIASES, DTYPE_SIZES
 from lora_tools.io.sources import SafetensorsSource
 from lora_tools.layouts.targets import TargetIndex
@@ -310,7 +310,7 @@ def plan_fuse(
             path = _preset_file(accel, accel.lora_file, folder, revision, resolve_file)
             sources.append((path, strength, accel.name, accel, False))
         for src, src_strength in loras:
-            path = resolve_source(src, revision=revision)
+            path = as_path(src) if is_url(src) else resolve_source(src, revision=revision)  # an object: read in place
             sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name), True))
         seen: dict[str, str] = {}
         hashes = _hash_in_background([path for path, *_ in sources])
