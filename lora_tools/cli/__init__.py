@@ -110,6 +110,9 @@ class LoratoolGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         previous = _catch_signals()
+        from lora_tools.io.remote import reset_counts
+
+        reset_counts()  # --debug says how many object-store requests this command sent
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):

@@ -168,6 +168,12 @@ def request_counts() -> dict[str, int]:
         return dict(_COUNTS)
 
 
+def reset_counts() -> None:
+    """Start counting from zero (each command counts its own requests)."""
+    with _LOCK:
+        _COUNTS.clear()
+
+
 def _store_error(url: str, e: Exception, doing: str) -> Exception:
     """One line for a store failure (missing object, refused credentials, no such bucket, no server)."""
     if isinstance(e, FileNotFoundError):

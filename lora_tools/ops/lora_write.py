@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import Hint, UsageError
-from lora_tools.io.remote import as_path
+from lora_tools.io.remote import as_path, is_url, url_of
 from lora_tools.output.plan import check_output
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
     """
     path = as_path(output)
     for src in inputs:
+        if is_url(path) and is_url(src) and url_of(path) == url_of(src):
+            raise UsageError(f"'{path}' is an input; choose another output name (inputs are never overwritten)",
+                             hint=Hint(param="output", purpose="to write elsewhere", value="PATH"))
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise UsageError(f"'{path}' is an input; choose another output name (inputs are never overwritten)",
                              hint=Hint(param="output", purpose="to write elsewhere", value="PATH"))
