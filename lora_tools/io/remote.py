@@ -38,6 +38,8 @@ SCHEME = "s3://"
 FIRST_READ = 1 << 20
 #: Tensors smaller than this are read in windows of this size (one GET for many small tensors).
 WINDOW_BYTES = 16 << 20
+#: An object read out of order is copied to a local temporary file when it is at most this big (LoRAs).
+SPILL_MAX_BYTES = 2 << 30
 #: Multipart part size: 16 MiB (S3 takes 5 MiB to 5 GiB, at most 10 000 parts: 160 GB objects).
 PART_BYTES = 16 << 20
 
@@ -245,7 +247,12 @@ def _first_bytes(url: str) -> tuple[int, bytes]:
 class RangeReader:
     """An object read by byte ranges, in windows: a read that starts outside the current window fetches
     :data:`WINDOW_BYTES` from there in one GET (tensors are read in file order, so the next few small ones
-    come from memory); a read at least that big is one GET of its own. Memory: one window."""
+    come from memory); a read at least that big is one GET of its own. Memory: one window.
+
+    A read that goes back before the window (a LoRA's factors are read in the base's order, not in the
+    file's) means a second pass: an object up to :data:`SPILL_MAX_BYTES` is then copied once, in one
+    streamed GET, into an unlinked local temporary file, and read from there (the page cache, not this
+    process's memory, holds it)."""
 
     def __init__(self, path: str | os.PathLike[str], size: int):
         self.url = url_of(path)
@@ -253,13 +260,21 @@ class RangeReader:
         self._start = 0
         self._data = b""
         self._lock = threading.Lock()
+        self._spill: int | None = None  # fd of the local copy
 
     def read_into(self, offset: int, view: memoryview) -> None:
         n = view.nbytes
-        if n >= WINDOW_BYTES:
-            read_into(self.url, offset, view)
-            return
         with self._lock:
+            if self._spill is None and offset < self._start and self.size <= SPILL_MAX_BYTES:
+                self._spill = _spill(self.url)
+                self._data = b""
+            if self._spill is not None:
+                _pread_all(self._spill, view, offset, self.url)
+                return
+            if n >= WINDOW_BYTES:
+                self._data, self._start = b"", offset
+                read_into(self.url, offset, view)
+                return
             if not (self._start <= offset and offset + n <= self._start + len(self._data)):
                 self._data, self._start = b"", offset  # the old window is dropped before the next is fetched
                 self._data = read_range(self.url, offset, min(self.size, offset + WINDOW_BYTES))
@@ -271,6 +286,35 @@ class RangeReader:
 
     def close(self) -> None:
         self._data = b""
+        if self._spill is not None:
+            os.close(self._spill)
+            self._spill = None
+
+
+def _spill(url: str) -> int:
+    """A local copy of the object (one streamed GET), unlinked at once: its open file descriptor."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=".loratool-object-", suffix=".partial")
+    try:
+        os.close(fd)
+        _count("GET")
+        try:
+            _fs().get_file(url, name)
+        except Exception as e:  # noqa: BLE001 - every client failure becomes one line naming the object
+            raise _store_error(url, e, "read") from None
+        return os.open(name, os.O_RDONLY)
+    finally:
+        os.unlink(name)
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, url: str) -> None:
+    pos = 0
+    while pos < view.nbytes:
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got <= 0:
+            raise InvalidFileError(f"'{url}' is truncated at byte {offset + pos}.")
+        pos += got
 
 
 def header_bytes(path: str | os.PathLike[str]) -> tuple[int, bytes, bytes]:
