@@ -170,6 +170,20 @@ def request_counts() -> dict[str, int]:
         return dict(_COUNTS)
 
 
+#: The environment a worker on another machine needs to reach the same store (the standard AWS variables).
+AWS_ENV_PREFIX = "AWS_"
+
+
+def store_env(names: object) -> dict[str, str]:
+    """The AWS environment of this process when ``names`` (any JSON-like value) holds an ``s3://`` URL, else ``{}``:
+    what an executor hands its workers so they reach the store this process reaches."""
+    import json
+
+    if SCHEME not in json.dumps(names, default=str):
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(AWS_ENV_PREFIX)}
+
+
 def reset_counts() -> None:
     """Start counting from zero (each command counts its own requests)."""
     with _LOCK:
