@@ -28,6 +28,7 @@ from lora_tools.errors import (
     OutputExistsError,
     ShapeMismatchError,
     UnsafeFileError,
+    UsageError,
 )
 from lora_tools.io import atomic, remote
 from lora_tools.io.direct import BufferedOut, open_out
@@ -495,6 +496,9 @@ class StreamingWriter:
         self.total_bytes = pos
         if remote.is_url(self.path):
             # An object: a multipart upload, visible under the key only when completed (commit).
+            if self.verify:
+                raise UsageError(f"'{self.path}' cannot be read back before it is complete (an object, not a file): "
+                                 "write it without the read-back check, or to a local file.")
             remote.abort_stale_uploads(self.path)
             self._out = remote.ObjectWriter(self.path)
         else:
