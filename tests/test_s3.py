@@ -25,16 +25,15 @@ from click.testing import CliRunner, Result
 from lora_tools.cli import cli
 from tests.recipe_helpers import Assets
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """A moto S3 server on a free loopback port: its endpoint URL."""
+    """A moto S3 server on a free loopback port: its endpoint URL (imported here: the default selection's one
+    case needs no server)."""
     import logging
 
-    from moto.server import ThreadedMotoServer
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    ThreadedMotoServer = pytest.importorskip("moto.server", reason="moto[server] is not installed").ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
