@@ -280,3 +280,15 @@ def test_a_failed_upload_is_aborted(s3: Any, recipe_assets: Assets, monkeypatch:
     assert result.exit_code != 0
     assert s3.keys() == ["in/base-a.safetensors", "in/style.safetensors"]
     assert s3.uploads("out/f.safetensors") == []
+
+
+@pytest.mark.parametrize("op", ["resize", "convert", "extract"])
+def test_the_other_lora_ops_read_and_write_objects(s3: Any, recipe_assets: Assets, tmp_path: Path, op: str) -> None:
+    style = s3.put(recipe_assets.style, "in/style.safetensors")
+    args = {"resize": lambda lora: [lora, "--rank", "2"], "convert": lambda lora: [lora, "--to", "peft"],
+            "extract": lambda base: [base, recipe_assets.base_b, "--rank", "2"]}[op]
+    local_in = recipe_assets.base_a if op == "extract" else recipe_assets.style
+    remote_in = s3.put(recipe_assets.base_a, "in/base-a.safetensors") if op == "extract" else style
+    invoke(op, *args(local_in), "-o", tmp_path / "local.safetensors")
+    invoke(op, *args(remote_in), "-o", s3.url(f"out/{op}.safetensors"))
+    assert without_created(s3.get(f"out/{op}.safetensors")) == without_created((tmp_path / "local.safetensors").read_bytes())
