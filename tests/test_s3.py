@@ -110,12 +110,17 @@ def tensor_data(data: bytes) -> bytes:
 
 
 @pytest.mark.smoke
-def test_a_url_of_another_scheme_is_one_line() -> None:
+def test_a_url_of_another_scheme_is_one_line(tmp_path: Path) -> None:
     """The one path parser takes s3:// URLs and names what it does not take."""
     line = one_error(invoke("inspect", "gs://bucket/model.safetensors", code=1))
     assert "gs://bucket/model.safetensors" in line and "s3://BUCKET/KEY" in line, line
     line = one_error(invoke("rescale", "s3://bucket-only", "--strength", "0.5", "-o", "x.safetensors", code=1))
     assert "'s3://bucket-only' names no object" in line, line
+    recipe = tmp_path / "r.yaml"  # a recipe's paths go through the same parser
+    recipe.write_text("version: 1\noutput_dir: gs://b/out\ninputs:\n  style: s3://b\njobs:\n"
+                      "  - {name: half, rescale: {lora: style, strength: 0.5, output: half.safetensors}}\n")
+    line = one_error(invoke("run", recipe, "--dry-run", code=1))
+    assert line.startswith(f"Error: {recipe}:2:13: output_dir: 'gs://b/out': gs:// is not read"), line
 
 
 def test_a_folder_output_at_a_url_is_refused_with_one_line(recipe_assets: Assets) -> None:
