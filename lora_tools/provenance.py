@@ -110,12 +110,14 @@ def derived_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def source_entry(adapter: LoraFile, role: str = "lora", **extra: Any) -> dict[str, Any]:
     """A provenance ``sources`` entry for an input LoRA."""
-    name = Path(adapter.path).name if adapter.path is not None else "(in memory)"
+    from lora_tools.io.remote import as_path
+
+    name = as_path(adapter.path).name if adapter.path is not None else "(in memory)"
     entry: dict[str, Any] = {"role": role, "name": name, "format": adapter.format}
-    if adapter.path is not None and Path(adapter.path).is_file():
+    if adapter.path is not None and as_path(adapter.path).is_file():
         from lora_tools.io.hashing import sha256_file
 
-        entry["sha256"] = sha256_file(Path(adapter.path))
+        entry["sha256"] = sha256_file(as_path(adapter.path))
     entry.update(extra)
     return entry
 
@@ -132,7 +134,6 @@ def _paths_of(value: Any) -> list[str]:
 
 def _named(value: Any) -> Any:
     """An option value with absolute paths replaced by their file names."""
-    from pathlib import Path
 
     if isinstance(value, str) and Path(value).is_absolute():
         return Path(value).name
@@ -145,7 +146,6 @@ def _named(value: Any) -> Any:
 
 def _file_names(value: Any) -> Any:
     """A path option's value with every path replaced by its file name (``loras`` items too)."""
-    from pathlib import Path
 
     if isinstance(value, str):
         return Path(value).name
@@ -179,13 +179,15 @@ def operation_entry(operation: str, options: Mapping[str, Any], input_keys: tupl
         sha256: computes a file's sha256 (default :func:`~lora_tools.io.hashing.sha256_file`; e.g. the
             hashes a plan already computed in the background).
     """
+
     from lora_tools._version import __version__
     from lora_tools.io.hashing import file_pin, sha256_file
+    from lora_tools.io.remote import as_path
 
     inputs = []
     for key in input_keys:
         for p in _paths_of(options.get(key)):
-            path = Path(p)
+            path = as_path(p)
             entry: dict[str, Any] = {"option": key, "name": path.name}
             if path.is_file():
                 entry.update(file_pin(path, full=full_hash, sha256=sha256 or sha256_file))
@@ -237,7 +239,6 @@ def recipe_from_record(record: Mapping[str, Any], output: Any, kind: str = "chec
     Raises:
         [`RecipeError`]: the record is not one of an operation a recipe can run.
     """
-    from pathlib import Path
 
     from lora_tools.errors import RecipeError
 
@@ -270,7 +271,6 @@ def _output_name(options: Mapping[str, Any], out: Any, kind: str) -> str:
 def _recipe_of_entry(record: Mapping[str, Any], entry: Mapping[str, Any], out: Any, order: list[str],
                      kind: str) -> dict[str, Any]:
     import copy
-    from pathlib import Path
 
     op = str(entry["kind"])
     options: dict[str, Any] = copy.deepcopy(dict(entry["options"]))

@@ -180,6 +180,37 @@ def size(value: Any) -> tuple[int, int]:
     return w, h
 
 
+#: ``scheme://`` at the start of a location: a URL, not a local path.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def location(value: Any) -> str:
+    """A file or folder: a local path, or an object URL ``s3://BUCKET/KEY`` (the only scheme read).
+
+    Raises:
+        [`BadValue`]: empty, another scheme (``gs://``, ``https://``), or an ``s3://`` URL with no bucket or key.
+
+    Example:
+        ```py
+        >>> location("s3://models/base.safetensors"), location("base.safetensors")
+        ('s3://models/base.safetensors', 'base.safetensors')
+        ```
+    """
+    text = _text(value)
+    if not text:
+        raise _bad("a path or s3://BUCKET/KEY", text)
+    m = _URL.match(text)
+    if m is None:
+        return text
+    if m.group("scheme") != "s3":
+        raise BadValue(f"'{text}': {m.group('scheme')}:// is not read; use a local path or s3://BUCKET/KEY "
+                       "(any S3-compatible store through AWS_ENDPOINT_URL)")
+    bucket, _, key = text[5:].partition("/")
+    if not bucket or not key.strip("/"):
+        raise BadValue(f"'{text}' names no object: write s3://BUCKET/KEY")
+    return text
+
+
 def path_number(value: str, parse: Callable[[Any], T], default: T, *, name: str = "number") -> tuple[str, T]:
     """Split ``PATH[:NUMBER]`` (a LoRA and its strength or weight).
 
@@ -239,6 +270,7 @@ __all__ = [
     "BadValue",
     "fraction",
     "integer",
+    "location",
     "number",
     "path_number",
     "rank",

@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BY_FILE: dict[str, tuple[str, ...]] = {
     "test_ray.py": ("ray", "slow", "diffusers"),  # verify jobs, local and on Ray
     "test_faults.py": ("subprocess",),
+    "test_s3.py": ("slow",),  # a moto S3 server on 127.0.0.1
     "test_demo.py": ("subprocess", "diffusers"),
     "test_examples.py": ("subprocess",),
     "test_output_examples.py": ("subprocess",),

@@ -370,3 +370,66 @@ def test_cli_ray_executor_summary(ray_session: Path, micro: Micro, tmp_path: Pat
     result = _invoke("run", *_lightning_recipe(micro, tmp_path / "out"), "--executor", "ray")
     assert result.exit_code == 0, result.stderr
     assert "1 done." in result.stdout
+
+
+S3_RECIPE = """\
+version: 1
+created: '{created}'
+output_dir: {out}
+inputs:
+  base_a: {base_a}
+  base_b: {base_b}
+  lightning: {lightning}
+jobs:
+  - name: a-4step
+    fuse: {{base: base_a, loras: [lightning], output: base_a-4step.safetensors}}
+  - name: b-4step
+    fuse: {{base: base_b, loras: [lightning], output: base_b-4step.safetensors}}
+  - name: half
+    rescale: {{lora: lightning, strength: 0.5, output: loras/half.safetensors}}
+"""
+
+
+@inside_namespace
+def test_s3_inputs_and_outputs_on_ray_give_the_local_objects_and_skip_on_rerun(
+        ray_session: Path, micro: Micro, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers that share nothing but the object store (a moto S3 server on 127.0.0.1, in this namespace; the
+    AWS environment reaches the workers through the executor) write the local executor's objects, byte for byte."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    from lora_tools.recipes.ray_executor import RayExecutor
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+        fs.mkdir("ray")
+        inputs = {"base_a": micro.base_a, "base_b": micro.base_b,
+                  "lightning": micro.lightning / "sdxl_lightning_4step_lora.safetensors"}
+        for path in inputs.values():
+            fs.put_file(str(path), f"ray/in/{path.name}")
+
+        def plan(prefix: str):  # type: ignore[no-untyped-def]
+            recipe = tmp_path / f"{prefix}.yaml"
+            recipe.write_text(S3_RECIPE.format(created=CREATED, out=f"s3://ray/{prefix}",
+                                               **{k: f"s3://ray/in/{p.name}" for k, p in inputs.items()}))
+            return plan_recipe(recipe)
+
+        local = run_recipe(plan("local"), executor=LocalExecutor())
+        assert [r.outcome for r in local] == ["done"] * 3, [r.message for r in local]
+        remote = run_recipe(plan("ray"), executor=RayExecutor())
+        assert [r.outcome for r in remote] == ["done"] * 3, [r.message for r in remote]
+        names = ["base_a-4step.safetensors", "base_b-4step.safetensors", "loras/half.safetensors"]
+        for name in names:
+            assert fs.cat_file(f"ray/ray/{name}") == fs.cat_file(f"ray/local/{name}"), name
+        etags = {n: fs.info(f"ray/ray/{n}", refresh=True)["ETag"] for n in names}
+        again = run_recipe(plan("ray"), executor=RayExecutor())
+        assert [r.outcome for r in again] == ["skipped"] * 3, [r.message for r in again]
+        assert {n: fs.info(f"ray/ray/{n}", refresh=True)["ETag"] for n in names} == etags
+    finally:
+        server.stop()

@@ -110,6 +110,9 @@ class LoratoolGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         previous = _catch_signals()
+        from lora_tools.io.remote import reset_counts
+
+        reset_counts()  # --debug says how many object-store requests this command sent
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -128,6 +131,8 @@ class LoratoolGroup(click.Group):
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         finally:
             _restore_signals(previous)
+            if ctx.meta.get("loratool.debug"):
+                _say_object_requests()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -168,6 +173,16 @@ def _catch_signals() -> dict[int, object]:
 def _restore_signals(previous: dict[int, object]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)  # type: ignore[arg-type]
+
+
+def _say_object_requests() -> None:
+    """With ``--debug``: how many object-store requests the command sent, by kind (none: nothing said)."""
+    from lora_tools.io.remote import request_counts
+
+    counts = request_counts()
+    if counts:
+        click.echo(f"debug: {sum(counts.values())} object-store requests ("
+                   + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ")", err=True)
 
 
 def _one_line(message: str) -> str:

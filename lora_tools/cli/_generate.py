@@ -60,7 +60,7 @@ TYPE_TABLE: dict[Any, CliType] = {
     str: CliType(click.STRING),
     int: CliType(click.INT),
     float: CliType(click.FLOAT),
-    "path": CliType(click.Path(readable=False, path_type=str)),
+    "path": CliType(_types.LocationType(readable=False, path_type=str)),
     "strength": CliType(_types.STRENGTH),
     "preset_strength": CliType(_types.PRESET_STRENGTH),
     "weight": CliType(_types.WEIGHT),
@@ -108,10 +108,10 @@ def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
     return annotation, optional, False
 
 
-def _path_type(spec: dict[str, Any]) -> click.Path:
+def _path_type(spec: dict[str, Any]) -> _types.LocationType:
     folder = spec.get("folder")
-    return click.Path(exists=bool(spec.get("exists")), readable=False, path_type=str,
-                      file_okay=folder is not True, dir_okay=folder is not False)
+    return _types.LocationType(exists=bool(spec.get("exists")), readable=False, path_type=str,
+                               file_okay=folder is not True, dir_okay=folder is not False)
 
 
 def _field(op: Operation, name: str, info: Any) -> _Field | None:

@@ -56,6 +56,21 @@ SIZE = ValueType("WxH", _keep_parsed(values.size, tuple))
 #: own rule, which names the range (``out of range``) or the missing preset.
 PRESET_STRENGTH = ValueType("strength", lambda v: float(v) if str(v).strip().lower() in (
     "nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity") else values.strength(v))
+#: A file or folder: a local path or ``s3://BUCKET/KEY``.
+PATH = ValueType("PATH", values.location)
+
+
+class LocationType(click.Path):
+    """A file or folder option: :func:`lora_tools.values.location` first (an ``s3://`` URL passes as it is), then
+    click's own checks of a local path."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = PATH.convert(value, param, ctx)
+        if text.startswith("s3://"):
+            return text
+        return super().convert(text, param, ctx)
+
+
 #: ``SRC[:S]``: a LoRA (file or hub id) and its strength.
 LORA_STRENGTH = ValueType("SRC[:S]", _keep_parsed(
     lambda v: values.path_number(v, values.strength, 1.0, name="strength"), tuple))
@@ -63,5 +78,5 @@ LORA_STRENGTH = ValueType("SRC[:S]", _keep_parsed(
 LORA_WEIGHT = ValueType("LORA[:W]", _keep_parsed(
     lambda v: values.path_number(v, values.weight, 1.0, name="weight"), tuple))
 
-__all__ = ["ValueType", "flag_of", "STRENGTH", "PRESET_STRENGTH", "WEIGHT", "RANK", "FRACTION", "SV_RATIO", "SEEDS", "SIZE",
+__all__ = ["ValueType", "flag_of", "STRENGTH", "PRESET_STRENGTH", "WEIGHT", "RANK", "FRACTION", "SV_RATIO", "SEEDS", "SIZE", "PATH", "LocationType",
            "LORA_STRENGTH", "LORA_WEIGHT"]

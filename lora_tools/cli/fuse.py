@@ -13,6 +13,7 @@ from lora_tools.cli._options import is_quiet, written
 from lora_tools.cli._output import safe_text
 from lora_tools.cli._progress import byte_progress
 from lora_tools.errors import Hint, UsageError
+from lora_tools.io.remote import as_path
 from lora_tools.ops.registry import OPS
 from lora_tools.units import format_bytes
 
@@ -56,7 +57,7 @@ def fuse_command(options, dry_run: bool, overwrite: bool, as_json: bool) -> None
         for w in plan.warnings:
             click.echo(f"Warning: {w}", err=True)
         if dry_run:
-            existing = [] if overwrite else [o.path for o in plan.outputs if Path(o.path).exists()]
+            existing = [] if overwrite else [o.path for o in plan.outputs if as_path(o.path).exists()]
             if as_json:
                 click.echo(json.dumps(_plan_dict(plan, existing), indent=2))
             elif not is_quiet():  # a dry run writes nothing: under -q it prints nothing
@@ -84,7 +85,7 @@ def _plan_dict(plan, existing: list[Path]) -> dict[str, Any]:
                        "unmatched": len(s.match.unmatched)} for s in plan.loras],
             "tensors_patched": len(plan.patched_keys()),
             "outputs": [{"path": str(o.path), "kind": o.kind, "bytes": plan.output_bytes(o.kind),
-                         "exists": Path(o.path) in existing} for o in plan.outputs],
+                         "exists": o.path in existing} for o in plan.outputs],
             "needs_overwrite": [str(p) for p in existing], "predicted_peak_bytes": plan.predicted_peak_bytes(),
             "sampler": plan.sampler.describe() if plan.sampler is not None else None}
 

@@ -9,6 +9,7 @@ import click
 
 from lora_tools.cli._options import quiet_flag, say
 from lora_tools.cli._output import safe_text
+from lora_tools.cli._types import LocationType
 from lora_tools.errors import ShapeMismatchError, UsageError
 from lora_tools.layouts.blocks import block_of
 from lora_tools.layouts.components import component_label
@@ -19,7 +20,7 @@ from lora_tools.units import format_bytes
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(readable=False, path_type=Path))  # inspect_path says what is wrong
+@click.argument("path", type=LocationType(readable=False, path_type=str))  # inspect_path says what is wrong
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable fields, see the docs).")
 @click.option("--keys", "show_keys", is_flag=True, help="Also list every tensor with its dtype and shape.")
 @click.option("--targets", "show_targets", is_flag=True,
@@ -27,7 +28,7 @@ from lora_tools.units import format_bytes
 @click.option("--hash/--no-hash", "with_hash", default=None,
               help="Compute sha256 and AutoV2 (default: only for files under 2 GiB).")
 @quiet_flag
-def inspect_command(path: Path, as_json: bool, show_keys: bool, show_targets: bool, with_hash: bool | None) -> None:
+def inspect_command(path: str, as_json: bool, show_keys: bool, show_targets: bool, with_hash: bool | None) -> None:
     """Show what a LoRA, checkpoint or diffusers folder holds, from its headers alone.
 
     \b
@@ -60,7 +61,7 @@ def inspect_command(path: Path, as_json: bool, show_keys: bool, show_targets: bo
             f"'{safe_text(path)}': {len(bad)} module(s) do not fit the weights they name: {names}.")
 
 
-def _factor_problems(path: Path, report: InspectReport) -> tuple[list[FactorProblem], ShapeMismatchError | None]:
+def _factor_problems(path: str | Path, report: InspectReport) -> tuple[list[FactorProblem], ShapeMismatchError | None]:
     """The LoRA's modules whose factors do not fit each other (up's rank is not down's...), and the
     one-line error that names the first (the fuse refuses the same file with the same line)."""
     if report.lora is None:

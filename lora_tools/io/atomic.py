@@ -227,6 +227,10 @@ def reserve_space(path: Path, nbytes: int) -> int:
     Raises:
         OutputError: ``"not enough space on X: need N, have M"``.
     """
+    from lora_tools.io import remote
+
+    if remote.is_url(path):
+        return -1  # an object store has no free space to count
     folder = existing_ancestor(path) if not path.parent.is_dir() else path.parent
     try:
         dev = os.stat(folder).st_dev

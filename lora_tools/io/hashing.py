@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lora_tools.errors import UsageError
+from lora_tools.io.remote import head, is_url, open_read
 
 __all__ = ["FULL_HASH_MAX_BYTES", "autov2_hash", "file_pin", "header_sha256", "sampled_sha256", "sha256_file",
            "sha256_file_and_tensors"]
@@ -31,7 +32,7 @@ def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
     digest = hashlib.sha256()
     buf = bytearray(max(1, chunk))
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open_read(path) as f:
         while n := f.readinto(view):
             digest.update(view[:n])
     return digest.hexdigest()
@@ -53,7 +54,7 @@ def header_sha256(files: Sequence[Path]) -> str:
     ``report.json`` name a model without hashing gigabytes)."""
     digest = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
+        with open_read(f) as fh:
             n = int.from_bytes(fh.read(8), "little")
             digest.update(fh.read(n))
     return digest.hexdigest()
@@ -62,7 +63,7 @@ def header_sha256(files: Sequence[Path]) -> str:
 def sha256_file_and_tensors(path: Path) -> tuple[str, str]:
     """The sha256 of a safetensors file, and the sha256 of its tensor data alone (after the header)."""
     full, tensors = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         head = f.read(8)
         n = int.from_bytes(head, "little")
         header = f.read(n)
@@ -95,9 +96,12 @@ def sampled_sha256(path: Path) -> str:
 def file_pin(path: Path, *, full: bool | None = None, sha256: Callable[[Path], str] = sha256_file) -> dict[str, object]:
     """How a record pins an input file: ``{"sha256"}`` (the whole file's) when it is at most
     :data:`FULL_HASH_MAX_BYTES` or ``full`` is asked; else ``{"size", "sampled_sha256"}``
-    (:func:`sampled_sha256`: milliseconds instead of seconds per GB). ``sha256`` computes the full
+    (:func:`sampled_sha256`: milliseconds instead of seconds per GB; for an object, ``{"size", "etag"}``,
+    the store's content tag). ``sha256`` computes the full
     hash (e.g. one already computed in the background)."""
     size = path.stat().st_size
     if full or (full is None and size <= FULL_HASH_MAX_BYTES):
         return {"sha256": sha256(path)}
+    if is_url(path):  # an object: the store's own content tag (one HEAD) instead of hundreds of ranged reads
+        return {"size": size, "etag": (head(path) or {}).get("etag")}
     return {"size": size, "sampled_sha256": sampled_sha256(path)}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from lora_tools.errors import Hint, InvalidFileError, KeyMismatchError, UnsupportedModelError
 from lora_tools.io.diffusers_folder import component_weight_files
 from lora_tools.io.fp8 import SCALE_SUFFIX, Fp8Layout, dequantize, is_fp8_extra, layout_of, scale_key
+from lora_tools.io.remote import as_path
 from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, read_header
 from lora_tools.layouts.detect import CheckpointKind, detect_checkpoint
 from lora_tools.layouts.sdxl import SDXLConfig, config_from_shapes, to_diffusers, to_sgm
@@ -146,7 +147,7 @@ def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
         InvalidFileError: not a readable model file.
         UnsupportedModelError: a model we understand but do not support (SD1.x, refiner, ...).
     """
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         if (path / "model_index.json").exists() or (path / "unet").is_dir():
             return _open_diffusers_folder(path, variant)

@@ -28,8 +28,9 @@ from lora_tools.errors import (
     OutputExistsError,
     ShapeMismatchError,
     UnsafeFileError,
+    UsageError,
 )
-from lora_tools.io import atomic
+from lora_tools.io import atomic, remote
 from lora_tools.io.direct import BufferedOut, open_out
 from lora_tools.special_files import refuse_special
 from lora_tools.testing import hooks
@@ -134,45 +135,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             breaks one of the rules above (the message names the file and the rule).
         UnsafeFileError: the file is a PyTorch pickle (zip or bare) under a safetensors name.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
-    refuse_special(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                what = "empty" if size == 0 else f"only {size} bytes long"
-                raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
-            # A header length such as 0x0280 starts with the bytes of a pickle's PROTO opcode too: a
-            # file is a pickle only when it does not go on like a safetensors header (``{``).
-            looks_like_header = f.read(1) == b"{"
-            f.seek(8)
-            if head.startswith(_PICKLE_MAGIC) and not looks_like_header:
-                raise UnsafeFileError(
-                    f"'{path}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place "
-                    f"of a safetensors file (unpickling can run code). Convert it with a tool you trust."
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise InvalidFileError(
-                    f"'{path}' is not a valid safetensors file: header length {n} is over the format's "
-                    f"limit of {MAX_HEADER_BYTES} bytes."
-                )
-            if n + 8 > size:
-                raise InvalidFileError(
-                    f"'{path}' is not a valid safetensors file: header length {n} does not fit in a {size}-byte file."
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise InvalidFileError(f"'{path}' does not exist.") from None
-    except PermissionError as e:
-        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from None
-    except IsADirectoryError:
-        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.") from None
-    except OSError as e:
-        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror or e}.") from None
+    path = remote.as_path(path)
+    if remote.is_url(path):
+        size, head, raw = remote.header_bytes(path)
+        n = _check_start(path, size, head, raw[:1] == b"{")
+    else:
+        size, head, raw, n = _read_local_header(path)
     if len(raw) < n:
         raise InvalidFileError(f"'{path}' is truncated: it shrank while its header was read.")
     parsed = _parse_json(path, raw)
@@ -269,6 +237,54 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorInfo]) -> int:
     return pos
 
 
+def _check_start(path: Path, size: int, head: bytes, looks_like_header: bool) -> int:
+    """The header length from a file's first 8 bytes, checked against the file's size (and not a pickle)."""
+    if len(head) < 8:
+        what = "empty" if size == 0 else f"only {size} bytes long"
+        raise InvalidFileError(f"'{path}' is {what}: not a safetensors file.")
+    # A header length such as 0x0280 starts with the bytes of a pickle's PROTO opcode too: a
+    # file is a pickle only when it does not go on like a safetensors header (``{``).
+    if head.startswith(_PICKLE_MAGIC) and not looks_like_header:
+        raise UnsafeFileError(
+            f"'{path}' is a PyTorch pickle, not safetensors; lora_tools never loads a pickle in place "
+            f"of a safetensors file (unpickling can run code). Convert it with a tool you trust."
+        )
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise InvalidFileError(
+            f"'{path}' is not a valid safetensors file: header length {n} is over the format's "
+            f"limit of {MAX_HEADER_BYTES} bytes."
+        )
+    if n + 8 > size:
+        raise InvalidFileError(
+            f"'{path}' is not a valid safetensors file: header length {n} does not fit in a {size}-byte file."
+        )
+    return int(n)
+
+
+def _read_local_header(path: Path) -> tuple[int, bytes, bytes, int]:
+    """``(size, first 8 bytes, header bytes, header length)`` of a local file."""
+    if path.is_dir():
+        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.")
+    refuse_special(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            looks_like_header = f.read(1) == b"{"
+            f.seek(8)
+            n = _check_start(path, size, head, looks_like_header)
+            return size, head, f.read(n), n
+    except FileNotFoundError:
+        raise InvalidFileError(f"'{path}' does not exist.") from None
+    except PermissionError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror}.") from None
+    except IsADirectoryError:
+        raise InvalidFileError(f"'{path}' is a directory, not a safetensors file.") from None
+    except OSError as e:
+        raise InvalidFileError(f"'{path}' cannot be read: {e.strerror or e}.") from None
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a safetensors dtype name to a torch dtype."""
     import torch
@@ -315,7 +331,9 @@ class TensorFile:
     def __init__(self, path: str | os.PathLike[str], header: SafetensorsHeader | None = None):
         self.header = header or read_header(path)
         self.path = self.header.path
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        # an object: ranged GETs, small tensors in windows (remote.RangeReader)
+        self._remote = remote.RangeReader(self.path, self.header.file_size) if remote.is_url(self.path) else None
+        self._fd: int | None = -1 if self._remote is not None else os.open(self.path, os.O_RDONLY)
 
     def __enter__(self) -> TensorFile:
         return self
@@ -325,7 +343,10 @@ class TensorFile:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            if self._remote is None:
+                os.close(self._fd)
+            else:
+                self._remote.close()
             self._fd = None
 
     def keys(self) -> list[str]:
@@ -351,6 +372,9 @@ class TensorFile:
         if view.nbytes != info.nbytes:
             raise ValueError(f"buffer of {view.nbytes} bytes for '{name}' ({info.nbytes} bytes)")
         pos, offset = 0, self.header.data_start + info.begin
+        if self._remote is not None:
+            self._remote.read_into(offset, view)
+            return
         while pos < info.nbytes:
             chunk = os.preadv(self._fd, [view[pos:]], offset + pos)
             if chunk <= 0:
@@ -452,7 +476,7 @@ class StreamingWriter:
     direct: bool | None = None  # O_DIRECT: None = for big files where the filesystem allows it
     overwrite: bool = True
     verify: bool = False
-    _out: BufferedOut | None = field(default=None, init=False, repr=False)
+    _out: BufferedOut | remote.ObjectWriter | None = field(default=None, init=False, repr=False)
     _tmp: Path | None = field(default=None, init=False, repr=False)
     _index: int = field(default=0, init=False, repr=False)
     _done: bool = field(default=False, init=False, repr=False)
@@ -460,7 +484,7 @@ class StreamingWriter:
     _dev: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        self.path = remote.as_path(self.path)
         if self.verify:
             self.hash = True
         self._header, self.plans = build_header(self.plans, self.metadata)
@@ -470,6 +494,20 @@ class StreamingWriter:
             self._positions[p.name] = pos
             pos += p.nbytes
         self.total_bytes = pos
+        if remote.is_url(self.path):
+            # An object: a multipart upload, visible under the key only when completed (commit).
+            if self.verify:
+                raise UsageError(f"'{self.path}' cannot be read back before it is complete (an object, not a file): "
+                                 "write it without the read-back check, or to a local file.")
+            remote.abort_stale_uploads(self.path)
+            self._out = remote.ObjectWriter(self.path)
+        else:
+            self._open_local()
+        self._hasher = hashlib.sha256() if self.hash else None
+        self._mid = len(self.plans) // 2
+        self._put(memoryview(self._header))
+
+    def _open_local(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic.remove_stale_temps(self.path)
@@ -481,9 +519,6 @@ class StreamingWriter:
             if isinstance(e, (OutputError, OutputExistsError)):
                 raise
             raise atomic.output_error(self.path, e) from None
-        self._hasher = hashlib.sha256() if self.hash else None
-        self._mid = len(self.plans) // 2
-        self._put(memoryview(self._header))
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -551,6 +586,10 @@ class StreamingWriter:
             return
         if self._index != len(self.plans):
             raise KeyMismatchError(f"'{self.path}' is incomplete: {len(self.plans) - self._index} tensors not written (next: {self.next_name}).")
+        if isinstance(self._out, remote.ObjectWriter):
+            self._out.finish()  # every part uploaded; the object appears at commit
+            self._complete = True
+            return
         assert self._out is not None and self._tmp is not None
         try:
             self._out.finish()
@@ -582,6 +621,8 @@ class StreamingWriter:
     def commit(self) -> Path:
         """Move the completed file to its name (replacing, or claiming it: see ``overwrite``)."""
         self.complete()
+        if isinstance(self._out, remote.ObjectWriter):
+            return self._commit_object(self._out)
         assert self._tmp is not None
         hooks.pause_point("before-rename")
         try:
@@ -598,6 +639,16 @@ class StreamingWriter:
         self._done = True
         return self.path
 
+    def _commit_object(self, out: remote.ObjectWriter) -> Path:
+        hooks.pause_point("before-rename")
+        if not self.overwrite and remote.head(self.path) is not None:
+            raise OutputExistsError(f"'{self.path}' appeared while this run was writing it (another run?): "
+                                    "nothing was replaced, and this run's output was dropped.")
+        out.commit()
+        out.close()
+        self._done = True
+        return self.path
+
     def finalize(self) -> Path:
         """Flush, fsync, check and atomically move the finished file to its name."""
         self.complete()
@@ -610,7 +661,9 @@ class StreamingWriter:
     def abort(self) -> None:
         """Drop the temporary file; the output name is never touched."""
         try:
-            if self._out is not None:
+            if isinstance(self._out, remote.ObjectWriter):
+                self._out.abort()
+            elif self._out is not None:
                 self._out.close()
         finally:
             if self._tmp is not None:

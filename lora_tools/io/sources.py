@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lora_tools.errors import InvalidFileError, UnsafeFileError
+from lora_tools.io.remote import as_path, is_url
 from lora_tools.io.safetensors import SafetensorsHeader, TensorFile, dtype_name, read_header
 from lora_tools.special_files import refuse_special
 
@@ -49,7 +50,7 @@ class SafetensorsSource:
 
     def __init__(self, path: Path, header: SafetensorsHeader | None = None):
         self.header = header or read_header(path)
-        self.path = Path(path)
+        self.path = as_path(path)
         self.metadata = self.header.metadata
         self._file: TensorFile | None = None
 
@@ -122,7 +123,11 @@ class StateDictSource:
 
 def open_source(path: str | os.PathLike[str]) -> SafetensorsSource | StateDictSource:
     """Open a LoRA or checkpoint file by content (safetensors) or suffix (legacy pickle)."""
-    path = Path(path)
+    path = as_path(path)
+    if is_url(path) and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InvalidFileError(f"'{path}' is a {path.suffix} object: objects are read as safetensors only.")
+    if is_url(path):
+        return SafetensorsSource(path)  # its header read says when there is no such object
     if path.is_dir():
         raise InvalidFileError(f"'{path}' is a directory: pass a .safetensors file (or a diffusers folder where a model is expected).")
     if not path.exists():

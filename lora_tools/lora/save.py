@@ -135,14 +135,15 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str
         >>> with load_lora("lightning.safetensors") as lora:
         ...     save_lora(lora, "lightning-diffusers.safetensors", format="diffusers")
     """
+    from lora_tools.io.remote import as_path
     from lora_tools.output.plan import check_output
 
-    check_output(Path(path), "file", overwrite=overwrite)  # before any work: the overwrite rule first
+    check_output(as_path(path), "file", overwrite=overwrite)  # before any work: the overwrite rule first
     plan = plan_save(adapter, format=format, metadata=metadata, dtype=dtype)
     if record is None:
         record = provenance.build_record("save", sources=[_source(adapter)],
                                          params={"format": plan.format.name, "dtype": dtype})
-    sources = [Path(p) for p in inputs] + ([adapter.path] if adapter.path is not None else [])
+    sources = [as_path(p) for p in inputs] + ([adapter.path] if adapter.path is not None else [])
     return write_plan(plan, path, metadata=provenance.with_record(plan.metadata, record), overwrite=overwrite,
                       inputs=sources)
 

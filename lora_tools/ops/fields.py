@@ -36,5 +36,7 @@ Fraction = Annotated[float, _checked(values.fraction), ValueKind("fraction")]
 SvRatio = Annotated[float, _checked(values.sv_ratio), ValueKind("sv_ratio")]
 Seeds = Annotated[list[int], _checked(lambda v: list(values.seeds(v))), ValueKind("seeds")]
 Size = Annotated[str, _checked(lambda v: "{}x{}".format(*values.size(v))), ValueKind("size")]
+#: A file or folder: a local path or ``s3://BUCKET/KEY``.
+Location = Annotated[str, _checked(values.location), ValueKind("path")]
 
-__all__ = ["ValueKind", "Strength", "Weight", "Rank", "Fraction", "SvRatio", "Seeds", "Size"]
+__all__ = ["ValueKind", "Strength", "Weight", "Rank", "Fraction", "SvRatio", "Seeds", "Size", "Location"]

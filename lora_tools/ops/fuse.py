@@ -91,12 +91,13 @@ def base_identity(plan: FusePlan) -> dict[str, object]:
     sha256 when it is small or ``hash_base`` was asked (hashing 7 GB costs ~4 s of CPU), else a
     sampled sha256 (:func:`~lora_tools.io.hashing.file_pin`)."""
     from lora_tools.io.hashing import file_pin, header_sha256
+    from lora_tools.io.remote import as_path
 
     base = plan.base
     entry: dict[str, object] = {"role": "base", "name": base.path.name, "layout": base.layout}
     files = sorted({str(h.path) for h in base.headers()})
-    entry["size"] = sum(Path(f).stat().st_size for f in files)
-    entry["header_sha256"] = header_sha256([Path(f) for f in files])
+    entry["size"] = sum(as_path(f).stat().st_size for f in files)
+    entry["header_sha256"] = header_sha256([as_path(f) for f in files])
     if base.layout != "diffusers-folder":
         entry.update(file_pin(base.path, full=True if plan.hash_base else None, sha256=plan.sha256_of))
     return entry

@@ -19,6 +19,7 @@ from lora_tools.errors import Hint, KeyMismatchError, ShapeMismatchError, Unsupp
 from lora_tools.io import atomic
 from lora_tools.io.fp8 import Fp8Form
 from lora_tools.io.model import ModelSource, TensorRef, open_model
+from lora_tools.io.remote import as_path, is_url
 from lora_tools.io.safetensors import DTYPE_ALIASES, DTYPE_SIZES
 from lora_tools.io.sources import SafetensorsSource
 from lora_tools.layouts.targets import TargetIndex
@@ -315,7 +316,7 @@ def plan_fuse(
             path = _preset_file(accel, accel.lora_file, folder, revision, resolve_file)
             sources.append((path, strength, accel.name, accel, False))
         for src, src_strength in loras:
-            path = resolve_source(src, revision=revision)
+            path = as_path(src) if is_url(src) else resolve_source(src, revision=revision)  # an object: read in place
             sources.append((path, src_strength, Path(src).name, identify_file(Path(src).name), True))
         seen: dict[str, str] = {}
         hashes = _hash_in_background([path for path, *_ in sources])
@@ -648,7 +649,7 @@ def _outputs(model: ModelSource, saves: Sequence[SaveKind], output: str | Path |
         raise UsageError(f"A diffusers folder output needs a full model, '{model.path}' holds only {', '.join(model.kind.components)}.")
     folder, stem = model.path.parent, (default_stem(model.path, preset, loras, method) if output is None else "")
     specs = [OutputSpec(k, p) for k, p in output_paths(kinds, output, folder, stem)]
-    inputs = [model.path, *(s.path for s in loras), *(Path(p) for p in protected)]
+    inputs = [model.path, *(s.path for s in loras), *(as_path(p) for p in protected)]
     for s in specs:
         output_plan.refuse_input_as_output(s.path, inputs)
         output_plan.check_output(s.path, "folder" if s.kind == "diffusers" else "file", overwrite=overwrite)
@@ -665,7 +666,7 @@ def output_paths(saves: Sequence[SaveKind], output: str | Path | None, folder: P
     """
     kinds: list[SaveKind] = list(dict.fromkeys(saves or ("checkpoint",)))
     if output is not None:
-        out = Path(output)
+        out = as_path(output)
         folder, stem = out.parent, (out.name if kinds == ["diffusers"] else out.stem)
         if len(kinds) == 1:
             return [(kinds[0], out)]
@@ -680,7 +681,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _refuse_input_as_output(path: Path, output: str | Path | None) -> None:
     if output is not None:
-        output_plan.refuse_input_as_output(Path(output), [path])
+        output_plan.refuse_input_as_output(as_path(output), [path])
 
 
 __all__ = ["plan_fuse", "FusePlan", "OutputSpec", "LoraSource", "DiffSource", "SAVE_KINDS", "default_stem", "output_paths"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tools.errors import Hint, UsageError
+from lora_tools.io.remote import as_path, is_url, url_of
 from lora_tools.output.plan import check_output
 
 if TYPE_CHECKING:
@@ -46,8 +47,11 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
         OutputError: the output is a directory, under a file, or in a folder that cannot be
             written (:func:`lora_tools.output.plan.check_output`).
     """
-    path = Path(output)
+    path = as_path(output)
     for src in inputs:
+        if is_url(path) and is_url(src) and url_of(path) == url_of(src):
+            raise UsageError(f"'{path}' is an input; choose another output name (inputs are never overwritten)",
+                             hint=Hint(param="output", purpose="to write elsewhere", value="PATH"))
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise UsageError(f"'{path}' is an input; choose another output name (inputs are never overwritten)",
                              hint=Hint(param="output", purpose="to write elsewhere", value="PATH"))
@@ -55,7 +59,7 @@ def plan_output(output: str | Path, inputs: Sequence[str | Path], *, format: str
     if dtype is not None and dtype != "keep" and dtype not in _DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; expected fp16, bf16, fp32 or keep")
     return LoraOutput(path, format, None if dtype in (None, "keep") else dtype, overwrite,
-                      tuple(Path(p) for p in inputs))
+                      tuple(as_path(p) for p in inputs))
 
 
 _FLOAT_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
@@ -69,7 +73,7 @@ def input_dtype(inputs: Sequence[str | Path]) -> str | None:
 
     counts: dict[str, int] = {}
     for src in inputs:
-        path = Path(src)
+        path = as_path(src)
         if path.is_dir():
             path = path / "unet" / "diffusion_pytorch_model.safetensors"
         if not path.is_file() or path.suffix != ".safetensors":

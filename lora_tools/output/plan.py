@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from lora_tools.errors import Hint, OutputError, OutputExistsError, UsageError
+from lora_tools.io import remote
 from lora_tools.io.atomic import TEMP_SUFFIX, existing_ancestor
 from lora_tools.provenance import LORATOOL_METADATA_KEY
 from lora_tools.testing.hooks import pause_point
@@ -76,7 +77,13 @@ def inside(path: Path, folder: Path) -> bool:
 
 def refuse_input_as_output(output: Path, inputs: Iterable[Path]) -> None:
     """Raise :class:`UsageError` when ``output`` is one of ``inputs`` or holds one of them."""
+    if remote.is_url(output):
+        if any(remote.is_url(p) and remote.url_of(p) == remote.url_of(output) for p in inputs):
+            raise UsageError(f"Refusing to write '{remote.url_of(output)}': it is one of the inputs.")
+        return
     for p in inputs:
+        if remote.is_url(p):
+            continue
         if output.resolve() == Path(p).resolve() or inside(Path(p), output):
             raise UsageError(f"Refusing to write '{output}': it is one of the inputs.")
 
@@ -156,6 +163,7 @@ def check_place(path: Path) -> None:
     Raises:
         OutputError: the name is too long, a file is in the way, or the folder is read-only or not writable.
     """
+    remote.refuse_folder(path)
     anc = existing_ancestor(path)
     if not anc.is_dir():
         raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
@@ -178,6 +186,8 @@ def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
             folder), its folder cannot be written, or it is a folder that is not ours to replace.
     """
     pause_point("planning")
+    if remote.is_url(path):
+        return check_object_output(remote.as_path(path), kind, overwrite=overwrite)
     anc = existing_ancestor(path)
     if not anc.is_dir():
         raise OutputError(f"cannot write '{path}': '{anc}' is a file, not a folder.")
@@ -202,6 +212,39 @@ def check_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
     if not os.access(anc, os.W_OK | os.X_OK):
         why = "read-only file system" if _read_only(anc) else "permission denied"
         raise OutputError(f"cannot write in '{anc}': {why}.")
+
+
+def check_object_output(path: Path, kind: OutputKind, *, overwrite: bool) -> None:
+    """The output rules for an object (``s3://bucket/key``): a file, never a folder; its name not a pickle's;
+    an existing object replaced only with ``overwrite`` and only when its header carries our record (read
+    with a HEAD and one ranged GET).
+
+    Raises:
+        UsageError: a folder output, or a pickle's name.
+        OutputExistsError: it exists and ``overwrite`` is not set.
+        OutputError: it exists and is not a loratool output.
+    """
+    from lora_tools.errors import LoraToolsError
+
+    if kind == "folder":
+        remote.refuse_folder(path)
+    remote.split(path)  # a bucket and a key
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"Refusing to write '{path}': loratool writes safetensors, and a {path.suffix} name says "
+                         "pickle to the tools that load it", hint=Hint("output", "ending in .safetensors", "PATH"))
+    if remote.head(path) is None:
+        return
+    if not overwrite:
+        raise ExistsError(f"'{path}' already exists", hint=Hint("overwrite", "to replace it"))
+    from lora_tools.io.safetensors import read_header
+
+    try:
+        ours = LORATOOL_METADATA_KEY in read_header(path).metadata
+    except LoraToolsError:
+        ours = False
+    if not ours:
+        raise OutputError(f"'{path}' already exists and is not an earlier loratool output (no loratool record in "
+                          "its header): it will not be replaced; choose another output name.")
 
 
 def _read_only(folder: Path) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_tools.errors import OutputError, OutputExistsError
-from lora_tools.io import atomic, hashing
+from lora_tools.io import atomic, hashing, remote
 from lora_tools.io.diffusers_folder import write_pipeline_configs
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import StreamingWriter, TensorInfo, TensorPlan, bytes_to_tensor, dtype_name, torch_dtype
@@ -130,6 +130,10 @@ class _FileSink:
 
     def commit(self) -> list[WrittenFile]:
         path = self.writer.path
+        if remote.is_url(path):
+            p = self.writer.commit()
+            self._committed = True
+            return [WrittenFile(self.kind, p, self.writer.total_bytes, self.writer.sha256)]
         hooks.pause_point("before-rename")
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
             old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
@@ -148,6 +152,15 @@ class _FileSink:
     def rollback(self) -> None:
         """Undo :meth:`commit`: the earlier file comes back, or the name is free again."""
         if not self._committed:
+            return
+        if remote.is_url(self.writer.path):
+            # An object has no rename to undo: a new one is deleted; a replaced one cannot come back.
+            if not self._existed:
+                remote.delete(self.writer.path)
+            else:
+                logger.warning("'%s' was replaced before another output of this run failed: it cannot be restored",
+                               self.writer.path)
+            self._committed = False
             return
         if self._old is not None:
             os.replace(self._old, self.writer.path)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lora_tools.errors import LoraToolsError, OutputExistsError
+from lora_tools.io.remote import as_path
 from lora_tools.provenance import read_record
 
 State = Literal["run", "redo", "skip", "pending"]
@@ -134,7 +135,7 @@ def compare_outputs(outputs: tuple[str, ...], expected: Mapping[str, Any]) -> tu
     missing: list[str] = []
     differ: list[str] = []
     for out in outputs:
-        exists, record = existing_record(Path(out))
+        exists, record = existing_record(as_path(out))
         if not exists:
             missing.append(Path(out).name)
             continue

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import OutputExistsError
+from lora_tools.io.remote import as_path, is_url
 from lora_tools.ops.registry import Operation
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 from lora_tools.recipes.jobs import JobCheck, JobResult, Progress, ResolvedJob, decide, note_changes, record_diff
@@ -80,17 +81,18 @@ class LoraOpJob:
     def check(self, job: ResolvedJob) -> JobCheck:
         planned = self._plan(job)
         out = job.outputs[0]
-        state, reason = compare_entries(job.outputs, {out: self.stored(Path(out))}, planned.entry)
+        state, reason = compare_entries(job.outputs, {out: self.stored(as_path(out))}, planned.entry)
         return JobCheck(state, reason)  # type: ignore[arg-type]
 
     def run(self, job: ResolvedJob, progress: Progress | None = None) -> JobResult:
         start = time.perf_counter()
         planned = self._plan(job)
-        out = Path(job.outputs[0])
-        state, reason = compare_entries(job.outputs, {str(out): self.stored(out)}, planned.entry)
+        out = as_path(job.outputs[0])
+        state, reason = compare_entries(job.outputs, {job.outputs[0]: self.stored(out)}, planned.entry)
         if state == "skip":
             return JobResult(job.name, "skipped", time.perf_counter() - start, job.outputs, reason)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if not is_url(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
         self.op.run(planned, created=job.created)
         return JobResult(job.name, "done", time.perf_counter() - start, job.outputs, reason if state == "redo" else "")
 

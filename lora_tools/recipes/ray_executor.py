@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lora_tools.errors import ClusterError, UsageError
+from lora_tools.io.remote import store_env
 from lora_tools.recipes.executor import EventHook
 from lora_tools.recipes.jobs import JobResult, ResolvedJob
 from lora_tools.recipes.registry import run_job
@@ -167,6 +168,9 @@ class RayExecutor:
                 opts[key] = max(1.0, min(value, have or 1.0))  # a 1-CPU node still runs a fuse
             else:
                 opts[key] = value  # no GPU in the cluster: Ray says the task cannot be scheduled
+        env = store_env([job.options, job.outputs])  # workers reach the object store this driver reaches
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
         peak = self.peak_bytes.get(job.name)
         memory = totals.get("memory")
         if peak and memory:

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lora_tools.errors import LoraToolsError, RecipeError
+from lora_tools.io.remote import as_path, is_url, place
 from lora_tools.ops.registry import OPS
 from lora_tools.recipes.executor import EventHook, Executor, LocalExecutor
 from lora_tools.recipes.expand import ExpandedJob, check_matrix, expand_jobs
@@ -80,7 +81,7 @@ def apply_sets(doc: dict[str, Any], sets: Sequence[str], marks: Marks) -> None:
         raw_inputs = doc.get("inputs")
         inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
         if "." not in key and key in inputs:
-            path = str(Path(str(value)).expanduser().resolve())
+            path = str(place(str(value), Path.cwd()))
             pinned = inputs[key].get("sha256") if isinstance(inputs[key], dict) else None
             inputs[key] = {"path": path, "sha256": pinned} if pinned else path  # a hub input becomes local
             marks.marks[("inputs", key)] = where
@@ -88,7 +89,7 @@ def apply_sets(doc: dict[str, Any], sets: Sequence[str], marks: Marks) -> None:
             doc["vars"][key] = value
             marks.marks[("vars", key)] = where
         elif "." not in key and key in _SETTABLE:
-            doc[key] = str(Path(str(value)).expanduser().resolve()) if key == "output_dir" else value
+            doc[key] = str(place(str(value), Path.cwd())) if key == "output_dir" else value
             marks.marks[(key,)] = where
         elif "." in key:
             parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
@@ -128,8 +129,7 @@ def _resolve_inputs(head: RecipeHead, folder: Path, marks: Marks) -> dict[str, s
             except LoraToolsError as e:
                 raise RecipeError(f"inputs.{name}: {e}", location=where) from None
         else:
-            path = (folder / Path(spec.path).expanduser()) if not Path(spec.path).expanduser().is_absolute() \
-                else Path(spec.path).expanduser()
+            path = place(spec.path, folder)
             if not path.exists():
                 raise RecipeError(f"inputs.{name}: '{spec.path}' does not exist", location=where)
             kind = special_kind(path)
@@ -192,8 +192,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
     expanded = expand_jobs(head.jobs, head.matrix, head.vars, marks)
     validated = [(ej, _validate_job(ej, marks)) for ej in expanded]
     inputs = _resolve_inputs(head, folder, marks)
-    output_dir = Path(head.output_dir).expanduser()
-    output_dir = (output_dir if output_dir.is_absolute() else folder / output_dir).resolve()
+    output_dir = place(head.output_dir, folder)
     job_names = {ej.name for ej in expanded}
     clash = job_names & set(inputs)
     if clash:
@@ -206,7 +205,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
         opts = job.options.model_dump()
         key = OUTPUT_KEYS.get(job.kind, "output")
         out_where = marks.at(("jobs", ej.index, job.kind, key))
-        target = (output_dir / opts[key]).resolve()
+        target = as_path(opts[key]) if is_url(opts[key]) else (output_dir / opts[key]).resolve()
         if not _inside(target, output_dir) or target == output_dir:
             raise RecipeError(f"jobs[{ej.index}].{job.kind}.{key}: '{opts[key]}' leaves the output folder "
                               f"'{output_dir}'" + (f" (job '{ej.name}')" if ej.values else ""), location=out_where)
@@ -240,8 +239,7 @@ def plan_recipe(path: str | Path, *, sets: Sequence[str] = (), only: Sequence[st
                 raise RecipeError(f"{dotted(path)}: '{value}': input '{head}' ({inputs[head]}) holds no '{rest}'",
                                   location=marks.at(path))
             return str(inner.resolve())
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else folder / p
+        p = place(value, folder)
         if not p.exists():
             known = ", ".join(sorted(inputs) + sorted(outputs_of)) or "none"
             raise RecipeError(f"{dotted(path)}: '{value}' is not an input, a job or an existing file "
@@ -319,7 +317,7 @@ def check_all(plan: RecipePlan) -> None:
     not written yet is ``pending``. Raises the first problem as a :class:`RecipeError`."""
     for job in plan.jobs:
         pending = [d for d in job.depends_on if (d in plan.checks and plan.checks[d].state != "skip")
-                   or not all(Path(o).exists() for o in plan.outputs_of(d))]
+                   or not all(as_path(o).exists() for o in plan.outputs_of(d))]
         if pending:
             plan.checks[job.name] = JobCheck("pending", f"after '{pending[0]}'")
             continue

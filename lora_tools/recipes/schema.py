@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from lora_tools.hub import REPO_ID_RE
+from lora_tools.ops.fields import Location
 from lora_tools.ops.registry import OPS, Operation
 from lora_tools.ops.verbs._lora import LoraRef, WeightedRef
 from lora_tools.ops.verbs.analyze import AnalyzeOptions
@@ -70,9 +71,9 @@ class _Strict(BaseModel):
 
 
 class FileInput(_Strict):
-    """A local file or folder; ``sha256`` pins a file's content."""
+    """A local file or folder, or an object (``s3://BUCKET/KEY``); ``sha256`` pins a file's content."""
 
-    path: str
+    path: Location
     sha256: str | None = None
 
     @field_validator("sha256")
@@ -166,7 +167,7 @@ def _input_tag(v: Any) -> str:
 
 
 #: An input: a path string, ``{path:, sha256:}`` or ``{hub:, revision:, sha256:}``.
-InputSpec = Annotated[Annotated[str, Tag("str")] | Annotated[FileInput, Tag("file")] | Annotated[HubInput, Tag("hub")], Discriminator(_input_tag)]
+InputSpec = Annotated[Annotated[Location, Tag("str")] | Annotated[FileInput, Tag("file")] | Annotated[HubInput, Tag("hub")], Discriminator(_input_tag)]
 #: Union tags pydantic puts into error locations (dropped when errors are shown).
 UNION_TAGS = ("str", "file", "hub")
 
@@ -176,7 +177,7 @@ class RecipeHead(_Strict):
 
     version: Literal[1]
     created: str | None = None
-    output_dir: str = "."
+    output_dir: Location = "."
     vars: dict[str, Scalar] = Field(default_factory=dict)
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     matrix: dict[str, list[Scalar]] = Field(default_factory=dict)

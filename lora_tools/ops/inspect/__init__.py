@@ -99,6 +99,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lora_tools.errors import InvalidFileError
+from lora_tools.io.remote import as_path
 from lora_tools.io.sources import SafetensorsSource, StateDictSource, open_source
 from lora_tools.layouts.components import component_label
 from lora_tools.layouts.detect import detect_checkpoint
@@ -177,7 +178,7 @@ def inspect_path(path: str | Path, *, with_hash: bool | None = None) -> InspectR
         ('Lightning 4-step', 788)
         ```
     """
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise InvalidFileError(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import InvalidFileError
+from lora_tools.io.remote import is_url
 from lora_tools.io.sources import SafetensorsSource, StateDictSource
 from lora_tools.ops.inspect.report import Container, FileSummary, MetadataSummary, TensorEntry
 
@@ -34,7 +35,7 @@ def tensor_entry(src: SafetensorsSource | StateDictSource, key: str) -> TensorEn
 def file_summary(path: Path, container: Container, with_hash: bool | None) -> FileSummary:
     size = path.stat().st_size
     sha = autov2 = None
-    if with_hash or (with_hash is None and size < HASH_LIMIT_BYTES):
+    if with_hash or (with_hash is None and size < HASH_LIMIT_BYTES and not is_url(path)):  # an object: header only
         from lora_tools.io.hashing import autov2_hash, sha256_file
 
         sha = sha256_file(path)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from lora_tools.io.remote import as_path
 from lora_tools.ops.fields import Strength, Weight
 from lora_tools.ops.operation import Operation, OpResult, Options, cli
 
@@ -100,8 +100,8 @@ def write_result(planned: LoraOpPlan, adapter: LoraAdapter, report: Any, created
     record = stamped(read_record(adapter.metadata), planned.entry, created)
     path = write_lora(adapter, planned.output, record=record)
     if getattr(report, "size_bytes", None) is not None:
-        report.size_bytes = Path(path).stat().st_size  # the size printed is the file's, header included
-    return OpResult([Path(path)], report, adapter)
+        report.size_bytes = as_path(path).stat().st_size  # the size printed is the file's, header included
+    return OpResult([as_path(path)], report, adapter)
 
 
 def rank_rule(o: Any, keys: tuple[str, ...]) -> Any:

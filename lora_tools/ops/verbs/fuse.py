@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from lora_tools.io.remote import as_path
 from lora_tools.ops.fields import Strength
 from lora_tools.ops.operation import Operation, OpResult, Options, cli
 from lora_tools.ops.verbs._lora import LoraRef, short_form
@@ -124,7 +125,7 @@ class FuseOpPlan:
 
     @property
     def outputs(self) -> list[Path]:
-        return [Path(s.path) for s in self.plan.outputs]
+        return [as_path(s.path) for s in self.plan.outputs]
 
     def record(self, created: str | None = None) -> dict[str, Any]:
         """The record the outputs will hold."""
@@ -166,7 +167,7 @@ def _plan_workflow(fp: FusePlan, overwrite: bool) -> tuple[Path, Path]:
     from lora_tools.errors import Hint, UsageError
     from lora_tools.verify.workflow import workflow_file
 
-    ckpt = next((Path(s.path) for s in fp.outputs if s.kind == "checkpoint"), None)
+    ckpt = next((as_path(s.path) for s in fp.outputs if s.kind == "checkpoint"), None)
     if ckpt is None:
         raise UsageError("a workflow loads a single-file checkpoint in ComfyUI",
                          hint=Hint("saves", "to write one", "checkpoint"))
@@ -179,7 +180,7 @@ def run(planned: FuseOpPlan, *, created: str | None = None, progress: Callable[[
     from lora_tools.ops.fuse import run_fuse
 
     result = run_fuse(planned.plan, progress=progress, created=created, run_entry=planned.entry)
-    files = [Path(f.path) for f in result.files]
+    files = [as_path(f.path) for f in result.files]
     if planned.workflow is not None and planned.checkpoint is not None and planned.plan.sampler is not None:
         from lora_tools.verify.workflow import write_workflow
 
