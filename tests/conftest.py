@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # the helpers import torch and lora_tools: fixtures import th
     from tests.fuse_helpers import FuseAssets
     from tests.recipe_helpers import Assets
     from tests.reliability_helpers import RunAs, Tmpfs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,6 +58,14 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Under pytest-xdist (``--dist loadgroup``) the tests of one group run on one worker, one after the other: the
+#: kinds that must not run beside each other (Ray clusters; real mounts and other users) and the files that share
+#: a session fixture's subprocess runs (``example_run``: each example script once).
+XDIST_GROUP_BY_KIND: dict[str, str] = {"ray": "ray", "fs": "fs"}
+XDIST_GROUP_BY_FILE: dict[str, str] = {"test_examples.py": "examples", "test_output_examples.py": "examples"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection and xdist's grouping read the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         kinds = set(BY_FILE.get(item.path.name, ()))
@@ -63,6 +73,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             kinds.update(BY_FIXTURE.get(name, ()))
         for kind in sorted(kinds):
             item.add_marker(kind)
+        groups = {XDIST_GROUP_BY_KIND[m.name] for m in item.iter_markers() if m.name in XDIST_GROUP_BY_KIND}
+        groups.update([XDIST_GROUP_BY_FILE[item.path.name]] if item.path.name in XDIST_GROUP_BY_FILE else [])
+        if groups and not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(min(groups)))
 
 
 _PYTHON = ("python", "loratool")
@@ -214,6 +228,25 @@ def medium_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNam
     lora = write_lora(d / "medium-lora.safetensors", cfg, fmt="kohya-diffusers", targets="lightning", rank=4, alpha=4.0)
     yield SimpleNamespace(base=base, lora=lora)
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], SimpleNamespace]:
+    """``example_run(name)``: ``examples/<name>`` run once per session in a fresh interpreter with its own empty
+    TMPDIR: its ``returncode``, ``stdout``, ``stderr`` and ``left`` (what it left in TMPDIR). Two test files read
+    the same run (what it prints, what it leaves behind)."""
+    runs: dict[str, SimpleNamespace] = {}
+
+    def run(name: str) -> SimpleNamespace:
+        if name not in runs:
+            tmp = tmp_path_factory.mktemp("example-tmp")
+            proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300,
+                                  env=dict(os.environ, TMPDIR=str(tmp)))
+            runs[name] = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                                         left=sorted(p.name for p in tmp.iterdir()))
+        return runs[name]
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------- environments
