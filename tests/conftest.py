@@ -301,12 +301,41 @@ def read_only_fs(tmp_path: Path, tmpfs: Tmpfs) -> Iterator[Path]:
         yield ro
 
 
+# ----------------------------------------------------------------------------------------- the CPU watch
+
+#: A test of the default selection (no slow-kind marker) that takes more CPU than this is listed at the end of the
+#: run: mark it ``slow`` (or a kind) so the default stays fast. CPU, not wall time: a busy machine does not move it.
+CPU_BUDGET_S = 2.0
+_OVER_BUDGET: list[tuple[float, str]] = []
+_SLOW_KINDS = ("slow", "subprocess", "diffusers", "ray", "fs", "large")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    start = _cpu_seconds()
+    try:
+        return (yield)
+    finally:  # a user property travels with the report, so pytest-xdist's workers count too
+        used = _cpu_seconds() - start
+        if used > CPU_BUDGET_S and not any(item.get_closest_marker(k) for k in _SLOW_KINDS):
+            item.user_properties.append(("cpu_over_budget_s", round(used, 1)))
+
+
 # ----------------------------------------------------------------------------------------- the bad-input summary
 
 _BAD_INPUT_OUTCOMES: dict[str, int] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _OVER_BUDGET.extend((float(v), report.nodeid) for k, v in report.user_properties if k == "cpu_over_budget_s")
     if report.when == "call" or (report.when == "setup" and report.skipped):
         if "bad_input_cases" in report.keywords:
             outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
@@ -314,6 +343,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for used, nodeid in sorted(_OVER_BUDGET, reverse=True):
+        terminalreporter.write_line(f"default-selection test over {CPU_BUDGET_S:g} s of CPU ({used:.1f} s): {nodeid} "
+                                    "(mark it slow, or its kind)")
     if _BAD_INPUT_OUTCOMES:
         total = sum(_BAD_INPUT_OUTCOMES.values())
         parts = ", ".join(f"{n} {k}" for k, n in sorted(_BAD_INPUT_OUTCOMES.items()))
