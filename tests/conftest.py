@@ -9,7 +9,9 @@ Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the de
 ``smoke or not (slow or subprocess or diffusers or ray or fs or large)``; ``-m ""`` runs everything.
 :func:`pytest_collection_modifyitems` marks tests by file and by the fixtures they use, and the
 ``_speed_guard`` fixture fails a test that starts a Python interpreter or loads diffusers' models
-without its marker, so a new test cannot slip into the fast bucket by mistake.
+without its marker, so a new test cannot slip into the fast bucket by mistake; a default test that takes over
+``CPU_BUDGET_S`` of CPU is listed at the end of the run. Under pytest-xdist (``-n 2 --dist loadgroup``) the
+kinds and files of ``XDIST_GROUP_BY_KIND`` / ``XDIST_GROUP_BY_FILE`` each run on one worker.
 """
 
 from __future__ import annotations
