@@ -9,7 +9,9 @@ Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the de
 ``smoke or not (slow or subprocess or diffusers or ray or fs or large)``; ``-m ""`` runs everything.
 :func:`pytest_collection_modifyitems` marks tests by file and by the fixtures they use, and the
 ``_speed_guard`` fixture fails a test that starts a Python interpreter or loads diffusers' models
-without its marker, so a new test cannot slip into the fast bucket by mistake.
+without its marker, so a new test cannot slip into the fast bucket by mistake; a default test that takes over
+``CPU_BUDGET_S`` of CPU is listed at the end of the run. Under pytest-xdist (``-n 2 --dist loadgroup``) the
+kinds and files of ``XDIST_GROUP_BY_KIND`` / ``XDIST_GROUP_BY_FILE`` each run on one worker.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -30,6 +32,8 @@ if TYPE_CHECKING:  # the helpers import torch and lora_tools: fixtures import th
     from tests.fuse_helpers import FuseAssets
     from tests.recipe_helpers import Assets
     from tests.reliability_helpers import RunAs, Tmpfs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,6 +61,14 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Under pytest-xdist (``--dist loadgroup``) the tests of one group run on one worker, one after the other: the
+#: kinds that must not run beside each other (Ray clusters; real mounts and other users) and the files that share
+#: a session fixture's subprocess runs (``example_run``: each example script once).
+XDIST_GROUP_BY_KIND: dict[str, str] = {"ray": "ray", "fs": "fs"}
+XDIST_GROUP_BY_FILE: dict[str, str] = {"test_examples.py": "examples", "test_output_examples.py": "examples"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection and xdist's grouping read the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         kinds = set(BY_FILE.get(item.path.name, ()))
@@ -64,6 +76,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             kinds.update(BY_FIXTURE.get(name, ()))
         for kind in sorted(kinds):
             item.add_marker(kind)
+        groups = {XDIST_GROUP_BY_KIND[m.name] for m in item.iter_markers() if m.name in XDIST_GROUP_BY_KIND}
+        groups.update([XDIST_GROUP_BY_FILE[item.path.name]] if item.path.name in XDIST_GROUP_BY_FILE else [])
+        if groups and not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(min(groups)))
 
 
 _PYTHON = ("python", "loratool")
@@ -217,6 +233,25 @@ def medium_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNam
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], SimpleNamespace]:
+    """``example_run(name)``: ``examples/<name>`` run once per session in a fresh interpreter with its own empty
+    TMPDIR: its ``returncode``, ``stdout``, ``stderr`` and ``left`` (what it left in TMPDIR). Two test files read
+    the same run (what it prints, what it leaves behind)."""
+    runs: dict[str, SimpleNamespace] = {}
+
+    def run(name: str) -> SimpleNamespace:
+        if name not in runs:
+            tmp = tmp_path_factory.mktemp("example-tmp")
+            proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300,
+                                  env=dict(os.environ, TMPDIR=str(tmp)))
+            runs[name] = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                                         left=sorted(p.name for p in tmp.iterdir()))
+        return runs[name]
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------- environments
 
 
@@ -269,12 +304,41 @@ def read_only_fs(tmp_path: Path, tmpfs: Tmpfs) -> Iterator[Path]:
         yield ro
 
 
+# ----------------------------------------------------------------------------------------- the CPU watch
+
+#: A test of the default selection (no slow-kind marker) that takes more CPU than this is listed at the end of the
+#: run: mark it ``slow`` (or a kind) so the default stays fast. CPU, not wall time: a busy machine does not move it.
+CPU_BUDGET_S = 2.0
+_OVER_BUDGET: list[tuple[float, str]] = []
+_SLOW_KINDS = ("slow", "subprocess", "diffusers", "ray", "fs", "large")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    start = _cpu_seconds()
+    try:
+        return (yield)
+    finally:  # a user property travels with the report, so pytest-xdist's workers count too
+        used = _cpu_seconds() - start
+        if used > CPU_BUDGET_S and not any(item.get_closest_marker(k) for k in _SLOW_KINDS):
+            item.user_properties.append(("cpu_over_budget_s", round(used, 1)))
+
+
 # ----------------------------------------------------------------------------------------- the bad-input summary
 
 _BAD_INPUT_OUTCOMES: dict[str, int] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _OVER_BUDGET.extend((float(v), report.nodeid) for k, v in report.user_properties if k == "cpu_over_budget_s")
     if report.when == "call" or (report.when == "setup" and report.skipped):
         if "bad_input_cases" in report.keywords:
             outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
@@ -282,6 +346,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for used, nodeid in sorted(_OVER_BUDGET, reverse=True):
+        terminalreporter.write_line(f"default-selection test over {CPU_BUDGET_S:g} s of CPU ({used:.1f} s): {nodeid} "
+                                    "(mark it slow, or its kind)")
     if _BAD_INPUT_OUTCOMES:
         total = sum(_BAD_INPUT_OUTCOMES.values())
         parts = ", ".join(f"{n} {k}" for k, n in sorted(_BAD_INPUT_OUTCOMES.items()))

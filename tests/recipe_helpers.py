@@ -1,4 +1,5 @@
-"""Tiny inputs for the recipe tests: two bases, a Lightning folder (2/4/8 steps), a style LoRA (the
+"""Inputs for the recipe tests, in the micro size (a fuse of it costs a fifth of a tiny one; what a recipe does
+with a model does not depend on its depth): two bases, a Lightning folder (2/4/8 steps), a style LoRA (the
 ``recipe_assets`` fixture in conftest.py builds them once per session)."""
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ class Assets:
     style: Path
 
 
-def build_assets(root: Path) -> Assets:
+def build_assets(root: Path, size: str = "micro") -> Assets:
     root.mkdir(parents=True, exist_ok=True)
-    base_a = write_checkpoint(root / "base-a.safetensors", "tiny", seed=0, dtype="fp16",
+    base_a = write_checkpoint(root / "base-a.safetensors", size, seed=0, dtype="fp16",
                               metadata={"format": "pt", "note": "base a"})
-    base_b = write_checkpoint(root / "base-b.safetensors", "tiny", seed=1, dtype="fp16",
+    base_b = write_checkpoint(root / "base-b.safetensors", size, seed=1, dtype="fp16",
                               metadata={"format": "pt", "note": "base b"})
     lightning = root / "lightning"
     lightning.mkdir(exist_ok=True)
     for steps in (2, 4, 8):
-        write_lightning_lora(lightning / f"sdxl_lightning_{steps}step_lora.safetensors", "tiny", seed=10 + steps, rank=4)
-    style = write_lora(root / "style.safetensors", "tiny", targets="attn", rank=4, seed=7)
+        write_lightning_lora(lightning / f"sdxl_lightning_{steps}step_lora.safetensors", size, seed=10 + steps, rank=4)
+    style = write_lora(root / "style.safetensors", size, targets="attn", rank=4, seed=7)
     return Assets(root, base_a, base_b, lightning, style)
 
 

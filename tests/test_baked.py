@@ -89,6 +89,7 @@ def test_baked_fit_on_a_sample(assets: FuseAssets, lightning_baked: Path) -> Non
         assert 0.01 < tuned.explained < 0.5
 
 
+@pytest.mark.slow
 def test_fuse_refuses_a_preset_already_baked_in(assets: FuseAssets, lightning_baked: Path, tmp_path: Path) -> None:
     out = tmp_path / "twice.safetensors"
     line = run_fails(tmp_path, "fuse", lightning_baked, "--lora", assets.lightning_lora, "--original-unet", assets.base,

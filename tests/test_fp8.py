@@ -133,6 +133,7 @@ def test_dry_run_predicts_the_size(tiny_unet_inputs: SimpleNamespace, outputs: S
     assert not (tmp_path / "y.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_standalone_unet_fp8_is_plain(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
                                       tmp_path: Path) -> None:
     """A standalone UNet gets the plain form by default (ComfyUI reads the scaled form in single files only)."""
@@ -224,6 +225,7 @@ def test_inspect_shows_the_fp8_layout(outputs: SimpleNamespace) -> None:
     assert json.loads(r.output)["checkpoint"]["fp8"] is None
 
 
+@pytest.mark.slow
 def test_fp8_base_is_fused_from_its_dequantised_weights(tiny_unet_inputs: SimpleNamespace, outputs: SimpleNamespace,
                                                         tmp_path: Path) -> None:
     from lora_tools.io.model import open_model

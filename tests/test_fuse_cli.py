@@ -320,6 +320,7 @@ def test_lightning_not_in_the_hub_cache(assets: FuseAssets, tmp_path: Path, offl
     assert "--lora" in line
 
 
+@pytest.mark.slow
 def test_lightning_lora_given_with_lora_records_the_sampler(assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "by-lora.safetensors"
     fuse_ok(assets.base, "--lora", assets.lightning_lora, "-o", out)
@@ -423,6 +424,7 @@ def test_allow_unmatched_still_refuses_a_lora_that_matches_nothing(assets: FuseA
                names="sd15-names.safetensors")
 
 
+@pytest.mark.slow
 def test_unmatched_modules(assets: FuseAssets, tmp_path: Path) -> None:
     tensors, meta = make_lora("tiny", fmt="kohya-diffusers", targets="attn", rank=4, alpha=2.0, seed=3)
     tensors["lora_unet_not_a_module_of_sdxl.lora_down.weight"] = torch.zeros(4, 64)
@@ -494,6 +496,7 @@ def test_sd1_base_is_refused(assets: FuseAssets, tmp_path: Path) -> None:
     assert "Stable Diffusion 1.x" in line
 
 
+@pytest.mark.slow
 def test_v_prediction_base_warns_and_fuses(assets: FuseAssets, tmp_path: Path) -> None:
     tensors = load_tensors(assets.base)
     tensors["v_pred"] = torch.zeros(0, dtype=torch.int64)  # the marker key of v-prediction SDXL checkpoints
@@ -554,6 +557,7 @@ def test_same_lora_twice_needs_force(assets: FuseAssets, tmp_path: Path) -> None
     assert "given twice" in line and "--force" in line
 
 
+@pytest.mark.slow
 def test_overflow_while_streaming_leaves_nothing(assets: FuseAssets, tmp_path: Path) -> None:
     """Finite factors whose product overflows fp32 in the middle of the stream: the half-written file must go away."""
     tensors, meta = make_lora("tiny", fmt="kohya-sgm", targets="attn", rank=4, alpha=4.0, seed=8)
@@ -578,6 +582,7 @@ def test_fp16_overflow_is_refused(assets: FuseAssets, tmp_path: Path) -> None:
                "-o", tmp_path / "inf16.safetensors", names="")
 
 
+@pytest.mark.slow
 def test_output_onto_the_original_unet_is_refused(assets: FuseAssets, tmp_path: Path) -> None:
     original = tmp_path / "original-unet.safetensors"
     original.write_bytes(assets.original_unet.read_bytes())
@@ -586,6 +591,7 @@ def test_output_onto_the_original_unet_is_refused(assets: FuseAssets, tmp_path: 
                names="original-unet.safetensors")
 
 
+@pytest.mark.slow
 def test_overflow_scan_is_skipped_only_where_the_factors_rule_it_out(assets: FuseAssets, tmp_path: Path) -> None:
     """The patcher skips its NaN/Inf scan when ``rank * max|up| * max|down|`` bounds the delta far
     below the output dtype's range; large strengths and dtype changes keep the scan."""
@@ -738,6 +744,7 @@ def test_verify_output_rehashes_the_data_before_the_rename(assets: FuseAssets, t
     assert line == f"Error: cannot write '{out}': its data read back differs from what was written."
 
 
+@pytest.mark.slow
 def test_not_enough_space_is_refused_at_plan_time(assets: FuseAssets, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil as shutil_module
@@ -764,6 +771,7 @@ def test_not_enough_space_is_refused_at_plan_time(assets: FuseAssets, tmp_path: 
     fuse_ok(assets.base, "--lora", assets.style, "-o", out, "--dry-run")  # one output fits
 
 
+@pytest.mark.slow
 def test_base_warnings_name_the_preset(assets: FuseAssets, tmp_path: Path) -> None:
     from lora_tools.presets import get_preset
 

@@ -43,8 +43,7 @@ def test_lightning_targets_include_3x3_convs() -> None:
 
 
 @pytest.mark.diffusers
-@pytest.mark.parametrize("case", [pytest.param(c, id=c, marks=[pytest.mark.smoke] if c == "kohya-sgm" else [])
-                                  for c in DIFFUSERS_FORMATS])  # kohya-sgm: the default selection's oracle
+@pytest.mark.parametrize("case", list(DIFFUSERS_FORMATS))  # the default's oracle: test_layouts' conversion check
 def test_fuse_equals_diffusers_fuse_lora(assets: FuseAssets, tmp_path: Path, case: str) -> None:
     kwargs = dict(DIFFUSERS_FORMATS[case])
     lora = write_lora(tmp_path / f"{case}.safetensors", "tiny", components=COMPONENTS, **kwargs)

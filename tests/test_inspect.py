@@ -124,6 +124,7 @@ def test_inspect_json_per_format(lora_dir: Path, case: tuple) -> None:
         assert lora["applies_to"].endswith("(UNet); text encoders untouched")
 
 
+@pytest.mark.slow
 def test_inspect_locon_tucker(lora_dir: Path) -> None:
     path = write_lora(lora_dir / "locon_tucker.safetensors", "tiny", fmt="kohya-diffusers", algorithm="lora-tucker",
                       targets="lightning", rank=4, alpha=4.0)
@@ -136,6 +137,7 @@ def test_inspect_locon_tucker(lora_dir: Path) -> None:
     assert lora["acceleration"] is None  # a Tucker core is not the Lightning signature
 
 
+@pytest.mark.slow
 def test_pickled_lora_read_with_weights_only(lora_dir: Path) -> None:
     tensors, _ = make_lora("tiny", fmt="kohya-diffusers", rank=2, alpha=1.0)
     path = lora_dir / "legacy_lora.pt"
@@ -170,6 +172,7 @@ def test_lightning_tiny_identified_by_file_name(lightning_tiny: Path) -> None:
     assert "eps-prediction" in lora["applies_to"]
 
 
+@pytest.mark.slow
 def test_lightning_shaped_without_name_has_unknown_steps(lora_dir: Path, lightning_tiny: Path) -> None:
     anon = lora_dir / "some_accelerator.safetensors"
     anon.write_bytes(lightning_tiny.read_bytes())
@@ -218,6 +221,7 @@ def test_lightning_identified_by_metadata_and_metadata_summary(lora_dir: Path) -
     assert md["other"]["long_key"] == "y" * 200 + "... (300 chars)"
 
 
+@pytest.mark.slow
 def test_hashes_and_identification_by_sha256(lora_dir: Path, lightning_tiny: Path, monkeypatch) -> None:
     d = inspect_json(lightning_tiny)
     digest = hashlib.sha256(lightning_tiny.read_bytes()).hexdigest()

@@ -75,6 +75,7 @@ def test_tiny_single_file_loads_in_diffusers_from_single_file(tiny_checkpoint, t
 
 
 @pytest.mark.diffusers
+@pytest.mark.smoke  # the default selection's oracle (diffusers' own converters; a fraction of a second)
 def test_sgm_to_diffusers_equals_diffusers_own_conversion(tiny_checkpoint):
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,

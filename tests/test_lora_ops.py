@@ -29,6 +29,7 @@ KOHYA_META = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_output_name"
 # ---------------------------------------------------------------------------------------- rescale
 
 
+@pytest.mark.slow
 def test_rescale_delta_is_strength_times_delta(assets: FuseAssets) -> None:
     with load_lora(assets.style) as a:
         before = deltas(a)
@@ -43,6 +44,7 @@ def test_rescale_delta_is_strength_times_delta(assets: FuseAssets) -> None:
     assert_deltas_close(after, {k: (v if k[0] == "unet" else -2.0 * v) for k, v in before.items()})
 
 
+@pytest.mark.slow
 def test_rescale_per_block_is_the_block_weight_times_delta(assets: FuseAssets, tmp_path: Path) -> None:
     from lora_tools.layouts.blocks import block_of, parse_block_weights
 
@@ -139,6 +141,7 @@ def test_output_never_overwrites_an_input(assets: FuseAssets, tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 def test_merge_concat_is_the_exact_weighted_sum(assets: FuseAssets) -> None:
     with load_lora(assets.lightning_lora) as a, load_lora(assets.style) as b:
         da, db = deltas(a), deltas(b)

@@ -48,6 +48,7 @@ def test_rescaled_file_records_rescale_with_its_strength_and_source_hash(lora: P
     assert [(s["name"], s["sha256"]) for s in rec["sources"]] == [(lora.name, _sha(lora))]
 
 
+@pytest.mark.slow
 def test_merged_file_records_merge_with_every_source_and_weight(lora: Path, tmp_path: Path) -> None:
     other = write_lora(tmp_path / "other.safetensors", "tiny", fmt="kohya-diffusers", rank=3, seed=6)
     out = tmp_path / "merged.safetensors"

@@ -147,8 +147,8 @@ def test_text_projection_is_a_transposed_target(table) -> None:  # type: ignore[
     assert t not in index.targets  # look-up only: extract and the synthetic LoRAs walk the trainer set
 
 
-@pytest.mark.parametrize("naming", ["kohya", pytest.param("comfy", marks=pytest.mark.slow),
-                                    pytest.param("diffusers", marks=pytest.mark.slow)])  # one naming by default
+@pytest.mark.parametrize("naming", ["kohya", "comfy", "diffusers"])
+@pytest.mark.slow
 def test_text_projection_lora_lands_transposed_on_a_single_file(tmp_path: Path, sgm_base: Path, naming: str) -> None:
     """OpenCLIP stores text_projection as P with x @ P; the LoRA's delta is on W = P.T (diffusers
     and ComfyUI's Linear): P' = (P.T + s * delta).T, checked in fp64."""
@@ -253,6 +253,7 @@ def test_bias_and_norm_diffs_fuse_like_the_dense_reference(tmp_path: Path, sgm_b
         assert torch.allclose(b[k].double(), a[k].double() + 0.6 * delta, rtol=0, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_bias_diff_on_a_diffusers_folder(tmp_path: Path, folder_base: Path) -> None:
     from lora_tools.io.safetensors import load_tensors
 

@@ -105,6 +105,7 @@ def test_outputs_get_the_umask_permissions(tmp_path: Path, umask: int) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
 
 
+@pytest.mark.slow
 def test_fused_diffusers_folder_has_plain_permissions(assets: FuseAssets, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

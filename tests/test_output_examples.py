@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("name", ["inspect_lora.py", "fuse_lightning.py",
                                   pytest.param("fuse_several_loras.py", marks=pytest.mark.slow)])
-def test_example_leaves_no_temporary_folder(tmp_path: Path, name: str) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TMPDIR=str(tmp_path)))
+def test_example_leaves_no_temporary_folder(example_run: Callable[[str], SimpleNamespace], name: str) -> None:
+    proc = example_run(name)  # its own empty TMPDIR, run once per session (test_examples reads the same run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
-    assert list(tmp_path.iterdir()) == []
+    assert proc.left == []
 
 
 def test_demo_never_clears_a_folder_it_did_not_make(tmp_path: Path) -> None:

@@ -33,8 +33,9 @@ def _spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor
     return ((u * s) @ v.T).float()
 
 
-@pytest.mark.parametrize("shape", [(1280, 2048), pytest.param((2048, 640), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [(1280, 2048), (2048, 640)])
 @pytest.mark.parametrize("spectrum", ["lora-plus-rounding", "power-law", "flat-tail"])
+@pytest.mark.slow
 def test_randomized_svd_is_as_accurate_as_the_exact_svd(shape: tuple[int, int], spectrum: str) -> None:
     m, n = shape
     k = min(m, n)
@@ -154,6 +155,7 @@ def test_svd_merge_and_extract_do_not_depend_on_the_number_of_cores(models: tupl
         assert other[1] == first[1] and other[3] == first[3]
 
 
+@pytest.mark.slow
 def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, Path, Path, Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from lora_tools.ops.fuse import run_fuse
@@ -315,6 +317,7 @@ def test_module_threads_nest() -> None:
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_the_fuse_output_does_not_depend_on_the_compute_threads(models: tuple[Path, Path, Path, Path],
                                                                   tmp_path: Path) -> None:
     from lora_tools.engine import pipeline

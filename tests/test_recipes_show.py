@@ -121,7 +121,7 @@ def test_recipe_show_of_a_lora_op_record_without_options(tmp_path: Path) -> None
     from lora_tools.provenance import build_record, with_record
     from lora_tools.testing.synthetic_lora import write_lora
 
-    plain = write_lora(tmp_path / "plain.safetensors", "tiny", rank=2)
+    plain = write_lora(tmp_path / "plain.safetensors", "micro", rank=2)
     with TensorFile(plain) as f:
         tensors = {k: f.tensor(k) for k in f.keys()}
     old = tmp_path / "old.safetensors"

@@ -59,6 +59,7 @@ def test_extract_of_identical_models_is_an_error(tmp_path: Path) -> None:
     assert run.exit_code == 1 and "no LoRA to extract" in run.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_extract_with_the_fused_model_second_is_refused(tmp_path: Path) -> None:
     from lora_tools.ops.fuse import fuse
     from lora_tools.testing.synthetic_lora import write_lightning_lora

@@ -90,8 +90,8 @@ def test_ring_wraps_around_never_overlaps_and_falls_back_when_full():
     assert not ring._spans
 
 
-@pytest.mark.parametrize("saves", [("checkpoint",), pytest.param(("unet",), marks=pytest.mark.slow),
-                                   pytest.param(("checkpoint", "unet", "diffusers"), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("saves", [("checkpoint",), ("unet",), ("checkpoint", "unet", "diffusers")])
+@pytest.mark.slow
 def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path, monkeypatch, saves):
     """Buffers are in phase with the first output only; the others take the staging copy."""
     from lora_tools.ops.fuse import fuse
