@@ -216,6 +216,21 @@ def _round_chunk(x: torch.Tensor, codes: torch.Tensor | None, r: torch.Tensor, c
     return r.sub_(cf)
 
 
+def _widen_magnitude(codes: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``|value| / 256`` of e4m3fn codes (uint8), exactly, into ``out`` (fp32), through ``bits`` (int16).
+
+    An e4m3fn code's exponent and mantissa bits, shifted into an fp16's (``(code & 0x7f) << 7``), read
+    as that fp16 the value times 2**-8 (the exponent biases differ by 8), subnormals included; fp16
+    -> fp32 is a fast vectorised cast, torch's fp8 -> fp32 is not. Off the rounding path (where
+    :func:`_round_chunk` gives the rounded value itself); tests/test_perf_maths.py still pins it.
+    """
+    import torch
+
+    bits.copy_(codes)
+    bits.bitwise_and_(0x7F).bitwise_left_shift_(7)
+    return out.copy_(bits.view(torch.float16))
+
+
 def dequantize(q: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weight an fp8 tensor stands for: ``q * scale`` (as comfy/ops.py computes it)."""
     import torch
