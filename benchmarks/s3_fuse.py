@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--endpoint", help="an S3-compatible server already running (no moto server is started)")
     ap.add_argument("--server-pid", type=int, help="that server's process id (its peak RSS is reported)")
     ap.add_argument("--bucket", default="bench", help="the bucket to use (created if missing)")
+    ap.add_argument("--read-timeout", type=float, help="the S3 client's read timeout, s (s3fs: 15; a server that "
+                    "assembles a multipart upload before answering, as s3rver does, needs more for a 7 GB one)")
     args = ap.parse_args()
 
     work = args.cache_dir / "s3"
@@ -167,6 +169,8 @@ def main() -> None:
     try:
         import s3fs
 
+        if args.read_timeout:
+            s3fs.S3FileSystem.read_timeout = args.read_timeout
         fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
         b = args.bucket
         if not fs.exists(b):
@@ -177,10 +181,12 @@ def main() -> None:
         print(f"uploaded {base.stat().st_size / MIB:.0f} MiB base + {lora.stat().st_size / MIB:.0f} MiB LoRA "
               f"in {time.perf_counter() - t:.1f} s", flush=True)
         loratool = [sys.executable, "-c", "from lora_tools.cli import main; main()"]
+        timeout = f"import s3fs; s3fs.S3FileSystem.read_timeout = {args.read_timeout}; " if args.read_timeout else ""
+        s3tool = [sys.executable, "-c", timeout + "from lora_tools.cli import main; main()"]
         local_out = out_dir / "fused-local.safetensors"
         jobs = {
             "local": loratool + ["fuse", str(base), "--lora", str(lora), "-o", str(local_out), "--overwrite", "-q"],
-            "s3": loratool + ["fuse", f"s3://{b}/in/base.safetensors", "--lora", f"s3://{b}/in/lora.safetensors",
+            "s3": s3tool + ["fuse", f"s3://{b}/in/base.safetensors", "--lora", f"s3://{b}/in/lora.safetensors",
                               "-o", f"s3://{b}/out/fused.safetensors", "--overwrite", "-q"],
         }
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
@@ -210,7 +216,8 @@ def main() -> None:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     result = {"base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size, "output_bytes": size,
               "repeat": args.repeat, "median": med, "runs": runs, "same_tensor_data": local_sha == remote_sha,
-              "server_peak_rss_mib": server_peak, "server": args.endpoint or "moto.server"}
+              "server_peak_rss_mib": server_peak, "server": args.endpoint or "moto.server",
+              "read_timeout_s": args.read_timeout}
     print(json.dumps(result["median"], indent=2))
     ratio = med["s3"]["peak_rss_mib"] / med["local"]["peak_rss_mib"]
     print("| job | wall (median) | CPU user+sys | peak RSS |\n|---|---|---|---|")
