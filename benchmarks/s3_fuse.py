@@ -214,7 +214,9 @@ def main() -> None:
                 if fs.exists(f"{args.bucket}/{key}"):
                     fs.rm_file(f"{args.bucket}/{key}")
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    result = {"base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size, "output_bytes": size,
+    machine = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+               "load_1_5_15": [round(x, 1) for x in os.getloadavg()], "note": "load at the end of the run"}
+    result = {"machine": machine, "base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size, "output_bytes": size,
               "repeat": args.repeat, "median": med, "runs": runs, "same_tensor_data": local_sha == remote_sha,
               "server_peak_rss_mib": server_peak, "server": args.endpoint or "moto.server",
               "read_timeout_s": args.read_timeout}
