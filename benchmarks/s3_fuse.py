@@ -19,8 +19,16 @@ model has the full SDXL topology at a reduced width (``--channels``, 128 = 2x ti
 with the memory for it). The client side does not depend on the size: it holds one 16 MiB read window and
 two 16 MiB upload parts beside what the local fuse holds.
 
+``--endpoint URL`` uses an S3-compatible server already running there instead (MinIO, s3rver...: one that
+serves ranges from disk can take the full-size model); credentials from the AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY), ``--server-pid`` reports its peak RSS; the uploaded and written objects are deleted after.
+
 Usage:
     python benchmarks/s3_fuse.py --cache-dir /work/benchcache            # default size, 2 rounds
+    AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER python benchmarks/s3_fuse.py \
+        --endpoint http://127.0.0.1:4568 --server-pid PID --cache-dir /work/benchcache/s3bench \
+        --base /work/benchcache/full/sdxl-full-fp16.safetensors \
+        --lora /work/benchcache/full/lightning/sdxl_lightning_4step_lora.safetensors   # full size
     python benchmarks/s3_fuse.py --channels 64 --repeat 1                  # quicker
 """
 
@@ -131,6 +139,11 @@ def main() -> None:
     ap.add_argument("--lora", type=Path, help="the LoRA for --base")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--endpoint", help="an S3-compatible server already running (no moto server is started)")
+    ap.add_argument("--server-pid", type=int, help="that server's process id (its peak RSS is reported)")
+    ap.add_argument("--bucket", default="bench", help="the bucket to use (created if missing)")
+    ap.add_argument("--read-timeout", type=float, help="the S3 client's read timeout, s (s3fs: 15; a server that "
+                    "assembles a multipart upload before answering, as s3rver does, needs more for a 7 GB one)")
     args = ap.parse_args()
 
     work = args.cache_dir / "s3"
@@ -140,28 +153,41 @@ def main() -> None:
         base, lora = build_inputs(work, args.channels)
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server = start_server(port)
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(REPO)}
+    server = None
+    if args.endpoint:
+        endpoint, server_pid = args.endpoint, args.server_pid
+    else:
+        port = free_port()
+        server = start_server(port)
+        endpoint, server_pid = f"http://127.0.0.1:{port}", server.pid
+    keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    if args.endpoint:
+        keys = {k: os.environ.get(k, v) for k, v in keys.items()}
+    env = {**os.environ, **keys, "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": str(REPO)}
     os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                            "AWS_DEFAULT_REGION")})
     try:
         import s3fs
 
+        if args.read_timeout:
+            s3fs.S3FileSystem.read_timeout = args.read_timeout
         fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
-        fs.mkdir("bench")
+        b = args.bucket
+        if not fs.exists(b):
+            fs.mkdir(b)
         t = time.perf_counter()
-        fs.put_file(str(base), "bench/in/base.safetensors")
-        fs.put_file(str(lora), "bench/in/lora.safetensors")
+        fs.put_file(str(base), f"{b}/in/base.safetensors")
+        fs.put_file(str(lora), f"{b}/in/lora.safetensors")
         print(f"uploaded {base.stat().st_size / MIB:.0f} MiB base + {lora.stat().st_size / MIB:.0f} MiB LoRA "
               f"in {time.perf_counter() - t:.1f} s", flush=True)
         loratool = [sys.executable, "-c", "from lora_tools.cli import main; main()"]
+        timeout = f"import s3fs; s3fs.S3FileSystem.read_timeout = {args.read_timeout}; " if args.read_timeout else ""
+        s3tool = [sys.executable, "-c", timeout + "from lora_tools.cli import main; main()"]
         local_out = out_dir / "fused-local.safetensors"
         jobs = {
             "local": loratool + ["fuse", str(base), "--lora", str(lora), "-o", str(local_out), "--overwrite", "-q"],
-            "s3": loratool + ["fuse", "s3://bench/in/base.safetensors", "--lora", "s3://bench/in/lora.safetensors",
-                              "-o", "s3://bench/out/fused.safetensors", "--overwrite", "-q"],
+            "s3": s3tool + ["fuse", f"s3://{b}/in/base.safetensors", "--lora", f"s3://{b}/in/lora.safetensors",
+                              "-o", f"s3://{b}/out/fused.safetensors", "--overwrite", "-q"],
         }
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
         for i in range(args.repeat):
@@ -176,16 +202,24 @@ def main() -> None:
                 f.seek(a)
                 return f.read(b - a)
             local_sha = data_sha256(read_local, size)
-        remote_sha = data_sha256(lambda a, b: fs.cat_file("bench/out/fused.safetensors", start=a, end=b),
-                                 fs.info("bench/out/fused.safetensors")["size"])
-        server_peak = rss_kib(server.pid) / 1024
+        out_key = f"{b}/out/fused.safetensors"
+        remote_sha = data_sha256(lambda a, z: fs.cat_file(out_key, start=a, end=z), fs.info(out_key)["size"])
+        server_peak = rss_kib(server_pid) / 1024 if server_pid else 0.0
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        elif args.endpoint:
+            for key in ("in/base.safetensors", "in/lora.safetensors", "out/fused.safetensors"):
+                if fs.exists(f"{args.bucket}/{key}"):
+                    fs.rm_file(f"{args.bucket}/{key}")
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    result = {"base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size, "output_bytes": size,
+    machine = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+               "load_1_5_15": [round(x, 1) for x in os.getloadavg()], "note": "load at the end of the run"}
+    result = {"machine": machine, "base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size, "output_bytes": size,
               "repeat": args.repeat, "median": med, "runs": runs, "same_tensor_data": local_sha == remote_sha,
-              "server_peak_rss_mib": server_peak}
+              "server_peak_rss_mib": server_peak, "server": args.endpoint or "moto.server",
+              "read_timeout_s": args.read_timeout}
     print(json.dumps(result["median"], indent=2))
     ratio = med["s3"]["peak_rss_mib"] / med["local"]["peak_rss_mib"]
     print("| job | wall (median) | CPU user+sys | peak RSS |\n|---|---|---|---|")

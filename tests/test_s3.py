@@ -297,3 +297,23 @@ def test_the_other_lora_ops_read_and_write_objects(s3: Any, recipe_assets: Asset
     invoke(op, *args(local_in), "-o", tmp_path / f"{op}.safetensors")  # the same name: the title is the file's stem
     invoke(op, *args(remote_in), "-o", s3.url(f"out/{op}.safetensors"))
     assert without_created(s3.get(f"out/{op}.safetensors")) == without_created((tmp_path / f"{op}.safetensors").read_bytes())
+
+
+def test_a_big_read_is_one_get_copied_in_pieces(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of at least a window (a big tensor) is one ranged GET whose body lands in the tensor piece by piece;
+    a read past the object's end is one line saying it is truncated."""
+    from lora_tools.errors import InvalidFileError
+    from lora_tools.io import remote
+
+    monkeypatch.setattr(remote, "WINDOW_BYTES", 1 << 20)
+    monkeypatch.setattr(remote, "BODY_PIECE", 100_000)
+    data = os.urandom(3 << 20)
+    s3.fs.pipe_file(f"{s3.bucket}/big.bin", data)
+    reader = remote.RangeReader(s3.url("big.bin"), len(data))
+    before = remote.request_counts().get("GET", 0)
+    out = bytearray(2_500_000)
+    reader.read_into(123_457, memoryview(out))
+    assert bytes(out) == data[123_457:123_457 + len(out)]
+    assert remote.request_counts().get("GET", 0) - before == 1
+    with pytest.raises(InvalidFileError, match="truncated"):
+        reader.read_into(len(data) - 1000, memoryview(bytearray(1 << 20)))
