@@ -590,7 +590,7 @@ def test_lora_named_like_lightning_is_fused_as_lightning_only_with_its_signature
         lora = Path(shutil.copyfile(good[1], tmp_path / _LIGHTNING_NAME))
     inspected = CliRunner().invoke(cli, ["inspect", str(lora)])
     assert inspected.exit_code == 0, inspected.stderr
-    result = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora), "-q"])
+    result = CliRunner().invoke(cli, ["fuse", str(base), "--lora", str(lora)])
     assert result.exit_code == 0, result.stderr
     written = sorted(p.name for p in tmp_path.iterdir() if p not in (base, lora))
     assert len(written) == 1, written
