@@ -5,7 +5,7 @@
 * diffusers' own single-file loader (``from_single_file``) reads our fused file, so our SGM <->
   diffusers tables are checked by code that is not ours.
 * Formats diffusers cannot read (ComfyUI, raw PEFT, LyCORIS LoCon-Tucker / LoHa / LoKr, DoRA) are
-  checked against the kohya result or a dense reference written here from domain.md section 3.2.
+  checked against the kohya result or a dense reference written here from the published formulas (LyCORIS, the DoRA paper).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def test_comfy_and_peft_raw_fuse_like_kohya_sgm(assets: FuseAssets, tmp_path: Pa
         assert _tensor_bytes(outputs[fmt]) == ref, fmt
 
 
-# Dense references, written from domain.md 3.2 (not from lora_tools.lora.delta).
+# Dense references, written from the published formulas (not from lora_tools.lora.delta).
 
 
 def _lora_ref(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:

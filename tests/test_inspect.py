@@ -273,7 +273,7 @@ def test_header_only_builder_matches_the_synthetic_writer(lora_dir: Path, lightn
 
 
 def test_full_size_lightning_shaped_lora(tmp_path: Path) -> None:
-    """The real file's shape (domain.md 1.2): 788 UNet modules, rank 64, alpha 8, ~393.9 MB fp16."""
+    """The real file's shape (ByteDance/SDXL-Lightning's sdxl_lightning_4step_lora.safetensors): 788 UNet modules, rank 64, alpha 8, ~393.9 MB fp16."""
     path = write_lightning_header_only(tmp_path / "lcm_lora_sdxl.safetensors", FULL)
     d = inspect_json(path, "--no-hash")
     lora = d["lora"]

@@ -224,7 +224,7 @@ def _cross_targets(naming: str, spelling: str) -> list:
 
 
 def _reference_key(t) -> tuple[str, slice | None, bool]:  # type: ignore[no-untyped-def]
-    """Where a target's delta goes in the single file, written from OpenCLIP's layout (domain.md 2.4):
+    """Where a target's delta goes in the single file, written from OpenCLIP's layout:
     q/k/v are rows 0/1/2 x width of in_proj_weight, text_projection is x @ P (transposed)."""
     name = t.diffusers_module
     if t.component == "te2" and name == "text_projection":

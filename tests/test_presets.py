@@ -1,4 +1,4 @@
-"""The preset registry, field by field against docs/domain.md's text (sections 1, 4, 7.2), and the
+"""The preset registry, field by field against the model cards' and papers' text, and the
 timesteps the built diffusers schedulers actually run."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class TestSchedulersRun:
     def test_dmd2_explicit_list_equals_euler_trailing(self) -> None:
         dmd2 = get_preset("dmd2-4step").sampler
         assert type(build_scheduler(dmd2)).__name__ == "LCMScheduler"
-        assert timesteps_run(dmd2) == [999, 749, 499, 249] == timesteps_run(LIGHTNING[4].sampler)  # domain.md 7.2
+        assert timesteps_run(dmd2) == [999, 749, 499, 249] == timesteps_run(LIGHTNING[4].sampler)  # the trailing spacing of 4 steps
         assert dmd2.call_kwargs() == {"guidance_scale": 0.0, "timesteps": [999, 749, 499, 249]}
         assert timesteps_run(get_preset("dmd2-1step").sampler) == [399]
         assert timesteps_run(get_preset("hyper-sd-1step-unet").sampler) == [800]

@@ -5,8 +5,8 @@ to float32 and returns the dense, *unscaled* delta in the shape of the base weig
 The scale (`alpha / rank`, see :func:`module_scale`) and the user strength are applied by the
 caller, except for DoRA, whose magnitude step needs the base weight (:func:`dora_apply`).
 
-Formulas follow ComfyUI (`comfy/weight_adapter/{lora,loha,lokr,base}.py`) and LyCORIS, see
-`docs/domain.md` section 3.2. Factor layouts, per family:
+Formulas follow ComfyUI (`comfy/weight_adapter/{lora,loha,lokr,base}.py`) and LyCORIS
+(`lycoris/modules/{locon,loha,lokr}.py`, and the DoRA paper, arXiv 2402.09353). Factor layouts, per family:
 
 - LoRA / LoCon: `up` (out, r[, 1, 1]), `down` (r, in[, kh, kw]); Tucker: `down` (r, in, 1, 1),
   `mid` (r', r, kh, kw), `up` (out, r'[, 1, 1]).
