@@ -154,9 +154,11 @@ class _FakeModel:
         return self._state
 
 
-class _Warnings(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+class LogLines(logging.Handler):
+    """Collects the messages ComfyUI logs at ``level`` and above."""
+
+    def __init__(self, level: int = logging.WARNING) -> None:
+        super().__init__(level)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -177,7 +179,7 @@ def comfy_apply_lora(c: types.SimpleNamespace, checkpoint: Mapping[str, torch.Te
     key_map = c.lora.model_lora_keys_unet(_FakeModel(unet, config), key_map)
     key_map = c.lora.model_lora_keys_clip(_FakeModel(clip, config), key_map)
     lora_sd = c.lora_convert.convert_lora(dict(lora))
-    handler = _Warnings()
+    handler = LogLines()
     logging.getLogger().addHandler(handler)
     try:
         patches = c.lora.load_lora(lora_sd, key_map)

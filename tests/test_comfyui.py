@@ -32,6 +32,7 @@ from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import make_lora
 from tests.comfyui_helpers import (
     SGM_UNET,
+    LogLines,
     comfy_apply_lora,
     comfy_state,
     comfyui,
@@ -277,22 +278,13 @@ def test_text_projection_embeddings_and_full_diffs(comfy: SimpleNamespace, micro
 # ----------------------------------------------------------------------------------------- fp8 single files
 
 
-class _LogLines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
 def comfy_log() -> Iterator[list[str]]:
-    handler = _LogLines()
+    handler = LogLines(logging.DEBUG)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield handler.lines
+        yield handler.messages
     finally:
         root.removeHandler(handler)
 
