@@ -99,9 +99,10 @@ def file_pin(path: Path, *, full: bool | None = None, sha256: Callable[[Path], s
     (:func:`sampled_sha256`: milliseconds instead of seconds per GB; for an object, ``{"size", "etag"}``,
     the store's content tag). ``sha256`` computes the full
     hash (e.g. one already computed in the background)."""
-    size = path.stat().st_size
+    info = head(path) if is_url(path) else None  # an object: one HEAD gives its size and its content tag
+    size = int(info["size"]) if info is not None else path.stat().st_size
     if full or (full is None and size <= FULL_HASH_MAX_BYTES):
         return {"sha256": sha256(path)}
-    if is_url(path):  # an object: the store's own content tag (one HEAD) instead of hundreds of ranged reads
-        return {"size": size, "etag": (head(path) or {}).get("etag")}
+    if info is not None:  # the store's own content tag instead of hundreds of ranged reads
+        return {"size": size, "etag": info.get("etag")}
     return {"size": size, "sampled_sha256": sampled_sha256(path)}
