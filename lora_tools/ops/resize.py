@@ -37,8 +37,9 @@ def resize_lora(adapter: LoraAdapter, rule: RankRule, *, conv_rule: RankRule | N
 
     Args:
         adapter: the input LoRA.
-        rule: the rank rule for linear (and 1x1) modules.
-        conv_rule: the rule for convolutions with a kernel larger than 1x1 (default: `rule`).
+        rule: the rank rule for linear modules.
+        conv_rule: the rule for convolution modules, 1x1 included (kohya's ``resize_lora.py`` gives every module
+            with 4-D factors its ``--new_conv_rank``); default: `rule`.
 
     Returns:
         The resized in-memory LoRA (metadata kept, ss_network_dim/alpha updated, a ``loratool``
@@ -62,7 +63,7 @@ def resize_lora(adapter: LoraAdapter, rule: RankRule, *, conv_rule: RankRule | N
     for m in adapter.modules:
         refuse_bias_diff(m, "resize")
         shape = tuple(m.natural_shape())
-        r = conv_rule if conv_rule is not None and len(shape) == 4 and shape[2] * shape[3] > 1 else rule
+        r = conv_rule if conv_rule is not None and len(shape) == 4 else rule
         if is_low_rank(m):
             p = pair_of(m)
             t = truncate(p.up, p.down, _capped(r, m.rank), scale=p.scale)

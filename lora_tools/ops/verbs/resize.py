@@ -12,7 +12,6 @@ from lora_tools.ops.operation import Operation, OpResult, Options, cli
 from lora_tools.ops.verbs._lora import (
     LoraDtype,
     LoraOpPlan,
-    conv_rule,
     dtype_field,
     output_field,
     plan_lora_output,
@@ -41,7 +40,10 @@ class ResizeOptions(Options):
                                            "whose singular values sum to this fraction of their total.")
     max_rank: Rank | None = Field(None, description="Upper rank of the dynamic rules (kohya's --new_rank with a "
                                   "dynamic method; default: each module's own rank).")
-    conv_rank: Rank | None = Field(None, description="Fixed rank for kxk convolutions (default: the main rule).")
+    conv_rank: Rank | None = Field(None, description="Rank for convolution modules (1x1 included, as kohya's "
+                                   "resize_lora.py counts them): beside a fixed rank, their fixed rank; beside a dynamic "
+                                   "rule, the rule's upper rank on them (kohya's --new_conv_rank). Default: the main "
+                                   "rule and its upper rank.")
     output: str = output_field()
     dtype: LoraDtype = dtype_field()
 
@@ -49,7 +51,7 @@ class ResizeOptions(Options):
 def plan(o: ResizeOptions, *, overwrite: bool = False) -> LoraOpPlan:
     """Check the rank rules and the output."""
     _rule(o)
-    conv_rule(o)
+    _conv_rule(o)
     return plan_lora_output(OPERATION, o, [o.lora], overwrite=overwrite)
 
 
@@ -61,7 +63,7 @@ def run(planned: LoraOpPlan, *, created: str | None = None, progress: Callable[[
 
     o: Any = planned.options
     with load_lora(o.lora) as adapter:
-        result, report = resize_lora(adapter, _rule(o), conv_rule=conv_rule(o))
+        result, report = resize_lora(adapter, _rule(o), conv_rule=_conv_rule(o))
         report.size_bytes = tensor_bytes(result, planned.output.dtype)
         return write_result(planned, result, report, created)
 
@@ -77,6 +79,18 @@ def _rule(o: Any) -> Any:
         raise UsageError("a maximum rank caps the dynamic rules, not a fixed rank",
                          hint=Hint("max_rank", "only with a dynamic rule", "N"))
     return rule.capped(o.max_rank)
+
+
+def _conv_rule(o: Any) -> Any:
+    """The rule for convolutions: the fixed ``conv_rank`` beside a fixed rank; beside a dynamic rule, that rule capped
+    at ``conv_rank`` instead of ``max_rank`` (kohya caps its rule at ``--new_conv_rank`` on convolutions, even above
+    ``--new_rank``); ``None`` (the main rule) without ``conv_rank``."""
+    if o.conv_rank is None:
+        return None
+    from lora_tools.lora.lowrank import RankRule
+
+    rule = rank_rule(o, _RULE)
+    return RankRule(rank=o.conv_rank) if rule.rank is not None else rule.capped(o.conv_rank)
 
 
 OPERATION = Operation("resize", ResizeOptions, INPUT_KEYS, OUTPUT_KEYS, "lora", plan, run,
