@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,7 +79,8 @@ def run_pipeline(
                     break
                 item, pf = procs[0]
                 if len(procs) < depth and reads and not pf.done():
-                    wait([pf, reads[0][1]], return_when=FIRST_COMPLETED)
+                    pending: list[Future[Any]] = [pf, reads[0][1]]
+                    wait(pending, return_when=FIRST_COMPLETED)
                     if not pf.done():
                         continue  # the next item is read: to a worker first
                 procs.popleft()

@@ -113,7 +113,7 @@ CHUNK_ELEMS = 256 * 1024
 
 
 def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None, consume: bool = False,
-                      into: memoryview | None = None) -> tuple[torch.Tensor, float | None, Rounding]:
+                      into: memoryview | bytearray | None = None) -> tuple[torch.Tensor, float | None, Rounding]:
     """:func:`quantize` and its error, measured in the same pass.
 
     The tensor is read once (after its ``amax``: given, e.g. measured while it was computed, or read
@@ -128,7 +128,7 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
 
     flat = t.reshape(-1)
     n = flat.numel()
-    if into is not None and n and into.nbytes >= n:
+    if into is not None and n and memoryview(into).nbytes >= n:
         q = torch.frombuffer(into, dtype=torch.uint8, count=n).view(torch.float8_e4m3fn).view(t.shape)
     else:
         q = torch.empty(t.shape, dtype=torch.float8_e4m3fn)

@@ -150,8 +150,9 @@ class Fp8ComponentSink(ComponentSink):
         self.fp8.start(self.writer)
 
     def patch_dtype(self, ref: TensorRef) -> str | None:
-        targets = self.wants(ref) and any(fp8.is_fp8_target("unet", row.diffusers, row.diffusers_shape, self.fp8.form)
-                                          for row in ref.rows)  # type: ignore[arg-type]
+        targets = self.wants(ref) and any(
+            fp8.is_fp8_target("unet", row.diffusers, row.diffusers_shape, self.fp8.form)  # type: ignore[arg-type]
+            for row in ref.rows)
         return _exact(ref) if targets else None
 
     def prepare(self, ref: TensorRef, payload: Payload) -> None:

@@ -71,7 +71,7 @@ class Payload:
     ops: list | None = None  # row-block patch operations, prepared by the reader
     amax: float | None = None  # the patched tensor's largest magnitude, where the engine measured it
     encoded: Any = None  # what a sink's ``prepare`` made of it (the fp8 sinks: the rounded tensor)
-    spare: memoryview | None = None  # the read buffer of a tensor patched elsewhere: room for ``encoded``
+    spare: memoryview | bytearray | None = None  # the read buffer of a tensor patched elsewhere: room for ``encoded``
 
     def as_tensor(self, ref: TensorRef) -> torch.Tensor:
         if self.tensor is not None:
