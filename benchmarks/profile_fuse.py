@@ -18,6 +18,7 @@ measure suggested fixes:
   --block-elems N   the library's row-block size for the patch maths (fp32 elements)
   --threads N       force torch's intra-op threads (the library uses cores - 1)
   --no-mallopt      skip the library's return_freed_memory() (glibc's dynamic mmap threshold)
+  --dtype fp8       profile the fp8 fuse (any of the fuse's --dtype values)
   --direct on|off   outputs written with O_DIRECT forced on / off (the library's StreamingWriter
                     switch; default: the library's own choice)
 
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--lightning-dir", required=True)
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--save", default="checkpoint", choices=["checkpoint", "unet"])
+    ap.add_argument("--dtype", default="keep", help="the fuse's --dtype (e.g. fp8)")
     ap.add_argument("--finite-sum", action="store_true")
     ap.add_argument("--no-hash", action="store_true")
     ap.add_argument("--budget", type=int, default=None, help="MB read-ahead / write-behind")
@@ -188,7 +190,7 @@ def main() -> None:
     sampler.phase = "plan"
     t = time.perf_counter()
     plan = FP.plan_fuse(args.base, "lightning-4step", preset_dir=args.lightning_dir, saves=(args.save,),
-                        output=args.output, overwrite=True)
+                        output=args.output, overwrite=True, dtype=args.dtype)
     out["plan_s"] = time.perf_counter() - t
     out["check_finite_s"] = check_s[0]
     out["rss_after_plan"] = sampler.rss()

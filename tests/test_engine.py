@@ -226,3 +226,25 @@ def test_stream_pairs_reads_two_models_side_by_side(model_file: Path, tiny_diffu
     with open_model(model_file) as a, open_model(tiny_diffusers_folder) as b:
         stream_pairs(a, b, keys, lambda k, ta, tb: got.append((k, torch.equal(ta, a_sd[k]) and torch.equal(tb, a_sd[k]))))
     assert got == [(k, True) for k in keys]
+
+
+def test_a_free_worker_goes_on_while_another_works_on_a_big_item() -> None:
+    """Item 0 (a big tensor) finishes only once item 2 has been processed: the other worker must be
+    handed items 1 and 2 meanwhile, not wait for item 0 to be written (head-of-line blocking)."""
+    import threading
+
+    from lora_tools.engine.pipeline import run_pipeline
+
+    item2_done = threading.Event()
+    order: list[int] = []
+
+    def process(item: int, data: int) -> int:
+        if item == 0:
+            assert item2_done.wait(20), "the second worker was left idle while the first worked on item 0"
+        if item == 2:
+            item2_done.set()
+        return data * 10
+
+    run_pipeline(list(range(6)), read=lambda i: i, process=process, write=lambda i, r: order.append(r),
+                 size=lambda i: 1, workers=2)
+    assert order == [0, 10, 20, 30, 40, 50]

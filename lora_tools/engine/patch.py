@@ -109,18 +109,22 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         out = torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
     step = max(1, BLOCK_ELEMS // src.shape[1])
-    buf = torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
+    # An fp32 result is worked on in place, block by block (no copy from a scratch block to it).
+    direct = out_dtype == torch.float32
+    buf = None if direct else torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
     limit = torch.finfo(out_dtype).max
     largest = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        block = buf[: r1 - r0]
-        block.copy_(src[r0:r1])
+        block = dst[r0:r1] if buf is None else buf[: r1 - r0]
+        if block.data_ptr() != src[r0:r1].data_ptr():
+            block.copy_(src[r0:r1])
         for op in ops:
             op(block, r0, r1)
         if check:
             largest = max(largest, _check(block, key, limit, out_dtype))
-        dst[r0:r1].copy_(block)
+        if buf is not None:
+            dst[r0:r1].copy_(block)
     if check and amax is not None and rows and src.shape[1]:
         amax.append(largest)
     return out, len(ops)

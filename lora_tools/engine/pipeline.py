@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -18,6 +18,8 @@ W = TypeVar("W")
 
 #: Bytes read ahead, and bytes waiting to be written, at most (each).
 MAX_INFLIGHT_BYTES = 96 << 20
+#: Items handed to the compute workers ahead, per worker (queued for whichever is free first).
+QUEUED_PER_WORKER = 2
 
 
 def run_pipeline(
@@ -35,8 +37,11 @@ def run_pipeline(
 
     With ``workers`` > 1, that many items are processed at once on threads of their own (their
     ``process`` calls must be independent); with one, on the calling thread. Reads and writes stay
-    in order.
+    in order. Items are handed to the workers :data:`QUEUED_PER_WORKER` per worker ahead, as soon as
+    they are read: a worker that finishes a small item goes on with the next one while another still
+    works on a big one, instead of waiting for the big one to be written first.
     """
+    depth = workers * QUEUED_PER_WORKER if workers > 1 else 1
     reads: deque[tuple[T, Future[R]]] = deque()
     procs: deque[tuple[T, Future[W]]] = deque()
     writes: deque[tuple[int, Future[None]]] = deque()
@@ -64,7 +69,7 @@ def run_pipeline(
                     reads.append((nxt, reader.submit(read, nxt)))
                     pending_read += size(nxt)
                 # keep every worker busy: hand them the next items as soon as they are read
-                while reads and len(procs) < workers and (not procs or reads[0][1].done()):
+                while reads and len(procs) < depth and (not procs or reads[0][1].done()):
                     item, fut = reads.popleft()
                     data = fut.result()
                     pending_read -= size(item)
@@ -72,7 +77,13 @@ def run_pipeline(
                     del data
                 if not procs:
                     break
-                item, pf = procs.popleft()
+                item, pf = procs[0]
+                if len(procs) < depth and reads and not pf.done():
+                    pending: list[Future[Any]] = [pf, reads[0][1]]
+                    wait(pending, return_when=FIRST_COMPLETED)
+                    if not pf.done():
+                        continue  # the next item is read: to a worker first
+                procs.popleft()
                 result = pf.result()
                 n = size(item)
                 writes.append((n, writer.submit(write, item, result)))

@@ -121,6 +121,16 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         return Payload(None, model.read(ref), False, ops)
 
     preparers = [p for p in (getattr(s, "prepare", None) for s in sinks) if p is not None]
+    patch_dtypes = [p for p in (getattr(s, "patch_dtype", None) for s in sinks) if p is not None]
+
+    def target_dtype(ref: TensorRef) -> str:
+        """The dtype ``ref``'s patched result is computed into: what a sink asks for (fp8: fp32, to round
+        once from the exact fusion), else ``out_dtype``'s."""
+        for ask in patch_dtypes:
+            dtype = ask(ref)
+            if dtype is not None:
+                return dtype
+        return out_dtype(ref.dtype)
 
     def process(ref: TensorRef, payload: Payload) -> Payload:
         if not getattr(local, "threads_set", False):  # a new compute thread: one torch thread (see below)
@@ -149,7 +159,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
 
     def _patch(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload) -> Payload:
         source = payload.as_tensor(ref)
-        target = torch_dtype(out_dtype(ref.dtype))
+        target = torch_dtype(target_dtype(ref))
         check = True if check_overflow == "always" else None
         amax: list[float] = []
         into = _scratch(source, target) if preparers else None
@@ -160,15 +170,20 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         largest = amax[0] if amax else None
         if out is source:  # the read buffer now holds the result
             return Payload(payload.raw, out, True, amax=largest)
+        spare = None
         if payload.raw is not None:
-            buffers.give(payload.raw)
-        return Payload(None, out, True, amax=largest)
+            if preparers:  # a sink's encoding (fp8) may go there: in phase with the file, written uncopied
+                spare = payload.raw
+            else:
+                buffers.give(payload.raw)
+        return Payload(None, out, True, amax=largest, spare=spare)
 
     def write(ref: TensorRef, payload: Payload) -> None:
         for s in sinks:
             s.add(ref, payload)
-        if payload.raw is not None:
-            buffers.give(payload.raw)
+        for buf in (payload.raw, payload.spare):
+            if buf is not None:
+                buffers.give(buf)
 
     stages: dict[str, Callable[..., Any]] = {"read": read, "process": process, "write": write}
     if stage_hook is not None:

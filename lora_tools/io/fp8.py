@@ -112,21 +112,26 @@ class Rounding:
 CHUNK_ELEMS = 256 * 1024
 
 
-def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None, consume: bool = False
-                      ) -> tuple[torch.Tensor, float | None, Rounding]:
+def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None, consume: bool = False,
+                      into: memoryview | bytearray | None = None) -> tuple[torch.Tensor, float | None, Rounding]:
     """:func:`quantize` and its error, measured in the same pass.
 
     The tensor is read once (after its ``amax``: given, e.g. measured while it was computed, or read
     here), chunk by chunk through cache-sized scratch buffers: no full-size temporary, and the
     rounded values are widened back with a bit trick (:func:`_widen_magnitude`) instead of torch's
     fp8 -> fp32 cast, five times slower. Rounding a 5 GB UNet costs a few seconds of one core.
-    With ``consume``, a contiguous fp32 ``t`` is worked on in place (its values are lost).
+    With ``consume``, a contiguous fp32 ``t`` is worked on in place (its values are lost). ``into``: memory
+    for the result (at least one byte per element, not ``t``'s), e.g. a reused buffer the writer sends
+    uncopied; by default a new tensor.
     """
     import torch
 
     flat = t.reshape(-1)
     n = flat.numel()
-    q = torch.empty(t.shape, dtype=torch.float8_e4m3fn)
+    if into is not None and n and memoryview(into).nbytes >= n:
+        q = torch.frombuffer(into, dtype=torch.uint8, count=n).view(torch.float8_e4m3fn).view(t.shape)
+    else:
+        q = torch.empty(t.shape, dtype=torch.float8_e4m3fn)
     if n == 0:
         return q, (1.0 if form == "scaled" else None), Rounding(0.0, 0.0)
     if amax is None:

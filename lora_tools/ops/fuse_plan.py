@@ -128,8 +128,8 @@ class FusePlan:
     def output_dtype(self, dtype: str) -> str:
         from lora_tools.io.safetensors import is_float_dtype
 
-        if self.fp8 is not None:  # patched in fp32, rounded to fp8 (or back to their dtype) by the fp8 sinks
-            return "F32" if is_float_dtype(dtype) else dtype
+        if self.fp8 is not None:  # kept tensors keep their dtype; the fp8 sinks have theirs patched in fp32
+            return dtype
         return self.out_dtype if self.out_dtype and is_float_dtype(dtype) else dtype
 
     def patched_keys(self) -> set[str]:

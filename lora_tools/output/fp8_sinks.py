@@ -1,9 +1,11 @@
 """The fp8 outputs of a fuse: a single file or a standalone UNet whose UNet linear weights (and, in the plain
 form, conv weights) are float8_e4m3fn (:mod:`lora_tools.io.fp8` holds the rules and the encoding).
 
-The engine hands these sinks every float tensor it patched in fp32 (the fusion, exact), and the
-untouched ones as read; each fp8 target is rounded to fp8 once, here, from that fp32 value. The
-other tensors keep their dtype and go through the ordinary sink path (byte copies when untouched).
+The engine patches the fp8 targets in fp32 (the fusion, exact: :meth:`patch_dtype`) and hands them
+over with the untouched ones as read; each fp8 target is rounded to fp8 once, here, from that fp32
+value, into the tensor's own read buffer where it has one (placed in phase with the fp8 tensor's
+place in the file: the writer sends it uncopied). The other tensors keep their dtype, are patched in
+it like in any fuse, and go through the ordinary sink path (uncopied when their bytes are right).
 In the scaled form the file also plans ``<module>.scale_weight`` (fp32 scalar, written just before
 its weight) and the 2-element ``scaled_fp8`` marker (the first tensor of the file).
 """
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 from lora_tools.errors import NonFiniteError
 from lora_tools.io import fp8
 from lora_tools.io.model import TensorRef
-from lora_tools.io.safetensors import StreamingWriter, TensorPlan, torch_dtype
+from lora_tools.io.safetensors import StreamingWriter, TensorPlan, is_float_dtype, torch_dtype
 from lora_tools.layouts.sdxl import to_diffusers
 from lora_tools.layouts.table import KeyMap
 from lora_tools.output.sinks import CheckpointSink, ComponentSink, DtypeFor, Payload, _emit, _FileSink
@@ -62,7 +64,7 @@ class _Fp8Emitter:
             return
         drop = payload.patched and payload.tensor is not None and all(row.transform in _SAME_VALUES for row in ref.rows)
         payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax,
-                                                             consume=drop))
+                                                             consume=drop, into=payload.spare))
         if drop:
             payload.tensor = None
 
@@ -70,8 +72,8 @@ class _Fp8Emitter:
              shape: tuple[int, ...]) -> None:
         if not fp8.is_fp8_target(_component(ref), name, shape, self.form):
             _emit(writer, name, ref, payload, self.keep(ref.dtype), row)
-            if payload.patched and payload.tensor is not None:
-                _check_kept(name, payload.tensor, self.keep(ref.dtype))
+            if payload.patched and payload.tensor is not None and payload.tensor.dtype != torch_dtype(self.keep(ref.dtype)):
+                _check_kept(name, payload.tensor, self.keep(ref.dtype))  # patched in fp32 for another output's fp8
             return
         import torch
 
@@ -92,6 +94,11 @@ class _Fp8Emitter:
 
 #: Layout transforms that keep every value and the tensor's size (the rounding of the whole tensor holds).
 _SAME_VALUES = ("rename", "conv1x1_to_linear")
+
+
+def _exact(ref: TensorRef) -> str | None:
+    """fp32 for a float tensor (the fusion, exact, rounded to fp8 once), the engine's default otherwise."""
+    return "F32" if is_float_dtype(ref.dtype) else None
 
 
 def _rounded(payload: Payload, form: fp8.Fp8Form) -> bool:
@@ -117,8 +124,8 @@ class Fp8CheckpointSink(CheckpointSink):
         _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify, hash=hash)
         self.fp8.start(self.writer)
 
-    def position(self, ref: TensorRef) -> int | None:
-        return None if fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.fp8.form) else super().position(ref)
+    def patch_dtype(self, ref: TensorRef) -> str | None:
+        return _exact(ref) if fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.fp8.form) else None
 
     def prepare(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.prepare(ref, payload)
@@ -142,8 +149,11 @@ class Fp8ComponentSink(ComponentSink):
         _FileSink.__init__(self, path, plans, keep, metadata, overwrite=overwrite, verify=verify, hash=hash)
         self.fp8.start(self.writer)
 
-    def position(self, ref: TensorRef) -> int | None:
-        return None
+    def patch_dtype(self, ref: TensorRef) -> str | None:
+        targets = self.wants(ref) and any(
+            fp8.is_fp8_target("unet", row.diffusers, row.diffusers_shape, self.fp8.form)  # type: ignore[arg-type]
+            for row in ref.rows)
+        return _exact(ref) if targets else None
 
     def prepare(self, ref: TensorRef, payload: Payload) -> None:
         if self.wants(ref):

@@ -51,7 +51,9 @@ class Sink(Finalisable, Protocol):
     """What the streaming engine writes into (every output kind implements it).
 
     A sink may also have ``prepare(ref, payload) -> None``: the engine calls it on the compute
-    threads, before :meth:`add` (on the one writer thread), to encode the tensor there (fp8).
+    threads, before :meth:`add` (on the one writer thread), to encode the tensor there (fp8); and
+    ``patch_dtype(ref) -> str | None``: the dtype it needs a patched tensor computed into, where that
+    is not the run's output dtype (fp8: fp32 for the tensors it rounds, ``None`` for the others).
     """
 
     def wants(self, ref: TensorRef) -> bool: ...
@@ -69,6 +71,7 @@ class Payload:
     ops: list | None = None  # row-block patch operations, prepared by the reader
     amax: float | None = None  # the patched tensor's largest magnitude, where the engine measured it
     encoded: Any = None  # what a sink's ``prepare`` made of it (the fp8 sinks: the rounded tensor)
+    spare: memoryview | bytearray | None = None  # the read buffer of a tensor patched elsewhere: room for ``encoded``
 
     def as_tensor(self, ref: TensorRef) -> torch.Tensor:
         if self.tensor is not None:
