@@ -511,7 +511,9 @@ def test_v_prediction_base_warns_and_fuses(assets: FuseAssets, tmp_path: Path) -
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(assets: FuseAssets, tmp_path: Path) -> None:
+    inputs = (assets.base, assets.lightning_lora, assets.style)  # built on first use: build them before the listing
     before = listing(assets.root)
+    assert all(str(p.relative_to(assets.root)) in before for p in inputs)
     out = tmp_path / "dry.safetensors"
     result = fuse_ok(assets.base, "--lightning", "4", "--lightning-dir", assets.lightning_dir, "--lora",
                      f"{assets.style}:0.6", "--save", "checkpoint", "--save", "unet", "-o", out, "--dry-run")
