@@ -30,3 +30,5 @@ def test_marked_files_and_fixtures_exist() -> None:
     here = Path(__file__).parent
     assert all((here / name).is_file() for name in conftest.BY_FILE), sorted(conftest.BY_FILE)
     assert all(name in vars(conftest) for name in conftest.BY_FIXTURE), sorted(conftest.BY_FIXTURE)
+    grouped = conftest.XDIST_GROUP_BY_FIXTURE
+    assert all(name in vars(conftest) for name in grouped), sorted(grouped)
