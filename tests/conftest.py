@@ -147,20 +147,30 @@ def _leave_little_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     """At the end of the session (of each xdist worker), empties this process's temporary folder but for the failed
     tests' own ``tmp_path`` folders, up to ``KEEP_FAILED_BYTES``: pytest keeps a failing run's folders
     (``tmp_path_retention_policy = "failed"``), and the session and module fixtures' inputs (full-size LoRAs, fused
-    checkpoints) are gigabytes. What was removed is listed in ``removed.txt`` there."""
+    checkpoints) are gigabytes. What was removed (and its size) is listed in ``removed.txt`` there."""
     yield
     base = tmp_path_factory.getbasetemp()
     keep, kept = set(), 0
     for folder in _FAILED_TMP:
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        size = _bytes_under(folder)
         if folder.parent == base and kept + size <= KEEP_FAILED_BYTES:
             keep.add(folder.name)
             kept += size
-    removed = [p for p in sorted(base.iterdir()) if p.name not in keep and not p.is_symlink() and p.is_dir()]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+    removed = [(p.name, _bytes_under(p)) for p in sorted(base.iterdir())
+               if p.name not in keep and p.is_dir() and not p.is_symlink()]
+    for name, _ in removed:
+        shutil.rmtree(base / name, ignore_errors=True)
     if removed and _FAILED_TMP:
-        (base / "removed.txt").write_text("".join(f"{p.name}\n" for p in removed))
+        (base / "removed.txt").write_text("".join(f"{name} {size / 2**20:.0f} MiB\n" for name, size in removed))
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 # ----------------------------------------------------------------------------------------- models
