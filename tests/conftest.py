@@ -84,6 +84,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         groups.update(XDIST_GROUP_BY_FIXTURE[name] for name in fixtures if name in XDIST_GROUP_BY_FIXTURE)
         if groups and not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(min(groups)))
+        if getattr(config.option, "loadgroup", False):
+            _name_the_group(item)
+
+
+def _name_the_group(item: pytest.Item) -> None:
+    """``--dist loadgroup`` sends the tests whose id ends in ``@<group>`` to one worker. pytest-xdist 3.8 appends it by
+    setting ``item._nodeid``, which pytest 9.2 no longer reads (the id is ``item._id``, a ``NodeId``): without this,
+    each group's tests were spread over both workers (the example scripts and the demo ran once per worker, the real
+    mounts ran beside each other). Harmless where xdist does it itself: the scheduler reads the last ``@``."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    node_id, suffix = getattr(item, "_id", None), "@" + "_".join(names)
+    if names and node_id is not None and not item.nodeid.endswith(suffix):
+        item._id = type(node_id).parse(item.nodeid + suffix)
 
 
 _PYTHON = ("python", "loratool")
