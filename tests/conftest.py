@@ -2,8 +2,9 @@
 
 Fixtures: models built once per session (never downloaded), in the sizes of ``lora_tools.testing``:
 ``micro`` for anything that runs diffusers (verify), ``tiny`` for the rest, and the files the fuse,
-LoRA-op, recipe and reliability tests share. Test modules take them from here, never from another
-module.
+LoRA-op, recipe and reliability tests share, and one ``loratool demo`` run (``demo_run``). Test modules take them
+from here, never from another module. At the end of a session ``_leave_little_behind`` empties pytest's
+temporary folder but for the failed tests' own ``tmp_path`` (the fixtures' inputs are gigabytes).
 
 Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the default selection is
 ``smoke or not (slow or subprocess or diffusers or ray or fs or large)``; ``-m ""`` runs everything.
@@ -11,7 +12,7 @@ Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the de
 ``_speed_guard`` fixture fails a test that starts a Python interpreter or loads diffusers' models
 without its marker, so a new test cannot slip into the fast bucket by mistake; a default test that takes over
 ``CPU_BUDGET_S`` of CPU is listed at the end of the run. Under pytest-xdist (``-n 2 --dist loadgroup``) the
-kinds and files of ``XDIST_GROUP_BY_KIND`` / ``XDIST_GROUP_BY_FILE`` each run on one worker.
+kinds, files and fixtures of ``XDIST_GROUP_BY_KIND`` / ``_BY_FILE`` / ``_BY_FIXTURE`` each run on one worker.
 """
 
 from __future__ import annotations
