@@ -2,8 +2,9 @@
 
 Fixtures: models built once per session (never downloaded), in the sizes of ``lora_tools.testing``:
 ``micro`` for anything that runs diffusers (verify), ``tiny`` for the rest, and the files the fuse,
-LoRA-op, recipe and reliability tests share. Test modules take them from here, never from another
-module.
+LoRA-op, recipe and reliability tests share, and one ``loratool demo`` run (``demo_run``). Test modules take them
+from here, never from another module. At the end of a session ``_leave_little_behind`` empties pytest's
+temporary folder but for the failed tests' own ``tmp_path`` (the fixtures' inputs are gigabytes).
 
 Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the default selection is
 ``smoke or not (slow or subprocess or diffusers or ray or fs or large)``; ``-m ""`` runs everything.
@@ -11,7 +12,7 @@ Speed buckets (markers declared in pyproject.toml, ``--strict-markers``): the de
 ``_speed_guard`` fixture fails a test that starts a Python interpreter or loads diffusers' models
 without its marker, so a new test cannot slip into the fast bucket by mistake; a default test that takes over
 ``CPU_BUDGET_S`` of CPU is listed at the end of the run. Under pytest-xdist (``-n 2 --dist loadgroup``) the
-kinds and files of ``XDIST_GROUP_BY_KIND`` / ``XDIST_GROUP_BY_FILE`` each run on one worker.
+kinds, files and fixtures of ``XDIST_GROUP_BY_KIND`` / ``_BY_FILE`` / ``_BY_FIXTURE`` each run on one worker.
 """
 
 from __future__ import annotations
@@ -58,28 +59,46 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "tmpfs": ("fs",),  # a real mount
     "read_only_fs": ("fs",),
     "medium_model": ("large",),  # ~370 MB on disk
+    "demo_run": ("subprocess", "diffusers"),  # `loratool demo` in a fresh interpreter, verify steps included
 }
 
 
 #: Under pytest-xdist (``--dist loadgroup``) the tests of one group run on one worker, one after the other: the
-#: kinds that must not run beside each other (Ray clusters; real mounts and other users) and the files that share
-#: a session fixture's subprocess runs (``example_run``: each example script once).
+#: kinds that must not run beside each other (Ray clusters; real mounts and other users), the files and the tests
+#: that share a session fixture's subprocess runs (``example_run``: each example script once; ``demo_run``).
 XDIST_GROUP_BY_KIND: dict[str, str] = {"ray": "ray", "fs": "fs"}
 XDIST_GROUP_BY_FILE: dict[str, str] = {"test_examples.py": "examples", "test_output_examples.py": "examples"}
+XDIST_GROUP_BY_FIXTURE: dict[str, str] = {"demo_run": "demo"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection and xdist's grouping read the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         kinds = set(BY_FILE.get(item.path.name, ()))
-        for name in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        for name in fixtures:
             kinds.update(BY_FIXTURE.get(name, ()))
         for kind in sorted(kinds):
             item.add_marker(kind)
         groups = {XDIST_GROUP_BY_KIND[m.name] for m in item.iter_markers() if m.name in XDIST_GROUP_BY_KIND}
         groups.update([XDIST_GROUP_BY_FILE[item.path.name]] if item.path.name in XDIST_GROUP_BY_FILE else [])
+        groups.update(XDIST_GROUP_BY_FIXTURE[name] for name in fixtures if name in XDIST_GROUP_BY_FIXTURE)
         if groups and not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(min(groups)))
+        if getattr(config.option, "loadgroup", False):
+            _name_the_group(item)
+
+
+def _name_the_group(item: pytest.Item) -> None:
+    """``--dist loadgroup`` sends the tests whose id ends in ``@<group>`` to one worker. pytest-xdist 3.8 appends it by
+    setting ``item._nodeid``, which pytest 9.2 no longer reads (the id is ``item._id``, a ``NodeId``): without this,
+    each group's tests were spread over both workers (the example scripts and the demo ran once per worker, the real
+    mounts ran beside each other). Harmless where xdist does it itself: the scheduler reads the last ``@``."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    node_id, suffix = getattr(item, "_id", None), "@" + "_".join(names)
+    if names and node_id is not None and not item.nodeid.endswith(suffix):
+        item._id = type(node_id).parse(item.nodeid + suffix)
 
 
 _PYTHON = ("python", "loratool")
@@ -120,6 +139,53 @@ def _speed_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     yield
     if "diffusers" not in marks and models is None and _DIFFUSERS_MODELS in sys.modules:
         pytest.fail(f"{request.node.nodeid} loads diffusers' models: {_MARK_DIFFUSERS}")
+
+
+# ----------------------------------------------------------------------------------------- disk
+
+#: What a failing run may keep of its failed tests' ``tmp_path`` folders, per process (two xdist workers: twice this).
+KEEP_FAILED_BYTES = 400 * 2**20
+_FAILED_TMP: list[Path] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path) and tmp not in _FAILED_TMP:
+        _FAILED_TMP.append(tmp)
+    return report
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _leave_little_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session (of each xdist worker), empties this process's temporary folder but for the failed
+    tests' own ``tmp_path`` folders, up to ``KEEP_FAILED_BYTES``: pytest keeps a failing run's folders
+    (``tmp_path_retention_policy = "failed"``), and the session and module fixtures' inputs (full-size LoRAs, fused
+    checkpoints) are gigabytes. What was removed (and its size) is listed in ``removed.txt`` there."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    keep, kept = set(), 0
+    for folder in _FAILED_TMP:
+        size = _bytes_under(folder)
+        if folder.parent == base and kept + size <= KEEP_FAILED_BYTES:
+            keep.add(folder.name)
+            kept += size
+    removed = [(p.name, _bytes_under(p)) for p in sorted(base.iterdir())
+               if p.name not in keep and p.is_dir() and not p.is_symlink()]
+    for name, _ in removed:
+        shutil.rmtree(base / name, ignore_errors=True)
+    if removed and _FAILED_TMP:
+        (base / "removed.txt").write_text("".join(f"{name} {size / 2**20:.0f} MiB\n" for name, size in removed))
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -250,6 +316,45 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sim
         return runs[name]
 
     return run
+
+
+#: The folder ``loratool demo`` writes by default, relative to where it runs (what it prints, what the README shows).
+DEMO_DIR = Path("demo-output")
+
+
+def _demo_subprocess(cwd: Path, *extra: str) -> SimpleNamespace:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", "from lora_tools.cli import main; main()", "demo", *extra],
+                          cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    run = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, cwd=cwd,
+                          folder=cwd / DEMO_DIR)
+    run.copy_to = lambda to: _copy_demo(run, to)
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``loratool demo`` (both verify steps) run once per session as users run it: a fresh interpreter, offline, in a
+    folder of its own with the default ``--dir`` (``DEMO_DIR``, so it prints what the README shows). Its
+    ``returncode``, ``stdout``, ``stderr``, ``cwd``, ``folder`` (``cwd / DEMO_DIR``) and ``copy_to(cwd)``. Tests read it
+    and leave it as it is: one that runs commands in it works on a copy (``copy_to``)."""
+    return _demo_subprocess(tmp_path_factory.mktemp("demo-run"))
+
+
+@pytest.fixture(scope="session")
+def demo_rerun_no_render(demo_run: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``loratool demo --no-render`` run once per session (as ``demo_run``) over a copy of ``demo_run``'s folder,
+    which it empties and rebuilds: the same fields."""
+    cwd = tmp_path_factory.mktemp("demo-rerun")
+    demo_run.copy_to(cwd)
+    return _demo_subprocess(cwd, "--no-render")
+
+
+def _copy_demo(run: SimpleNamespace, cwd: Path) -> Path:
+    """Copies a demo run's folder into ``cwd`` (under the same name, so its printed commands run there)."""
+    assert run.returncode == 0, run.stderr
+    return Path(shutil.copytree(run.folder, cwd / DEMO_DIR, symlinks=True))
 
 
 # ----------------------------------------------------------------------------------------- environments

@@ -1,4 +1,5 @@
-"""``loratool demo``, the README's first command, run as users run it (a subprocess, offline)."""
+"""``loratool demo``, the README's first command, run as users run it (a subprocess, offline). The full demo and a
+``--no-render`` re-run over its folder run once per session (conftest's ``demo_run`` and ``demo_rerun_no_render``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from lora_tools.cli.demo import DEMO_SIZE
 from lora_tools.verify.grid import TITLE_LINES, font_size, grid_size, header_height, label_width
+
+#: What the demo prints for its folder: the default --dir, relative to where it ran.
+SHOWN = Path("demo-output")
 
 
 def _demo(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -22,9 +27,9 @@ def _demo(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow  # two verify steps (fused vs runtime LoRAs, fp8 vs fp16): over two minutes on a busy CPU
-def test_demo_runs_offline_and_prints_only_its_own_steps(tmp_path: Path) -> None:
-    folder = tmp_path / "demo"
-    run = _demo(folder)
+def test_demo_runs_offline_and_prints_only_its_own_steps(demo_run: SimpleNamespace,
+                                                         demo_rerun_no_render: SimpleNamespace) -> None:
+    folder, run = demo_run.folder, demo_run
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "Lightning 4-step" in out and "(OK)" in out and "Done." in out
@@ -36,23 +41,25 @@ def test_demo_runs_offline_and_prints_only_its_own_steps(tmp_path: Path) -> None
     assert report["verdict"] == "pass" and report["settings"]["timesteps"] == [999, 749, 499, 249]
     assert [lo["strength"] for lo in report["against"]["loras"]] == [1.0, 0.6]
     assert all(i["psnr_db"] >= 50 for i in report["images"]) and len(report["images"]) == 1
-    assert f"grid {folder / 'verify' / 'grid.png'}" in out and f"{folder / 'verify' / 'report.md'}" in out
+    assert f"grid {SHOWN / 'verify' / 'grid.png'}" in out and f"{SHOWN / 'verify' / 'report.md'}" in out
     assert Image.open(folder / "verify" / "grid.png").size == grid_size(1, 1, (DEMO_SIZE, DEMO_SIZE))
     noise = [line for line in (run.stdout + run.stderr).splitlines()
              if line.startswith(("Loading", "[transformers]", "No LoRA keys")) or "Warning" in line]
     assert noise == []
     _check_comparison(folder / "verify")
-    fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"6. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {folder}" in out
-    assert f"7. Verifying fp8 against fp16: loratool verify {fp8} --against {fused}" in out
+    shown_fused = SHOWN / fused.name
+    shown_fp8 = SHOWN / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
+    assert f"6. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {SHOWN}" in out
+    assert f"7. Verifying fp8 against fp16: loratool verify {shown_fp8} --against {shown_fused}" in out
     assert "Verdict: PASS (threshold 30 dB for fp32, fp8 scaled weights)" in out
     fp8_report = json.loads((folder / "verify-fp8" / "report.json").read_text())
     assert fp8_report["verdict"] == "pass" and fp8_report["threshold"]["weights"] == "fp8 scaled"
-    assert fp8_report["against"]["base"] == str(fused) and fp8_report["against"]["loras"] == []
+    assert fp8_report["against"]["base"] == str(shown_fused) and fp8_report["against"]["loras"] == []
     _check_comparison(folder / "verify-fp8")
-    again = _demo(folder, "--no-render")  # its own folder: emptied and rebuilt
+    again = demo_rerun_no_render  # over a copy of this folder: emptied and rebuilt
     assert again.returncode == 0, again.stderr
-    assert not (folder / "verify").exists() and "Verifying" not in again.stdout
+    assert (again.cwd / SHOWN).is_dir() and not (again.cwd / SHOWN / "verify").exists()
+    assert "Verifying" not in again.stdout
 
 
 def _check_comparison(out: Path) -> None:
@@ -72,15 +79,14 @@ def _check_comparison(out: Path) -> None:
     assert max(max(px) for px in cells[2].getdata()) < 255  # the sides agree: the x10 difference is not saturated
 
 
-def test_demo_without_renders_fuses_fp8_too(tmp_path: Path) -> None:
+def test_demo_without_renders_fuses_fp8_too(demo_rerun_no_render: SimpleNamespace) -> None:
     """``--no-render`` skips both verify steps; the fp8 fuse (size saved, weight error) still runs, step 5."""
-    folder = tmp_path / "demo"
-    run = _demo(folder, "--no-render")
+    run, folder = demo_rerun_no_render, demo_rerun_no_render.folder
     assert run.returncode == 0, run.stderr
     fused = folder / "community-checkpoint-lightning-4step-style-lora.safetensors"
     fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"5. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {folder}" in run.stdout
-    assert f"--dtype fp8 -o {fp8} --overwrite" in run.stdout and "Verifying" not in run.stdout
+    assert f"5. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {SHOWN}" in run.stdout
+    assert f"--dtype fp8 -o {SHOWN / fp8.name} --overwrite" in run.stdout and "Verifying" not in run.stdout
     saved = fused.stat().st_size - fp8.stat().st_size
     assert 0.3 < saved / fused.stat().st_size < 0.6  # linear weights in fp8; convs stay fp16 (ComfyUI scales linear layers only)
     assert f"fp8 scaled: {fp8.name} is " in run.stdout and "smaller than in fp16" in run.stdout

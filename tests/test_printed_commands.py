@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -40,13 +41,16 @@ def _run(argv: list[str]) -> str:
 
 
 @pytest.mark.diffusers  # the demo's step 4 checks against diffusers' own fusion
-def test_the_demo_commands_run_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_commands_run_as_printed(demo_rerun_no_render: SimpleNamespace, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``demo --no-render`` prints (conftest's session run), run in a copy of its folder."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = _run(["demo", "--no-render"])
+    out = demo_rerun_no_render.stdout
+    assert demo_rerun_no_render.returncode == 0, demo_rerun_no_render.stderr
     commands = printed_commands(out)
     assert [c[0] for c in commands] == ["fuse", "fuse", "inspect"], out
-    fused = tmp_path / "demo-output" / "community-checkpoint-lightning-4step-style-lora.safetensors"
+    fused = demo_rerun_no_render.copy_to(tmp_path) / "community-checkpoint-lightning-4step-style-lora.safetensors"
     fp8 = fused.with_name(fused.stem + "-fp8.safetensors")
     before, before_fp8 = fused.stat().st_mtime_ns, fp8.stat().st_mtime_ns
     for argv in commands:
@@ -79,13 +83,17 @@ def test_the_readme_demo_block_is_what_the_demo_prints() -> None:
 
 @pytest.mark.slow
 @pytest.mark.diffusers
-def test_the_demo_verify_command_runs_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_verify_command_runs_as_printed(demo_run: SimpleNamespace, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the full demo prints (conftest's session run), its verify commands run in a copy of its folder."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = _run(["demo"])
+    out = demo_run.stdout
+    assert demo_run.returncode == 0, demo_run.stderr
     commands = printed_commands(out)
     assert [c[0] for c in commands] == ["fuse", "verify", "fuse", "verify", "inspect"], out
     assert commands == printed_commands(readme_demo_block())  # the README shows exactly what the demo prints
+    demo_run.copy_to(tmp_path)
     verified = _run(commands[1])
     assert "Verdict:  PASS" in verified
     verified_fp8 = _run(commands[3])

@@ -30,3 +30,18 @@ def test_marked_files_and_fixtures_exist() -> None:
     here = Path(__file__).parent
     assert all((here / name).is_file() for name in conftest.BY_FILE), sorted(conftest.BY_FILE)
     assert all(name in vars(conftest) for name in conftest.BY_FIXTURE), sorted(conftest.BY_FIXTURE)
+    grouped = conftest.XDIST_GROUP_BY_FIXTURE
+    assert all(name in vars(conftest) for name in grouped), sorted(grouped)
+
+
+def test_grouped_tests_carry_their_group_under_loadgroup(request: pytest.FixtureRequest) -> None:
+    """Under ``-n 2 --dist loadgroup`` (CI) xdist keeps a group on one worker by the ``@<group>`` ending of the test
+    ids (conftest's ``_name_the_group``; pytest-xdist 3.8 alone no longer manages it with pytest 9.2)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("checks the xdist groups: runs under -n 2 --dist loadgroup (the full command)")
+    grouped = [item for item in request.session.items if any(item.iter_markers("xdist_group"))]
+    if not grouped:
+        pytest.skip("no grouped test in this selection")
+    for item in grouped:
+        [name] = {m.args[0] for m in item.iter_markers("xdist_group")}
+        assert item.nodeid.endswith(f"@{name}"), item.nodeid
