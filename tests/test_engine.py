@@ -248,3 +248,18 @@ def test_a_free_worker_goes_on_while_another_works_on_a_big_item() -> None:
     run_pipeline(list(range(6)), read=lambda i: i, process=process, write=lambda i, r: order.append(r),
                  size=lambda i: 1, workers=2)
     assert order == [0, 10, 20, 30, 40, 50]
+
+
+def test_frozen_heap_hands_the_objects_back_when_the_last_run_leaves() -> None:
+    """A fuse inside a verify (or two runs on threads) nest: the inner run's exit must not unfreeze the outer's."""
+    import gc
+
+    from lora_tools.heap import frozen_heap
+
+    with frozen_heap():
+        outer = gc.get_freeze_count()
+        assert outer > 0
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() >= outer  # still frozen for the outer run
+    assert gc.get_freeze_count() == 0

@@ -8,7 +8,6 @@ patches in fp32 row blocks, one thread hands every tensor to every sink, in orde
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
+from lora_tools.heap import frozen_heap
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
 from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
@@ -188,7 +188,6 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     stages: dict[str, Callable[..., Any]] = {"read": read, "process": process, "write": write}
     if stage_hook is not None:
         stages = {name: stage_hook(name, fn) for name, fn in stages.items()}
-    gc.freeze()  # the collector would otherwise rescan torch's million import-time objects, over and over
     threads = torch.get_num_threads()
     # Every core patches a tensor of its own, on one torch thread each: row-block GEMMs are too
     # small to share between OpenMP threads (their hand-offs and spinning would take the time
@@ -196,17 +195,17 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     workers = max(1, min(threads, os.cpu_count() or 1)) if compute_workers is None else compute_workers
     torch.set_num_threads(1)
     try:
-        pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
-                              size=lambda r: r.nbytes, on_done=(lambda r: progress(r.nbytes)) if progress else None,
-                              budget=pipeline.MAX_INFLIGHT_BYTES, workers=workers)
-        files = finalize_all(sinks)  # all outputs of the run, or none
+        with frozen_heap():  # the collector would otherwise rescan torch's import-time objects, over and over
+            pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
+                                  size=lambda r: r.nbytes, on_done=(lambda r: progress(r.nbytes)) if progress else None,
+                                  budget=pipeline.MAX_INFLIGHT_BYTES, workers=workers)
+            files = finalize_all(sinks)  # all outputs of the run, or none
     except BaseException:
         for s in sinks:
             s.abort()
         raise
     finally:
         torch.set_num_threads(threads)
-        gc.unfreeze()
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
 
 

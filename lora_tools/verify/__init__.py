@@ -275,15 +275,10 @@ def run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | Non
     UNet, then the VAE, of the model, then of the reference. A NaN in latents or images is a failed check
     (``report.failures`` says where), not an exception.
     """
-    import gc
+    from lora_tools.heap import frozen_heap
 
-    # Each model dropped is collected (gc.collect) before the next loads: with what exists now frozen, the collector
-    # walks only this run's objects, not torch's and diffusers' import-time ones (~0.3 s a collection, ten a run).
-    gc.freeze()
-    try:
+    with frozen_heap():  # each model dropped is collected before the next loads (ten collections a run)
         return _run_verify(plan, progress)
-    finally:
-        gc.unfreeze()
 
 
 def _run_verify(plan: VerifyPlan, progress: Callable[[str, int, int], None] | None) -> VerifyReport:
