@@ -60,6 +60,7 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "read_only_fs": ("fs",),
     "medium_model": ("large",),  # ~370 MB on disk
     "demo_run": ("subprocess", "diffusers"),  # `loratool demo` in a fresh interpreter, verify steps included
+    "run_demo": ("subprocess", "diffusers"),
 }
 
 
@@ -328,16 +329,24 @@ def _demo_subprocess(cwd: Path, *extra: str) -> SimpleNamespace:
     proc = subprocess.run([sys.executable, "-c", "from lora_tools.cli import main; main()", "demo", *extra],
                           cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     run = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, cwd=cwd,
-                          folder=cwd / DEMO_DIR)
+                          folder=cwd / DEMO_DIR, shown=DEMO_DIR)
     run.copy_to = lambda to: _copy_demo(run, to)
     return run
+
+
+@pytest.fixture(scope="session")
+def run_demo() -> Callable[..., SimpleNamespace]:
+    """``run_demo(cwd, *args)``: ``loratool demo ARGS`` run in ``cwd`` as ``demo_run`` is (a fresh interpreter,
+    offline), for a test that needs a run of its own; the same fields."""
+    return _demo_subprocess
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """``loratool demo`` (both verify steps) run once per session as users run it: a fresh interpreter, offline, in a
     folder of its own with the default ``--dir`` (``DEMO_DIR``, so it prints what the README shows). Its
-    ``returncode``, ``stdout``, ``stderr``, ``cwd``, ``folder`` (``cwd / DEMO_DIR``) and ``copy_to(cwd)``. Tests read it
+    ``returncode``, ``stdout``, ``stderr``, ``cwd``, ``folder`` (``cwd / DEMO_DIR``), ``shown`` (``DEMO_DIR``, the folder
+    as the demo prints it) and ``copy_to(cwd)``. Tests read it
     and leave it as it is: one that runs commands in it works on a copy (``copy_to``)."""
     return _demo_subprocess(tmp_path_factory.mktemp("demo-run"))
 

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,20 +14,11 @@ from PIL import Image
 from lora_tools.cli.demo import DEMO_SIZE
 from lora_tools.verify.grid import TITLE_LINES, font_size, grid_size, header_height, label_width
 
-#: What the demo prints for its folder: the default --dir, relative to where it ran.
-SHOWN = Path("demo-output")
-
-
-def _demo(folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", "from lora_tools.cli import main; main()", "demo", "--dir", str(folder), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
-
 
 @pytest.mark.slow  # two verify steps (fused vs runtime LoRAs, fp8 vs fp16): over two minutes on a busy CPU
 def test_demo_runs_offline_and_prints_only_its_own_steps(demo_run: SimpleNamespace,
                                                          demo_rerun_no_render: SimpleNamespace) -> None:
-    folder, run = demo_run.folder, demo_run
+    folder, run, shown = demo_run.folder, demo_run, demo_run.shown
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "Lightning 4-step" in out and "(OK)" in out and "Done." in out
@@ -41,15 +30,15 @@ def test_demo_runs_offline_and_prints_only_its_own_steps(demo_run: SimpleNamespa
     assert report["verdict"] == "pass" and report["settings"]["timesteps"] == [999, 749, 499, 249]
     assert [lo["strength"] for lo in report["against"]["loras"]] == [1.0, 0.6]
     assert all(i["psnr_db"] >= 50 for i in report["images"]) and len(report["images"]) == 1
-    assert f"grid {SHOWN / 'verify' / 'grid.png'}" in out and f"{SHOWN / 'verify' / 'report.md'}" in out
+    assert f"grid {shown / 'verify' / 'grid.png'}" in out and f"{shown / 'verify' / 'report.md'}" in out
     assert Image.open(folder / "verify" / "grid.png").size == grid_size(1, 1, (DEMO_SIZE, DEMO_SIZE))
     noise = [line for line in (run.stdout + run.stderr).splitlines()
              if line.startswith(("Loading", "[transformers]", "No LoRA keys")) or "Warning" in line]
     assert noise == []
     _check_comparison(folder / "verify")
-    shown_fused = SHOWN / fused.name
-    shown_fp8 = SHOWN / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"6. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {SHOWN}" in out
+    shown_fused = shown / fused.name
+    shown_fp8 = shown / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
+    assert f"6. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {shown}" in out
     assert f"7. Verifying fp8 against fp16: loratool verify {shown_fp8} --against {shown_fused}" in out
     assert "Verdict: PASS (threshold 30 dB for fp32, fp8 scaled weights)" in out
     fp8_report = json.loads((folder / "verify-fp8" / "report.json").read_text())
@@ -58,7 +47,7 @@ def test_demo_runs_offline_and_prints_only_its_own_steps(demo_run: SimpleNamespa
     _check_comparison(folder / "verify-fp8")
     again = demo_rerun_no_render  # over a copy of this folder: emptied and rebuilt
     assert again.returncode == 0, again.stderr
-    assert (again.cwd / SHOWN).is_dir() and not (again.cwd / SHOWN / "verify").exists()
+    assert (again.cwd / shown).is_dir() and not (again.cwd / shown / "verify").exists()
     assert "Verifying" not in again.stdout
 
 
@@ -81,23 +70,23 @@ def _check_comparison(out: Path) -> None:
 
 def test_demo_without_renders_fuses_fp8_too(demo_rerun_no_render: SimpleNamespace) -> None:
     """``--no-render`` skips both verify steps; the fp8 fuse (size saved, weight error) still runs, step 5."""
-    run, folder = demo_rerun_no_render, demo_rerun_no_render.folder
+    run, folder, shown = demo_rerun_no_render, demo_rerun_no_render.folder, demo_rerun_no_render.shown
     assert run.returncode == 0, run.stderr
     fused = folder / "community-checkpoint-lightning-4step-style-lora.safetensors"
     fp8 = folder / "community-checkpoint-lightning-4step-style-lora-fp8.safetensors"
-    assert f"5. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {SHOWN}" in run.stdout
-    assert f"--dtype fp8 -o {SHOWN / fp8.name} --overwrite" in run.stdout and "Verifying" not in run.stdout
+    assert f"5. Fusing in fp8 (UNet weights in 8 bits, for small GPUs): loratool fuse {shown}" in run.stdout
+    assert f"--dtype fp8 -o {shown / fp8.name} --overwrite" in run.stdout and "Verifying" not in run.stdout
     saved = fused.stat().st_size - fp8.stat().st_size
     assert 0.3 < saved / fused.stat().st_size < 0.6  # linear weights in fp8; convs stay fp16 (ComfyUI scales linear layers only)
     assert f"fp8 scaled: {fp8.name} is " in run.stdout and "smaller than in fp16" in run.stdout
     assert "fp8 rounding: 743 UNet weights, relative Frobenius error " in run.stdout
 
 
-def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+def test_demo_refuses_a_folder_it_did_not_make(run_demo: Callable[..., SimpleNamespace], tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "precious.txt").write_text("keep me")
-    run = _demo(folder)
+    run = run_demo(tmp_path, "--dir", str(folder))
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [f"Error: '{folder}' exists and was not made by loratool demo: pass another --dir."]
     assert [p.name for p in folder.iterdir()] == ["precious.txt"]
