@@ -188,15 +188,6 @@ def _torchvision_stand_in() -> None:
 
 # -------------------------------------------------------------------------------------------------------- the parent
 
-def _psnr(ours: Any, ref: Any, peak: float | None = None) -> float:
-    import math
-
-    a, b = ours.double(), ref.double()
-    mse = float(((a - b) ** 2).mean())
-    p = peak if peak is not None else float(b.max() - b.min())
-    return float("inf") if mse == 0 else 10 * math.log10(p * p / mse)
-
-
 def _side_by_side(ours: Path, comfy: Path, dest: Path, title: str, crop: int = 128) -> None:
     """ours | ComfyUI | their difference x32, each the centre ``crop`` x ``crop`` pixels at 1:1 (noise does not
     compress: the whole images would make a large PNG)."""
@@ -292,6 +283,8 @@ def _compare(verify_dir: Path, comfy_dir: Path, latents_file: Path, args: argpar
     from PIL import Image
     from safetensors.torch import load_file
 
+    from lora_tools.verify.oracle import psnr_db
+
     ours_png = next((verify_dir / "images").glob("*.png"))
     comfy_png = next(comfy_dir.glob("*.png"))
     a = torch.from_numpy(np.asarray(Image.open(ours_png).convert("RGB")).copy())
@@ -302,9 +295,9 @@ def _compare(verify_dir: Path, comfy_dir: Path, latents_file: Path, args: argpar
     w, h = (int(x) for x in args.size.split("x"))
     our_noise = torch.randn((1, 4, h // 8, w // 8), generator=torch.Generator("cpu").manual_seed(args.seed))
     out: dict[str, Any] = {
-        "image_psnr_db": round(_psnr(a, b, 255.0), 2),
+        "image_psnr_db": round(psnr_db(a, b, peak=255.0), 2),
         "image_max_abs_u8": int((a.int() - b.int()).abs().max()),
-        "latent_psnr_db": round(_psnr(ours["latents"], comfy_latent), 2),
+        "latent_psnr_db": round(psnr_db(ours["latents"], comfy_latent), 2),
         "latent_max_abs": float((ours["latents"] - comfy_latent).abs().max()),
         "initial_noise_identical": bool(torch.equal(our_noise, facts["noise"])),
         "sigmas_ours": [round(float(s), 4) for s in ours["sigmas"]],

@@ -194,3 +194,17 @@ def test_compile_wraps_the_unet_and_reports_compile_time_apart(micro_verify: dic
     a = [p.read_bytes() for p in sorted((plain / "images").glob("*.png"))]
     b = [p.read_bytes() for p in sorted((compiled / "images").glob("*.png"))]
     assert a == b and len(a) == 1
+
+
+def test_psnr_takes_a_fixed_peak_for_8_bit_images() -> None:
+    import math
+
+    import torch
+
+    from lora_tools.verify.oracle import psnr_db
+
+    ref = torch.tensor([[0.0, 100.0], [200.0, 250.0]])
+    ours = ref + torch.tensor([[1.0, -1.0], [2.0, 0.0]])  # mse 1.5
+    assert psnr_db(ours, ref, peak=255.0) == pytest.approx(10 * math.log10(255.0**2 / 1.5))
+    assert psnr_db(ours, ref) == pytest.approx(10 * math.log10(250.0**2 / 1.5))  # the reference's own range
+    assert psnr_db(ref, ref, peak=255.0) == math.inf

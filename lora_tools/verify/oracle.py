@@ -62,16 +62,16 @@ def runtime_lora_loader(loras: Sequence[tuple[str | Path, float]], unet_config: 
     return on_load
 
 
-def psnr_db(ours: Any, ref: Any) -> float:
-    """PSNR in dB of ``ours`` against ``ref`` with the reference's own peak-to-peak range as signal
-    (``inf`` when equal; ``nan`` when either holds NaN)."""
+def psnr_db(ours: Any, ref: Any, peak: float | None = None) -> float:
+    """PSNR in dB of ``ours`` against ``ref`` with ``peak`` as signal, by default the reference's own peak-to-peak
+    range (``inf`` when equal; ``nan`` when either holds NaN). 8-bit images: ``peak=255``."""
     import torch
 
     a, b = ours.double(), ref.double()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("nan")
     mse = float(((a - b) ** 2).mean())
-    peak = float(b.max() - b.min()) or 1.0
+    peak = peak if peak is not None else float(b.max() - b.min()) or 1.0
     return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
