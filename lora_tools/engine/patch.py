@@ -3,14 +3,16 @@
 The fast path works in row blocks that stay in the CPU cache: each block is upcast to fp32,
 every contribution adds into it (a LoRA: one small GEMM ``up[rows] @ down``, no dense delta), it
 is checked for NaN/Inf/overflow (unless the contributions' bounds rule that out), and rounded
-into the output buffer. Memory traffic is one read and one write of the tensor, whatever the
+into the output buffer, or handed to an encoder (fp8: rounded into its codes while the block is
+in the cache). Memory traffic is one read and one write of the tensor, whatever the
 number of contributions. A contribution without a row-block form (DoRA needs whole-tensor
 norms) sends the tensor down the plain path: the whole tensor in fp32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from lora_tools.engine.contributions import BlockOp, Contribution
@@ -67,9 +69,15 @@ def needs_check(contributions: Sequence[Contribution], base_dtype: torch.dtype, 
     return not total < safe
 
 
+#: ``encode(block, start)``: takes one fp32 row block of a result (its values may be used up) and the
+#: index of its first element in the tensor.
+BlockEncoder = Callable[["torch.Tensor", int], None]
+
+
 def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Tensor, out_dtype: torch.dtype,
                  ops: list[BlockOp] | None = None, *, check: bool | None = None,
-                 amax: list[float] | None = None, into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                 amax: list[float] | None = None, into: torch.Tensor | None = None,
+                 encode: BlockEncoder | None = None) -> tuple[torch.Tensor, int]:
     """The patched tensor in ``out_dtype`` and the number of contributions applied.
 
     Args:
@@ -83,6 +91,8 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
             each block is in the cache: the fp8 rounding needs it).
         into: where to put the result when it is not written back into ``base`` (``out_dtype``,
             ``base``'s shape, contiguous: e.g. a reused scratch); default: a new tensor.
+        encode: where each fp32 row block of the result goes instead (needs ``ops``): no result
+            tensor is made, ``base`` is left as it is and returned.
 
     When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
     block is read before it is overwritten), so no second buffer is needed.
@@ -100,7 +110,9 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         check = needs_check(contributions, base.dtype, out_dtype)
     rows = base.shape[0]
     src = base.reshape(rows, -1)
-    if base.dtype == out_dtype and base.is_contiguous():
+    if encode is not None:
+        out = base
+    elif base.dtype == out_dtype and base.is_contiguous():
         out = base
     elif into is not None:
         assert into.dtype == out_dtype and into.shape == base.shape and into.is_contiguous()
@@ -108,10 +120,11 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
     else:
         out = torch.empty(base.shape, dtype=out_dtype)
     dst = out.view(rows, -1)
-    step = max(1, BLOCK_ELEMS // src.shape[1])
+    cols = src.shape[1]
+    step = max(1, BLOCK_ELEMS // cols) if cols else 1
     # An fp32 result is worked on in place, block by block (no copy from a scratch block to it).
-    direct = out_dtype == torch.float32
-    buf = None if direct else torch.empty((min(step, rows), src.shape[1]), dtype=torch.float32)
+    direct = encode is None and out_dtype == torch.float32
+    buf = None if direct else _block_buffer(min(step, rows), cols)
     limit = torch.finfo(out_dtype).max
     largest = 0.0
     for r0 in range(0, rows, step):
@@ -123,11 +136,26 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
             op(block, r0, r1)
         if check:
             largest = max(largest, _check(block, key, limit, out_dtype))
-        if buf is not None:
+        if encode is not None:
+            encode(block, r0 * cols)
+        elif buf is not None:
             dst[r0:r1].copy_(block)
     if check and amax is not None and rows and src.shape[1]:
         amax.append(largest)
     return out, len(ops)
+
+
+_local = threading.local()
+
+
+def _block_buffer(rows: int, cols: int) -> torch.Tensor:
+    """This thread's fp32 row block of ``rows x cols``, kept from tensor to tensor (no fresh pages)."""
+    import torch
+
+    buf = getattr(_local, "block", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _local.block = torch.empty(max(rows * cols, BLOCK_ELEMS), dtype=torch.float32)
+    return buf[: rows * cols].view(rows, cols)
 
 
 def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) -> float:
@@ -157,4 +185,4 @@ def _patch_whole(key: str, contributions: Sequence[Contribution], base: torch.Te
     return w.to(out_dtype), len(contributions)
 
 
-__all__ = ["BLOCK_ELEMS", "block_ops", "needs_check", "patch_tensor", "matrix_shape"]
+__all__ = ["BLOCK_ELEMS", "BlockEncoder", "block_ops", "needs_check", "patch_tensor", "matrix_shape"]

@@ -157,7 +157,44 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
             scratch = local.scratch = torch.empty(n, dtype=target)
         return scratch[:n].view(source.shape)
 
+    def block_encoding(ref: TensorRef) -> Any:
+        """The encoding every sink that wants ``ref`` asks for its patched value (fp8), when they
+        agree: the value is then encoded block by block while it is computed, never whole."""
+        asked = [getattr(s, "block_encoding", lambda r: None)(ref) for s in sinks if s.wants(ref)]
+        return asked[0] if asked and asked[0] is not None and all(a == asked[0] for a in asked) else None
+
+    def _patch_encoded(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload, encoding: Any) -> Payload:
+        """``ref`` patched in fp32 row blocks, each encoded while it is in the cache (``encoding.rounder``)
+        into a buffer in phase with its place in the first output. An encoding fixed before the first
+        block (fp8's scale) comes from the base's largest magnitude (a LoRA rarely moves it out of its
+        binade); when the result's measured largest magnitude asks for another encoding, the blocks
+        are computed again (the base is still there)."""
+        source = payload.as_tensor(ref)
+        n = source.numel()
+        space = buffers.take(n * encoding.itemsize, (first.position(ref) if first is not None else None) or 0)
+        codes = torch.frombuffer(space, dtype=torch.uint8, count=n) if n else torch.empty(0, dtype=torch.uint8)
+        bound = _largest(source)
+        while True:
+            rounder = encoding.rounder(codes, bound)
+            amax: list[float] = []
+            _, applied = patch_tensor(ref.key, contribs, source, torch.float32, payload.ops, check=True, amax=amax,
+                                      encode=rounder)
+            largest = amax[0] if amax else 0.0
+            if rounder.fits(largest):
+                break
+            bound = largest
+        with stats_lock:
+            stats["contributions"] += applied
+            stats["tensors"] += 1
+        if payload.raw is not None:
+            buffers.give(payload.raw)
+        return Payload(None, None, True, amax=largest, encoded=rounder.encoded(ref.shape), spare=space)
+
     def _patch(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload) -> Payload:
+        if payload.ops is not None and preparers:
+            encoding = block_encoding(ref)
+            if encoding is not None:
+                return _patch_encoded(ref, contribs, payload, encoding)
         source = payload.as_tensor(ref)
         target = torch_dtype(target_dtype(ref))
         check = True if check_overflow == "always" else None
@@ -207,6 +244,14 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     finally:
         torch.set_num_threads(threads)
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
+
+
+def _largest(t: torch.Tensor) -> float:
+    """The largest magnitude in ``t`` (0 when empty)."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = t.aminmax()
+    return max(-float(lo), float(hi))
 
 
 PairSource: TypeAlias = "ModelSource | TensorSource"

@@ -24,8 +24,9 @@ Two forms are written (and read):
   - The published fp8 SDXL checkpoints keep norms, biases, the VAE and the text encoders in their
     dtype: only UNet weights are fp8.
 
-The scale is chosen from the tensor's largest magnitude, ``amax / 448``, so the largest weight lands
-on e4m3fn's largest finite value and the rest use the whole range; an all-zero tensor gets 1.0.
+The scale is chosen from the tensor's largest magnitude: the smallest power of two with ``amax / scale
+<= 448`` (:func:`scale_for`), so the largest weight lands in e4m3fn's top binade and the division by
+the scale is exact; an all-zero tensor gets 1.0.
 The default is ``scaled`` because a per-tensor scale keeps the small-magnitude layers (most of
 SDXL's weights are below 0.1, where plain e4m3fn has few steps left) about as precise as the large
 ones, and ComfyUI then recognises the file as scaled fp8 rather than a plain fp8 cast.
@@ -78,16 +79,26 @@ def marker_key(prefix: str) -> str:
 
 
 def scale_for(amax: float) -> float:
-    """The per-tensor scale of a tensor whose largest magnitude is ``amax``: ``amax / 448`` (as an fp32
-    value), 1.0 for an all-zero tensor."""
-    scale = float(_f32(amax / FP8_MAX))
-    return scale if scale > 0.0 and math.isfinite(scale) else 1.0
+    """The per-tensor scale of a tensor whose largest magnitude is ``amax``: the smallest power of two
+    with ``amax / scale <= 448`` (1.0 for an all-zero tensor).
+
+    A power of two because dividing by it is exact: ``w / scale`` is the fusion itself with its
+    exponent moved, so the fp8 cast is the one rounding (a scale of exactly ``amax / 448`` would round
+    the quotient to fp32 first). e4m3fn's relative step is the same in every binade, so this costs no
+    precision: the largest weight lands in e4m3fn's top binade (224, 448], and only the subnormal
+    threshold moves, by less than one binade.
+    """
+    if not (amax > 0.0 and math.isfinite(amax)):
+        return 1.0
+    mantissa, exponent = math.frexp(amax / FP8_MAX)  # amax / 448 = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    scale = math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+    while amax / scale > FP8_MAX:  # (never, but the rule is the rule)
+        scale *= 2.0
+    return max(scale, _SMALLEST_SCALE)
 
 
-def _f32(x: float) -> float:
-    import struct
-
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+#: Smallest scale written: fp32's smallest normal value (the scale is stored as fp32).
+_SMALLEST_SCALE = 2.0 ** -126
 
 
 def quantize(t: torch.Tensor, form: Fp8Form) -> tuple[torch.Tensor, float | None]:
@@ -112,17 +123,86 @@ class Rounding:
 CHUNK_ELEMS = 256 * 1024
 
 
+class BlockRounder:
+    """Rounds one tensor to fp8, block by block, and measures the error as it goes.
+
+    Each call takes an fp32 block of the tensor (contiguous, any shape; its values are used up) and
+    where it starts in the tensor, and writes its e4m3fn codes there in ``codes`` (one byte per
+    element). The scale (scaled form) is fixed before the first block, from ``bound``: the tensor's
+    largest magnitude, or an estimate of it when it is not known yet (a fusion computed block by
+    block: its base's); :meth:`fits` then tells whether the tensor's measured largest magnitude gives
+    the same rounding, else the blocks are rounded again by a rounder made from it.
+    """
+
+    def __init__(self, form: Fp8Form, codes: torch.Tensor, bound: float):
+        import torch
+
+        self.form, self.codes = form, codes.view(-1).view(torch.uint8)
+        self.scale = scale_for(bound) if form == "scaled" else None
+        # the plain form clamps (and counts) only where a value may be beyond +-448
+        self.saturating = form == "plain" and not bound <= FP8_MAX
+        self.err_sq = self.ref_sq = 0.0
+        self.saturated = 0
+
+    def __call__(self, block: torch.Tensor, start: int) -> None:
+        import torch
+
+        x = block.view(-1)
+        n = x.numel()
+        back, bits = _scratch(n)
+        self.ref_sq += float(torch.dot(x, x))
+        if self.scale is not None and self.scale != 1.0:
+            x.mul_(1.0 / self.scale)  # exact: a power of two
+        codes = self.codes[start:start + n]
+        fp8 = codes.view(torch.float8_e4m3fn)
+        if self.saturating:  # the error counts what the clamp took off
+            self.saturated += int((x.abs() > FP8_MAX).sum())
+            fp8.copy_(torch.clamp(x, -FP8_MAX, FP8_MAX, out=back))
+        else:
+            fp8.copy_(x)
+        x.abs_()  # rounding keeps the sign: |x| - |q| is the error
+        x.sub_(_widen_magnitude(codes, bits, back), alpha=256.0)
+        self.err_sq += float(torch.dot(x, x))
+
+    def fits(self, amax: float) -> bool:
+        """Whether the blocks' rounding stands for a tensor whose largest magnitude is ``amax``."""
+        if self.form == "scaled":
+            return self.scale == scale_for(amax)
+        return self.saturating or amax <= FP8_MAX
+
+    def rounding(self) -> Rounding:
+        scale = self.scale or 1.0
+        return Rounding(self.err_sq * scale * scale, self.ref_sq, self.saturated)
+
+    def encoded(self, shape: Sequence[int]) -> tuple[Fp8Form, torch.Tensor, float | None, Rounding]:
+        """What the fp8 sinks take (``Payload.encoded``): the form, the fp8 tensor of ``shape``, its scale
+        and its rounding."""
+        import torch
+
+        return self.form, self.codes.view(torch.float8_e4m3fn).view(tuple(shape)), self.scale, self.rounding()
+
+
+@dataclass(frozen=True)
+class Fp8Encoding:
+    """The fp8 rounding a sink asks the engine for while it computes a tensor (a fusion): bytes per
+    element, and a :class:`BlockRounder` for the result's codes."""
+
+    form: Fp8Form
+    itemsize: int = 1
+
+    def rounder(self, codes: torch.Tensor, bound: float) -> BlockRounder:
+        return BlockRounder(self.form, codes, bound)
+
+
 def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = None, consume: bool = False,
                       into: memoryview | bytearray | None = None) -> tuple[torch.Tensor, float | None, Rounding]:
     """:func:`quantize` and its error, measured in the same pass.
 
     The tensor is read once (after its ``amax``: given, e.g. measured while it was computed, or read
-    here), chunk by chunk through cache-sized scratch buffers: no full-size temporary, and the
-    rounded values are widened back with a bit trick (:func:`_widen_magnitude`) instead of torch's
-    fp8 -> fp32 cast, five times slower. Rounding a 5 GB UNet costs a few seconds of one core.
-    With ``consume``, a contiguous fp32 ``t`` is worked on in place (its values are lost). ``into``: memory
-    for the result (at least one byte per element, not ``t``'s), e.g. a reused buffer the writer sends
-    uncopied; by default a new tensor.
+    here), chunk by chunk through cache-sized scratch buffers (:class:`BlockRounder`): no full-size
+    temporary. With ``consume``, a contiguous fp32 ``t`` is worked on in place (its values are lost).
+    ``into``: memory for the result (at least one byte per element, not ``t``'s), e.g. a reused buffer
+    the writer sends uncopied; by default a new tensor.
     """
     import torch
 
@@ -137,56 +217,41 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
     if amax is None:
         lo, hi = flat.aminmax()
         amax = max(-float(lo), float(hi))
-    scale = scale_for(amax) if form == "scaled" else None
-    if scale is not None:  # amax / scale may round a hair above 448: clamp only then (monotonic division)
-        clamp = float(torch.tensor(amax, dtype=torch.float32) / scale) > FP8_MAX
-        saturating = False
-    else:
-        clamp = saturating = not amax <= FP8_MAX
-    codes = q.view(-1).view(torch.uint8)
-    x_buf, back_buf, bits_buf = _chunk_buffers()
+    rounder = BlockRounder(form, q, amax)
     in_place = consume and t.dtype == torch.float32 and t.is_contiguous()
-    err_sq = ref_sq = 0.0
-    saturated = 0
+    chunk = _local_chunk()
     for i in range(0, n, CHUNK_ELEMS):
         j = min(n, i + CHUNK_ELEMS)
-        back, bits = back_buf[:j - i], bits_buf[:j - i]
         if in_place:
             x = flat[i:j]
         else:
-            x = x_buf[:j - i]
+            x = chunk[:j - i]
             x.copy_(flat[i:j])
-        ref_sq += float(torch.dot(x, x))
-        if scale is not None:
-            x.div_(scale)
-        fp8 = codes[i:j].view(torch.float8_e4m3fn)
-        if saturating:  # plain form: the error counts what the clamp took off
-            saturated += int((x.abs() > FP8_MAX).sum())
-            fp8.copy_(torch.clamp(x, -FP8_MAX, FP8_MAX, out=back))
-        else:
-            if clamp:
-                x.clamp_(-FP8_MAX, FP8_MAX)
-            fp8.copy_(x)
-        x.abs_()  # rounding keeps the sign: |x| - |q| is the error
-        x.sub_(_widen_magnitude(codes[i:j], bits, back), alpha=256.0)
-        err_sq += float(torch.dot(x, x))
-    if scale is not None:
-        err_sq *= scale * scale
-    return q, scale, Rounding(err_sq, ref_sq, saturated)
+        rounder(x, i)
+    return q, rounder.scale, rounder.rounding()
 
 
 _local = threading.local()
 
 
-def _chunk_buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This thread's scratch for :func:`quantize_measured` (fp32, fp32, int16; one chunk each), kept."""
+def _local_chunk() -> torch.Tensor:
+    """This thread's fp32 chunk for :func:`quantize_measured`, kept."""
     import torch
 
-    bufs = getattr(_local, "buffers", None)
-    if bufs is None or bufs[0].numel() != CHUNK_ELEMS:
-        x = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-        bufs = _local.buffers = (x, torch.empty_like(x), torch.empty(CHUNK_ELEMS, dtype=torch.int16))
-    return bufs
+    chunk = getattr(_local, "chunk", None)
+    if chunk is None or chunk.numel() != CHUNK_ELEMS:
+        chunk = _local.chunk = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
+    return chunk
+
+
+def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's scratch for a :class:`BlockRounder` block of ``n`` elements (fp32, int16), kept."""
+    import torch
+
+    bufs = getattr(_local, "scratch", None)
+    if bufs is None or bufs[0].numel() < n:
+        bufs = _local.scratch = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.int16))
+    return bufs[0][:n], bufs[1][:n]
 
 
 def _widen_magnitude(codes: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -304,5 +369,5 @@ def output_dtype_of(component: str | None, name: str, shape: Sequence[int], dtyp
 
 
 __all__ = ["Fp8Form", "FP8_FORMS", "FP8_DTYPE", "FP8_MAX", "MARKER", "SCALE_SUFFIX", "SGM_UNET_PREFIX", "MARKER_SHAPE", "Fp8Error",
-           "Fp8Layout", "Rounding", "quantize_measured", "is_fp8_target", "scale_key", "marker_key", "scale_for", "quantize", "dequantize", "layout_of",
+           "Fp8Layout", "Rounding", "BlockRounder", "Fp8Encoding", "quantize_measured", "is_fp8_target", "scale_key", "marker_key", "scale_for", "quantize", "dequantize", "layout_of",
            "is_fp8_extra", "output_dtype_of", "dequantize_state"]

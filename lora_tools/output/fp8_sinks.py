@@ -68,6 +68,14 @@ class _Fp8Emitter:
         if drop:
             payload.tensor = None
 
+    def block_encoding(self, ref: TensorRef, names: Sequence[tuple[str, tuple[int, ...], str]]) -> fp8.Fp8Encoding | None:
+        """The encoding the engine may apply while patching ``ref`` (its fp32 value is then never made):
+        when each of its ``(name, shape, transform)`` in this file is an fp8 target keeping every value."""
+        if names and all(fp8.is_fp8_target(_component(ref), name, shape, self.form) and transform in _SAME_VALUES
+                         for name, shape, transform in names):
+            return fp8.Fp8Encoding(self.form)
+        return None
+
     def emit(self, writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, row: KeyMap | None,
              shape: tuple[int, ...]) -> None:
         if not fp8.is_fp8_target(_component(ref), name, shape, self.form):
@@ -130,6 +138,9 @@ class Fp8CheckpointSink(CheckpointSink):
     def prepare(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.prepare(ref, payload)
 
+    def block_encoding(self, ref: TensorRef) -> fp8.Fp8Encoding | None:
+        return self.fp8.block_encoding(ref, [(ref.key, ref.shape, "rename")])
+
     def add(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
 
@@ -158,6 +169,12 @@ class Fp8ComponentSink(ComponentSink):
     def prepare(self, ref: TensorRef, payload: Payload) -> None:
         if self.wants(ref):
             self.fp8.prepare(ref, payload)
+
+    def block_encoding(self, ref: TensorRef) -> fp8.Fp8Encoding | None:
+        if not self.wants(ref):
+            return None
+        names = [(row.diffusers, row.diffusers_shape, row.transform) for row in ref.rows if row.diffusers is not None]
+        return self.fp8.block_encoding(ref, names) if len(names) == len(ref.rows) else None
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         if not self.wants(ref):

@@ -53,7 +53,10 @@ class Sink(Finalisable, Protocol):
     A sink may also have ``prepare(ref, payload) -> None``: the engine calls it on the compute
     threads, before :meth:`add` (on the one writer thread), to encode the tensor there (fp8); and
     ``patch_dtype(ref) -> str | None``: the dtype it needs a patched tensor computed into, where that
-    is not the run's output dtype (fp8: fp32 for the tensors it rounds, ``None`` for the others).
+    is not the run's output dtype (fp8: fp32 for the tensors it rounds, ``None`` for the others); and
+    ``block_encoding(ref) -> encoding | None``: an encoding the engine may apply to each row block of a
+    patched tensor while it computes it, when every sink that wants the tensor asks for the same one
+    (fp8: :class:`lora_tools.io.fp8.Fp8Encoding`; the result arrives as ``Payload.encoded``).
     """
 
     def wants(self, ref: TensorRef) -> bool: ...
