@@ -4,9 +4,8 @@ rule (outputs over the limit are hashed only when asked; the bytes never depend 
 
 from __future__ import annotations
 
-import math
-
 import hashlib
+import math
 import os
 from pathlib import Path
 
