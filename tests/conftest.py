@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # the helpers import torch and lora_tools: fixtures import them when first used
+    from tests.fork_server import ForkedRun
     from tests.fuse_helpers import FuseAssets
     from tests.recipe_helpers import Assets
     from tests.reliability_helpers import RunAs, Tmpfs
@@ -61,6 +62,7 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "medium_model": ("large",),  # ~370 MB on disk
     "demo_run": ("subprocess", "diffusers"),  # `loratool demo` in a fresh interpreter, verify steps included
     "run_demo": ("subprocess", "diffusers"),
+    "forked_cli": ("subprocess",),  # the CLI as a process of its own (forked by a server started per session)
 }
 
 
@@ -317,6 +319,19 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sim
         return runs[name]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def forked_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ForkedRun]]:
+    """``forked_cli(argv, env=None, cwd=None)``: ``loratool ARGV`` as a process of its own, answering as
+    ``subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)`` does, forked from a server that imported torch and
+    the commands once per session (``tests/fork_server.py``): for the signal and concurrency tests, a fraction of a
+    fresh interpreter's cost. A test about the interpreter's start or import-time behaviour starts its own."""
+    from tests.fork_server import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("fork-server") / "server.log")
+    yield server.start
+    server.close()
 
 
 #: The folder ``loratool demo`` writes by default, relative to where it runs (what it prints, what the README shows).
