@@ -9,8 +9,11 @@ would (``sys.exit``'s code; an uncaught ``KeyboardInterrupt`` kills it with SIGI
 :class:`ForkedRun`, which answers as :class:`subprocess.Popen` does (``pid``, ``poll``, ``send_signal``,
 ``communicate``, ``returncode``: ``-N`` when a signal ended it).
 
-What a forked child does not have: a fresh interpreter's state. A test about import-time behaviour, the
-interpreter's start or environment variables read when a module is imported keeps its own subprocess.
+What a forked child does not have: a fresh interpreter's state. A test about import-time behaviour or the
+interpreter's start keeps its own subprocess. The environment: a module the server imported may have read a variable
+then (huggingface_hub reads ``HF_*`` at import, torch its threads' variables), so a run that sets or changes a
+variable of ``IMPORT_TIME_ENV`` fails at once (exit status ``ENV_REFUSED``, the names on stderr) rather than run with
+what the server read.
 
 Each run's child is forked by a small monitor process (forked from the server), which sends the child's pid and
 then, once it has reaped it, its wait status over the run's own socket: several runs can be under way at once, and
@@ -33,8 +36,14 @@ from typing import IO
 
 #: What the server imports before it forks: what a fuse or LoRA-writing command imports (the rest is imported by the
 #: child that needs it, as a fresh interpreter would).
-PRELOAD = ("torch", "safetensors.torch", "lora_tools.cli", "lora_tools.ops.fuse", "lora_tools.ops.rescale",
-           "lora_tools.ops.resize", "lora_tools.ops.merge", "lora_tools.ops.convert", "lora_tools.ops.extract")
+PRELOAD = ("torch", "safetensors.torch", "lora_tools.cli", "lora_tools.hub", "lora_tools.ops.fuse",
+           "lora_tools.ops.rescale", "lora_tools.ops.resize", "lora_tools.ops.merge", "lora_tools.ops.convert",
+           "lora_tools.ops.extract")
+#: Variables (by prefix) that the preloaded modules or the interpreter read at start or import: a run may not change
+#: them (the hub's, transformers' and diffusers' settings, torch's and the BLAS libraries' threads, Python's own).
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_",
+                   "OPENBLAS_", "CUDA_", "SAFETENSORS_", "PYTHON")
+ENV_REFUSED = 70
 
 
 # ----------------------------------------------------------------------------------------- the server's side
@@ -43,6 +52,7 @@ PRELOAD = ("torch", "safetensors.torch", "lora_tools.cli", "lora_tools.ops.fuse"
 def _serve(channel: socket.socket) -> None:
     import importlib
 
+    start_env = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
     sys.stdout.flush()
@@ -57,19 +67,19 @@ def _serve(channel: socket.socket) -> None:
             return
         if os.fork() == 0:
             channel.close()
-            _monitor(json.loads(message), *fds)
+            _monitor(json.loads(message), start_env, *fds)
         for fd in fds:
             os.close(fd)
 
 
-def _monitor(request: dict[str, object], out: int, err: int, control: int) -> None:
+def _monitor(request: dict[str, object], start_env: dict[str, str], out: int, err: int, control: int) -> None:
     """Forks the run's child, sends its pid, waits for it, sends its wait status; never returns."""
     status = 1
     try:
         pid = os.fork()
         if pid == 0:
             os.close(control)
-            _child(request, out, err)
+            _child(request, start_env, out, err)
         os.close(out)
         os.close(err)
         os.write(control, f"{pid}\n".encode())
@@ -80,7 +90,7 @@ def _monitor(request: dict[str, object], out: int, err: int, control: int) -> No
         os._exit(status)
 
 
-def _child(request: dict[str, object], out: int, err: int) -> None:
+def _child(request: dict[str, object], start_env: dict[str, str], out: int, err: int) -> None:
     """The run itself: the CLI's entry point with the run's argv, environment and folder; never returns."""
     code = 1
     try:
@@ -88,9 +98,17 @@ def _child(request: dict[str, object], out: int, err: int) -> None:
         os.dup2(err, 2)
         os.close(out)
         os.close(err)
+        env: dict[str, str] = request["env"]  # type: ignore[assignment]
+        changed = sorted(k for k in {*env, *start_env} if env.get(k) != start_env.get(k)
+                         and k.startswith(IMPORT_TIME_ENV))
+        if changed:
+            print(f"fork server: this run changes {', '.join(changed)}, which the server's imports may have read: "
+                  "run it in a fresh interpreter (subprocess)", file=sys.stderr)
+            code = ENV_REFUSED
+            return
         os.chdir(str(request["cwd"]))
         os.environ.clear()
-        os.environ.update(request["env"])  # type: ignore[arg-type]
+        os.environ.update(env)
         sys.argv = ["-c", *request["argv"]]  # type: ignore[misc]
         from lora_tools.cli import main
 
