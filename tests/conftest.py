@@ -2,7 +2,9 @@
 
 Fixtures: models built once per session (never downloaded), in the sizes of ``lora_tools.testing``:
 ``micro`` for anything that runs diffusers (verify), ``tiny`` for the rest, and the files the fuse,
-LoRA-op, recipe and reliability tests share, and one ``loratool demo`` run (``demo_run``). Test modules take them
+LoRA-op, recipe and reliability tests share, one ``loratool demo`` run (``demo_run``), and ``forked_cli``: the CLI as a
+process of its own, forked from a server that imported torch once per session (tests/fork_server.py), for the tests
+about signals and exit statuses that need a real process but not a fresh interpreter. Test modules take them
 from here, never from another module. At the end of a session ``_leave_little_behind`` empties pytest's
 temporary folder but for the failed tests' own ``tmp_path`` (the fixtures' inputs are gigabytes).
 
