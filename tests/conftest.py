@@ -2,7 +2,9 @@
 
 Fixtures: models built once per session (never downloaded), in the sizes of ``lora_tools.testing``:
 ``micro`` for anything that runs diffusers (verify), ``tiny`` for the rest, and the files the fuse,
-LoRA-op, recipe and reliability tests share, and one ``loratool demo`` run (``demo_run``). Test modules take them
+LoRA-op, recipe and reliability tests share, one ``loratool demo`` run (``demo_run``), and ``forked_cli``: the CLI as a
+process of its own, forked from a server that imported torch once per session (tests/fork_server.py), for the tests
+about signals and exit statuses that need a real process but not a fresh interpreter. Test modules take them
 from here, never from another module. At the end of a session ``_leave_little_behind`` empties pytest's
 temporary folder but for the failed tests' own ``tmp_path`` (the fixtures' inputs are gigabytes).
 
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # the helpers import torch and lora_tools: fixtures import them when first used
+    from tests.fork_server import ForkedRun
     from tests.fuse_helpers import FuseAssets
     from tests.recipe_helpers import Assets
     from tests.reliability_helpers import RunAs, Tmpfs
@@ -61,6 +64,7 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "medium_model": ("large",),  # ~370 MB on disk
     "demo_run": ("subprocess", "diffusers"),  # `loratool demo` in a fresh interpreter, verify steps included
     "run_demo": ("subprocess", "diffusers"),
+    "forked_cli": ("subprocess",),  # the CLI as a process of its own (forked by a server started per session)
 }
 
 
@@ -317,6 +321,19 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sim
         return runs[name]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def forked_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ForkedRun]]:
+    """``forked_cli(argv, env=None, cwd=None)``: ``loratool ARGV`` as a process of its own, answering as
+    ``subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)`` does, forked from a server that imported torch and
+    the commands once per session (``tests/fork_server.py``): for the signal and concurrency tests, a fraction of a
+    fresh interpreter's cost. A test about the interpreter's start or import-time behaviour starts its own."""
+    from tests.fork_server import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("fork-server") / "server.log")
+    yield server.start
+    server.close()
 
 
 #: The folder ``loratool demo`` writes by default, relative to where it runs (what it prints, what the README shows).

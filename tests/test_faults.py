@@ -1,5 +1,6 @@
 """Faults of a real fuse process: SIGINT, SIGTERM, SIGHUP and SIGKILL at three points (planning,
-mid-stream, just before the rename), and two processes writing one output.
+mid-stream, just before the rename), and two processes writing one output. Each run is a process of its own, forked
+from conftest's ``forked_cli`` server (torch imported once): signals, exit statuses and pids are a real process's.
 
 The process pauses at a point through the test hook ``LORATOOL_TEST_PAUSE_AT`` (it writes the
 file named by ``LORATOOL_TEST_READY`` and waits), so each signal lands exactly there.
@@ -9,9 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,29 +21,30 @@ from click.testing import CliRunner
 from lora_tools.cli import cli
 from lora_tools.io.safetensors import read_header
 from lora_tools.provenance import read_record
+from tests.fork_server import ForkedRun
 from tests.fuse_helpers import FuseAssets
 from tests.reliability_helpers import write_small_lora, write_tuned
 
 pytestmark = pytest.mark.slow  # and subprocess (conftest.BY_FILE): every test starts a fuse process
 
-FUSE = [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse"]
+ForkedCli = Callable[..., ForkedRun]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGKILL: -signal.SIGKILL}
 
 
-def start(assets: FuseAssets, out: Path, point: str, ready: Path, *extra: str, go: Path | None = None) -> subprocess.Popen[str]:
+def start(forked_cli: ForkedCli, assets: FuseAssets, out: Path, point: str, ready: Path, *extra: str,
+          go: Path | None = None) -> ForkedRun:
     env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
     if go is not None:
         env["LORATOOL_TEST_GO"] = str(go)
-    return subprocess.Popen([*FUSE, str(assets.base), "--lightning", "4", "--lightning-dir", str(assets.lightning_dir),
-                             "-o", str(out), "-q", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return forked_cli(["fuse", str(assets.base), "--lightning", "4", "--lightning-dir", str(assets.lightning_dir),
+                       "-o", str(out), "-q", *extra], env=env)
 
 
-def wait_ready(proc: subprocess.Popen[str], ready: Path) -> None:
+def wait_ready(proc: ForkedRun, ready: Path) -> None:
     deadline = time.monotonic() + 180
     while not ready.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"ended before its pause point (exit {proc.returncode}): {proc.stderr.read()}")  # type: ignore[union-attr]
+            raise AssertionError(f"ended before its pause point (exit {proc.returncode}): {proc.stderr.read()}")
         assert time.monotonic() < deadline, "the pause point was never reached"
         time.sleep(0.02)
 
@@ -56,13 +57,14 @@ _FUSE_CASES = [pytest.param(sig, point, id=f"{sig.name}-{point}",
 
 
 @pytest.mark.parametrize(("sig", "point"), _FUSE_CASES)
-def test_signal_leaves_nothing(assets: FuseAssets, tmp_path: Path, sig: signal.Signals, point: str) -> None:
+def test_signal_leaves_nothing(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path, sig: signal.Signals,
+                               point: str) -> None:
     _ = assets.base, assets.lightning_dir  # built here, not in the child
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
     ready = tmp_path / "ready"
-    proc = start(assets, out, point, ready)
+    proc = start(forked_cli, assets, out, point, ready)
     try:
         wait_ready(proc, ready)
         if point != "planning":
@@ -87,10 +89,10 @@ def test_signal_leaves_nothing(assets: FuseAssets, tmp_path: Path, sig: signal.S
         assert "removed '" in result.stderr and f"(process {proc.pid})" in result.stderr
 
 
-def test_sigterm_mid_stream_of_a_diffusers_folder(assets: FuseAssets, tmp_path: Path) -> None:
+def test_sigterm_mid_stream_of_a_diffusers_folder(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path) -> None:
     out = tmp_path / "pipe"
     ready = tmp_path / "ready"
-    proc = start(assets, out, "mid-stream", ready, "--save", "diffusers")
+    proc = start(forked_cli, assets, out, "mid-stream", ready, "--save", "diffusers")
     try:
         wait_ready(proc, ready)
         proc.send_signal(signal.SIGTERM)
@@ -103,7 +105,7 @@ def test_sigterm_mid_stream_of_a_diffusers_folder(assets: FuseAssets, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ready"]
 
 
-def _finish(procs: list[subprocess.Popen[str]]) -> None:
+def _finish(procs: list[ForkedRun]) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -129,7 +131,8 @@ _LOSER = "nothing was replaced, and this run's output was dropped."
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["claim", "overwrite"])
-def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwrite: bool) -> None:
+def test_two_runs_writing_one_output(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path,
+                                     overwrite: bool) -> None:
     """Both pass planning while the output does not exist and both finish writing; then the
     output package's before-rename hook lets the first one rename, and only when it has exited
     the second: the order is fixed by the hooks, never by timing. The second finds the first's
@@ -139,7 +142,7 @@ def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwri
     out.parent.mkdir()
     extra = ["--overwrite"] if overwrite else []
     strengths = (1.0, 0.5)  # recorded in each run's file, so the test knows whose file is there
-    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", *extra, "--strength", str(strengths[i]),
+    procs = [start(forked_cli, assets, out, "before-rename", tmp_path / f"ready{i}", *extra, "--strength", str(strengths[i]),
                    go=tmp_path / f"go{i}") for i in range(2)]
     try:
         for i, p in enumerate(procs):
@@ -166,13 +169,13 @@ def test_two_runs_writing_one_output(assets: FuseAssets, tmp_path: Path, overwri
     _assert_one_whole_file(out)
 
 
-def test_two_runs_claiming_one_output_at_once(assets: FuseAssets, tmp_path: Path) -> None:
+def test_two_runs_claiming_one_output_at_once(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path) -> None:
     """Both released at the same instant: the claim is one atomic rename, so whatever the order
     exactly one run wins and the other loses with the one-line message (order-independent)."""
     out = tmp_path / "out" / "fused.safetensors"
     out.parent.mkdir()
     go = tmp_path / "go"
-    procs = [start(assets, out, "before-rename", tmp_path / f"ready{i}", go=go) for i in range(2)]
+    procs = [start(forked_cli, assets, out, "before-rename", tmp_path / f"ready{i}", go=go) for i in range(2)]
     try:
         for i, p in enumerate(procs):
             wait_ready(p, tmp_path / f"ready{i}")
@@ -212,8 +215,8 @@ def lora_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_unet_inputs: Simp
 
 
 @pytest.mark.parametrize("command,sig_name,point", _LORA_CASES, ids=[f"{c}-{s}-{p}" for c, s, p in _LORA_CASES])
-def test_signal_leaves_nothing_lora_writers(lora_inputs: dict[str, Path], tmp_path: Path, command: str,
-                                            sig_name: str, point: str) -> None:
+def test_signal_leaves_nothing_lora_writers(forked_cli: ForkedCli, lora_inputs: dict[str, Path], tmp_path: Path,
+                                            command: str, sig_name: str, point: str) -> None:
     sig = _SIGNALS[sig_name]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -221,8 +224,7 @@ def test_signal_leaves_nothing_lora_writers(lora_inputs: dict[str, Path], tmp_pa
     ready = tmp_path / "ready"
     argv = LORA_WRITERS[command](lora_inputs, out)
     env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
-    proc = subprocess.Popen([sys.executable, "-c", "from lora_tools.cli import main; main()", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked_cli(argv, env=env)
     try:
         wait_ready(proc, ready)
         if point != "planning":

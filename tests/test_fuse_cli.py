@@ -13,9 +13,8 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +33,7 @@ from lora_tools.io.safetensors import (
 )
 from lora_tools.ops.fuse import fuse
 from lora_tools.testing.synthetic_lora import make_lora
+from tests.fork_server import ForkedRun
 from tests.fuse_helpers import (
     BASE_METADATA,
     LIGHTNING_LORA,
@@ -341,9 +341,10 @@ def _fingerprint(path: Path) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, head, tail
 
 
-@pytest.mark.subprocess
+@pytest.mark.subprocess  # a process of its own, forked by conftest's forked_cli
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_fuse_leaves_no_output(medium_model: SimpleNamespace, tmp_path: Path, sig: signal.Signals) -> None:
+def test_interrupted_fuse_leaves_no_output(forked_cli: Callable[..., ForkedRun], medium_model: SimpleNamespace,
+                                           tmp_path: Path, sig: signal.Signals) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
@@ -352,10 +353,7 @@ def test_interrupted_fuse_leaves_no_output(medium_model: SimpleNamespace, tmp_pa
     # The output package's fault hook holds the fuse mid-stream (its temp file half written) until the
     # signal comes, so the signal lands there however fast or loaded the machine is.
     env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from lora_tools.cli import main; main()", "fuse", str(medium_model.base),
-         "--lora", str(medium_model.lora), "-o", str(out), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = forked_cli(["fuse", str(medium_model.base), "--lora", str(medium_model.lora), "-o", str(out), "-q"], env=env)
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until the output is being written: a temp file next to it

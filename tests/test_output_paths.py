@@ -15,8 +15,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from click.testing import CliRunner
 
 from lora_tools.cli import cli
 from lora_tools.testing.synthetic import write_checkpoint
+from tests.fork_server import ForkedRun
 from tests.reliability_helpers import RunAs, Tmpfs, unprivileged, write_tuned
 
 
@@ -187,8 +186,9 @@ def test_too_small_disk_is_refused_at_plan_time(command: str, inputs: Inputs, tm
         assert list(small.iterdir()) == [] and _state(inputs) == before
 
 
-@pytest.mark.subprocess
-def test_disk_filling_mid_write_is_one_line(inputs: Inputs, tmp_path: Path, tmpfs: Tmpfs) -> None:
+@pytest.mark.subprocess  # a process of its own, forked by conftest's forked_cli
+def test_disk_filling_mid_write_is_one_line(forked_cli: Callable[..., ForkedRun], inputs: Inputs, tmp_path: Path,
+                                            tmpfs: Tmpfs) -> None:
     """The plan fits; then another writer fills the disk while the output is half written (the
     output package's mid-stream hook holds the run there): one line, exit 1, the temp removed."""
     with tmpfs(tmp_path / "disk", "size=4m") as disk:
@@ -196,9 +196,7 @@ def test_disk_filling_mid_write_is_one_line(inputs: Inputs, tmp_path: Path, tmpf
         ready, go = tmp_path / "ready", tmp_path / "go"
         env = dict(os.environ, LORATOOL_TEST_PAUSE_AT="mid-stream", LORATOOL_TEST_READY=str(ready),
                    LORATOOL_TEST_GO=str(go))
-        proc = subprocess.Popen([sys.executable, "-c", "from lora_tools.cli import main; main()",
-                                 *WRITERS["convert"][0](inputs, out)], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = forked_cli(WRITERS["convert"][0](inputs, out), env=env)
         try:
             deadline = time.monotonic() + 180
             while not ready.exists():
