@@ -14,6 +14,9 @@ one run, each job in its own fresh subprocess so its peak RSS is its own:
   fuse-unet        the same with ``--save unet`` (a diffusers-layout UNet, like diffusers writes)
   diffusers        UNet2DConditionModel.from_single_file + lora_state_dict + load_lora_adapter +
                    fuse_lora + unload_lora + save_pretrained (+ fsync, so it is as durable as ours)
+  sdmecha          sd-mecha (its own venv, ``--sdmecha-python``): the kohya LoRA converted to a delta of
+                   the ``sdxl-sgm`` base, added to it, the whole checkpoint written as fp16 safetensors
+                   with 2 threads (+ fsync); its output compared with ``fuse``'s on sampled tensors
 
 Page cache: caches cannot be dropped reliably without root, so before every job the inputs
 are read once (outside the timing) and every job sees them warm. A ``sync`` and the removal of
@@ -27,6 +30,7 @@ Usage:
     python benchmarks/fuse_sdxl.py                       # full size, writes benchmarks/RESULTS.md
     python benchmarks/fuse_sdxl.py --size tiny           # smoke run in seconds
     python benchmarks/fuse_sdxl.py --repeat 3 --skip-diffusers
+    python benchmarks/fuse_sdxl.py --sdmecha-python /work/mechavenv/bin/python   # + sd-mecha, same run
 """
 
 from __future__ import annotations
@@ -232,6 +236,85 @@ def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[s
             "fuse_s": t_fuse - t_lora, "save_s": t_save - t_fuse, "fsync_s": t_sync - t_save, "total_s": t_sync - t0}
 
 
+#: sd-mecha's model config identifiers: the single-file SDXL base, and a kohya LoRA with diffusers-style
+#: module names (``lora_unet_down_blocks_0_...``, like the Lightning LoRA).
+SDMECHA_BASE_CONFIG = "sdxl-sgm"
+SDMECHA_LORA_CONFIG = "sdxl-kohya_but_diffusers_kohya_lora"
+
+
+def job_sdmecha(base: Path, lora: Path, out: Path) -> dict[str, object]:
+    """sd-mecha's LoRA merge, run by the interpreter of its own venv (this module imports no lora_tools):
+    ``convert`` turns the LoRA into a delta in the base's config, ``base + delta`` adds it (its
+    ``add_difference``), ``| base`` keeps the keys the LoRA does not touch; ``merge`` streams the whole
+    checkpoint to a safetensors file. Its defaults otherwise (fp32 maths), with 2 threads and fp16 output."""
+    t0 = time.perf_counter()
+    import sd_mecha
+    import torch
+
+    t_import = time.perf_counter()
+    model = sd_mecha.model(str(base), SDMECHA_BASE_CONFIG)
+    delta = sd_mecha.convert(sd_mecha.model(str(lora), SDMECHA_LORA_CONFIG), model)
+    recipe = (model + delta) | model
+    t_recipe = time.perf_counter()
+    sd_mecha.merge(recipe, output=str(out), threads=2, output_dtype=torch.float16, tqdm=_NoProgress)
+    t_merge = time.perf_counter()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    t_sync = time.perf_counter()
+    return {"import_s": t_import - t0, "recipe_s": t_recipe - t_import, "merge_s": t_merge - t_recipe,
+            "fsync_s": t_sync - t_merge, "total_s": t_sync - t0, "sd_mecha": _version("sd-mecha"),
+            "torch": torch.__version__}
+
+
+class _NoProgress:
+    """A tqdm stand-in (sd-mecha's ``tqdm`` option): no progress bar in the job's log."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def set_postfix(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def sdmecha_problem(python: str | None, size: str) -> str | None:
+    """Why the sdmecha job cannot run (None: it can): no interpreter given, sd-mecha not importable there,
+    or inputs whose shapes are not SDXL's (sd-mecha's SDXL config reshapes each LoRA delta to the real shape)."""
+    if not python:
+        return "no --sdmecha-python (or SDMECHA_PYTHON) given"
+    if size != "full":
+        return (f"--size {size}: sd-mecha's {SDMECHA_BASE_CONFIG} config has the real SDXL shapes and reshapes every "
+                "LoRA delta to them, so it cannot merge the scaled-down model (it runs on --size full)")
+    p = subprocess.run([python, "-c", "import sd_mecha, importlib.metadata as m; print(m.version('sd-mecha'))"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"sd_mecha is not importable by {python}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
 def run_job(argv: list[str]) -> None:  # noqa: C901
     name, *rest = argv
     if name == "pycopy":
@@ -240,6 +323,8 @@ def run_job(argv: list[str]) -> None:  # noqa: C901
         res = job_pycopy(Path(rest[0]), Path(rest[1]), direct=False)
     elif name == "fuse-hash":
         res = job_fuse_hash(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    elif name == "sdmecha":
+        res = job_sdmecha(Path(rest[0]), Path(rest[1]), Path(rest[2]))
     elif name == "diffusers":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         res = job_diffusers(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
@@ -411,7 +496,8 @@ def snapshot_revision(cache: Path, rev: str) -> Path:
     return root
 
 
-def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | None = None) -> list[Job]:
+def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | None = None,
+               sdmecha_python: str | None = None) -> list[Job]:
     out = inp.out_dir
     me = [sys.executable, str(Path(__file__).resolve()), "--job"]
     fuse = loratool_cmd() + ["fuse", str(inp.base), "--lightning", "4", "--lightning-dir", str(inp.lora_dir),
@@ -459,6 +545,12 @@ def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | N
         jobs.append(Job("diffusers", "diffusers: from_single_file + load_lora_adapter + fuse_lora + save_pretrained",
                         me + ["diffusers", str(inp.base), str(inp.lora), str(inp.config_dir), str(out / "diffusers-unet")],
                         out / "diffusers-unet", "UNet only", keep_output=True))
+    if sdmecha_python:
+        jobs[next(i for i, j in enumerate(jobs) if j.key == "fuse")].keep_output = True  # compared with sd-mecha's
+        jobs.append(Job("sdmecha", "sd-mecha: convert(kohya LoRA) + add_difference + merge (2 threads, fp16) + fsync",
+                        [sdmecha_python, str(Path(__file__).resolve()), "--job", "sdmecha", str(inp.base), str(inp.lora),
+                         str(out / "sdmecha.safetensors")],
+                        out / "sdmecha.safetensors", "whole file", keep_output=True))
     return jobs
 
 
@@ -500,6 +592,37 @@ def verify(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: i
             "dtypes": dtypes, "sampled": len(sample), "changed_by_lora": changed, "max_rel_diff": worst,
             "worst_key": worst_key, "tolerance": tol,
             "ok": ok == kt and shapes_ok and worst <= tol and changed >= len(sample) - 4}
+
+
+def verify_sdmecha(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20, seed: int = 0) -> dict[str, object]:
+    """``loratool fuse`` vs sd-mecha, both whole single-file checkpoints with the same key names: keys,
+    shapes, and the largest relative difference on sampled UNet weights (most of them changed by the LoRA)."""
+    import torch
+
+    from lora_tools.io.safetensors import TensorFile
+
+    with TensorFile(ours_path) as ours, TensorFile(theirs_path) as theirs, TensorFile(inp.base) as base:
+        ok, kt = set(ours.keys()), set(theirs.keys())
+        common = sorted(ok & kt)
+        shapes_ok = all(ours.info(k).shape == theirs.info(k).shape for k in common)
+        dtypes = sorted({ours.info(k).dtype for k in ok} | {theirs.info(k).dtype for k in kt})
+        unet = [k for k in common if k.startswith("model.diffusion_model.") and k.endswith(".weight")
+                and len(ours.info(k).shape) >= 2]
+        rng = random.Random(seed)
+        sample = rng.sample(unet, min(len(unet), n))
+        worst, worst_key, changed = 0.0, "", 0
+        for k in sample:
+            a, b = ours.tensor(k).float(), theirs.tensor(k).float()
+            if not torch.equal(base.tensor(k).float(), b):
+                changed += 1
+            err = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+            if err > worst:
+                worst, worst_key = err, k
+    tol = 2e-3
+    return {"keys_ours": len(ok), "keys_sdmecha": len(kt), "same_keys": ok == kt, "only_ours": sorted(ok - kt)[:5],
+            "only_sdmecha": sorted(kt - ok)[:5], "same_shapes": shapes_ok, "dtypes": dtypes, "sampled": len(sample),
+            "changed_by_lora": changed, "max_rel_diff": worst, "worst_key": worst_key, "tolerance": tol,
+            "ok": shapes_ok and worst <= tol and changed > 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,8 +702,10 @@ def table(jobs: list[Job], base_bytes: int) -> str:
     by = {j.key: j for j in jobs}
     cp, floor = by["cp"].wall, by["pycopy"].wall
     peer = by["diffusers"].wall if "diffusers" in by and by["diffusers"].runs else None
-    lines = ["| job | writes | wall s | x durable cp | x I/O floor | diffusers' time / this | peak RSS | CPU s (job) | other busy cores | free RAM at start, GB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mecha = by["sdmecha"].wall if "sdmecha" in by and by["sdmecha"].runs else None
+    lines = ["| job | writes | wall s | x durable cp | x I/O floor | diffusers' time / this | this / sd-mecha | peak RSS | "
+             "CPU s (job) | other busy cores | free RAM at start, GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in jobs:
         spread = ""
         if len(j.runs) > 1:
@@ -590,7 +715,9 @@ def table(jobs: list[Job], base_bytes: int) -> str:
         frees = [r.mem_free / GB for r in j.runs]
         free = f"{min(frees):.1f}" if len(frees) == 1 else f"{min(frees):.1f}-{max(frees):.1f}"
         vs_peer = f"{peer / j.wall:.2f}" if peer is not None else "-"
+        vs_mecha = f"{j.wall / mecha:.2f}" if mecha is not None else "-"
         lines.append(f"| {j.label} | {j.writes} | {j.wall:.1f}{spread} | {j.wall / cp:.2f} | {j.wall / floor:.2f} | {vs_peer} | "
+                     f"{vs_mecha} | "
                      f"{fmt_rss(j.peak)} | {cpu:.1f} | {other:.2f} | {free} |")
     return "\n".join(lines)
 
@@ -616,6 +743,11 @@ def targets(jobs: list[Job]) -> list[tuple[str, bool, str]]:
         s2 = d.wall / unet.wall
         out.append(("(same output) loratool --save unet >= 2.5x faster than diffusers", s2 >= 2.5,
                     f"{d.wall:.1f} s / {unet.wall:.1f} s = {s2:.2f}x"))
+    m = by.get("sdmecha")
+    if m is not None and fuse is not None:  # issue 23: fuse vs sd-mecha in the same run
+        out.append(("issue 23: whole-checkpoint fuse faster than sd-mecha's (same run, same output)", fuse.wall < m.wall,
+                    f"{fuse.wall:.1f} s / {m.wall:.1f} s = {fuse.wall / m.wall:.2f}x, peak RSS {fmt_rss(fuse.peak)} vs "
+                    f"{fmt_rss(m.peak)}"))
     floor = by.get("pycopy")
     if fuse is not None and floor is not None:
         r = fuse.wall / floor.wall
@@ -675,14 +807,16 @@ def phases_text(jobs: list[Job]) -> str:
 
 
 def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[Job], check: dict[str, object] | None,
-                  info: dict[str, str], base_bytes: int, lora_bytes: int) -> None:
+                  info: dict[str, str], base_bytes: int, lora_bytes: int,
+                  mecha_check: dict[str, object] | None = None, mecha_skipped: str | None = None) -> None:
     tg = targets(jobs)
     md = [
         "# fuse_sdxl benchmark results",
         "",
         f"Run on {info['date']} with `python benchmarks/fuse_sdxl.py --size {args.size} --repeat {args.repeat}"
         + (" --skip-diffusers" if args.skip_diffusers else "") + (f" --baseline {args.baseline}" if args.baseline else "")
-        + (f" --only {' '.join(args.only)}" if args.only else "") + f"`; load average {info.get('load', '?')} at the "
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --sdmecha-python {args.sdmecha_python}" if args.sdmecha_python else "") + f"`; load average {info.get('load', '?')} at the "
         "start, " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end (2 cores: above 2, every job waited "
         "for other sessions' processes; compare within the run, and CPU seconds, not seconds across runs).",
         "",
@@ -692,7 +826,8 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         f"- RAM: {info['ram']}",
         f"- OS: {info['os']}, Python {info['python']}",
         f"- torch {info['torch']}, diffusers {info['diffusers']}, peft {info['peft']}, transformers {info['transformers']}, "
-        f"safetensors {info['safetensors']}",
+        f"safetensors {info['safetensors']}"
+        + (f"; sd-mecha {info['sd_mecha']} (its own venv: {args.sdmecha_python})" if info.get("sd_mecha") else ""),
         f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py measured)",
         f"- Inputs: synthetic SDXL single file {base_bytes / GB:.2f} GB fp16 (UNet + 2 text encoders + VAE, "
         f"random weights, real SDXL shapes); Lightning-shaped LoRA {lora_bytes / 1e6:.0f} MB "
@@ -730,6 +865,16 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
                   f"{check['sampled']} sampled tensors, {check['changed_by_lora']} of them changed by the LoRA, max relative "
                   f"difference {check['max_rel_diff']:.2e} (`{check['worst_key']}`), tolerance {check['tolerance']:.0e}: "
                   f"**{'OK' if check['ok'] else 'MISMATCH'}**.")
+    if mecha_check is not None:
+        c = mecha_check
+        md.append("")
+        md.append(f"`loratool fuse` and sd-mecha, whole checkpoints: {c['keys_ours']} vs {c['keys_sdmecha']} keys (same keys: "
+                  f"{c['same_keys']}, same shapes: {c['same_shapes']}, dtypes {', '.join(c['dtypes'])}); "  # type: ignore[arg-type]
+                  f"{c['sampled']} sampled UNet weights, {c['changed_by_lora']} of them changed by the LoRA, max relative "
+                  f"difference {c['max_rel_diff']:.2e} (`{c['worst_key']}`), tolerance {c['tolerance']:.0e}: "
+                  f"**{'OK' if c['ok'] else 'MISMATCH'}**.")
+    elif mecha_skipped:
+        md += ["", f"sd-mecha not run: {mecha_skipped}."]
     md += ["", "## Phases (last run of each job, seconds)", "", phases_text(jobs), ""]
     path.write_text("\n".join(md))
 
@@ -745,8 +890,11 @@ def main() -> None:
     ap.add_argument("--size", choices=["full", "tiny"], default="full", help="full (~6.9 GB) or tiny (smoke run)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each job (median reported)")
     ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers job")
+    ap.add_argument("--sdmecha-python", default=os.environ.get("SDMECHA_PYTHON"),
+                    help="python of a separate venv with sd-mecha installed: adds the sdmecha job (default: "
+                         "$SDMECHA_PYTHON; without it the job is skipped, with the reason printed)")
     ap.add_argument("--only", nargs="+", help="run only these jobs (cp pycopy pycopy-buffered fuse fuse-hash fuse-fp8 "
-                    "fuse-unet diffusers, and with --baseline fuse-baseline fuse-hash-baseline fuse-fp8-baseline)")
+                    "fuse-unet diffusers sdmecha, and with --baseline fuse-baseline fuse-hash-baseline fuse-fp8-baseline)")
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="where the jobs' outputs go (default: CACHE/SIZE/out; a folder of your own on a shared cache)")
     ap.add_argument("--results", type=Path, default=None,
@@ -790,7 +938,10 @@ def main() -> None:
         print(f"warning: only {avail / GB:.1f} GB of memory available: the base may not stay in the page cache, "
               "so jobs may read it from disk", flush=True)
     baseline = (args.baseline, snapshot_revision(args.cache_dir, args.baseline)) if args.baseline else None
-    jobs = build_jobs(inp, args.skip_diffusers, baseline)
+    mecha_skipped = sdmecha_problem(args.sdmecha_python, args.size)
+    if mecha_skipped and (not args.only or "sdmecha" in args.only):
+        print(f"sdmecha job skipped: {mecha_skipped}", flush=True)
+    jobs = build_jobs(inp, args.skip_diffusers, baseline, None if mecha_skipped else args.sdmecha_python)
     if args.only:
         keep = set(args.only) | {"cp", "pycopy"}
         jobs = [j for j in jobs if j.key in keep]
@@ -800,7 +951,7 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     print(f"base {inp.base} ({base_bytes / GB:.2f} GB), LoRA {inp.lora} ({lora_bytes / 1e6:.0f} MB)")
     print("page cache: the inputs are read once before every job (not timed), so every job sees them warm", flush=True)
-    check = None
+    check = mecha_check = None
     for rep in range(args.repeat):
         for j in jobs:
             remove(j.output)
@@ -829,6 +980,9 @@ def main() -> None:
             theirs = next(by["diffusers"].output.glob("*.safetensors"))
             check = verify(inp, by["fuse-unet"].output, theirs)
             print(f"correctness: {json.dumps(check)}", flush=True)
+        if rep == 0 and "sdmecha" in by and "fuse" in by:
+            mecha_check = verify_sdmecha(inp, by["fuse"].output, by["sdmecha"].output)
+            print(f"correctness vs sd-mecha: {json.dumps(mecha_check)}", flush=True)
         if not args.keep_outputs:
             for j in jobs:
                 remove(j.output)
@@ -840,18 +994,22 @@ def main() -> None:
         print(f"{'MET ' if ok else 'MISS'}  {name}: {detail}")
     info = machine()
     info["load"] = load_at_start
+    mecha_job = next((j for j in jobs if j.key == "sdmecha" and j.runs), None)
+    if mecha_job is not None:
+        info["sd_mecha"] = str(mecha_job.runs[-1].phases.get("sd_mecha", "?"))
     if info["library"] != fingerprint:
         info["library"] += f" (WARNING: was {fingerprint} when the run started: lora_tools changed during the run)"
         print(f"warning: lora_tools changed during the run ({fingerprint} -> {info['library']})")
     elif not args.no_snapshot and library_fingerprint() != fingerprint:
         info["library"] += f" (snapshot; the working tree is now at {library_fingerprint()})"
     raw = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "correctness": check,
+           "correctness_sdmecha": mecha_check, "sdmecha_skipped": mecha_skipped,
            "jobs": {j.key: {"label": j.label, "runs": [dataclasses.asdict(r) for r in j.runs]} for j in jobs}}
     raw_path = inp.root / f"results-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     raw_path.write_text(json.dumps(raw, indent=1, default=str))
     print(f"raw measurements: {raw_path}")
     if results is not None:
-        write_results(results, args, inp, jobs, check, info, base_bytes, lora_bytes)
+        write_results(results, args, inp, jobs, check, info, base_bytes, lora_bytes, mecha_check, mecha_skipped)
         print(f"\nwrote {results}")
 
 
