@@ -929,7 +929,7 @@ def main() -> None:
         inp.out_dir = args.out_dir.resolve()
         inp.out_dir.mkdir(parents=True, exist_ok=True)
     base_bytes, lora_bytes = inp.base.stat().st_size, inp.lora.stat().st_size
-    need = 2 * base_bytes + lora_bytes
+    need = (3 if args.sdmecha_python else 2) * base_bytes + lora_bytes  # sd-mecha's output is kept for the check
     free_disk = shutil.disk_usage(inp.out_dir).free
     if free_disk < need:
         raise SystemExit(f"not enough free disk under {inp.out_dir}: {free_disk / GB:.1f} GB, need about {need / GB:.1f} GB")
