@@ -546,7 +546,6 @@ def build_jobs(inp: Inputs, skip_diffusers: bool, baseline: tuple[str, Path] | N
                         me + ["diffusers", str(inp.base), str(inp.lora), str(inp.config_dir), str(out / "diffusers-unet")],
                         out / "diffusers-unet", "UNet only", keep_output=True))
     if sdmecha_python:
-        jobs[next(i for i, j in enumerate(jobs) if j.key == "fuse")].keep_output = True  # compared with sd-mecha's
         jobs.append(Job("sdmecha", "sd-mecha: convert(kohya LoRA) + add_difference + merge (2 threads, fp16) + fsync",
                         [sdmecha_python, str(Path(__file__).resolve()), "--job", "sdmecha", str(inp.base), str(inp.lora),
                          str(out / "sdmecha.safetensors")],
@@ -945,6 +944,9 @@ def main() -> None:
     if args.only:
         keep = set(args.only) | {"cp", "pycopy"}
         jobs = [j for j in jobs if j.key in keep]
+    if any(j.key == "sdmecha" for j in jobs):
+        for j in jobs:
+            j.keep_output = j.keep_output or j.key == "fuse"  # compared with sd-mecha's output after the first round
     for j in jobs:
         remove(j.output)
     logs = inp.root / "logs"
