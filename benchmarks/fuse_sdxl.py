@@ -226,13 +226,13 @@ def job_diffusers(base: Path, lora: Path, config_dir: Path, out: Path) -> dict[s
     unet.save_pretrained(str(out), safe_serialization=True)
     t_save = time.perf_counter()
     for p in out.glob("*.safetensors"):
-        _fsync(p)
+        fsync_path(p)
     t_sync = time.perf_counter()
     return {"import_s": t_import - t0, "from_single_file_s": t_load - t_import, "load_lora_s": t_lora - t_load,
             "fuse_s": t_fuse - t_lora, "save_s": t_save - t_fuse, "fsync_s": t_sync - t_save, "total_s": t_sync - t0}
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """A peer's output made durable, as ours is (the writer fsyncs)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -263,7 +263,7 @@ def job_sdmecha(base: Path, lora: Path, out: Path) -> dict[str, object]:
     t_recipe = time.perf_counter()
     sd_mecha.merge(recipe, output=str(out), threads=2, output_dtype=torch.float16, tqdm=_NoProgress)
     t_merge = time.perf_counter()
-    _fsync(out)
+    fsync_path(out)
     t_sync = time.perf_counter()
     return {"import_s": t_import - t0, "recipe_s": t_recipe - t_import, "merge_s": t_merge - t_recipe,
             "fsync_s": t_sync - t_merge, "total_s": t_sync - t0, "sd_mecha": _version("sd-mecha"),

@@ -54,14 +54,6 @@ def spans(src: Path) -> list[tuple[int, int]]:
     return out
 
 
-def fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def v_cp(src: Path, dst: Path) -> None:
     subprocess.run(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(dst)], check=True)
 
