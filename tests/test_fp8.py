@@ -294,6 +294,7 @@ def test_the_scale_is_the_smallest_power_of_two_that_fits(amax: float, scale: fl
         assert amax / scale <= 448.0 < amax / (scale / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form,top", [("scaled", None), ("plain", 440.0)])
 def test_a_fusion_rounded_block_by_block_is_rounded_again_when_its_largest_weight_changes_binade(
         form: str, top: float | None, tiny_unet_inputs: SimpleNamespace, tmp_path: Path,
