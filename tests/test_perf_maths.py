@@ -210,6 +210,7 @@ def test_chunked_fp8_rounding_gives_the_plain_casts_bits_and_error(dtype: torch.
     assert scale2 == scale and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
 
 
+@pytest.mark.slow
 def test_fp8_outputs_follow_the_hash_rule_and_round_the_fusion_once(models: tuple[Path, Path, Path, Path],
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp8 outputs over the limit are hashed only when asked (they always were); on an fp32 base the
