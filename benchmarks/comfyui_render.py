@@ -104,10 +104,12 @@ def comfy_child(workflow_path: str, checkpoints: str, out: str, fp16_weights: bo
     import logging
     import uuid
 
+    from lora_tools.testing.comfyui import install_torchvision_stand_in
+
     root = os.environ["LORA_TOOLS_COMFYUI"]
     sys.path.append(root)
     logging.basicConfig(level=logging.INFO)
-    _torchvision_stand_in()
+    install_torchvision_stand_in()  # for the whole run: ComfyUI imports it as it goes
     args = importlib.import_module("comfy.cli_args").args
     args.cpu = True
     args.disable_xformers = True
@@ -162,28 +164,6 @@ def comfy_child(workflow_path: str, checkpoints: str, out: str, fp16_weights: bo
                "timesteps": sampling.timestep(sigmas[:-1]).float().contiguous()}, str(Path(out) / "facts.safetensors"))
     Path(out, "run.json").write_text(json.dumps({"execute_s": round(seconds, 1), "unet_dtype": str(
         importlib.import_module("comfy.model_management").unet_dtype()), "fp16_weights": fp16_weights}))
-
-
-def _torchvision_stand_in() -> None:
-    """ComfyUI imports ``torchvision`` at module level for models not built here (Stable Cascade, Cosmos); a CPU-only
-    torch has no torchvision wheel, so an empty stand-in takes its place when the real one does not import (as
-    ``tests/comfyui_helpers.py`` does while ComfyUI imports)."""
-    import importlib.machinery
-    import types
-
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:  # noqa: BLE001 - any failure: not importable here
-        sys.modules.pop("torchvision", None)
-    import transformers  # decides "is torchvision available" before the stand-in exists
-
-    del transformers
-    tv = types.ModuleType("torchvision")
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
-    sys.modules["torchvision"] = tv
-    sys.modules["torchvision.transforms"] = tv.transforms  # type: ignore[attr-defined]
 
 
 # -------------------------------------------------------------------------------------------------------- the parent

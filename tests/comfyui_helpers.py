@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.machinery
 import logging
 import os
 import sys
@@ -31,39 +30,12 @@ from typing import Any
 import pytest
 import torch
 
+from lora_tools.testing.comfyui import torchvision_stand_in
+
 ENV = "LORA_TOOLS_COMFYUI"
 SGM_UNET = "model.diffusion_model."
 
 _MODULES: types.SimpleNamespace | None = None
-
-
-@contextlib.contextmanager
-def _torchvision_stand_in() -> Iterator[None]:
-    """ComfyUI imports ``torchvision.transforms`` at module level for models we never build (Cosmos, Stable
-    Cascade). PyPI's torchvision wheels need CUDA torch; with a CPU-only torch they cannot be imported, so
-    an empty stand-in is in ``sys.modules`` while ComfyUI's modules import (and only where the real one does
-    not import), and removed afterwards so that nothing else in the session sees it."""
-    try:
-        import torchvision  # noqa: F401
-
-        yield
-        return
-    except Exception:  # noqa: BLE001 - any failure: not importable here
-        sys.modules.pop("torchvision", None)
-    import transformers  # decides "is torchvision available" before the stand-in exists
-
-    del transformers
-    tv = types.ModuleType("torchvision")
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
-    sys.modules["torchvision"] = tv
-    sys.modules["torchvision.transforms"] = tv.transforms  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for name in ("torchvision", "torchvision.transforms"):
-            if sys.modules.get(name) in (tv, tv.transforms):  # type: ignore[attr-defined]
-                del sys.modules[name]
 
 
 def comfyui() -> types.SimpleNamespace:
@@ -82,7 +54,7 @@ def comfyui() -> types.SimpleNamespace:
     except ImportError as e:
         pytest.skip(f"ComfyUI is not importable ({e}); set {ENV} to a ComfyUI checkout to run these tests")
     try:
-        with _torchvision_stand_in():
+        with torchvision_stand_in():
             args = importlib.import_module("comfy.cli_args").args
             args.cpu = True  # before comfy.model_management picks a device
             args.disable_xformers = True
@@ -101,7 +73,7 @@ def comfyui_nodes() -> types.SimpleNamespace:
     """ComfyUI's ``nodes`` and ``execution`` modules (its built-in nodes and prompt validation)."""
     c = comfyui()
     try:
-        with _torchvision_stand_in():
+        with torchvision_stand_in():
             nodes = importlib.import_module("nodes")
             execution = importlib.import_module("execution")
     except ImportError as e:
@@ -207,7 +179,7 @@ def validate_workflow(ns: types.SimpleNamespace, workflow: Mapping[str, Any], ch
 
     folder_paths = importlib.import_module("folder_paths")
     if not _EXTRA_NODES:
-        with _torchvision_stand_in():
+        with torchvision_stand_in():
             asyncio.run(ns.nodes.init_builtin_extra_nodes())
         _EXTRA_NODES.append("loaded")
     before = folder_paths.folder_names_and_paths["checkpoints"]
