@@ -1,11 +1,13 @@
 """The fp8 outputs of a fuse: a single file or a standalone UNet whose UNet linear weights (and, in the plain
 form, conv weights) are float8_e4m3fn (:mod:`lora_tools.io.fp8` holds the rules and the encoding).
 
-The engine patches the fp8 targets in fp32 (the fusion, exact: :meth:`patch_dtype`) and hands them
-over with the untouched ones as read; each fp8 target is rounded to fp8 once, here, from that fp32
-value, into the tensor's own read buffer where it has one (placed in phase with the fp8 tensor's
-place in the file: the writer sends it uncopied). The other tensors keep their dtype, are patched in
-it like in any fuse, and go through the ordinary sink path (uncopied when their bytes are right).
+An fp8 target the LoRAs patch is rounded by the engine, row block by row block while each fp32 block
+of the fusion is in the cache (:meth:`block_encoding`; the codes land in a buffer in phase with the
+tensor's place in the file, which the writer sends uncopied). Where that cannot be (a whole-tensor
+contribution such as DoRA, or outputs that want the values themselves) the engine patches it in fp32
+(:meth:`patch_dtype`) and :meth:`prepare` rounds that value once; an untouched target is rounded there
+from its read bytes. The other tensors keep their dtype, are patched in it like in any fuse, and go
+through the ordinary sink path (uncopied when their bytes are right).
 In the scaled form the file also plans ``<module>.scale_weight`` (fp32 scalar, written just before
 its weight) and the 2-element ``scaled_fp8`` marker (the first tensor of the file).
 """
