@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from lora_tools.engine import pipeline
-from lora_tools.engine.buffers import BufferRing
+from lora_tools.engine.buffers import RING_BYTES, BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
 from lora_tools.heap import frozen_heap
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from lora_tools.io.sources import TensorSource
 
 Progress = Callable[[int], None]
+#: Tensors this large are streamed first, into the empty read ring (see :func:`stream_order`).
+OUTSIZED_BYTES = RING_BYTES // 5
 #: ``hook(stage, fn) -> fn``: wraps the ``read``, ``process`` and ``write`` stages (profilers).
 StageHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
@@ -47,15 +49,23 @@ class StreamStats:
 
 
 def stream_order(refs: Sequence[TensorRef], patched: Iterable[str]) -> list[TensorRef]:
-    """Processing (and output) order: patched and untouched tensors mixed in proportion to
-    their bytes, so the maths and the copying overlap all the way through instead of taking
-    turns (a checkpoint stores its text encoders and VAE, all untouched, in one run)."""
+    """Processing (and output) order.
+
+    The outsized tensors (a fifth of the read ring or more: a text encoder's token embedding) come
+    first, while the ring is empty: later they might find no free span in it and take memory of
+    their own (126 MB more peak RSS on SDXL). They are usually untouched, so the writer also starts
+    at once while the first patched tensors are computed. Then patched and untouched tensors mixed
+    in proportion to their bytes, so the maths and the copying overlap all the way through instead of
+    taking turns (a checkpoint stores its text encoders and VAE, all untouched, in one run).
+    """
     patched = set(patched)
-    hot = [r for r in refs if r.key in patched]
-    cold = [r for r in refs if r.key not in patched]
+    big = sorted((r for r in refs if r.nbytes >= OUTSIZED_BYTES), key=lambda r: -r.nbytes)
+    rest = [r for r in refs if r.nbytes < OUTSIZED_BYTES]
+    hot = [r for r in rest if r.key in patched]
+    cold = [r for r in rest if r.key not in patched]
     hot_total = sum(r.nbytes for r in hot) or 1
     cold_total = sum(r.nbytes for r in cold) or 1
-    out: list[TensorRef] = []
+    out: list[TensorRef] = big
     i = j = hot_done = cold_done = 0
     while i < len(hot) or j < len(cold):
         if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
