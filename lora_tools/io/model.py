@@ -260,7 +260,7 @@ def _from_diffusers_files(path: Path, kind: CheckpointKind, headers: dict[Compon
             fname, fkey = where[f"{comp}:{first.diffusers}"]
             info = files[fname].tensors[fkey]
             nbytes = info.nbytes * len(group)
-            raw_ok = first.transform in ("rename", "conv1x1_to_linear")
+            raw_ok = first.keeps_values
             refs.append(TensorRef(sgm_key, info.dtype, first.shape, nbytes, tuple(group), raw_ok))
     md = dict(metadata) if layout == "diffusers-unet" else {}
     if layout == "diffusers-unet":

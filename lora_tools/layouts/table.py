@@ -46,6 +46,12 @@ class KeyMap:
     optional: bool = False
 
     @property
+    def keeps_values(self) -> bool:
+        """Whether the diffusers tensor holds the SGM tensor's bytes in the same order (a new name or
+        shape only): it can be copied, or rounded, as it is."""
+        return self.transform in ("rename", "conv1x1_to_linear")
+
+    @property
     def sgm_key(self) -> str:
         """Full key in a single-file checkpoint."""
         return SGM_PREFIXES[self.component] + self.sgm

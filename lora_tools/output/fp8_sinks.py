@@ -64,17 +64,17 @@ class _Fp8Emitter:
         is then dropped (it is four times the size of its fp8 form)."""
         if not fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.form) or _rounded(payload, self.form):
             return
-        drop = payload.patched and payload.tensor is not None and all(row.transform in _SAME_VALUES for row in ref.rows)
+        drop = payload.patched and payload.tensor is not None and all(row.keeps_values for row in ref.rows)
         payload.encoded = (self.form, *fp8.quantize_measured(payload.as_tensor(ref), self.form, amax=payload.amax,
                                                              consume=drop, into=payload.spare))
         if drop:
             payload.tensor = None
 
-    def block_encoding(self, ref: TensorRef, names: Sequence[tuple[str, tuple[int, ...], str]]) -> fp8.Fp8Encoding | None:
+    def block_encoding(self, ref: TensorRef, names: Sequence[tuple[str, tuple[int, ...], bool]]) -> fp8.Fp8Encoding | None:
         """The encoding the engine may apply while patching ``ref`` (its fp32 value is then never made):
-        when each of its ``(name, shape, transform)`` in this file is an fp8 target keeping every value."""
-        if names and all(fp8.is_fp8_target(_component(ref), name, shape, self.form) and transform in _SAME_VALUES
-                         for name, shape, transform in names):
+        when each of its ``(name, shape, keeps_values)`` in this file is an fp8 target keeping every value."""
+        if names and all(fp8.is_fp8_target(_component(ref), name, shape, self.form) and keeps
+                         for name, shape, keeps in names):
             return fp8.Fp8Encoding(self.form)
         return None
 
@@ -87,7 +87,7 @@ class _Fp8Emitter:
             return
         import torch
 
-        if _rounded(payload, self.form) and (row is None or row.transform in _SAME_VALUES):
+        if _rounded(payload, self.form) and (row is None or row.keeps_values):
             _, q, scale, rounding = payload.encoded
             if row is not None:
                 q = to_diffusers(row, q)
@@ -101,9 +101,6 @@ class _Fp8Emitter:
             writer.write(fp8.scale_key(name), torch.tensor(scale, dtype=torch.float32))
         writer.write(name, q.contiguous())
 
-
-#: Layout transforms that keep every value and the tensor's size (the rounding of the whole tensor holds).
-_SAME_VALUES = ("rename", "conv1x1_to_linear")
 
 
 def _exact(ref: TensorRef) -> str | None:
@@ -141,7 +138,7 @@ class Fp8CheckpointSink(CheckpointSink):
         self.fp8.prepare(ref, payload)
 
     def block_encoding(self, ref: TensorRef) -> fp8.Fp8Encoding | None:
-        return self.fp8.block_encoding(ref, [(ref.key, ref.shape, "rename")])
+        return self.fp8.block_encoding(ref, [(ref.key, ref.shape, True)])
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
@@ -175,7 +172,7 @@ class Fp8ComponentSink(ComponentSink):
     def block_encoding(self, ref: TensorRef) -> fp8.Fp8Encoding | None:
         if not self.wants(ref):
             return None
-        names = [(row.diffusers, row.diffusers_shape, row.transform) for row in ref.rows if row.diffusers is not None]
+        names = [(row.diffusers, row.diffusers_shape, row.keeps_values) for row in ref.rows if row.diffusers is not None]
         return self.fp8.block_encoding(ref, names) if len(names) == len(ref.rows) else None
 
     def add(self, ref: TensorRef, payload: Payload) -> None:

@@ -89,7 +89,7 @@ DtypeFor = Callable[[str], str]
 def _emit(writer: StreamingWriter, name: str, ref: TensorRef, payload: Payload, out_dtype: str,
           row: KeyMap | None) -> None:
     """Write one tensor: raw bytes when nothing changes, else one cast of the (converted) tensor."""
-    same_bytes = payload.raw is not None and out_dtype == ref.dtype and (row is None or row.transform in ("rename", "conv1x1_to_linear"))
+    same_bytes = payload.raw is not None and out_dtype == ref.dtype and (row is None or row.keeps_values)
     if same_bytes:
         writer.write(name, payload.raw)  # type: ignore[arg-type]
         return
