@@ -314,8 +314,12 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sim
     def run(name: str) -> SimpleNamespace:
         if name not in runs:
             tmp = tmp_path_factory.mktemp("example-tmp")
+            # torch's compile cache goes where TORCHINDUCTOR_CACHE_DIR says, else under TMPDIR (diffusers' import makes
+            # it); set here, as torch sets it in this process once something imported torch._dynamo: runs the same
+            # whatever ran before.
+            inductor = tmp_path_factory.getbasetemp() / "torchinductor"
             proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300,
-                                  env=dict(os.environ, TMPDIR=str(tmp)))
+                                  env=dict(os.environ, TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(inductor)))
             runs[name] = SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
                                          left=sorted(p.name for p in tmp.iterdir()))
         return runs[name]
