@@ -106,3 +106,90 @@ def test_check_writes_nothing(tmp_path, args):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
     assert _run(str(path), *args).exit_code == 0
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------------------------ the data hash a big output records
+
+
+def _data_section(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little"):]
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_written_data_hash_is_the_xxh3_of_the_data_and_check_verifies_it(tmp_path, direct):
+    import xxhash
+    from safetensors import safe_open
+
+    from lora_tools.io.hashing import DATA_HASH_KEY
+    from lora_tools.io.safetensors import StreamingWriter, TensorPlan
+
+    tensors = {"a": torch.randn(300, 77).half(), "b": torch.arange(5000, dtype=torch.float32), "c": torch.ones(3)}
+    path = tmp_path / "big.safetensors"
+    plans = [TensorPlan(k, "F16" if t.dtype == torch.float16 else "F32", tuple(t.shape)) for k, t in tensors.items()]
+    with StreamingWriter(path, plans, {"format": "pt"}, data_hash=True, direct=direct) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+        w.finalize()
+    expected = xxhash.xxh3_128(_data_section(path)).hexdigest()  # the oracle: the bytes on disk, hashed apart
+    assert w.data_xxh3_128 == expected
+    with safe_open(str(path), "pt") as f:  # the reference reader: the patched header is a valid one
+        assert f.metadata() == {"format": "pt", DATA_HASH_KEY: expected}
+        for k, t in tensors.items():
+            assert torch.equal(f.get_tensor(k), t), k
+    ok = _run(str(path), "--hash")
+    assert ok.exit_code == 0 and "its data matches the xxh3-128 recorded in it" in ok.stdout, ok.output
+
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # one bit of 'c' flipped: a damaged copy
+    path.write_bytes(bytes(raw))
+    assert _run(str(path)).exit_code == 0  # the header alone is still sound
+    bad = _run(str(path), "--hash")
+    assert bad.exit_code == 1
+    assert bad.stderr == (f"Error: '{path}': its tensor data does not match the xxh3-128 recorded in it when it was "
+                          f"written (the data's is {xxhash.xxh3_128(_data_section(path)).hexdigest()}): the file "
+                          "changed after it was written.\n")
+
+
+def test_a_forged_data_hash_is_reported_without_echoing_it(tmp_path):
+    from lora_tools.io.hashing import DATA_HASH_KEY
+
+    path = save_tensors(tmp_path / "m.safetensors", {"a": torch.ones(2)}, {DATA_HASH_KEY: "\x1b[31mred"})
+    result = check_file(path, hash_data=True)
+    assert result.problems == [f"'{path}': its '{DATA_HASH_KEY}' is not an xxh3-128 (32 lower-case hex digits)."]
+
+
+def test_a_sha256_hashed_output_records_no_data_hash(tmp_path):
+    from lora_tools.io.safetensors import StreamingWriter, TensorPlan, read_header
+
+    path = tmp_path / "small.safetensors"
+    with StreamingWriter(path, [TensorPlan("a", "F32", (4,))], {"format": "pt"}, hash=True, data_hash=True) as w:
+        w.write("a", torch.ones(4))
+        w.finalize()
+    assert w.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and w.data_xxh3_128 is None
+    assert read_header(path).metadata == {"format": "pt"}  # the sha256 pins the whole file, header included
+
+
+@pytest.mark.slow
+def test_a_big_fuse_output_records_its_data_hash_and_a_small_one_its_sha256(assets, tmp_path, monkeypatch):
+    from lora_tools.io.hashing import DATA_HASH_KEY
+    from lora_tools.io.safetensors import read_header
+    from lora_tools.output import sinks
+
+    small = CliRunner().invoke(cli, ["fuse", str(assets.base), "--lora", str(assets.lightning_lora), "-o",
+                                     str(tmp_path / "small.safetensors")], catch_exceptions=False)
+    assert small.exit_code == 0 and " sha256 " in small.stdout
+    assert DATA_HASH_KEY not in read_header(tmp_path / "small.safetensors").metadata
+
+    monkeypatch.setattr(sinks, "FULL_HASH_MAX_BYTES", 1000)  # every output counts as big
+    out = tmp_path / "big.safetensors"
+    big = CliRunner().invoke(cli, ["fuse", str(assets.base), "--lora", str(assets.lightning_lora), "-o", str(out)],
+                             catch_exceptions=False)
+    assert big.exit_code == 0, big.output
+    recorded = read_header(out).metadata[DATA_HASH_KEY]
+    assert f"data xxh3-128 {recorded} (recorded in its header" in big.stdout and " sha256 " not in big.stdout
+    checked = check_file(out, hash_data=True)
+    assert checked.ok and checked.data_xxh3_128 == recorded
+    # the tensors are the small output's, byte for byte: the header only has one more metadata key
+    assert _data_section(out) == _data_section(tmp_path / "small.safetensors")
+    assert set(read_header(out).metadata) == set(read_header(tmp_path / "small.safetensors").metadata) | {DATA_HASH_KEY}

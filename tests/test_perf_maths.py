@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tools.io.safetensors import load_tensors
+from lora_tools.io.safetensors import load_tensors, read_header
 from lora_tools.lora import lowrank
 from lora_tools.lora.load import load_lora
 from lora_tools.lora.lowrank import (
@@ -23,6 +23,7 @@ from lora_tools.lora.lowrank import (
     randomized_svd,
 )
 from lora_tools.output import sinks
+from lora_tools.output.plan import WrittenFile
 from lora_tools.testing.synthetic import write_checkpoint
 from lora_tools.testing.synthetic_lora import write_lightning_lora
 
@@ -179,8 +180,24 @@ def test_outputs_over_the_limit_are_hashed_only_when_asked(models: tuple[Path, P
     assert written["default"].sha256 is None and written["default"].autov2 is None
     digest = hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
     assert written["asked"].sha256 == digest and written["asked"].autov2 == digest[:10]
-    assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()  # same file, hash or not
+    _same_data_the_big_one_records_its_hash(written["default"], written["asked"])
     assert load_tensors(written["default"].path).keys() == load_tensors(base).keys()
+
+
+def _same_data_the_big_one_records_its_hash(default: WrittenFile, asked: WrittenFile) -> None:
+    """The same tensors, sha256 asked or not; unasked, a big output records its data's xxh3-128 in its header."""
+    import xxhash
+
+    from lora_tools.io.hashing import DATA_HASH_KEY
+
+    data = {}
+    for f in (default, asked):
+        raw = f.path.read_bytes()
+        data[f] = raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert data[default] == data[asked]
+    assert default.data_xxh3_128 == xxhash.xxh3_128(data[default]).hexdigest() and asked.data_xxh3_128 is None
+    assert read_header(default.path).metadata[DATA_HASH_KEY] == default.data_xxh3_128
+    assert DATA_HASH_KEY not in read_header(asked.path).metadata
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -231,7 +248,7 @@ def test_fp8_outputs_follow_the_hash_rule_and_round_the_fusion_once(models: tupl
             plan.close()
     assert written["default"].sha256 is None
     assert written["asked"].sha256 == hashlib.sha256(written["asked"].path.read_bytes()).hexdigest()
-    assert written["default"].path.read_bytes() == written["asked"].path.read_bytes()
+    _same_data_the_big_one_records_its_hash(written["default"], written["asked"])
     got, fusion = load_tensors(written["default"].path), load_tensors(tuned)
     keys = [k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and not k.endswith(fp8.MARKER)]
     assert len(keys) > 10

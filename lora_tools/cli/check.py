@@ -17,7 +17,8 @@ from lora_tools.units import format_bytes
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a verdict per file.")
 @click.option("--hash", "hash_data", is_flag=True,
-              help="Also read every tensor: the file's sha256, short reads, NaN/Inf (one pass over each file).")
+              help="Also read every tensor: the file's sha256, short reads, NaN/Inf, and the data hash a big loratool "
+                   "output records in its header (one pass over each file).")
 @quiet_flag
 def check_command(paths: tuple[Path, ...], as_json: bool, hash_data: bool) -> None:
     """Check that each safetensors FILE is complete and internally consistent (a diffusers folder: each of its
@@ -61,6 +62,8 @@ def render_ok(result: CheckResult) -> str:
     parts = [f"{result.tensors:,} tensors", format_bytes(result.size_bytes or 0)]
     if result.sha256:
         parts.append(f"sha256 {result.sha256}")
+    if result.data_xxh3_128:
+        parts.append("its data matches the xxh3-128 recorded in it")
     if result.record is not None:
         parts.append(f"loratool record: {safe_text(result.record.get('operation', '?'))}")
     return f"ok  {safe_text(result.path)}  ({', '.join(parts)})"

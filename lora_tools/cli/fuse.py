@@ -91,8 +91,8 @@ def _plan_dict(plan, existing: list[Path]) -> dict[str, Any]:
 
 
 def _result_dict(plan, result, workflow: Path | None) -> dict[str, Any]:
-    return {"files": [{"path": str(f.path), "kind": f.kind, "bytes": f.nbytes, "sha256": f.sha256}
-                      for f in result.files],
+    return {"files": [{"path": str(f.path), "kind": f.kind, "bytes": f.nbytes, "sha256": f.sha256,
+                       "data_xxh3_128": f.data_xxh3_128} for f in result.files],
             "modules_fused": result.modules_fused, "tensors_patched": result.tensors_patched,
             "seconds": result.seconds, "workflow": str(workflow) if workflow is not None else None,
             "sampler": plan.sampler.describe() if plan.sampler is not None else None}
@@ -128,7 +128,8 @@ def _print_summary(plan, result) -> None:
 
     click.echo(f"Fused {result.modules_fused} modules into {result.tensors_patched} tensors in {result.seconds:.1f} s.")
     for f in result.files:  # every weights file, the text encoders of a diffusers folder too
-        digest = f" sha256 {f.sha256}, AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else ""
+        digest = f" sha256 {f.sha256}, AutoV2 {autov2_hash(f.sha256)}" if f.sha256 else \
+            f" data xxh3-128 {f.data_xxh3_128} (recorded in its header: `loratool check --hash` verifies it)" if f.data_xxh3_128 else ""
         click.echo(f"Wrote {safe_text(f.path)} ({format_bytes(f.nbytes)}){digest}")
     if result.fp8_error is not None:
         for line in fp8_lines(plan, result):

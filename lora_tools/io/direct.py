@@ -11,12 +11,14 @@ Filesystems that refuse O_DIRECT get the buffered path; both end with fsync.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 
 #: Outputs smaller than this are written buffered (direct I/O only pays off for big files).
 DIRECT_MIN_BYTES = 64 << 20
 _ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _STAGE_BYTES = 16 << 20
 #: In-phase views at least this big skip the staging copy.
 ZERO_COPY_MIN_BYTES = 256 << 10
@@ -33,8 +35,19 @@ class BufferedOut:
         while done < view.nbytes:
             done += os.write(self.fd, view[done:])
 
-    def finish(self) -> None:
+    def finish(self, patch: tuple[int, bytes] | None = None) -> None:
+        """Write what is pending, then ``patch`` (``(offset, bytes)``: bytes already written, overwritten),
+        then fsync."""
+        self._patch(patch)
         os.fsync(self.fd)
+
+    def _patch(self, patch: tuple[int, bytes] | None) -> None:
+        if patch is None:
+            return
+        offset, data = patch
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -100,7 +113,7 @@ class DirectOut(BufferedOut):
         self._size += self._fill
         self._fill = 0
 
-    def finish(self) -> None:
+    def finish(self, patch: tuple[int, bytes] | None = None) -> None:
         if self._fill:
             size = self._size + self._fill
             padded = -(-self._fill // _ALIGN) * _ALIGN
@@ -108,6 +121,9 @@ class DirectOut(BufferedOut):
             self._flush(padded)
             os.ftruncate(self.fd, size)
             self._size = size
+        if patch is not None:  # a few unaligned bytes: through the page cache (fsync writes them below)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            self._patch(patch)
         os.fsync(self.fd)
 
     def close(self) -> None:
@@ -125,10 +141,9 @@ def address(view: memoryview) -> int:
 def open_out(path: str | os.PathLike[str], expected_bytes: int, *, direct: bool | None = None) -> BufferedOut:
     """Open an existing empty file for appending; O_DIRECT for big outputs where supported."""
     want_direct = direct if direct is not None else expected_bytes >= DIRECT_MIN_BYTES
-    flag = getattr(os, "O_DIRECT", 0)
-    if want_direct and flag:
+    if want_direct and _O_DIRECT:
         try:
-            return DirectOut(os.open(path, os.O_WRONLY | flag))
+            return DirectOut(os.open(path, os.O_WRONLY | _O_DIRECT))
         except OSError:
             pass  # tmpfs and some network filesystems refuse O_DIRECT
     return BufferedOut(os.open(path, os.O_WRONLY))

@@ -32,6 +32,7 @@ from lora_tools.errors import (
 )
 from lora_tools.io import atomic, remote
 from lora_tools.io.direct import BufferedOut, open_out
+from lora_tools.io.hashing import DATA_HASH_KEY, data_hasher
 from lora_tools.special_files import refuse_special
 from lora_tools.testing import hooks
 
@@ -457,6 +458,10 @@ class StreamingWriter:
         plans: the tensors, in writing order.
         metadata: the header's ``__metadata__``.
         hash: sha256 the file while it is written (:attr:`sha256`).
+        data_hash: record the xxh3-128 of the tensor data in the header's metadata
+            (:data:`~lora_tools.io.hashing.DATA_HASH_KEY`, written last; :attr:`data_xxh3_128`), for
+            files whose sha256 is not taken (a sha256 pins the whole file, header included; objects
+            are uploaded part by part and get neither).
         direct: O_DIRECT: ``None`` = for big files where the file system allows it.
         overwrite: replace an existing ``path`` (last finisher wins); ``False`` claims the name
             atomically and fails if another run took it meanwhile.
@@ -473,6 +478,7 @@ class StreamingWriter:
     plans: list[TensorPlan]
     metadata: Mapping[str, str] | None = None
     hash: bool = False
+    data_hash: bool = False
     direct: bool | None = None  # O_DIRECT: None = for big files where the filesystem allows it
     overwrite: bool = True
     verify: bool = False
@@ -487,7 +493,14 @@ class StreamingWriter:
         self.path = remote.as_path(self.path)
         if self.verify:
             self.hash = True
-        self._header, self.plans = build_header(self.plans, self.metadata)
+        self.data_hash = self.data_hash and not self.hash and not remote.is_url(self.path)
+        metadata = self.metadata
+        if self.data_hash:
+            metadata = {**(metadata or {}), DATA_HASH_KEY: _UNSET_DATA_HASH}
+        self._header, self.plans = build_header(self.plans, metadata)
+        self._data_hash_at = self._header.index(f'"{DATA_HASH_KEY}":"{_UNSET_DATA_HASH}"'.encode()) + \
+            len(DATA_HASH_KEY) + 4 if self.data_hash else -1
+        self._data_hasher = data_hasher() if self.data_hash else None
         self._positions: dict[str, int] = {}
         pos = len(self._header)
         for p in self.plans:
@@ -552,6 +565,8 @@ class StreamingWriter:
             raise ShapeMismatchError(f"tensor '{name}' has {view.nbytes} bytes, the plan for '{self.path}' says {plan.nbytes}.")
         if self._index == self._mid:
             hooks.pause_point("mid-stream")
+        if self._data_hasher is not None:
+            self._data_hasher.update(view)
         self._put(view)
         self._index += 1
 
@@ -575,6 +590,11 @@ class StreamingWriter:
                 pending.result()
 
     @property
+    def data_xxh3_128(self) -> str | None:
+        """The xxh3-128 of the tensor data recorded in the header (with ``data_hash``), once complete."""
+        return self._data_hasher.hexdigest() if self._data_hasher is not None and (self._done or self._complete) else None
+
+    @property
     def sha256(self) -> str | None:
         """sha256 of the whole file (when created with ``hash=True``), once complete."""
         return self._hasher.hexdigest() if self._hasher is not None and (self._done or self._complete) else None
@@ -591,8 +611,14 @@ class StreamingWriter:
             self._complete = True
             return
         assert self._out is not None and self._tmp is not None
+        patch = None
+        if self._data_hasher is not None:  # the header's placeholder gets the data's hash
+            digest = self._data_hasher.hexdigest().encode()
+            patch = (self._data_hash_at, digest)
+            at = self._data_hash_at
+            self._header = self._header[:at] + digest + self._header[at + len(digest):]
         try:
-            self._out.finish()
+            self._out.finish(patch)
             self._out.close()
             self._check_written()
         except OSError as e:
@@ -676,6 +702,8 @@ class StreamingWriter:
 
 
 _HASH_ASIDE_BYTES = 1 << 20
+#: What the header holds where the data's hash goes, until the data is written.
+_UNSET_DATA_HASH = "0" * 32
 _HASH_EXECUTOR: ThreadPoolExecutor | None = None
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import InvalidFileError, LoraToolsError
+from lora_tools.io.hashing import DATA_HASH_FORMAT, DATA_HASH_KEY, data_hasher
 from lora_tools.io.safetensors import DTYPE_SIZES, SafetensorsHeader, TensorFile, is_float_dtype, read_header
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 
@@ -38,6 +39,8 @@ class CheckResult:
         record: the parsed ``loratool`` record, or ``None`` when the file has none.
         sha256: the file's sha256, when ``hash_data`` was asked and the header is valid.
         data_checked: whether every tensor's bytes were read (``hash_data``).
+        data_xxh3_128: the xxh3-128 of the tensor data that the file records in its header
+            (:data:`~lora_tools.io.hashing.DATA_HASH_KEY`), once ``hash_data`` found the data matches it.
     """
 
     path: Path
@@ -47,6 +50,7 @@ class CheckResult:
     record: dict[str, Any] | None = None
     sha256: str | None = None
     data_checked: bool = False
+    data_xxh3_128: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -55,7 +59,8 @@ class CheckResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``loratool check --json``)."""
         return {"path": str(self.path), "ok": self.ok, "problems": list(self.problems), "size_bytes": self.size_bytes,
-                "tensors": self.tensors, "record": self.record, "sha256": self.sha256, "data_checked": self.data_checked}
+                "tensors": self.tensors, "record": self.record, "sha256": self.sha256, "data_checked": self.data_checked,
+                "data_xxh3_128": self.data_xxh3_128}
 
 
 def check_file(path: str | os.PathLike[str], *, hash_data: bool = False,
@@ -67,8 +72,8 @@ def check_file(path: str | os.PathLike[str], *, hash_data: bool = False,
 
     Args:
         path: the file.
-        hash_data: also read every tensor: the whole-file sha256, short reads and NaN/Inf in
-            float tensors (one pass over the file).
+        hash_data: also read every tensor: the whole-file sha256, short reads, NaN/Inf in float
+            tensors, and the data's xxh3-128 where the header records one (one pass over the file).
         progress: called with the number of bytes read, as they are read (``hash_data`` only).
 
     Returns:
@@ -129,6 +134,8 @@ def _check_lora_factors(header: SafetensorsHeader, result: CheckResult) -> None:
 
 def _check_data(header: SafetensorsHeader, result: CheckResult, progress: Callable[[int], None] | None) -> None:
     digest = hashlib.sha256()
+    recorded = header.metadata.get(DATA_HASH_KEY)
+    data_digest = data_hasher() if recorded is not None else None
     try:
         with open(header.path, "rb") as f:
             digest.update(f.read(header.data_start))
@@ -137,6 +144,8 @@ def _check_data(header: SafetensorsHeader, result: CheckResult, progress: Callab
             for info in sorted(header.tensors.values(), key=lambda t: (t.begin, t.end)):
                 buf = tf.read_bytes(info.name)
                 digest.update(buf)
+                if data_digest is not None:
+                    data_digest.update(buf)
                 if is_float_dtype(info.dtype) and info.dtype in DTYPE_SIZES and info.numel and not _finite(buf, info):
                     result.problems.append(f"'{header.path}': tensor '{info.name}' holds NaN or Inf values.")
                 if progress is not None:
@@ -148,6 +157,19 @@ def _check_data(header: SafetensorsHeader, result: CheckResult, progress: Callab
         result.problems.append(f"'{header.path}' cannot be read: {e.strerror or e}.")
         return
     result.sha256, result.data_checked = digest.hexdigest(), True
+    if data_digest is not None:
+        _check_data_hash(header, str(recorded), data_digest.hexdigest(), result)
+
+
+def _check_data_hash(header: SafetensorsHeader, recorded: str, actual: str, result: CheckResult) -> None:
+    """The data's xxh3-128 against the one its writer recorded (the recorded text is not echoed: untrusted)."""
+    if not DATA_HASH_FORMAT.fullmatch(recorded):
+        result.problems.append(f"'{header.path}': its '{DATA_HASH_KEY}' is not an xxh3-128 (32 lower-case hex digits).")
+    elif recorded != actual:
+        result.problems.append(f"'{header.path}': its tensor data does not match the xxh3-128 recorded in it when it "
+                               f"was written (the data's is {actual}): the file changed after it was written.")
+    else:
+        result.data_xxh3_128 = actual
 
 
 def _finite(buf: bytearray, info: Any) -> bool:

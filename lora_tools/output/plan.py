@@ -32,12 +32,14 @@ class WrittenFile:
         path: where it is, under its final name.
         nbytes: its size.
         sha256: the sha256 of the whole file (hex), hashed while it was written.
+        data_xxh3_128: the xxh3-128 of its tensor data recorded in its header (hex), where no sha256 was taken.
     """
 
     kind: str
     path: Path
     nbytes: int
     sha256: str | None
+    data_xxh3_128: str | None = None
 
     @property
     def autov2(self) -> str | None:

@@ -108,8 +108,9 @@ FULL_HASH_MAX_BYTES = hashing.FULL_HASH_MAX_BYTES
 
 
 def wants_hash(plans: Sequence[TensorPlan], hash: bool | None, verify: bool) -> bool:
-    """Whether an output of ``plans`` is hashed while written: as asked, else when it is small
-    (or verified: the check compares against that hash)."""
+    """Whether an output of ``plans`` is sha256-hashed while written: as asked, else when it is small
+    (or verified: the check compares against that hash). A local file that is not records the
+    xxh3-128 of its data in its header instead, unless ``hash`` is ``False`` (no hash at all)."""
     if verify:
         return True
     if hash is not None:
@@ -125,7 +126,7 @@ class _FileSink:
     def __init__(self, path: Path, plans: list[TensorPlan], dtype_for: DtypeFor, metadata: Mapping[str, str],
                  *, overwrite: bool = True, verify: bool = False, hash: bool | None = True):
         self.writer = StreamingWriter(path, plans, dict(metadata), hash=wants_hash(plans, hash, verify),
-                                      overwrite=overwrite, verify=verify)
+                                      data_hash=hash is not False, overwrite=overwrite, verify=verify)
         self.dtype_for = dtype_for
         self._old: Path | None = None
         self._committed = False
@@ -139,7 +140,7 @@ class _FileSink:
         if remote.is_url(path):
             p = self.writer.commit()
             self._committed = True
-            return [WrittenFile(self.kind, p, self.writer.total_bytes, self.writer.sha256)]
+            return [WrittenFile(self.kind, p, self.writer.total_bytes, self.writer.sha256, self.writer.data_xxh3_128)]
         hooks.pause_point("before-rename")
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
             old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
@@ -153,7 +154,7 @@ class _FileSink:
         self._committed = True
         if appeared:
             _say_replaced(path)
-        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256)]
+        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256, self.writer.data_xxh3_128)]
 
     def rollback(self) -> None:
         """Undo :meth:`commit`: the earlier file comes back, or the name is free again."""
@@ -396,7 +397,7 @@ class DiffusersFolderSink:
         files = []
         for s in self.sinks:
             p = self.path / s.writer.path.relative_to(self.tmp)
-            files.append(WrittenFile(self.kind, p, p.stat().st_size, s.writer.sha256))
+            files.append(WrittenFile(self.kind, p, p.stat().st_size, s.writer.sha256, s.writer.data_xxh3_128))
         return files
 
     def rollback(self) -> None:
