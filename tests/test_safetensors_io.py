@@ -194,3 +194,27 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
     assert path.read_bytes()[:2] == b"\x80\x02"
     assert read_header(path).keys() == ["a"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_largest_magnitude_from_bits_equals_torch_aminmax(dtype: torch.dtype) -> None:
+    """The torch-free magnitude scan a plan runs on LoRA files: torch's own aminmax is the oracle."""
+    import math
+
+    from lora_tools.io.magnitudes import largest_magnitude
+    from lora_tools.io.safetensors import dtype_name, tensor_to_bytes
+
+    g = torch.Generator().manual_seed(3)
+    info = torch.finfo(dtype)
+    cases = [torch.randn(1000, generator=g).to(dtype) * 7, -torch.rand(50, generator=g).to(dtype),
+             torch.tensor([-0.0, 0.0], dtype=dtype), torch.tensor([info.tiny / 4, -info.tiny / 8], dtype=dtype),
+             torch.tensor([info.max, -info.max, 1.0], dtype=dtype), torch.tensor([-3.5], dtype=dtype)]
+    for t in cases:
+        lo, hi = (v.item() for v in torch.aminmax(t))
+        assert largest_magnitude(tensor_to_bytes(t), dtype_name(dtype)) == max(-lo, hi), t
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.randn(64, generator=g).to(dtype)
+        t[17] = bad
+        assert largest_magnitude(tensor_to_bytes(t), dtype_name(dtype)) == math.inf
+    assert largest_magnitude(b"", dtype_name(dtype)) == 0.0
+    assert largest_magnitude(bytes(4), "I32") is None  # not a float it reads: the caller asks torch

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from lora_tools.lora import delta as d
 from lora_tools.lora.match import module_delta
+from lora_tools.lora.scale import module_scale
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ class LowRank:
             down = read_factor(self.module, self.adapter, "down").to(torch.float32).flatten(1)
             if transposed:  # (up @ down).T == down.T @ up.T: the rows are the weight's inputs
                 up, down = down.t().contiguous(), up.t().contiguous()
-            alpha = self.scale * d.module_scale(self.module.alpha, self.module.rank)
+            alpha = self.scale * module_scale(self.module.alpha, self.module.rank)
 
             def add_lora(block: torch.Tensor, r0: int, r1: int) -> None:
                 a, b = max(r0, first), min(r1, first + count)
@@ -130,8 +130,10 @@ class LowRank:
             view = view.t()
         delta = dense_delta(self.adapter, self.match).reshape(view.shape)
         if self.module.is_dora:
+            from lora_tools.lora.delta import dora_apply
+
             scale = read_factor(self.module, self.adapter, "dora_scale").to(torch.float32)
-            view.copy_(d.dora_apply(view, delta, scale.reshape(-1), strength=self.scale, axis=self.module.dora_axis))
+            view.copy_(dora_apply(view, delta, scale.reshape(-1), strength=self.scale, axis=self.module.dora_axis))
         else:
             view.add_(delta, alpha=self.scale)
 
@@ -141,7 +143,7 @@ class LowRank:
             return None
         m = self.module
         up, down = self.max_abs
-        return abs(self.scale * d.module_scale(m.alpha, m.rank)) * m.rank * up * down
+        return abs(self.scale * module_scale(m.alpha, m.rank)) * m.rank * up * down
 
 
 @dataclass(frozen=True)

@@ -599,12 +599,9 @@ def _match(adapter: LoraAdapter, index: _HeldTargets, model: ModelSource, streng
 def _check_finite(adapter: LoraAdapter) -> dict[str, float]:
     """Refuse NaN/Inf anywhere in the LoRA (the shared check every LoRA op runs); return each
     float tensor's largest magnitude, which bounds the deltas for the patcher. A named step of
-    its own so ``benchmarks/profile_fuse.py`` can time it. One torch thread: on a busy 2-core
-    machine OpenMP's hand-offs around 1,576 small reductions took 9 s instead of 0.03 s."""
-    from lora_tools.lora.lowrank import module_threads
-
-    with module_threads():
-        return raise_non_finite(adapter, verb="fuse")
+    its own so ``benchmarks/profile_fuse.py`` can time it. A LoRA file is checked without torch:
+    the plan does not wait for torch to load."""
+    return raise_non_finite(adapter, verb="fuse")
 
 
 def _check_patch_targets(model: ModelSource, patches: dict[str, list[tuple[LoraSource, MatchedModule]]]) -> None:

@@ -1,0 +1,45 @@
+"""The largest magnitude of a float tensor's raw bytes, and whether it holds NaN/Inf, without torch.
+
+IEEE floats order their magnitudes like unsigned integers of the same bits with the sign bit cleared,
+and NaN and infinity are exactly the patterns whose exponent bits are all set. So one integer
+``max`` over the sign-cleared bits answers both questions exactly: what ``torch.aminmax`` gives,
+without importing torch (a fuse plans while torch is still loading) and without widening to fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: dtype -> (its width in bytes, the bits of +infinity: every magnitude at or above them is Inf or NaN).
+_LAYOUT: dict[str, tuple[int, int]] = {
+    "F16": (2, 0x7C00),
+    "BF16": (2, 0x7F80),
+    "F32": (4, 0x7F800000),
+    "F64": (8, 0x7FF0000000000000),
+}
+
+
+def largest_magnitude(data: bytes | bytearray | memoryview, dtype: str) -> float | None:
+    """``max |x|`` over the little-endian values of ``dtype`` in ``data`` (``inf`` when any is NaN or
+    infinite, ``0.0`` when empty), or ``None`` for a dtype this does not read (not a float of
+    :data:`_LAYOUT`: the caller uses torch)."""
+    import numpy as np
+
+    layout = _LAYOUT.get(dtype)
+    if layout is None:
+        return None
+    width, exponent = layout
+    bits = np.frombuffer(data, dtype=np.dtype(f"<u{width}"))
+    if bits.size == 0:
+        return 0.0
+    top = int(np.bitwise_and(bits, (1 << (8 * width - 1)) - 1).max())
+    if top >= exponent:
+        return math.inf
+    if dtype == "F16":
+        return float(np.array([top], dtype="<u2").view("<f2")[0])
+    if dtype == "BF16":
+        return float(np.array([top << 16], dtype="<u4").view("<f4")[0])
+    return float(np.array([top], dtype=f"<u{width}").view(f"<f{width}")[0])
+
+
+__all__ = ["largest_magnitude"]
