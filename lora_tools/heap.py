@@ -28,3 +28,11 @@ def frozen_heap() -> Iterator[None]:
             _DEPTH -= 1
             if _DEPTH == 0:
                 gc.unfreeze()
+
+
+def freeze_loaded() -> None:
+    """Inside a :func:`frozen_heap`, leave the objects made since (a module loaded meanwhile: torch, by
+    :func:`lora_tools.engine.stream.stream`) out of the collector's walks too; outside, nothing."""
+    with _LOCK:
+        if _DEPTH > 0:
+            gc.freeze()

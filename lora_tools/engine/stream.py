@@ -9,6 +9,7 @@ patches in fp32 row blocks, one thread hands every tensor to every sink, in orde
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import RING_BYTES, BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
-from lora_tools.heap import frozen_heap
+from lora_tools.heap import freeze_loaded, frozen_heap
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
 from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 #: Tensors this large are streamed first, into the empty read ring (see :func:`stream_order`).
 OUTSIZED_BYTES = RING_BYTES // 5
+#: Untouched bytes streamed before the first patched tensor: about what a disk writes while torch
+#: loads (1 to 1.5 s), which :func:`stream` overlaps with that loading.
+COLD_LEAD_BYTES = 1 << 30
 #: ``hook(stage, fn) -> fn``: wraps the ``read``, ``process`` and ``write`` stages (profilers).
 StageHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
@@ -53,19 +57,28 @@ def stream_order(refs: Sequence[TensorRef], patched: Iterable[str]) -> list[Tens
 
     The outsized tensors (a fifth of the read ring or more: a text encoder's token embedding) come
     first, while the ring is empty: later they might find no free span in it and take memory of
-    their own (126 MB more peak RSS on SDXL). They are usually untouched, so the writer also starts
-    at once while the first patched tensors are computed. Then patched and untouched tensors mixed
-    in proportion to their bytes, so the maths and the copying overlap all the way through instead of
-    taking turns (a checkpoint stores its text encoders and VAE, all untouched, in one run).
+    their own (126 MB more peak RSS on SDXL). Then untouched tensors up to :data:`COLD_LEAD_BYTES` in
+    all: they need no torch, so they are written while torch loads (see :func:`stream`). Then
+    patched and untouched tensors mixed in proportion to their bytes, so the maths and the copying
+    overlap all the way through instead of taking turns (a checkpoint stores its text encoders and
+    VAE, all untouched, in one run). The order depends on the tensors alone: the same inputs give
+    the same file.
     """
     patched = set(patched)
     big = sorted((r for r in refs if r.nbytes >= OUTSIZED_BYTES), key=lambda r: -r.nbytes)
     rest = [r for r in refs if r.nbytes < OUTSIZED_BYTES]
     hot = [r for r in rest if r.key in patched]
     cold = [r for r in rest if r.key not in patched]
+    out: list[TensorRef] = big
+    lead = sum(r.nbytes for r in big if r.key not in patched)
+    j = 0
+    while j < len(cold) and lead < COLD_LEAD_BYTES:
+        out.append(cold[j])
+        lead += cold[j].nbytes
+        j += 1
+    cold = cold[j:]
     hot_total = sum(r.nbytes for r in hot) or 1
     cold_total = sum(r.nbytes for r in cold) or 1
-    out: list[TensorRef] = big
     i = j = hot_done = cold_done = 0
     while i < len(hot) or j < len(cold):
         if j >= len(cold) or (i < len(hot) and hot_done / hot_total <= cold_done / cold_total):
@@ -106,9 +119,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     Raises:
         NonFiniteError: a patched tensor holds NaN/Inf or overflows its output dtype (nothing is left behind).
     """
-    import torch
-
     start = time.perf_counter()
+    default_threads = _load_torch()  # on a thread of its own: untouched tensors stream meanwhile, torch-free
     if order is None:
         order = stream_order(model.refs, patches)
     order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. a UNet-only output reads no VAE
@@ -118,9 +130,20 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     buffers = BufferRing()
     first = sinks[0] if sinks else None
 
+    def one_torch_thread() -> None:
+        """Before a thread's first torch operation (the count is the process's: the first call sets it
+        for every thread; see below)."""
+        if not getattr(local, "threads_set", False):
+            import torch
+
+            torch.set_num_threads(1)
+            local.threads_set = True
+
     def read(ref: TensorRef) -> Payload:
         # The reader thread also reads this tensor's contributions' inputs, off the compute thread.
         contribs = patches.get(ref.key)
+        if contribs is not None:
+            one_torch_thread()
         ops = block_ops(contribs, ref.shape) if contribs is not None else None
         if ref.raw_ok:
             # Placed in phase with its place in the first output, the writer sends it to the disk
@@ -143,10 +166,9 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         return out_dtype(ref.dtype)
 
     def process(ref: TensorRef, payload: Payload) -> Payload:
-        if not getattr(local, "threads_set", False):  # a new compute thread: one torch thread (see below)
-            torch.set_num_threads(1)
-            local.threads_set = True
         contribs = patches.get(ref.key)
+        if contribs is not None or preparers:
+            one_torch_thread()
         if contribs is not None:
             payload = _patch(ref, contribs, payload)
         for prepare in preparers:  # encodings (fp8) on the compute threads, not on the writer's
@@ -159,6 +181,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     def _scratch(source: torch.Tensor, target: torch.dtype) -> torch.Tensor | None:
         """A result tensor that a sink's ``prepare`` encodes and drops (fp8) lives in one buffer per
         compute thread, reused from tensor to tensor: no fresh pages to fault in and zero each time."""
+        import torch
+
         if source.dtype == target and source.is_contiguous():
             return None  # patched in place
         n = source.numel()
@@ -179,6 +203,8 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         block (fp8's scale) comes from the base's largest magnitude (a LoRA rarely moves it out of its
         binade); when the result's measured largest magnitude asks for another encoding, the blocks
         are computed again (the base is still there)."""
+        import torch
+
         source = payload.as_tensor(ref)
         n = source.numel()
         space = buffers.take(n * encoding.itemsize, (first.position(ref) if first is not None else None) or 0)
@@ -201,6 +227,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         return Payload(None, None, True, amax=largest, encoded=rounder.encoded(ref.shape), spare=space)
 
     def _patch(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload) -> Payload:
+
         if payload.ops is not None and preparers:
             encoding = block_encoding(ref)
             if encoding is not None:
@@ -235,12 +262,10 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     stages: dict[str, Callable[..., Any]] = {"read": read, "process": process, "write": write}
     if stage_hook is not None:
         stages = {name: stage_hook(name, fn) for name, fn in stages.items()}
-    threads = torch.get_num_threads()
     # Every core patches a tensor of its own, on one torch thread each: row-block GEMMs are too
     # small to share between OpenMP threads (their hand-offs and spinning would take the time
     # the reader and writer threads need). Each tensor's result does not depend on the number.
-    workers = max(1, min(threads, os.cpu_count() or 1)) if compute_workers is None else compute_workers
-    torch.set_num_threads(1)
+    workers = max(1, min(default_threads, os.cpu_count() or 1)) if compute_workers is None else compute_workers
     try:
         with frozen_heap():  # the collector would otherwise rescan torch's import-time objects, over and over
             pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
@@ -252,8 +277,44 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
             s.abort()
         raise
     finally:
-        torch.set_num_threads(threads)
+        torch_now = sys.modules.get("torch")
+        if torch_now is not None and hasattr(torch_now, "set_num_threads"):  # as it was, or as torch loads
+            torch_now.set_num_threads(default_threads)
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
+
+
+def _load_torch() -> int:
+    """Start loading torch on a thread of its own, unless it is loaded; return the calling thread's torch
+    thread count (loaded), else what it will be: ``OMP_NUM_THREADS``, else the physical cores torch uses by
+    default. The import holds the interpreter most of its second, but the reads and O_DIRECT writes of
+    untouched tensors run beside it; the first patched tensor waits for it. What it loaded joins the frozen heap."""
+    loaded = sys.modules.get("torch")
+    if loaded is not None and hasattr(loaded, "get_num_threads"):
+        return int(loaded.get_num_threads())
+    # torch's default: OMP_NUM_THREADS, else its physical cores (restored after the run)
+
+    def load() -> None:
+        try:
+            import torch  # noqa: F401
+        except BaseException:  # noqa: BLE001 - the first tensor that needs torch raises it again, where it is handled
+            return
+        freeze_loaded()
+
+    threading.Thread(target=load, name="loratool-import-torch", daemon=True).start()
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or physical_cores()
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, one per physical core (what torch's default thread count is)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    groups = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                groups.add(f.read().strip())
+        except OSError:
+            groups.add(str(cpu))
+    return max(1, len(groups))
 
 
 def _largest(t: torch.Tensor) -> float:
