@@ -263,3 +263,44 @@ def test_frozen_heap_hands_the_objects_back_when_the_last_run_leaves() -> None:
             pass
         assert gc.get_freeze_count() >= outer  # still frozen for the outer run
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+def test_untouched_runs_give_the_bytes_tensor_by_tensor_writes_give(model_file: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adjacent untouched tensors go through the pipeline as runs (one read, one write each): the file is
+    the one the tensor-by-tensor path writes, byte for byte, and the runs hold only what they may."""
+    import importlib
+
+    from lora_tools.ops.fuse import plan_fuse, run_fuse
+    from lora_tools.testing.synthetic_lora import write_lightning_lora
+
+    engine_stream = importlib.import_module("lora_tools.engine.stream")  # the module (the package exports the function)
+    lora = write_lightning_lora(tmp_path / "l.safetensors", "tiny")
+    seen: list[list[object]] = []
+    grouped = engine_stream._runs
+
+    def spy(order, model, sinks, patches):  # type: ignore[no-untyped-def]
+        items = grouped(order, model, sinks, patches)
+        seen.append(items)
+        return items
+
+    outputs = {}
+    for name, runs in (("runs", spy), ("single", lambda order, *rest: list(order))):
+        monkeypatch.setattr(engine_stream, "_runs", runs)
+        monkeypatch.setattr(engine_stream, "RUN_BYTES", 4096)  # several runs at tiny size
+        plan = plan_fuse(model_file, loras=[(str(lora), 1.0)], output=tmp_path / f"{name}.safetensors")
+        try:
+            outputs[name] = run_fuse(plan, created="2026-01-01T00:00:00Z").files[0].path.read_bytes()
+        finally:
+            plan.close()
+    assert outputs["runs"] == outputs["single"]
+    runs = [item for item in seen[0] if isinstance(item, engine_stream._Run)]
+    assert len(runs) > 5 and all(1 < len(r.refs) and r.nbytes == sum(x.nbytes for x in r.refs) for r in runs)
+    with open_model(model_file) as model:
+        patched = set(plan.patched_keys())
+        for r in runs:
+            spans = [model.span(x) for x in r.refs]
+            assert not patched & {x.key for x in r.refs}  # untouched only
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # adjacent in the base
+            assert r.nbytes <= 4096 or len(r.refs) == 1

@@ -40,6 +40,53 @@ COLD_LEAD_BYTES = 1 << 30
 StageHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Untouched tensors adjacent in the model's file and in the output, read with one call and written with
+    one: a few interpreter hand-offs instead of a few per tensor (they add up while torch loads beside them)."""
+
+    refs: tuple[TensorRef, ...]
+    nbytes: int
+
+
+#: A run's bytes at most (several runs are in flight within the pipeline's budgets).
+RUN_BYTES = 32 << 20
+
+
+def _runs(order: Sequence[TensorRef], model: ModelSource, sinks: Sequence[Sink],
+          patches: Mapping[str, Sequence[Contribution]]) -> list[TensorRef | _Run]:
+    """``order`` with each stretch of untouched tensors that the only sink writes as read, adjacent in the
+    model's file and in the output, grouped into :class:`_Run` s of at most :data:`RUN_BYTES`."""
+    sink = sinks[0] if len(sinks) == 1 else None
+    writes_raw = getattr(sink, "writes_raw", None)
+    if sink is None or writes_raw is None:
+        return list(order)
+    out: list[TensorRef | _Run] = []
+    run: list[TensorRef] = []
+    run_bytes = src_end = out_end = -1
+
+    def close() -> None:
+        if run:
+            out.append(run[0] if len(run) == 1 else _Run(tuple(run), sum(r.nbytes for r in run)))
+            run.clear()
+
+    for ref in order:
+        span = model.span(ref) if ref.key not in patches and writes_raw(ref) else None
+        pos = sink.position(ref) if span is not None else None
+        if span is None or pos is None:
+            close()
+            out.append(ref)
+            continue
+        if not run or span[0] != src_end or pos != out_end or run_bytes + ref.nbytes > RUN_BYTES:
+            close()
+            run_bytes = 0
+        run.append(ref)
+        run_bytes += ref.nbytes
+        src_end, out_end = span[1], pos + ref.nbytes
+    close()
+    return out
+
+
 @dataclass
 class StreamStats:
     """What a :func:`stream` did: the files the sinks wrote, the contributions applied, the tensors
@@ -139,7 +186,10 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
             torch.set_num_threads(1)
             local.threads_set = True
 
-    def read(ref: TensorRef) -> Payload:
+    def read(ref: TensorRef | _Run) -> Payload | memoryview:
+        if isinstance(ref, _Run):
+            phase = first.position(ref.refs[0]) or 0  # type: ignore[union-attr]
+            return model.read_span(ref.refs, buffers.take(ref.nbytes, phase))
         # The reader thread also reads this tensor's contributions' inputs, off the compute thread.
         contribs = patches.get(ref.key)
         if contribs is not None:
@@ -165,11 +215,12 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
                 return dtype
         return out_dtype(ref.dtype)
 
-    def process(ref: TensorRef, payload: Payload) -> Payload:
+    def process(ref: TensorRef | _Run, payload: Payload | memoryview) -> Payload | memoryview:
+        if isinstance(ref, _Run) or isinstance(payload, memoryview):
+            return payload
         contribs = patches.get(ref.key)
-        if contribs is not None or preparers:
-            one_torch_thread()
         if contribs is not None:
+            one_torch_thread()
             payload = _patch(ref, contribs, payload)
         for prepare in preparers:  # encodings (fp8) on the compute threads, not on the writer's
             prepare(ref, payload)
@@ -252,7 +303,13 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
                 buffers.give(payload.raw)
         return Payload(None, out, True, amax=largest, spare=spare)
 
-    def write(ref: TensorRef, payload: Payload) -> None:
+    def write(ref: TensorRef | _Run, payload: Payload | memoryview) -> None:
+        if isinstance(ref, _Run):
+            assert isinstance(payload, memoryview)
+            sinks[0].add_run(ref.refs, payload)  # type: ignore[attr-defined]
+            buffers.give(payload)
+            return
+        assert isinstance(payload, Payload)
         for s in sinks:
             s.add(ref, payload)
         for buf in (payload.raw, payload.spare):
@@ -268,8 +325,9 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     workers = max(1, min(default_threads, os.cpu_count() or 1)) if compute_workers is None else compute_workers
     try:
         with frozen_heap():  # the collector would otherwise rescan torch's import-time objects, over and over
-            pipeline.run_pipeline(order, read=stages["read"], process=stages["process"], write=stages["write"],
-                                  size=lambda r: r.nbytes, on_done=(lambda r: progress(r.nbytes)) if progress else None,
+            pipeline.run_pipeline(_runs(order, model, sinks, patches), read=stages["read"], process=stages["process"],
+                                  write=stages["write"], size=lambda r: r.nbytes,
+                                  on_done=(lambda r: progress(r.nbytes)) if progress else None,
                                   budget=pipeline.MAX_INFLIGHT_BYTES, workers=workers)
             files = finalize_all(sinks)  # all outputs of the run, or none
     except BaseException:

@@ -9,7 +9,7 @@ and one tensor at a time (raw bytes where the layouts agree byte for byte).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,6 +93,21 @@ class ModelSource:
         buf = into if into is not None else bytearray(ref.nbytes)
         f.read_into(key, buf)
         return buf
+
+    def span(self, ref: TensorRef) -> tuple[int, int] | None:
+        """Where a single file holds ``ref``'s bytes as they are (data-section offsets), or ``None`` (a
+        folder's tensors, values that move)."""
+        if self.layout != "sgm" or not ref.raw_ok:
+            return None
+        info = self._headers[str(self.path)].tensors[ref.key]
+        return info.begin, info.end
+
+    def read_span(self, refs: Sequence[TensorRef], into: memoryview) -> memoryview:
+        """The bytes of tensors adjacent in a single file (each :meth:`span` following the last), in one read."""
+        first = self.span(refs[0])
+        assert first is not None
+        self._file(str(self.path)).read_range(first[0], into, f"{refs[0].key}..{refs[-1].key}")
+        return into
 
     def read(self, ref: TensorRef) -> torch.Tensor:
         """The SGM tensor (a fresh tensor owning its memory)."""

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,18 +368,23 @@ class TensorFile:
     def read_into(self, name: str, buf: bytearray | memoryview) -> None:
         """Read the raw bytes of one tensor into ``buf`` (exactly its size)."""
         info = self.info(name)
-        assert self._fd is not None, "file is closed"
         view = memoryview(buf).cast("B")
         if view.nbytes != info.nbytes:
             raise ValueError(f"buffer of {view.nbytes} bytes for '{name}' ({info.nbytes} bytes)")
-        pos, offset = 0, self.header.data_start + info.begin
+        self.read_range(info.begin, view, name)
+
+    def read_range(self, begin: int, view: memoryview, what: str) -> None:
+        """Read ``view.nbytes`` bytes of the data section from ``begin`` on (one tensor, or adjacent ones: ``what``
+        names them in the truncation error)."""
+        assert self._fd is not None, "file is closed"
+        pos, offset = 0, self.header.data_start + begin
         if self._remote is not None:
             self._remote.read_into(offset, view)
             return
-        while pos < info.nbytes:
+        while pos < view.nbytes:
             chunk = os.preadv(self._fd, [view[pos:]], offset + pos)
             if chunk <= 0:
-                raise InvalidFileError(f"'{self.path}' is truncated while reading '{name}'.")
+                raise InvalidFileError(f"'{self.path}' is truncated while reading '{what}'.")
             pos += chunk
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -569,6 +574,23 @@ class StreamingWriter:
             self._data_hasher.update(view)
         self._put(view)
         self._index += 1
+
+    def write_run(self, names: Sequence[str], data: memoryview) -> None:
+        """Append the next tensors at once: ``data`` holds their bytes back to back, ``names`` are the next
+        ones in the plan (one write for many small tensors)."""
+        end = self._index + len(names)
+        if list(names) != [p.name for p in self.plans[self._index:end]]:
+            raise KeyMismatchError(f"writing {list(names)[:3]}... out of order into '{self.path}' (expected {self.next_name!r}).")
+        view = memoryview(data).cast("B")
+        if view.nbytes != sum(p.nbytes for p in self.plans[self._index:end]):
+            raise ShapeMismatchError(f"tensors {list(names)[:3]}... have {view.nbytes} bytes in all, the plan for "
+                                     f"'{self.path}' says otherwise.")
+        if self._index <= self._mid < end:
+            hooks.pause_point("mid-stream")
+        if self._data_hasher is not None:
+            self._data_hasher.update(view)
+        self._put(view)
+        self._index = end
 
     def _put(self, view: memoryview) -> None:
         # The sha256 of a chunk runs beside its write syscall (both release the GIL): each

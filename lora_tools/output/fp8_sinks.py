@@ -143,6 +143,9 @@ class Fp8CheckpointSink(CheckpointSink):
     def add(self, ref: TensorRef, payload: Payload) -> None:
         self.fp8.emit(self.writer, ref.key, ref, payload, None, ref.shape)
 
+    def writes_raw(self, ref: TensorRef) -> bool:
+        return not fp8.is_fp8_target(_component(ref), ref.key, ref.shape, self.fp8.form) and super().writes_raw(ref)
+
 
 class Fp8ComponentSink(ComponentSink):
     """A standalone diffusers-layout UNet, its linear (plain: and conv) weights in fp8 (``scaled_fp8`` marker)."""

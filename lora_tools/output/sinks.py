@@ -56,7 +56,9 @@ class Sink(Finalisable, Protocol):
     is not the run's output dtype (fp8: fp32 for the tensors it rounds, ``None`` for the others); and
     ``block_encoding(ref) -> encoding | None``: an encoding the engine may apply to each row block of a
     patched tensor while it computes it, when every sink that wants the tensor asks for the same one
-    (fp8: :class:`lora_tools.io.fp8.Fp8Encoding`; the result arrives as ``Payload.encoded``).
+    (fp8: :class:`lora_tools.io.fp8.Fp8Encoding`; the result arrives as ``Payload.encoded``); and
+    ``writes_raw(ref) -> bool`` with ``add_run(refs, data)``: untouched tensors it writes as read, which a
+    run's only sink takes several at a time when they are adjacent in the model and in its file.
     """
 
     def wants(self, ref: TensorRef) -> bool: ...
@@ -285,6 +287,14 @@ class CheckpointSink(_FileSink):
 
     def add(self, ref: TensorRef, payload: Payload) -> None:
         _emit(self.writer, ref.key, ref, payload, self.dtype_for(ref.dtype), None)
+
+    def writes_raw(self, ref: TensorRef) -> bool:
+        """Whether an untouched ``ref`` is written as its bytes were read (then :meth:`add_run` may take it)."""
+        return self.dtype_for(ref.dtype) == ref.dtype
+
+    def add_run(self, refs: Sequence[TensorRef], data: memoryview) -> None:
+        """Untouched tensors that :meth:`writes_raw`, adjacent in this file, their bytes back to back."""
+        self.writer.write_run([r.key for r in refs], data)
 
 
 class ComponentSink(_FileSink):
