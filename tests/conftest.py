@@ -63,7 +63,6 @@ BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "read_only_fs": ("fs",),
     "medium_model": ("large",),  # ~370 MB on disk
     "demo_run": ("subprocess", "diffusers"),  # `loratool demo` in a fresh interpreter, verify steps included
-    "run_demo": ("subprocess", "diffusers"),
     "forked_cli": ("subprocess",),  # the CLI as a process of its own (forked by a server started per session)
 }
 
@@ -353,13 +352,6 @@ def _demo_subprocess(cwd: Path, *extra: str) -> SimpleNamespace:
                           folder=cwd / DEMO_DIR, shown=DEMO_DIR)
     run.copy_to = lambda to: _copy_demo(run, to)
     return run
-
-
-@pytest.fixture(scope="session")
-def run_demo() -> Callable[..., SimpleNamespace]:
-    """``run_demo(cwd, *args)``: ``loratool demo ARGS`` run in ``cwd`` as ``demo_run`` is (a fresh interpreter,
-    offline), for a test that needs a run of its own; the same fields."""
-    return _demo_subprocess
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lora_tools.cli.demo import DEMO_SIZE
 from lora_tools.verify.grid import TITLE_LINES, font_size, grid_size, header_height, label_width
+from tests.fork_server import ForkedRun
 
 
 @pytest.mark.slow  # two verify steps (fused vs runtime LoRAs, fp8 vs fp16): over two minutes on a busy CPU
@@ -82,11 +83,13 @@ def test_demo_without_renders_fuses_fp8_too(demo_rerun_no_render: SimpleNamespac
     assert "fp8 rounding: 743 UNet weights, relative Frobenius error " in run.stdout
 
 
-def test_demo_refuses_a_folder_it_did_not_make(run_demo: Callable[..., SimpleNamespace], tmp_path: Path) -> None:
+def test_demo_refuses_a_folder_it_did_not_make(forked_cli: Callable[..., ForkedRun], tmp_path: Path) -> None:
+    """A process of its own (conftest's ``forked_cli``): the refusal needs no fresh interpreter."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "precious.txt").write_text("keep me")
-    run = run_demo(tmp_path, "--dir", str(folder))
+    run = forked_cli(["demo", "--dir", str(folder)], cwd=tmp_path)
+    _, stderr = run.communicate(timeout=600)
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines() == [f"Error: '{folder}' exists and was not made by loratool demo: pass another --dir."]
+    assert stderr.strip().splitlines() == [f"Error: '{folder}' exists and was not made by loratool demo: pass another --dir."]
     assert [p.name for p in folder.iterdir()] == ["precious.txt"]

@@ -22,7 +22,6 @@ from lora_tools.cli import cli
 from lora_tools.io.safetensors import read_header
 from lora_tools.provenance import read_record
 from tests.fork_server import ForkedRun
-from tests.fuse_helpers import FuseAssets
 from tests.reliability_helpers import write_small_lora, write_tuned
 
 pytestmark = pytest.mark.slow  # and subprocess (conftest.BY_FILE): every test starts a fuse process
@@ -31,13 +30,28 @@ ForkedCli = Callable[..., ForkedRun]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGKILL: -signal.SIGKILL}
 
 
-def start(forked_cli: ForkedCli, assets: FuseAssets, out: Path, point: str, ready: Path, *extra: str,
+@pytest.fixture(scope="module")
+def fault_inputs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The fuse runs' inputs in the micro size (the hooks hold each run at its point, whatever the model's size): an
+    fp32 base with all four components (a diffusers folder can be written from it) and a ``--lightning-dir`` holding a
+    Lightning-shaped LoRA for it."""
+    from lora_tools.testing.synthetic import write_checkpoint
+    from lora_tools.testing.synthetic_lora import write_lightning_lora
+
+    root = tmp_path_factory.mktemp("fault-fuse-inputs")
+    lightning_dir = root / "lightning"
+    write_lightning_lora(lightning_dir / "sdxl_lightning_4step_lora.safetensors", "micro", rank=4)
+    return SimpleNamespace(base=write_checkpoint(root / "base.safetensors", "micro", dtype="fp32"),
+                           lightning_dir=lightning_dir)
+
+
+def start(forked_cli: ForkedCli, fault_inputs: SimpleNamespace, out: Path, point: str, ready: Path, *extra: str,
           go: Path | None = None) -> ForkedRun:
     env = dict(os.environ, LORATOOL_TEST_PAUSE_AT=point, LORATOOL_TEST_READY=str(ready))
     if go is not None:
         env["LORATOOL_TEST_GO"] = str(go)
-    return forked_cli(["fuse", str(assets.base), "--lightning", "4", "--lightning-dir", str(assets.lightning_dir),
-                       "-o", str(out), "-q", *extra], env=env)
+    return forked_cli(["fuse", str(fault_inputs.base), "--lightning", "4", "--lightning-dir",
+                       str(fault_inputs.lightning_dir), "-o", str(out), "-q", *extra], env=env)
 
 
 def wait_ready(proc: ForkedRun, ready: Path) -> None:
@@ -57,14 +71,14 @@ _FUSE_CASES = [pytest.param(sig, point, id=f"{sig.name}-{point}",
 
 
 @pytest.mark.parametrize(("sig", "point"), _FUSE_CASES)
-def test_signal_leaves_nothing(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path, sig: signal.Signals,
-                               point: str) -> None:
-    _ = assets.base, assets.lightning_dir  # built here, not in the child
+def test_signal_leaves_nothing(forked_cli: ForkedCli, fault_inputs: SimpleNamespace, tmp_path: Path,
+                               sig: signal.Signals, point: str) -> None:
+    _ = fault_inputs.base, fault_inputs.lightning_dir  # built here, not in the child
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "fused.safetensors"
     ready = tmp_path / "ready"
-    proc = start(forked_cli, assets, out, point, ready)
+    proc = start(forked_cli, fault_inputs, out, point, ready)
     try:
         wait_ready(proc, ready)
         if point != "planning":
@@ -81,18 +95,19 @@ def test_signal_leaves_nothing(forked_cli: ForkedCli, assets: FuseAssets, tmp_pa
         assert stderr.strip().splitlines()[-1] == "Interrupted: nothing was written under the output names.", stderr
         assert list(out_dir.iterdir()) == []  # the temp file went with it
     # The next run writing there removes what a killed run left, and says so.
-    result = CliRunner().invoke(cli, ["fuse", str(assets.base), "--lightning", "4", "--lightning-dir",
-                                      str(assets.lightning_dir), "-o", str(out), "-q"])
+    result = CliRunner().invoke(cli, ["fuse", str(fault_inputs.base), "--lightning", "4", "--lightning-dir",
+                                      str(fault_inputs.lightning_dir), "-o", str(out), "-q"])
     assert result.exit_code == 0, result.stderr
     assert [p.name for p in out_dir.iterdir()] == ["fused.safetensors"]
     if sig == signal.SIGKILL and point != "planning":
         assert "removed '" in result.stderr and f"(process {proc.pid})" in result.stderr
 
 
-def test_sigterm_mid_stream_of_a_diffusers_folder(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path) -> None:
+def test_sigterm_mid_stream_of_a_diffusers_folder(forked_cli: ForkedCli, fault_inputs: SimpleNamespace,
+                                                  tmp_path: Path) -> None:
     out = tmp_path / "pipe"
     ready = tmp_path / "ready"
-    proc = start(forked_cli, assets, out, "mid-stream", ready, "--save", "diffusers")
+    proc = start(forked_cli, fault_inputs, out, "mid-stream", ready, "--save", "diffusers")
     try:
         wait_ready(proc, ready)
         proc.send_signal(signal.SIGTERM)
@@ -131,7 +146,7 @@ _LOSER = "nothing was replaced, and this run's output was dropped."
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["claim", "overwrite"])
-def test_two_runs_writing_one_output(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path,
+def test_two_runs_writing_one_output(forked_cli: ForkedCli, fault_inputs: SimpleNamespace, tmp_path: Path,
                                      overwrite: bool) -> None:
     """Both pass planning while the output does not exist and both finish writing; then the
     output package's before-rename hook lets the first one rename, and only when it has exited
@@ -142,8 +157,8 @@ def test_two_runs_writing_one_output(forked_cli: ForkedCli, assets: FuseAssets, 
     out.parent.mkdir()
     extra = ["--overwrite"] if overwrite else []
     strengths = (1.0, 0.5)  # recorded in each run's file, so the test knows whose file is there
-    procs = [start(forked_cli, assets, out, "before-rename", tmp_path / f"ready{i}", *extra, "--strength", str(strengths[i]),
-                   go=tmp_path / f"go{i}") for i in range(2)]
+    procs = [start(forked_cli, fault_inputs, out, "before-rename", tmp_path / f"ready{i}", *extra,
+                   "--strength", str(strengths[i]), go=tmp_path / f"go{i}") for i in range(2)]
     try:
         for i, p in enumerate(procs):
             wait_ready(p, tmp_path / f"ready{i}")
@@ -169,13 +184,14 @@ def test_two_runs_writing_one_output(forked_cli: ForkedCli, assets: FuseAssets, 
     _assert_one_whole_file(out)
 
 
-def test_two_runs_claiming_one_output_at_once(forked_cli: ForkedCli, assets: FuseAssets, tmp_path: Path) -> None:
+def test_two_runs_claiming_one_output_at_once(forked_cli: ForkedCli, fault_inputs: SimpleNamespace,
+                                              tmp_path: Path) -> None:
     """Both released at the same instant: the claim is one atomic rename, so whatever the order
     exactly one run wins and the other loses with the one-line message (order-independent)."""
     out = tmp_path / "out" / "fused.safetensors"
     out.parent.mkdir()
     go = tmp_path / "go"
-    procs = [start(forked_cli, assets, out, "before-rename", tmp_path / f"ready{i}", go=go) for i in range(2)]
+    procs = [start(forked_cli, fault_inputs, out, "before-rename", tmp_path / f"ready{i}", go=go) for i in range(2)]
     try:
         for i, p in enumerate(procs):
             wait_ready(p, tmp_path / f"ready{i}")
@@ -207,9 +223,12 @@ _LORA_CASES = [("rescale", s, p) for s in _SIGNALS for p in _POINTS] + [
 
 
 @pytest.fixture(scope="module")
-def lora_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_unet_inputs: SimpleNamespace) -> dict[str, Path]:
+def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A micro UNet-only base, a fine-tune of it (extract) and a small LoRA that fits it."""
+    from lora_tools.testing.synthetic import write_checkpoint
+
     root = tmp_path_factory.mktemp("lora-fault-inputs")
-    base = tiny_unet_inputs.base
+    base = write_checkpoint(root / "base.safetensors", "micro", dtype="fp16", components=("unet",))
     return {"base": base, "tuned": write_tuned(root / "tuned.safetensors", base),
             "lora": write_small_lora(root / "lora.safetensors")}
 

@@ -26,18 +26,19 @@ COUNTED = "bad_input_cases"
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Inputs built once (copied into each test's folder): a tiny full checkpoint, a LoRA, a LoRA made
-    by loratool (publish releases only those), the verify tokenizers."""
+    """Inputs built once (copied into each test's folder): a micro full checkpoint (each case hashes the folders
+    before and after: a small one), a LoRA, a LoRA made by loratool (publish releases only those), the verify
+    tokenizers."""
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
-    from lora_tools.layouts import TINY
+    from lora_tools.testing.synthetic import MICRO
 
     root = tmp_path_factory.mktemp("folder-outputs")
     lora = write_small_lora(root / "lora.safetensors")
     result = CliRunner().invoke(cli, ["rescale", str(lora), "--strength", "0.5", "-o", str(root / "made.safetensors")])
     assert result.exit_code == 0, result.output
-    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
+    for name, te in (("tokenizer", MICRO.te1), ("tokenizer_2", MICRO.te2)):
         write_byte_tokenizer(root / "config" / name, te.vocab, te.positions)
-    write_checkpoint(root / "full.safetensors", "tiny", dtype="fp32", seed=1)
+    write_checkpoint(root / "full.safetensors", "micro", dtype="fp32", seed=1)
     return {p.name: p for p in root.iterdir()}
 
 

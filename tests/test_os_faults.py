@@ -32,12 +32,12 @@ COUNTED = "bad_input_cases"
 
 @dataclass(frozen=True)
 class Inputs:
-    base: Path  # tiny UNet-only checkpoint
+    base: Path  # micro UNet-only checkpoint (every input small: each case hashes them all before and after)
     tuned: Path
-    full: Path  # tiny full checkpoint (diffusers output, verify)
+    full: Path  # micro full checkpoint (diffusers output, verify: the smallest model diffusers renders)
     lora: Path
     made: Path  # a LoRA loratool wrote (publish releases only those)
-    config: Path  # tokenizers for verify
+    config: Path  # tokenizers for verify (micro)
 
     def files(self) -> list[Path]:
         return [self.base, self.tuned, self.full, self.lora, self.made]
@@ -80,22 +80,22 @@ def _name(command: str) -> str:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
-    from lora_tools.layouts import TINY
+    from lora_tools.testing.synthetic import MICRO
 
     root = tmp_path_factory.mktemp("os-fault-inputs")
     root.chmod(0o755)
-    base = write_checkpoint(root / "base.safetensors", "tiny", dtype="fp16", components=("unet",))
+    base = write_checkpoint(root / "base.safetensors", "micro", dtype="fp16", components=("unet",))
     lora = write_small_lora(root / "lora.safetensors")
     made = root / "made.safetensors"
     result = CliRunner().invoke(cli, ["rescale", str(lora), "--strength", "0.5", "-o", str(made)])
     assert result.exit_code == 0, result.output
     config = root / "config"
-    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
+    for name, te in (("tokenizer", MICRO.te1), ("tokenizer_2", MICRO.te2)):
         write_byte_tokenizer(config / name, te.vocab, te.positions)
     for p in root.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     return Inputs(base, write_tuned(root / "tuned.safetensors", base),
-                  write_checkpoint(root / "full.safetensors", "tiny", dtype="fp32", seed=1), lora, made, config)
+                  write_checkpoint(root / "full.safetensors", "micro", dtype="fp32", seed=1), lora, made, config)
 
 
 def _state(io: Inputs) -> dict[str, str]:

@@ -33,18 +33,19 @@ from tests.reliability_helpers import RunAs, Tmpfs, unprivileged, write_tuned
 
 @dataclass(frozen=True)
 class Inputs:
-    base: Path  # a tiny UNet-only SDXL checkpoint
+    base: Path  # a micro UNet-only SDXL checkpoint (each case hashes every input before and after: small ones)
     tuned: Path  # the same topology, other weights (for extract)
-    full: Path  # a tiny full SDXL checkpoint (for a diffusers folder)
-    lora: Path
+    full: Path  # a micro full SDXL checkpoint (for a diffusers folder)
+    lora: Path  # a tiny UNet LoRA (rescale, resize, merge, convert)
+    fuse_lora: Path  # a micro UNet LoRA, which fits base and full
 
 
 Argv = Callable[[Inputs, Path], list[str]]
 
 #: command -> (argv writing to ``out``, the kind of output it writes).
 WRITERS: dict[str, tuple[Argv, str]] = {
-    "fuse": (lambda io, out: ["fuse", str(io.base), "--lora", str(io.lora), "-o", str(out), "-q"], "file"),
-    "fuse-diffusers": (lambda io, out: ["fuse", str(io.full), "--lora", str(io.lora), "--save", "diffusers",
+    "fuse": (lambda io, out: ["fuse", str(io.base), "--lora", str(io.fuse_lora), "-o", str(out), "-q"], "file"),
+    "fuse-diffusers": (lambda io, out: ["fuse", str(io.full), "--lora", str(io.fuse_lora), "--save", "diffusers",
                                         "-o", str(out), "-q"], "folder"),
     "rescale": (lambda io, out: ["rescale", str(io.lora), "--strength", "0.5", "-o", str(out)], "file"),
     "resize": (lambda io, out: ["resize", str(io.lora), "--rank", "1", "-o", str(out)], "file"),
@@ -62,17 +63,21 @@ def _name(command: str) -> str:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_unet_inputs: SimpleNamespace) -> Inputs:
     root = tmp_path_factory.mktemp("output-path-inputs")
+    from lora_tools.testing.synthetic_lora import write_lora
+
+    base = write_checkpoint(root / "base.safetensors", "micro", dtype="fp16", components=("unet",))
     return Inputs(
-        base=tiny_unet_inputs.base,
-        tuned=write_tuned(root / "tuned.safetensors", tiny_unet_inputs.base),
-        full=write_checkpoint(root / "full.safetensors", "tiny", dtype="fp16"),
+        base=base,
+        tuned=write_tuned(root / "tuned.safetensors", base),
+        full=write_checkpoint(root / "full.safetensors", "micro", dtype="fp16"),
         lora=tiny_unet_inputs.lora,
+        fuse_lora=write_lora(root / "fuse-lora.safetensors", "micro", rank=2),
     )
 
 
 def _state(io: Inputs) -> dict[str, tuple[int, int, str]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in (io.base, io.tuned, io.full, io.lora)}
+            for p in (io.base, io.tuned, io.full, io.lora, io.fuse_lora)}
 
 
 def _listing(folder: Path) -> list[str]:
@@ -117,8 +122,8 @@ def test_unwritable_folder(command: str, inputs: Inputs, run_as: RunAs) -> None:
     try:
         work.chmod(0o755)
         io = Inputs(*(Path(shutil.copyfile(p, work / p.name)) for p in
-                      (inputs.base, inputs.tuned, inputs.full, inputs.lora)))
-        for p in (io.base, io.tuned, io.full, io.lora):
+                      (inputs.base, inputs.tuned, inputs.full, inputs.lora, inputs.fuse_lora)))
+        for p in (io.base, io.tuned, io.full, io.lora, io.fuse_lora):
             p.chmod(0o644)
         argv = WRITERS[command][0]
         # The child may not read the interpreter's own files (/root/...): the parent first runs the

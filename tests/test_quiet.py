@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -111,6 +112,32 @@ def diffusers_check_once() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def demo_builds_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The demo's step 1 (the synthetic base and LoRAs, a third of a ``demo --no-render`` run once step 4 is shared)
+    built once for the module's four demo runs: the builders are deterministic (fixed seeds, one generator per
+    tensor), so each later call with the same arguments gets a copy of the first call's file at its own path."""
+    from lora_tools.testing import synthetic, synthetic_lora
+
+    store = tmp_path_factory.mktemp("demo-builds")
+    built: dict[str, Path] = {}
+
+    def once(real: Callable[..., Path]) -> Callable[..., Path]:
+        def build(path: str | Path, *args: object, **kwargs: object) -> Path:
+            key = repr((real.__name__, Path(path).name, args, sorted(kwargs.items())))
+            if key not in built:
+                built[key] = real(store / str(len(built)) / Path(path).name, *args, **kwargs)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copyfile(built[key], path))
+
+        return build
+
+    with pytest.MonkeyPatch.context() as patch:  # write_lightning_lora calls write_lora: one file, copied once
+        patch.setattr(synthetic, "write_checkpoint", once(synthetic.write_checkpoint))
+        patch.setattr(synthetic_lora, "write_lora", once(synthetic_lora.write_lora))
+        yield
+
+
 def _content(path: Path, metadata: bool = True) -> tuple[str, str]:
     """A safetensors file's name and a digest of its bytes (without its ``__metadata__`` when ``metadata`` is false)."""
     digest = hashlib.blake2b()
@@ -137,6 +164,7 @@ def test_quiet_prints_only_what_was_written(name: str, inputs: Inputs, tmp_path:
     monkeypatch.chdir(tmp_path)
     if name == "demo":
         request.getfixturevalue("diffusers_check_once")
+        request.getfixturevalue("demo_builds_once")
     argv, rule = ROWS[name]
     loud_dir, quiet_dir = tmp_path / "loud", tmp_path / "quiet"
     loud_dir.mkdir()
@@ -164,6 +192,7 @@ def test_json_parses_on_every_command(name: str, inputs: Inputs, tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     if name == "demo":
         request.getfixturevalue("diffusers_check_once")
+        request.getfixturevalue("demo_builds_once")
     argv, _ = ROWS[name]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -2,7 +2,7 @@
 
 Plan-time cases load no model (fast): the folder pointed at the user's files, ``.``, ``..``, the input's
 folder and a link to it, with and without ``--overwrite``: one line, exit 1, nothing removed. The run
-cases (marked slow) render one 32x32 image of the tiny synthetic model: a failure while writing leaves
+cases (marked slow) render one 32x32 image of the micro synthetic model: a failure while writing leaves
 nothing (no folder, no temp), and ``--overwrite`` swaps an earlier output of ours in whole.
 """
 
@@ -24,13 +24,13 @@ COUNTED = "bad_input_cases"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lora_tools.io.diffusers_folder import write_byte_tokenizer
-    from lora_tools.layouts import TINY
+    from lora_tools.testing.synthetic import MICRO
 
     root = tmp_path_factory.mktemp("verify-out")
     config = root / "config"
-    for name, te in (("tokenizer", TINY.te1), ("tokenizer_2", TINY.te2)):
+    for name, te in (("tokenizer", MICRO.te1), ("tokenizer_2", MICRO.te2)):
         write_byte_tokenizer(config / name, te.vocab, te.positions)
-    return {"model": synthetic.write_checkpoint(root / "models" / "full.safetensors", "tiny", dtype="fp32", seed=1),
+    return {"model": synthetic.write_checkpoint(root / "models" / "full.safetensors", "micro", dtype="fp32", seed=1),
             "config": config}
 
 
