@@ -91,6 +91,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(min(groups)))
         if getattr(config.option, "loadgroup", False):
             _name_the_group(item)
+    if getattr(config.option, "loadgroup", False):
+        items.sort(key=_long_groups_first)
+
+
+#: Under ``--dist loadgroup`` the groups start first, the longest first (the Ray cluster ~90 s, the demo ~60 s): each
+#: runs on one worker from end to end, and started last it left the other worker idle for its whole length.
+GROUP_ORDER = {"ray": 0, "demo": 1, "examples": 2, "fs": 3}
+
+
+def _long_groups_first(item: pytest.Item) -> int:
+    names = [str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")]
+    return min((GROUP_ORDER.get(n, len(GROUP_ORDER)) for n in names), default=len(GROUP_ORDER) + 1)
 
 
 def _name_the_group(item: pytest.Item) -> None:
