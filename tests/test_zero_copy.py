@@ -116,3 +116,18 @@ def test_fuse_through_the_zero_copy_path_writes_the_same_files(assets, tmp_path,
         assert d.sha256 == hashlib.sha256(b).hexdigest()
     first = direct[0].path.read_bytes()
     assert created.search(first[:8 + int.from_bytes(first[:8], "little")])  # the pattern does match the record
+
+
+def test_a_reader_waits_for_the_ring_instead_of_taking_memory_of_its_own() -> None:
+    import threading
+
+    ring = BufferRing(16 * PAGE)
+    held = ring.take(12 * PAGE)
+    assert held.obj is ring._block
+    no_wait = ring.take(8 * PAGE)  # no room, no wait: a mapping of its own
+    assert no_wait.obj is not ring._block
+    threading.Timer(0.05, ring.give, args=(held,)).start()
+    waited = ring.take(8 * PAGE, wait_s=5.0)  # room comes back when the writer gives the buffer back
+    assert waited.obj is ring._block
+    too_big = ring.take(12 * PAGE, wait_s=5.0)  # over half the ring: no wait
+    assert too_big.obj is not ring._block

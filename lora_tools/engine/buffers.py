@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
 from collections import deque
 
 from lora_tools.io.direct import address
@@ -36,9 +37,10 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 
 
 class BufferRing:
-    """Thread-safe ring of byte buffers. :meth:`take` never waits: when the ring has no room (a
-    tensor larger than the free span, or more in flight than the ring holds) the buffer is a
-    mapping of its own, released when dropped."""
+    """Thread-safe ring of byte buffers. When the ring has no room (a tensor larger than the free
+    span, or more in flight than the ring holds) :meth:`take` waits up to ``wait_s`` for buffers to
+    come back, then gives a mapping of its own, released when dropped (memory beyond the ring: a
+    slow writer, hashing, had the reader take 26-59 MB more this way)."""
 
     def __init__(self, size: int = RING_BYTES):
         self.size = size
@@ -46,18 +48,26 @@ class BufferRing:
         self._base = address(memoryview(self._block)[:1])
         self._spans: deque[list[int]] = deque()  # [start, end, given back], in the order taken
         self._head = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
-    def take(self, nbytes: int, phase: int = 0) -> memoryview:
-        """A writable view of ``nbytes`` that starts ``phase`` bytes (mod page size) past a page boundary."""
+    def take(self, nbytes: int, phase: int = 0, wait_s: float = 0.0) -> memoryview:
+        """A writable view of ``nbytes`` that starts ``phase`` bytes (mod page size) past a page boundary.
+        Only a caller whose wait cannot hold up the buffers it waits for (the reader: every buffer
+        ahead of it goes to the writer without it) should wait."""
         if nbytes == 0:
             return memoryview(bytearray())
+        deadline = time.monotonic() + wait_s if nbytes <= self.size // 2 else 0.0
         with self._lock:
-            start = self._fit(nbytes, phase % PAGE)
-            if start is not None:
-                self._spans.append([start, start + nbytes, 0])
-                self._head = start + nbytes
-                return memoryview(self._block)[start:start + nbytes]
+            while True:
+                start = self._fit(nbytes, phase % PAGE)
+                if start is not None:
+                    self._spans.append([start, start + nbytes, 0])
+                    self._head = start + nbytes
+                    return memoryview(self._block)[start:start + nbytes]
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._spans:
+                    break
+                self._lock.wait(left)
         own = aligned_buffer(-(-(nbytes + PAGE) // PAGE) * PAGE)
         return memoryview(own)[phase % PAGE:phase % PAGE + nbytes]
 
@@ -73,6 +83,7 @@ class BufferRing:
                     break
             while self._spans and self._spans[0][2]:
                 self._spans.popleft()
+            self._lock.notify_all()
 
     def _fit(self, nbytes: int, phase: int) -> int | None:
         def placed(at: int) -> int:

@@ -51,6 +51,8 @@ class _Run:
 
 #: A run's bytes at most (several runs are in flight within the pipeline's budgets).
 RUN_BYTES = 32 << 20
+#: How long the reader waits for the read ring to have room before it takes memory of its own.
+READ_WAIT_S = 2.0
 
 
 def _runs(order: Sequence[TensorRef], model: ModelSource, sinks: Sequence[Sink],
@@ -189,7 +191,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
     def read(ref: TensorRef | _Run) -> Payload | memoryview:
         if isinstance(ref, _Run):
             phase = first.position(ref.refs[0]) or 0  # type: ignore[union-attr]
-            return model.read_span(ref.refs, buffers.take(ref.nbytes, phase))
+            return model.read_span(ref.refs, buffers.take(ref.nbytes, phase, wait_s=READ_WAIT_S))
         # The reader thread also reads this tensor's contributions' inputs, off the compute thread.
         contribs = patches.get(ref.key)
         if contribs is not None:
@@ -199,7 +201,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
             # Placed in phase with its place in the first output, the writer sends it to the disk
             # from this buffer, uncopied; tensors the file leaves unaligned get aligned memory.
             phase = (first.position(ref) if first is not None else None) or 0
-            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0)
+            into = buffers.take(ref.nbytes, phase if phase % DTYPE_SIZES[ref.dtype] == 0 else 0, wait_s=READ_WAIT_S)
             return Payload(model.read_raw(ref, into), None, False, ops)
         return Payload(None, model.read(ref), False, ops)
 
