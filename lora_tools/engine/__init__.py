@@ -6,6 +6,7 @@ blocks from per-key contributions, write to any set of sinks. It knows nothing o
 - :mod:`~lora_tools.engine.stream`: :func:`stream` and :func:`stream_pairs`.
 - :mod:`~lora_tools.engine.pipeline`: read / compute / write overlapped, bytes in flight bounded.
 - :mod:`~lora_tools.engine.buffers`: the page-aligned read ring.
+- :mod:`~lora_tools.engine.torch_loading`: torch loaded on a thread while untouched tensors stream.
 """
 
 from lora_tools.engine.contributions import BlockOp, Contribution, DenseDifference, LowRank

@@ -20,7 +20,8 @@ from lora_tools.engine import pipeline
 from lora_tools.engine.buffers import RING_BYTES, BufferRing
 from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
-from lora_tools.heap import freeze_loaded, frozen_heap
+from lora_tools.engine.torch_loading import start_loading_torch
+from lora_tools.heap import frozen_heap
 from lora_tools.io.model import ModelSource, TensorRef
 from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
 from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
@@ -169,7 +170,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         NonFiniteError: a patched tensor holds NaN/Inf or overflows its output dtype (nothing is left behind).
     """
     start = time.perf_counter()
-    default_threads = _load_torch()  # on a thread of its own: untouched tensors stream meanwhile, torch-free
+    default_threads = start_loading_torch()  # on a thread of its own: untouched tensors stream meanwhile
     if order is None:
         order = stream_order(model.refs, patches)
     order = [r for r in order if any(s.wants(r) for s in sinks)]  # e.g. a UNet-only output reads no VAE
@@ -280,7 +281,6 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         return Payload(None, None, True, amax=largest, encoded=rounder.encoded(ref.shape), spare=space)
 
     def _patch(ref: TensorRef, contribs: Sequence[Contribution], payload: Payload) -> Payload:
-
         if payload.ops is not None and preparers:
             encoding = block_encoding(ref)
             if encoding is not None:
@@ -341,40 +341,6 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         if torch_now is not None and hasattr(torch_now, "set_num_threads"):  # as it was, or as torch loads
             torch_now.set_num_threads(default_threads)
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
-
-
-def _load_torch() -> int:
-    """Start loading torch on a thread of its own, unless it is loaded; return the calling thread's torch
-    thread count (loaded), else what it will be: ``OMP_NUM_THREADS``, else the physical cores torch uses by
-    default. The import holds the interpreter most of its second, but the reads and O_DIRECT writes of
-    untouched tensors run beside it; the first patched tensor waits for it. What it loaded joins the frozen heap."""
-    loaded = sys.modules.get("torch")
-    if loaded is not None and hasattr(loaded, "get_num_threads"):
-        return int(loaded.get_num_threads())
-    # torch's default: OMP_NUM_THREADS, else its physical cores (restored after the run)
-
-    def load() -> None:
-        try:
-            import torch  # noqa: F401
-        except BaseException:  # noqa: BLE001 - the first tensor that needs torch raises it again, where it is handled
-            return
-        freeze_loaded()
-
-    threading.Thread(target=load, name="loratool-import-torch", daemon=True).start()
-    return int(os.environ.get("OMP_NUM_THREADS") or 0) or physical_cores()
-
-
-def physical_cores() -> int:
-    """The cores this process may run on, one per physical core (what torch's default thread count is)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    groups = set()
-    for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
-                groups.add(f.read().strip())
-        except OSError:
-            groups.add(str(cpu))
-    return max(1, len(groups))
 
 
 def _largest(t: torch.Tensor) -> float:

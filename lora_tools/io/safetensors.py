@@ -568,12 +568,7 @@ class StreamingWriter:
         view = memoryview(data).cast("B")
         if view.nbytes != plan.nbytes:
             raise ShapeMismatchError(f"tensor '{name}' has {view.nbytes} bytes, the plan for '{self.path}' says {plan.nbytes}.")
-        if self._index == self._mid:
-            hooks.pause_point("mid-stream")
-        if self._data_hasher is not None:
-            self._data_hasher.update(view)
-        self._put(view)
-        self._index += 1
+        self._append(view, self._index + 1)
 
     def write_run(self, names: Sequence[str], data: memoryview) -> None:
         """Append the next tensors at once: ``data`` holds their bytes back to back, ``names`` are the next
@@ -585,6 +580,10 @@ class StreamingWriter:
         if view.nbytes != sum(p.nbytes for p in self.plans[self._index:end]):
             raise ShapeMismatchError(f"tensors {list(names)[:3]}... have {view.nbytes} bytes in all, the plan for "
                                      f"'{self.path}' says otherwise.")
+        self._append(view, end)
+
+    def _append(self, view: memoryview, end: int) -> None:
+        """Write the checked bytes of the plan's tensors up to ``end`` (exclusive)."""
         if self._index <= self._mid < end:
             hooks.pause_point("mid-stream")
         if self._data_hasher is not None:

@@ -142,7 +142,7 @@ class _FileSink:
         if remote.is_url(path):
             p = self.writer.commit()
             self._committed = True
-            return [WrittenFile(self.kind, p, self.writer.total_bytes, self.writer.sha256, self.writer.data_xxh3_128)]
+            return [self.written(p, self.writer.total_bytes)]
         hooks.pause_point("before-rename")
         if self.writer.overwrite and path.is_file() and not path.is_symlink():
             old = atomic.temp_path(path, old=True)  # kept until every output of the run is in place
@@ -156,7 +156,11 @@ class _FileSink:
         self._committed = True
         if appeared:
             _say_replaced(path)
-        return [WrittenFile(self.kind, p, p.stat().st_size, self.writer.sha256, self.writer.data_xxh3_128)]
+        return [self.written(p, p.stat().st_size)]
+
+    def written(self, path: Path, nbytes: int, *, kind: str | None = None) -> WrittenFile:
+        """What this sink wrote (as part of ``kind``: a folder's), with the hash taken while writing."""
+        return WrittenFile(kind or self.kind, path, nbytes, self.writer.sha256, self.writer.data_xxh3_128)
 
     def rollback(self) -> None:
         """Undo :meth:`commit`: the earlier file comes back, or the name is free again."""
@@ -407,7 +411,7 @@ class DiffusersFolderSink:
         files = []
         for s in self.sinks:
             p = self.path / s.writer.path.relative_to(self.tmp)
-            files.append(WrittenFile(self.kind, p, p.stat().st_size, s.writer.sha256, s.writer.data_xxh3_128))
+            files.append(s.written(p, p.stat().st_size, kind=self.kind))
         return files
 
     def rollback(self) -> None:
