@@ -642,11 +642,12 @@ def verify_sdmecha(inp: Inputs, ours_path: Path, theirs_path: Path, n: int = 20,
 # --------------------------------------------------------------------------------------------
 
 def library_fingerprint(root: Path = REPO) -> str:
-    """sha256 (first 12 hex digits) of lora_tools/**/*.py, to tell which library state was measured."""
+    """sha256 (first 12 hex digits) of lora_tools/**/*.py and its C kernel (source and build), to tell which
+    library state was measured."""
     import hashlib
 
     h = hashlib.sha256()
-    for p in sorted((root / "lora_tools").rglob("*.py")):
+    for p in sorted(q for q in (root / "lora_tools").rglob("*") if q.suffix in (".py", ".c", ".so")):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
@@ -687,6 +688,7 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "os": f"{platform.system()} {platform.release()}",
         "library": library_fingerprint(LIBRARY_ROOT),
+        "fp8 kernel": _fp8_kernel(),
     }
     for mod in ("diffusers", "peft", "transformers", "safetensors"):
         try:
@@ -694,6 +696,13 @@ def machine() -> dict[str, str]:
         except Exception:  # noqa: BLE001
             info[mod] = "not installed"
     return info
+
+
+def _fp8_kernel() -> str:
+    """Whether the measured lora_tools rounds fp8 with its C kernel (lora_tools/io/_fp8kernel.c) or with torch."""
+    p = subprocess.run([sys.executable, "-c", "from lora_tools.io import fp8; print(fp8._native is not None)"],
+                       env={**os.environ, "PYTHONPATH": str(LIBRARY_ROOT)}, capture_output=True, text=True)
+    return {"True": "C (AVX2)", "False": "torch (the C kernel is not built here)"}.get(p.stdout.strip(), "unknown")
 
 
 def _cpu_model() -> str:

@@ -330,3 +330,23 @@ def test_a_fusion_rounded_block_by_block_is_rounded_again_when_its_largest_weigh
         err += float((want.double() * scale - w.double()).pow(2).sum())
         ref += float(w.double().pow(2).sum())
     assert f"relative Frobenius error {(err / ref) ** 0.5:.3%}" in r.output
+
+
+def test_every_tensor_rounded_to_fp8_is_ordered_as_computed(tiny_unet_inputs: SimpleNamespace, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream order leads with tensors copied as read, written while torch loads; a tensor rounded to fp8 needs
+    torch like a patched one, so it is not among them (it would hold the writer up until torch is loaded)."""
+    import lora_tools.ops.fuse as fuse_module
+
+    computed: set[str] = set()
+    real = fuse_module.stream_order
+
+    def spy(refs, keys):  # type: ignore[no-untyped-def]
+        computed.update(keys)
+        return real(refs, keys)
+
+    monkeypatch.setattr(fuse_module, "stream_order", spy)
+    out = tmp_path / "fp8.safetensors"
+    _fuse(tiny_unet_inputs, out, "--dtype", "fp8")
+    rounded = set(_fp8_keys(out))
+    assert rounded and rounded <= computed

@@ -70,8 +70,8 @@ def needs_check(contributions: Sequence[Contribution], base_dtype: torch.dtype, 
 
 
 #: ``encode(block, start)``: takes one fp32 row block of a result (its values may be used up) and the
-#: index of its first element in the tensor.
-BlockEncoder = Callable[["torch.Tensor", int], None]
+#: index of its first element in the tensor; returns the block's largest magnitude (NaN when it holds one).
+BlockEncoder = Callable[["torch.Tensor", int], float]
 
 
 def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Tensor, out_dtype: torch.dtype,
@@ -92,7 +92,8 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
         into: where to put the result when it is not written back into ``base`` (``out_dtype``,
             ``base``'s shape, contiguous: e.g. a reused scratch); default: a new tensor.
         encode: where each fp32 row block of the result goes instead (needs ``ops``): no result
-            tensor is made, ``base`` is left as it is and returned.
+            tensor is made, ``base`` is left as it is and returned. The encoder measures each block's
+            largest magnitude, which is checked as the scan would be.
 
     When ``out_dtype`` is the base's dtype the result is written back into ``base`` (each row
     block is read before it is overwritten), so no second buffer is needed.
@@ -134,13 +135,14 @@ def patch_tensor(key: str, contributions: Sequence[Contribution], base: torch.Te
             block.copy_(src[r0:r1])
         for op in ops:
             op(block, r0, r1)
+        if encode is not None:
+            largest = max(largest, _within(encode(block, r0 * cols), key, limit, out_dtype))
+            continue
         if check:
             largest = max(largest, _check(block, key, limit, out_dtype))
-        if encode is not None:
-            encode(block, r0 * cols)
-        elif buf is not None:
+        if buf is not None:
             dst[r0:r1].copy_(block)
-    if check and amax is not None and rows and src.shape[1]:
+    if (check or encode is not None) and amax is not None and rows and src.shape[1]:
         amax.append(largest)
     return out, len(ops)
 
@@ -163,11 +165,15 @@ def _check(block: torch.Tensor, key: str, limit: float, out_dtype: torch.dtype) 
     import torch
 
     lo, hi = torch.aminmax(block)
-    lo_v, hi_v = lo.item(), hi.item()
-    if not (-limit <= lo_v and hi_v <= limit):  # also false for NaN
+    return _within(max(-lo.item(), hi.item()), key, limit, out_dtype)
+
+
+def _within(largest: float, key: str, limit: float, out_dtype: torch.dtype) -> float:
+    """``largest`` (a largest magnitude), unless it is NaN or beyond ``limit``: then raise."""
+    if not largest <= limit:  # also true for NaN
         raise NonFiniteError(f"Fusing produced NaN/Inf or values beyond the range of {str(out_dtype).replace('torch.', '')} "
                              f"in '{key}': nothing was written. Check the strengths and the LoRA (loratool inspect).")
-    return max(-lo_v, hi_v)
+    return largest
 
 
 def _patch_whole(key: str, contributions: Sequence[Contribution], base: torch.Tensor,

@@ -43,6 +43,13 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
+try:  # the vectorised rounding (lora_tools/io/_fp8kernel.c, built by setup.py where a C compiler is found)
+    from lora_tools.io import _fp8kernel as _native
+except ImportError:  # pragma: no cover - a build without a compiler: torch rounds, to the same bits
+    _native = None  # type: ignore[assignment]
+if _native is not None and not _native.SIMD:  # no AVX2 (or another CPU): torch's cast is faster there
+    _native = None  # type: ignore[assignment]
+
 Fp8Form = Literal["scaled", "plain"]
 FP8_FORMS: tuple[Fp8Form, ...] = ("scaled", "plain")
 #: The safetensors dtype of the fp8 tensors (torch.float8_e4m3fn).
@@ -127,11 +134,14 @@ class BlockRounder:
     """Rounds one tensor to fp8, block by block, and measures the error as it goes.
 
     Each call takes an fp32 block of the tensor (contiguous, any shape; its values are used up) and
-    where it starts in the tensor, and writes its e4m3fn codes there in ``codes`` (one byte per
-    element). The scale (scaled form) is fixed before the first block, from ``bound``: the tensor's
+    where it starts in the tensor, writes its e4m3fn codes there in ``codes`` (one byte per
+    element) and returns the block's largest magnitude. The scale (scaled form) is fixed before the first block, from ``bound``: the tensor's
     largest magnitude, or an estimate of it when it is not known yet (a fusion computed block by
     block: its base's); :meth:`fits` then tells whether the tensor's measured largest magnitude gives
     the same rounding, else the blocks are rounded again by a rounder made from it.
+
+    The rounding is the C kernel's (``_fp8kernel``: one pass over the block) where it is built,
+    else torch's cast; both give the same codes, and the error is measured in the same pass.
     """
 
     def __init__(self, form: Fp8Form, codes: torch.Tensor, bound: float):
@@ -144,16 +154,31 @@ class BlockRounder:
         self.err_sq = self.ref_sq = 0.0
         self.saturated = 0
 
-    def __call__(self, block: torch.Tensor, start: int) -> None:
+    def __call__(self, block: torch.Tensor, start: int) -> float:
+        """Round ``block`` (its values may be used up) into the codes from ``start``; its largest magnitude
+        (NaN when it holds a NaN)."""
+        x = block.view(-1)
+        codes = self.codes[start:start + x.numel()]
+        if _native is not None:
+            inv = 1.0 / self.scale if self.scale is not None else 1.0
+            err_sq, ref_sq, saturated, amax = _native.round_e4m3fn(x.numpy(), codes.numpy(), inv, FP8_MAX)
+            if math.isfinite(amax):  # else torch's codes for NaN/Inf: rounded again below
+                scale = self.scale or 1.0
+                self.err_sq += err_sq
+                self.ref_sq += ref_sq * scale * scale  # the error stays in the scaled units (see rounding())
+                self.saturated += saturated
+                return amax
+        return self._round_with_torch(x, codes)
+
+    def _round_with_torch(self, x: torch.Tensor, codes: torch.Tensor) -> float:
         import torch
 
-        x = block.view(-1)
-        n = x.numel()
-        back, bits = _scratch(n)
+        lo, hi = torch.aminmax(x)
+        amax = max(-float(lo), float(hi))
+        back, bits = _scratch(x.numel())
         self.ref_sq += float(torch.dot(x, x))
         if self.scale is not None and self.scale != 1.0:
             x.mul_(1.0 / self.scale)  # exact: a power of two
-        codes = self.codes[start:start + n]
         fp8 = codes.view(torch.float8_e4m3fn)
         if self.saturating:  # the error counts what the clamp took off
             self.saturated += int((x.abs() > FP8_MAX).sum())
@@ -163,6 +188,7 @@ class BlockRounder:
         x.abs_()  # rounding keeps the sign: |x| - |q| is the error
         x.sub_(_widen_magnitude(codes, bits, back), alpha=256.0)
         self.err_sq += float(torch.dot(x, x))
+        return amax
 
     def fits(self, amax: float) -> bool:
         """Whether the blocks' rounding stands for a tensor whose largest magnitude is ``amax``."""

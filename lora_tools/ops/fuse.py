@@ -11,7 +11,7 @@ from pathlib import Path
 from lora_tools.engine import Contribution, DenseDifference, StageHook, stream, stream_order
 from lora_tools.engine.contributions import BiasDiff, module_contribution
 from lora_tools.io.diffusers_folder import SCHEDULER_CONFIG
-from lora_tools.io.fp8 import Fp8Error
+from lora_tools.io.fp8 import Fp8Error, is_fp8_target
 from lora_tools.io.hashing import FULL_HASH_MAX_BYTES
 from lora_tools.io.model import TensorRef
 from lora_tools.ops.fuse_plan import FusePlan, Method, SaveKind, plan_fuse, preset_title
@@ -182,7 +182,7 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
     start = time.perf_counter()
     record = provenance_record(plan, created=created, run_entry=run_entry)
     patches = fuse_patches(plan)
-    order = stream_order(plan.base.refs, patches)
+    order = stream_order(plan.base.refs, set(patches) | _rounded_to_fp8(plan))
     fp8_error = Fp8Error() if plan.fp8 is not None else None
     sinks = _make_sinks(plan, record, order, fp8_error)
     stats = stream(plan.base, patches, sinks, out_dtype=plan.output_dtype, order=order, progress=progress,
@@ -191,6 +191,14 @@ def run_fuse(plan: FusePlan, *, progress: Progress | None = None, stage_hook: St
     both = sum(isinstance(c, BiasDiff) and c.match.module.changes_weight for cs in patches.values() for c in cs)
     return FuseResult(stats.files, stats.contributions - both, stats.tensors_patched, time.perf_counter() - start,
                       record, fp8_error)
+
+
+def _rounded_to_fp8(plan: FusePlan) -> set[str]:
+    """The base's tensors an fp8 output rounds (computed like the patched ones: not copied while torch loads)."""
+    if plan.fp8 is None:
+        return set()
+    return {r.key for r in plan.base.refs
+            if is_fp8_target(r.rows[0].component if r.rows else None, r.key, r.shape, plan.fp8)}
 
 
 def _sdxl_tokenizers() -> dict[str, Path]:

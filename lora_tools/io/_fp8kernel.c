@@ -1,0 +1,157 @@
+/* fp32 -> float8_e4m3fn rounding with its error measured in the same pass (lora_tools.io.fp8).
+ *
+ * Optional: lora_tools/io/fp8.py uses torch when this module is not built (setup.py builds it where a C
+ * compiler is found) or when SIMD is false. The codes are the same bit for bit (tests/test_fp8_kernel.py
+ * holds them to torch's own cast). Plain C with GCC/Clang vector extensions: on x86-64 the AVX2 copy is
+ * chosen at load time (GCC's target_clones); without AVX2 the vectors are emulated and slower than
+ * torch, so SIMD says whether to use it.
+ *
+ * Rounding to nearest, ties to even, without a table: for a magnitude a in the binade [2^k, 2^(k+1)),
+ * e4m3fn keeps 3 mantissa bits, so the result is a multiple of 2^(k-3) (of 2^-9 below 2^-6, the
+ * subnormals). Adding c = 2^(k+20) (whose fp32 step is exactly that multiple) and taking it away
+ * again rounds a in fp32's own round-to-nearest-even mode, and the rounded value r is also the
+ * dequantised one, so the error a - r costs one subtraction. The code is r's exponent and top 3
+ * mantissa bits rebiased (normal), or r * 2^9 (subnormal), with the input's sign bit.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define W 8 /* values per vector */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint8_t vq __attribute__((vector_size(4 * W)));
+
+#define MIN_NORMAL_BITS (121 << 23) /* 2^-6, e4m3fn's smallest normal value, as fp32 bits */
+#define STEP_SHIFT (20 << 23)       /* 2^k -> 2^(k+20): the fp32 step of 2^(k+20) is 2^(k-3) */
+
+static inline __attribute__((always_inline)) vi pick(vi mask, vi yes, vi no) { return (yes & mask) | (no & ~mask); }
+
+/* W values: their codes, and the squares of their errors and values, their saturations and largest
+ * magnitude (as fp32 bits) added to the accumulators. */
+static inline __attribute__((always_inline)) void round_group(const float *x, uint8_t *codes, vf inv, vf limit,
+                                                              vf *err, vf *ref, vi *saturated, vi *top)
+{
+    vf v;
+    memcpy(&v, x, sizeof v);
+    vi bits = (vi)v;
+    vi mag = bits & 0x7fffffff;
+    *top = pick(*top > mag, *top, mag);
+    vf scaled = (vf)mag * inv; /* exact: inv is a power of two */
+    vi over = scaled > limit;
+    *saturated -= over;
+    vf a = (vf)pick(over, (vi)limit, (vi)scaled);
+    vi binade = (vi)a & 0x7f800000;
+    binade = pick(binade < MIN_NORMAL_BITS, (vi){0} + MIN_NORMAL_BITS, binade);
+    vf c = (vf)(binade + STEP_SHIFT);
+    vf r = (a + c) - c;
+    vf d = scaled - r; /* what the clamp took off counts too */
+    *err += d * d;
+    *ref += scaled * scaled;
+    vi subnormal = __builtin_convertvector(r * 512.0f, vi);
+    vi normal = ((vi)r >> 20) - (120 << 3); /* fp32 exponent bias 127, e4m3fn's 7 */
+    vi code = pick(r < 0.015625f, subnormal, normal) | ((bits >> 24) & 0x80);
+    vq low_bytes = __builtin_shuffle((vq)code, (vq){0, 4, 8, 12, 16, 20, 24, 28});
+    memcpy(codes, &low_bytes, W);
+}
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void round_block(const float *restrict x, uint8_t *restrict codes, Py_ssize_t n, float inv_scale,
+                        float limit, double *err_sq, double *ref_sq, Py_ssize_t *saturated, int32_t *amax_bits)
+{
+    vf inv = (vf){0} + inv_scale, lim = (vf){0} + limit;
+    vi top = {0};
+    double err_total = 0, ref_total = 0;
+    Py_ssize_t sat_total = 0, i = 0;
+    while (i < n) {
+        /* fp32 sums over at most 8192 values a lane, then added up in double */
+        vf err = {0}, ref = {0};
+        vi sat = {0};
+        Py_ssize_t stop = n - i > 8192 * W ? i + 8192 * W : n;
+        for (; i + W <= stop; i += W)
+            round_group(x + i, codes + i, inv, lim, &err, &ref, &sat, &top);
+        if (i < stop) { /* the last few values, through a zero-padded group */
+            float tail[W] = {0};
+            uint8_t tail_codes[W];
+            memcpy(tail, x + i, (size_t)(stop - i) * sizeof(float));
+            round_group(tail, tail_codes, inv, lim, &err, &ref, &sat, &top);
+            memcpy(codes + i, tail_codes, (size_t)(stop - i));
+            i = stop;
+        }
+        for (int j = 0; j < W; j++) {
+            err_total += err[j];
+            ref_total += ref[j];
+            sat_total += sat[j];
+        }
+    }
+    int32_t largest = 0;
+    for (int j = 0; j < W; j++)
+        largest = top[j] > largest ? top[j] : largest;
+    *err_sq = err_total;
+    *ref_sq = ref_total;
+    *saturated = sat_total;
+    *amax_bits = largest;
+}
+
+static PyObject *round_e4m3fn(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer values, codes;
+    float inv_scale, limit;
+    if (!PyArg_ParseTuple(args, "y*w*ff:round_e4m3fn", &values, &codes, &inv_scale, &limit))
+        return NULL;
+    Py_ssize_t n = values.len / (Py_ssize_t)sizeof(float);
+    if (values.len % (Py_ssize_t)sizeof(float) || codes.len < n) {
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&codes);
+        PyErr_SetString(PyExc_ValueError, "round_e4m3fn: values must be fp32 and codes hold one byte per value");
+        return NULL;
+    }
+    double err_sq, ref_sq;
+    Py_ssize_t saturated;
+    int32_t amax_bits;
+    Py_BEGIN_ALLOW_THREADS
+    round_block((const float *)values.buf, (uint8_t *)codes.buf, n, inv_scale, limit, &err_sq, &ref_sq, &saturated,
+                &amax_bits);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&codes);
+    float amax;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    return Py_BuildValue("ddnd", err_sq, ref_sq, saturated, (double)amax);
+}
+
+static PyMethodDef methods[] = {
+    {"round_e4m3fn", round_e4m3fn, METH_VARARGS,
+     "round_e4m3fn(values, codes, inv_scale, limit) -> (err_sq, ref_sq, saturated, amax)\n\n"
+     "Each fp32 value times inv_scale (a power of two), clamped to +-limit, rounded to float8_e4m3fn\n"
+     "(nearest, ties to even) into codes; the summed squares of the rounding errors and of the values\n"
+     "(both times inv_scale: fp32 sums), how many were clamped, and the values' largest magnitude (NaN if any is NaN).\n"
+     "Codes of NaN or infinite values are not torch's: the caller redoes such blocks."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fp8kernel", "fp32 -> float8_e4m3fn rounding with its error (lora_tools.io.fp8).", -1,
+    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fp8kernel(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    int simd = __builtin_cpu_supports("avx2") != 0;
+#elif defined(__aarch64__)
+    int simd = 1; /* NEON */
+#else
+    int simd = 0;
+#endif
+    if (PyModule_AddIntConstant(m, "SIMD", simd) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
