@@ -353,7 +353,7 @@ def _largest(t: torch.Tensor) -> float:
     if t.is_contiguous() and t.dtype.is_floating_point:
         import torch
 
-        largest = largest_magnitude(memoryview(t.view(-1).view(torch.uint8).numpy()), dtype_name(t.dtype))
+        largest = largest_magnitude(t.view(-1).view(torch.uint8).numpy(), dtype_name(t.dtype))
         if largest is not None:
             return largest
     lo, hi = t.aminmax()

@@ -9,6 +9,10 @@ without importing torch (a fuse plans while torch is still loading) and without 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 #: dtype -> (its width in bytes, the bits of +infinity: every magnitude at or above them is Inf or NaN).
 _LAYOUT: dict[str, tuple[int, int]] = {
@@ -19,7 +23,7 @@ _LAYOUT: dict[str, tuple[int, int]] = {
 }
 
 
-def largest_magnitude(data: bytes | bytearray | memoryview, dtype: str) -> float | None:
+def largest_magnitude(data: bytes | bytearray | memoryview | npt.NDArray[Any], dtype: str) -> float | None:
     """``max |x|`` over the little-endian values of ``dtype`` in ``data`` (``inf`` when any is NaN or
     infinite, ``0.0`` when empty), or ``None`` for a dtype this does not read (not a float of
     :data:`_LAYOUT`: the caller uses torch)."""
