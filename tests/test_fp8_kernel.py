@@ -25,7 +25,7 @@ needs_kernel = pytest.mark.skipif(kernel is None, reason="the C kernel is not bu
 
 def _oracle(x: torch.Tensor, inv: float, limit: float = 448.0) -> tuple[torch.Tensor, float, float, int, float]:
     scaled = x.double() * inv
-    codes = scaled.float().clamp(-limit, limit).to(torch.float8_e4m3fn)
+    codes = scaled.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     err = float(((scaled.abs() - codes.double().abs()) ** 2).sum())
     return codes.view(torch.uint8), err, float((scaled ** 2).sum()), int((scaled.abs() > limit).sum()), \
         float(x.abs().max()) if x.numel() else 0.0
@@ -37,9 +37,9 @@ def _run(x: torch.Tensor, inv: float, limit: float = 448.0) -> tuple[torch.Tenso
     return codes, err, ref, saturated, amax
 
 
-def _assert_same(x: torch.Tensor, inv: float = 1.0) -> None:
-    codes, err, ref, saturated, amax = _run(x, inv)
-    want_codes, want_err, want_ref, want_saturated, want_amax = _oracle(x, inv)
+def _assert_same(x: torch.Tensor, inv: float = 1.0, limit: float = 448.0) -> None:
+    codes, err, ref, saturated, amax = _run(x, inv, limit)
+    want_codes, want_err, want_ref, want_saturated, want_amax = _oracle(x, inv, limit)
     bad = (codes != want_codes).nonzero()
     assert not bad.numel(), f"{bad.numel()} codes differ, first at {x[bad[0, 0]].item()!r}: " \
                             f"{codes[bad[0, 0]].item():#04x} vs torch's {want_codes[bad[0, 0]].item():#04x}"
@@ -58,9 +58,12 @@ def _fp32_sweep(step: int) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("inv", [1.0, 2.0 ** -3, 2.0 ** 7])
-def test_every_fp32_exponent_rounds_as_torch_casts(inv: float) -> None:
-    x = _fp32_sweep(9973)  # beyond +-448 too: clamped, counted, the clamp in the error (fp32 sums: up to 1e15)
-    _assert_same(x[(x.abs() * inv) < 1e15], inv)
+@pytest.mark.parametrize("limit", [448.0, math.inf], ids=["clamped", "unclamped"])
+def test_every_fp32_exponent_rounds_as_torch_casts(inv: float, limit: float) -> None:
+    """Clamped: beyond +-448 too (counted, the clamp in the error; fp32 sums: up to 1e15). Unclamped (the
+    kernel's other loop, for tensors known to fit): up to 448."""
+    x = _fp32_sweep(9973)
+    _assert_same(x[(x.abs() * inv) < (1e15 if limit == 448.0 else 448.0)], inv, limit)
 
 
 @needs_kernel
@@ -68,7 +71,9 @@ def test_every_tie_between_neighbouring_codes_goes_to_the_even_one() -> None:
     values = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, no NaN
     mids = (values[:-1] + values[1:]) / 2  # exact in fp32
     up, down = torch.nextafter(mids, torch.tensor(math.inf)), torch.nextafter(mids, torch.tensor(0.0))
-    x = torch.cat([mids, up, down, values, torch.tensor([464.0, 463.99, 480.0, 2.0 ** -10, 2.0 ** -10 * 3, -0.0])])
+    x = torch.cat([mids, up, down, values, torch.tensor([2.0 ** -10, 2.0 ** -10 * 3, -0.0])])
+    _assert_same(torch.cat([x, -x]), limit=math.inf)
+    x = torch.cat([x, torch.tensor([448.0, 463.99, 464.0, 480.0, 1e6])])
     _assert_same(torch.cat([x, -x]))
 
 

@@ -8,13 +8,14 @@
  *
  * Rounding to nearest, ties to even, without a table: for a magnitude a in the binade [2^k, 2^(k+1)),
  * e4m3fn keeps 3 mantissa bits, so the result is a multiple of 2^(k-3) (of 2^-9 below 2^-6, the
- * subnormals). Adding c = 2^(k+20) (whose fp32 step is exactly that multiple) and taking it away
- * again rounds a in fp32's own round-to-nearest-even mode, and the rounded value r is also the
- * dequantised one, so the error a - r costs one subtraction. The code is r's exponent and top 3
- * mantissa bits rebiased (normal), or r * 2^9 (subnormal), with the input's sign bit.
+ * subnormals). Adding c = 2^(k+20) (whose fp32 step is exactly that multiple) rounds a in fp32's own
+ * round-to-nearest-even mode; taking c away again gives the rounded value r, which is also the
+ * dequantised one, so the error a - r costs one subtraction. The code comes from the sum's bits: its
+ * mantissa counts r's steps above c, and c's exponent is the binade's. The input's sign bit is kept.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -29,9 +30,9 @@ typedef uint8_t vq __attribute__((vector_size(4 * W)));
 static inline __attribute__((always_inline)) vi pick(vi mask, vi yes, vi no) { return (yes & mask) | (no & ~mask); }
 
 /* W values: their codes, and the squares of their errors and values, their saturations and largest
- * magnitude (as fp32 bits) added to the accumulators. */
+ * magnitude (as fp32 bits) added to the accumulators. `clamp` is a constant where this is inlined. */
 static inline __attribute__((always_inline)) void round_group(const float *x, uint8_t *codes, vf inv, vf limit,
-                                                              vf *err, vf *ref, vi *saturated, vi *top)
+                                                              int clamp, vf *err, vf *ref, vi *saturated, vi *top)
 {
     vf v;
     memcpy(&v, x, sizeof v);
@@ -39,30 +40,53 @@ static inline __attribute__((always_inline)) void round_group(const float *x, ui
     vi mag = bits & 0x7fffffff;
     *top = pick(*top > mag, *top, mag);
     vf scaled = (vf)mag * inv; /* exact: inv is a power of two */
-    vi over = scaled > limit;
-    *saturated -= over;
-    vf a = (vf)pick(over, (vi)limit, (vi)scaled);
+    vf a = scaled;
+    if (clamp) {
+        vi over = scaled > limit;
+        *saturated -= over;
+        a = (vf)pick(over, (vi)limit, (vi)scaled);
+    }
     vi binade = (vi)a & 0x7f800000;
     binade = pick(binade < MIN_NORMAL_BITS, (vi){0} + MIN_NORMAL_BITS, binade);
     vf c = (vf)(binade + STEP_SHIFT);
-    vf r = (a + c) - c;
+    vf sum = a + c; /* rounded here: c's fp32 step is the e4m3fn step of a */
+    vf r = sum - c;
     vf d = scaled - r; /* what the clamp took off counts too */
     *err += d * d;
     *ref += scaled * scaled;
-    vi subnormal = __builtin_convertvector(r * 512.0f, vi);
-    vi normal = ((vi)r >> 20) - (120 << 3); /* fp32 exponent bias 127, e4m3fn's 7 */
-    vi code = pick(r < 0.015625f, subnormal, normal) | ((bits >> 24) & 0x80);
+    /* sum = c + r: its low 5 mantissa bits count r's e4m3fn steps above 0 (subnormal: 0..8) or above 2^k
+     * (8..16, 16 when r rounded up into the next binade); with the binade's exponent, that is the code */
+    vi code = ((binade >> 20) - (121 << 3) + ((vi)sum & 0x1f)) | ((bits >> 24) & 0x80);
     vq low_bytes = __builtin_shuffle((vq)code, (vq){0, 4, 8, 12, 16, 20, 24, 28});
     memcpy(codes, &low_bytes, W);
 }
 
+/* The values from i to stop (a multiple of W apart, or the last few: zero-padded) into the accumulators. */
+static inline __attribute__((always_inline)) Py_ssize_t round_span(const float *x, uint8_t *codes, Py_ssize_t i,
+                                                                   Py_ssize_t stop, vf inv, vf limit, int clamp,
+                                                                   vf *err, vf *ref, vi *sat, vi *top)
+{
+    for (; i + W <= stop; i += W)
+        round_group(x + i, codes + i, inv, limit, clamp, err, ref, sat, top);
+    if (i < stop) {
+        float tail[W] = {0};
+        uint8_t tail_codes[W];
+        memcpy(tail, x + i, (size_t)(stop - i) * sizeof(float));
+        round_group(tail, tail_codes, inv, limit, clamp, err, ref, sat, top);
+        memcpy(codes + i, tail_codes, (size_t)(stop - i));
+        i = stop;
+    }
+    return i;
+}
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2,fma", "default")))
 #endif
 static void round_block(const float *restrict x, uint8_t *restrict codes, Py_ssize_t n, float inv_scale,
                         float limit, double *err_sq, double *ref_sq, Py_ssize_t *saturated, int32_t *amax_bits)
 {
     vf inv = (vf){0} + inv_scale, lim = (vf){0} + limit;
+    int clamp = limit < HUGE_VALF;
     vi top = {0};
     double err_total = 0, ref_total = 0;
     Py_ssize_t sat_total = 0, i = 0;
@@ -71,16 +95,10 @@ static void round_block(const float *restrict x, uint8_t *restrict codes, Py_ssi
         vf err = {0}, ref = {0};
         vi sat = {0};
         Py_ssize_t stop = n - i > 8192 * W ? i + 8192 * W : n;
-        for (; i + W <= stop; i += W)
-            round_group(x + i, codes + i, inv, lim, &err, &ref, &sat, &top);
-        if (i < stop) { /* the last few values, through a zero-padded group */
-            float tail[W] = {0};
-            uint8_t tail_codes[W];
-            memcpy(tail, x + i, (size_t)(stop - i) * sizeof(float));
-            round_group(tail, tail_codes, inv, lim, &err, &ref, &sat, &top);
-            memcpy(codes + i, tail_codes, (size_t)(stop - i));
-            i = stop;
-        }
+        if (clamp)
+            i = round_span(x, codes, i, stop, inv, lim, 1, &err, &ref, &sat, &top);
+        else
+            i = round_span(x, codes, i, stop, inv, lim, 0, &err, &ref, &sat, &top);
         for (int j = 0; j < W; j++) {
             err_total += err[j];
             ref_total += ref[j];
@@ -126,7 +144,7 @@ static PyObject *round_e4m3fn(PyObject *Py_UNUSED(self), PyObject *args)
 static PyMethodDef methods[] = {
     {"round_e4m3fn", round_e4m3fn, METH_VARARGS,
      "round_e4m3fn(values, codes, inv_scale, limit) -> (err_sq, ref_sq, saturated, amax)\n\n"
-     "Each fp32 value times inv_scale (a power of two), clamped to +-limit, rounded to float8_e4m3fn\n"
+     "Each fp32 value times inv_scale (a power of two), clamped to +-limit (unless it is inf), rounded to float8_e4m3fn\n"
      "(nearest, ties to even) into codes; the summed squares of the rounding errors and of the values\n"
      "(both times inv_scale: fp32 sums), how many were clamped, and the values' largest magnitude (NaN if any is NaN).\n"
      "Codes of NaN or infinite values are not torch's: the caller redoes such blocks."},

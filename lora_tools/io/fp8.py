@@ -161,7 +161,8 @@ class BlockRounder:
         codes = self.codes[start:start + x.numel()]
         if _native is not None:
             inv = 1.0 / self.scale if self.scale is not None else 1.0
-            err_sq, ref_sq, saturated, amax = _native.round_e4m3fn(x.numpy(), codes.numpy(), inv, FP8_MAX)
+            limit = FP8_MAX if self.saturating else math.inf  # else nothing beyond +-448 where the rounding stands
+            err_sq, ref_sq, saturated, amax = _native.round_e4m3fn(x.numpy(), codes.numpy(), inv, limit)
             if math.isfinite(amax):  # else torch's codes for NaN/Inf: rounded again below
                 scale = self.scale or 1.0
                 self.err_sq += err_sq
