@@ -699,7 +699,7 @@ def machine() -> dict[str, str]:
 
 
 def _fp8_kernel() -> str:
-    """Whether the measured lora_tools rounds fp8 with its C kernel (lora_tools/io/_fp8kernel.c) or with torch."""
+    """Whether the measured lora_tools rounds fp8 with its C kernel (lora_tools/io/_native.c) or with torch."""
     p = subprocess.run([sys.executable, "-c", "from lora_tools.io import fp8; print(fp8._native is not None)"],
                        env={**os.environ, "PYTHONPATH": str(LIBRARY_ROOT)}, capture_output=True, text=True)
     return {"True": "C (AVX2)", "False": "torch (the C kernel is not built here)"}.get(p.stdout.strip(), "unknown")

@@ -196,13 +196,22 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
     assert read_header(path).keys() == ["a"]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["C", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_largest_magnitude_from_bits_equals_torch_aminmax(dtype: torch.dtype) -> None:
-    """The torch-free magnitude scan a plan runs on LoRA files: torch's own aminmax is the oracle."""
+def test_largest_magnitude_from_bits_equals_torch_aminmax(dtype: torch.dtype, native: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch-free magnitude scan a plan runs on LoRA files (and a fusion's first fp8 scale): torch's own
+    aminmax is the oracle, for the compiled pass over 16-bit values (lora_tools/io/_native.c) and numpy's."""
     import math
 
+    from lora_tools.io import magnitudes
     from lora_tools.io.magnitudes import largest_magnitude
     from lora_tools.io.safetensors import dtype_name, tensor_to_bytes
+
+    if not native:
+        monkeypatch.setattr(magnitudes, "_native", None)
+    elif magnitudes._native is None:
+        pytest.skip("the compiled part is not built here (no C compiler)")
 
     g = torch.Generator().manual_seed(3)
     info = torch.finfo(dtype)

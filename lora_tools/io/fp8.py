@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-try:  # the vectorised rounding (lora_tools/io/_fp8kernel.c, built by setup.py where a C compiler is found)
-    from lora_tools.io import _fp8kernel as _native
+try:  # the vectorised rounding (lora_tools/io/_native.c, built by setup.py where a C compiler is found)
+    from lora_tools.io import _native
 except ImportError:  # pragma: no cover - a build without a compiler: torch rounds, to the same bits
     _native = None  # type: ignore[assignment]
 if _native is not None and not _native.SIMD:  # no AVX2 (or another CPU): torch's cast is faster there
@@ -140,7 +140,7 @@ class BlockRounder:
     block: its base's); :meth:`fits` then tells whether the tensor's measured largest magnitude gives
     the same rounding, else the blocks are rounded again by a rounder made from it.
 
-    The rounding is the C kernel's (``_fp8kernel``: one pass over the block) where it is built,
+    The rounding is the C kernel's (``_native``: one pass over the block) where it is built,
     else torch's cast; both give the same codes, and the error is measured in the same pass.
     """
 

@@ -14,6 +14,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+try:  # one pass over 16-bit values (lora_tools/io/_native.c), where it is built
+    from lora_tools.io import _native
+except ImportError:  # pragma: no cover - a build without a compiler: numpy's two max passes
+    _native = None  # type: ignore[assignment]
+if _native is not None and not _native.SIMD:
+    _native = None  # type: ignore[assignment]
+
 #: dtype -> (its width in bytes, the bits of +infinity: every magnitude at or above them is Inf or NaN).
 _LAYOUT: dict[str, tuple[int, int]] = {
     "F16": (2, 0x7C00),
@@ -39,8 +46,11 @@ def largest_magnitude(data: bytes | bytearray | memoryview | npt.NDArray[Any], d
     # Read as signed integers, the positive values keep their order and the largest is the max; read as
     # unsigned, the negative ones are the sign bit plus their magnitude, above every positive one. Two
     # max passes over the bytes as they are: no sign-cleared copy.
-    sign = 1 << (8 * width - 1)
-    top = max(int(bits.view(f"<i{width}").max()), int(bits.max()) - sign)
+    if width == 2 and _native is not None:
+        top = _native.largest_bits16(bits)
+    else:
+        sign = 1 << (8 * width - 1)
+        top = max(int(bits.view(f"<i{width}").max()), int(bits.max()) - sign)
     if top >= exponent:
         return math.inf
     if dtype == "F16":

@@ -1,8 +1,12 @@
-/* fp32 -> float8_e4m3fn rounding with its error measured in the same pass (lora_tools.io.fp8).
+/* The compiled part of lora_tools: two passes over tensor bytes that torch makes in several.
  *
- * Optional: lora_tools/io/fp8.py uses torch when this module is not built (setup.py builds it where a C
- * compiler is found) or when SIMD is false. The codes are the same bit for bit (tests/test_fp8_kernel.py
- * holds them to torch's own cast). Plain C with GCC/Clang vector extensions: on x86-64 the AVX2 copy is
+ * - round_e4m3fn: fp32 -> float8_e4m3fn rounding with its error measured in the same pass (lora_tools.io.fp8).
+ * - largest_bits16: the largest magnitude of fp16/bf16 bytes as bits (lora_tools.io.magnitudes: the
+ *   fp8 scale's first guess, a LoRA's NaN check).
+ *
+ * Optional: lora_tools uses torch or numpy when this module is not built (setup.py builds it where a C
+ * compiler is found) or when SIMD is false. The results are the same bit for bit (tests/test_native.py
+ * holds them to torch's own cast and max). Plain C with GCC/Clang vector extensions: on x86-64 the AVX2 copy is
  * chosen at load time (GCC's target_clones); without AVX2 the vectors are emulated and slower than
  * torch, so SIMD says whether to use it.
  *
@@ -114,6 +118,37 @@ static void round_block(const float *restrict x, uint8_t *restrict codes, Py_ssi
     *amax_bits = largest;
 }
 
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#endif
+static uint16_t largest_bits16_block(const uint16_t *restrict bits, Py_ssize_t n)
+{
+    uint16_t top = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint16_t magnitude = bits[i] & 0x7fff;
+        top = magnitude > top ? magnitude : top;
+    }
+    return top;
+}
+
+static PyObject *largest_bits16(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    Py_buffer values;
+    if (PyObject_GetBuffer(arg, &values, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (values.len % 2) {
+        PyBuffer_Release(&values);
+        PyErr_SetString(PyExc_ValueError, "largest_bits16: the bytes of 16-bit values (an even length)");
+        return NULL;
+    }
+    uint16_t top;
+    Py_BEGIN_ALLOW_THREADS
+    top = largest_bits16_block((const uint16_t *)values.buf, values.len / 2);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values);
+    return PyLong_FromLong(top);
+}
+
 static PyObject *round_e4m3fn(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer values, codes;
@@ -148,13 +183,17 @@ static PyMethodDef methods[] = {
      "(nearest, ties to even) into codes; the summed squares of the rounding errors and of the values\n"
      "(both times inv_scale: fp32 sums), how many were clamped, and the values' largest magnitude (NaN if any is NaN).\n"
      "Codes of NaN or infinite values are not torch's: the caller redoes such blocks."},
+    {"largest_bits16", largest_bits16, METH_O,
+     "largest_bits16(values) -> int\n\n"
+     "The largest of the 16-bit values (little-endian bytes) with their top bit cleared: the bits of the\n"
+     "largest magnitude of fp16 or bf16 values (at or above +inf's bits when one is NaN or infinite)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fp8kernel", "fp32 -> float8_e4m3fn rounding with its error (lora_tools.io.fp8).", -1,
+    PyModuleDef_HEAD_INIT, "_native", "Passes over tensor bytes: fp8 rounding, 16-bit largest magnitudes.", -1,
     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__fp8kernel(void)
+PyMODINIT_FUNC PyInit__native(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -1,4 +1,4 @@
-"""The fp8 rounding kernel (lora_tools/io/_fp8kernel.c) against torch's own fp32 -> float8_e4m3fn cast.
+"""The fp8 rounding kernel (lora_tools/io/_native.c) against torch's own fp32 -> float8_e4m3fn cast.
 
 The oracle is torch: ``(x * inv_scale).clamp(-limit, limit).to(torch.float8_e4m3fn)`` gives the codes, and the
 errors and sums are computed here in fp64 from torch's codes. Every fp32 exponent is swept, every tie between two
@@ -17,7 +17,7 @@ import torch
 from lora_tools.io import fp8
 
 try:
-    from lora_tools.io import _fp8kernel as kernel
+    from lora_tools.io import _native as kernel
 except ImportError:  # built without a compiler: the kernel's own tests skip, the last test below says why
     kernel = None  # type: ignore[assignment]
 needs_kernel = pytest.mark.skipif(kernel is None, reason="the C kernel is not built (no C compiler)")
@@ -125,5 +125,18 @@ def test_the_kernel_is_built_where_a_compiler_is() -> None:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc})")
-    assert kernel is not None, "lora_tools/io/_fp8kernel.c is not built: pip install -e . builds it"
+    assert kernel is not None, "lora_tools/io/_native.c is not built: pip install -e . builds it"
     assert fp8._native is kernel or not kernel.SIMD
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 65536])
+def test_largest_bits16_is_the_largest_sign_cleared_pattern(n: int) -> None:
+    """Every 16-bit pattern, in blocks of every length around the vector width, with the largest anywhere."""
+    every = torch.randperm(65536, generator=torch.Generator().manual_seed(n)).to(torch.int32)
+    for block in every.split(n):
+        bits = block.to(torch.int16)  # wraps: the patterns with the top bit set are negative here
+        want = int((block & 0x7FFF).max())
+        assert kernel.largest_bits16(bits.numpy()) == want
+    with pytest.raises(ValueError, match="even length"):
+        kernel.largest_bits16(b"abc")

@@ -1,4 +1,4 @@
-"""fp32 -> float8_e4m3fn rounding with its error (lora_tools/io/_fp8kernel.c; optional, built by setup.py)."""
+"""The compiled part (lora_tools/io/_native.c; optional, built by setup.py where a C compiler is found)."""
 
 #: Whether the CPU runs the kernel vectorised (x86-64 with AVX2, or arm64); else torch is faster.
 SIMD: int
@@ -8,3 +8,7 @@ def round_e4m3fn(values: object, codes: object, inv_scale: float, limit: float, 
     ``values`` times ``inv_scale`` (a power of two), clamped to +-``limit``, rounded to e4m3fn into
     ``codes`` (one byte each); the summed squared errors and values (both times ``inv_scale``), how many were clamped, and
     the values' largest magnitude (NaN when one is NaN: then the codes are not torch's)."""
+
+def largest_bits16(values: object, /) -> int:
+    """The largest of the 16-bit values in ``values`` (bytes, little-endian) with the top bit cleared: the bits of
+    the largest fp16/bf16 magnitude (at or above +inf's bits when one is NaN or infinite)."""
