@@ -40,15 +40,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from lora_tools.io.native import NATIVE as _native  # the one-pass rounding, where it is built (else torch's cast)
+
 if TYPE_CHECKING:
     import torch
 
-try:  # the vectorised rounding (lora_tools/io/_native.c, built by setup.py where a C compiler is found)
-    from lora_tools.io import _native
-except ImportError:  # pragma: no cover - a build without a compiler: torch rounds, to the same bits
-    _native = None  # type: ignore[assignment]
-if _native is not None and not _native.SIMD:  # no AVX2 (or another CPU): torch's cast is faster there
-    _native = None  # type: ignore[assignment]
 
 Fp8Form = Literal["scaled", "plain"]
 FP8_FORMS: tuple[Fp8Form, ...] = ("scaled", "plain")

@@ -11,15 +11,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from lora_tools.io.native import NATIVE as _native  # one pass over 16-bit values, where it is built (else numpy's two)
+
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-try:  # one pass over 16-bit values (lora_tools/io/_native.c), where it is built
-    from lora_tools.io import _native
-except ImportError:  # pragma: no cover - a build without a compiler: numpy's two max passes
-    _native = None  # type: ignore[assignment]
-if _native is not None and not _native.SIMD:
-    _native = None  # type: ignore[assignment]
 
 #: dtype -> (its width in bytes, the bits of +infinity: every magnitude at or above them is Inf or NaN).
 _LAYOUT: dict[str, tuple[int, int]] = {
