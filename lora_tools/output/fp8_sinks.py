@@ -15,6 +15,7 @@ its weight) and the 2-element ``scaled_fp8`` marker (the first tensor of the fil
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,8 +86,6 @@ class _Fp8Emitter:
             if payload.patched and payload.tensor is not None and payload.tensor.dtype != torch_dtype(self.keep(ref.dtype)):
                 _check_kept(name, payload.tensor, self.keep(ref.dtype))  # patched in fp32 for another output's fp8
             return
-        import torch
-
         if _rounded(payload, self.form) and (row is None or row.keeps_values):
             _, q, scale, rounding = payload.encoded
             if row is not None:
@@ -97,9 +96,9 @@ class _Fp8Emitter:
                 t = to_diffusers(row, t)
             q, scale, rounding = fp8.quantize_measured(t, self.form)
         self.error.add(ref.key, rounding, scale)
-        if scale is not None:
-            writer.write(fp8.scale_key(name), torch.tensor(scale, dtype=torch.float32))
-        writer.write(name, q.contiguous())
+        if scale is not None:  # a power of two: exact in fp32; its 4 bytes as they are (no tensor for a scalar)
+            writer.write(fp8.scale_key(name), struct.pack("<f", scale))
+        writer.write(name, q if q.is_contiguous() else q.contiguous())
 
 
 
