@@ -702,7 +702,7 @@ def _fp8_kernel() -> str:
     """Whether the measured lora_tools rounds fp8 with its C kernel (lora_tools/io/_native.c) or with torch."""
     p = subprocess.run([sys.executable, "-c", "from lora_tools.io import fp8; print(fp8._native is not None)"],
                        env={**os.environ, "PYTHONPATH": str(LIBRARY_ROOT)}, capture_output=True, text=True)
-    return {"True": "C (AVX2)", "False": "torch (the C kernel is not built here)"}.get(p.stdout.strip(), "unknown")
+    return {"True": "the C kernel (lora_tools/io/_native.c)", "False": "torch (the C kernel is not built here)"}.get(p.stdout.strip(), "unknown")
 
 
 def _cpu_model() -> str:
@@ -855,7 +855,8 @@ def write_results(path: Path, args: argparse.Namespace, inp: Inputs, jobs: list[
         f"- torch {info['torch']}, diffusers {info['diffusers']}, peft {info['peft']}, transformers {info['transformers']}, "
         f"safetensors {info['safetensors']}"
         + (f"; sd-mecha {info['sd_mecha']} (its own venv: {args.sdmecha_python})" if info.get("sd_mecha") else ""),
-        f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py measured)",
+        f"- lora_tools sources fingerprint: `{info['library']}` (sha256 of lora_tools/**/*.py and its C part measured); "
+        f"fp8 rounding: {info.get('fp8 kernel', 'unknown')}",
         f"- Inputs: synthetic SDXL single file {base_bytes / GB:.2f} GB fp16 (UNet + 2 text encoders + VAE, "
         f"random weights, real SDXL shapes); Lightning-shaped LoRA {lora_bytes / 1e6:.0f} MB "
         "(788 modules, rank 64, alpha 8, fp16, kohya keys, named `sdxl_lightning_4step_lora.safetensors`).",
