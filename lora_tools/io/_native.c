@@ -26,6 +26,7 @@
 #define W 8 /* values per vector */
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
 typedef uint8_t vq __attribute__((vector_size(4 * W)));
 
 #define MIN_NORMAL_BITS (121 << 23) /* 2^-6, e4m3fn's smallest normal value, as fp32 bits */
@@ -52,7 +53,7 @@ static inline __attribute__((always_inline)) void round_group(const float *x, ui
     }
     vi binade = (vi)a & 0x7f800000;
     binade = pick(binade < MIN_NORMAL_BITS, (vi){0} + MIN_NORMAL_BITS, binade);
-    vf c = (vf)(binade + STEP_SHIFT);
+    vf c = (vf)((vu)binade + STEP_SHIFT); /* unsigned: a NaN's or Inf's binade wraps (its block is redone) */
     vf sum = a + c; /* rounded here: c's fp32 step is the e4m3fn step of a */
     vf r = sum - c;
     vf d = scaled - r; /* what the clamp took off counts too */

@@ -39,12 +39,12 @@ def largest_magnitude(data: bytes | bytearray | memoryview | npt.NDArray[Any], d
     bits = np.frombuffer(data, dtype=np.dtype(f"<u{width}"))
     if bits.size == 0:
         return 0.0
-    # Read as signed integers, the positive values keep their order and the largest is the max; read as
-    # unsigned, the negative ones are the sign bit plus their magnitude, above every positive one. Two
-    # max passes over the bytes as they are: no sign-cleared copy.
     if width == 2 and _native is not None:
-        top = _native.largest_bits16(bits)
+        top = _native.largest_bits16(bits)  # one pass
     else:
+        # Read as signed integers, the positive values keep their order and the largest is the max; read as
+        # unsigned, the negative ones are the sign bit plus their magnitude, above every positive one. Two
+        # max passes over the bytes as they are: no sign-cleared copy.
         sign = 1 << (8 * width - 1)
         top = max(int(bits.view(f"<i{width}").max()), int(bits.max()) - sign)
     if top >= exponent:

@@ -98,7 +98,7 @@ class _Fp8Emitter:
         self.error.add(ref.key, rounding, scale)
         if scale is not None:  # a power of two: exact in fp32; its 4 bytes as they are (no tensor for a scalar)
             writer.write(fp8.scale_key(name), struct.pack("<f", scale))
-        writer.write(name, q if q.is_contiguous() else q.contiguous())
+        writer.write(name, q.contiguous())
 
 
 
