@@ -221,9 +221,14 @@ def test_largest_magnitude_from_bits_equals_torch_aminmax(dtype: torch.dtype, na
     for t in cases:
         lo, hi = (v.item() for v in torch.aminmax(t))
         assert largest_magnitude(tensor_to_bytes(t), dtype_name(dtype)) == max(-lo, hi), t
+        assert magnitudes.tensor_largest_magnitude(t) == max(-lo, hi), t  # the tensor's bits
+        wide = t.repeat(3, 1)
+        assert magnitudes.tensor_largest_magnitude(wide.t()) == max(-lo, hi), t  # not contiguous: aminmax
     for bad in (math.nan, math.inf, -math.inf):
         t = torch.randn(64, generator=g).to(dtype)
         t[17] = bad
         assert largest_magnitude(tensor_to_bytes(t), dtype_name(dtype)) == math.inf
+        assert magnitudes.tensor_largest_magnitude(t) == math.inf
+        assert magnitudes.tensor_largest_magnitude(t.repeat(2, 1).t()) == math.inf
     assert largest_magnitude(b"", dtype_name(dtype)) == 0.0
     assert largest_magnitude(bytes(4), "I32") is None  # not a float it reads: the caller asks torch

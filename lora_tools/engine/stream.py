@@ -22,9 +22,9 @@ from lora_tools.engine.contributions import Contribution
 from lora_tools.engine.patch import block_ops, patch_tensor
 from lora_tools.engine.torch_loading import start_loading_torch
 from lora_tools.heap import frozen_heap
-from lora_tools.io.magnitudes import largest_magnitude
+from lora_tools.io.magnitudes import tensor_largest_magnitude
 from lora_tools.io.model import ModelSource, TensorRef
-from lora_tools.io.safetensors import DTYPE_SIZES, dtype_name, torch_dtype
+from lora_tools.io.safetensors import DTYPE_SIZES, torch_dtype
 from lora_tools.output.sinks import Payload, Sink, WrittenFile, finalize_all
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         n = source.numel()
         space = buffers.take(n * encoding.itemsize, (first.position(ref) if first is not None else None) or 0)
         codes = torch.frombuffer(space, dtype=torch.uint8, count=n) if n else torch.empty(0, dtype=torch.uint8)
-        bound = _largest(source)
+        bound = tensor_largest_magnitude(source)
         while True:
             rounder = encoding.rounder(codes, bound)
             amax: list[float] = []
@@ -343,22 +343,6 @@ def stream(model: ModelSource, patches: Mapping[str, Sequence[Contribution]], si
         if torch_now is not None and hasattr(torch_now, "set_num_threads"):  # as it was, or as torch loads
             torch_now.set_num_threads(default_threads)
     return StreamStats(files, stats["contributions"], stats["tensors"], time.perf_counter() - start, len(order))
-
-
-def _largest(t: torch.Tensor) -> float:
-    """The largest magnitude in ``t`` (0 when empty; inf when it holds NaN/Inf): from its bits where it is a
-    contiguous float tensor (:func:`~lora_tools.io.magnitudes.largest_magnitude`: for fp16, one integer pass
-    where the compiled part is built, 4x faster than torch's ``aminmax``, which widens to fp32)."""
-    if t.numel() == 0:
-        return 0.0
-    if t.is_contiguous() and t.dtype.is_floating_point:
-        import torch
-
-        largest = largest_magnitude(t.view(-1).view(torch.uint8).numpy(), dtype_name(t.dtype))
-        if largest is not None:
-            return largest
-    lo, hi = t.aminmax()
-    return max(-float(lo), float(hi))
 
 
 PairSource: TypeAlias = "ModelSource | TensorSource"

@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from lora_tools.io.magnitudes import tensor_largest_magnitude
 from lora_tools.io.native import NATIVE as _native  # the one-pass rounding, where it is built (else torch's cast)
 
 if TYPE_CHECKING:
@@ -238,8 +239,7 @@ def quantize_measured(t: torch.Tensor, form: Fp8Form, *, amax: float | None = No
     if n == 0:
         return q, (1.0 if form == "scaled" else None), Rounding(0.0, 0.0)
     if amax is None:
-        lo, hi = flat.aminmax()
-        amax = max(-float(lo), float(hi))
+        amax = tensor_largest_magnitude(t)
     rounder = BlockRounder(form, q, amax)
     in_place = consume and t.dtype == torch.float32 and t.is_contiguous()
     chunk = _local_chunk()

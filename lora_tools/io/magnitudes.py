@@ -15,6 +15,7 @@ from lora_tools.io.native import NATIVE as _native  # one pass over 16-bit value
 
 if TYPE_CHECKING:
     import numpy.typing as npt
+    import torch
 
 
 #: dtype -> (its width in bytes, the bits of +infinity: every magnitude at or above them is Inf or NaN).
@@ -56,4 +57,27 @@ def largest_magnitude(data: bytes | bytearray | memoryview | npt.NDArray[Any], d
     return float(np.array([top], dtype=f"<u{width}").view(f"<f{width}")[0])
 
 
-__all__ = ["largest_magnitude"]
+#: torch dtype (as ``str``: no torch at import) -> the safetensors name :func:`largest_magnitude` reads.
+_TORCH_NAMES = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64"}
+
+
+def tensor_largest_magnitude(t: torch.Tensor) -> float:
+    """``max |x|`` of a float tensor (``inf`` when it holds NaN/Inf, ``0.0`` when empty): from its bits
+    (:func:`largest_magnitude`) where it is contiguous in a dtype that reads, else torch's ``aminmax`` (fp8 widened
+    to fp32 first)."""
+    import torch
+
+    if t.numel() == 0:
+        return 0.0
+    name = _TORCH_NAMES.get(str(t.dtype))
+    if name is not None and t.is_contiguous():
+        largest = largest_magnitude(t.view(-1).view(torch.uint8).numpy(), name)
+        if largest is not None:
+            return largest
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    lo, hi = (v.item() for v in torch.aminmax(t))
+    return max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+
+
+__all__ = ["largest_magnitude", "tensor_largest_magnitude"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lora_tools.errors import NonFiniteError, ShapeMismatchError
-from lora_tools.io.magnitudes import largest_magnitude
+from lora_tools.io.magnitudes import largest_magnitude, tensor_largest_magnitude
 from lora_tools.io.safetensors import is_float_dtype
 from lora_tools.io.sources import SafetensorsSource
 from lora_tools.lora.adapter import LoraAdapter, LoraModule
@@ -205,8 +205,8 @@ def raise_non_finite(adapter: LoraAdapter, *, verb: str) -> dict[str, float]:
 def _largest_magnitude(mod: LoraModule, role: str) -> float | None:
     """``max |x|`` of a non-empty float factor (``inf`` with NaN/Inf), ``None`` for others. A factor in a file is
     read as bits, without torch (a fuse plans while torch loads); one in memory, or of another dtype, through
-    ``aminmax`` on one torch thread (on a busy 2-core machine OpenMP's hand-offs around 1,576 small reductions
-    took 9 s instead of 0.03 s)."""
+    :func:`~lora_tools.io.magnitudes.tensor_largest_magnitude` on one torch thread (on a busy 2-core machine
+    OpenMP's hand-offs around 1,576 small reductions took 9 s instead of 0.03 s)."""
     if isinstance(mod.source, SafetensorsSource):
         meta = mod.source.meta(mod.keys[role])
         if not is_float_dtype(meta.dtype) or math.prod(meta.shape) == 0:
@@ -214,16 +214,13 @@ def _largest_magnitude(mod: LoraModule, role: str) -> float | None:
         largest = largest_magnitude(mod.source.raw(mod.keys[role]), meta.dtype)
         if largest is not None:
             return largest
-    import torch
-
     from lora_tools.lora.lowrank import module_threads
 
     t = mod.factor(role)
     if not t.is_floating_point() or t.numel() == 0:
         return None
     with module_threads():
-        lo, hi = (v.item() for v in torch.aminmax(t))
-    return max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+        return tensor_largest_magnitude(t)
 
 
 def validate_lora(adapter: LoraAdapter, *, verb: str) -> dict[str, float]:

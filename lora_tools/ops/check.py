@@ -21,7 +21,7 @@ from typing import Any
 
 from lora_tools.errors import InvalidFileError, LoraToolsError
 from lora_tools.io.hashing import DATA_HASH_FORMAT, DATA_HASH_KEY, data_hasher
-from lora_tools.io.magnitudes import largest_magnitude
+from lora_tools.io.magnitudes import largest_magnitude, tensor_largest_magnitude
 from lora_tools.io.safetensors import DTYPE_SIZES, SafetensorsHeader, TensorFile, is_float_dtype, read_header
 from lora_tools.provenance import LORATOOL_METADATA_KEY, read_record
 
@@ -177,12 +177,6 @@ def _finite(buf: bytearray, info: Any) -> bool:
     largest = largest_magnitude(buf, info.dtype)  # from the bits, no torch
     if largest is not None:
         return math.isfinite(largest)
-    import torch
-
     from lora_tools.io.safetensors import bytes_to_tensor
 
-    t = bytes_to_tensor(buf, info)
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        t = t.float()
-    lo, hi = (v.item() for v in torch.aminmax(t))
-    return math.isfinite(lo) and math.isfinite(hi)
+    return math.isfinite(tensor_largest_magnitude(bytes_to_tensor(buf, info)))  # fp8: through torch
